@@ -1,0 +1,219 @@
+"""Host-side (numpy) index tables and masks, shared by every implementation.
+
+All integer tables are computed here once, in float64 with an exact integer
+correction, so prefill, decode, the reference, the `xla` path and the Pallas
+kernels agree on every offset (float32 `pow` does not, by up to tens of
+positions at `p = 0.55`).
+
+Conventions: `d = query_position - key_position >= 0` is the offset of a key
+from its query, `t = query_position + 1` the number of visible keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from attn.config import SuperlinearConfig
+
+
+def _check_p(p) -> float:
+  if not isinstance(p, (int, float, np.floating, np.integer)) or not math.isfinite(p):
+    raise ValueError(f"p={p!r}: the PPA exponent must be a number in [0, 1].")
+  if not 0.0 <= p <= 1.0:
+    raise ValueError(f"p={p!r} is outside [0, 1]: PPA needs 0 <= p <= 1 "
+                     "(p=0 is a sliding window, p=1 full causal attention).")
+  return float(p)
+
+
+def _check_window(window, name="window") -> int:
+  if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window <= 0:
+    raise ValueError(f"{name}={window!r}: must be a positive int (number of keys "
+                     "a query sees, itself included).")
+  return int(window)
+
+
+def _int_root_power(s: np.ndarray, inv_p: float) -> np.ndarray:
+  """`floor(s ** inv_p)` for int64 `s >= 1`, exact up to float64 rounding.
+
+  The float64 estimate is corrected so that `r ** (1/inv_p) <= s` holds
+  within a relative 1e-12 (integer results such as `16 ** 0.75 = 8` are
+  kept rather than lost to `7.999...`).
+  """
+  s = np.asarray(s, dtype=np.int64)
+  r = np.floor(s.astype(np.float64) ** inv_p * (1 + 1e-13) + 1e-9).astype(np.int64)
+  p = 1.0 / inv_p
+  # r is floor(s**inv_p) iff r**p <= s < (r+1)**p (checked with a tolerance).
+  too_big = (r.astype(np.float64) ** p) > s * (1 + 1e-12)
+  r = np.where(too_big, r - 1, r)
+  too_small = ((r + 1).astype(np.float64) ** p) <= s * (1 + 1e-12)
+  return np.where(too_small, r + 1, r)
+
+
+@functools.lru_cache(maxsize=64)
+def _stripe_offsets_cached(n: int, p: float) -> np.ndarray:
+  if p == 1.0:
+    return np.arange(1, n + 1, dtype=np.int64)
+  return _int_root_power(np.arange(1, n + 1, dtype=np.int64), 1.0 / p)
+
+
+def stripe_offsets(n: int, p: float) -> np.ndarray:
+  """`f(j) = floor(j ** (1/p))` for `j = 1..n`: int64 `[n]` (entry `j - 1`).
+
+  The one integer stripe table of superlinear attention (anchor
+  `a_j = q + 1 - f(j)`), computed once on the host.
+  """
+  out = _stripe_offsets_cached(int(n), float(p))
+  out.flags.writeable = False
+  return out
+
+
+@functools.lru_cache(maxsize=64)
+def ppa_offsets(max_offset: int, *, p: float, window: int) -> np.ndarray:
+  """Kept key offsets of PPA in `[0, max_offset]`, ascending, int64.
+
+  The rule (our choice, documented in docs/ppa.md): offset `d` is kept iff
+  `d < window` or `d = ceil(s ** (1/p))` for some integer `s >= 1`;
+  equivalently `floor(d**p) > floor((d-1)**p)` for `d >= 1`. So exactly
+  `floor(n**p)` power offsets lie in `[1, n]`; `p = 1/2` keeps the perfect
+  squares, `p = 3/4` keeps 1, 3, 5, 7, 9, 11, 14, 16, 19, 22, ...; `p = 1`
+  keeps every offset and `p = 0` none beyond the window.
+  """
+  p = _check_p(p)
+  window = _check_window(window)
+  max_offset = int(max_offset)
+  local = np.arange(min(window, max_offset + 1), dtype=np.int64)
+  if p == 0.0 or max_offset < 1:
+    far = np.zeros((0,), np.int64)
+  elif p == 1.0:
+    far = np.arange(1, max_offset + 1, dtype=np.int64)
+  else:
+    # ceil(s**(1/p)) = floor((s-1)**(1/p)) + 1 unless s**(1/p) is an integer;
+    # work with counts instead: floor(d**p) steps at the kept d.
+    d = np.arange(1, max_offset + 1, dtype=np.int64)
+    count = _int_root_power(d, p)                # floor(d ** p)
+    prev = np.concatenate([[0], count[:-1]])     # floor((d - 1) ** p), 0 at d=1
+    far = d[count > prev]
+  out = np.union1d(local, far).astype(np.int64)
+  out.flags.writeable = False
+  return out
+
+
+def ppa_far_offsets(max_offset: int, *, p: float, window: int) -> np.ndarray:
+  """Kept PPA offsets `>= window` (the stripes beyond the local window)."""
+  offs = ppa_offsets(max_offset, p=p, window=window)
+  return offs[offs >= window]
+
+
+def causal_mask(q_len: int, kv_len: int | None = None, *, q_offset: int | None = None):
+  """`[q_len, kv_len]` bool: key `k` visible to query `i` iff `k <= q_offset + i`."""
+  kv_len = q_len if kv_len is None else kv_len
+  q_offset = kv_len - q_len if q_offset is None else q_offset
+  qpos = q_offset + np.arange(q_len)[:, None]
+  return np.arange(kv_len)[None, :] <= qpos
+
+
+def ppa_mask(seq_len: int, *, p: float, window: int = 64) -> np.ndarray:
+  """The exact PPA key set of each query: bool `[seq_len, seq_len]`.
+
+  `mask[i, k]` is True iff query `i` attends key `k` (see `ppa_offsets` for the
+  rule). Host-side, for tests and plots; the ops never build it.
+  """
+  offs = ppa_offsets(max(seq_len - 1, 0), p=p, window=window)
+  keep = np.zeros((seq_len,), bool)
+  keep[offs] = True
+  d = np.arange(seq_len)[:, None] - np.arange(seq_len)[None, :]
+  return (d >= 0) & keep[np.clip(d, 0, None)]
+
+
+def sliding_window_mask(seq_len: int, *, window: int) -> np.ndarray:
+  """bool `[seq_len, seq_len]`: query `i` sees keys `[i - window + 1, i]`."""
+  window = _check_window(window)
+  d = np.arange(seq_len)[:, None] - np.arange(seq_len)[None, :]
+  return (d >= 0) & (d < window)
+
+
+# ---------------------------------------------------------------- superlinear
+
+
+def superlinear_num_stripes(max_len: int, config: SuperlinearConfig) -> int:
+  """Number of stripes `j = s+1 .. J` with `f(J) <= max_len`.
+
+  At least `num_spans`, so that top-k always has enough candidates (extra
+  stripes lie beyond the sequence and are never valid).
+  """
+  p = config.search_power
+  # J = #{j : f(j) <= max_len}; f(j) <= L  <=>  j < (L + 1)**p.
+  guess = int(math.ceil((max_len + 1) ** p)) + 2
+  j_max = int(np.sum(stripe_offsets(guess, p) <= max_len))
+  return max(j_max - config.sw_index, config.num_spans)
+
+
+def superlinear_stripe_table(max_len: int, config: SuperlinearConfig) -> np.ndarray:
+  """int32 `[num_stripes]`: `f(j)` for `j = J, J-1, ..., s+1` (far to near).
+
+  Ordered far-to-near so that `jax.lax.top_k`, which keeps the lower index
+  on ties, keeps the farther stripe as the reference does.
+  """
+  n = superlinear_num_stripes(max_len, config)
+  f = stripe_offsets(config.sw_index + n, config.search_power)[config.sw_index:]
+  return f[::-1].astype(np.int32)
+
+
+def superlinear_span_table(max_len: int, config: SuperlinearConfig) -> np.ndarray:
+  """int32 `[max_len + 1, 2]`: `(ceil(bb * t**sigma), ceil(bf * t**sigma))` per `t`.
+
+  Row `t` is indexed by the number of visible keys; row 0 is unused.
+  """
+  t = np.arange(max_len + 1, dtype=np.float64)
+  grow = t ** config.span_power
+  back = np.ceil(config.backward_factor * grow - 1e-9)
+  fwd = np.ceil(config.forward_factor * grow - 1e-9)
+  return np.stack([back, fwd], axis=-1).astype(np.int32)
+
+
+def superlinear_max_span(max_len: int, config: SuperlinearConfig) -> int:
+  """Longest span (keys) any query of a `max_len` sequence can select."""
+  spans = superlinear_span_table(max_len, config)
+  return int(spans.sum(axis=-1).max()) + 1
+
+
+def superlinear_spans(q_pos: np.ndarray, anchors: np.ndarray, max_len: int,
+                      config: SuperlinearConfig):
+  """Host-side `[start, end]` (inclusive) of the span of each anchor.
+
+  `q_pos` broadcasts against `anchors`; an anchor `< 0` gives an empty span
+  (`end < start`).
+  """
+  table = superlinear_span_table(max_len, config)
+  back, fwd = table[q_pos + 1, 0], table[q_pos + 1, 1]
+  start = np.maximum(anchors - back, 0)
+  end = np.minimum(anchors + fwd, q_pos - config.window)
+  end = np.where(anchors < 0, -1, end)
+  start = np.where(anchors < 0, 0, start)
+  return start, end
+
+
+def superlinear_candidate_mask(seq_len: int, *, config: SuperlinearConfig) -> np.ndarray:
+  """bool `[seq_len, seq_len]`: the union of the window and all candidate spans.
+
+  Random context access means this equals the causal mask for every valid
+  config; `tests/test_masks.py` checks it over lengths and configs.
+  """
+  w = config.window
+  f = superlinear_stripe_table(seq_len, config)               # [S]
+  q = np.arange(seq_len)
+  anchors = q[:, None] + 1 - f[None, :]                       # [L, S]
+  start, end = superlinear_spans(q[:, None], anchors, seq_len, config)
+  # Interval union via a difference array: +1 at start, -1 after end.
+  diff = np.zeros((seq_len, seq_len + 1), np.int32)
+  rows = np.broadcast_to(q[:, None], anchors.shape)
+  ok = end >= start
+  np.add.at(diff, (rows[ok], start[ok]), 1)
+  np.add.at(diff, (rows[ok], end[ok] + 1), -1)
+  covered = np.cumsum(diff, axis=1)[:, :seq_len] > 0
+  d = q[:, None] - np.arange(seq_len)[None, :]
+  window = (d >= 0) & (d < w)
+  return covered | window

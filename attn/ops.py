@@ -1,0 +1,223 @@
+"""Public attention ops: validation, then dispatch to an implementation.
+
+Every op takes `q: [batch, q_len, num_q_heads, head_dim]` and
+`k, v: [batch, kv_len, num_kv_heads, head_dim]` (the layout of
+`jax.nn.dot_product_attention`), with `num_q_heads` a multiple of
+`num_kv_heads` (GQA), float32 / bfloat16 / float16 inputs (softmax
+statistics in float32), and returns an array like `q`. Attention is causal:
+query `i` sits at absolute position `q_offset + i` (default
+`kv_len - q_len`, i.e. the queries are the last positions) and never sees a
+later key, so a fixed-size KV cache works with `q_offset` = the number of
+tokens already in it (a traced int32 scalar is fine).
+
+`implementation`:
+  * `"reference"`: dense masked O(L^2) oracle, for tests;
+  * `"xla"`: sub-quadratic pure-jnp path (contiguous slices, no L x L mask);
+  * `"pallas"`: Pallas TPU/GPU kernels (not yet available: raises);
+  * `None`: the best available for the backend (today `"xla"` everywhere).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+
+from attn import _checks, masks, reference, xla
+from attn.config import SuperlinearConfig
+from attn.layout import BlockLayout
+
+
+def _resolve(implementation, op: str) -> str:
+  _checks.check_implementation(implementation)
+  if implementation == "pallas":
+    raise NotImplementedError(
+        f"{op}: implementation='pallas' is not available yet (the Pallas TPU/GPU "
+        "kernels are a later milestone). Use implementation='xla' or None.")
+  return "xla" if implementation is None else implementation
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn, statics: tuple):
+  """`jax.jit` of `fn` with the hashable static keyword arguments bound."""
+  return jax.jit(functools.partial(fn, **dict(statics)))
+
+
+def _call(fn, *args, **statics):
+  """Runs `fn(*args, **statics)` jitted (static arguments are hashable)."""
+  return _jitted(fn, tuple(sorted(statics.items())))(*args)
+
+
+def _check_q_offset(q_offset, q_len, kv_len):
+  if isinstance(q_offset, int) and not 0 <= q_offset <= kv_len - q_len:
+    raise ValueError(f"q_offset={q_offset}: must lie in [0, kv_len - q_len] = "
+                     f"[0, {kv_len - q_len}] so every query has its own key.")
+
+
+def _prologue(q, k, v, scale, q_offset, implementation, op):
+  impl = _resolve(implementation, op)
+  _, lq, lk, _, _, d = _checks.check_qkv(q, k, v)
+  _check_q_offset(q_offset, lq, lk)
+  return impl, _checks.check_scale(scale, d)
+
+
+def dense_attention(q, k, v, *, scale=None, q_offset=None, implementation=None):
+  """Causal softmax attention over every earlier key.
+
+  Args:
+    q: `[batch, q_len, num_q_heads, head_dim]`.
+    k, v: `[batch, kv_len, num_kv_heads, head_dim]`.
+    scale: score scale, default `1 / sqrt(head_dim)`.
+    q_offset: absolute position of `q[:, 0]` (default `kv_len - q_len`).
+    implementation: see the module docstring.
+
+  Returns:
+    `[batch, q_len, num_q_heads, head_dim]`, dtype of `q`.
+  """
+  impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "dense_attention")
+  fn = reference.dense_attention if impl == "reference" else xla.dense_attention
+  return _call(fn, q, k, v, q_offset, scale=scale)
+
+
+def sliding_window_attention(q, k, v, *, window, scale=None, q_offset=None,
+                             implementation=None):
+  """Causal sliding-window attention: query at `i` sees keys `[i - window + 1, i]`.
+
+  `window` counts the query's own key (`window = 1`: only itself). Shapes and
+  other arguments as in `dense_attention`. The `xla` path reads one
+  contiguous slice of `block + window - 1` keys per query block: cost
+  `O(L * window)`.
+  """
+  window = masks._check_window(window)
+  impl, scale = _prologue(q, k, v, scale, q_offset, implementation,
+                          "sliding_window_attention")
+  fn = (reference.sliding_window_attention if impl == "reference"
+        else xla.sliding_window_attention)
+  return _call(fn, q, k, v, q_offset, window=window, scale=scale)
+
+
+def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
+                  implementation=None):
+  """Power-based partial attention (PPA): cost `O(L^(1+p))`.
+
+  A static, content-independent mask shared by every query, head and layer:
+  query at position `i` attends key `i - d` iff `d < window` (the local
+  window) or `d = ceil(s ** (1/p))` for an integer `s >= 1` (power-law
+  offsets; exactly `floor(n**p)` of them in `[1, n]`). `p = 0` keeps only
+  the window (equal to `sliding_window_attention(window)`), `p = 1` keeps
+  every offset (equal to `dense_attention`); keys per query grow like
+  `i**p`. `attn.ppa_mask` returns the mask itself; docs/ppa.md has pictures.
+
+  The `xla` path reads, per block of queries, the window as one slice and
+  each kept far offset as one contiguous key slice scored row-wise; it never
+  builds a dense mask.
+
+  Args:
+    q, k, v, scale, q_offset, implementation: as in `dense_attention`.
+    p: exponent in `[0, 1]`.
+    window: local window size (keys, the query's own included), `>= 1`.
+  """
+  p = masks._check_p(p)
+  window = masks._check_window(window)
+  impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "ppa_attention")
+  fn = reference.ppa_attention if impl == "reference" else xla.ppa_attention
+  return _call(fn, q, k, v, q_offset, p=p, window=window, scale=scale)
+
+
+def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None,
+                           implementation=None):
+  """Attention restricted to a static block-sparse `layout`.
+
+  The general op behind causal, sliding-window and any user block mask
+  (`BlockLayout.from_mask`). Queries and keys must have the lengths the
+  layout was built for. A query with no visible key returns zeros. The `xla`
+  path visits, per query block, only the key blocks listed in the layout.
+
+  Args:
+    q: `[batch, layout.q_len, num_q_heads, head_dim]`.
+    k, v: `[batch, layout.kv_len, num_kv_heads, head_dim]`.
+    layout: an `attn.BlockLayout`.
+  """
+  if not isinstance(layout, BlockLayout):
+    raise ValueError(f"layout must be an attn.BlockLayout, got {type(layout).__name__}.")
+  impl = _resolve(implementation, "block_sparse_attention")
+  _, lq, lk, _, _, d = _checks.check_qkv(q, k, v)
+  if (lq, lk) != (layout.q_len, layout.kv_len):
+    raise ValueError(f"layout was built for q_len={layout.q_len}, kv_len="
+                     f"{layout.kv_len} but q has {lq} and k has {lk} positions; "
+                     "build the layout for these lengths.")
+  scale = _checks.check_scale(scale, d)
+  fn = (reference.block_sparse_attention if impl == "reference"
+        else xla.block_sparse_attention)
+  return _call(fn, q, k, v, layout=layout, scale=scale)
+
+
+class SuperlinearOutput(NamedTuple):
+  """Output of `superlinear_attention_with_anchors`.
+
+  out: `[batch, q_len, num_q_heads, head_dim]`.
+  anchors: int32 `[batch, q_len, num_q_heads, num_spans]`: selected anchor
+    key positions, best first; -1 where fewer than `num_spans` are valid.
+  gates: float32 `[batch, q_len, num_q_heads, num_spans]`: mixing weights.
+  """
+  out: jax.Array
+  anchors: jax.Array
+  gates: jax.Array
+
+
+def superlinear_attention_with_anchors(q, k, v, q_search, k_search=None, *,
+                                       config: SuperlinearConfig = SuperlinearConfig(),
+                                       scale=None, q_offset=None,
+                                       implementation=None) -> SuperlinearOutput:
+  """`superlinear_attention` that also returns the selected anchors and gates."""
+  if not isinstance(config, SuperlinearConfig):
+    raise ValueError(f"config must be an attn.SuperlinearConfig, got "
+                     f"{type(config).__name__}.")
+  impl, scale = _prologue(q, k, v, scale, q_offset, implementation,
+                          "superlinear_attention")
+  k_search = _checks.check_search(q, k, q_search, k_search)
+  fn = (reference.superlinear_attention if impl == "reference"
+        else xla.superlinear_attention)
+  return SuperlinearOutput(*_call(fn, q, k, v, q_search, k_search, q_offset,
+                                  config=config, scale=scale))
+
+
+def superlinear_attention(q, k, v, q_search, k_search=None, *,
+                          config: SuperlinearConfig = SuperlinearConfig(),
+                          scale=None, q_offset=None, implementation=None):
+  """Superlinear multi-step attention (N = 2): `O(L^1.5)` at the defaults.
+
+  For the query at position `q` (`t = q + 1` visible keys), with
+  `f(j) = floor(j ** (1/search_power))` (one shared integer table):
+
+  1. Span-search: score the stripe anchors `a_j = q + 1 - f(j)`,
+     `j = sw_index + 1, ...` (valid while `a_j >= 0`), with the unscaled
+     float32 dot `<q_search, k_search[a_j]>`; keep the top `num_spans` per
+     query head (ties keep the farther stripe).
+  2. Span-attention: for each kept anchor `a`, one softmax (scale
+     `1/sqrt(head_dim)`, query `q`) over the span
+     `[max(a - ceil(bb t^sigma), 0), min(a + ceil(bf t^sigma), q - W)]`
+     together with the window `[q - W + 1, q]`, `W = f(sw_index + 1) - 1`.
+  3. Combine: `out = sum_k softmax(selected scores)_k * O_k`. Routing learns
+     through this gate (anchor choice itself is not differentiable).
+
+  Every earlier key is a candidate of every query (random context access);
+  a query with no valid anchor (`t <= W`) gets window (= dense causal)
+  attention. No span is ever dropped.
+
+  Args:
+    q: `[batch, q_len, num_q_heads, head_dim]`, the attention query.
+    k, v: `[batch, kv_len, num_kv_heads, head_dim]`.
+    q_search: `[batch, q_len, num_q_heads, search_dim]`, the routing query.
+    k_search: `[batch, kv_len, num_kv_heads, search_dim]`, the keys the
+      search scores against; `None` uses `k` (as the reference does).
+    config: an `attn.SuperlinearConfig`.
+    scale, q_offset, implementation: as in `dense_attention`.
+
+  Returns:
+    `[batch, q_len, num_q_heads, head_dim]`, dtype of `q`.
+  """
+  return superlinear_attention_with_anchors(
+      q, k, v, q_search, k_search, config=config, scale=scale, q_offset=q_offset,
+      implementation=implementation).out

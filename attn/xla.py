@@ -1,0 +1,354 @@
+"""Sub-quadratic pure-jnp (`implementation="xla"`) paths.
+
+No op here builds an `[q_len, kv_len]` matrix (except `dense_attention`,
+whose scores are quadratic by definition, and even it only holds one query
+block at a time). Queries are processed in blocks of `bq` under `lax.map`
+with a rematerialised body, so memory is one block's working set in the
+forward and in the backward pass. Inside a block every piece of work reads
+*contiguous* key slices with `dynamic_slice`:
+
+* the local window: one slice of `bq + W - 1` keys per query block;
+* a stripe (a fixed offset `d`, PPA's power offsets and superlinear's
+  search anchors): one slice of `bq` keys per (block, stripe), scored
+  row-wise (`q_i . k_{i-d}`), no gather of single keys;
+* a superlinear span: one slice of `max_span` keys per (query, head, span).
+
+Pieces of one softmax are merged through their running max / sum / weighted
+values, as in flash attention. Softmax statistics are float32 whatever the
+input dtype.
+
+Shapes: `q: [B, Lq, Hq, D]`, `k, v: [B, Lk, Hk, D]`, `G = Hq // Hk`; query
+`i` sits at absolute position `q_offset + i`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attn import masks
+from attn.config import SuperlinearConfig
+from attn.layout import BlockLayout
+
+F32 = jnp.float32
+# Elements of the largest per-block temporary (scores or gathered keys).
+_BLOCK_BUDGET = 1 << 22
+
+
+class Partial(NamedTuple):
+  """Unnormalised softmax state of a set of keys (flash-attention form).
+
+  m: running max `[..., bq]`; l: sum of `exp(s - m)`; o: `sum exp(s - m) v`
+  `[..., bq, D]`. An empty set has `m = -inf, l = 0, o = 0`.
+  """
+  m: jax.Array
+  l: jax.Array
+  o: jax.Array
+
+
+def _pad_seq(x, before, after):
+  """Zero-pads axis 1 (the sequence axis)."""
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (before, after)
+  return jnp.pad(x, widths)
+
+
+def _group(x, num_kv_heads):
+  b, l, hq, d = x.shape
+  return x.reshape(b, l, num_kv_heads, hq // num_kv_heads, d)
+
+
+def _block_size(q_len: int, cols: int, heads: int, head_dim: int, batch: int) -> int:
+  """Largest query block (power of two <= 128) whose temporaries fit the budget."""
+  bq = 128
+  while bq > 8 and bq * cols * heads * max(head_dim, 1) * batch > _BLOCK_BUDGET:
+    bq //= 2
+  return min(bq, q_len)
+
+
+def _partial(s, v, spec):
+  """Softmax state of masked scores `s` (-inf = masked) against values `v`.
+
+  `spec` is the einsum from (`exp(s)`, `v`) to `o`; the key axis of `s` is
+  its last axis.
+  """
+  m = jnp.max(s, axis=-1)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  e = jnp.exp(s - m_safe[..., None])
+  return Partial(m, jnp.sum(e, axis=-1), jnp.einsum(spec, e, v.astype(F32)))
+
+
+def _merge(a: Partial, b: Partial) -> Partial:
+  m = jnp.maximum(a.m, b.m)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  ca = jnp.where(jnp.isfinite(a.m), jnp.exp(a.m - m_safe), 0.0)
+  cb = jnp.where(jnp.isfinite(b.m), jnp.exp(b.m - m_safe), 0.0)
+  return Partial(m, ca * a.l + cb * b.l, ca[..., None] * a.o + cb[..., None] * b.o)
+
+
+def _finish(x: Partial):
+  """Normalised output (0 for a query with no key) and its log-sum-exp."""
+  ok = x.l > 0
+  out = x.o / jnp.where(ok, x.l, 1.0)[..., None]
+  return out, jnp.where(ok, jnp.log(jnp.where(ok, x.l, 1.0)) + x.m, -jnp.inf)
+
+
+def _qk(qg, keys, spec, scale=None):
+  s = jnp.einsum(spec, qg, keys, preferred_element_type=F32)
+  return s if scale is None else s * scale
+
+
+def _map_query_blocks(body, bq: int, q_offset, *xs):
+  """Runs `body(qpos [bq], *blocks)` over query blocks of `xs` (`[B, Lq, ...]`).
+
+  The body's outputs must be `[B, bq, ...]`; they are stitched back to
+  `[B, Lq, ...]`. The body is rematerialised in the backward pass.
+  """
+  q_len = xs[0].shape[1]
+  nb = -(-q_len // bq)
+  pad = nb * bq - q_len
+
+  def split(x):
+    x = _pad_seq(x, 0, pad)
+    return jnp.moveaxis(x.reshape(x.shape[0], nb, bq, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def step(args):
+    i, *blocks = args
+    qpos = q_offset + i * bq + jnp.arange(bq, dtype=jnp.int32)
+    return body(qpos, *blocks)
+
+  outs = jax.lax.map(step, (jnp.arange(nb, dtype=jnp.int32), *map(split, xs)))
+
+  def join(y):
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape(y.shape[0], nb * bq, *y.shape[3:])[:, :q_len]
+
+  return jax.tree.map(join, outs)
+
+
+def _offset(q_len, kv_len, q_offset):
+  return jnp.asarray(kv_len - q_len if q_offset is None else q_offset, jnp.int32)
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def _window_partial(qg, k_pad, v_pad, qpos, *, window, kv_len, scale):
+  """Local-window state of one query block.
+
+  qg: `[B, bq, Hk, G, D]`; k_pad, v_pad: keys padded by `window - 1` on the
+  left and `bq` on the right. Returns a `Partial` over `[B, Hk, G, bq]`.
+  """
+  bq = qg.shape[1]
+  n = bq + window - 1
+  first = qpos[0]                       # padded index of key `first - window + 1`
+  kw = jax.lax.dynamic_slice_in_dim(k_pad, first, n, axis=1)
+  vw = jax.lax.dynamic_slice_in_dim(v_pad, first, n, axis=1)
+  kpos = first - (window - 1) + jnp.arange(n, dtype=jnp.int32)
+  d = qpos[:, None] - kpos[None, :]
+  ok = (d >= 0) & (d < window) & (kpos >= 0) & (kpos < kv_len)
+  s = jnp.where(ok, _qk(qg, kw, "bqhgd,bkhd->bhgqk", scale), -jnp.inf)
+  return _partial(s, vw, "bhgqk,bkhd->bhgqd")
+
+
+def _stripe_slices(x_pad, starts, bq):
+  """`[S, B, bq, H, D]`: for each stripe, the `bq` rows from `starts[s]`."""
+  return jax.vmap(lambda st: jax.lax.dynamic_slice_in_dim(x_pad, st, bq, axis=1))(starts)
+
+
+def _window_only(q, k, v, *, window, scale, q_offset):
+  b, lq, hq, d = q.shape
+  lk, hk = k.shape[1], k.shape[2]
+  bq = _block_size(lq, 128 + window, hq, d, b)
+  k_pad = _pad_seq(k, window - 1, bq)
+  v_pad = _pad_seq(v, window - 1, bq)
+
+  def body(qpos, qb):
+    part = _window_partial(_group(qb, hk), k_pad, v_pad, qpos, window=window,
+                           kv_len=lk, scale=scale)
+    out, _ = _finish(part)                                   # [B, Hk, G, bq, D]
+    return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
+
+  return _map_query_blocks(body, bq, _offset(lq, lk, q_offset), q).astype(q.dtype)
+
+
+# --------------------------------------------------------------------- ops
+
+
+def dense_attention(q, k, v, q_offset=None, *, scale):
+  """Causal attention, one query block against all keys at a time."""
+  b, lq, hq, d = q.shape
+  lk, hk = k.shape[1], k.shape[2]
+  bq = _block_size(lq, lk, hq, 1, b)
+  kpos = jnp.arange(lk, dtype=jnp.int32)
+
+  def body(qpos, qb):
+    s = _qk(_group(qb, hk), k, "bqhgd,bkhd->bhgqk", scale)
+    s = jnp.where(kpos[None, :] <= qpos[:, None], s, -jnp.inf)
+    out, _ = _finish(_partial(s, v, "bhgqk,bkhd->bhgqd"))
+    return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
+
+  return _map_query_blocks(body, bq, _offset(lq, lk, q_offset), q).astype(q.dtype)
+
+
+def sliding_window_attention(q, k, v, q_offset=None, *, window, scale):
+  """Banded attention: one contiguous key slice per query block."""
+  return _window_only(q, k, v, window=min(window, k.shape[1]), scale=scale,
+                      q_offset=q_offset)
+
+
+def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
+  """PPA: the local window plus one contiguous key slice per kept far offset."""
+  b, lq, hq, d = q.shape
+  lk, hk = k.shape[1], k.shape[2]
+  window = min(window, lk)
+  far = masks.ppa_far_offsets(lk - 1, p=p, window=window)
+  if far.size == 0:  # p = 0 or a sequence within the window: sliding window.
+    return _window_only(q, k, v, window=window, scale=scale, q_offset=q_offset)
+  n_far = int(far.size)
+  bq = _block_size(lq, 128 + window + n_far, hq, d, b)
+  pad_left = max(window - 1, int(far[-1]))
+  k_pad = _pad_seq(k, pad_left, bq)
+  v_pad = _pad_seq(v, pad_left, bq)
+  far_j = jnp.asarray(far, jnp.int32)
+
+  def body(qpos, qb):
+    qg = _group(qb, hk)
+    shift = pad_left - (window - 1)
+    part = _window_partial(qg, k_pad[:, shift:], v_pad[:, shift:], qpos,
+                           window=window, kv_len=lk, scale=scale)
+    starts = qpos[0] - far_j + pad_left                      # [S]
+    ks = _stripe_slices(k_pad, starts, bq)                   # [S, B, bq, Hk, D]
+    vs = _stripe_slices(v_pad, starts, bq)
+    s = _qk(qg, ks, "bqhgd,sbqhd->bhgqs", scale)
+    ok = (qpos[:, None] - far_j[None, :]) >= 0               # [bq, S]
+    s = jnp.where(ok, s, -jnp.inf)
+    part = _merge(part, _partial(s, vs, "bhgqs,sbqhd->bhgqd"))
+    out, _ = _finish(part)
+    return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
+
+  return _map_query_blocks(body, bq, _offset(lq, lk, q_offset), q).astype(q.dtype)
+
+
+def block_sparse_attention(q, k, v, *, layout: BlockLayout, scale):
+  """Attention restricted to `layout`: each query block gathers its key blocks."""
+  b, lq, hq, d = q.shape
+  lk, hk = k.shape[1], k.shape[2]
+  bq, bk = layout.block_q, layout.block_k
+  nk = -(-lk // bk)
+  width = layout.kv_blocks.shape[1]
+  kr = _pad_seq(k, 0, nk * bk - lk).reshape(b, nk, bk, hk, d)
+  vr = _pad_seq(v, 0, nk * bk - lk).reshape(b, nk, bk, hk, d)
+  kv_blocks = jnp.asarray(layout.kv_blocks)
+  mask_ids = jnp.asarray(layout.mask_ids)
+  tiles = jnp.asarray(layout.block_masks)
+
+  def body(qpos, qb):
+    i = qpos[0] // bq
+    cols = kv_blocks[i]                                      # [width]
+    kb = kr[:, cols].reshape(b, width * bk, hk, d)
+    vb = vr[:, cols].reshape(b, width * bk, hk, d)
+    tile = tiles[mask_ids[i]]                                # [width, bq, bk]
+    ok = jnp.moveaxis(tile, 0, 1).reshape(bq, width * bk)
+    kpos = (cols[:, None] * bk + jnp.arange(bk)).reshape(-1)
+    ok = ok & (kpos < lk)[None, :]
+    s = jnp.where(ok, _qk(_group(qb, hk), kb, "bqhgd,bkhd->bhgqk", scale), -jnp.inf)
+    out, _ = _finish(_partial(s, vb, "bhgqk,bkhd->bhgqd"))
+    return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
+
+  return _map_query_blocks(body, bq, jnp.int32(0), q).astype(q.dtype)
+
+
+# -------------------------------------------------------------- superlinear
+
+
+def _rows(x, starts, size):
+  """`x: [N, D]`, `starts: [...]` -> `[..., size, D]` contiguous row slices."""
+  flat = starts.reshape(-1)
+  out = jax.vmap(lambda st: jax.lax.dynamic_slice_in_dim(x, st, size, axis=0))(flat)
+  return out.reshape(*starts.shape, size, x.shape[-1])
+
+
+def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
+                          config: SuperlinearConfig, scale):
+  """Superlinear attention (N = 2): stripe search, top-k spans, gated merge.
+
+  Returns `(out [B, Lq, Hq, D], anchors [B, Lq, Hq, K] int32, gates
+  [B, Lq, Hq, K] float32)`; see `attn.superlinear_attention`.
+  """
+  b, lq, hq, d = q.shape
+  lk, hk = k.shape[1], k.shape[2]
+  g = hq // hk
+  ds = q_search.shape[-1]
+  num = config.num_spans
+  w = min(config.window, lk)
+  f = masks.superlinear_stripe_table(lk, config)             # far -> near, [S]
+  n_stripes = int(f.size)
+  max_span = min(masks.superlinear_max_span(lk, config), lk)
+  spans = jnp.asarray(masks.superlinear_span_table(lk, config))
+  cols = max(128 + w, n_stripes * max(ds, 1) // max(d, 1) + num * max_span)
+  bq = _block_size(lq, cols, hq, d, b)
+
+  # Search keys padded so every stripe slice [start, start + bq) is in range.
+  pad_left = int(f[0])
+  ks_pad = _pad_seq(jax.lax.stop_gradient(k_search), pad_left, bq)
+  k_pad = _pad_seq(k, max(w - 1, 0), bq)
+  v_pad = _pad_seq(v, max(w - 1, 0), bq)
+  # Per-head row layout for span slices: [B, Hk, Lk + max_span, D].
+  k_rows = jnp.moveaxis(_pad_seq(k, 0, max_span), 2, 1)
+  v_rows = jnp.moveaxis(_pad_seq(v, 0, max_span), 2, 1)
+  ks_rows = jnp.moveaxis(k_search, 2, 1)                     # [B, Hk, Lk, Ds]
+  f_j = jnp.asarray(f, jnp.int32)
+
+  def body(qpos, qb, qsb):
+    qg = _group(qb, hk)                                      # [B, bq, Hk, G, D]
+    qsg = _group(qsb, hk)
+    bq_ = qb.shape[1]
+    # 1. Span-search over the stripes (not differentiated: routing learns
+    #    through the gate below).
+    starts = qpos[0] + 1 - f_j + pad_left
+    ks = _stripe_slices(ks_pad, starts, bq_)                 # [S, B, bq, Hk, Ds]
+    search = _qk(jax.lax.stop_gradient(qsg), ks, "bqhgd,sbqhd->bhgqs")
+    anchor_all = qpos[:, None] + 1 - f_j[None, :]            # [bq, S]
+    search = jnp.where(anchor_all >= 0, search, -jnp.inf)
+    top, sel = jax.lax.top_k(search, num)                    # [B, Hk, G, bq, K]
+    valid = jnp.isfinite(top)
+    anchor = jnp.where(valid, jnp.take_along_axis(
+        jnp.broadcast_to(anchor_all, search.shape), sel, axis=-1), -1)
+    a_safe = jnp.maximum(anchor, 0)
+    # 2. Gate: differentiable search scores of the chosen anchors.
+    k_sel = jax.vmap(jax.vmap(lambda x, i: x[i]))(ks_rows, a_safe)  # [B,Hk,G,bq,K,Ds]
+    qs_t = jnp.moveaxis(qsg, 1, 3)                           # [B, Hk, G, bq, Ds]
+    logits = jnp.einsum("bhgqd,bhgqkd->bhgqk", qs_t, k_sel, preferred_element_type=F32)
+    gates = jax.nn.softmax(jnp.where(valid, logits, -1e9), axis=-1)
+    # 3. Spans: [max(a - back, 0), min(a + fwd, q - W)], one slice each.
+    t = jnp.clip(qpos + 1, 0, lk)
+    back = spans[t, 0][:, None]
+    fwd = spans[t, 1][:, None]
+    start = jnp.maximum(anchor - back, 0)
+    end = jnp.minimum(anchor + fwd, (qpos - w)[:, None])
+    ksp = jax.vmap(jax.vmap(functools.partial(_rows, size=max_span)))(k_rows, start)
+    vsp = jax.vmap(jax.vmap(functools.partial(_rows, size=max_span)))(v_rows, start)
+    kpos = start[..., None] + jnp.arange(max_span, dtype=jnp.int32)
+    ok = (kpos <= end[..., None]) & valid[..., None]         # [B,Hk,G,bq,K,span]
+    q_t = jnp.moveaxis(qg, 1, 3)                             # [B, Hk, G, bq, D]
+    s = _qk(q_t, ksp, "bhgqd,bhgqksd->bhgqks", scale)
+    span_part = _partial(jnp.where(ok, s, -jnp.inf), vsp, "bhgqks,bhgqksd->bhgqkd")
+    # 4. Window once, merged into every span's softmax.
+    if w > 0:
+      win = _window_partial(qg, k_pad, v_pad, qpos, window=w, kv_len=lk, scale=scale)
+      win = Partial(win.m[..., None], win.l[..., None], win.o[..., None, :])
+      span_part = _merge(span_part, win)
+    o_k, _ = _finish(span_part)                              # [B, Hk, G, bq, K, D]
+    out = jnp.sum(gates[..., None] * o_k, axis=-2)           # [B, Hk, G, bq, D]
+    to_q = lambda x: jnp.moveaxis(x, 3, 1).reshape(b, bq_, hq, *x.shape[4:])  # noqa: E731
+    return to_q(out), to_q(anchor), to_q(gates)
+
+  out, anchors, gates = _map_query_blocks(body, bq, _offset(lq, lk, q_offset),
+                                          q, q_search)
+  return out.astype(q.dtype), anchors, gates
