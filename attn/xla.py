@@ -36,7 +36,9 @@ from attn.layout import BlockLayout
 
 F32 = jnp.float32
 # Elements of the largest per-block temporary (scores or gathered keys).
-_BLOCK_BUDGET = 1 << 22
+_BLOCK_BUDGET = 1 << 21
+# Superlinear: query segments with their own (shorter) span and stripe bounds.
+_SEGMENTS = 1
 
 
 class Partial(NamedTuple):
@@ -70,16 +72,18 @@ def _block_size(q_len: int, cols: int, heads: int, head_dim: int, batch: int) ->
   return min(bq, q_len)
 
 
-def _partial(s, v, spec):
+def _partial(s, v, contract):
   """Softmax state of masked scores `s` (-inf = masked) against values `v`.
 
-  `spec` is the einsum from (`exp(s)`, `v`) to `o`; the key axis of `s` is
-  its last axis.
+  `contract` is an einsum spec from (`exp(s)`, `v`) to `o`, or a function
+  of them; the key axis of `s` is its last axis.
   """
   m = jnp.max(s, axis=-1)
   m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
   e = jnp.exp(s - m_safe[..., None])
-  return Partial(m, jnp.sum(e, axis=-1), jnp.einsum(spec, e, v.astype(F32)))
+  o = (jnp.einsum(contract, e, v.astype(F32)) if isinstance(contract, str)
+       else contract(e, v))
+  return Partial(m, jnp.sum(e, axis=-1), o)
 
 
 def _merge(a: Partial, b: Partial) -> Partial:
@@ -95,6 +99,22 @@ def _finish(x: Partial):
   ok = x.l > 0
   out = x.o / jnp.where(ok, x.l, 1.0)[..., None]
   return out, jnp.where(ok, jnp.log(jnp.where(ok, x.l, 1.0)) + x.m, -jnp.inf)
+
+
+def _rowwise_qk(q, keys, scale=None):
+  """`q: [..., D]`, `keys: [..., n, D]` -> `[..., n]` float32 row-wise dots.
+
+  Written as multiply-and-reduce rather than a batched `einsum`: XLA fuses
+  it with the slicing of `keys` (no gathered copy), while a batched dot
+  with one query row per batch entry runs far slower on CPU.
+  """
+  s = jnp.sum(q[..., None, :].astype(F32) * keys.astype(F32), axis=-1)
+  return s if scale is None else s * scale
+
+
+def _rowwise_pv(e, values):
+  """`e: [..., n]`, `values: [..., n, D]` -> `[..., D]` float32."""
+  return jnp.sum(e[..., None] * values.astype(F32), axis=-2)
 
 
 def _qk(qg, keys, spec, scale=None):
@@ -225,10 +245,13 @@ def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
     starts = qpos[0] - far_j + pad_left                      # [S]
     ks = _stripe_slices(k_pad, starts, bq)                   # [S, B, bq, Hk, D]
     vs = _stripe_slices(v_pad, starts, bq)
-    s = _qk(qg, ks, "bqhgd,sbqhd->bhgqs", scale)
+    ks = jnp.moveaxis(ks, 0, 3)[:, :, :, None]               # [B, bq, Hk, 1, S, D]
+    vs = jnp.moveaxis(vs, 0, 3)[:, :, :, None]
+    s = _rowwise_qk(qg, ks, scale)                           # [B, bq, Hk, G, S]
     ok = (qpos[:, None] - far_j[None, :]) >= 0               # [bq, S]
-    s = jnp.where(ok, s, -jnp.inf)
-    part = _merge(part, _partial(s, vs, "bhgqs,sbqhd->bhgqd"))
+    s = jnp.where(ok[None, :, None, None], s, -jnp.inf)
+    far_part = _partial(s, vs, _rowwise_pv)                  # [B, bq, Hk, G]
+    part = _merge(part, jax.tree.map(lambda x: jnp.moveaxis(x, 1, 3), far_part))
     out, _ = _finish(part)
     return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
 
@@ -283,72 +306,88 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
   """
   b, lq, hq, d = q.shape
   lk, hk = k.shape[1], k.shape[2]
-  g = hq // hk
   ds = q_search.shape[-1]
   num = config.num_spans
   w = min(config.window, lk)
-  f = masks.superlinear_stripe_table(lk, config)             # far -> near, [S]
-  n_stripes = int(f.size)
-  max_span = min(masks.superlinear_max_span(lk, config), lk)
+  f_all = masks.superlinear_stripe_table(lk, config)         # far -> near, [S]
+  max_span_all = min(masks.superlinear_max_span(lk, config), lk)
   spans = jnp.asarray(masks.superlinear_span_table(lk, config))
-  cols = max(128 + w, n_stripes * max(ds, 1) // max(d, 1) + num * max_span)
-  bq = _block_size(lq, cols, hq, d, b)
 
-  # Search keys padded so every stripe slice [start, start + bq) is in range.
-  pad_left = int(f[0])
-  ks_pad = _pad_seq(jax.lax.stop_gradient(k_search), pad_left, bq)
-  k_pad = _pad_seq(k, max(w - 1, 0), bq)
-  v_pad = _pad_seq(v, max(w - 1, 0), bq)
-  # Per-head row layout for span slices: [B, Hk, Lk + max_span, D].
-  k_rows = jnp.moveaxis(_pad_seq(k, 0, max_span), 2, 1)
-  v_rows = jnp.moveaxis(_pad_seq(v, 0, max_span), 2, 1)
+  # Padded copies shared by all segments. Search keys: every stripe slice
+  # [start, start + bq) stays in range; span rows: [B, Hk, Lk + span, D].
+  pad_left = int(f_all[0])
+  ks_pad = _pad_seq(jax.lax.stop_gradient(k_search), pad_left, 128)
+  k_pad = _pad_seq(k, max(w - 1, 0), 128)
+  v_pad = _pad_seq(v, max(w - 1, 0), 128)
+  k_rows = jnp.moveaxis(_pad_seq(k, 0, max_span_all), 2, 1)
+  v_rows = jnp.moveaxis(_pad_seq(v, 0, max_span_all), 2, 1)
   ks_rows = jnp.moveaxis(k_search, 2, 1)                     # [B, Hk, Lk, Ds]
-  f_j = jnp.asarray(f, jnp.int32)
 
-  def body(qpos, qb, qsb):
-    qg = _group(qb, hk)                                      # [B, bq, Hk, G, D]
-    qsg = _group(qsb, hk)
-    bq_ = qb.shape[1]
-    # 1. Span-search over the stripes (not differentiated: routing learns
-    #    through the gate below).
-    starts = qpos[0] + 1 - f_j + pad_left
-    ks = _stripe_slices(ks_pad, starts, bq_)                 # [S, B, bq, Hk, Ds]
-    search = _qk(jax.lax.stop_gradient(qsg), ks, "bqhgd,sbqhd->bhgqs")
-    anchor_all = qpos[:, None] + 1 - f_j[None, :]            # [bq, S]
-    search = jnp.where(anchor_all >= 0, search, -jnp.inf)
-    top, sel = jax.lax.top_k(search, num)                    # [B, Hk, G, bq, K]
-    valid = jnp.isfinite(top)
-    anchor = jnp.where(valid, jnp.take_along_axis(
-        jnp.broadcast_to(anchor_all, search.shape), sel, axis=-1), -1)
-    a_safe = jnp.maximum(anchor, 0)
-    # 2. Gate: differentiable search scores of the chosen anchors.
-    k_sel = jax.vmap(jax.vmap(lambda x, i: x[i]))(ks_rows, a_safe)  # [B,Hk,G,bq,K,Ds]
-    qs_t = jnp.moveaxis(qsg, 1, 3)                           # [B, Hk, G, bq, Ds]
-    logits = jnp.einsum("bhgqd,bhgqkd->bhgqk", qs_t, k_sel, preferred_element_type=F32)
-    gates = jax.nn.softmax(jnp.where(valid, logits, -1e9), axis=-1)
-    # 3. Spans: [max(a - back, 0), min(a + fwd, q - W)], one slice each.
-    t = jnp.clip(qpos + 1, 0, lk)
-    back = spans[t, 0][:, None]
-    fwd = spans[t, 1][:, None]
-    start = jnp.maximum(anchor - back, 0)
-    end = jnp.minimum(anchor + fwd, (qpos - w)[:, None])
-    ksp = jax.vmap(jax.vmap(functools.partial(_rows, size=max_span)))(k_rows, start)
-    vsp = jax.vmap(jax.vmap(functools.partial(_rows, size=max_span)))(v_rows, start)
-    kpos = start[..., None] + jnp.arange(max_span, dtype=jnp.int32)
-    ok = (kpos <= end[..., None]) & valid[..., None]         # [B,Hk,G,bq,K,span]
-    q_t = jnp.moveaxis(qg, 1, 3)                             # [B, Hk, G, bq, D]
-    s = _qk(q_t, ksp, "bhgqd,bhgqksd->bhgqks", scale)
-    span_part = _partial(jnp.where(ok, s, -jnp.inf), vsp, "bhgqks,bhgqksd->bhgqkd")
-    # 4. Window once, merged into every span's softmax.
-    if w > 0:
-      win = _window_partial(qg, k_pad, v_pad, qpos, window=w, kv_len=lk, scale=scale)
-      win = Partial(win.m[..., None], win.l[..., None], win.o[..., None, :])
-      span_part = _merge(span_part, win)
-    o_k, _ = _finish(span_part)                              # [B, Hk, G, bq, K, D]
-    out = jnp.sum(gates[..., None] * o_k, axis=-2)           # [B, Hk, G, bq, D]
-    to_q = lambda x: jnp.moveaxis(x, 3, 1).reshape(b, bq_, hq, *x.shape[4:])  # noqa: E731
-    return to_q(out), to_q(anchor), to_q(gates)
+  def segment(q_seg, qs_seg, offset, t_max):
+    """Runs the queries of one segment whose positions are all `< t_max`."""
+    f = f_all[-masks.superlinear_num_stripes(t_max, config):]
+    max_span = min(masks.superlinear_max_span(t_max, config), max_span_all)
+    cols = max(128 + w, f.size * ds // max(d, 1) + num * max_span)
+    bq = _block_size(q_seg.shape[1], cols, hq, d, b)
+    f_j = jnp.asarray(f, jnp.int32)
 
-  out, anchors, gates = _map_query_blocks(body, bq, _offset(lq, lk, q_offset),
-                                          q, q_search)
+    def body(qpos, qb, qsb):
+      qg = _group(qb, hk)                                      # [B, bq, Hk, G, D]
+      qsg = _group(qsb, hk)
+      bq_ = qb.shape[1]
+      # 1. Span-search over the stripes (not differentiated: routing learns
+      #    through the gate below).
+      starts = qpos[0] + 1 - f_j + pad_left
+      ks = _stripe_slices(ks_pad, starts, bq_)                 # [S, B, bq, Hk, Ds]
+      ks = jnp.moveaxis(ks, 0, 3)                              # [B, bq, Hk, S, Ds]
+      search = _rowwise_qk(jax.lax.stop_gradient(qsg), ks[:, :, :, None])
+      search = jnp.moveaxis(search, 1, 3)                      # [B, Hk, G, bq, S]
+      anchor_all = qpos[:, None] + 1 - f_j[None, :]            # [bq, S]
+      search = jnp.where(anchor_all >= 0, search, -jnp.inf)
+      top, sel = jax.lax.top_k(search, num)                    # [B, Hk, G, bq, K]
+      valid = jnp.isfinite(top)
+      anchor = jnp.where(valid, jnp.take_along_axis(
+          jnp.broadcast_to(anchor_all, search.shape), sel, axis=-1), -1)
+      a_safe = jnp.maximum(anchor, 0)
+      # 2. Gate: differentiable search scores of the chosen anchors.
+      k_sel = jax.vmap(jax.vmap(lambda x, i: x[i]))(ks_rows, a_safe)  # [B,Hk,G,bq,K,Ds]
+      qs_t = jnp.moveaxis(qsg, 1, 3)                           # [B, Hk, G, bq, Ds]
+      logits = jnp.einsum("bhgqd,bhgqkd->bhgqk", qs_t, k_sel, preferred_element_type=F32)
+      gates = jax.nn.softmax(jnp.where(valid, logits, -1e9), axis=-1)
+      # 3. Spans: [max(a - back, 0), min(a + fwd, q - W)], one slice each.
+      t = jnp.clip(qpos + 1, 0, lk)
+      back = spans[t, 0][:, None]
+      fwd = spans[t, 1][:, None]
+      start = jnp.maximum(anchor - back, 0)
+      end = jnp.minimum(anchor + fwd, (qpos - w)[:, None])
+      ksp = jax.vmap(jax.vmap(functools.partial(_rows, size=max_span)))(k_rows, start)
+      vsp = jax.vmap(jax.vmap(functools.partial(_rows, size=max_span)))(v_rows, start)
+      kpos = start[..., None] + jnp.arange(max_span, dtype=jnp.int32)
+      ok = (kpos <= end[..., None]) & valid[..., None]         # [B,Hk,G,bq,K,span]
+      q_t = jnp.moveaxis(qg, 1, 3)                             # [B, Hk, G, bq, D]
+      s = _rowwise_qk(q_t[..., None, :], ksp, scale)           # [B,Hk,G,bq,K,span]
+      span_part = _partial(jnp.where(ok, s, -jnp.inf), vsp, _rowwise_pv)
+      # 4. Window once, merged into every span's softmax.
+      if w > 0:
+        win = _window_partial(qg, k_pad, v_pad, qpos, window=w, kv_len=lk, scale=scale)
+        win = Partial(win.m[..., None], win.l[..., None], win.o[..., None, :])
+        span_part = _merge(span_part, win)
+      o_k, _ = _finish(span_part)                              # [B, Hk, G, bq, K, D]
+      out = jnp.sum(gates[..., None] * o_k, axis=-2)           # [B, Hk, G, bq, D]
+      to_q = lambda x: jnp.moveaxis(x, 3, 1).reshape(b, bq_, hq, *x.shape[4:])  # noqa: E731
+      return to_q(out), to_q(anchor), to_q(gates)
+
+    return _map_query_blocks(body, bq, offset, q_seg, qs_seg)
+
+  if q_offset is not None:   # positions unknown at trace time: one segment.
+    segments = [(0, lq, lk)]
+  else:
+    # Static positions: cut the queries into segments (block-aligned) so that
+    # early queries use the shorter spans and fewer stripes they can reach.
+    cuts = sorted({0, lq} | {(lq * i // _SEGMENTS) // 128 * 128 for i in range(1, _SEGMENTS)})
+    segments = [(s0, s1, lk - lq + s1) for s0, s1 in zip(cuts, cuts[1:]) if s1 > s0]
+  offset = _offset(lq, lk, q_offset)
+  outs = [segment(q[:, s0:s1], q_search[:, s0:s1], offset + s0, t_max)
+          for s0, s1, t_max in segments]
+  out, anchors, gates = (jnp.concatenate(x, axis=1) for x in zip(*outs))
   return out.astype(q.dtype), anchors, gates
