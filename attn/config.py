@@ -6,6 +6,11 @@ import dataclasses
 import math
 
 
+# Coverage is verified exactly up to this context length (and asymptotically
+# by the exponent rule beyond it).
+_COVERAGE_CHECK_LEN = 1 << 22
+
+
 @dataclasses.dataclass(frozen=True)
 class SuperlinearConfig:
   """Static hyper-parameters of superlinear attention (see `docs/superlinear.md`).
@@ -72,6 +77,14 @@ class SuperlinearConfig:
           f"context access): use span_power > 1 - search_power, or span_power = "
           f"1 - search_power with backward_factor >= 1 / search_power "
           f"(= {1.0 / p:g}).")
+
+    from attn import masks  # local import: masks imports this module.
+    hole = masks.superlinear_first_hole(self, _COVERAGE_CHECK_LEN)
+    if hole is not None:
+      raise ValueError(
+          f"{self} leaves keys that no span can reach from the query at position "
+          f"{hole - 1} (no random context access): raise backward_factor or "
+          "span_power.")
 
   @property
   def window(self) -> int:

@@ -196,6 +196,34 @@ def superlinear_spans(q_pos: np.ndarray, anchors: np.ndarray, max_len: int,
   return start, end
 
 
+@functools.lru_cache(maxsize=256)
+def superlinear_first_hole(config: SuperlinearConfig, max_len: int) -> int | None:
+  """Smallest `t <= max_len` at which some key `< t` is in no candidate span.
+
+  Exact criterion (see docs/superlinear.md): stripe `j` anchors at `t - f(j)`;
+  consecutive spans overlap whenever the farthest reachable region is covered,
+  so coverage holds for all `t <= max_len` iff, for every `J > sw_index`
+  with `f(J + 1) - 1 <= max_len`, the keys left of the farthest anchor at
+  `t = f(J + 1) - 1` fit in its backward extension:
+  `t - f(J) <= ceil(backward_factor * t**span_power)`. Returns None if so.
+  """
+  p = config.search_power
+  if p == 1.0:
+    return None  # every key is an anchor.
+  s = config.sw_index
+  n = int(math.ceil((max_len + 1) ** p)) + 2
+  f = stripe_offsets(n, p)                    # f[j - 1] = f(j)
+  j = np.arange(s + 1, n)                     # J; needs f(J + 1) = f[J]
+  t = f[j] - 1
+  ok_range = t <= max_len
+  j, t = j[ok_range], t[ok_range]
+  back = np.ceil(config.backward_factor * t.astype(np.float64) ** config.span_power - 1e-9)
+  bad = (t - f[j - 1]) > back
+  # Interior gaps are no wider than the leftmost one (f is convex), and the
+  # window covers everything for t <= W.
+  return int(t[bad][0]) if bad.any() else None
+
+
 def superlinear_candidate_mask(seq_len: int, *, config: SuperlinearConfig) -> np.ndarray:
   """bool `[seq_len, seq_len]`: the union of the window and all candidate spans.
 

@@ -1,0 +1,275 @@
+"""Attention ops: `xla` against the dense `reference`, the references against
+numpy loops, identities, composability and input validation."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attn
+from tests import attn_oracles
+
+TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+GRAD_TOL = {jnp.float32: dict(atol=5e-5, rtol=5e-4), jnp.bfloat16: dict(atol=5e-2, rtol=5e-2)}
+SMALL_CFG = attn.SuperlinearConfig(sw_index=2, num_spans=2)          # W = 8
+NO_WINDOW_CFG = attn.SuperlinearConfig(sw_index=0, num_spans=3, backward_factor=2.0,
+                                       forward_factor=0.0)
+CUBIC_CFG = attn.SuperlinearConfig(sw_index=1, num_spans=2, search_power=1 / 3,
+                                   span_power=0.75, backward_factor=2.0)
+
+
+def _inputs(key, *, batch=2, q_len=45, kv_len=None, hq=4, hk=2, d=16, ds=8,
+            dtype=jnp.float32):
+  kv_len = q_len if kv_len is None else kv_len
+  ks = jax.random.split(key, 5)
+  n = lambda k_, s: jax.random.normal(k_, s, jnp.float32).astype(dtype)  # noqa: E731
+  return dict(q=n(ks[0], (batch, q_len, hq, d)), k=n(ks[1], (batch, kv_len, hk, d)),
+              v=n(ks[2], (batch, kv_len, hk, d)), q_search=n(ks[3], (batch, q_len, hq, ds)),
+              k_search=n(ks[4], (batch, kv_len, hk, ds)))
+
+
+def _layout(L):
+  return attn.BlockLayout.sliding_window(L, window=13, block_q=16, block_k=8)
+
+
+# name -> (fn(inputs, implementation), differentiable argument names)
+OPS = {
+    "dense": (lambda x, impl: attn.dense_attention(x["q"], x["k"], x["v"],
+                                                   implementation=impl), "qkv"),
+    "sliding": (lambda x, impl: attn.sliding_window_attention(
+        x["q"], x["k"], x["v"], window=11, implementation=impl), "qkv"),
+    "ppa_0.5": (lambda x, impl: attn.ppa_attention(
+        x["q"], x["k"], x["v"], p=0.5, window=4, implementation=impl), "qkv"),
+    "ppa_0.75": (lambda x, impl: attn.ppa_attention(
+        x["q"], x["k"], x["v"], p=0.75, window=8, implementation=impl), "qkv"),
+    "block_sparse": (lambda x, impl: attn.block_sparse_attention(
+        x["q"], x["k"], x["v"], _layout(x["q"].shape[1]), implementation=impl), "qkv"),
+    "superlinear": (lambda x, impl: attn.superlinear_attention(
+        x["q"], x["k"], x["v"], x["q_search"], x["k_search"], config=SMALL_CFG,
+        implementation=impl), "qkv+search"),
+    "superlinear_k_as_search_key": (lambda x, impl: attn.superlinear_attention(
+        x["q"], x["k"], x["v"], x["q"], None, config=NO_WINDOW_CFG,
+        implementation=impl), "qkv"),
+    "superlinear_cubic": (lambda x, impl: attn.superlinear_attention(
+        x["q"], x["k"], x["v"], x["q_search"], x["k_search"], config=CUBIC_CFG,
+        implementation=impl), "qkv+search"),
+}
+
+
+def _grad_args(x, which):
+  names = ["q", "k", "v"] + (["q_search", "k_search"] if which == "qkv+search" else [])
+  return names
+
+
+def _vjp(fn, x, names, impl, cot):
+  def f(*args):
+    y = dict(x, **dict(zip(names, args)))
+    return fn(y, impl).astype(jnp.float32)
+  out, pull = jax.vjp(f, *[x[n] for n in names])
+  return out, pull(cot)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("heads", [(4, 2), (3, 3)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_xla_matches_reference_values_and_grads(op, heads, dtype):
+  fn, which = OPS[op]
+  x = _inputs(jax.random.PRNGKey(hash(op) % 1000), hq=heads[0], hk=heads[1], dtype=dtype)
+  names = _grad_args(x, which)
+  cot = jax.random.normal(jax.random.PRNGKey(7), x["q"].shape, jnp.float32)
+  ref, ref_grads = _vjp(fn, x, names, "reference", cot)
+  out, grads = _vjp(fn, x, names, "xla", cot)
+  chex.assert_trees_all_equal_shapes_and_dtypes(out, ref)
+  chex.assert_tree_all_finite((out, grads))
+  chex.assert_trees_all_close(out, ref, **TOL[dtype])
+  for name, g, rg in zip(names, grads, ref_grads):
+    chex.assert_trees_all_close(g.astype(jnp.float32), rg.astype(jnp.float32),
+                                **GRAD_TOL[dtype], custom_message=f"d{name}")
+
+
+@pytest.mark.parametrize("op", ["dense", "sliding", "ppa_0.5", "superlinear"])
+def test_default_implementation_is_deterministic_and_matches_xla(op):
+  fn, _ = OPS[op]
+  x = _inputs(jax.random.PRNGKey(3), q_len=33)
+  a, b, c = fn(x, None), fn(x, None), fn(x, "xla")
+  chex.assert_trees_all_equal(a, b)
+  chex.assert_trees_all_equal(a, c)
+
+
+# ------------------------------------------------------ numpy loop oracles
+
+
+@pytest.mark.parametrize("name,keep,fn", [
+    ("dense", lambda i, j: True,
+     lambda x: attn.dense_attention(x["q"], x["k"], x["v"], implementation="reference")),
+    ("sliding", lambda i, j: i - j < 5,
+     lambda x: attn.sliding_window_attention(x["q"], x["k"], x["v"], window=5,
+                                             implementation="reference")),
+    ("ppa", lambda i, j: attn_oracles.ppa_kept_offset(i - j, 0.5, 3),
+     lambda x: attn.ppa_attention(x["q"], x["k"], x["v"], p=0.5, window=3,
+                                  implementation="reference")),
+    ("block_sparse", lambda i, j: 0 <= i - j < 13,
+     lambda x: attn.block_sparse_attention(x["q"], x["k"], x["v"], _layout(19),
+                                           implementation="reference")),
+])
+def test_reference_matches_numpy_loop(name, keep, fn):
+  x = _inputs(jax.random.PRNGKey(11), q_len=19, hq=4, hk=2, d=8)
+  want = attn_oracles.attention_loop(x["q"], x["k"], x["v"], keep)
+  np.testing.assert_allclose(np.asarray(fn(x)), want, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_with_kv_cache_offset_matches_numpy_loop():
+  x = _inputs(jax.random.PRNGKey(12), q_len=3, kv_len=20, hq=2, hk=1, d=8)
+  want = attn_oracles.attention_loop(x["q"], x["k"], x["v"], lambda i, j: True, q_offset=9)
+  for impl in ("reference", "xla"):
+    got = attn.dense_attention(x["q"], x["k"], x["v"], q_offset=9, implementation=impl)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [SMALL_CFG, NO_WINDOW_CFG, CUBIC_CFG], ids=["w8", "w0", "cubic"])
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_superlinear_matches_numpy_loop(cfg, impl):
+  x = _inputs(jax.random.PRNGKey(13), batch=1, q_len=40, hq=2, hk=1, d=8, ds=4)
+  want, want_anchors = attn_oracles.superlinear_loop(
+      x["q"], x["k"], x["v"], x["q_search"], x["k_search"], **vars(cfg))
+  got = attn.superlinear_attention_with_anchors(
+      x["q"], x["k"], x["v"], x["q_search"], x["k_search"], config=cfg,
+      implementation=impl)
+  np.testing.assert_array_equal(np.asarray(got.anchors), want_anchors)
+  np.testing.assert_allclose(np.asarray(got.out), want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(got.gates).sum(-1), 1.0, atol=1e-6)
+
+
+def test_superlinear_ties_keep_the_farther_stripe():
+  # Constant search keys: every anchor scores the same; the farthest wins.
+  x = _inputs(jax.random.PRNGKey(14), batch=1, q_len=30, hq=1, hk=1, d=4, ds=4)
+  ks = jnp.ones_like(x["k_search"])
+  cfg = attn.SuperlinearConfig(sw_index=1, num_spans=2)
+  for impl in ("reference", "xla"):
+    got = attn.superlinear_attention_with_anchors(
+        x["q"], x["k"], x["v"], x["q_search"], ks, config=cfg, implementation=impl)
+    # query 29: t = 30, stripes j = 2..5 give anchors 26, 21, 14, 5.
+    np.testing.assert_array_equal(np.asarray(got.anchors[0, 29, 0]), [5, 14])
+
+
+def test_superlinear_routing_learns_through_the_gate():
+  x = _inputs(jax.random.PRNGKey(15), q_len=40)
+  loss = lambda qs, ks: jnp.sum(attn.superlinear_attention(  # noqa: E731
+      x["q"], x["k"], x["v"], qs, ks, config=SMALL_CFG) ** 2)
+  gq, gk = jax.grad(loss, argnums=(0, 1))(x["q_search"], x["k_search"])
+  assert float(jnp.abs(gq).max()) > 0 and float(jnp.abs(gk).max()) > 0
+  # Queries with no valid anchor (position < W + 1) have a constant gate.
+  np.testing.assert_array_equal(np.asarray(gq[:, :SMALL_CFG.window]), 0.0)
+
+
+# ------------------------------------------------------------ identities
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_ppa_p0_is_sliding_window_and_p1_is_dense(impl):
+  x = _inputs(jax.random.PRNGKey(21), q_len=70)
+  q, k, v = x["q"], x["k"], x["v"]
+  chex.assert_trees_all_equal(
+      attn.ppa_attention(q, k, v, p=0.0, window=9, implementation=impl),
+      attn.sliding_window_attention(q, k, v, window=9, implementation=impl))
+  chex.assert_trees_all_close(
+      attn.ppa_attention(q, k, v, p=1.0, window=9, implementation=impl),
+      attn.dense_attention(q, k, v, implementation=impl), atol=2e-6, rtol=2e-6)
+
+
+def test_superlinear_is_dense_within_the_window():
+  x = _inputs(jax.random.PRNGKey(22), q_len=8)     # every query has t <= W = 8
+  for impl in ("reference", "xla"):
+    chex.assert_trees_all_close(
+        attn.superlinear_attention(x["q"], x["k"], x["v"], x["q_search"], x["k_search"],
+                                   config=SMALL_CFG, implementation=impl),
+        attn.dense_attention(x["q"], x["k"], x["v"], implementation="reference"),
+        atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("op", ["dense", "sliding", "ppa_0.75", "superlinear"])
+def test_decoding_one_query_at_a_time_matches_prefill(op):
+  """A fixed-size cache buffer with `q_offset` gives the prefill rows."""
+  fn_name = {"dense": attn.dense_attention, "sliding": attn.sliding_window_attention,
+             "ppa_0.75": attn.ppa_attention, "superlinear": attn.superlinear_attention}[op]
+  kwargs = {"dense": {}, "sliding": dict(window=7), "ppa_0.75": dict(p=0.75, window=4),
+            "superlinear": dict(config=SMALL_CFG)}[op]
+  x = _inputs(jax.random.PRNGKey(23), q_len=37)
+  L = x["q"].shape[1]
+  extra = (lambda y, s: (y["q_search"][:, s], y["k_search"])) if op == "superlinear" \
+      else (lambda y, s: ())
+  full = fn_name(x["q"], x["k"], x["v"], *extra(x, slice(None)), **kwargs)
+  # Garbage beyond the current position must not matter: it is never visible.
+  junk = lambda a, t: a.at[:, t + 1:].set(1e3)  # noqa: E731
+  step = jax.jit(lambda q1, k_, v_, ks_, qs1, t: fn_name(
+      q1, k_, v_, *((qs1, ks_) if op == "superlinear" else ()), q_offset=t, **kwargs))
+  rows = []
+  for t in (0, 5, 17, L - 1):
+    y = dict(x, k=junk(x["k"], t), v=junk(x["v"], t), k_search=junk(x["k_search"], t))
+    rows.append(step(x["q"][:, t:t + 1], y["k"], y["v"], y["k_search"],
+                     x["q_search"][:, t:t + 1], jnp.int32(t)))
+  chex.assert_trees_all_close(jnp.concatenate(rows, 1), full[:, jnp.array([0, 5, 17, L - 1])],
+                              atol=2e-5, rtol=2e-5)
+
+
+# --------------------------------------------------------- composability
+
+
+def test_jit_vmap_grad_checkpoint_compose():
+  x = _inputs(jax.random.PRNGKey(31), batch=1, q_len=21)
+  stack = lambda a: jnp.stack([a, 2 * a])  # noqa: E731
+  for op in ("dense", "sliding", "ppa_0.5", "block_sparse", "superlinear"):
+    fn, _ = OPS[op]
+    f = lambda q: fn(dict(x, q=q), "xla").sum()  # noqa: E731
+    g1 = jax.grad(f)(x["q"])
+    g2 = jax.jit(jax.grad(jax.checkpoint(f)))(x["q"])
+    chex.assert_trees_all_close(g1, g2, atol=1e-5, rtol=1e-5)
+    batched = jax.vmap(lambda q: fn(dict(x, q=q), "xla"))(stack(x["q"]))
+    chex.assert_trees_all_close(batched[1], fn(dict(x, q=2 * x["q"]), "xla"),
+                                atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------ validation
+
+
+def test_bad_inputs_raise_value_errors_naming_the_argument():
+  x = _inputs(jax.random.PRNGKey(41), q_len=16)
+  q, k, v = x["q"], x["k"], x["v"]
+  cases = [
+      (lambda: attn.dense_attention(q[0], k, v), "q must have rank 4"),
+      (lambda: attn.dense_attention(q, k[..., 0], v), "k must have rank 4"),
+      (lambda: attn.dense_attention(q[:, :, :3], k, v), "num_q_heads=3"),
+      (lambda: attn.dense_attention(q, k.astype(jnp.bfloat16), v), "dtype mismatch"),
+      (lambda: attn.dense_attention(q.astype(jnp.int32), k, v), "q.dtype"),
+      (lambda: attn.dense_attention(q, k[:1], v[:1]), "batch mismatch"),
+      (lambda: attn.dense_attention(q, k, v[..., :8]), "v.shape"),
+      (lambda: attn.dense_attention(q, k[:, :8], v[:, :8]), "q_len=16 > kv_len=8"),
+      (lambda: attn.dense_attention(q, k, v, q_offset=3), "q_offset=3"),
+      (lambda: attn.dense_attention(q, k, v, scale=-1.0), "scale=-1.0"),
+      (lambda: attn.dense_attention(q, k, v, implementation="cuda"), "implementation='cuda'"),
+      (lambda: attn.sliding_window_attention(q, k, v, window=0), "window=0"),
+      (lambda: attn.sliding_window_attention(q, k, v, window=2.5), "window=2.5"),
+      (lambda: attn.ppa_attention(q, k, v, p=1.01), "p=1.01"),
+      (lambda: attn.ppa_attention(q, k, v, p=-0.5), "p=-0.5"),
+      (lambda: attn.ppa_attention(q, k, v, p=0.5, window=-3), "window=-3"),
+      (lambda: attn.block_sparse_attention(q, k, v, _layout(20)), "layout was built"),
+      (lambda: attn.block_sparse_attention(q, k, v, np.ones((16, 16), bool)), "layout must"),
+      (lambda: attn.superlinear_attention(q, k, v, x["q_search"][:, :8]), "q_search.shape"),
+      (lambda: attn.superlinear_attention(q, k, v, x["q_search"], k), "search_dim"),
+      (lambda: attn.superlinear_attention(q, k, v, q, config={"num_spans": 2}), "config"),
+      (lambda: attn.SuperlinearConfig(num_spans=0), "num_spans=0"),
+      (lambda: attn.SuperlinearConfig(search_power=1.5), "search_power=1.5"),
+      (lambda: attn.SuperlinearConfig(sw_index=-1), "sw_index=-1"),
+  ]
+  for call, message in cases:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+      call()
+
+
+def test_pallas_is_not_available_yet():
+  x = _inputs(jax.random.PRNGKey(42), q_len=8)
+  with pytest.raises(NotImplementedError, match="pallas"):
+    attn.ppa_attention(x["q"], x["k"], x["v"], p=0.5, implementation="pallas")

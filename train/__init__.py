@@ -1,0 +1,1 @@
+"""Training stack: the language model (`train.model`), decoding (`train.decode`), and the training loop."""

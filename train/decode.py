@@ -1,0 +1,95 @@
+"""Autoregressive decoding with a fixed-size KV cache.
+
+`generate` prefills the prompt in one call of
+`Transformer.forward_with_cache` (offset 0) and then feeds one token at a
+time at its absolute position. Every layer attends with the same `attn` op as
+in training: q of length 1, the whole cache buffer `[batch, max_len, ...]` as
+k/v and `q_offset = position` (keys beyond the position are masked by the
+op), so the cache has one shape for the whole generation and the decode step
+compiles once per `(batch, max_len)`.
+
+The jitted functions take the model as `nnx.split` (graphdef static, state
+traced): no global state, no recompilation when the parameters change.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from train.model import LayerCache, Transformer, init_cache
+
+__all__ = ["generate", "init_cache", "LayerCache", "sample_token"]
+
+
+def sample_token(logits, rng, *, temperature: float):
+  """logits: float32 `[batch, vocab]` -> int32 `[batch]`.
+
+  `temperature == 0` is greedy (argmax, lowest index on ties); otherwise a
+  sample from `softmax(logits / temperature)` with `rng`.
+  """
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, logits / temperature, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature"),
+                   donate_argnames=("cache",))
+def _step(graphdef, state, tokens, cache, offset, rng, *, temperature):
+  """One cached forward over `tokens [batch, n]` at `offset`; samples the next token.
+
+  Returns `(next_token int32 [batch], updated cache)`.
+  """
+  model = nnx.merge(graphdef, state)
+  logits, cache = model.forward_with_cache(tokens, cache, offset)
+  return sample_token(logits[:, -1], rng, temperature=temperature), cache
+
+
+def generate(model: Transformer, prompt, *, max_new_tokens: int, rng,
+             temperature: float = 0.0, max_len: int | None = None):
+  """Extend `prompt` by `max_new_tokens` tokens.
+
+  Args:
+    model: a `train.model.Transformer`.
+    prompt: int32 `[batch, prompt_len]`, `prompt_len >= 1`.
+    max_new_tokens: number of tokens to generate (>= 0).
+    rng: PRNG key; step `i` samples with `fold_in(rng, i)` (unused when greedy).
+    temperature: 0.0 = greedy; > 0 samples from the tempered softmax.
+    max_len: cache length (>= prompt_len + max_new_tokens; default equal).
+
+  Returns:
+    int32 `[batch, prompt_len + max_new_tokens]`: the prompt then the new tokens.
+  """
+  prompt = jnp.asarray(prompt)
+  if prompt.ndim != 2 or prompt.shape[1] < 1:
+    raise ValueError(f"prompt must be [batch, prompt_len >= 1], got {prompt.shape}")
+  if not jnp.issubdtype(prompt.dtype, jnp.integer):
+    raise ValueError(f"prompt must hold integer token ids, got {prompt.dtype}")
+  prompt = prompt.astype(jnp.int32)
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 0")
+  temperature = float(temperature)
+  if not temperature >= 0.0:
+    raise ValueError(f"temperature={temperature!r}: must be >= 0")
+  batch, prompt_len = prompt.shape
+  total = prompt_len + max_new_tokens
+  max_len = total if max_len is None else max_len
+  if max_len < total:
+    raise ValueError(f"max_len={max_len} < prompt_len + max_new_tokens = {total}")
+  if max_new_tokens == 0:
+    return prompt
+
+  graphdef, state = nnx.split(model)
+  cache = init_cache(model.config, batch, max_len)
+  token, cache = _step(graphdef, state, prompt, cache, jnp.int32(0),
+                       jax.random.fold_in(rng, 0), temperature=temperature)
+  out = [token]
+  for i in range(1, max_new_tokens):
+    token, cache = _step(graphdef, state, token[:, None], cache,
+                         jnp.int32(prompt_len + i - 1),
+                         jax.random.fold_in(rng, i), temperature=temperature)
+    out.append(token)
+  return jnp.concatenate([prompt, jnp.stack(out, axis=1)], axis=1)
