@@ -158,22 +158,34 @@ def _offset(q_len, kv_len, q_offset):
 # ------------------------------------------------------------------ pieces
 
 
-def _window_partial(qg, k_pad, v_pad, qpos, *, window, kv_len, scale):
-  """Local-window state of one query block.
+def _band_partial(qg, k_pad, v_pad, qpos, *, lo, hi, pad_left, kv_len, scale,
+                  keep=None):
+  """State of the keys at offsets `lo <= d <= hi` from each query of a block.
 
-  qg: `[B, bq, Hk, G, D]`; k_pad, v_pad: keys padded by `window - 1` on the
-  left and `bq` on the right. Returns a `Partial` over `[B, Hk, G, bq]`.
+  One contiguous slice of `bq + hi - lo` keys serves the whole block (a
+  matmul, masked to the band). qg: `[B, bq, Hk, G, D]`; k_pad, v_pad: keys
+  padded by `pad_left >= hi` on the left and `bq` on the right; keep:
+  optional bool `[hi - lo + 1]`, the offsets of the band that are kept.
+  Returns a `Partial` over `[B, Hk, G, bq]`.
   """
   bq = qg.shape[1]
-  n = bq + window - 1
-  first = qpos[0]                       # padded index of key `first - window + 1`
-  kw = jax.lax.dynamic_slice_in_dim(k_pad, first, n, axis=1)
-  vw = jax.lax.dynamic_slice_in_dim(v_pad, first, n, axis=1)
-  kpos = first - (window - 1) + jnp.arange(n, dtype=jnp.int32)
+  n = bq + hi - lo
+  first = qpos[0] - hi                  # absolute position of the slice's first key
+  kw = jax.lax.dynamic_slice_in_dim(k_pad, first + pad_left, n, axis=1)
+  vw = jax.lax.dynamic_slice_in_dim(v_pad, first + pad_left, n, axis=1)
+  kpos = first + jnp.arange(n, dtype=jnp.int32)
   d = qpos[:, None] - kpos[None, :]
-  ok = (d >= 0) & (d < window) & (kpos >= 0) & (kpos < kv_len)
+  ok = (d >= lo) & (d <= hi) & (kpos >= 0) & (kpos < kv_len)
+  if keep is not None:
+    ok &= jnp.asarray(keep)[jnp.clip(d - lo, 0, hi - lo)]
   s = jnp.where(ok, _qk(qg, kw, "bqhgd,bkhd->bhgqk", scale), -jnp.inf)
   return _partial(s, vw, "bhgqk,bkhd->bhgqd")
+
+
+def _window_partial(qg, k_pad, v_pad, qpos, *, window, kv_len, scale):
+  """Local-window state of one query block (keys padded by `window - 1`)."""
+  return _band_partial(qg, k_pad, v_pad, qpos, lo=0, hi=window - 1,
+                       pad_left=window - 1, kv_len=kv_len, scale=scale)
 
 
 def _stripe_slices(x_pad, starts, bq):
@@ -222,40 +234,156 @@ def sliding_window_attention(q, k, v, q_offset=None, *, window, scale):
                       q_offset=q_offset)
 
 
+# PPA offsets are cut into bins of this width; a bin dense enough that a
+# masked matmul over it beats row-wise dots becomes (part of) a band.
+_PPA_BIN = 64
+# A row-wise dot costs about this many matmul score entries (CPU, measured).
+_ROWWISE_COST = 16
+
+
+def ppa_split_offsets(offsets: np.ndarray, bq: int = 128):
+  """Splits kept offsets into dense bands and sparse stripes (host side).
+
+  Returns `(bands, stripes)`: `bands` is a list of `(lo, hi, keep)` with
+  `keep` a bool `[hi - lo + 1]` (None when every offset of the band is
+  kept), computed by one masked matmul per query block; `stripes` the
+  remaining offsets, one row-wise slice each.
+  """
+  offsets = np.asarray(offsets)
+  bins = offsets // _PPA_BIN
+  counts = np.bincount(bins)
+  dense = counts * _ROWWISE_COST >= bq + _PPA_BIN
+  in_band = dense[bins]
+  bands, stripes = [], offsets[~in_band]
+  for b in np.nonzero(dense)[0]:
+    lo, hi = int(offsets[bins == b].min()), int(offsets[bins == b].max())
+    if bands and b > 0 and dense[b - 1]:   # extend the previous band
+      lo = bands[-1][0]
+      bands.pop()
+    bands.append((lo, hi))
+  kept = set(offsets[in_band].tolist())
+  out = []
+  for lo, hi in bands:
+    keep = np.array([d in kept for d in range(lo, hi + 1)])
+    out.append((lo, hi, None if keep.all() else keep))
+  return out, stripes
+
+
+def _stripes_partial(qg, k_pad, v_pad, qpos, stripes, *, pad_left, scale):
+  """State of the sparse far offsets `stripes` for a chunk of queries.
+
+  For a fixed offset `d`, the keys of consecutive queries are consecutive:
+  each stripe is one contiguous slice, scored row-wise. Scans over the
+  stripes (scores first, then the values weighted by the exponentials), so
+  work and memory in both passes are proportional to `len(stripes)`.
+
+  qg: `[B, C, Hk, G, D]`; qpos: `[C]`; stripes: int32 `[S]`.
+  Returns a `Partial` over `[B, Hk, G, C]`.
+  """
+  c = qg.shape[1]
+  ok_rows = lambda d: (qpos - d >= 0)[None, :, None, None]  # noqa: E731
+
+  @jax.checkpoint
+  def score(d):
+    ks = jax.lax.dynamic_slice_in_dim(k_pad, qpos[0] - d + pad_left, c, axis=1)
+    s = jnp.sum(qg.astype(F32) * ks[:, :, :, None].astype(F32), axis=-1) * scale
+    return jnp.where(ok_rows(d), s, -jnp.inf)
+
+  s = jax.lax.map(score, stripes)                            # [S, B, C, Hk, G]
+  m = jnp.max(s, axis=0)
+  e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)[None])
+
+  @jax.checkpoint
+  def accumulate(o, args):
+    d, e_d = args
+    vs = jax.lax.dynamic_slice_in_dim(v_pad, qpos[0] - d + pad_left, c, axis=1)
+    return o + e_d[..., None] * vs[:, :, :, None].astype(F32), None
+
+  o, _ = jax.lax.scan(accumulate, jnp.zeros(qg.shape, F32), (stripes, e))
+  to_heads = lambda x: jnp.moveaxis(x, 1, 3)  # noqa: E731
+  return Partial(to_heads(m), to_heads(jnp.sum(e, axis=0)), to_heads(o))
+
+
+# PPA offsets are cut into bins of this width; a bin dense enough that a
+# masked matmul over it beats row-wise dots becomes (part of) a band.
+_PPA_BIN = 64
+# A row-wise dot costs about this many matmul score entries (CPU, measured).
+_ROWWISE_COST = 16
+
+
+def ppa_split_offsets(offsets: np.ndarray, bq: int = 128):
+  """Splits kept offsets into dense bands and sparse stripes (host side).
+
+  Returns `(bands, stripes)`: `bands` is a list of `(lo, hi, keep)` with
+  `keep` a bool `[hi - lo + 1]` (None when every offset of the band is
+  kept), computed by one masked matmul per query block; `stripes` the
+  remaining offsets, one row-wise slice each.
+  """
+  offsets = np.asarray(offsets)
+  bins = offsets // _PPA_BIN
+  counts = np.bincount(bins)
+  dense = counts * _ROWWISE_COST >= bq + _PPA_BIN
+  in_band = dense[bins]
+  bands = []
+  for b in np.nonzero(dense)[0]:
+    lo, hi = int(offsets[bins == b].min()), int(offsets[bins == b].max())
+    if bands and b > 0 and dense[b - 1]:   # extend the previous band
+      lo = bands.pop()[0]
+    bands.append((lo, hi))
+  kept = set(offsets[in_band].tolist())
+  out = []
+  for lo, hi in bands:
+    keep = np.array([d in kept for d in range(lo, hi + 1)])
+    out.append((lo, hi, None if keep.all() else keep))
+  return out, offsets[~in_band]
+
+
 def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
-  """PPA: the local window plus one contiguous key slice per kept far offset."""
+  """PPA: dense runs of kept offsets as banded slices, sparse ones as stripes.
+
+  Near the query the kept offsets are dense (the window, and for large p
+  much more): they are cut into bands, one contiguous key slice and a masked
+  matmul per query block. Far offsets are sparse: each is a stripe, one
+  contiguous key slice per chunk of queries scored row-wise.
+  """
   b, lq, hq, d = q.shape
   lk, hk = k.shape[1], k.shape[2]
   window = min(window, lk)
-  far = masks.ppa_far_offsets(lk - 1, p=p, window=window)
-  if far.size == 0:  # p = 0 or a sequence within the window: sliding window.
+  offsets = masks.ppa_offsets(lk - 1, p=p, window=window)
+  if offsets[-1] < window:  # p = 0 or a sequence within the window.
     return _window_only(q, k, v, window=window, scale=scale, q_offset=q_offset)
-  n_far = int(far.size)
-  bq = _block_size(lq, 128 + window + n_far, hq, d, b)
-  pad_left = max(window - 1, int(far[-1]))
-  k_pad = _pad_seq(k, pad_left, bq)
-  v_pad = _pad_seq(v, pad_left, bq)
-  far_j = jnp.asarray(far, jnp.int32)
+  bands, stripes = ppa_split_offsets(offsets)
+  band_cols = sum(128 + hi - lo for lo, hi, _ in bands)
+  bq = _block_size(lq, max(band_cols, 1), hq, 1, b)
+  # Query chunk of the stripe scans: scores [S, B, C, Hq] within the budget.
+  chunk = bq * max(1, _BLOCK_BUDGET // max(bq * stripes.size * hq * b, 1))
+  chunk = min(chunk, -(-lq // bq) * bq)
+  pad_left = int(offsets[-1])
+  k_pad = _pad_seq(k, pad_left, chunk)
+  v_pad = _pad_seq(v, pad_left, chunk)
+  stripe_j = jnp.asarray(stripes, jnp.int32)
 
-  def body(qpos, qb):
-    qg = _group(qb, hk)
-    shift = pad_left - (window - 1)
-    part = _window_partial(qg, k_pad[:, shift:], v_pad[:, shift:], qpos,
-                           window=window, kv_len=lk, scale=scale)
-    starts = qpos[0] - far_j + pad_left                      # [S]
-    ks = _stripe_slices(k_pad, starts, bq)                   # [S, B, bq, Hk, D]
-    vs = _stripe_slices(v_pad, starts, bq)
-    ks = jnp.moveaxis(ks, 0, 3)[:, :, :, None]               # [B, bq, Hk, 1, S, D]
-    vs = jnp.moveaxis(vs, 0, 3)[:, :, :, None]
-    s = _rowwise_qk(qg, ks, scale)                           # [B, bq, Hk, G, S]
-    ok = (qpos[:, None] - far_j[None, :]) >= 0               # [bq, S]
-    s = jnp.where(ok[None, :, None, None], s, -jnp.inf)
-    far_part = _partial(s, vs, _rowwise_pv)                  # [B, bq, Hk, G]
-    part = _merge(part, jax.tree.map(lambda x: jnp.moveaxis(x, 1, 3), far_part))
-    out, _ = _finish(part)
+  def chunk_body(qpos, qc):
+    qg = _group(qc, hk)                                      # [B, C, Hk, G, D]
+
+    def block_body(bpos, qb):
+      parts = [_band_partial(_group(qb, hk), k_pad, v_pad, bpos, lo=lo, hi=hi,
+                             keep=keep, pad_left=pad_left, kv_len=lk, scale=scale)
+               for lo, hi, keep in bands]
+      return jax.tree.map(lambda x: jnp.moveaxis(x, 3, 1),
+                          functools.reduce(_merge, parts))   # [B, bq, Hk, G, ...]
+
+    parts = []
+    if bands:
+      band = _map_query_blocks(block_body, bq, qpos[0], qc)
+      parts.append(jax.tree.map(lambda x: jnp.moveaxis(x, 1, 3), band))
+    if stripes.size:
+      parts.append(_stripes_partial(qg, k_pad, v_pad, qpos, stripe_j,
+                                    pad_left=pad_left, scale=scale))
+    out, _ = _finish(functools.reduce(_merge, parts))        # [B, Hk, G, C, D]
     return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
 
-  return _map_query_blocks(body, bq, _offset(lq, lk, q_offset), q).astype(q.dtype)
+  return _map_query_blocks(chunk_body, chunk, _offset(lq, lk, q_offset), q).astype(q.dtype)
 
 
 def block_sparse_attention(q, k, v, *, layout: BlockLayout, scale):
