@@ -72,8 +72,9 @@ def _vjp(fn, x, names, impl, cot):
   return out, pull(cot)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("heads", [(4, 2), (3, 3)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("heads,dtype", [((4, 2), jnp.float32), ((3, 3), jnp.float32),
+                                         ((4, 1), jnp.bfloat16)],
+                         ids=["gqa-f32", "mha-f32", "gqa-bf16"])
 @pytest.mark.parametrize("op", list(OPS))
 def test_xla_matches_reference_values_and_grads(op, heads, dtype):
   fn, which = OPS[op]
