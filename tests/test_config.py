@@ -1,0 +1,122 @@
+"""Config as code: loading, dotted --set overrides, type parsing and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+import attn
+from train.config import (Config, ConfigError, DataConfig, apply_overrides, load_config,
+                          parse_value, to_dict)
+from train.model import ATTENTION_TYPES, ModelConfig
+
+from tests.train_helpers import MICRO_CONFIG, REPO, subprocess_env
+
+CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+CONFIG_FILES = [p for p in CONFIG_FILES if not p.endswith("__init__.py")]
+
+
+def test_every_config_file_loads_and_is_valid():
+  assert any(p.endswith("tiny.py") for p in CONFIG_FILES)
+  seen_types = set()
+  for path in CONFIG_FILES:
+    config = load_config(path)
+    assert isinstance(config, Config), path
+    assert isinstance(config.model, ModelConfig), path
+    seen_types.update(config.model.layer_types)
+  # One config per attention type (or a hybrid covering it).
+  assert seen_types == set(ATTENTION_TYPES)
+
+
+def test_overrides_parse_to_field_types():
+  base = load_config(MICRO_CONFIG)
+  cfg = apply_overrides(base, [
+      "model.attention=ppa", "model.ppa_p=0.25", "steps=100", "learning_rate=1e-4",
+      "mesh_shape=2,2,2", "data.shuffle=false", "model.superlinear.num_spans=3",
+      "model.layer_pattern=sliding,superlinear", "model.attn_implementation=none",
+      "workdir=/tmp/x y", "model.tie_embeddings=no", "steps=120"])
+  assert cfg.model.attention == "ppa" and cfg.model.ppa_p == 0.25
+  assert cfg.steps == 120 and isinstance(cfg.steps, int)  # later --set wins
+  assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float)
+  assert cfg.mesh_shape == (2, 2, 2)
+  assert cfg.data.shuffle is False
+  assert cfg.model.superlinear == attn.SuperlinearConfig(num_spans=3)
+  assert cfg.model.layer_pattern == ("sliding", "superlinear")
+  assert cfg.model.attn_implementation is None
+  assert cfg.workdir == "/tmp/x y"
+  assert cfg.model.tie_embeddings is False
+  # The base is frozen and untouched.
+  assert base.steps == 30 and base.model.attention == "dense"
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    base.steps = 3
+
+
+@pytest.mark.parametrize("override, words", [
+    ("nope=1", ["nope", "unknown key"]),
+    ("model.nope=1", ["model.nope", "unknown key 'nope' in model"]),
+    ("steps=abc", ["steps", "an int"]),
+    ("steps=1.5", ["steps", "an int"]),
+    ("learning_rate=fast", ["learning_rate", "a number"]),
+    ("data.shuffle=maybe", ["data.shuffle", "bool"]),
+    ("mesh_shape=2,2", ["mesh_shape", "3 comma-separated"]),
+    ("steps=0", ["steps", ">= 1"]),
+    ("batch_size=10", ["batch_size", "divisible by grad_accum"]),  # grad_accum set below
+    ("model.attention=flash", ["model.attention", "must be one of"]),
+    ("model.num_kv_heads=3", ["model.num_kv_heads", "divide"]),
+    ("model=dense", ["model", "is a section"]),
+    ("model.superlinear.search_power=2", ["model.superlinear.search_power", "(0, 1]"]),
+    ("steps", ["expected key=value"]),
+])
+def test_bad_overrides_name_the_key(override, words):
+  base = apply_overrides(load_config(MICRO_CONFIG), ["grad_accum=4", "batch_size=8"])
+  with pytest.raises(ConfigError) as e:
+    apply_overrides(base, [override])
+  for w in words:
+    assert w in str(e.value), (override, str(e.value))
+
+
+def test_parse_value_types():
+  from typing import Literal, Optional
+  assert parse_value("3", int) == 3 and parse_value("1e3", int) == 1000
+  assert parse_value(" 2.5 ", float) == 2.5
+  assert parse_value("(1, 2)", tuple[int, int]) == (1, 2)
+  assert parse_value("", tuple[str, ...]) == ()
+  assert parse_value("None", Optional[int]) is None
+  assert parse_value("7", Optional[int]) == 7
+  assert parse_value("b", Literal["a", "b"]) == "b"
+  with pytest.raises(ValueError, match="one of 'a', 'b'"):
+    parse_value("c", Literal["a", "b"])
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="mesh_shape"):
+    Config(mesh_shape=(-1, -1, 1))
+  with pytest.raises(ValueError, match="max_bytes"):
+    DataConfig(max_bytes=-1)
+  d = to_dict(load_config(MICRO_CONFIG))
+  assert d["model"]["superlinear"]["num_spans"] == 2 and d["mesh_shape"] == [-1, 1, 1]
+
+
+def test_cli_errors_exit_2_naming_the_key(tmp_path):
+  env = subprocess_env()
+  base = [sys.executable, "-m", "train", "--config", MICRO_CONFIG]
+  r = subprocess.run(base + ["--set", "modle.attention=ppa", "--set", f"workdir={tmp_path}"],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2, r.stderr
+  assert "modle" in r.stderr and "unknown key" in r.stderr
+  r = subprocess.run(base + ["--set", "model.ppa_p=2", "--print-config"], cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "model.ppa_p" in r.stderr and "[0, 1]" in r.stderr
+  r = subprocess.run([sys.executable, "-m", "train", "--config", str(tmp_path / "missing.py")],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "no such file" in r.stderr
+  r = subprocess.run(base + ["--set", "model.attention=sliding", "--set", "steps=7",
+                             "--print-config"], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert '"attention": "sliding"' in r.stdout and '"steps": 7' in r.stdout

@@ -1,0 +1,305 @@
+"""Experiment configuration as code.
+
+A config file `configs/<name>.py` defines `get_config() -> Config`. Every field,
+nested ones included, can be overridden from the command line with
+`--set dotted.key=value` (see `apply_overrides`); values are parsed to the
+field's declared type and the dataclasses re-validate themselves, so a typo or
+a bad value fails early with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import sys
+import types
+import typing
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+  """A bad config file, unknown key or unparsable / invalid value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Input pipeline options (see `train.data`).
+
+  Attributes:
+    source: "stdlib": byte-level text of the Python standard library's own
+      `*.py` sources (vocabulary 256). "synthetic": a deterministic random
+      byte stream (for benchmarks that must not touch the disk).
+    max_bytes: read at most this many bytes of the corpus (0 = all, ~31 MB);
+      small values keep start-up cheap.
+    shuffle: shuffle the windows (reshuffled every epoch, seeded by `seed`).
+    num_threads: grain reader threads (0 = read in the main thread).
+    prefetch: grain prefetch buffer (elements).
+  """
+
+  source: Literal["stdlib", "synthetic"] = "stdlib"
+  max_bytes: int = 4_000_000
+  shuffle: bool = True
+  num_threads: int = 1
+  prefetch: int = 8
+
+  def __post_init__(self):
+    if self.max_bytes < 0:
+      raise ValueError(f"data.max_bytes={self.max_bytes}: must be >= 0 (0 = all)")
+    if self.num_threads < 0 or self.prefetch < 0:
+      raise ValueError("data.num_threads and data.prefetch must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A training run. `batch_size` is global (all processes, all devices) and
+  counts sequences per optimizer step; with `grad_accum = A` each step
+  averages the gradients of `A` micro-batches of `batch_size / A`.
+
+  `mesh_shape` is `(data, fsdp, tensor)`; one entry may be -1 to take all the
+  remaining devices. `checkpoint_every = 0` disables periodic saves (the final
+  step is still saved). `debug_*` fields exist for tests.
+  """
+
+  workdir: str = "/tmp/subq_train"
+  steps: int = 300
+  seed: int = 0
+  batch_size: int = 16
+  seq_len: int = 64
+  # Optimizer: AdamW, linear warmup then cosine decay to lr * min_lr_ratio.
+  learning_rate: float = 3e-3
+  warmup_steps: int = 20
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  adam_b1: float = 0.9
+  adam_b2: float = 0.95
+  clip_norm: float = 1.0
+  grad_accum: int = 1
+  # Checkpoints and logging.
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  log_every: int = 10
+  tensorboard: bool = True
+  # Parallelism.
+  mesh_shape: tuple[int, int, int] = (-1, 1, 1)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  # A `train.model.ModelConfig` (typed `Any` so this module does not import
+  # the model; the override parser uses the instance's own field types).
+  model: Any = None
+  # Test / debugging knobs.
+  debug_nan_at_step: int = -1  # make the loss NaN at this step (1-based)
+  debug_trace_data: bool = False  # write workdir/trace/process_<i>.jsonl
+  debug_step_delay: float = 0.0  # sleep seconds after each step
+
+  def __post_init__(self):
+    def bad(key, need):
+      raise ValueError(f"{key}={getattr(self, key)!r}: {need}")
+
+    for key in ("steps", "batch_size", "seq_len", "grad_accum", "keep_checkpoints",
+                "log_every"):
+      if getattr(self, key) < 1:
+        bad(key, "must be >= 1")
+    for key in ("warmup_steps", "checkpoint_every"):
+      if getattr(self, key) < 0:
+        bad(key, "must be >= 0")
+    for key in ("learning_rate", "min_lr_ratio", "weight_decay", "adam_b1", "adam_b2",
+                "clip_norm", "debug_step_delay"):
+      value = getattr(self, key)
+      if not math.isfinite(value) or value < 0:
+        bad(key, "must be a finite number >= 0")
+    if self.batch_size % self.grad_accum:
+      bad("batch_size", f"must be divisible by grad_accum={self.grad_accum}")
+    if len(self.mesh_shape) != 3 or any(
+        not isinstance(d, int) or (d < 1 and d != -1) for d in self.mesh_shape):
+      bad("mesh_shape", "must be three ints (data, fsdp, tensor), each >= 1 or -1")
+    if sum(d == -1 for d in self.mesh_shape) > 1:
+      bad("mesh_shape", "at most one entry may be -1")
+
+
+# ---------------------------------------------------------------------------
+# Loading and overrides.
+
+
+def load_config(path: str) -> Config:
+  """Imports `path` (a python file) and returns its `get_config()`."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config {path}: no such file")
+  name = "_train_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # a config is code: report what broke in it
+    raise ConfigError(f"--config {path}: importing it failed: {type(e).__name__}: {e}") from e
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"--config {path}: must define get_config() -> train.config.Config")
+  try:
+    config = module.get_config()
+  except Exception as e:
+    raise ConfigError(f"--config {path}: get_config() failed: {type(e).__name__}: {e}") from e
+  if not isinstance(config, Config):
+    raise ConfigError(f"--config {path}: get_config() returned {type(config).__name__}, "
+                      "expected train.config.Config")
+  return config
+
+
+_TRUE = {"1", "true", "yes", "on", "t", "y"}
+_FALSE = {"0", "false", "no", "off", "f", "n"}
+_NONE = {"none", "null"}
+
+
+def _describe(tp) -> str:
+  origin = typing.get_origin(tp)
+  if origin is Literal:
+    return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+  if origin in (typing.Union, types.UnionType):
+    return " or ".join("None" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+  if origin is tuple:
+    args = typing.get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+      return f"comma-separated {_describe(args[0])}s"
+    return f"{len(args)} comma-separated values ({', '.join(_describe(a) for a in args)})"
+  if tp is bool:
+    return "a bool (true/false)"
+  if tp is int:
+    return "an int"
+  if tp is float:
+    return "a number"
+  if tp is str:
+    return "a string"
+  return getattr(tp, "__name__", str(tp))
+
+
+def parse_value(text: str, tp) -> Any:
+  """Parses `text` to type `tp`; raises ValueError with the expectation."""
+  origin = typing.get_origin(tp)
+  raw = text.strip()
+  if tp is Any:
+    return raw
+  if origin is Literal:
+    choices = typing.get_args(tp)
+    for choice in choices:
+      if isinstance(choice, str) and raw == choice:
+        return choice
+      if not isinstance(choice, str):
+        try:
+          if parse_value(raw, type(choice)) == choice:
+            return choice
+        except ValueError:
+          pass
+    raise ValueError(f"expected {_describe(tp)}")
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if type(None) in args and raw.lower() in _NONE:
+      return None
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return parse_value(raw, arg)
+      except ValueError:
+        pass
+    raise ValueError(f"expected {_describe(tp)}")
+  if origin is tuple:
+    args = typing.get_args(tp)
+    inner = raw[1:-1] if raw[:1] in "([" and raw[-1:] in ")]" else raw
+    parts = [p for p in (s.strip() for s in inner.split(",")) if p] if inner.strip() else []
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(parse_value(p, args[0]) for p in parts)
+    if len(parts) != len(args):
+      raise ValueError(f"expected {_describe(tp)}")
+    return tuple(parse_value(p, a) for p, a in zip(parts, args))
+  if tp is bool:
+    if raw.lower() in _TRUE:
+      return True
+    if raw.lower() in _FALSE:
+      return False
+    raise ValueError(f"expected {_describe(tp)}")
+  if tp is int:
+    try:
+      return int(raw.replace("_", ""))
+    except ValueError:
+      try:  # accept 1e3 when it is integral
+        f = float(raw)
+      except ValueError:
+        raise ValueError(f"expected {_describe(tp)}") from None
+      if f.is_integer():
+        return int(f)
+      raise ValueError(f"expected {_describe(tp)}") from None
+  if tp is float:
+    try:
+      return float(raw)
+    except ValueError:
+      raise ValueError(f"expected {_describe(tp)}") from None
+  if tp is str:
+    return text
+  raise ValueError(f"cannot parse a value of type {_describe(tp)} from the command line")
+
+
+def _field_types(cls) -> dict[str, Any]:
+  try:
+    return typing.get_type_hints(cls)
+  except Exception:  # unresolvable forward refs: fall back to raw annotations
+    return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+def _set(obj, path: list[str], text: str, full_key: str):
+  if not dataclasses.is_dataclass(obj):
+    raise ConfigError(f"--set {full_key}: {'.'.join(path)!r} is not a config section")
+  names = {f.name for f in dataclasses.fields(obj)}
+  name = path[0]
+  if name not in names:
+    where = full_key[: len(full_key) - len(".".join(path))].rstrip(".") or "config"
+    raise ConfigError(f"--set {full_key}: unknown key {name!r} in {where} "
+                      f"(known: {', '.join(sorted(names))})")
+  current = getattr(obj, name)
+  if len(path) > 1:
+    new = _set(current, path[1:], text, full_key)
+  else:
+    if dataclasses.is_dataclass(current):
+      raise ConfigError(f"--set {full_key}: is a section; set its fields "
+                        f"({', '.join(f.name for f in dataclasses.fields(current))})")
+    tp = _field_types(type(obj)).get(name, Any)
+    if tp is Any and current is not None and not isinstance(current, (dict, list)):
+      tp = type(current)  # e.g. a field typed Any holding an int
+    if isinstance(tp, str):  # unresolved annotation: use the current value's type
+      tp = type(current) if current is not None else Any
+    try:
+      new = parse_value(text, tp)
+    except ValueError as e:
+      raise ConfigError(f"--set {full_key}={text}: {e}") from None
+  try:
+    return dataclasses.replace(obj, **{name: new})
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"--set {full_key}={text}: invalid: {e}") from None
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+  """Applies `key=value` overrides (dotted keys) in order."""
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"--set {item}: expected key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+      raise ConfigError(f"--set {item}: bad key {key!r}")
+    config = _set(config, key.split("."), text, key)
+  return config
+
+
+def to_dict(config) -> Any:
+  """A JSON-friendly dict of a (nested) config."""
+  if dataclasses.is_dataclass(config):
+    return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+  if isinstance(config, (tuple, list)):
+    return [to_dict(v) for v in config]
+  if isinstance(config, (str, int, float, bool)) or config is None:
+    return config
+  return str(config)
+
+
+def main_error(message: str) -> "typing.NoReturn":
+  print(f"error: {message}", file=sys.stderr)
+  raise SystemExit(2)
