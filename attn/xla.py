@@ -37,8 +37,10 @@ from attn.layout import BlockLayout
 F32 = jnp.float32
 # Elements of the largest per-block temporary (scores or gathered keys).
 _BLOCK_BUDGET = 1 << 21
-# Superlinear: query segments with their own (shorter) span and stripe bounds.
-_SEGMENTS = 1
+# Superlinear: query segments with their own (shorter) span and stripe bounds
+# (early queries reach fewer stripes and have shorter spans; 4 segments made
+# the 16K-32K forward 25-50% faster on CPU than one).
+_SEGMENTS = 4
 
 
 class Partial(NamedTuple):

@@ -87,8 +87,13 @@ def test_xla_matches_reference_values_and_grads(op, heads, dtype):
   chex.assert_tree_all_finite((out, grads))
   chex.assert_trees_all_close(out, ref, **TOL[dtype])
   for name, g, rg in zip(names, grads, ref_grads):
-    chex.assert_trees_all_close(g.astype(jnp.float32), rg.astype(jnp.float32),
-                                **GRAD_TOL[dtype], custom_message=f"d{name}")
+    g, rg = g.astype(jnp.float32), rg.astype(jnp.float32)
+    tol = dict(GRAD_TOL[dtype])
+    if dtype == jnp.bfloat16:
+      # bf16 cotangents are summed in bf16 in an implementation-defined
+      # order: the error scales with the largest gradient entry.
+      tol["atol"] = max(tol["atol"], 3e-2 * float(jnp.abs(rg).max()))
+    chex.assert_trees_all_close(g, rg, **tol, custom_message=f"d{name}")
 
 
 @pytest.mark.parametrize("op", ["dense", "sliding", "ppa_0.5", "superlinear"])
