@@ -7,10 +7,11 @@ with a rematerialised body, so memory is one block's working set in the
 forward and in the backward pass. Inside a block every piece of work reads
 *contiguous* key slices with `dynamic_slice`:
 
-* the local window: one slice of `bq + W - 1` keys per query block;
-* a stripe (a fixed offset `d`, PPA's power offsets and superlinear's
-  search anchors): one slice of `bq` keys per (block, stripe), scored
-  row-wise (`q_i . k_{i-d}`), no gather of single keys;
+* a band of offsets `[lo, hi]` (the local window; PPA's dense runs of kept
+  offsets): one slice of `bq + hi - lo` keys per query block, a masked matmul;
+* a stripe (a fixed offset `d`: PPA's sparse power offsets, superlinear's
+  search anchors): one slice of consecutive keys for consecutive queries,
+  scored row-wise (`q_i . k_{i-d}`), no gather of single keys;
 * a superlinear span: one slice of `max_span` keys per (query, head, span).
 
 Pieces of one softmax are merged through their running max / sum / weighted
@@ -234,41 +235,6 @@ def sliding_window_attention(q, k, v, q_offset=None, *, window, scale):
   """Banded attention: one contiguous key slice per query block."""
   return _window_only(q, k, v, window=min(window, k.shape[1]), scale=scale,
                       q_offset=q_offset)
-
-
-# PPA offsets are cut into bins of this width; a bin dense enough that a
-# masked matmul over it beats row-wise dots becomes (part of) a band.
-_PPA_BIN = 64
-# A row-wise dot costs about this many matmul score entries (CPU, measured).
-_ROWWISE_COST = 16
-
-
-def ppa_split_offsets(offsets: np.ndarray, bq: int = 128):
-  """Splits kept offsets into dense bands and sparse stripes (host side).
-
-  Returns `(bands, stripes)`: `bands` is a list of `(lo, hi, keep)` with
-  `keep` a bool `[hi - lo + 1]` (None when every offset of the band is
-  kept), computed by one masked matmul per query block; `stripes` the
-  remaining offsets, one row-wise slice each.
-  """
-  offsets = np.asarray(offsets)
-  bins = offsets // _PPA_BIN
-  counts = np.bincount(bins)
-  dense = counts * _ROWWISE_COST >= bq + _PPA_BIN
-  in_band = dense[bins]
-  bands, stripes = [], offsets[~in_band]
-  for b in np.nonzero(dense)[0]:
-    lo, hi = int(offsets[bins == b].min()), int(offsets[bins == b].max())
-    if bands and b > 0 and dense[b - 1]:   # extend the previous band
-      lo = bands[-1][0]
-      bands.pop()
-    bands.append((lo, hi))
-  kept = set(offsets[in_band].tolist())
-  out = []
-  for lo, hi in bands:
-    keep = np.array([d in kept for d in range(lo, hi + 1)])
-    out.append((lo, hi, None if keep.all() else keep))
-  return out, stripes
 
 
 def _stripes_partial(qg, k_pad, v_pad, qpos, stripes, *, pad_left, scale):
