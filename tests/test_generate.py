@@ -11,26 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import attn
+from tests.model_cases import ATTENTION_KW
 from train.decode import generate
 from train.model import ModelConfig, Transformer, init_cache
 
 VOCAB = 53
 PROMPT = 6
 NEW = 10
-
-ATTENTION_KW = {
-    "dense": dict(attention="dense"),
-    "sliding": dict(attention="sliding", window=4),
-    "ppa": dict(attention="ppa", window=3, ppa_p=0.5),
-    "superlinear": dict(attention="superlinear",
-                        superlinear=attn.SuperlinearConfig(sw_index=1)),
-    "superlinear_acc": dict(attention="superlinear", search_key="accumulated",
-                            superlinear=attn.SuperlinearConfig(sw_index=1)),
-    "hybrid": dict(layer_pattern=("sliding", "superlinear"), window=4,
-                   search_key="accumulated",
-                   superlinear=attn.SuperlinearConfig(sw_index=1)),
-}
 
 
 def tiny_model(seed=0, **kw) -> Transformer:

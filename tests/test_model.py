@@ -12,26 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import attn
+from tests.model_cases import ATTENTION_KW
 from train import model as model_lib
 from train.model import LOGICAL_AXES, ModelConfig, Transformer
 
 VOCAB = 61
 SEQ = 24
-
-# Small windows so that every attention type differs from dense at SEQ tokens.
-ATTENTION_KW = {
-    "dense": dict(attention="dense"),
-    "sliding": dict(attention="sliding", window=4),
-    "ppa": dict(attention="ppa", window=4, ppa_p=0.5),
-    "superlinear": dict(attention="superlinear",
-                        superlinear=attn.SuperlinearConfig(sw_index=1)),
-    "superlinear_acc": dict(attention="superlinear", search_key="accumulated",
-                            superlinear=attn.SuperlinearConfig(sw_index=1)),
-    "hybrid": dict(layer_pattern=("sliding", "superlinear"), window=4,
-                   search_key="accumulated",
-                   superlinear=attn.SuperlinearConfig(sw_index=1)),
-}
 
 
 def tiny_config(**kw) -> ModelConfig:
