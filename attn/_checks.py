@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 IMPLEMENTATIONS = (None, "reference", "xla", "pallas")
@@ -36,12 +40,13 @@ def check_qkv(q, k, v, *, name_q="q", name_k="k", name_v="v"):
     raise ValueError(f"batch mismatch: {name_q} has batch {b}, {name_k} has {bk}.")
   if dk != d:
     raise ValueError(f"head_dim mismatch: {name_q} has {d}, {name_k} has {dk}.")
+  if min(lq, lk, hq, hk, d) < 1:
+    raise ValueError(f"empty input: {name_q}.shape={q.shape}, {name_k}.shape={k.shape}; "
+                     "every dimension must be >= 1.")
   if hq % hk:
     raise ValueError(
         f"num_q_heads={hq} (from {name_q}) must be a multiple of num_kv_heads={hk} "
         f"(from {name_k}) for grouped-query attention.")
-  if lq < 1 or lk < 1 or d < 1:
-    raise ValueError(f"empty input: {name_q}.shape={q.shape}, {name_k}.shape={k.shape}.")
   if lq > lk:
     raise ValueError(f"q_len={lq} > kv_len={lk}: queries must be the last q_len "
                      "positions of the key sequence (or pass a longer k/v cache).")
@@ -73,10 +78,46 @@ def check_search(q, k, q_search, k_search):
   return k_search
 
 
+def is_int(x) -> bool:
+  """A Python or numpy integer, not a bool."""
+  return isinstance(x, (numbers.Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def is_real(x) -> bool:
+  """A Python or numpy real number, not a bool."""
+  return isinstance(x, (numbers.Real, np.floating, np.integer)) and not isinstance(
+      x, (bool, np.bool_))
+
+
+def check_q_offset(q_offset, q_len, kv_len):
+  """`q_offset`: None, an integer, or a 0-d integer array (traced is fine).
+
+  Concrete values must lie in `[0, kv_len - q_len]`; a traced value cannot be
+  checked: out of range, queries past the last key see every key and queries
+  before position 0 see none (zero output).
+  """
+  if q_offset is None:
+    return
+  if is_int(q_offset):
+    value = int(q_offset)
+  else:
+    dtype = getattr(q_offset, "dtype", None)
+    if getattr(q_offset, "ndim", None) != 0 or dtype is None or not jnp.issubdtype(
+        dtype, jnp.integer):
+      raise ValueError(f"q_offset={q_offset!r}: must be None, an int or a 0-d integer "
+                       "array (the absolute position of q[:, 0]).")
+    if isinstance(q_offset, jax.core.Tracer):
+      return
+    value = int(q_offset)
+  if not 0 <= value <= kv_len - q_len:
+    raise ValueError(f"q_offset={value}: must lie in [0, kv_len - q_len] = "
+                     f"[0, {kv_len - q_len}] so every query has its own key.")
+
+
 def check_scale(scale, head_dim):
   if scale is None:
     return head_dim ** -0.5
-  if not isinstance(scale, (int, float)) or not scale > 0:
+  if not is_real(scale) or not scale > 0:
     raise ValueError(f"scale={scale!r}: must be a positive float (default "
                      "1/sqrt(head_dim)).")
   return float(scale)

@@ -50,13 +50,14 @@ class SuperlinearConfig:
     def bad(name, value, need):
       raise ValueError(f"SuperlinearConfig.{name}={value!r}: {need}.")
 
-    if not isinstance(self.sw_index, int) or self.sw_index < 0:
+    from attn._checks import is_int, is_real
+    if not is_int(self.sw_index) or self.sw_index < 0:
       bad("sw_index", self.sw_index, "must be an int >= 0 (0 = no window)")
-    if not isinstance(self.num_spans, int) or self.num_spans < 1:
+    if not is_int(self.num_spans) or self.num_spans < 1:
       bad("num_spans", self.num_spans, "must be an int >= 1")
     for name in ("search_power", "span_power", "backward_factor", "forward_factor"):
       value = getattr(self, name)
-      if not isinstance(value, (int, float)) or not math.isfinite(value):
+      if not is_real(value) or not math.isfinite(value):
         bad(name, value, "must be a finite number")
     if not 0.0 < self.search_power <= 1.0:
       bad("search_power", self.search_power, "must lie in (0, 1]")
@@ -65,6 +66,11 @@ class SuperlinearConfig:
     if self.backward_factor < 0 or self.forward_factor < 0:
       bad("backward_factor/forward_factor",
           (self.backward_factor, self.forward_factor), "must be >= 0")
+    # Normalise numpy scalars to Python numbers (hashing, printing, jit keys).
+    for name in ("sw_index", "num_spans"):
+      object.__setattr__(self, name, int(getattr(self, name)))
+    for name in ("search_power", "span_power", "backward_factor", "forward_factor"):
+      object.__setattr__(self, name, float(getattr(self, name)))
     p, sigma, bb = self.search_power, self.span_power, self.backward_factor
     # Interior gap between stripes j and j+1 is ~ (1/p) j**(1/p - 1) ~ (1/p)
     # t**(1 - p); the left edge is only reached by the backward extension

@@ -16,6 +16,8 @@ import hashlib
 
 import numpy as np
 
+from attn._checks import is_int
+
 EMPTY, FULL = 0, 1  # reserved ids in `BlockLayout.block_masks`
 
 
@@ -56,7 +58,7 @@ class BlockLayout:
       raise ValueError(f"mask must be a 2-D bool array [q_len, kv_len], got "
                        f"shape {mask.shape} dtype {mask.dtype}.")
     for name, val in (("block_q", block_q), ("block_k", block_k)):
-      if not isinstance(val, (int, np.integer)) or val < 1:
+      if not is_int(val) or val < 1:
         raise ValueError(f"{name}={val!r}: must be a positive int.")
     q_len, kv_len = mask.shape
     nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
@@ -103,7 +105,7 @@ class BlockLayout:
   def sliding_window(cls, seq_len: int, *, window: int, block_q: int = 128,
                      block_k: int = 128):
     """Query `i` sees keys `[i - window + 1, i]`."""
-    if not isinstance(window, (int, np.integer)) or window < 1:
+    if not is_int(window) or window < 1:
       raise ValueError(f"window={window!r}: must be a positive int.")
     d = np.arange(seq_len)[:, None] - np.arange(seq_len)[None, :]
     return cls.from_mask((d >= 0) & (d < window), block_q=block_q, block_k=block_k)

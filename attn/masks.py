@@ -16,11 +16,12 @@ import math
 
 import numpy as np
 
+from attn import _checks
 from attn.config import SuperlinearConfig
 
 
 def _check_p(p) -> float:
-  if not isinstance(p, (int, float, np.floating, np.integer)) or not math.isfinite(p):
+  if not _checks.is_real(p) or not math.isfinite(p):
     raise ValueError(f"p={p!r}: the PPA exponent must be a number in [0, 1].")
   if not 0.0 <= p <= 1.0:
     raise ValueError(f"p={p!r} is outside [0, 1]: PPA needs 0 <= p <= 1 "
@@ -29,7 +30,7 @@ def _check_p(p) -> float:
 
 
 def _check_window(window, name="window") -> int:
-  if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window <= 0:
+  if not _checks.is_int(window) or window <= 0:
     raise ValueError(f"{name}={window!r}: must be a positive int (number of keys "
                      "a query sees, itself included).")
   return int(window)
@@ -121,6 +122,10 @@ def ppa_mask(seq_len: int, *, p: float, window: int = 64) -> np.ndarray:
   `mask[i, k]` is True iff query `i` attends key `k` (see `ppa_offsets` for the
   rule). Host-side, for tests and plots; the ops never build it.
   """
+  if not _checks.is_int(seq_len) or seq_len < 0:
+    raise ValueError(f"seq_len={seq_len!r}: must be an int >= 0.")
+  if seq_len == 0:
+    return np.zeros((0, 0), bool)
   offs = ppa_offsets(max(seq_len - 1, 0), p=p, window=window)
   keep = np.zeros((seq_len,), bool)
   keep[offs] = True

@@ -8,7 +8,9 @@ statistics in float32), and returns an array like `q`. Attention is causal:
 query `i` sits at absolute position `q_offset + i` (default
 `kv_len - q_len`, i.e. the queries are the last positions) and never sees a
 later key, so a fixed-size KV cache works with `q_offset` = the number of
-tokens already in it (a traced int32 scalar is fine).
+tokens already in it. A concrete `q_offset` must lie in `[0, kv_len - q_len]`;
+a traced int32 scalar is accepted but cannot be checked (out of range, a
+query before position 0 sees no key and returns zeros).
 
 `implementation`:
   * `"reference"`: dense masked O(L^2) oracle, for tests;
@@ -49,16 +51,10 @@ def _call(fn, *args, **statics):
   return _jitted(fn, tuple(sorted(statics.items())))(*args)
 
 
-def _check_q_offset(q_offset, q_len, kv_len):
-  if isinstance(q_offset, int) and not 0 <= q_offset <= kv_len - q_len:
-    raise ValueError(f"q_offset={q_offset}: must lie in [0, kv_len - q_len] = "
-                     f"[0, {kv_len - q_len}] so every query has its own key.")
-
-
 def _prologue(q, k, v, scale, q_offset, implementation, op):
   impl = _resolve(implementation, op)
   _, lq, lk, _, _, d = _checks.check_qkv(q, k, v)
-  _check_q_offset(q_offset, lq, lk)
+  _checks.check_q_offset(q_offset, lq, lk)
   return impl, _checks.check_scale(scale, d)
 
 
@@ -109,9 +105,10 @@ def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
   every offset (equal to `dense_attention`); keys per query grow like
   `i**p`. `attn.ppa_mask` returns the mask itself; docs/ppa.md has pictures.
 
-  The `xla` path reads, per block of queries, the window as one slice and
-  each kept far offset as one contiguous key slice scored row-wise; it never
-  builds a dense mask.
+  The `xla` path never builds a dense mask: dense runs of kept offsets (the
+  window, and for large `p` the first few hundred offsets) are banded key
+  slices scored by a masked matmul per query block; every sparse far offset
+  is one contiguous key slice per chunk of queries, scored row-wise.
 
   Args:
     q, k, v, scale, q_offset, implementation: as in `dense_attention`.
@@ -188,18 +185,18 @@ def superlinear_attention(q, k, v, q_search, k_search=None, *,
                           scale=None, q_offset=None, implementation=None):
   """Superlinear multi-step attention (N = 2): `O(L^1.5)` at the defaults.
 
-  For the query at position `q` (`t = q + 1` visible keys), with
+  For the query at absolute position `i` (`t = i + 1` visible keys), with
   `f(j) = floor(j ** (1/search_power))` (one shared integer table):
 
-  1. Span-search: score the stripe anchors `a_j = q + 1 - f(j)`,
+  1. Span-search: score the stripe anchors `a_j = i + 1 - f(j)`,
      `j = sw_index + 1, ...` (valid while `a_j >= 0`), with the unscaled
-     float32 dot `<q_search, k_search[a_j]>`; keep the top `num_spans` per
+     float32 dot `<q_search_i, k_search[a_j]>`; keep the top `num_spans` per
      query head (ties keep the farther stripe).
   2. Span-attention: for each kept anchor `a`, one softmax (scale
-     `1/sqrt(head_dim)`, query `q`) over the span
-     `[max(a - ceil(bb t^sigma), 0), min(a + ceil(bf t^sigma), q - W)]`
-     together with the window `[q - W + 1, q]`, `W = f(sw_index + 1) - 1`.
-  3. Combine: `out = sum_k softmax(selected scores)_k * O_k`. Routing learns
+     `1/sqrt(head_dim)`, query `q_i`) over the span
+     `[max(a - ceil(bb t^sigma), 0), min(a + ceil(bf t^sigma), i - W)]`
+     together with the window `[i - W + 1, i]`, `W = f(sw_index + 1) - 1`.
+  3. Combine: `out_i = sum_k softmax(selected scores)_k * O_k`. Routing learns
      through this gate (anchor choice itself is not differentiable).
 
   Every earlier key is a candidate of every query (random context access);

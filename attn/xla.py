@@ -42,6 +42,7 @@ _BLOCK_BUDGET = 1 << 21
 # (early queries reach fewer stripes and have shorter spans; 4 segments made
 # the 16K-32K forward 25-50% faster on CPU than one).
 _SEGMENTS = 4
+_SEGMENT_ALIGN = 128
 
 
 class Partial(NamedTuple):
@@ -448,7 +449,7 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
       # 2. Gate: differentiable search scores of the chosen anchors.
       k_sel = jax.vmap(jax.vmap(lambda x, i: x[i]))(ks_rows, a_safe)  # [B,Hk,G,bq,K,Ds]
       qs_t = jnp.moveaxis(qsg, 1, 3)                           # [B, Hk, G, bq, Ds]
-      logits = jnp.einsum("bhgqd,bhgqkd->bhgqk", qs_t, k_sel, preferred_element_type=F32)
+      logits = _rowwise_qk(qs_t, k_sel)                        # [B, Hk, G, bq, K]
       gates = jax.nn.softmax(jnp.where(valid, logits, -1e9), axis=-1)
       # 3. Spans: [max(a - back, 0), min(a + fwd, q - W)], one slice each.
       t = jnp.clip(qpos + 1, 0, lk)
@@ -480,7 +481,8 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
   else:
     # Static positions: cut the queries into segments (block-aligned) so that
     # early queries use the shorter spans and fewer stripes they can reach.
-    cuts = sorted({0, lq} | {(lq * i // _SEGMENTS) // 128 * 128 for i in range(1, _SEGMENTS)})
+    cuts = sorted({0, lq} | {(lq * i // _SEGMENTS) // _SEGMENT_ALIGN * _SEGMENT_ALIGN
+                             for i in range(1, _SEGMENTS)})
     segments = [(s0, s1, lk - lq + s1) for s0, s1 in zip(cuts, cuts[1:]) if s1 > s0]
   offset = _offset(lq, lk, q_offset)
   outs = [segment(q[:, s0:s1], q_search[:, s0:s1], offset + s0, t_max)

@@ -180,8 +180,13 @@ def test_block_layout_round_trips_any_mask(q_len, kv_len, bq, bk, density, seed)
   mask = np.random.default_rng(seed).random((q_len, kv_len)) < density
   layout = attn.BlockLayout.from_mask(mask, block_q=bq, block_k=bk)
   np.testing.assert_array_equal(layout.to_mask(), mask)
-  # Each listed tile holds at least one visible entry.
-  assert layout.num_active_blocks <= int(mask.sum())
+  # Exactly the non-empty tiles are listed.
+  nq, nk = -(-q_len // bq), -(-kv_len // bk)
+  tiles = np.zeros((nq * bq, nk * bk), bool)
+  tiles[:q_len, :kv_len] = mask
+  nonempty = tiles.reshape(nq, bq, nk, bk).any(axis=(1, 3))
+  assert layout.num_active_blocks == int(nonempty.sum())
+  np.testing.assert_array_equal(layout.num_kv_blocks, nonempty.sum(axis=1))
 
 
 def test_block_layout_visits_only_nonempty_blocks():

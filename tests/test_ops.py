@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import attn
+from attn import reference, xla
 from tests import attn_oracles
 
 TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -97,12 +98,58 @@ def test_xla_matches_reference_values_and_grads(op, heads, dtype):
 
 
 @pytest.mark.parametrize("op", ["dense", "sliding", "ppa_0.5", "superlinear"])
-def test_default_implementation_is_deterministic_and_matches_xla(op):
+def test_default_implementation_is_deterministic(op):
   fn, _ = OPS[op]
   x = _inputs(jax.random.PRNGKey(3), q_len=33)
-  a, b, c = fn(x, None), fn(x, None), fn(x, "xla")
-  chex.assert_trees_all_equal(a, b)
-  chex.assert_trees_all_equal(a, c)
+  chex.assert_trees_all_equal(fn(x, None), fn(x, None))
+
+
+# Ops called on `attn.xla` / `attn.reference` directly (no jit cache), so that
+# a patched block budget takes effect: many 8-query blocks, PPA chunks and
+# superlinear segments on a short sequence.
+SMALL_BLOCK_CASES = {
+    "dense": (xla.dense_attention, reference.dense_attention, {}),
+    "sliding": (xla.sliding_window_attention, reference.sliding_window_attention,
+                dict(window=6)),
+    "ppa_0.5": (xla.ppa_attention, reference.ppa_attention, dict(p=0.5, window=4)),
+    "ppa_0.75": (xla.ppa_attention, reference.ppa_attention, dict(p=0.75, window=16)),
+    "ppa_1": (xla.ppa_attention, reference.ppa_attention, dict(p=1.0, window=4)),
+    "superlinear_p0.55_k1": (xla.superlinear_attention, reference.superlinear_attention,
+                             dict(config=attn.SuperlinearConfig(
+                                 sw_index=2, num_spans=1, search_power=0.55,
+                                 span_power=0.55, backward_factor=3.0))),
+    "superlinear_k3": (xla.superlinear_attention, reference.superlinear_attention,
+                       dict(config=attn.SuperlinearConfig(sw_index=1, num_spans=3))),
+}
+
+
+@pytest.mark.parametrize("q_offset", [None, 7], ids=["prefill", "chunk"])
+@pytest.mark.parametrize("case", list(SMALL_BLOCK_CASES))
+def test_xla_with_many_small_blocks_matches_reference(case, q_offset, monkeypatch):
+  monkeypatch.setattr(xla, "_BLOCK_BUDGET", 1)      # 8-query blocks and chunks
+  monkeypatch.setattr(xla, "_SEGMENT_ALIGN", 8)     # several superlinear segments
+  fx, fr, kw = SMALL_BLOCK_CASES[case]
+  q_len = 45 if q_offset is None else 29
+  x = _inputs(jax.random.PRNGKey(51), q_len=q_len, kv_len=45, hq=4, hk=2, d=8, ds=8)
+  kw = dict(kw, scale=8 ** -0.5)
+  search = "superlinear" in case
+  names = ["q", "k", "v"] + (["q_search", "k_search"] if search else [])
+
+  def run(fn):
+    def f(*args):
+      y = dict(zip(names, args))
+      extra = (y["q_search"], y["k_search"]) if search else ()
+      out = fn(y["q"], y["k"], y["v"], *extra, q_offset, **kw)
+      return (out[0], out[1:]) if search else (out, ())
+    out, pull, aux = jax.vjp(f, *[x[n] for n in names], has_aux=True)
+    return out, aux, pull(jax.random.normal(jax.random.PRNGKey(8), out.shape))
+
+  (got, got_aux, grads), (want, want_aux, want_grads) = run(fx), run(fr)
+  chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+  if search:
+    chex.assert_trees_all_equal(got_aux[0], want_aux[0])              # anchors
+    chex.assert_trees_all_close(got_aux[1], want_aux[1], atol=1e-5)   # gates
+  chex.assert_trees_all_close(grads, want_grads, atol=5e-5, rtol=5e-4)
 
 
 # ------------------------------------------------------ numpy loop oracles
@@ -254,6 +301,12 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
       (lambda: attn.dense_attention(q, k, v[..., :8]), "v.shape"),
       (lambda: attn.dense_attention(q, k[:, :8], v[:, :8]), "q_len=16 > kv_len=8"),
       (lambda: attn.dense_attention(q, k, v, q_offset=3), "q_offset=3"),
+      (lambda: attn.dense_attention(q, k, v, q_offset=np.int32(-1)), "q_offset=-1"),
+      (lambda: attn.dense_attention(q, k, v, q_offset=2.5), "q_offset=2.5"),
+      (lambda: attn.dense_attention(q, k[:, :, :0], v[:, :, :0]), "empty input"),
+      (lambda: attn.dense_attention(q, k, v, scale=True), "scale=True"),
+      (lambda: attn.ppa_attention(q, k, v, p=True), "p=True"),
+      (lambda: attn.ppa_mask(-1, p=0.5, window=4), "seq_len=-1"),
       (lambda: attn.dense_attention(q, k, v, scale=-1.0), "scale=-1.0"),
       (lambda: attn.dense_attention(q, k, v, implementation="cuda"), "implementation='cuda'"),
       (lambda: attn.sliding_window_attention(q, k, v, window=0), "window=0"),
