@@ -321,6 +321,8 @@ def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
   offsets = masks.ppa_offsets(lk - 1, p=p, window=window)
   if offsets[-1] < window:  # p = 0 or a sequence within the window.
     return _window_only(q, k, v, window=window, scale=scale, q_offset=q_offset)
+  if offsets.size == lk:  # every offset kept (p = 1): plain causal attention.
+    return dense_attention(q, k, v, q_offset, scale=scale)
   bands, stripes = ppa_split_offsets(offsets)
   band_cols = sum(128 + hi - lo for lo, hi, _ in bands)
   bq = _block_size(lq, max(band_cols, 1), hq, 1, b)
