@@ -129,9 +129,9 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None,
   The general op behind causal, sliding-window and any user block mask
   (`BlockLayout.from_mask`). Queries and keys must have the lengths the
   layout was built for. A query with no visible key returns zeros. The `xla`
-  path visits, per query block, only the key blocks listed in the layout,
-  padded to the longest list (static shapes: a causal layout costs about
-  twice its non-empty tiles there); the kernels will follow the exact counts.
+  path visits, per query block, only the key blocks listed in the layout
+  (query blocks bucketed by list length, padded to a power of two: at most
+  twice the non-empty tiles).
 
   Args:
     q: `[batch, layout.q_len, num_q_heads, head_dim]`.

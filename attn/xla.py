@@ -358,32 +358,47 @@ def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
 
 
 def block_sparse_attention(q, k, v, *, layout: BlockLayout, scale):
-  """Attention restricted to `layout`: each query block gathers its key blocks."""
+  """Attention restricted to `layout`: each query block gathers its key blocks.
+
+  Query blocks are bucketed by their number of key blocks (rounded up to a
+  power of two), and each bucket runs with its own static width, so the work
+  is at most twice the number of non-empty tiles (a single padded width
+  would make a causal layout cost every tile of the square).
+  """
   b, lq, hq, d = q.shape
   lk, hk = k.shape[1], k.shape[2]
   bq, bk = layout.block_q, layout.block_k
-  nk = -(-lk // bk)
-  width = layout.kv_blocks.shape[1]
+  nq, nk = layout.num_q_blocks, -(-lk // bk)
   kr = _pad_seq(k, 0, nk * bk - lk).reshape(b, nk, bk, hk, d)
   vr = _pad_seq(v, 0, nk * bk - lk).reshape(b, nk, bk, hk, d)
-  kv_blocks = jnp.asarray(layout.kv_blocks)
-  mask_ids = jnp.asarray(layout.mask_ids)
+  qr = jnp.moveaxis(_pad_seq(q, 0, nq * bq - lq).reshape(b, nq, bq, hq, d), 1, 0)
   tiles = jnp.asarray(layout.block_masks)
+  widths = 2 ** np.ceil(np.log2(np.maximum(layout.num_kv_blocks, 1))).astype(int)
+  widths = np.minimum(widths, layout.kv_blocks.shape[1])
 
-  def body(qpos, qb):
-    i = qpos[0] // bq
-    cols = kv_blocks[i]                                      # [width]
-    kb = kr[:, cols].reshape(b, width * bk, hk, d)
-    vb = vr[:, cols].reshape(b, width * bk, hk, d)
-    tile = tiles[mask_ids[i]]                                # [width, bq, bk]
-    ok = jnp.moveaxis(tile, 0, 1).reshape(bq, width * bk)
-    kpos = (cols[:, None] * bk + jnp.arange(bk)).reshape(-1)
-    ok = ok & (kpos < lk)[None, :]
-    s = jnp.where(ok, _qk(_group(qb, hk), kb, "bqhgd,bkhd->bhgqk", scale), -jnp.inf)
-    out, _ = _finish(_partial(s, vb, "bhgqk,bkhd->bhgqd"))
-    return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
+  def bucket(ids, width):
+    """Outputs `[len(ids), B, bq, Hq, D]` of the query blocks `ids`."""
+    @jax.checkpoint
+    def step(args):
+      qb, cols, mids = args                                # [B, bq, Hq, D], [width] x2
+      kb = kr[:, cols].reshape(b, width * bk, hk, d)
+      vb = vr[:, cols].reshape(b, width * bk, hk, d)
+      ok = jnp.moveaxis(tiles[mids], 0, 1).reshape(bq, width * bk)
+      kpos = (cols[:, None] * bk + jnp.arange(bk)).reshape(-1)
+      ok = ok & (kpos < lk)[None, :]
+      s = jnp.where(ok, _qk(_group(qb, hk), kb, "bqhgd,bkhd->bhgqk", scale), -jnp.inf)
+      out, _ = _finish(_partial(s, vb, "bhgqk,bkhd->bhgqd"))
+      return jnp.moveaxis(out, 3, 1).reshape(b, bq, hq, d)
 
-  return _map_query_blocks(body, bq, jnp.int32(0), q).astype(q.dtype)
+    return jax.lax.map(step, (qr[ids], jnp.asarray(layout.kv_blocks[ids, :width]),
+                              jnp.asarray(layout.mask_ids[ids, :width])))
+
+  out = jnp.zeros(qr.shape, F32)
+  for width in np.unique(widths):
+    ids = np.nonzero(widths == width)[0]
+    out = out.at[ids].set(bucket(ids, int(width)))
+  out = jnp.moveaxis(out, 0, 1).reshape(b, nq * bq, hq, d)[:, :lq]
+  return out.astype(q.dtype)
 
 
 # -------------------------------------------------------------- superlinear

@@ -332,3 +332,23 @@ def test_pallas_is_not_available_yet():
   x = _inputs(jax.random.PRNGKey(42), q_len=8)
   with pytest.raises(NotImplementedError, match="pallas"):
     attn.ppa_attention(x["q"], x["k"], x["v"], p=0.5, implementation="pallas")
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3])
+def test_block_sparse_any_mask_matches_reference(density):
+  """Random (non-causal) masks, rows with no key, uneven key-block counts."""
+  L = 60
+  mask = np.random.default_rng(int(density * 100)).random((L, L)) < density
+  mask[:, 40:] &= np.tril(np.ones((L, L), bool))[:, 40:]  # uneven rows
+  mask[5] = False                                   # a query that sees nothing
+  layout = attn.BlockLayout.from_mask(mask, block_q=8, block_k=8)
+  assert len(set(layout.num_kv_blocks.tolist())) > 1
+  x = _inputs(jax.random.PRNGKey(61), q_len=L, hq=4, hk=2, d=8)
+  fn = lambda impl: lambda q, k, v: attn.block_sparse_attention(  # noqa: E731
+      q, k, v, layout, implementation=impl)
+  cot = jax.random.normal(jax.random.PRNGKey(62), x["q"].shape)
+  got, pull = jax.vjp(fn("xla"), x["q"], x["k"], x["v"])
+  want, pull_ref = jax.vjp(fn("reference"), x["q"], x["k"], x["v"])
+  chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(np.asarray(got[:, 5]), 0.0)
+  chex.assert_trees_all_close(pull(cot), pull_ref(cot), atol=5e-5, rtol=5e-4)
