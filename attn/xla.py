@@ -278,6 +278,8 @@ def _stripes_partial(qg, k_pad, v_pad, qpos, stripes, *, pad_left, scale):
 _PPA_BIN = 64
 # A row-wise dot costs about this many matmul score entries (CPU, measured).
 _ROWWISE_COST = 16
+# Largest query chunk of the stripe scans (keeps a chunk's rows in cache).
+_PPA_MAX_CHUNK = 2048
 
 
 def ppa_split_offsets(offsets: np.ndarray, bq: int = 128):
@@ -328,7 +330,7 @@ def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
   bq = _block_size(lq, max(band_cols, 1), hq, 1, b)
   # Query chunk of the stripe scans: scores [S, B, C, Hq] within the budget.
   chunk = bq * max(1, _BLOCK_BUDGET // max(bq * stripes.size * hq * b, 1))
-  chunk = min(chunk, -(-lq // bq) * bq)
+  chunk = min(chunk, _PPA_MAX_CHUNK, -(-lq // bq) * bq)
   pad_left = int(offsets[-1])
   k_pad = _pad_seq(k, pad_left, chunk)
   v_pad = _pad_seq(v, pad_left, chunk)
