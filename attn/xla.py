@@ -328,8 +328,9 @@ def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
   bands, stripes = ppa_split_offsets(offsets)
   band_cols = sum(128 + hi - lo for lo, hi, _ in bands)
   bq = _block_size(lq, max(band_cols, 1), hq, 1, b)
-  # Query chunk of the stripe scans: scores [S, B, C, Hq] within the budget.
-  chunk = bq * max(1, _BLOCK_BUDGET // max(bq * stripes.size * hq * b, 1))
+  # Query chunk of the stripe scans: scores [S, B, C, Hq] (no head_dim) may
+  # take 8 blocks' budget; large chunks keep the scans' iteration count low.
+  chunk = bq * max(1, 8 * _BLOCK_BUDGET // max(bq * stripes.size * hq * b, 1))
   chunk = min(chunk, _PPA_MAX_CHUNK, -(-lq // bq) * bq)
   pad_left = int(offsets[-1])
   k_pad = _pad_seq(k, pad_left, chunk)
