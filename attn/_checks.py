@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import jax
@@ -121,3 +122,19 @@ def check_scale(scale, head_dim):
     raise ValueError(f"scale={scale!r}: must be a positive float (default "
                      "1/sqrt(head_dim)).")
   return float(scale)
+
+
+def check_p(p) -> float:
+  if not is_real(p) or not math.isfinite(p):
+    raise ValueError(f"p={p!r}: the PPA exponent must be a number in [0, 1].")
+  if not 0.0 <= p <= 1.0:
+    raise ValueError(f"p={p!r} is outside [0, 1]: PPA needs 0 <= p <= 1 "
+                     "(p=0 is a sliding window, p=1 full causal attention).")
+  return float(p)
+
+
+def check_window(window, name="window") -> int:
+  if not is_int(window) or window <= 0:
+    raise ValueError(f"{name}={window!r}: must be a positive int (number of keys "
+                     "a query sees, itself included).")
+  return int(window)

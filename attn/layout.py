@@ -16,6 +16,7 @@ import hashlib
 
 import numpy as np
 
+from attn import masks
 from attn._checks import is_int
 
 EMPTY, FULL = 0, 1  # reserved ids in `BlockLayout.block_masks`
@@ -98,17 +99,14 @@ class BlockLayout:
   @classmethod
   def causal(cls, seq_len: int, *, block_q: int = 128, block_k: int = 128):
     """Causal layout of a `seq_len` self-attention."""
-    d = np.arange(seq_len)[:, None] - np.arange(seq_len)[None, :]
-    return cls.from_mask(d >= 0, block_q=block_q, block_k=block_k)
+    return cls.from_mask(masks.causal_mask(seq_len), block_q=block_q, block_k=block_k)
 
   @classmethod
   def sliding_window(cls, seq_len: int, *, window: int, block_q: int = 128,
                      block_k: int = 128):
     """Query `i` sees keys `[i - window + 1, i]`."""
-    if not is_int(window) or window < 1:
-      raise ValueError(f"window={window!r}: must be a positive int.")
-    d = np.arange(seq_len)[:, None] - np.arange(seq_len)[None, :]
-    return cls.from_mask((d >= 0) & (d < window), block_q=block_q, block_k=block_k)
+    return cls.from_mask(masks.sliding_window_mask(seq_len, window=window),
+                         block_q=block_q, block_k=block_k)
 
   # -- views ----------------------------------------------------------------
 

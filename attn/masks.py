@@ -20,22 +20,6 @@ from attn import _checks
 from attn.config import SuperlinearConfig
 
 
-def _check_p(p) -> float:
-  if not _checks.is_real(p) or not math.isfinite(p):
-    raise ValueError(f"p={p!r}: the PPA exponent must be a number in [0, 1].")
-  if not 0.0 <= p <= 1.0:
-    raise ValueError(f"p={p!r} is outside [0, 1]: PPA needs 0 <= p <= 1 "
-                     "(p=0 is a sliding window, p=1 full causal attention).")
-  return float(p)
-
-
-def _check_window(window, name="window") -> int:
-  if not _checks.is_int(window) or window <= 0:
-    raise ValueError(f"{name}={window!r}: must be a positive int (number of keys "
-                     "a query sees, itself included).")
-  return int(window)
-
-
 def _int_root_power(s: np.ndarray, inv_p: float) -> np.ndarray:
   """`floor(s ** inv_p)` for int64 `s >= 1`, exact up to float64 rounding.
 
@@ -82,8 +66,8 @@ def ppa_offsets(max_offset: int, *, p: float, window: int) -> np.ndarray:
   squares, `p = 3/4` keeps 1, 3, 5, 7, 9, 11, 14, 16, 19, 22, ...; `p = 1`
   keeps every offset and `p = 0` none beyond the window.
   """
-  p = _check_p(p)
-  window = _check_window(window)
+  p = _checks.check_p(p)
+  window = _checks.check_window(window)
   max_offset = int(max_offset)
   local = np.arange(min(window, max_offset + 1), dtype=np.int64)
   if p == 0.0 or max_offset < 1:
@@ -135,7 +119,7 @@ def ppa_mask(seq_len: int, *, p: float, window: int = 64) -> np.ndarray:
 
 def sliding_window_mask(seq_len: int, *, window: int) -> np.ndarray:
   """bool `[seq_len, seq_len]`: query `i` sees keys `[i - window + 1, i]`."""
-  window = _check_window(window)
+  window = _checks.check_window(window)
   d = np.arange(seq_len)[:, None] - np.arange(seq_len)[None, :]
   return (d >= 0) & (d < window)
 

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import jax
 
-from attn import _checks, masks, reference, xla
+from attn import _checks, reference, xla
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
 
@@ -85,7 +85,7 @@ def sliding_window_attention(q, k, v, *, window, scale=None, q_offset=None,
   contiguous slice of `block + window - 1` keys per query block: cost
   `O(L * window)`.
   """
-  window = masks._check_window(window)
+  window = _checks.check_window(window)
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation,
                           "sliding_window_attention")
   fn = (reference.sliding_window_attention if impl == "reference"
@@ -115,8 +115,8 @@ def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
     p: exponent in `[0, 1]`.
     window: local window size (keys, the query's own included), `>= 1`.
   """
-  p = masks._check_p(p)
-  window = masks._check_window(window)
+  p = _checks.check_p(p)
+  window = _checks.check_window(window)
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "ppa_attention")
   fn = reference.ppa_attention if impl == "reference" else xla.ppa_attention
   return _call(fn, q, k, v, q_offset, p=p, window=window, scale=scale)
