@@ -1,8 +1,18 @@
-"""Pallas TPU (Mosaic) and GPU (Triton) kernels: not implemented yet.
+"""Pallas TPU (Mosaic) and GPU (Triton) kernels.
 
-The next milestone fills this package: block-sparse attention driven by
-`attn.BlockLayout` (forward, dq and dkv kernels), a stripe kernel that serves
-PPA's scores and superlinear's span-search, and span attention that never
-drops a span. Until then `implementation="pallas"` in every `attn` op raises
-`NotImplementedError` and `None` selects the `xla` path.
+One subpackage per kernel family, with its platform variants side by side:
+
+  * `block_sparse/`: flash attention over the tiles a block layout lists
+    (forward, dq and dkv kernels);
+  * `stripe/`: one contiguous key slice per key offset for a block of queries
+    (PPA attention, superlinear span-search with a running top-k);
+  * `span/`: superlinear span attention (data-dependent key ranges merged
+    with the window by log-sum-exp, gated), and decode.
+
+Kernels take plain arrays, int32 index tables and static Python ints; they
+import nothing from `attn.ops` (the `attn` package builds the tables and calls
+them). `platform.py` holds the calling convention every family shares: the
+variant is chosen at lowering time with `jax.lax.platform_dependent`, so
+exporting for `["tpu"]` yields the Mosaic kernel and for `["cuda"]` the Triton
+one; on CPU a kernel runs in Pallas interpret mode.
 """

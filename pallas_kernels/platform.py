@@ -1,0 +1,102 @@
+"""The calling convention shared by every kernel family.
+
+A kernel family provides one function per platform variant, each taking the
+same arrays and returning the same outputs:
+
+  * `tpu(*args, interpret=...)`: Mosaic TPU (`pltpu.PrefetchScalarGridSpec`);
+  * `gpu(*args, interpret=...)`: Pallas Triton.
+
+`dispatch` picks between them when the caller's computation is *lowered*,
+not when it is traced (`jax.lax.platform_dependent`): the same jitted
+function compiles the TPU kernel on a TPU, the Triton kernel on an NVIDIA
+GPU, and runs the CPU default (a variant in `interpret=True` mode) on CPU.
+`jax.export(..., platforms=["tpu"])` on a CPU machine therefore holds the
+Mosaic custom call, and `platforms=["cuda"]` the Triton one.
+
+`variant` forces one variant for tests and debugging:
+
+  * `None`: per platform as above (CPU: `cpu_default`);
+  * `"tpu"`, `"gpu"`: that variant compiled (fails on CPU);
+  * `"tpu_interpret"`, `"gpu_interpret"`: that variant in `interpret=True`;
+  * `"tpu_checked"`: the TPU variant under `pltpu.InterpretParams()`, which
+    raises on out-of-bounds block reads that `interpret=True` clamps silently
+    (CPU only; it cannot sit inside `platform_dependent`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+
+VARIANTS = (None, "tpu", "gpu", "tpu_interpret", "gpu_interpret", "tpu_checked")
+
+# The variant that runs on CPU when `variant=None`: the TPU kernel in
+# `interpret=True` mode (it exercises the scalar-prefetch index maps, the
+# part of a TPU kernel most likely to be wrong).
+CPU_DEFAULT = "tpu_interpret"
+
+
+def check_variant(variant):
+  if variant not in VARIANTS:
+    raise ValueError(f"variant={variant!r}: must be one of {VARIANTS}.")
+  return variant
+
+
+def tpu_interpret_params():
+  """`pltpu.InterpretParams()`: bounds-checked TPU interpreter."""
+  from jax.experimental.pallas import tpu as pltpu
+  return pltpu.InterpretParams()
+
+
+def dispatch(args: tuple, *, tpu: Callable, gpu: Callable, variant=None,
+             cpu_default: str = CPU_DEFAULT):
+  """Runs `tpu(*args, interpret=...)` or `gpu(*args, interpret=...)`.
+
+  Args:
+    args: the positional arrays both variants take (a tuple of pytrees).
+    tpu, gpu: the platform variants; keyword `interpret` is `False`, `True`
+      or a `pltpu.InterpretParams`.
+    variant: see the module docstring.
+    cpu_default: the variant that `variant=None` runs on CPU
+      (`"tpu_interpret"` or `"gpu_interpret"`).
+  """
+  check_variant(variant)
+  if variant == "tpu":
+    return tpu(*args, interpret=False)
+  if variant == "gpu":
+    return gpu(*args, interpret=False)
+  if variant == "tpu_interpret":
+    return tpu(*args, interpret=True)
+  if variant == "gpu_interpret":
+    return gpu(*args, interpret=True)
+  if variant == "tpu_checked":
+    return tpu(*args, interpret=tpu_interpret_params())
+  cpu_fn = {"tpu_interpret": functools.partial(tpu, interpret=True),
+            "gpu_interpret": functools.partial(gpu, interpret=True)}[cpu_default]
+  return jax.lax.platform_dependent(
+      *args,
+      tpu=functools.partial(tpu, interpret=False),
+      cuda=functools.partial(gpu, interpret=False),
+      default=cpu_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class HardwareCheck:
+  """A record that a kernel family was compiled and tested on real hardware.
+
+  `implementation=None` in `attn` selects a Pallas kernel only on a backend
+  with such a record (`verified_on`); everywhere else it selects `xla`.
+  """
+
+  backend: str      # jax.default_backend() value: "gpu" or "tpu"
+  device: str       # e.g. "NVIDIA H100 80GB HBM3"
+  date: str         # ISO date of the run
+  command: str      # what was run (tests compiled + benchmark)
+
+
+def verified_on(records: tuple[HardwareCheck, ...], backend: str) -> bool:
+  """Whether `records` hold a check for `backend` ("gpu", "tpu", "cpu")."""
+  return any(r.backend == backend for r in records)
