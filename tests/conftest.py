@@ -9,5 +9,5 @@ def pytest_collection_modifyitems(config, items):
   backend = jax.default_backend()
   for item in items:
     for mark in ("gpu", "tpu"):
-      if mark in item.keywords and backend != mark:
+      if item.get_closest_marker(mark) is not None and backend != mark:
         item.add_marker(pytest.mark.skip(reason=f"needs a {mark.upper()} (backend is {backend})"))
