@@ -1,0 +1,257 @@
+"""Public entries of the span family: interval attention (the kernels, with
+their `jax.custom_vjp`) and superlinear span attention built on it.
+
+`interval_attention(q, k, v, lo, hi)`: row `r` of `q` attends keys
+`[lo[r], hi[r]]` (one softmax); returns `(o, lse)`. Its VJP takes cotangents
+for both outputs (the log-sum-exp one folds into the row's `delta`), which is
+what lets span attention merge softmaxes and mix them by gates in plain jnp
+and still get exact gradients from the kernels.
+
+`span_attention(q, k, v, anchors, gates, ...)`: superlinear step 2 and 3:
+`out_i = sum_k g_ik O_ik`, `O_ik` = softmax attention of `q_i` over
+`span_ik U window_i`. Computed as one window call (rows = queries) and one
+span call (rows = (query, head, slot) pairs sorted by span start), merged by
+log-sum-exp and mixed by the gates (elementwise jnp, `O(L K D)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import platform
+from pallas_kernels.span import blocks, gpu, tpu
+
+F32 = jnp.float32
+_DEFAULT_BLOCKS = {"tpu": (128, 128), "gpu": (64, 64)}
+_MIN_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  scale: float
+  block_q: int | None
+  block_k: int | None
+  variant: str | None
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+  """Smallest power of two >= min(n, cap), at least `_MIN_BLOCK`."""
+  n = max(min(n, cap), _MIN_BLOCK)
+  return 1 << (n - 1).bit_length()
+
+
+def block_sizes(cfg: _Cfg, platform_name: str, rows: int, kv_len: int):
+  """`(block_q, block_k)`: the configured sizes, or the platform defaults
+  shrunk (to a power of two >= 16) for short inputs."""
+  dq_, dk_ = _DEFAULT_BLOCKS[platform_name]
+  bq = cfg.block_q or _pow2_at_most(rows, dq_)
+  bk = cfg.block_k or _pow2_at_most(kv_len, dk_)
+  for name, x in (("block_q", bq), ("block_k", bk)):
+    if x < _MIN_BLOCK or x & (x - 1):
+      raise ValueError(f"{name}={x}: must be a power of two >= {_MIN_BLOCK} (Triton "
+                       "block dims; TPU bf16 sublane tiles).")
+  return bq, bk
+
+
+def _pad_axis(x, axis, size, value=0):
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _prepare(platform_name, cfg, q, k, v, lo, hi, *rows_extra):
+  """Pads rows to `block_q`, keys to `block_k`, head_dim for the platform and
+  builds the tile table. `rows_extra`: more `[B, H, R, D]` row tensors."""
+  _, _, r, d = q.shape
+  lk = k.shape[2]
+  bq, bk = block_sizes(cfg, platform_name, r, lk)
+  rp, lkp = blocks.round_up(r, bq), blocks.round_up(lk, bk)
+  dp = blocks.padded_head_dim(d, platform_name)
+  pad_rd = lambda x: _pad_axis(_pad_axis(x, 2, rp), 3, dp)  # noqa: E731
+  lo_p = _pad_axis(lo, 2, rp, blocks.EMPTY_LO)
+  hi_p = _pad_axis(hi, 2, rp, blocks.EMPTY_HI)
+  tlo, thi = blocks.tile_bounds(lo_p, hi_p, bq)
+  tile_tbl = jnp.stack([tlo, thi], axis=-1)                  # [B, H, T, 2]
+  kp = _pad_axis(_pad_axis(k, 2, lkp), 3, dp)
+  vp = _pad_axis(_pad_axis(v, 2, lkp), 3, dp)
+  return dict(bq=bq, bk=bk, r=r, lk=lk, d=d, q=pad_rd(q), k=kp, v=vp,
+              lo=lo_p[..., None], hi=hi_p[..., None], tile_tbl=tile_tbl,
+              tlo=tlo, thi=thi, extra=[pad_rd(x) for x in rows_extra])
+
+
+_MODULES = {"tpu": tpu, "gpu": gpu}
+
+
+def _flat(tbl, platform_name):
+  return tbl.reshape(-1) if platform_name == "tpu" else tbl
+
+
+def _fwd_variant(platform_name, cfg, q, k, v, lo, hi, *, interpret):
+  p = _prepare(platform_name, cfg, q, k, v, lo, hi)
+  o, lse = _MODULES[platform_name].fwd(
+      p["q"], p["k"], p["v"], p["lo"], p["hi"], _flat(p["tile_tbl"], platform_name),
+      scale=cfg.scale, block_q=p["bq"], block_k=p["bk"], interpret=interpret)
+  return o[:, :, :p["r"], :p["d"]], lse[:, :, :p["r"], 0]
+
+
+def _bwd_variant(platform_name, cfg, q, k, v, lo, hi, do, lse, delta, *, interpret):
+  p = _prepare(platform_name, cfg, q, k, v, lo, hi, do)
+  (do_p,) = p["extra"]
+  rp = p["q"].shape[2]
+  # Padded rows are empty: lse/delta values there are never used.
+  lse_p = _pad_axis(lse, 2, rp)[..., None]
+  delta_p = _pad_axis(delta, 2, rp)[..., None]
+  nkb = p["k"].shape[2] // p["bk"]
+  t0, cnt = blocks.key_block_tiles(p["tlo"], p["thi"], nkb, p["bk"])
+  kv_tbl = jnp.stack([t0, cnt], axis=-1)                      # [B, H, nkb, 2]
+  mod = _MODULES[platform_name]
+  kw = dict(scale=cfg.scale, block_q=p["bq"], block_k=p["bk"], interpret=interpret)
+  args = (p["q"], p["k"], p["v"], do_p, lse_p, delta_p, p["lo"], p["hi"],
+          _flat(p["tile_tbl"], platform_name))
+  dq = mod.dq(*args, **kw)
+  dk, dv = mod.dkv(*args, _flat(kv_tbl, platform_name), **kw)
+  r, lk, d = p["r"], p["lk"], p["d"]
+  return dq[:, :, :r, :d], dk[:, :, :lk, :d], dv[:, :, :lk, :d]
+
+
+def _dispatch(fn, cfg, *args):
+  return platform.dispatch(
+      args, tpu=functools.partial(fn, "tpu", cfg), gpu=functools.partial(fn, "gpu", cfg),
+      variant=cfg.variant)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _interval(cfg, q, k, v, lo, hi):
+  return _dispatch(_fwd_variant, cfg, q, k, v, lo, hi)
+
+
+def _interval_fwd(cfg, q, k, v, lo, hi):
+  o, lse = _dispatch(_fwd_variant, cfg, q, k, v, lo, hi)
+  return (o, lse), (q, k, v, lo, hi, o, lse)
+
+
+def _interval_bwd(cfg, res, cts):
+  q, k, v, lo, hi, o, lse = res
+  do, dlse = cts
+  # d lse_r / d s_rj = P_rj: the lse cotangent joins delta (dS = P (dP - delta)).
+  delta = jnp.sum(do.astype(F32) * o, axis=-1) - dlse.astype(F32)
+  dq, dk, dv = _dispatch(_bwd_variant, cfg, q, k, v, lo, hi, do.astype(q.dtype), lse,
+                         delta)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_interval.defvjp(_interval_fwd, _interval_bwd)
+
+
+def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = None,
+                       block_k: int | None = None, variant=None):
+  """Row `r` attends keys `[lo[r], hi[r]]` (inclusive) with one softmax.
+
+  Args:
+    q: `[B, H, R, D]` rows (queries of kv head `h`'s group, in any order).
+    k, v: `[B, H, Lk, D]` (kv heads; float32 / bfloat16 / float16 like q).
+    lo, hi: int32 `[B, H, R]`; `hi < lo` is an empty row (output 0,
+      lse -inf). Must satisfy `0 <= lo`, `hi < Lk` for non-empty rows.
+    scale: score scale.
+    block_q, block_k: tile sizes (powers of two >= 16); None: per-platform
+      defaults (TPU 128 x 128, GPU 64 x 64) shrunk for short inputs.
+    variant: see `pallas_kernels.platform`.
+
+  Returns:
+    `(o [B, H, R, D] float32, lse [B, H, R] float32)`, differentiable in
+    q, k, v (both outputs).
+  """
+  platform.check_variant(variant)
+  cfg = _Cfg(float(scale), block_q, block_k, variant)
+  return _interval(cfg, q, k, v, lo.astype(jnp.int32), hi.astype(jnp.int32))
+
+
+# ------------------------------------------------------------ span attention
+
+
+def merge_softmax(o_a, lse_a, o_b, lse_b):
+  """Softmax over the union of two disjoint key sets from their parts.
+
+  `o_*`: `[..., D]` normalised outputs, `lse_*`: `[...]` (-inf = empty).
+  Returns `(o, lse)`; both empty gives `(0, -inf)`. Differentiable (no NaN
+  for empty parts).
+  """
+  m = jax.lax.stop_gradient(jnp.maximum(lse_a, lse_b))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  wa, wb = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
+  tot = wa + wb
+  ok = tot > 0
+  tot_safe = jnp.where(ok, tot, 1.0)
+  o = (wa[..., None] * o_a + wb[..., None] * o_b) / tot_safe[..., None]
+  lse = jnp.where(ok, m + jnp.log(tot_safe), -jnp.inf)
+  return o, lse
+
+
+def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: float,
+                   q_offset=None, block_q: int | None = None, block_k: int | None = None,
+                   variant=None):
+  """Superlinear span attention: gated mix of (span U window) softmaxes.
+
+  Args:
+    q: `[B, Lq, Hq, D]`; k, v: `[B, Lk, Hk, D]` (`Hq % Hk == 0`).
+    anchors: int32 `[B, Lq, Hq, K]` selected anchors (-1 = invalid slot).
+    gates: float32 `[B, Lq, Hq, K]` mixing weights (differentiable).
+    span_table: int32 `[Lk + 1, 2]`: `(back, fwd)` span lengths per
+      `t = pos + 1` (the shared integer table).
+    window: `W` (static); the window is `[pos - W + 1, pos]`, spans end at
+      `pos - W` at the latest.
+    scale: score scale.
+    q_offset: absolute position of `q[:, 0]` (int or traced int32 scalar;
+      None: `Lk - Lq`).
+    block_q, block_k, variant: as in `interval_attention`.
+
+  Returns:
+    `[B, Lq, Hq, D]` in q's dtype. Gradients flow to q, k, v and gates.
+  """
+  b, lq, hq, d = q.shape
+  lk, hk = k.shape[1], k.shape[2]
+  g, num = hq // hk, anchors.shape[-1]
+  kw = dict(scale=scale, block_q=block_q, block_k=block_k, variant=variant)
+  q_offset = lk - lq if q_offset is None else q_offset
+  pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(lq, dtype=jnp.int32)
+  qr = q.reshape(b, lq, hk, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, lq * g, d)
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+  # Window: rows query-major (the G heads of a kv head interleaved).
+  if window > 0:
+    wlo, whi = blocks.window_bounds(pos, window, lk)
+    rows = lambda x: jnp.broadcast_to(x[None, None, :, None], (b, hk, lq, g)).reshape(  # noqa: E731
+        b, hk, lq * g)
+    o_w, lse_w = interval_attention(qr, kt, vt, rows(wlo), rows(whi), **kw)
+    o_w, lse_w = o_w.reshape(b, hk, lq, g, d), lse_w.reshape(b, hk, lq, g)
+  else:
+    o_w = jnp.zeros((b, hk, lq, g, d), F32)
+    lse_w = jnp.full((b, hk, lq, g), -jnp.inf, F32)
+
+  # Spans: (query, head, slot) rows sorted by start.
+  t = jnp.clip(pos + 1, 0, span_table.shape[0] - 1)
+  back = span_table[t, 0][:, None, None]
+  fwd = span_table[t, 1][:, None, None]
+  a = anchors.astype(jnp.int32).reshape(b, lq, hk, g, num).transpose(0, 2, 1, 3, 4)
+  slo, shi = blocks.span_bounds(a, pos[:, None, None], back, fwd, window)
+  n = lq * g * num
+  slo, shi = slo.reshape(b, hk, n), shi.reshape(b, hk, n)
+  perm = blocks.sort_rows_by_start(slo, shi)                     # [B, Hk, N]
+  q_pairs = jnp.take_along_axis(qr, (perm // num)[..., None], axis=2)
+  o_p, lse_p = interval_attention(q_pairs, kt, vt, jnp.take_along_axis(slo, perm, -1),
+                                  jnp.take_along_axis(shi, perm, -1), **kw)
+  inv = jnp.argsort(perm, axis=-1)
+  o_s = jnp.take_along_axis(o_p, inv[..., None], axis=2).reshape(b, hk, lq, g, num, d)
+  lse_s = jnp.take_along_axis(lse_p, inv, axis=-1).reshape(b, hk, lq, g, num)
+
+  o_k, _ = merge_softmax(o_s, lse_s, o_w[..., None, :], lse_w[..., None])
+  gk = gates.astype(F32).reshape(b, lq, hk, g, num).transpose(0, 2, 1, 3, 4)
+  out = jnp.sum(gk[..., None] * o_k, axis=-2)                     # [B, Hk, Lq, G, D]
+  return out.transpose(0, 2, 1, 3, 4).reshape(b, lq, hq, d).astype(q.dtype)

@@ -1,0 +1,174 @@
+"""GPU (Pallas Triton) variant of the interval-attention kernels.
+
+Same layout and tables as the TPU variant (`tpu.py`), with `Dp` a power of
+two >= 16 and `block_q`, `block_k` powers of two. Tables are ordinary int32
+inputs read with scalar indices; K/V (forward, dq) and the row tensors (dk/dv)
+are whole-sequence refs of the program's (batch, head), sliced at aligned
+dynamic offsets (`pl.ds(c * block_k, block_k)`); every window starts at a
+row >= 0 and ends inside the padded array, so no load is masked or clamped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.span import tile as T
+
+F32 = jnp.float32
+_I = jnp.int32
+
+
+def _load(ref, start, size):
+  return pltriton.load(ref.at[pl.ds(start, size), :])
+
+
+def _tile_entry(tbl_ref, t):
+  return tbl_ref[t, _I(0)], tbl_ref[t, _I(1)]
+
+
+def _row_loop(tlo, thi, k_ref, v_ref, body, init, block_k):
+  first = tlo // block_k
+  count = jnp.where(thi >= tlo, thi // block_k - first + 1, 0)
+
+  def step(i, carry):
+    k_start = (first + i) * block_k
+    k = T.clean_rows(_load(k_ref, k_start, block_k), k_start, tlo, thi)
+    v = T.clean_rows(_load(v_ref, k_start, block_k), k_start, tlo, thi)
+    return body(k_start, k, v, carry)
+
+  return jax.lax.fori_loop(0, count, step, init)
+
+
+def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_ref, v_ref, o_ref, lse_ref, *,
+                scale, block_q, block_k):
+  tlo, thi = _tile_entry(tbl_ref, pl.program_id(2))
+  q = q_ref[...]
+  lo, hi = lo_ref[...], hi_ref[...]
+  prec = T.precision_for(q.dtype)
+
+  def body(k_start, k, v, state):
+    mask = T.row_mask(k_start, lo, hi, block_q, block_k)
+    return T.fwd_update(state, q, k, v, mask, scale=scale, precision=prec)
+
+  state = _row_loop(tlo, thi, k_ref, v_ref, body, T.init_state(block_q, q.shape[-1]),
+                    block_k)
+  o, lse = T.fwd_finish(state)
+  o_ref[...] = o.astype(o_ref.dtype)
+  lse_ref[...] = lse
+
+
+def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_ref, v_ref,
+               dq_ref, *, scale, block_q, block_k):
+  tlo, thi = _tile_entry(tbl_ref, pl.program_id(2))
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  lo, hi = lo_ref[...], hi_ref[...]
+  prec = T.precision_for(q.dtype)
+
+  def body(k_start, k, v, dq):
+    mask = T.row_mask(k_start, lo, hi, block_q, block_k)
+    p = T.probs(q, k, lse, mask, scale=scale, precision=prec)
+    ds = T.dscores(p, do, v, delta, mask, precision=prec)
+    return T.dq_update(dq, ds, k, scale=scale, precision=prec)
+
+  dq_ref[...] = _row_loop(tlo, thi, k_ref, v_ref, body, jnp.zeros(q.shape, F32), block_k)
+
+
+def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref,
+                hi_ref, dk_ref, dv_ref, *, scale, block_q, block_k):
+  c = pl.program_id(2)
+  t0, count = kv_tbl_ref[c, _I(0)], kv_tbl_ref[c, _I(1)]
+  k, v = k_ref[...], v_ref[...]
+  k_start = c * block_k
+  prec = T.precision_for(k.dtype)
+
+  def step(i, carry):
+    dk, dv = carry
+    r0 = (t0 + i) * block_q
+    mask = T.row_mask(k_start, _load(lo_ref, r0, block_q), _load(hi_ref, r0, block_q),
+                      block_q, block_k)
+    return T.dkv_update(dk, dv, _load(q_ref, r0, block_q), _load(do_ref, r0, block_q),
+                        k, v, _load(lse_ref, r0, block_q), _load(delta_ref, r0, block_q),
+                        mask, scale=scale, precision=prec)
+
+  zeros = jnp.zeros(k.shape, F32)
+  dk, dv = jax.lax.fori_loop(0, count, step, (zeros, zeros))
+  dk_ref[...] = dk
+  dv_ref[...] = dv
+
+
+def _params(dp):
+  return pltriton.CompilerParams(num_warps=4 if dp <= 64 else 8, num_stages=2)
+
+
+def _seq(n, dp):
+  """Whole-sequence block of the program's (batch, head)."""
+  return pl.BlockSpec((None, None, n, dp), lambda bb, hh, tt: (bb, hh, 0, 0))
+
+
+def _tbl(n):
+  return pl.BlockSpec((None, None, n, 2), lambda bb, hh, tt: (bb, hh, 0, 0))
+
+
+def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret):
+  """Forward: `(o [B, H, R, Dp] f32, lse [B, H, R, 1] f32)`."""
+  b, h, r, dp = q.shape
+  nt, lk = r // block_q, k.shape[2]
+  row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
+  kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k)
+  return pl.pallas_call(
+      kernel, grid=(b, h, nt),
+      in_specs=[_tbl(nt), pl.BlockSpec((None, None, block_q, dp), row),
+                pl.BlockSpec((None, None, block_q, 1), row),
+                pl.BlockSpec((None, None, block_q, 1), row), _seq(lk, dp), _seq(lk, dp)],
+      out_specs=[pl.BlockSpec((None, None, block_q, dp), row),
+                 pl.BlockSpec((None, None, block_q, 1), row)],
+      out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), F32),
+                 jax.ShapeDtypeStruct((b, h, r, 1), F32)],
+      compiler_params=_params(dp), interpret=interpret)(
+          tile_tbl.reshape(b, h, nt, 2), q, lo, hi, k, v)
+
+
+def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret):
+  """dq `[B, H, R, Dp]` float32."""
+  b, h, r, dp = q.shape
+  nt, lk = r // block_q, k.shape[2]
+  row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
+  vec = pl.BlockSpec((None, None, block_q, 1), row)
+  kernel = functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k)
+  return pl.pallas_call(
+      kernel, grid=(b, h, nt),
+      in_specs=[_tbl(nt), pl.BlockSpec((None, None, block_q, dp), row),
+                pl.BlockSpec((None, None, block_q, dp), row), vec, vec, vec, vec,
+                _seq(lk, dp), _seq(lk, dp)],
+      out_specs=pl.BlockSpec((None, None, block_q, dp), row),
+      out_shape=jax.ShapeDtypeStruct((b, h, r, dp), F32),
+      compiler_params=_params(dp), interpret=interpret)(
+          tile_tbl.reshape(b, h, nt, 2), q, do, lse, delta, lo, hi, k, v)
+
+
+def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, block_k,
+        interpret):
+  """`(dk, dv)` `[B, H, Lk, Dp]` float32."""
+  del tile_tbl  # the kv table's tile ranges suffice; row masks do the rest.
+  b, h, r, dp = q.shape
+  lk = k.shape[2]
+  nkb = lk // block_k
+  blk = lambda bb, hh, cc: (bb, hh, cc, 0)  # noqa: E731
+  kernel = functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k)
+  return pl.pallas_call(
+      kernel, grid=(b, h, nkb),
+      in_specs=[_tbl(nkb), pl.BlockSpec((None, None, block_k, dp), blk),
+                pl.BlockSpec((None, None, block_k, dp), blk),
+                _seq(r, dp), _seq(r, dp), _seq(r, 1), _seq(r, 1), _seq(r, 1), _seq(r, 1)],
+      out_specs=[pl.BlockSpec((None, None, block_k, dp), blk),
+                 pl.BlockSpec((None, None, block_k, dp), blk)],
+      out_shape=[jax.ShapeDtypeStruct((b, h, lk, dp), F32),
+                 jax.ShapeDtypeStruct((b, h, lk, dp), F32)],
+      compiler_params=_params(dp), interpret=interpret)(
+          kv_tbl.reshape(b, h, nkb, 2), k, v, q, do, lse, delta, lo, hi)

@@ -1,0 +1,211 @@
+"""TPU (Mosaic) variant of the interval-attention kernels.
+
+Layout (prepared by `pallas_kernels.span.api`): rows `q, do: [B, H, R, Dp]`,
+row bounds and statistics `[B, H, R, 1]`, `k, v: [B, H, Lk, Dp]` with
+`R % block_q == 0`, `Lk % block_k == 0`, `Dp % 128 == 0`; tables are
+flattened int32 vectors, scalar-prefetched into SMEM and read by the kernels
+for their loop bounds.
+
+* forward / dq: grid `(B, H, tiles)`; a row tile is a BlockSpec block; the
+  tile's key blocks are DMAed from HBM (`memory_space=ANY`) one at a time at
+  `pl.multiple_of(c * block_k, block_k)` (aligned by construction: tiles
+  start at a key block, never at a raw span start; extra rows are masked).
+* dk/dv: grid `(B, H, key blocks)`; the key block is a BlockSpec block, and
+  the row tiles that visit it (a contiguous tile range from the table) are
+  DMAed from HBM at `t * block_q` (aligned).
+
+The DMAs are synchronous (start, wait); double buffering is a later
+optimisation. dk/dv accumulate over every row of the tile, i.e. over the
+query heads of the kv head's group, in the kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.span import tile as T
+
+F32 = jnp.float32
+
+
+def _copy(src, dst, sem):
+  cp = pltpu.make_async_copy(src, dst, sem)
+  cp.start()
+  cp.wait()
+
+
+def _tile_entry(tbl_ref, b, h, t, num_heads, num_tiles):
+  base = ((b * num_heads + h) * num_tiles + t) * 2
+  return tbl_ref[base], tbl_ref[base + 1]
+
+
+def _row_loop(b, h, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body, init, block_k):
+  """Runs `body(k_start, k, v, carry)` over the key blocks of `[tlo, thi]`."""
+  first = tlo // block_k
+  count = jnp.where(thi >= tlo, thi // block_k - first + 1, 0)
+
+  def step(i, carry):
+    k_start = pl.multiple_of((first + i) * block_k, block_k)
+    _copy(k_hbm.at[b, h, pl.ds(k_start, block_k), :], kbuf, sem.at[0])
+    _copy(v_hbm.at[b, h, pl.ds(k_start, block_k), :], vbuf, sem.at[1])
+    k = T.clean_rows(kbuf[...], k_start, tlo, thi)
+    v = T.clean_rows(vbuf[...], k_start, tlo, thi)
+    return body(k_start, k, v, carry)
+
+  return jax.lax.fori_loop(0, count, step, init)
+
+
+def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_hbm, v_hbm, o_ref, lse_ref,
+                kbuf, vbuf, sem, *, scale, block_q, block_k, num_heads, num_tiles):
+  b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  tlo, thi = _tile_entry(tbl_ref, b, h, t, num_heads, num_tiles)
+  q = q_ref[...]
+  lo, hi = lo_ref[...], hi_ref[...]
+  prec = T.precision_for(q.dtype)
+
+  def body(k_start, k, v, state):
+    mask = T.row_mask(k_start, lo, hi, block_q, block_k)
+    return T.fwd_update(state, q, k, v, mask, scale=scale, precision=prec)
+
+  state = _row_loop(b, h, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body,
+                    T.init_state(block_q, q.shape[-1]), block_k)
+  o, lse = T.fwd_finish(state)
+  o_ref[...] = o.astype(o_ref.dtype)
+  lse_ref[...] = lse
+
+
+def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_hbm,
+               v_hbm, dq_ref, kbuf, vbuf, sem, *, scale, block_q, block_k, num_heads,
+               num_tiles):
+  b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  tlo, thi = _tile_entry(tbl_ref, b, h, t, num_heads, num_tiles)
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  lo, hi = lo_ref[...], hi_ref[...]
+  prec = T.precision_for(q.dtype)
+
+  def body(k_start, k, v, dq):
+    mask = T.row_mask(k_start, lo, hi, block_q, block_k)
+    p = T.probs(q, k, lse, mask, scale=scale, precision=prec)
+    ds = T.dscores(p, do, v, delta, mask, precision=prec)
+    return T.dq_update(dq, ds, k, scale=scale, precision=prec)
+
+  dq = _row_loop(b, h, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body,
+                 jnp.zeros(q.shape, F32), block_k)
+  dq_ref[...] = dq
+
+
+def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_hbm, do_hbm, lse_hbm, delta_hbm,
+                lo_hbm, hi_hbm, dk_ref, dv_ref, qbuf, dobuf, lsebuf, deltabuf, lobuf,
+                hibuf, sem, *, scale, block_q, block_k, num_heads, num_tiles,
+                num_kblocks):
+  b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  base = ((b * num_heads + h) * num_kblocks + c) * 2
+  t0, count = kv_tbl_ref[base], kv_tbl_ref[base + 1]
+  k, v = k_ref[...], v_ref[...]
+  k_start = c * block_k
+  prec = T.precision_for(k.dtype)
+
+  def step(i, carry):
+    dk, dv = carry
+    t = t0 + i
+    r0 = pl.multiple_of(t * block_q, block_q)
+    rows = pl.ds(r0, block_q)
+    for j, (src, dst) in enumerate(((q_hbm, qbuf), (do_hbm, dobuf), (lse_hbm, lsebuf),
+                                    (delta_hbm, deltabuf), (lo_hbm, lobuf),
+                                    (hi_hbm, hibuf))):
+      _copy(src.at[b, h, rows, :], dst, sem.at[j])
+    mask = T.row_mask(k_start, lobuf[...], hibuf[...], block_q, block_k)
+    return T.dkv_update(dk, dv, qbuf[...], dobuf[...], k, v, lsebuf[...], deltabuf[...],
+                        mask, scale=scale, precision=prec)
+
+  zeros = jnp.zeros(k.shape, F32)
+  dk, dv = jax.lax.fori_loop(0, count, step, (zeros, zeros))
+  dk_ref[...] = dk
+  dv_ref[...] = dv
+
+
+def _params():
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret):
+  """Forward: `(o [B, H, R, Dp] f32, lse [B, H, R, 1] f32)`."""
+  b, h, r, dp = q.shape
+  nt = r // block_q
+  row = lambda bb, hh, tt, *_: (bb, hh, tt, 0)  # noqa: E731
+  kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k,
+                             num_heads=h, num_tiles=nt)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(b, h, nt),
+      in_specs=[pl.BlockSpec((None, None, block_q, dp), row),
+                pl.BlockSpec((None, None, block_q, 1), row),
+                pl.BlockSpec((None, None, block_q, 1), row),
+                pl.BlockSpec(memory_space=pl.ANY),
+                pl.BlockSpec(memory_space=pl.ANY)],
+      out_specs=[pl.BlockSpec((None, None, block_q, dp), row),
+                 pl.BlockSpec((None, None, block_q, 1), row)],
+      scratch_shapes=[pltpu.VMEM((block_k, dp), k.dtype), pltpu.VMEM((block_k, dp), v.dtype),
+                      pltpu.SemaphoreType.DMA((2,))])
+  return pl.pallas_call(
+      kernel, grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), F32),
+                 jax.ShapeDtypeStruct((b, h, r, 1), F32)],
+      compiler_params=_params(), interpret=interpret)(tile_tbl, q, lo, hi, k, v)
+
+
+def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret):
+  """dq `[B, H, R, Dp]` float32."""
+  b, h, r, dp = q.shape
+  nt = r // block_q
+  row = lambda bb, hh, tt, *_: (bb, hh, tt, 0)  # noqa: E731
+  kernel = functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k,
+                             num_heads=h, num_tiles=nt)
+  vec = pl.BlockSpec((None, None, block_q, 1), row)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(b, h, nt),
+      in_specs=[pl.BlockSpec((None, None, block_q, dp), row),
+                pl.BlockSpec((None, None, block_q, dp), row), vec, vec, vec, vec,
+                pl.BlockSpec(memory_space=pl.ANY),
+                pl.BlockSpec(memory_space=pl.ANY)],
+      out_specs=pl.BlockSpec((None, None, block_q, dp), row),
+      scratch_shapes=[pltpu.VMEM((block_k, dp), k.dtype), pltpu.VMEM((block_k, dp), v.dtype),
+                      pltpu.SemaphoreType.DMA((2,))])
+  return pl.pallas_call(
+      kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((b, h, r, dp), F32),
+      compiler_params=_params(), interpret=interpret)(
+          tile_tbl, q, do, lse, delta, lo, hi, k, v)
+
+
+def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, block_k,
+        interpret):
+  """`(dk, dv)` `[B, H, Lk, Dp]` float32."""
+  del tile_tbl  # the kv table's tile ranges suffice; row masks do the rest.
+  b, h, r, dp = q.shape
+  lk = k.shape[2]
+  nt, nkb = r // block_q, lk // block_k
+  blk = lambda bb, hh, cc, *_: (bb, hh, cc, 0)  # noqa: E731
+  kernel = functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k,
+                             num_heads=h, num_tiles=nt, num_kblocks=nkb)
+  hbm = pl.BlockSpec(memory_space=pl.ANY)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(b, h, nkb),
+      in_specs=[pl.BlockSpec((None, None, block_k, dp), blk),
+                pl.BlockSpec((None, None, block_k, dp), blk)] + [hbm] * 6,
+      out_specs=[pl.BlockSpec((None, None, block_k, dp), blk),
+                 pl.BlockSpec((None, None, block_k, dp), blk)],
+      scratch_shapes=[pltpu.VMEM((block_q, dp), q.dtype), pltpu.VMEM((block_q, dp), do.dtype),
+                      pltpu.VMEM((block_q, 1), F32), pltpu.VMEM((block_q, 1), F32),
+                      pltpu.VMEM((block_q, 1), jnp.int32), pltpu.VMEM((block_q, 1), jnp.int32),
+                      pltpu.SemaphoreType.DMA((6,))])
+  return pl.pallas_call(
+      kernel, grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct((b, h, lk, dp), F32),
+                 jax.ShapeDtypeStruct((b, h, lk, dp), F32)],
+      compiler_params=_params(), interpret=interpret)(
+          kv_tbl, k, v, q, do, lse, delta, lo, hi)
