@@ -31,9 +31,13 @@ from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
 
 
+# Ops with a Pallas kernel path (implementation="pallas").
+_PALLAS_OPS = frozenset({"superlinear_attention"})
+
+
 def _resolve(implementation, op: str) -> str:
   _checks.check_implementation(implementation)
-  if implementation == "pallas":
+  if implementation == "pallas" and op not in _PALLAS_OPS:
     raise NotImplementedError(
         f"{op}: implementation='pallas' is not available yet (the Pallas TPU/GPU "
         "kernels are a later milestone). Use implementation='xla' or None.")
@@ -176,6 +180,11 @@ def superlinear_attention_with_anchors(q, k, v, q_search, k_search=None, *,
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation,
                           "superlinear_attention")
   k_search = _checks.check_search(q, k, q_search, k_search)
+  if impl == "pallas":
+    from attn import _pallas_superlinear  # noqa: PLC0415 (imports Pallas lazily)
+    return SuperlinearOutput(*_call(_pallas_superlinear.superlinear_attention, q, k, v,
+                                    q_search, k_search, q_offset, config=config,
+                                    scale=scale))
   fn = (reference.superlinear_attention if impl == "reference"
         else xla.superlinear_attention)
   return SuperlinearOutput(*_call(fn, q, k, v, q_search, k_search, q_offset,
