@@ -26,6 +26,14 @@ from pallas_kernels import platform
 from pallas_kernels.span import blocks, gpu, tpu
 
 F32 = jnp.float32
+# Records of runs compiled and tested on real hardware (`pytest -m gpu` /
+# `-m tpu` on tests/test_pallas_span.py plus the benchmark). Empty: no GPU or
+# TPU has run these kernels yet, so `implementation=None` keeps choosing xla.
+# A record such as
+#   platform.HardwareCheck("gpu", "NVIDIA H100 80GB HBM3", "2026-..-..",
+#                          "pytest -m gpu tests/test_pallas_span.py")
+# is what lets `None` pick the kernels on that backend.
+HARDWARE_CHECKS: tuple[platform.HardwareCheck, ...] = ()
 _DEFAULT_BLOCKS = {"tpu": (128, 128), "gpu": (64, 64)}
 _MIN_BLOCK = 16
 
