@@ -14,8 +14,8 @@ for their loop bounds.
   the row tiles that visit it (a contiguous tile range from the table) are
   DMAed from HBM at `t * block_q` (aligned).
 
-The DMAs are synchronous (start, wait); double buffering is a later
-optimisation. dk/dv accumulate over every row of the tile, i.e. over the
+The DMAs are double-buffered: the copies of step `i + 1` are in flight while
+step `i` computes. dk/dv accumulate over every row of the tile, i.e. over the
 query heads of the kv head's group, in the kernel.
 """
 
@@ -33,10 +33,31 @@ from pallas_kernels.span import tile as T
 F32 = jnp.float32
 
 
-def _copy(src, dst, sem):
-  cp = pltpu.make_async_copy(src, dst, sem)
-  cp.start()
-  cp.wait()
+def _pipelined(count, copies, body, init):
+  """`fori_loop(0, count, ...)` with the DMAs of step `i + 1` in flight while
+  step `i` computes (two buffer slots).
+
+  `copies(i, slot)`: the step's async-copy descriptors into buffer `slot`;
+  `body(i, slot, carry)`: the compute once they have landed.
+  """
+  @pl.when(count > 0)
+  def _():
+    for cp in copies(0, 0):
+      cp.start()
+
+  def step(i, carry):
+    slot = i % 2
+
+    @pl.when(i + 1 < count)
+    def _():
+      for cp in copies(i + 1, 1 - slot):
+        cp.start()
+
+    for cp in copies(i, slot):
+      cp.wait()
+    return body(i, slot, carry)
+
+  return jax.lax.fori_loop(0, count, step, init)
 
 
 def _tile_entry(tbl_ref, b, h, t, num_heads, num_tiles):
@@ -45,19 +66,28 @@ def _tile_entry(tbl_ref, b, h, t, num_heads, num_tiles):
 
 
 def _row_loop(b, h, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body, init, block_k):
-  """Runs `body(k_start, k, v, carry)` over the key blocks of `[tlo, thi]`."""
+  """Runs `body(k_start, k, v, carry)` over the key blocks of `[tlo, thi]`.
+
+  `kbuf`, `vbuf`: VMEM `[2, block_k, Dp]`; `sem`: DMA semaphores `[2, 2]`.
+  """
   first = tlo // block_k
   count = jnp.where(thi >= tlo, thi // block_k - first + 1, 0)
 
-  def step(i, carry):
-    k_start = pl.multiple_of((first + i) * block_k, block_k)
-    _copy(k_hbm.at[b, h, pl.ds(k_start, block_k), :], kbuf, sem.at[0])
-    _copy(v_hbm.at[b, h, pl.ds(k_start, block_k), :], vbuf, sem.at[1])
-    k = T.clean_rows(kbuf[...], k_start, tlo, thi)
-    v = T.clean_rows(vbuf[...], k_start, tlo, thi)
+  def k_start_of(i):
+    return pl.multiple_of((first + i) * block_k, block_k)
+
+  def copies(i, slot):
+    rows = pl.ds(k_start_of(i), block_k)
+    return (pltpu.make_async_copy(k_hbm.at[b, h, rows, :], kbuf.at[slot], sem.at[0, slot]),
+            pltpu.make_async_copy(v_hbm.at[b, h, rows, :], vbuf.at[slot], sem.at[1, slot]))
+
+  def compute(i, slot, carry):
+    k_start = k_start_of(i)
+    k = T.clean_rows(kbuf[slot], k_start, tlo, thi)
+    v = T.clean_rows(vbuf[slot], k_start, tlo, thi)
     return body(k_start, k, v, carry)
 
-  return jax.lax.fori_loop(0, count, step, init)
+  return _pipelined(count, copies, compute, init)
 
 
 def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_hbm, v_hbm, o_ref, lse_ref,
@@ -111,23 +141,30 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_hbm, do_hbm, lse_hbm, delta_hbm,
   k_start = c * block_k
   prec = T.precision_for(k.dtype)
 
-  def step(i, carry):
+  srcs = (q_hbm, do_hbm, lse_hbm, delta_hbm, lo_hbm, hi_hbm)
+  bufs = (qbuf, dobuf, lsebuf, deltabuf, lobuf, hibuf)
+
+  def copies(i, slot):
+    rows = pl.ds(pl.multiple_of((t0 + i) * block_q, block_q), block_q)
+    return tuple(pltpu.make_async_copy(src.at[b, h, rows, :], dst.at[slot], sem.at[j, slot])
+                 for j, (src, dst) in enumerate(zip(srcs, bufs)))
+
+  def compute(i, slot, carry):
     dk, dv = carry
-    t = t0 + i
-    r0 = pl.multiple_of(t * block_q, block_q)
-    rows = pl.ds(r0, block_q)
-    for j, (src, dst) in enumerate(((q_hbm, qbuf), (do_hbm, dobuf), (lse_hbm, lsebuf),
-                                    (delta_hbm, deltabuf), (lo_hbm, lobuf),
-                                    (hi_hbm, hibuf))):
-      _copy(src.at[b, h, rows, :], dst, sem.at[j])
-    mask = T.row_mask(k_start, lobuf[...], hibuf[...], block_q, block_k)
-    return T.dkv_update(dk, dv, qbuf[...], dobuf[...], k, v, lsebuf[...], deltabuf[...],
-                        mask, scale=scale, precision=prec)
+    mask = T.row_mask(k_start, lobuf[slot], hibuf[slot], block_q, block_k)
+    return T.dkv_update(dk, dv, qbuf[slot], dobuf[slot], k, v, lsebuf[slot],
+                        deltabuf[slot], mask, scale=scale, precision=prec)
 
   zeros = jnp.zeros(k.shape, F32)
-  dk, dv = jax.lax.fori_loop(0, count, step, (zeros, zeros))
+  dk, dv = _pipelined(count, copies, compute, (zeros, zeros))
   dk_ref[...] = dk
   dv_ref[...] = dv
+
+
+def _kv_scratch(block_k, dp, dtype):
+  """Two K and two V buffers (double-buffered DMA) and their semaphores."""
+  return [pltpu.VMEM((2, block_k, dp), dtype), pltpu.VMEM((2, block_k, dp), dtype),
+          pltpu.SemaphoreType.DMA((2, 2))]
 
 
 def _params():
@@ -150,8 +187,7 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret):
                 pl.BlockSpec(memory_space=pl.ANY)],
       out_specs=[pl.BlockSpec((None, None, block_q, dp), row),
                  pl.BlockSpec((None, None, block_q, 1), row)],
-      scratch_shapes=[pltpu.VMEM((block_k, dp), k.dtype), pltpu.VMEM((block_k, dp), v.dtype),
-                      pltpu.SemaphoreType.DMA((2,))])
+      scratch_shapes=_kv_scratch(block_k, dp, k.dtype))
   return pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), F32),
@@ -174,8 +210,7 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
                 pl.BlockSpec(memory_space=pl.ANY),
                 pl.BlockSpec(memory_space=pl.ANY)],
       out_specs=pl.BlockSpec((None, None, block_q, dp), row),
-      scratch_shapes=[pltpu.VMEM((block_k, dp), k.dtype), pltpu.VMEM((block_k, dp), v.dtype),
-                      pltpu.SemaphoreType.DMA((2,))])
+      scratch_shapes=_kv_scratch(block_k, dp, k.dtype))
   return pl.pallas_call(
       kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((b, h, r, dp), F32),
       compiler_params=_params(), interpret=interpret)(
@@ -199,10 +234,12 @@ def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, bl
                 pl.BlockSpec((None, None, block_k, dp), blk)] + [hbm] * 6,
       out_specs=[pl.BlockSpec((None, None, block_k, dp), blk),
                  pl.BlockSpec((None, None, block_k, dp), blk)],
-      scratch_shapes=[pltpu.VMEM((block_q, dp), q.dtype), pltpu.VMEM((block_q, dp), do.dtype),
-                      pltpu.VMEM((block_q, 1), F32), pltpu.VMEM((block_q, 1), F32),
-                      pltpu.VMEM((block_q, 1), jnp.int32), pltpu.VMEM((block_q, 1), jnp.int32),
-                      pltpu.SemaphoreType.DMA((6,))])
+      scratch_shapes=[pltpu.VMEM((2, block_q, dp), q.dtype),
+                      pltpu.VMEM((2, block_q, dp), do.dtype),
+                      pltpu.VMEM((2, block_q, 1), F32), pltpu.VMEM((2, block_q, 1), F32),
+                      pltpu.VMEM((2, block_q, 1), jnp.int32),
+                      pltpu.VMEM((2, block_q, 1), jnp.int32),
+                      pltpu.SemaphoreType.DMA((6, 2))])
   return pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((b, h, lk, dp), F32),
