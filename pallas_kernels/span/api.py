@@ -97,14 +97,10 @@ def _prepare(platform_name, cfg, q, k, v, lo, hi, *rows_extra):
 _MODULES = {"tpu": tpu, "gpu": gpu}
 
 
-def _flat(tbl, platform_name):
-  return tbl.reshape(-1) if platform_name == "tpu" else tbl
-
-
 def _fwd_variant(platform_name, cfg, q, k, v, lo, hi, *, interpret):
   p = _prepare(platform_name, cfg, q, k, v, lo, hi)
   o, lse = _MODULES[platform_name].fwd(
-      p["q"], p["k"], p["v"], p["lo"], p["hi"], _flat(p["tile_tbl"], platform_name),
+      p["q"], p["k"], p["v"], p["lo"], p["hi"], p["tile_tbl"],
       scale=cfg.scale, block_q=p["bq"], block_k=p["bk"], interpret=interpret)
   return o[:, :, :p["r"], :p["d"]], lse[:, :, :p["r"], 0]
 
@@ -122,9 +118,9 @@ def _bwd_variant(platform_name, cfg, q, k, v, lo, hi, do, lse, delta, *, interpr
   mod = _MODULES[platform_name]
   kw = dict(scale=cfg.scale, block_q=p["bq"], block_k=p["bk"], interpret=interpret)
   args = (p["q"], p["k"], p["v"], do_p, lse_p, delta_p, p["lo"], p["hi"],
-          _flat(p["tile_tbl"], platform_name))
+          p["tile_tbl"])
   dq = mod.dq(*args, **kw)
-  dk, dv = mod.dkv(*args, _flat(kv_tbl, platform_name), **kw)
+  dk, dv = mod.dkv(*args, kv_tbl, **kw)
   r, lk, d = p["r"], p["lk"], p["d"]
   return dq[:, :, :r, :d], dk[:, :, :lk, :d], dv[:, :, :lk, :d]
 

@@ -2,10 +2,14 @@
 
 Layout (prepared by `pallas_kernels.span.api`): rows `q, do: [B, H, R, Dp]`,
 row bounds and statistics `[B, H, R, 1]`, `k, v: [B, H, Lk, Dp]` with
-`R % block_q == 0`, `Lk % block_k == 0`, `Dp % 128 == 0`; tables are
-flattened int32 vectors, scalar-prefetched into SMEM and read by the kernels
-for their loop bounds.
+`R % block_q == 0`, `Lk % block_k == 0`, `Dp % 128 == 0`; tables int32
+`[B, H, N, 2]`.
 
+* tables: each grid step gets the SMEM block (`8 x 2` int32) holding its
+  own table row (`_table_spec`), not the whole table: scalar prefetch would
+  copy every table entry into SMEM, which is small, and the tables grow with
+  the sequence (rows / block_q tiles per kv head). The kernels read their
+  loop bounds from that block.
 * forward / dq: grid `(B, H, tiles)`; a row tile is a BlockSpec block; the
   tile's key blocks are DMAed from HBM (`memory_space=ANY`) one at a time at
   `pl.multiple_of(c * block_k, block_k)` (aligned by construction: tiles
@@ -60,9 +64,26 @@ def _pipelined(count, copies, body, init):
   return jax.lax.fori_loop(0, count, step, init)
 
 
-def _tile_entry(tbl_ref, b, h, t, num_heads, num_tiles):
-  base = ((b * num_heads + h) * num_tiles + t) * 2
-  return tbl_ref[base], tbl_ref[base + 1]
+TABLE_GROUP = 8   # table rows per SMEM block (the (8, 128) rule: 8 x full)
+
+
+def table_blocks(tbl):
+  """`[B, H, N, 2]` -> `[B, H, ceil(N / 8), 8, 2]` (zero-padded) for `_table_spec`."""
+  b, h, n, _ = tbl.shape
+  n8 = -(-n // TABLE_GROUP) * TABLE_GROUP
+  tbl = jnp.pad(tbl, ((0, 0), (0, 0), (0, n8 - n), (0, 0)))
+  return tbl.reshape(b, h, n8 // TABLE_GROUP, TABLE_GROUP, 2)
+
+
+def _table_spec():
+  """Grid step `(b, h, i)` gets the SMEM block holding table row `i`."""
+  return pl.BlockSpec((None, None, None, TABLE_GROUP, 2),
+                      lambda bb, hh, ii: (bb, hh, ii // TABLE_GROUP, 0, 0),
+                      memory_space=pltpu.SMEM)
+
+
+def _table_entry(tbl_ref, i):
+  return tbl_ref[i % TABLE_GROUP, 0], tbl_ref[i % TABLE_GROUP, 1]
 
 
 def _row_loop(b, h, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body, init, block_k):
@@ -91,9 +112,9 @@ def _row_loop(b, h, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body, init, block_k
 
 
 def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_hbm, v_hbm, o_ref, lse_ref,
-                kbuf, vbuf, sem, *, scale, block_q, block_k, num_heads, num_tiles):
+                kbuf, vbuf, sem, *, scale, block_q, block_k):
   b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  tlo, thi = _tile_entry(tbl_ref, b, h, t, num_heads, num_tiles)
+  tlo, thi = _table_entry(tbl_ref, t)
   q = q_ref[...]
   lo, hi = lo_ref[...], hi_ref[...]
   prec = T.precision_for(q.dtype)
@@ -110,10 +131,9 @@ def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_hbm, v_hbm, o_ref, lse_ref,
 
 
 def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_hbm,
-               v_hbm, dq_ref, kbuf, vbuf, sem, *, scale, block_q, block_k, num_heads,
-               num_tiles):
+               v_hbm, dq_ref, kbuf, vbuf, sem, *, scale, block_q, block_k):
   b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  tlo, thi = _tile_entry(tbl_ref, b, h, t, num_heads, num_tiles)
+  tlo, thi = _table_entry(tbl_ref, t)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   lo, hi = lo_ref[...], hi_ref[...]
@@ -132,11 +152,9 @@ def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_hbm
 
 def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_hbm, do_hbm, lse_hbm, delta_hbm,
                 lo_hbm, hi_hbm, dk_ref, dv_ref, qbuf, dobuf, lsebuf, deltabuf, lobuf,
-                hibuf, sem, *, scale, block_q, block_k, num_heads, num_tiles,
-                num_kblocks):
+                hibuf, sem, *, scale, block_q, block_k):
   b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  base = ((b * num_heads + h) * num_kblocks + c) * 2
-  t0, count = kv_tbl_ref[base], kv_tbl_ref[base + 1]
+  t0, count = _table_entry(kv_tbl_ref, c)
   k, v = k_ref[...], v_ref[...]
   k_start = c * block_k
   prec = T.precision_for(k.dtype)
@@ -172,65 +190,61 @@ def _params():
 
 
 def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret):
-  """Forward: `(o [B, H, R, Dp] f32, lse [B, H, R, 1] f32)`."""
+  """Forward: `(o [B, H, R, Dp] f32, lse [B, H, R, 1] f32)`.
+
+  `tile_tbl`: int32 `[B, H, R / block_q, 2]` (tile key bounds).
+  """
   b, h, r, dp = q.shape
-  nt = r // block_q
-  row = lambda bb, hh, tt, *_: (bb, hh, tt, 0)  # noqa: E731
-  kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k,
-                             num_heads=h, num_tiles=nt)
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(b, h, nt),
-      in_specs=[pl.BlockSpec((None, None, block_q, dp), row),
+  row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
+  kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k)
+  return pl.pallas_call(
+      kernel, grid=(b, h, r // block_q),
+      in_specs=[_table_spec(), pl.BlockSpec((None, None, block_q, dp), row),
                 pl.BlockSpec((None, None, block_q, 1), row),
                 pl.BlockSpec((None, None, block_q, 1), row),
-                pl.BlockSpec(memory_space=pl.ANY),
-                pl.BlockSpec(memory_space=pl.ANY)],
+                pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
       out_specs=[pl.BlockSpec((None, None, block_q, dp), row),
                  pl.BlockSpec((None, None, block_q, 1), row)],
-      scratch_shapes=_kv_scratch(block_k, dp, k.dtype))
-  return pl.pallas_call(
-      kernel, grid_spec=grid_spec,
+      scratch_shapes=_kv_scratch(block_k, dp, k.dtype),
       out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), F32),
                  jax.ShapeDtypeStruct((b, h, r, 1), F32)],
-      compiler_params=_params(), interpret=interpret)(tile_tbl, q, lo, hi, k, v)
+      compiler_params=_params(), interpret=interpret)(table_blocks(tile_tbl), q, lo, hi, k, v)
 
 
 def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret):
   """dq `[B, H, R, Dp]` float32."""
   b, h, r, dp = q.shape
-  nt = r // block_q
-  row = lambda bb, hh, tt, *_: (bb, hh, tt, 0)  # noqa: E731
-  kernel = functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k,
-                             num_heads=h, num_tiles=nt)
+  row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
   vec = pl.BlockSpec((None, None, block_q, 1), row)
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(b, h, nt),
-      in_specs=[pl.BlockSpec((None, None, block_q, dp), row),
-                pl.BlockSpec((None, None, block_q, dp), row), vec, vec, vec, vec,
-                pl.BlockSpec(memory_space=pl.ANY),
-                pl.BlockSpec(memory_space=pl.ANY)],
-      out_specs=pl.BlockSpec((None, None, block_q, dp), row),
-      scratch_shapes=_kv_scratch(block_k, dp, k.dtype))
+  kernel = functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k)
   return pl.pallas_call(
-      kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((b, h, r, dp), F32),
+      kernel, grid=(b, h, r // block_q),
+      in_specs=[_table_spec(), pl.BlockSpec((None, None, block_q, dp), row),
+                pl.BlockSpec((None, None, block_q, dp), row), vec, vec, vec, vec,
+                pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+      out_specs=pl.BlockSpec((None, None, block_q, dp), row),
+      scratch_shapes=_kv_scratch(block_k, dp, k.dtype),
+      out_shape=jax.ShapeDtypeStruct((b, h, r, dp), F32),
       compiler_params=_params(), interpret=interpret)(
-          tile_tbl, q, do, lse, delta, lo, hi, k, v)
+          table_blocks(tile_tbl), q, do, lse, delta, lo, hi, k, v)
 
 
 def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, block_k,
         interpret):
-  """`(dk, dv)` `[B, H, Lk, Dp]` float32."""
+  """`(dk, dv)` `[B, H, Lk, Dp]` float32.
+
+  `kv_tbl`: int32 `[B, H, Lk / block_k, 2]`: first tile and tile count per
+  key block (`blocks.key_block_tiles`).
+  """
   del tile_tbl  # the kv table's tile ranges suffice; row masks do the rest.
   b, h, r, dp = q.shape
   lk = k.shape[2]
-  nt, nkb = r // block_q, lk // block_k
-  blk = lambda bb, hh, cc, *_: (bb, hh, cc, 0)  # noqa: E731
-  kernel = functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k,
-                             num_heads=h, num_tiles=nt, num_kblocks=nkb)
+  blk = lambda bb, hh, cc: (bb, hh, cc, 0)  # noqa: E731
+  kernel = functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k)
   hbm = pl.BlockSpec(memory_space=pl.ANY)
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(b, h, nkb),
-      in_specs=[pl.BlockSpec((None, None, block_k, dp), blk),
+  return pl.pallas_call(
+      kernel, grid=(b, h, lk // block_k),
+      in_specs=[_table_spec(), pl.BlockSpec((None, None, block_k, dp), blk),
                 pl.BlockSpec((None, None, block_k, dp), blk)] + [hbm] * 6,
       out_specs=[pl.BlockSpec((None, None, block_k, dp), blk),
                  pl.BlockSpec((None, None, block_k, dp), blk)],
@@ -239,10 +253,8 @@ def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, bl
                       pltpu.VMEM((2, block_q, 1), F32), pltpu.VMEM((2, block_q, 1), F32),
                       pltpu.VMEM((2, block_q, 1), jnp.int32),
                       pltpu.VMEM((2, block_q, 1), jnp.int32),
-                      pltpu.SemaphoreType.DMA((6, 2))])
-  return pl.pallas_call(
-      kernel, grid_spec=grid_spec,
+                      pltpu.SemaphoreType.DMA((6, 2))],
       out_shape=[jax.ShapeDtypeStruct((b, h, lk, dp), F32),
                  jax.ShapeDtypeStruct((b, h, lk, dp), F32)],
       compiler_params=_params(), interpret=interpret)(
-          kv_tbl, k, v, q, do, lse, delta, lo, hi)
+          table_blocks(kv_tbl), k, v, q, do, lse, delta, lo, hi)
