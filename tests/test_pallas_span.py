@@ -266,6 +266,25 @@ def test_forward_and_backward_lower(target, dtype):
   ph.assert_kernel_in(ph.export_text(grad, target, *_span_specs(dtype)), target, at_least=6)
 
 
+def test_key_block_tiles_hold_every_visiting_tile_in_any_row_order():
+  """dk/dv table on unsorted tiles (random bounds, some empty): every tile
+  that visits key block c lies in c's range; checked by a plain loop."""
+  rng = np.random.default_rng(0)
+  nkb, block_k, n_tiles = 9, 16, 23
+  lo = rng.integers(0, nkb * block_k, (2, 3, n_tiles))
+  hi = np.minimum(lo + rng.integers(-20, 60, lo.shape), nkb * block_k - 1)
+  t0, cnt = (np.asarray(x) for x in blocks.key_block_tiles(
+      jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32), nkb, block_k))
+  assert (hi < lo).any()
+  for b in range(2):
+    for h in range(3):
+      for t in range(n_tiles):
+        if hi[b, h, t] < lo[b, h, t]:
+          continue
+        for c in range(lo[b, h, t] // block_k, hi[b, h, t] // block_k + 1):
+          assert t0[b, h, c] <= t < t0[b, h, c] + cnt[b, h, c], (b, h, t, c)
+
+
 # ------------------------------------------------------- coverage property
 
 
