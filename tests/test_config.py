@@ -36,17 +36,18 @@ def test_every_config_file_loads_and_is_valid():
 def test_overrides_parse_to_field_types():
   base = load_config(MICRO_CONFIG)
   cfg = apply_overrides(base, [
-      "model.attention=ppa", "model.ppa_p=0.25", "steps=100", "learning_rate=1e-4",
+      "model.ppa_p=0.25", "steps=100", "learning_rate=1e-4",
       "mesh_shape=2,2,2", "data.shuffle=false", "model.superlinear.num_spans=3",
-      "model.layer_pattern=sliding,superlinear", "model.attn_implementation=none",
+      "model.layer_pattern=ppa,superlinear", "model.num_layers=2",
+      "model.attn_implementation=none",
       "workdir=/tmp/x y", "model.tie_embeddings=no", "steps=120"])
-  assert cfg.model.attention == "ppa" and cfg.model.ppa_p == 0.25
+  assert cfg.model.ppa_p == 0.25 and cfg.model.layer_types == ("ppa", "superlinear")
   assert cfg.steps == 120 and isinstance(cfg.steps, int)  # later --set wins
   assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float)
   assert cfg.mesh_shape == (2, 2, 2)
   assert cfg.data.shuffle is False
   assert cfg.model.superlinear == attn.SuperlinearConfig(num_spans=3)
-  assert cfg.model.layer_pattern == ("sliding", "superlinear")
+  assert cfg.model.layer_pattern == ("ppa", "superlinear")
   assert cfg.model.attn_implementation is None
   assert cfg.workdir == "/tmp/x y"
   assert cfg.model.tie_embeddings is False
