@@ -198,3 +198,38 @@ def test_tree_mismatch_lists_every_kind_of_difference():
       "only in the checkpoint: d/e (1,) float32",
       "b: checkpoint (5,) float32, config (4,) float32",
       "c: checkpoint () float32, config () int32"]
+
+
+def _fail_first_restores(monkeypatch, ck, errors):
+  """Makes `ck.manager.restore` raise `errors[i]` on its i-th call."""
+  real = ck.manager.restore
+  calls = []
+
+  def restore(*args, **kwargs):
+    calls.append(1)
+    if len(calls) <= len(errors):
+      raise errors[len(calls) - 1]
+    return real(*args, **kwargs)
+  monkeypatch.setattr(ck.manager, "restore", restore)
+  return calls
+
+
+def test_passing_read_error_or_lack_of_memory_does_not_set_a_checkpoint_aside(
+    trainer, tmp_path, monkeypatch):
+  (state, ds), = _states(trainer, 1)
+  ck = ckpt_lib.Checkpointer(str(tmp_path))
+  ck.save(1, state, ds)
+  ck.wait()
+  calls = _fail_first_restores(monkeypatch, ck, [OSError("connection reset")])
+  step, restored, _ = ck.restore_latest(trainer.abstract_state)
+  assert step == 1 and len(calls) == 2
+  _leaves_equal(restored, state)
+  _fail_first_restores(monkeypatch, ck, [MemoryError("host")])
+  with pytest.raises(ckpt_lib.CheckpointError, match="ran out of memory"):
+    ck.restore_latest(trainer.abstract_state)
+  _fail_first_restores(monkeypatch, ck, [RuntimeError("RESOURCE_EXHAUSTED: device")])
+  with pytest.raises(ckpt_lib.CheckpointError, match="ran out of memory"):
+    ck.restore_latest(trainer.abstract_state)
+  ck.close()
+  assert checkpoint_steps(tmp_path) == [1]
+  assert not os.path.exists(tmp_path / "corrupt_checkpoints")

@@ -198,39 +198,57 @@ class Checkpointer:
       `(step, state, data_state_of_this_process)` or None when no readable
       checkpoint exists.
 
+    A step is set aside only when reading it fails twice in a row (a
+    passing storage error does not cost a good checkpoint) and not for lack
+    of memory.
+
     Raises:
       IncompatibleCheckpointError: the newest readable step does not fit
         `abstract_state` (paths, shapes, dtypes) or was saved by another
         number of processes. Nothing is moved in that case.
+      CheckpointError: restoring ran out of memory (nothing is moved).
     """
     self.manager.reload()
     expected = ocp.tree.to_flat_dict(abstract_state)
     for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        self._check_fits(step, expected)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        state, data = out["state"], out["data"]
-        if not isinstance(data, dict) or "states" not in data:
-          raise CheckpointError("data iterator state missing")
-        if data["process_count"] != jax.process_count():
-          raise IncompatibleCheckpointError(
-              f"saved by {data['process_count']} processes, restoring with "
-              f"{jax.process_count()}: the data order would change")
-        bad = [jax.tree_util.keystr(p) for p, x in
-               jax.tree_util.tree_flatten_with_path(state)[0]
-               if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)
-               and not bool(jax.numpy.isfinite(x).all())]
-        if bad:
-          raise CheckpointError(f"non-finite values in {bad[:3]}")
-        return step, state, data["states"][jax.process_index()]
-      except _Unreadable as e:
-        self._quarantine(step, str(e))
-      except IncompatibleCheckpointError as e:
-        raise IncompatibleCheckpointError(f"checkpoint step {step}: {e}") from None
-      except Exception as e:  # the metadata fits, reading failed: corrupt or partial
-        self._quarantine(step, _reason(e))
+      failure = None
+      for _ in range(2):  # a second read tells a passing storage error from damage
+        try:
+          return self._read_step(step, abstract_state, expected)
+        except IncompatibleCheckpointError as e:
+          raise IncompatibleCheckpointError(f"checkpoint step {step}: {e}") from None
+        except Exception as e:  # unreadable metadata or data: corrupt or partial
+          if _out_of_memory(e):
+            raise CheckpointError(
+                f"checkpoint step {step}: restoring it ran out of memory ({_reason(e)}); "
+                "the checkpoint was left in place") from e
+          failure = e
+      self._quarantine(step, str(failure) if isinstance(failure, _Unreadable)
+                       else _reason(failure))
     return None
+
+  def _read_step(self, step: int, abstract_state: Any, expected: dict):
+    self._check_fits(step, expected)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    state, data = out["state"], out["data"]
+    if not isinstance(data, dict) or "states" not in data:
+      raise CheckpointError("data iterator state missing")
+    if data["process_count"] != jax.process_count():
+      raise IncompatibleCheckpointError(
+          f"saved by {data['process_count']} processes, restoring with "
+          f"{jax.process_count()}: the data order would change")
+    bad = [jax.tree_util.keystr(p) for p, x in
+           jax.tree_util.tree_flatten_with_path(state)[0]
+           if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)
+           and not bool(jax.numpy.isfinite(x).all())]
+    if bad:
+      raise CheckpointError(f"non-finite values in {bad[:3]}")
+    return step, state, data["states"][jax.process_index()]
+
+
+def _out_of_memory(e: BaseException) -> bool:
+  return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)
 
 
 class _Unreadable(CheckpointError):

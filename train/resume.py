@@ -156,6 +156,10 @@ def start_state(config: Config, workdir: epath.Path, trainer, checkpointer, iter
   refused = {}
   if resume and existing:
     refused = check_resume_changes(changes, workdir, allow_config_change=allow_config_change)
+    if saved is None:
+      _log(f"WARNING: --resume: {workdir / CONFIG_FILE} is missing or unreadable, so the "
+           "config cannot be compared with the one the checkpoints were written with; "
+           "only the checkpoint's shapes are checked")
   if resume:
     try:
       restored = checkpointer.restore_latest(trainer.abstract_state)
