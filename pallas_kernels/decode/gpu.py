@@ -147,7 +147,7 @@ def _band_kernel(scal_ref, q_ref, k_ref, v_ref, m_ref, l_ref, o_ref, *, lq, r,
            & (rows < r))                                       # [Rp, bk]
     s = jnp.where(vis, _dot_t(q, k_ref[b, pl.ds(row0, bk), h, :]) * scale, cm.NEG_INF)
     m, l, p, alpha = cm.softmax_step(m, l, s, axis=1)
-    vt = jnp.where(jnp.any(vis, axis=0)[:, None], v_ref[b, pl.ds(row0, bk), h, :], 0)
+    vt = jnp.where((jnp.max(vis.astype(jnp.int32), axis=0) > 0)[:, None], v_ref[b, pl.ds(row0, bk), h, :], 0)
     return m, l, alpha * o + _dot(p, vt.astype(F32))
 
   init = (jnp.full((rp, 1), cm.NEG_INF, F32), jnp.zeros((rp, 1), F32),
@@ -201,7 +201,7 @@ def _stripes_kernel(scal_ref, d_ref, q_ref, k_ref, v_ref, m_ref, l_ref, o_ref, *
     vis = ((row0 + cols) == key) & (key >= 0) & (rows < r)     # [Rp, win]
     s = jnp.where(vis, _dot_t(q, k_ref[b, pl.ds(row0, win), h, :]) * scale, cm.NEG_INF)
     m, l, p, alpha = cm.softmax_step(m, l, s, axis=1)
-    vt = jnp.where(jnp.any(vis, axis=0)[:, None], v_ref[b, pl.ds(row0, win), h, :], 0)
+    vt = jnp.where((jnp.max(vis.astype(jnp.int32), axis=0) > 0)[:, None], v_ref[b, pl.ds(row0, win), h, :], 0)
     return m, l, alpha * o + _dot(p, vt.astype(F32))
 
   init = (jnp.full((rp, 1), cm.NEG_INF, F32), jnp.zeros((rp, 1), F32),

@@ -35,10 +35,16 @@ def _align(dtype) -> int:
   return 8 if jnp.dtype(dtype).itemsize >= 4 else 16
 
 
-def _window(n: int, dtype, kv_len: int):
-  """`(n, align, n_buf)`: piece size, start alignment, DMA window rows."""
+def _window(n: int, dtype, kv_len: int, *, aligned: bool = True):
+  """`(n, align, n_buf)`: piece size, start alignment, DMA window rows.
+
+  `aligned=False` (the `lq`-row windows of search and stripes) reads exactly
+  the piece: rounding a one-row window to 16 rows would read 16x the rows,
+  and the row axis of the cache is a major (untiled) dim, so any start is a
+  whole-tile offset.
+  """
   n = min(n, kv_len)
-  align = _align(dtype)
+  align = _align(dtype) if aligned else 1
   n_buf = cm.cdiv(n + align - 1, align) * align
   if n_buf > kv_len:          # a cache shorter than one aligned window
     align, n_buf = 1, n
@@ -103,7 +109,7 @@ def search(scal, f_desc, qs, ks, *, lq, num, interpret):
   """See `ops.search`."""
   bsz, hk, r, ds = qs.shape
   kv_len = ks.shape[1]
-  _, align, n_buf = _window(lq, ks.dtype, kv_len)
+  _, align, n_buf = _window(lq, ks.dtype, kv_len, aligned=False)
   kernel = functools.partial(_search_kernel, lq=lq, r=r, num=num,
                              n_stripes=f_desc.shape[0], align=align, n_buf=n_buf,
                              kv_len=kv_len)
@@ -230,7 +236,7 @@ def _stripes_kernel(scal_ref, d_ref, q_ref, k_hbm, v_hbm, m_ref, l_ref, o_ref, k
 def stripes(scal, d_asc, q, k, v, *, lq, scale, interpret):
   """See `ops.stripes`."""
   kv_len = k.shape[1]
-  _, align, n_buf = _window(lq, k.dtype, kv_len)
+  _, align, n_buf = _window(lq, k.dtype, kv_len, aligned=False)
   kernel = functools.partial(_stripes_kernel, lq=lq, r=q.shape[2], scale=scale,
                              align=align, n_buf=n_buf, kv_len=kv_len)
   return _rows_call(kernel, scal, (d_asc,), q, k, v, n_buf=n_buf, interpret=interpret,
