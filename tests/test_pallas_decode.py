@@ -65,7 +65,16 @@ SL_CASES = [
 
 @pytest.mark.parametrize("case", SL_CASES, ids=[c[0] for c in SL_CASES])
 def test_superlinear_decode_matches_reference(case):
-  _, lq, lk, hq, hk, d, dtype, cfg_kw, offsets, variant = case
+  _check_superlinear(*case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SL_CASES, ids=[c[0] for c in SL_CASES])
+def test_superlinear_decode_compiled_gpu(case):
+  _check_superlinear(*case[:-1], "gpu")
+
+
+def _check_superlinear(_, lq, lk, hq, hk, d, dtype, cfg_kw, offsets, variant):
   config = attn.SuperlinearConfig(**cfg_kw)
   q, k, v, qs, ks = _inputs(jax.random.key(lk), b=2, lq=lq, lk=lk, hq=hq, hk=hk, d=d,
                             dtype=dtype)
@@ -108,11 +117,22 @@ PPA_CASES = [(p, w) for p in (0.0, 0.3, 0.5, 0.75, 1.0) for w in (1, 64)]
 
 @pytest.mark.parametrize("p,window", PPA_CASES)
 def test_ppa_decode_matches_reference(p, window):
+  _check_ppa(p, window, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p,window", PPA_CASES)
+def test_ppa_decode_compiled_gpu(p, window):
+  _check_ppa(p, window, "gpu")
+
+
+def _check_ppa(p, window, variant):
   lq = 1 if window == 1 else 4
   hq, hk = (4, 1) if window == 1 else (2, 2)
   q, k, v, _, _ = _inputs(jax.random.key(3), b=1, lq=lq, lk=131, hq=hq, hk=hk, d=8,
                           dtype=jnp.float32)
-  run = jax.jit(functools.partial(pd.ppa_decode, p=p, window=window, scale=0.3))
+  run = jax.jit(functools.partial(pd.ppa_decode, p=p, window=window, scale=0.3,
+                                  variant=variant))
   for off in (0, 70, 131 - lq):
     ref = attn.ppa_attention(q, k, v, p=p, window=window, scale=0.3, q_offset=off,
                              implementation="reference")
@@ -260,3 +280,22 @@ def test_too_many_queries_is_rejected():
   k = jnp.zeros((1, 40, 1, 8))
   with pytest.raises(ValueError, match="q_len"):
     pd.ppa_decode(q, k, k, 0, p=0.5, window=4, scale=1.0)
+
+
+# ---------------------------------------------------------------- generation
+
+
+@pytest.mark.slow  # ~15 s CPU: two models' prefill + step compiled, kernels interpreted
+def test_generate_with_pallas_decode_equals_xla():
+  """A PPA + superlinear model generates the same tokens with the decode
+  kernels as with the xla path (sharpened attention: position-sensitive)."""
+  from tests.test_generate import prompt_tokens, sharpen, tiny_model
+  from train.decode import generate
+  model = sharpen(tiny_model(tie_embeddings=False, layer_pattern=("ppa", "superlinear"),
+                             window=4, ppa_p=0.5, search_key="accumulated",
+                             superlinear=attn.SuperlinearConfig(sw_index=1)))
+  prompt = prompt_tokens(4)
+  kw = dict(max_new_tokens=10, rng=jax.random.key(0), max_len=20)
+  xla_out = generate(model, prompt, implementation="xla", **kw)
+  pallas_out = generate(model, prompt, implementation="pallas", **kw)
+  chex.assert_trees_all_equal(pallas_out, xla_out)
