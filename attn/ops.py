@@ -26,13 +26,21 @@ from typing import NamedTuple
 
 import jax
 
-from attn import _checks, reference, xla
+from attn import _checks, _pallas_decode, reference, xla
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
 
 
-def _resolve(implementation, op: str) -> str:
+# Ops whose decode calls (q_len <= _pallas_decode.MAX_DECODE_QUERIES) have
+# Pallas kernels.
+_PALLAS_DECODE_OPS = ("ppa_attention", "superlinear_attention")
+
+
+def _resolve(implementation, op: str, q_len: int | None = None) -> str:
   _checks.check_implementation(implementation)
+  if (implementation == "pallas" and op in _PALLAS_DECODE_OPS and q_len is not None
+      and q_len <= _pallas_decode.MAX_DECODE_QUERIES):
+    return "pallas_decode"
   if implementation == "pallas":
     raise NotImplementedError(
         f"{op}: implementation='pallas' is not available yet (the Pallas TPU/GPU "
@@ -52,7 +60,7 @@ def _call(fn, *args, **statics):
 
 
 def _prologue(q, k, v, scale, q_offset, implementation, op):
-  impl = _resolve(implementation, op)
+  impl = _resolve(implementation, op, q.shape[1] if hasattr(q, "shape") else None)
   _, lq, lk, _, _, d = _checks.check_qkv(q, k, v)
   _checks.check_q_offset(q_offset, lq, lk)
   return impl, _checks.check_scale(scale, d)
@@ -118,6 +126,9 @@ def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
   p = _checks.check_p(p)
   window = _checks.check_window(window)
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "ppa_attention")
+  if impl == "pallas_decode":
+    return _call(_pallas_decode.ppa_decode, q, k, v, q_offset, p=p, window=window,
+                 scale=scale)
   fn = reference.ppa_attention if impl == "reference" else xla.ppa_attention
   return _call(fn, q, k, v, q_offset, p=p, window=window, scale=scale)
 
@@ -176,6 +187,9 @@ def superlinear_attention_with_anchors(q, k, v, q_search, k_search=None, *,
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation,
                           "superlinear_attention")
   k_search = _checks.check_search(q, k, q_search, k_search)
+  if impl == "pallas_decode":
+    return SuperlinearOutput(*_call(_pallas_decode.superlinear_decode, q, k, v, q_search,
+                                    k_search, q_offset, config=config, scale=scale))
   fn = (reference.superlinear_attention if impl == "reference"
         else xla.superlinear_attention)
   return SuperlinearOutput(*_call(fn, q, k, v, q_search, k_search, q_offset,
