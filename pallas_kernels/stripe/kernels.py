@@ -147,9 +147,10 @@ def selected_dk_body(ctx, deltas_ref, bounds_ref, dk_ref, *, bk, group, front_q,
     qw = ctx.rows("qs", start, bk, u, g).astype(F32)
     return dk + c * jnp.where(c != 0, qw, 0.0)
 
-  dk = jnp.zeros(dk_ref.shape, F32)
-  for g in range(group):
-    dk = _stripe_loops(ctx, bounds_ref, unit, lambda j, u, c, g=g: body(j, u, c, g), dk)
+  dk = jax.lax.fori_loop(
+      0, group, lambda g, dk: _stripe_loops(
+          ctx, bounds_ref, unit, lambda j, u, c: body(j, u, c, g), dk),
+      jnp.zeros(dk_ref.shape, F32))
   dk_ref[...] = dk.astype(dk_ref.dtype)
 
 
@@ -297,8 +298,8 @@ def ppa_dkv_body(ctx, meta_ref, deltas_ref, bounds_ref, k_ref, v_ref, dk_ref, dv
     dl = jnp.where(ok, ctx.rows("delta", start, n, u, g), 0.0)
     return ic, ok, qw, dow, lse, dl
 
-  dk, dv = zeros, zeros
-  for g in range(group):
+  def head(g, acc):
+    dk, dv = acc
     for lo, hi in bands:
       # Query rows i with d = qoff + i - x in [lo, hi] for some x of the block.
       base, n = _band_range(front_q + x0 + lo - qoff, front_q + x0 + bk - 1 + hi - qoff,
@@ -327,6 +328,8 @@ def ppa_dkv_body(ctx, meta_ref, deltas_ref, bounds_ref, k_ref, v_ref, dk_ref, dv
       ds = p * (_rowdot(v32, dow) - dl)
       return dk + ds * qw.astype(F32) * scale, dv + p * dow.astype(F32)
 
-    dk, dv = _stripe_loops(ctx, bounds_ref, unit, stripe, (dk, dv))
+    return _stripe_loops(ctx, bounds_ref, unit, stripe, (dk, dv))
+
+  dk, dv = jax.lax.fori_loop(0, group, head, (zeros, zeros))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)

@@ -51,7 +51,7 @@ def _heads_first(x, rows: int, dp: int, fill=0):
 
 
 def _launch(plat, body, *, interpret, **kw):
-  return platforms.LAUNCH[plat](body, interpret=interpret, **kw)
+  return platforms.launcher(plat)(body, interpret=interpret, **kw)
 
 
 # ----------------------------------------------------------------- search
