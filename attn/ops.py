@@ -26,14 +26,18 @@ from typing import NamedTuple
 
 import jax
 
-from attn import _checks, reference, xla
+from attn import _checks, _pallas_ppa, reference, xla
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
 
 
+# Ops with a Pallas implementation (`implementation="pallas"`).
+_PALLAS_OPS = frozenset({"ppa_attention"})
+
+
 def _resolve(implementation, op: str) -> str:
   _checks.check_implementation(implementation)
-  if implementation == "pallas":
+  if implementation == "pallas" and op not in _PALLAS_OPS:
     raise NotImplementedError(
         f"{op}: implementation='pallas' is not available yet (the Pallas TPU/GPU "
         "kernels are a later milestone). Use implementation='xla' or None.")
@@ -118,6 +122,9 @@ def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
   p = _checks.check_p(p)
   window = _checks.check_window(window)
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "ppa_attention")
+  if impl == "pallas":
+    return _call(_pallas_ppa.ppa_attention, q, k, v, q_offset, p=p, window=window,
+                 scale=scale)
   fn = reference.ppa_attention if impl == "reference" else xla.ppa_attention
   return _call(fn, q, k, v, q_offset, p=p, window=window, scale=scale)
 
