@@ -40,6 +40,9 @@ def _block(plat: str, length: int, requested: int | None, unit: int) -> int:
 
 
 def _clip_offset(q_offset, q_len: int, kv_len: int):
+  """None -> `kv_len - q_len`; otherwise clipped into `[0, kv_len - q_len]`."""
+  if q_offset is None:
+    return jnp.int32(kv_len - q_len)
   return jnp.clip(jnp.asarray(q_offset, jnp.int32), 0, kv_len - q_len)
 
 
