@@ -105,7 +105,8 @@ def selected_fwd_body(ctx, deltas_ref, bounds_ref, q_ref, anc_ref, out_ref, *, b
     dl = ctx.scalar(deltas_ref, j)
     m = _match(anc, r + dl)
     kw = ctx.rows("ks", front + i0 + dl, bq, u)
-    s = _rowdot(q, jnp.where(jnp.any(m, axis=1, keepdims=True), kw, 0))
+    hit = jnp.max(m.astype(jnp.int32), axis=1, keepdims=True) > 0   # no reduce_or in Triton
+    s = _rowdot(q, jnp.where(hit, kw, 0))
     return jnp.where(m, s, out)
 
   out_ref[...] = _stripe_loops(ctx, bounds_ref, unit, body, jnp.zeros(anc.shape, F32))
