@@ -148,25 +148,3 @@ def columns_to_tile(cols, width: int, fill):
   for k, c in enumerate(cols):
     out = jnp.where(lane == k, c, out)
   return out
-
-
-def split_dense_runs(offsets: np.ndarray, min_run: int):
-  """Host side: kept offsets -> (dense runs `[(lo, hi)]`, sparse offsets).
-
-  A run is a maximal interval of consecutive kept offsets; runs of at least
-  `min_run` offsets (the window; everything at `p = 1`) become matmul
-  bands, the rest are stripes.
-  """
-  offsets = np.asarray(offsets, np.int64)
-  if offsets.size == 0:
-    return [], offsets
-  breaks = np.nonzero(np.diff(offsets) != 1)[0]
-  starts = np.concatenate([[0], breaks + 1])
-  ends = np.concatenate([breaks, [offsets.size - 1]])
-  runs, sparse = [], []
-  for s, e in zip(starts, ends):
-    if e - s + 1 >= min_run:
-      runs.append((int(offsets[s]), int(offsets[e])))
-    else:
-      sparse.extend(offsets[s:e + 1].tolist())
-  return runs, np.asarray(sparse, np.int64)
