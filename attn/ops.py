@@ -26,14 +26,16 @@ from typing import NamedTuple
 
 import jax
 
-from attn import _checks, _pallas_decode, reference, xla
+from attn import _checks, _pallas_decode, _pallas_ppa, reference, xla
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
 
 
-# Ops whose decode calls (q_len <= _pallas_decode.MAX_DECODE_QUERIES) have
-# Pallas kernels.
-_PALLAS_DECODE_OPS = ("ppa_attention", "superlinear_attention")
+# Ops with a Pallas implementation (`implementation="pallas"`).
+_PALLAS_OPS = frozenset({"ppa_attention"})
+# Ops whose decode calls (q_len <= _pallas_decode.MAX_DECODE_QUERIES) run
+# the decode kernels.
+_PALLAS_DECODE_OPS = frozenset({"ppa_attention", "superlinear_attention"})
 
 
 def _resolve(implementation, op: str, q_len: int | None = None) -> str:
@@ -41,7 +43,7 @@ def _resolve(implementation, op: str, q_len: int | None = None) -> str:
   if (implementation == "pallas" and op in _PALLAS_DECODE_OPS and q_len is not None
       and q_len <= _pallas_decode.MAX_DECODE_QUERIES):
     return "pallas_decode"
-  if implementation == "pallas":
+  if implementation == "pallas" and op not in _PALLAS_OPS:
     raise NotImplementedError(
         f"{op}: implementation='pallas' is not available yet (the Pallas TPU/GPU "
         "kernels are a later milestone). Use implementation='xla' or None.")
@@ -128,6 +130,9 @@ def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "ppa_attention")
   if impl == "pallas_decode":
     return _call(_pallas_decode.ppa_decode, q, k, v, q_offset, p=p, window=window,
+                 scale=scale)
+  if impl == "pallas":
+    return _call(_pallas_ppa.ppa_attention, q, k, v, q_offset, p=p, window=window,
                  scale=scale)
   fn = reference.ppa_attention if impl == "reference" else xla.ppa_attention
   return _call(fn, q, k, v, q_offset, p=p, window=window, scale=scale)
