@@ -207,6 +207,26 @@ class BlockLayout:
     return cls(q_len, kv_len, bq, bk, counts,
                _tables=(kv_blocks, mask_ids, np.stack(table)))
 
+  @classmethod
+  def from_block_mask(cls, block_mask: np.ndarray, q_len: int, kv_len: int, *,
+                      block_q: int = 128, block_k: int = 128) -> "BlockLayout":
+    """Layout whose listed tiles are entirely visible: bool `[nq, nk]` of
+    tiles (e.g. random block-sparse patterns). O(tiles), no entry-level work."""
+    q_len, kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
+    _check_blocks(block_q, block_k)
+    nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
+    block_mask = np.asarray(block_mask)
+    if block_mask.shape != (nq, nk) or block_mask.dtype != bool:
+      raise ValueError(f"block_mask must be bool [{nq}, {nk}] (ceil(q_len / block_q), "
+                       f"ceil(kv_len / block_k)), got {block_mask.shape} {block_mask.dtype}.")
+    counts = block_mask.sum(axis=1).astype(np.int32)
+    rows = [np.nonzero(r)[0].astype(np.int32) for r in block_mask]
+    kv_blocks, mask_ids = _pad_rows(rows, [np.full(len(r), FULL, np.int32) for r in rows],
+                                    counts)
+    tiles = np.stack([np.zeros((block_q, block_k), bool), np.ones((block_q, block_k), bool)])
+    return cls(q_len, kv_len, int(block_q), int(block_k), counts,
+               _tables=(kv_blocks, mask_ids, tiles))
+
   # -- construction: band layouts --------------------------------------------
 
   @classmethod
