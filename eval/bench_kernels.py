@@ -352,7 +352,7 @@ def markdown(data) -> str:
              f"{cfg['kv_heads']} kv heads, head_dim {cfg['head_dim']}, {cfg['dtype']}; "
              f"window {cfg['window']}; sparse layout: {cfg['sparse_block']}-blocks, "
              f"{cfg['sparse_density']:.0%} of all tiles.")
-  out.append(f"- Time: median of {data['repeats']} calls of the AOT-compiled function "
+  out.append(f"- Time: median of {data['repeats']} call(s) of the AOT-compiled function "
              "after a warm-up (`block_until_ready`). TFLOP/s on attended entries only: "
              f"forward `4 * head_dim` per entry, forward+backward {BWD_FACTOR}x that. Memory: "
              "compiled arguments + outputs + temporaries. `failed`: did not compile or run "
