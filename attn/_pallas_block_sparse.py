@@ -107,6 +107,9 @@ def host_tables(layout: BlockLayout) -> kernels.HostTables:
   blocks_t = np.where(pad, np.take_along_axis(blocks_t, fill, 1), blocks_t).astype(np.int32)
   masks_t = np.where(pad, np.take_along_axis(masks_t, fill, 1), masks_t).astype(np.int32)
 
+  kvb, mids = _carry_forward(kvb.astype(np.int32), mids, counts)
+  blocks_t, masks_t = _carry_forward(blocks_t, masks_t, counts_t)
+
   # Keys some query sees: OR of the column-any of every listed tile.
   seen = np.zeros((nk, layout.block_k), bool)
   np.logical_or.at(seen, cols, tiles.any(axis=1)[tile_ids])
@@ -116,3 +119,16 @@ def host_tables(layout: BlockLayout) -> kernels.HostTables:
       counts_t=counts_t, masks_t=masks_t, tiles=tiles.astype(np.int32), keys_seen=keys_seen,
       q_len=layout.q_len, kv_len=layout.kv_len, block_q=layout.block_q,
       block_k=layout.block_k)
+
+
+def _carry_forward(blocks, masks, counts):
+  """Rows without any slot repeat the previous row's last block and mask id,
+  so on TPU their (skipped) grid steps issue no DMA either. O(rows)."""
+  blocks, masks = blocks.copy(), masks.copy()
+  last_b, last_m = 0, EMPTY
+  for i, n in enumerate(counts.tolist()):
+    if n == 0:
+      blocks[i, :], masks[i, :] = last_b, last_m
+    else:
+      last_b, last_m = blocks[i, n - 1], masks[i, n - 1]
+  return blocks, masks

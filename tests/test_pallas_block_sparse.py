@@ -233,6 +233,14 @@ def test_dkv_tables_list_every_active_tile_once():
   fwd = {(i, int(t.blocks[i, s])) for i in range(len(t.counts)) for s in range(t.counts[i])}
   bwd = {(int(t.blocks_t[j, s]), j) for j in range(len(t.counts_t)) for s in range(t.counts_t[j])}
   assert fwd == bwd and len(fwd) == layout.num_active_blocks == int(t.counts_t.sum())
+  # Slots past the count repeat the previous block and mask id (no new DMA
+  # on TPU), across empty rows too.
+  for blocks, masks, counts in ((t.blocks, t.masks, t.counts), (t.blocks_t, t.masks_t, t.counts_t)):
+    width = blocks.shape[1]
+    flat = list(zip(blocks.reshape(-1).tolist(), masks.reshape(-1).tolist()))
+    for n, entry in enumerate(flat):
+      if n % width >= counts[n // width] and n > 0:
+        assert entry == flat[n - 1], (n, entry, flat[n - 1])
 
 
 # --------------------------------------------------------- through attn.ops

@@ -187,8 +187,8 @@ def _dkv_kernel(blocks, counts, masks, qo_ref, tiles_ref, q_ref, k_ref, v_ref, d
             kk, vv = jnp.where(seen, kk, 0), jnp.where(seen, vv, 0)
         s = common.dot(q, kk, (1, 1)) * spec.scale
         p, ds = common.bwd_probs(s, vis, lse, common.dot(do, vv, (1, 1)), delta)
-        return (dk + common.dot(ds.astype(q.dtype), q, (0, 0)) * spec.scale,
-                dv + common.dot(p.astype(do.dtype), do, (0, 0)))
+        return (dk + common.dot(ds.astype(q.dtype).T, q) * spec.scale,
+                dv + common.dot(p.astype(do.dtype).T, do))
 
       return lax.cond(common.needs_mask(spec, qb, j, qo, mid),
                       lambda: update(True), lambda: update(False))

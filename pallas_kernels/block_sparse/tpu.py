@@ -241,8 +241,8 @@ def _dkv_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, do_ref, lse_
     dpv = common.dot(do, v, (1, 1))
     p, ds = common.bwd_probs(s, visible() if use_mask else None, lse_ref[...][:, :1],
                              dpv, delta_ref[...][:, :1])
-    dv_acc[...] += common.dot(p.astype(do.dtype), do, (0, 0))     # [bk, Dp]
-    dk_acc[...] += common.dot(ds.astype(q.dtype), q, (0, 0)) * spec.scale
+    dv_acc[...] += common.dot(p.astype(do.dtype).T, do)   # [bk, Dp]
+    dk_acc[...] += common.dot(ds.astype(q.dtype).T, q) * spec.scale
 
   pl.when(active & jnp.logical_not(masked))(lambda: step(False))
   pl.when(active & masked)(lambda: step(True))
