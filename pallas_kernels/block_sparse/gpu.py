@@ -63,7 +63,7 @@ def _fwd_kernel(blocks, counts, masks, qo_ref, tiles_ref, q_ref, k_ref, v_ref, o
   n = counts[i]
 
   def body(slot, carry):
-    acc, m, l = carry
+    acc, m, l, visited = carry
     kb = common.slot_block(spec, blocks, counts, i, slot, spec.width)
     mid = common.slot_mask_id(spec, masks, i, slot, spec.width)
     k = _load_rows(k_ref, kb * bk, bk)
@@ -81,16 +81,17 @@ def _fwd_kernel(blocks, counts, masks, qo_ref, tiles_ref, q_ref, k_ref, v_ref, o
       return alpha * acc + common.dot(p.astype(vv.dtype), vv), m_new, l_new
 
     masked = common.needs_mask(spec, i, kb, qo, mid)
-    return lax.cond(masked, lambda: update(True), lambda: update(False))
+    acc, m, l = lax.cond(masked, lambda: update(True), lambda: update(False))
+    return acc, m, l, visited + 1
 
   init = (jnp.zeros((bq, dp), F32), jnp.full((bq, 1), common.NEG, F32),
-          jnp.zeros((bq, 1), F32))
-  acc, m, l = lax.fori_loop(0, n, body, init)
+          jnp.zeros((bq, 1), F32), jnp.int32(0))
+  acc, m, l, visited = lax.fori_loop(0, n, body, init)
   out, lse = common.finish(acc, m, l)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse[:, 0]
   if vis:
-    vis[0][...] = jnp.full(vis[0].shape, n, jnp.int32)
+    vis[0][...] = jnp.full(vis[0].shape, visited, jnp.int32)
 
 
 def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):

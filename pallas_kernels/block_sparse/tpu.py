@@ -85,10 +85,13 @@ def _tile_spec(spec: Spec, transposed: bool):
 
 
 def _tile_state(spec, qb, kb, qo, mask_id, tile_ref):
-  """`(visible or None when computing the full tile, needs_mask)`."""
+  """`(needs_mask, visible)`: a scalar, and a thunk building the tile mask."""
   masked = common.needs_mask(spec, qb, kb, qo, mask_id)
-  tile = tile_ref[...] if tile_ref is not None else None
-  return masked, functools.partial(common.tile_visible, spec, qb, kb, qo, tile)
+
+  def visible():  # read the tile only in the masked branch
+    tile = tile_ref[...] if tile_ref is not None else None
+    return common.tile_visible(spec, qb, kb, qo, tile)
+  return masked, visible
 
 
 # ------------------------------------------------------------------ forward
