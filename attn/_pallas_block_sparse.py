@@ -48,7 +48,8 @@ def sliding_window(q, k, v, q_offset=None, *, window, scale, variant=None):
                                 block_k=bk, variant=variant)
 
 
-def _kernel_blocks_ok(layout: BlockLayout) -> bool:
+def kernel_blocks_ok(layout: BlockLayout) -> bool:
+  """Whether the kernels accept the layout's blocks (powers of two >= 16)."""
   try:
     kernels.check_blocks(layout.block_q, layout.block_k)
     return True
@@ -64,7 +65,7 @@ def block_sparse(q, k, v, *, layout: BlockLayout, scale, variant=None,
   the key blocks the kernel computed for each query block.
   """
   if layout.band is not None:
-    bq, bk = ((layout.block_q, layout.block_k) if _kernel_blocks_ok(layout)
+    bq, bk = ((layout.block_q, layout.block_k) if kernel_blocks_ok(layout)
               else blocks_for(layout.q_len, layout.kv_len))
     return kernels.band_attention(q, k, v, layout.band.q_offset, window=layout.band.window,
                                   scale=scale, block_q=bq, block_k=bk, variant=variant,

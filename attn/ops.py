@@ -172,7 +172,10 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None,
                      "build the layout for these lengths.")
   scale = _checks.check_scale(scale, d)
   if impl == "pallas" and layout.band is None:
-    _pallas_bs.host_tables(layout)  # ValueError early if its blocks do not suit the kernels
+    if implementation is None and not _pallas_bs.kernel_blocks_ok(layout):
+      impl = "xla"                  # best available for this layout
+    else:
+      _pallas_bs.host_tables(layout)  # ValueError early if its blocks do not suit the kernels
   fn = {"reference": reference.block_sparse_attention, "xla": xla.block_sparse_attention,
         "pallas": _pallas_bs.block_sparse}[impl]
   return _call(fn, q, k, v, layout=layout, scale=scale)

@@ -3,6 +3,7 @@
     python -m eval.bench_kernels [--lengths 4096,8192,...] [--cases a,b]
                                  [--out docs] [--repeats 5]
     python -m eval.bench_kernels --quick --out /tmp/kb   # tiny, CPU interpret
+    python -m eval.bench_kernels --report-only           # section from the JSON
 
 Cases are pluggable: a `Case` has a name, a label, a family and a builder
 `make(L, dtype, key, config) -> Built(fwd, fwd_bwd, args, attended)`, where
@@ -405,12 +406,21 @@ def _parse(argv):
   ap.add_argument("--quick", action="store_true",
                   help=f"tiny shapes {QUICK.lengths} (CPU: Pallas interpret mode)")
   ap.add_argument("--modes", default=",".join(MODES), help="subset of fwd,fwdbwd")
+  ap.add_argument("--report-only", action="store_true",
+                  help="rewrite the benchmarks.md section from <out>/bench_kernels.json")
   return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = _parse(argv)
+  json_path = os.path.join(args.out, "bench_kernels.json")
+  md_path = os.path.join(args.out, "benchmarks.md")
+  if args.report_only:
+    with open(json_path) as fh:
+      data = json.load(fh)
+    write_section(md_path, markdown(data))
+    return {"json": json_path, "markdown": md_path, "data": data}
   config = QUICK if args.quick else Config()
   if args.lengths:
     config = dataclasses.replace(config, lengths=tuple(int(x) for x in args.lengths.split(",")))
@@ -438,8 +448,6 @@ def main(argv=None) -> dict:
   for name, verdict, why in data["targets"]:
     print(f"{verdict}: {name} ({why})")
   os.makedirs(args.out, exist_ok=True)
-  json_path = os.path.join(args.out, "bench_kernels.json")
-  md_path = os.path.join(args.out, "benchmarks.md")
   with open(json_path, "w") as fh:
     json.dump(data, fh, indent=1)
   write_section(md_path, markdown(data))

@@ -279,6 +279,23 @@ def test_ops_reject_unsuitable_table_blocks_and_keep_xla_default():
   assert ops._resolve(None, "dense_attention") == "xla"
 
 
+def test_hardware_record_flips_default_to_pallas(monkeypatch):
+  """A record for this backend makes None pick pallas for the kernel's ops
+  only; a table layout the kernels cannot take stays on xla."""
+  from attn import ops
+  from pallas_kernels import platform
+  rec = (platform.HardwareCheck(jax.default_backend(), "test", "2026-01-01", "pytest"),)
+  for op in ("dense_attention", "sliding_window_attention", "block_sparse_attention"):
+    monkeypatch.setitem(ops._PALLAS_KERNELS, op, rec)
+    assert ops._resolve(None, op) == "pallas"
+  assert ops._resolve(None, "ppa_attention") == "xla"
+  q, k, v = _qkv(jax.random.key(1), 1, 24, 24, 2, 1, 16, jnp.float32)
+  mask = np.tril(np.ones((24, 24), bool))
+  layout = attn.BlockLayout.from_mask(mask, block_q=8, block_k=8)
+  chex.assert_trees_all_close(attn.block_sparse_attention(q, k, v, layout),
+                              _oracle(mask, 0.25)(q, k, v), atol=2e-5, rtol=2e-5)
+
+
 # -------------------------------------------------------------------- export
 
 
