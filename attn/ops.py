@@ -15,8 +15,14 @@ query before position 0 sees no key and returns zeros).
 `implementation`:
   * `"reference"`: dense masked O(L^2) oracle, for tests;
   * `"xla"`: sub-quadratic pure-jnp path (contiguous slices, no L x L mask);
-  * `"pallas"`: Pallas TPU/GPU kernels (not yet available: raises);
-  * `None`: the best available for the backend (today `"xla"` everywhere).
+  * `"pallas"`: Pallas TPU/GPU kernels, for the ops in `_PALLAS_KERNELS`
+    (others raise NotImplementedError); the platform's compiled kernel is
+    picked at lowering time, on CPU a kernel runs in Pallas interpret mode
+    (slow: tests and debugging). See docs/kernels.md;
+  * `None`: the best available for the backend: `"pallas"` where the op's
+    kernels carry a hardware record for this backend
+    (`pallas_kernels.platform.HardwareCheck`), else `"xla"` (today `"xla"`
+    everywhere).
 """
 
 from __future__ import annotations
@@ -26,22 +32,46 @@ from typing import NamedTuple
 
 import jax
 
-from attn import _checks, reference, xla
+from attn import _checks, _pallas_decode, _pallas_ppa, _pallas_superlinear, reference, xla
+from attn import _pallas_block_sparse as _pallas_bs
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
+from pallas_kernels import block_sparse as _bs_kernels
+from pallas_kernels import decode as _decode_kernels
+from pallas_kernels import platform as _platform
+from pallas_kernels import span as _span_kernels
+from pallas_kernels import stripe as _stripe_kernels
+
+# Ops with Pallas kernels -> the hardware records of those kernels.
+_PALLAS_KERNELS = {
+    "dense_attention": _bs_kernels.HARDWARE_CHECKS,
+    "sliding_window_attention": _bs_kernels.HARDWARE_CHECKS,
+    "block_sparse_attention": _bs_kernels.HARDWARE_CHECKS,
+    "ppa_attention": _stripe_kernels.HARDWARE_CHECKS,
+    "superlinear_attention": _span_kernels.HARDWARE_CHECKS,
+}
 
 
-# Ops with a Pallas kernel path (implementation="pallas").
-_PALLAS_OPS = frozenset({"superlinear_attention"})
+# Ops whose decode calls (q_len <= _pallas_decode.MAX_DECODE_QUERIES) run
+# the decode kernels.
+_PALLAS_DECODE_OPS = frozenset({"ppa_attention", "superlinear_attention"})
 
 
-def _resolve(implementation, op: str) -> str:
+def _resolve(implementation, op: str, q_len: int | None = None) -> str:
   _checks.check_implementation(implementation)
-  if implementation == "pallas" and op not in _PALLAS_OPS:
+  decode = (op in _PALLAS_DECODE_OPS and q_len is not None
+            and q_len <= _pallas_decode.MAX_DECODE_QUERIES)
+  if implementation is None:
+    records = _decode_kernels.VERIFIED if decode else _PALLAS_KERNELS.get(op, ())
+    implementation = ("pallas" if _platform.verified_on(records, jax.default_backend())
+                      else "xla")
+  if implementation == "pallas" and decode:
+    return "pallas_decode"
+  if implementation == "pallas" and op not in _PALLAS_KERNELS:
     raise NotImplementedError(
         f"{op}: implementation='pallas' is not available yet (the Pallas TPU/GPU "
         "kernels are a later milestone). Use implementation='xla' or None.")
-  return "xla" if implementation is None else implementation
+  return implementation
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +86,7 @@ def _call(fn, *args, **statics):
 
 
 def _prologue(q, k, v, scale, q_offset, implementation, op):
-  impl = _resolve(implementation, op)
+  impl = _resolve(implementation, op, q.shape[1] if hasattr(q, "shape") else None)
   _, lq, lk, _, _, d = _checks.check_qkv(q, k, v)
   _checks.check_q_offset(q_offset, lq, lk)
   return impl, _checks.check_scale(scale, d)
@@ -76,7 +106,8 @@ def dense_attention(q, k, v, *, scale=None, q_offset=None, implementation=None):
     `[batch, q_len, num_q_heads, head_dim]`, dtype of `q`.
   """
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "dense_attention")
-  fn = reference.dense_attention if impl == "reference" else xla.dense_attention
+  fn = {"reference": reference.dense_attention, "xla": xla.dense_attention,
+        "pallas": _pallas_bs.dense}[impl]
   return _call(fn, q, k, v, q_offset, scale=scale)
 
 
@@ -92,8 +123,8 @@ def sliding_window_attention(q, k, v, *, window, scale=None, q_offset=None,
   window = _checks.check_window(window)
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation,
                           "sliding_window_attention")
-  fn = (reference.sliding_window_attention if impl == "reference"
-        else xla.sliding_window_attention)
+  fn = {"reference": reference.sliding_window_attention,
+        "xla": xla.sliding_window_attention, "pallas": _pallas_bs.sliding_window}[impl]
   return _call(fn, q, k, v, q_offset, window=window, scale=scale)
 
 
@@ -122,6 +153,12 @@ def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
   p = _checks.check_p(p)
   window = _checks.check_window(window)
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "ppa_attention")
+  if impl == "pallas_decode":
+    return _call(_pallas_decode.ppa_decode, q, k, v, q_offset, p=p, window=window,
+                 scale=scale)
+  if impl == "pallas":
+    return _call(_pallas_ppa.ppa_attention, q, k, v, q_offset, p=p, window=window,
+                 scale=scale)
   fn = reference.ppa_attention if impl == "reference" else xla.ppa_attention
   return _call(fn, q, k, v, q_offset, p=p, window=window, scale=scale)
 
@@ -135,7 +172,10 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None,
   layout was built for. A query with no visible key returns zeros. The `xla`
   path visits, per query block, only the key blocks listed in the layout
   (query blocks bucketed by list length, padded to a power of two: at most
-  twice the non-empty tiles).
+  twice the non-empty tiles). The `pallas` kernels visit exactly the
+  non-empty tiles; a table layout (`from_mask` / `from_fn`) needs blocks
+  that are powers of two >= 16 for them, band layouts (`causal`,
+  `sliding_window`) run with any blocks.
 
   Args:
     q: `[batch, layout.q_len, num_q_heads, head_dim]`.
@@ -151,8 +191,13 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None,
                      f"{layout.kv_len} but q has {lq} and k has {lk} positions; "
                      "build the layout for these lengths.")
   scale = _checks.check_scale(scale, d)
-  fn = (reference.block_sparse_attention if impl == "reference"
-        else xla.block_sparse_attention)
+  if impl == "pallas" and layout.band is None:
+    if implementation is None and not _pallas_bs.kernel_blocks_ok(layout):
+      impl = "xla"                  # best available for this layout
+    else:
+      _pallas_bs.host_tables(layout)  # ValueError early if its blocks do not suit the kernels
+  fn = {"reference": reference.block_sparse_attention, "xla": xla.block_sparse_attention,
+        "pallas": _pallas_bs.block_sparse}[impl]
   return _call(fn, q, k, v, layout=layout, scale=scale)
 
 
@@ -180,8 +225,10 @@ def superlinear_attention_with_anchors(q, k, v, q_search, k_search=None, *,
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation,
                           "superlinear_attention")
   k_search = _checks.check_search(q, k, q_search, k_search)
+  if impl == "pallas_decode":
+    return SuperlinearOutput(*_call(_pallas_decode.superlinear_decode, q, k, v, q_search,
+                                    k_search, q_offset, config=config, scale=scale))
   if impl == "pallas":
-    from attn import _pallas_superlinear  # noqa: PLC0415 (imports Pallas lazily)
     return SuperlinearOutput(*_call(_pallas_superlinear.superlinear_attention, q, k, v,
                                     q_search, k_search, q_offset, config=config,
                                     scale=scale))

@@ -158,3 +158,78 @@ def test_resume_skips_corrupt_checkpoint_end_to_end(tmp_path):
   ta, tb = trace(cfg.workdir), trace(cfg_b.workdir)
   assert [r["step"] for r in tb] == list(range(1, 31))
   assert [r["indices"] for r in tb] == [r["indices"] for r in ta]
+
+
+def test_readable_checkpoint_that_does_not_fit_is_not_corrupt(trainer, tmp_path):
+  """Another config's state (here: no weight tying, so an extra lm_head and
+  its Adam moments) is an IncompatibleCheckpointError listing the misfits;
+  the checkpoint stays where it is and still restores with its own config."""
+  (state, ds), = _states(trainer, 1)
+  ck = ckpt_lib.Checkpointer(str(tmp_path))
+  ck.save(1, state, ds)
+  ck.close()
+  config = trainer.config
+  other = loop.Trainer.cached(dataclasses.replace(
+      config, model=dataclasses.replace(config.model, tie_embeddings=False)))
+  ck = ckpt_lib.Checkpointer(str(tmp_path))
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
+                     match=r"checkpoint step 1: .*missing in the checkpoint: .*lm_head"):
+    ck.restore_latest(other.abstract_state)
+  assert checkpoint_steps(tmp_path) == [1]
+  assert not os.path.exists(tmp_path / "corrupt_checkpoints")
+  step, restored, _ = ck.restore_latest(trainer.abstract_state)
+  ck.close()
+  assert step == 1
+  _leaves_equal(restored, state)
+
+
+def test_tree_mismatch_lists_every_kind_of_difference():
+  sds = jax.ShapeDtypeStruct
+  saved = {("a",): sds((2, 3), np.float32), ("b",): sds((4,), np.float32),
+           ("c",): sds((), np.int32)}
+  expected = {("a",): sds((2, 3), np.float32), ("b",): sds((5,), np.float32),
+              ("c",): sds((), np.float32), ("d", "e"): sds((1,), np.float32)}
+  assert ckpt_lib.tree_mismatch(saved, saved) == []
+  assert ckpt_lib.tree_mismatch(saved, expected) == [
+      "missing in the checkpoint: d/e (1,) float32",
+      "b: checkpoint (4,) float32, config (5,) float32",
+      "c: checkpoint () int32, config () float32"]
+  assert ckpt_lib.tree_mismatch(expected, saved) == [
+      "only in the checkpoint: d/e (1,) float32",
+      "b: checkpoint (5,) float32, config (4,) float32",
+      "c: checkpoint () float32, config () int32"]
+
+
+def _fail_first_restores(monkeypatch, ck, errors):
+  """Makes `ck.manager.restore` raise `errors[i]` on its i-th call."""
+  real = ck.manager.restore
+  calls = []
+
+  def restore(*args, **kwargs):
+    calls.append(1)
+    if len(calls) <= len(errors):
+      raise errors[len(calls) - 1]
+    return real(*args, **kwargs)
+  monkeypatch.setattr(ck.manager, "restore", restore)
+  return calls
+
+
+def test_passing_read_error_or_lack_of_memory_does_not_set_a_checkpoint_aside(
+    trainer, tmp_path, monkeypatch):
+  (state, ds), = _states(trainer, 1)
+  ck = ckpt_lib.Checkpointer(str(tmp_path))
+  ck.save(1, state, ds)
+  ck.wait()
+  calls = _fail_first_restores(monkeypatch, ck, [OSError("connection reset")])
+  step, restored, _ = ck.restore_latest(trainer.abstract_state)
+  assert step == 1 and len(calls) == 2
+  _leaves_equal(restored, state)
+  _fail_first_restores(monkeypatch, ck, [MemoryError("host")])
+  with pytest.raises(ckpt_lib.CheckpointError, match="ran out of memory"):
+    ck.restore_latest(trainer.abstract_state)
+  _fail_first_restores(monkeypatch, ck, [RuntimeError("RESOURCE_EXHAUSTED: device")])
+  with pytest.raises(ckpt_lib.CheckpointError, match="ran out of memory"):
+    ck.restore_latest(trainer.abstract_state)
+  ck.close()
+  assert checkpoint_steps(tmp_path) == [1]
+  assert not os.path.exists(tmp_path / "corrupt_checkpoints")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import shlex
 import subprocess
 import sys
 
@@ -36,17 +37,18 @@ def test_every_config_file_loads_and_is_valid():
 def test_overrides_parse_to_field_types():
   base = load_config(MICRO_CONFIG)
   cfg = apply_overrides(base, [
-      "model.attention=ppa", "model.ppa_p=0.25", "steps=100", "learning_rate=1e-4",
+      "model.ppa_p=0.25", "steps=100", "learning_rate=1e-4",
       "mesh_shape=2,2,2", "data.shuffle=false", "model.superlinear.num_spans=3",
-      "model.layer_pattern=sliding,superlinear", "model.attn_implementation=none",
+      "model.layer_pattern=ppa,superlinear", "model.num_layers=2",
+      "model.attn_implementation=none",
       "workdir=/tmp/x y", "model.tie_embeddings=no", "steps=120"])
-  assert cfg.model.attention == "ppa" and cfg.model.ppa_p == 0.25
+  assert cfg.model.ppa_p == 0.25 and cfg.model.layer_types == ("ppa", "superlinear")
   assert cfg.steps == 120 and isinstance(cfg.steps, int)  # later --set wins
   assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float)
   assert cfg.mesh_shape == (2, 2, 2)
   assert cfg.data.shuffle is False
   assert cfg.model.superlinear == attn.SuperlinearConfig(num_spans=3)
-  assert cfg.model.layer_pattern == ("sliding", "superlinear")
+  assert cfg.model.layer_pattern == ("ppa", "superlinear")
   assert cfg.model.attn_implementation is None
   assert cfg.workdir == "/tmp/x y"
   assert cfg.model.tie_embeddings is False
@@ -120,3 +122,119 @@ def test_cli_errors_exit_2_naming_the_key(tmp_path):
                      text=True, timeout=120)
   assert r.returncode == 0, r.stderr
   assert '"attention": "sliding"' in r.stdout and '"steps": 7' in r.stdout
+
+
+# -- settings that have no effect ------------------------------------------------
+
+
+HYBRID = os.path.join(REPO, "configs", "tiny_hybrid.py")
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["model.attention=ppa", "model.ppa_p=0.5"], ["model.attention", "model.layer_pattern"]),
+    (["model.ppa_p=0.25"], ["model.ppa_p", "model.layer_pattern", "ppa"]),
+])
+def test_overridden_attention_ignored_by_layer_pattern_is_an_error(overrides, words):
+  with pytest.raises(ConfigError) as e:
+    apply_overrides(load_config(HYBRID), overrides)
+  for w in words:
+    assert w in str(e.value), str(e.value)
+
+
+def test_settings_of_absent_layer_types_are_errors():
+  base = load_config(MICRO_CONFIG)  # one dense layer
+  assert base.model.layer_types == ("dense",)
+  for override, key in [("model.window=8", "model.window"),
+                        ("model.superlinear.num_spans=3", "model.superlinear.num_spans"),
+                        ("model.search_key=accumulated", "model.search_key")]:
+    with pytest.raises(ConfigError, match="has no effect") as e:
+      apply_overrides(base, [override])
+    assert key in str(e.value) and "dense" in str(e.value)
+  # The same settings are fine where a layer uses them, whatever the order.
+  cfg = apply_overrides(base, ["model.window=8", "model.attention=sliding"])
+  assert cfg.model.window == 8 and cfg.model.layer_types == ("sliding",)
+  cfg = apply_overrides(load_config(HYBRID), ["model.layer_pattern=none", "model.attention=ppa"])
+  assert set(cfg.model.layer_types) == {"ppa"}
+
+
+def test_readme_hybrid_command_trains_a_ppa_layer():
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = f.read()
+  section = readme.split("## Training", 1)[1].split("\n## ", 1)[0]
+  (line,) = [ln for ln in section.splitlines() if "tiny_hybrid.py" in ln]
+  sets = shlex.split(line)
+  overrides = [sets[i + 1] for i, a in enumerate(sets) if a == "--set"]
+  assert "model.ppa_p=0.5" in overrides
+  cfg = apply_overrides(load_config(HYBRID), [o for o in overrides
+                                              if not o.startswith("workdir=")])
+  assert "ppa" in cfg.model.layer_types and cfg.model.ppa_p == 0.5
+  assert "superlinear" in cfg.model.layer_types and "sliding" in cfg.model.layer_types
+
+
+# -- validated once, as a whole --------------------------------------------------
+
+
+def test_overrides_are_validated_once_whatever_their_order():
+  base = load_config(MICRO_CONFIG)
+  base = apply_overrides(base, ["model.attention=superlinear"])
+  sets = ["model.superlinear.search_power=0.3", "model.superlinear.span_power=0.9"]
+  a = apply_overrides(base, sets)
+  b = apply_overrides(base, sets[::-1])
+  assert a == b
+  assert (a.model.superlinear.search_power, a.model.superlinear.span_power) == (0.3, 0.9)
+  # Either value alone leaves an invalid pair: refused, naming the key.
+  with pytest.raises(ConfigError, match="search_power=0.3"):
+    apply_overrides(base, sets[:1])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("seed=-1", ["seed=-1", "[0, 2**32 - 1]"]),
+    ("seed=4294967296", ["seed=4294967296", "[0, 2**32 - 1]"]),
+    ("workdir=", ["workdir", "current directory"]),
+    ("workdir=  ", ["workdir", "current directory"]),
+])
+def test_seed_and_workdir_are_checked_naming_the_key(override, words):
+  with pytest.raises(ConfigError) as e:
+    apply_overrides(load_config(MICRO_CONFIG), [override])
+  for w in words:
+    assert w in str(e.value), str(e.value)
+
+
+def test_unbuildable_attention_is_refused_before_the_workdir_exists(tmp_path, monkeypatch):
+  from train import loop
+  from train import model as model_lib
+  from train import preflight
+
+  def unavailable(kind, config, *args, **kwargs):
+    raise NotImplementedError(f"{kind}: this implementation is not available")
+
+  config = dataclasses.replace(load_config(MICRO_CONFIG), workdir=str(tmp_path / "w"))
+  preflight.check_attention(config)  # the real op builds
+  monkeypatch.setattr(model_lib, "attend", unavailable)
+  with pytest.raises(ConfigError, match="model.attn_implementation=None: the 'dense' "
+                     "attention .* NotImplementedError: dense: this implementation"):
+    loop.train(config)
+  assert not os.path.exists(tmp_path / "w")
+
+
+def _pallas_builds() -> bool:
+  import jax
+  import jax.numpy as jnp
+  x = jax.ShapeDtypeStruct((1, 32, 2, 16), jnp.float32)
+  try:
+    jax.eval_shape(lambda q: attn.dense_attention(q, q, q, implementation="pallas"), x)
+  except NotImplementedError:
+    return False
+  return True
+
+
+def test_cli_pallas_before_it_exists_exits_2_and_writes_nothing(tmp_path):
+  if _pallas_builds():
+    pytest.skip("the pallas implementation is available: nothing to refuse")
+  workdir = tmp_path / "w"
+  r = subprocess.run([sys.executable, "-m", "train", "--config", MICRO_CONFIG,
+                      "--set", f"workdir={workdir}", "--set", "model.attn_implementation=pallas"],
+                     cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr
+  assert "model.attn_implementation='pallas'" in r.stderr and "Traceback" not in r.stderr
+  assert not os.path.exists(workdir)

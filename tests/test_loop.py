@@ -5,6 +5,7 @@ gradient accumulation, schedule, metrics and progress output."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -211,3 +212,28 @@ def test_resume_refuses_a_different_model(tmp_path):
     loop.train(other, resume=True)
   assert checkpoint_steps(tmp_path) == [30]  # untouched
   assert not os.path.exists(tmp_path / "corrupt_checkpoints")
+
+
+def _strict_jsonl(path) -> list[dict]:
+  def no_constants(name):
+    raise ValueError(f"non-standard JSON constant {name} in {path}")
+  with open(path) as f:
+    return [json.loads(line, parse_constant=no_constants) for line in f]
+
+
+def test_metrics_and_trace_are_strict_json(tmp_path):
+  # The first record has no tokens/s yet, and a NaN step's trace has no loss:
+  # both are null, never the non-JSON NaN.
+  base = load_config(os.path.join(os.path.dirname(__file__), "train_micro_config.py"))
+  config = dataclasses.replace(base, workdir=str(tmp_path), steps=4, log_every=1,
+                               checkpoint_every=0, debug_nan_at_step=4,
+                               debug_trace_data=True)
+  result = loop.train(config)
+  assert result.status == "nan" and result.step == 4
+  metrics = _strict_jsonl(tmp_path / "metrics.jsonl")
+  assert [m["step"] for m in metrics] == [1, 2, 3]
+  assert metrics[0]["tokens_per_s"] is None
+  assert all(m["tokens_per_s"] > 0 for m in metrics[1:])
+  traced = _strict_jsonl(tmp_path / "trace" / "process_0.jsonl")
+  assert [t["step"] for t in traced] == [1, 2, 3, 4]
+  assert traced[-1]["loss"] is None and all(math.isfinite(t["loss"]) for t in traced[:-1])

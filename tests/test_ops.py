@@ -329,9 +329,10 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
 
 
 def test_pallas_is_not_available_yet():
-  x = _inputs(jax.random.PRNGKey(42), q_len=8)
+  x = _inputs(jax.random.PRNGKey(42), q_len=24)
   with pytest.raises(NotImplementedError, match="pallas"):
-    attn.ppa_attention(x["q"], x["k"], x["v"], p=0.5, implementation="pallas")
+    attn.superlinear_attention(x["q"], x["k"], x["v"], x["q_search"],
+                               implementation="pallas")
 
 
 @pytest.mark.parametrize("density", [0.05, 0.3])

@@ -1,8 +1,10 @@
 """`python -m train --config configs/<name>.py [--set key=value]... [--resume]`
 
-Exit codes: 0 finished, or stopped by SIGTERM/SIGINT after saving a
-checkpoint; 2 bad command line / config (the message names the key); 3 the
-loss became NaN/Inf (the last good checkpoint is kept).
+Exit codes: 0 finished (or nothing left to train), or stopped by
+SIGTERM/SIGINT after saving a checkpoint; 2 bad command line / config (the
+message names the key), checked before anything is written, or a `--resume`
+whose config or checkpoint does not fit the workdir's run (nothing is moved or
+truncated); 3 the loss became NaN/Inf (the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ def parse_args(argv=None):
                            "e.g. --set model.attention=ppa --set steps=100")
   parser.add_argument("--resume", action="store_true",
                       help="continue from the latest readable checkpoint in the workdir")
+  parser.add_argument("--allow-config-change", action="store_true",
+                      help="with --resume: continue although keys that change the data "
+                           "stream or the model differ from the workdir's config.json "
+                           "(the change is recorded in config_changes.jsonl)")
   parser.add_argument("--print-config", action="store_true",
                       help="print the resolved config as JSON and exit")
   return parser.parse_args(argv)
@@ -46,7 +52,8 @@ def main(argv=None) -> int:
   from train import loop
   from train.checkpoint import IncompatibleCheckpointError
   try:
-    result = loop.train(config, resume=args.resume)
+    result = loop.train(config, resume=args.resume,
+                        allow_config_change=args.allow_config_change)
   except (FileExistsError, ValueError, IncompatibleCheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -97,6 +97,13 @@ class Config:
     def bad(key, need):
       raise ValueError(f"{key}={getattr(self, key)!r}: {need}")
 
+    if not isinstance(self.workdir, str) or not self.workdir.strip():
+      bad("workdir", "must name a directory (e.g. /tmp/run1 or gs://bucket/run1); an "
+          "empty workdir would train into the current directory")
+    if (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        or not 0 <= self.seed < 2**32):
+      bad("seed", "must be an int in [0, 2**32 - 1] (it seeds the data shuffle and "
+          "the parameter initialisation)")
     for key in ("steps", "batch_size", "seq_len", "grad_accum", "keep_checkpoints",
                 "log_every"):
       if getattr(self, key) < 1:
@@ -245,7 +252,9 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: f.type for f in dataclasses.fields(cls)}
 
 
-def _set(obj, path: list[str], text: str, full_key: str):
+def _parse_override(obj, path: list[str], text: str, full_key: str) -> Any:
+  """The value of `--set full_key=text`, parsed to the type of the field that
+  `path` names inside `obj` (a config dataclass)."""
   if not dataclasses.is_dataclass(obj):
     raise ConfigError(f"--set {full_key}: {'.'.join(path)!r} is not a config section")
   names = {f.name for f in dataclasses.fields(obj)}
@@ -256,28 +265,91 @@ def _set(obj, path: list[str], text: str, full_key: str):
                       f"(known: {', '.join(sorted(names))})")
   current = getattr(obj, name)
   if len(path) > 1:
-    new = _set(current, path[1:], text, full_key)
-  else:
-    if dataclasses.is_dataclass(current):
-      raise ConfigError(f"--set {full_key}: is a section; set its fields "
-                        f"({', '.join(f.name for f in dataclasses.fields(current))})")
-    tp = _field_types(type(obj)).get(name, Any)
-    if tp is Any and current is not None and not isinstance(current, (dict, list)):
-      tp = type(current)  # e.g. a field typed Any holding an int
-    if isinstance(tp, str):  # unresolved annotation: use the current value's type
-      tp = type(current) if current is not None else Any
-    try:
-      new = parse_value(text, tp)
-    except ValueError as e:
-      raise ConfigError(f"--set {full_key}={text}: {e}") from None
+    return _parse_override(current, path[1:], text, full_key)
+  if dataclasses.is_dataclass(current):
+    raise ConfigError(f"--set {full_key}: is a section; set its fields "
+                      f"({', '.join(f.name for f in dataclasses.fields(current))})")
+  tp = _field_types(type(obj)).get(name, Any)
+  if tp is Any and current is not None and not isinstance(current, (dict, list)):
+    tp = type(current)  # e.g. a field typed Any holding an int
+  if isinstance(tp, str):  # unresolved annotation: use the current value's type
+    tp = type(current) if current is not None else Any
   try:
-    return dataclasses.replace(obj, **{name: new})
+    return parse_value(text, tp)
+  except ValueError as e:
+    raise ConfigError(f"--set {full_key}={text}: {e}") from None
+
+
+def _rebuild(obj, changes: dict[tuple[str, ...], tuple[Any, str]],
+             prefix: tuple[str, ...]):
+  """`obj` (the section at `prefix`) with every change under `prefix`
+  applied, each section re-validated once, innermost first."""
+  n = len(prefix)
+  mine = {p: c for p, c in changes.items() if p[:n] == prefix and len(p) > n}
+  kwargs = {}
+  for child in dict.fromkeys(p[n] for p in mine if len(p) > n + 1):
+    kwargs[child] = _rebuild(getattr(obj, child), changes, prefix + (child,))
+  direct = [item for p, (value, item) in mine.items() if len(p) == n + 1]
+  kwargs.update({p[n]: value for p, (value, _) in mine.items() if len(p) == n + 1})
+  try:
+    return dataclasses.replace(obj, **kwargs)
   except (ValueError, TypeError) as e:
-    raise ConfigError(f"--set {full_key}={text}: invalid: {e}") from None
+    items = direct or [item for _, item in mine.values()]
+    raise ConfigError(f"--set {' --set '.join(items)}: invalid: {e}") from None
+
+
+# Settings that only act on some layer types: `model.<key>` -> the layer types
+# it acts on (None: it acts only when `layer_pattern` is unset).
+_MODEL_KEY_USERS = {
+    "attention": None,
+    "ppa_p": ("ppa",),
+    "window": ("sliding", "ppa"),
+    "superlinear": ("superlinear",),
+    "search_key": ("superlinear",),
+}
+
+
+def check_overrides_take_effect(config: Config, keys: list[str]):
+  """Raises ConfigError for a `--set` key that the final config ignores (a
+  setting with no effect is a mistake: e.g. `model.attention` when
+  `model.layer_pattern` decides every layer's attention)."""
+  model = config.model
+  layer_types = getattr(model, "layer_types", None)
+  if layer_types is None:
+    return
+  pattern = getattr(model, "layer_pattern", None)
+  for key in dict.fromkeys(keys):
+    parts = key.split(".")
+    if parts[0] != "model" or len(parts) < 2 or parts[1] not in _MODEL_KEY_USERS:
+      continue
+    users = _MODEL_KEY_USERS[parts[1]]
+    value = getattr(model, parts[1])
+    if users is None:
+      if pattern is not None:
+        raise ConfigError(
+            f"--set {key}={value!r} has no effect: model.layer_pattern="
+            f"{','.join(pattern)} sets the attention of every layer. Set "
+            f"model.layer_pattern instead (e.g. --set model.layer_pattern="
+            f"{','.join((value,) + tuple(pattern[1:]))}), or "
+            f"--set model.layer_pattern=none to use model.attention everywhere")
+    elif not set(users) & set(layer_types):
+      source = (f"model.layer_pattern={','.join(pattern)}" if pattern is not None
+                else f"model.attention={model.attention!r}")
+      raise ConfigError(
+          f"--set {key} has no effect: it only acts on {' / '.join(users)} layers and "
+          f"{source} gives layers {', '.join(dict.fromkeys(layer_types))}. Add such a "
+          f"layer (model.attention or model.layer_pattern) or drop the setting")
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
-  """Applies `key=value` overrides (dotted keys) in order."""
+  """Applies `key=value` overrides (dotted keys; a later one wins).
+
+  Every value is parsed first, then the config is rebuilt once with all of
+  them, so the order of `--set` flags never matters for validation (e.g. two
+  fields that must agree can be changed together). Finally every overridden
+  key must have an effect (`check_overrides_take_effect`).
+  """
+  changes: dict[tuple[str, ...], tuple[Any, str]] = {}
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"--set {item}: expected key=value")
@@ -285,7 +357,14 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
       raise ConfigError(f"--set {item}: bad key {key!r}")
-    config = _set(config, key.split("."), text, key)
+    path = tuple(key.split("."))
+    value = _parse_override(config, list(path), text, key)
+    changes.pop(path, None)  # keep the order of the last occurrence
+    changes[path] = (value, f"{key}={text}")
+  if not changes:
+    return config
+  config = _rebuild(config, changes, ())
+  check_overrides_take_effect(config, [".".join(p) for p in changes])
   return config
 
 

@@ -8,21 +8,30 @@ k/v and `q_offset = position` (keys beyond the position are masked by the
 op), so the cache has one shape for the whole generation and the decode step
 compiles once per `(batch, max_len)`.
 
+Where the attention implementation resolves to `"pallas"` (the model's
+`attn_implementation`, or `generate(..., implementation="pallas")`), the
+`ppa` and `superlinear` layers of every step of at most
+`attn._pallas_decode.MAX_DECODE_QUERIES` tokens (each generated token, and
+a short prompt) run the Pallas decode kernels: a token then reads
+`O(w + t^p)` (PPA) or `O(sqrt(t))` (superlinear) cache rows instead of the
+whole cache; docs/kernels_decode.md.
+
 The jitted functions take the model as `nnx.split` (graphdef static, state
 traced): no global state, no recompilation when the parameters change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from train.model import LayerCache, Transformer, init_cache
+from train.model import IMPLEMENTATIONS, LayerCache, Transformer, init_cache
 
-__all__ = ["generate", "init_cache", "LayerCache", "sample_token"]
+__all__ = ["generate", "init_cache", "LayerCache", "sample_token", "with_implementation"]
 
 
 def sample_token(logits, rng, *, temperature: float):
@@ -48,8 +57,29 @@ def _step(graphdef, state, tokens, cache, offset, rng, *, temperature):
   return sample_token(logits[:, -1], rng, temperature=temperature), cache
 
 
+def with_implementation(model: Transformer, implementation) -> Transformer:
+  """The same model (shared parameters) whose layers call the `attn` ops with
+  `implementation` ("reference", "xla", "pallas" or None = best available)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r}: must be one of "
+                     f"{IMPLEMENTATIONS}.")
+  if model.config.attn_implementation == implementation:
+    return model
+  config = dataclasses.replace(model.config, attn_implementation=implementation)
+  graphdef, state = nnx.split(model)
+  clone = nnx.merge(graphdef, state)
+  clone.config = config
+  for block in clone.blocks:
+    block.attention.config = config
+  return clone
+
+
+_KEEP = object()
+
+
 def generate(model: Transformer, prompt, *, max_new_tokens: int, rng,
-             temperature: float = 0.0, max_len: int | None = None):
+             temperature: float = 0.0, max_len: int | None = None,
+             implementation=_KEEP):
   """Extend `prompt` by `max_new_tokens` tokens.
 
   Args:
@@ -59,6 +89,9 @@ def generate(model: Transformer, prompt, *, max_new_tokens: int, rng,
     rng: PRNG key; step `i` samples with `fold_in(rng, i)` (unused when greedy).
     temperature: 0.0 = greedy; > 0 samples from the tempered softmax.
     max_len: cache length (>= prompt_len + max_new_tokens; default equal).
+    implementation: attention implementation of the cached steps; default the
+      model's own `attn_implementation`. With "pallas" the PPA and
+      superlinear layers decode with the Pallas kernels.
 
   Returns:
     int32 `[batch, prompt_len + max_new_tokens]`: the prompt then the new tokens.
@@ -82,6 +115,8 @@ def generate(model: Transformer, prompt, *, max_new_tokens: int, rng,
   if max_new_tokens == 0:
     return prompt
 
+  if implementation is not _KEEP:
+    model = with_implementation(model, implementation)
   graphdef, state = nnx.split(model)
   cache = init_cache(model.config, batch, max_len)
   token, cache = _step(graphdef, state, prompt, cache, jnp.int32(0),

@@ -9,19 +9,20 @@
 
 Train state (checkpointed): `{"step", "params", "opt_state"}`; model variables
 that are not `nnx.Param` (none in `train.model`) are rebuilt from the seed.
-Outputs in `workdir`: `checkpoints/`, `metrics.jsonl` (process 0), `config.json`,
-`trace/process_<i>.jsonl` when `debug_trace_data` (every step's window indices
-and loss, per process), TensorBoard events in `tb/` when a SummaryWriter is
-importable. On resume, `metrics.jsonl` and the traces are cut back to the
-restored step, so they read like one uninterrupted run.
+Outputs in `workdir` (a local path or a `gs://` URI, all through
+`train.paths`): `checkpoints/`, `metrics.jsonl` (process 0; strict JSON,
+null where a value is not finite), `config.json`, `config_changes.jsonl`
+(what changed between runs in this workdir), `trace/process_<i>.jsonl` when
+`debug_trace_data` (every step's window indices and loss, per process),
+TensorBoard events in `tb/` when a SummaryWriter is importable. On resume,
+`metrics.jsonl` and the traces are cut back to the restored step, so they read
+like one uninterrupted run; that happens only after every check has passed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -36,8 +37,11 @@ from flax import nnx
 
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
+from train import paths
+from train import preflight
+from train import resume as resume_lib
 from train import sharding as shd
-from train.config import Config, to_dict
+from train.config import Config
 
 ModelFactory = Callable[..., nnx.Module]
 
@@ -83,12 +87,12 @@ def _decay_mask(params):
 
 def make_optimizer(config: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = make_schedule(config)
-  parts = []
-  if config.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(config.clip_norm))
-  parts.append(optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
-                           weight_decay=config.weight_decay, mask=_decay_mask))
-  return optax.chain(*parts), schedule
+  # Clipping off is an identity in the same slot, so that the optimizer state
+  # has one structure whatever clip_norm is (a resumed run may change it).
+  clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm > 0 else optax.identity()
+  adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
+                      weight_decay=config.weight_decay, mask=_decay_mask)
+  return optax.chain(clip, adamw), schedule
 
 
 # ---------------------------------------------------------------------------
@@ -153,7 +157,7 @@ class Trainer:
     if mesh is None:
       mesh = shd.make_mesh(config.mesh_shape)
     key_config = dataclasses.replace(
-        config, workdir="", checkpoint_every=0, keep_checkpoints=1, async_checkpoints=True,
+        config, workdir="-", checkpoint_every=0, keep_checkpoints=1, async_checkpoints=True,
         log_every=1, tensorboard=False, debug_trace_data=False, debug_step_delay=0.0,
         data=type(config.data)())
     key = (key_config, mesh, model_factory)
@@ -338,24 +342,6 @@ def _tensorboard_writer(logdir: str):
   return None
 
 
-def _truncate_jsonl(path: str, max_step: int):
-  """Keeps the records with step <= max_step (a resumed run's history)."""
-  if not os.path.exists(path):
-    return
-  kept = []
-  with open(path) as f:
-    for line in f:
-      try:
-        if json.loads(line).get("step", 0) <= max_step:
-          kept.append(line)
-      except json.JSONDecodeError:
-        pass  # a line cut by kill -9
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
-
-
 class _StopFlag:
   def __init__(self):
     self.signum = None
@@ -381,59 +367,41 @@ def _all_processes_any(flag: bool) -> bool:
 # The job.
 
 
-def train(config: Config, *, resume: bool = False, model_factory: ModelFactory | None = None,
-          mesh=None, handle_signals: bool = True) -> TrainResult:
-  """Runs (or resumes) the training job described by `config`."""
-  workdir = os.path.abspath(config.workdir)
+def train(config: Config, *, resume: bool = False, allow_config_change: bool = False,
+          model_factory: ModelFactory | None = None, mesh=None,
+          handle_signals: bool = True) -> TrainResult:
+  """Runs (or resumes) the training job described by `config`.
+
+  Every check (the config as a whole, the workdir path, the attention ops,
+  the mesh, a resumed run's config and checkpoint) runs before anything is
+  written; see `train.preflight` and `train.resume`. `allow_config_change`
+  lets `resume` continue with keys outside `resume.RESUMABLE_KEYS` changed
+  (recorded in `config_changes.jsonl`).
+  """
+  workdir = (paths.workdir_path(config.workdir) if model_factory is not None
+             else preflight.check_config(config))
   primary = jax.process_index() == 0
   pid = jax.process_index()
-  os.makedirs(workdir, exist_ok=True)
 
   trainer = Trainer.cached(config, mesh=mesh, model_factory=model_factory)
+  iterator = data_lib.make_iterator(config)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                        async_save=config.async_checkpoints)
-  iterator = data_lib.make_iterator(config)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  trace_path = os.path.join(workdir, "trace", f"process_{pid}.jsonl")
-
-  start = 0
-  state = rest = None
-  saved_config = os.path.join(workdir, "config.json")
-  if resume and os.path.exists(saved_config) and checkpointer.all_steps():
-    with open(saved_config) as f:
-      saved_model = json.load(f).get("model")
-    if saved_model is not None and saved_model != to_dict(config.model):
-      diff = sorted(k for k in set(saved_model) | set(to_dict(config.model))
-                    if saved_model.get(k) != to_dict(config.model).get(k))
-      checkpointer.close()
-      raise ckpt_lib.IncompatibleCheckpointError(
-          f"--resume: the model config differs from the one {workdir} was trained with "
-          f"(model.{', model.'.join(diff)}); use the same model config or a new workdir")
-  if resume:
-    restored = checkpointer.restore_latest(trainer.abstract_state)
-    if restored is not None:
-      start, state, data_state = restored
-      iterator.set_state(data_state)
-      _log(f"resuming from checkpoint step {start} of {checkpointer.directory}")
-      rest = trainer.init_rest()
-    else:
-      _log(f"--resume: no usable checkpoint in {checkpointer.directory}; starting from step 0")
-  elif checkpointer.all_steps():
+  try:
+    begin = resume_lib.start_state(config, workdir, trainer, checkpointer, iterator,
+                                   resume=resume, allow_config_change=allow_config_change)
+  except BaseException:
     checkpointer.close()
-    raise FileExistsError(
-        f"{checkpointer.directory} already holds checkpoints (steps "
-        f"{checkpointer.all_steps()}): pass --resume to continue, or use a new workdir")
-  if state is None:
-    state, rest = trainer.init_state()
-  if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(to_dict(config), f, indent=2)
-    _truncate_jsonl(metrics_path, start)
-  if config.debug_trace_data:
-    os.makedirs(os.path.dirname(trace_path), exist_ok=True)
-    _truncate_jsonl(trace_path, start)
+    raise
+  start, state, rest = begin.step, begin.state, begin.rest
+  if resume and start:
+    _log(f"resuming from checkpoint step {start} of {checkpointer.directory}")
+  resume_lib.record_config(config, workdir, begin, resume=resume)
+  metrics = paths.JsonlLog(workdir / "metrics.jsonl", keep_until_step=start) if primary else None
+  trace = (paths.JsonlLog(workdir / "trace" / f"process_{pid}.jsonl", keep_until_step=start)
+           if config.debug_trace_data else None)
 
-  tb = _tensorboard_writer(os.path.join(workdir, "tb")) if (primary and config.tensorboard) else None
+  tb = _tensorboard_writer(str(workdir / "tb")) if (primary and config.tensorboard) else None
   stop = _StopFlag()
   old_handlers = {}
   if handle_signals and threading.current_thread() is threading.main_thread():
@@ -442,24 +410,19 @@ def train(config: Config, *, resume: bool = False, model_factory: ModelFactory |
 
   tokens_per_step = config.batch_size * config.seq_len
   progress = Progress(config.steps, start, tokens_per_step, config.log_every)
-  metrics_file = open(metrics_path, "a") if primary else None
-  trace_file = open(trace_path, "a") if config.debug_trace_data else None
   last_ckpt = start if start else None
   step, loss = start, float("nan")
-  t_last = time.perf_counter()
   result = None
   try:
     while step < config.steps:
       batch = next(iterator)
       tokens = trainer.global_batch(batch["tokens"])
-      state, metrics = trainer.step_fn(state, rest, tokens)
-      metrics = jax.device_get(metrics)
+      state, step_metrics = trainer.step_fn(state, rest, tokens)
+      step_metrics = jax.device_get(step_metrics)
       step += 1
-      loss = float(metrics["loss"])
-      if trace_file is not None:
-        trace_file.write(json.dumps({"step": step, "indices": batch["index"].tolist(),
-                                     "loss": loss}) + "\n")
-        trace_file.flush()
+      loss = float(step_metrics["loss"])
+      if trace is not None:
+        trace.write({"step": step, "indices": batch["index"].tolist(), "loss": loss})
       if not math.isfinite(loss):
         where = (f"step {last_ckpt} in {checkpointer.directory}" if last_ckpt
                  else "none (no checkpoint was written yet)")
@@ -470,23 +433,25 @@ def train(config: Config, *, resume: bool = False, model_factory: ModelFactory |
         break
       progress.update(step, loss)
       if step % config.log_every == 0 or step == config.steps:
-        now = time.perf_counter()
         record = {"step": step, "loss": loss, "bits_per_byte": loss / math.log(2),
-                  "grad_norm": float(metrics["grad_norm"]), "lr": float(metrics["lr"]),
-                  "tokens": step * tokens_per_step, "tokens_per_s": progress.rate,
-                  "time": time.time()}
-        if metrics_file is not None:
-          metrics_file.write(json.dumps(record) + "\n")
-          metrics_file.flush()
+                  "grad_norm": float(step_metrics["grad_norm"]),
+                  "lr": float(step_metrics["lr"]), "tokens": step * tokens_per_step,
+                  "tokens_per_s": progress.rate, "time": time.time()}
+        record = paths.json_safe(record)  # the first record has no rate yet: null
+        if metrics is not None:
+          metrics.write(record)
         if tb is not None:
           for k in ("loss", "grad_norm", "lr", "tokens_per_s"):
-            tb.add_scalar(f"train/{k}", record[k], step)
-        t_last = now
+            if record[k] is not None:
+              tb.add_scalar(f"train/{k}", record[k], step)
       preempt = _all_processes_any(stop.signum is not None)
       periodic = config.checkpoint_every and step % config.checkpoint_every == 0
       if periodic or step == config.steps or preempt:
         if checkpointer.save(step, state, iterator.get_state()):
           last_ckpt = step
+        for log in (metrics, trace):
+          if log is not None:
+            log.flush()  # remote logs are rewritten here
       if config.debug_step_delay:
         time.sleep(config.debug_step_delay)
       if preempt:
@@ -495,7 +460,14 @@ def train(config: Config, *, resume: bool = False, model_factory: ModelFactory |
                f"{checkpointer.directory}/{step}; continue with --resume")
         result = TrainResult("preempted", step, loss, last_ckpt, msg)
         break
-    if result is None:
+    if result is None and step == start:
+      last = metrics.last if metrics is not None else None
+      if last is not None and last.get("loss") is not None:
+        loss = float(last["loss"])
+      result = TrainResult("done", step, loss, last_ckpt,
+                           f"nothing to train: the run is already at step {step} of "
+                           f"steps={config.steps} (raise steps to train further)")
+    elif result is None:
       result = TrainResult("done", step, loss, last_ckpt,
                            f"finished {step} steps; final loss {loss:.4f}")
   finally:
@@ -503,10 +475,9 @@ def train(config: Config, *, resume: bool = False, model_factory: ModelFactory |
     checkpointer.close()  # waits for the async save in flight
     for sig, handler in old_handlers.items():
       signal.signal(sig, handler)
-    if metrics_file is not None:
-      metrics_file.close()
-    if trace_file is not None:
-      trace_file.close()
+    for log in (metrics, trace):
+      if log is not None:
+        log.close()
     if tb is not None:
       tb.close()
   return result

@@ -1,0 +1,218 @@
+"""Glue between the `attn` decode ops and `pallas_kernels.decode`.
+
+Builds the integer tables the decode kernels consume from `attn.masks` /
+`SuperlinearConfig` (the same host tables the `reference` and `xla` paths
+use), runs the kernels, and finishes the small per-query arithmetic (gates,
+span bounds, log-sum-exp merges) in plain jnp on `[batch, q_len, heads, K]`
+arrays, never on the cache.
+
+For `q_len <= MAX_DECODE_QUERIES` queries at absolute positions
+`q_offset + i` against a cache `k, v: [batch, kv_len, kv_heads, head_dim]`
+(`q_offset` may be traced; rows past the last query may hold garbage, NaN
+included, and never reach the output):
+
+  * `superlinear_decode`: span-search over the stripes some query can use
+    (`O(t^p)` rows), the top `num_spans` per query head, then each selected
+    span (`O(t^sigma)` rows) merged with the window by log-sum-exp, gated;
+  * `ppa_decode`: the dense band of kept offsets next to the query (the
+    window, and every offset when `p = 1`) plus one row per kept far offset
+    (`O(w + t^p)` rows).
+
+Differentiating them gives the `xla` path's gradients (a `custom_vjp` whose
+backward pass is `jax.vjp` of `attn.xla` at the same inputs): decode needs
+no gradient, but a differentiated decode op returns correct numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attn import masks, xla
+from attn.config import SuperlinearConfig
+from pallas_kernels.decode import common
+from pallas_kernels.decode import ops as kernels
+
+MAX_DECODE_QUERIES = common.MAX_QUERIES
+
+
+def _to_rows(x, num_kv_heads):
+  """`[B, Lq, Hq, D] -> [B, Hk, R, D]`, row `r = g * Lq + i` (head `h * G + g`)."""
+  b, lq, hq, d = x.shape
+  g = hq // num_kv_heads
+  x = x.reshape(b, lq, num_kv_heads, g, d)
+  return jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(b, num_kv_heads, g * lq, d)
+
+
+def _from_rows(x, lq):
+  """`[B, Hk, R, ...] -> [B, Lq, Hq, ...]` (inverse of `_to_rows`)."""
+  b, hk, r = x.shape[:3]
+  rest = x.shape[3:]
+  x = jnp.moveaxis(x.reshape(b, hk, r // lq, lq, *rest), 3, 1)
+  return x.reshape(b, lq, hk * (r // lq), *rest)
+
+
+def _row_positions(q_offset, rows: int, lq: int):
+  """Absolute position of each row: int32 `[R]`."""
+  return q_offset + jnp.arange(rows, dtype=jnp.int32) % lq
+
+
+def _check(q, k, q_offset):
+  lq, lk = q.shape[1], k.shape[1]
+  if lq > MAX_DECODE_QUERIES:
+    raise ValueError(f"q_len={lq}: the decode kernels take at most "
+                     f"{MAX_DECODE_QUERIES} queries; use the prefill path.")
+  return jnp.asarray(lk - lq if q_offset is None else q_offset, jnp.int32)
+
+
+# ---------------------------------------------------------------- superlinear
+
+
+def superlinear_tables(kv_len: int, config: SuperlinearConfig):
+  """Host tables of a superlinear decode against a `kv_len` cache.
+
+  Returns `(stripes int32 [S] far to near, spans int32 [kv_len + 1, 2])`:
+  `masks.superlinear_stripe_table` and `masks.superlinear_span_table`.
+  """
+  return (masks.superlinear_stripe_table(kv_len, config),
+          masks.superlinear_span_table(kv_len, config))
+
+
+def superlinear_span_bounds(anchors, pos, spans, config: SuperlinearConfig):
+  """Inclusive key range `[lo, hi]` of each selected anchor (`hi < lo`: none).
+
+  anchors: int32 `[..., R, K]` (-1 = no anchor); pos: `[R]` positions;
+  spans: the span table. Same formula as `attn.masks.superlinear_spans`.
+  """
+  t = jnp.clip(pos + 1, 0, spans.shape[0] - 1)[:, None]
+  back, fwd = jnp.asarray(spans)[t, 0], jnp.asarray(spans)[t, 1]
+  valid = anchors >= 0
+  lo = jnp.where(valid, jnp.maximum(anchors - back, 0), 0)
+  hi = jnp.where(valid, jnp.minimum(anchors + fwd, pos[:, None] - config.window), -1)
+  return lo, hi
+
+
+def _superlinear_forward(q, k, v, q_search, k_search, q_offset, config, scale, variant):
+  lq, hk = q.shape[1], k.shape[2]
+  num, w = config.num_spans, config.window
+  f_desc, spans = superlinear_tables(k.shape[1], config)
+  first = common.first_stripe(jnp.asarray(f_desc), q_offset, lq=lq)
+  top_s, top_a = kernels.search(q_offset, first, f_desc, _to_rows(q_search, hk), k_search,
+                                lq=lq, num=num, variant=variant)
+  valid = jnp.isfinite(top_s)
+  anchors = jnp.where(valid, top_a, -1)                        # [B, Hk, R, K]
+  gates = jax.nn.softmax(jnp.where(valid, top_s, -1e9), axis=-1)
+  qr = _to_rows(q, hk)
+  pos = _row_positions(q_offset, qr.shape[2], lq)
+  lo, hi = superlinear_span_bounds(anchors, pos, spans, config)
+  part = kernels.ranges(lo, hi, qr, k, v, scale=scale, variant=variant)
+  if w > 0:
+    win = kernels.band(q_offset, qr, k, v, lq=lq, width=w, scale=scale, variant=variant)
+    part = common.merge(part, jax.tree.map(lambda x: x[:, :, :, None], win))
+  out = jnp.sum(gates[..., None] * common.finish(part), axis=-2)   # [B, Hk, R, D]
+  return (_from_rows(out, lq).astype(q.dtype), _from_rows(anchors, lq),
+          _from_rows(gates, lq))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _superlinear(q, k, v, q_search, k_search, q_offset, config, scale, variant):
+  return _superlinear_forward(q, k, v, q_search, k_search, q_offset, config, scale,
+                              variant)
+
+
+def _superlinear_fwd(q, k, v, q_search, k_search, q_offset, config, scale, variant):
+  out = _superlinear_forward(q, k, v, q_search, k_search, q_offset, config, scale,
+                             variant)
+  return out, (q, k, v, q_search, k_search, q_offset)
+
+
+def _superlinear_bwd(config, scale, variant, res, cts):
+  q, k, v, q_search, k_search, q_offset = res
+  fn = lambda *a: xla.superlinear_attention(*a, q_offset, config=config, scale=scale)  # noqa: E731
+  _, pull = jax.vjp(fn, q, k, v, q_search, k_search)
+  return (*pull(cts), None)
+
+
+_superlinear.defvjp(_superlinear_fwd, _superlinear_bwd)
+
+
+def superlinear_decode(q, k, v, q_search, k_search, q_offset, *,
+                       config: SuperlinearConfig, scale: float, variant=None):
+  """Superlinear attention for a few decode queries with the Pallas kernels.
+
+  Args:
+    q: `[B, Lq, Hq, D]`, `Lq <= MAX_DECODE_QUERIES`; k, v: `[B, Lk, Hk, D]`;
+    q_search: `[B, Lq, Hq, Ds]`; k_search: `[B, Lk, Hk, Ds]` (pass `k` for
+      the reference's behaviour); q_offset: absolute position of `q[:, 0]`
+      (int or traced int32 scalar; None = `Lk - Lq`).
+    config, scale: as in `attn.superlinear_attention`.
+    variant: `pallas_kernels.platform` variant (None = per platform).
+
+  Returns:
+    `(out [B, Lq, Hq, D] q.dtype, anchors int32 [B, Lq, Hq, K], gates float32
+    [B, Lq, Hq, K])`, as `attn.superlinear_attention_with_anchors`.
+  """
+  q_offset = _check(q, k, q_offset)
+  return _superlinear(q, k, v, q_search, k_search, q_offset, config, float(scale),
+                      variant)
+
+
+# ----------------------------------------------------------------------- PPA
+
+
+def ppa_tables(kv_len: int, *, p: float, window: int):
+  """Host tables of a PPA decode: `(band width, far offsets int32 [S] ascending)`.
+
+  The band is the leading run of consecutive kept offsets `0..width-1` (the
+  window, or every offset when `p = 1`); every other kept offset is a
+  stripe, one row per query.
+  """
+  offsets = masks.ppa_offsets(kv_len - 1, p=p, window=window)
+  run = offsets == np.arange(offsets.size)
+  width = int(offsets.size if run.all() else np.argmin(run))
+  return width, offsets[width:].astype(np.int32)
+
+
+def _ppa_forward(q, k, v, q_offset, p, window, scale, variant):
+  lq, hk = q.shape[1], k.shape[2]
+  width, far = ppa_tables(k.shape[1], p=p, window=window)
+  qr = _to_rows(q, hk)
+  part = kernels.band(q_offset, qr, k, v, lq=lq, width=width, scale=scale,
+                      variant=variant)
+  if far.size:
+    count = common.num_near_offsets(jnp.asarray(far), q_offset, lq=lq)
+    part = common.merge(part, kernels.stripes(q_offset, count, far, qr, k, v, lq=lq,
+                                              scale=scale, variant=variant))
+  return _from_rows(common.finish(part), lq).astype(q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _ppa(q, k, v, q_offset, p, window, scale, variant):
+  return _ppa_forward(q, k, v, q_offset, p, window, scale, variant)
+
+
+def _ppa_fwd(q, k, v, q_offset, p, window, scale, variant):
+  return _ppa_forward(q, k, v, q_offset, p, window, scale, variant), (q, k, v, q_offset)
+
+
+def _ppa_bwd(p, window, scale, variant, res, ct):
+  q, k, v, q_offset = res
+  fn = lambda *a: xla.ppa_attention(*a, q_offset, p=p, window=window, scale=scale)  # noqa: E731
+  _, pull = jax.vjp(fn, q, k, v)
+  return (*pull(ct), None)
+
+
+_ppa.defvjp(_ppa_fwd, _ppa_bwd)
+
+
+def ppa_decode(q, k, v, q_offset, *, p: float, window: int, scale: float, variant=None):
+  """PPA for a few decode queries with the Pallas kernels.
+
+  Args as `superlinear_decode` (no search arrays); `p`, `window` as in
+  `attn.ppa_attention`. Returns `[B, Lq, Hq, D]` in `q.dtype`.
+  """
+  q_offset = _check(q, k, q_offset)
+  return _ppa(q, k, v, q_offset, float(p), int(window), float(scale), variant)

@@ -1,0 +1,258 @@
+"""Block logic shared by every platform variant of block-sparse flash attention.
+
+Everything here is plain `jnp`/scalar arithmetic usable inside a TPU
+(Mosaic) kernel, a GPU (Triton) kernel and outside kernels: the static
+`Spec`, the device-side tables, which key block a grid step / loop step
+visits, whether its tile needs a mask, the tile mask itself and the per-tile
+online-softmax and gradient math.
+
+Two table modes (`Spec.mode`):
+
+  * `"band"`: query at absolute position `p = q_offset + r` sees key `c` iff
+    `0 <= p - c < window` (`window = CAUSAL`: causal). The key blocks of
+    query block `i` are the contiguous run `lo[i] .. lo[i] + count[i] - 1`,
+    computed on the device from a possibly traced `q_offset`; partial tiles
+    are masked from iota positions. Tables are O(number of blocks).
+  * `"table"`: per query block a padded list of key blocks and per slot a
+    mask id (`FULL = 1`, partial >= 2) into deduplicated `[bq, bk]` tiles.
+
+Tables are flat int32 vectors (`[rows * width]`: SMEM-friendly on TPU);
+padding slots repeat the last valid key block (TPU then skips the DMA) and
+are skipped by the kernels (`slot < count`).
+
+Layouts (all variants): `q: [B, Hq, Lq_pad, Dp]`, `k, v: [B, Hk, Lk_pad, Dp]`
+with `Lq_pad = nq * bq`, `Lk_pad = nk * bk`, `Dp >= head_dim` zero padded;
+`lse, delta: [B, Hq, Lq_pad]` float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CAUSAL = 1 << 30          # band window meaning "no lower limit"
+FULL = 1                  # mask id of a tile without masking
+NEG = -0.7 * float(np.finfo(np.float32).max)   # finite "minus infinity"
+LANES = 128
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Static description of one block-sparse attention call."""
+
+  mode: str          # "band" | "table"
+  q_len: int         # real (unpadded) lengths
+  kv_len: int
+  block_q: int
+  block_k: int
+  num_q_blocks: int
+  num_k_blocks: int
+  width: int         # key-block slots per query block (forward, dq)
+  width_t: int       # query-block slots per key block (dkv)
+  groups: int        # query heads per kv head
+  scale: float
+  window: int = CAUSAL
+  count_visits: bool = False
+
+
+class Tables(NamedTuple):
+  """Device tables of one call (int32). Band mode: `blocks`/`blocks_t` hold
+  one first block per row and `masks`/`masks_t`/`tiles` are unused dummies."""
+
+  blocks: jax.Array     # band: [nq] first key block; table: [nq * width]
+  counts: jax.Array     # [nq] non-empty tiles per query block
+  masks: jax.Array      # table: [nq * width] mask ids; band: [1]
+  blocks_t: jax.Array   # band: [nk]; table: [nk * width_t] query blocks per key block
+  counts_t: jax.Array   # [nk]
+  masks_t: jax.Array    # table: [nk * width_t]; band: [1]
+  tiles: jax.Array      # table: [num_masks, bq, bk] 0/1; band: [1, 1, 1]
+  q_offset: jax.Array   # [1] absolute position of query row 0
+
+
+# ------------------------------------------------------------ static choices
+
+
+def band_width(q_len, kv_len, window, block_q, block_k) -> int:
+  """Static bound on key blocks per query block for a band mask."""
+  nk = -(-kv_len // block_k)
+  if window >= CAUSAL:
+    return nk
+  # keys of one query block span at most block_q + window - 1 positions
+  return max(1, min(nk, (block_q + window - 3) // block_k + 2))
+
+
+def band_width_t(q_len, kv_len, window, block_q, block_k) -> int:
+  """Static bound on query blocks per key block for a band mask."""
+  nq = -(-q_len // block_q)
+  if window >= CAUSAL:
+    return nq
+  return max(1, min(nq, (block_k + window - 3) // block_q + 2))
+
+
+def pad_head_dim_tpu(d: int) -> int:
+  return -(-d // LANES) * LANES
+
+
+def pad_head_dim_gpu(d: int) -> int:
+  return max(16, 1 << (d - 1).bit_length())
+
+
+def pad_last(x, size: int):
+  """Zero pads the last dim of `x` to `size` (no copy when already there)."""
+  extra = size - x.shape[-1]
+  return x if extra == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+
+# ------------------------------------------------------ device band tables
+
+
+def band_tables(q_offset, spec: Spec) -> Tables:
+  """Band tables from a (possibly traced) int32 `q_offset`, on the device."""
+  bq, bk, w = spec.block_q, spec.block_k, spec.window
+  qo = jnp.asarray(q_offset, jnp.int32).reshape(())
+  # Query block i: rows [r0, r1] -> keys [max(qo + r0 - w + 1, 0), min(qo + r1, kv_len - 1)].
+  r0 = jnp.arange(spec.num_q_blocks, dtype=jnp.int32) * bq
+  r1 = jnp.minimum(r0 + bq, spec.q_len) - 1
+  kmin = jnp.maximum(qo + r0 - (w - 1), 0) if w < CAUSAL else jnp.zeros_like(r0)
+  kmax = jnp.minimum(qo + r1, spec.kv_len - 1)
+  lo, counts = _run(kmin, kmax, bk, spec.width)
+  # Key block j: keys [c0, c1] -> rows [c0 - qo, c1 + w - 1 - qo] within [0, q_len - 1].
+  c0 = jnp.arange(spec.num_k_blocks, dtype=jnp.int32) * bk
+  c1 = jnp.minimum(c0 + bk, spec.kv_len) - 1
+  rmin = jnp.maximum(c0 - qo, 0)
+  rmax = jnp.minimum(c1 + (w - 1) - qo, spec.q_len - 1) if w < CAUSAL else jnp.full_like(
+      c0, spec.q_len - 1)
+  lo_t, counts_t = _run(rmin, rmax, bq, spec.width_t)
+  dummy = jnp.zeros((1,), jnp.int32)
+  return Tables(lo, counts, dummy, lo_t, counts_t, dummy,
+                jnp.zeros((1, 1, 1), jnp.int32), qo.reshape(1))
+
+
+def _run(first, last, block, width):
+  """Blocks covering positions `[first, last]` (empty if first > last)."""
+  lo = jnp.maximum(first, 0) // block
+  hi = jnp.maximum(last, 0) // block
+  n = jnp.where(first <= last, jnp.minimum(hi - lo + 1, width), 0)
+  return jnp.where(n > 0, lo, 0).astype(jnp.int32), n.astype(jnp.int32)
+
+
+# ------------------------------------------------ per grid step / loop step
+
+
+def slot_block(spec: Spec, blocks, counts, row, slot, width):
+  """Block index visited at `slot` of `row` (padding repeats the last one)."""
+  if spec.mode == "band":
+    return blocks[row] + jnp.minimum(slot, jnp.maximum(counts[row] - 1, 0))
+  return blocks[row * width + slot]
+
+
+def slot_mask_id(spec: Spec, masks, row, slot, width):
+  if spec.mode == "band":
+    return jnp.int32(0)
+  return masks[row * width + slot]
+
+
+def needs_mask(spec: Spec, qb, kb, q_offset, mask_id):
+  """Scalar: whether tile (query block `qb`, key block `kb`) must be masked.
+
+  False only when every entry of the tile whose query row is real
+  (`< q_len`) is visible and the key block has no padding past `kv_len`.
+  """
+  bq, bk = spec.block_q, spec.block_k
+  edge = (kb + 1) * bk > spec.kv_len
+  if spec.mode == "table":
+    return (mask_id != FULL) | edge
+  r0 = qb * bq
+  r1 = jnp.minimum(r0 + bq, spec.q_len) - 1
+  dmin = q_offset + r0 - (kb * bk + bk - 1)
+  dmax = q_offset + r1 - kb * bk
+  return (dmin < 0) | (dmax >= spec.window) | edge
+
+
+def tile_visible(spec: Spec, qb, kb, q_offset, tile=None):
+  """Bool `[bq, bk]`: which entries of the tile are visible."""
+  bq, bk = spec.block_q, spec.block_k
+  r = qb * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+  c = kb * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+  ok = (r < spec.q_len) & (c < spec.kv_len)
+  if spec.mode == "table":
+    return ok & (tile != 0)
+  d = q_offset + r - c
+  ok = ok & (d >= 0)
+  if spec.window < CAUSAL:
+    ok = ok & (d < spec.window)
+  return ok
+
+
+def keys_seen(spec: Spec, kb, q_offset, shape):
+  """Bool `shape = [bk, Dp]`: key rows of block `kb` that some query sees.
+
+  Band mode only (table layouts zero unseen keys before the kernel). Rows no
+  query may see are zeroed before use, so NaN/Inf there never reaches an
+  output or gradient (0 * NaN is NaN).
+  """
+  c = kb * spec.block_k + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+  last = q_offset + spec.q_len - 1
+  ok = (c <= last) & (c < spec.kv_len)
+  if spec.window < CAUSAL:
+    ok = ok & (c > q_offset - spec.window)
+  return ok
+
+
+# ---------------------------------------------------------------- tile math
+
+
+def _precision(dtype):
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def dot(a, b, contract=(1, 0)):
+  """`a . b` contracting `a`'s dim `contract[0]` with `b`'s `contract[1]`, f32."""
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                             preferred_element_type=F32, precision=_precision(a.dtype))
+
+
+def online_step(s, visible, m_prev, l_prev):
+  """One key tile of the online softmax.
+
+  Args:
+    s: f32 `[bq, bk]` scaled scores; visible: bool `[bq, bk]` or None (all).
+    m_prev, l_prev: f32 `[bq, 1]` running max / normaliser.
+
+  Returns `(m_new, l_new, p, alpha)`: `p [bq, bk]` unnormalised
+  probabilities (exactly 0 where not visible), `alpha` rescales the old sum.
+  """
+  if visible is not None:
+    s_max = jnp.where(visible, s, NEG)
+  else:
+    s_max = s
+  m_new = jnp.maximum(m_prev, jnp.max(s_max, axis=1, keepdims=True))
+  p = jnp.exp(s - m_new)
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
+  alpha = jnp.exp(m_prev - m_new)
+  l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+  return m_new, l_new, p, alpha
+
+
+def finish(acc, m, l):
+  """`(out, lse)`: `acc / l` (0 where nothing is visible) and `m + log l`
+  (`+inf` where nothing is visible, so the backward's `exp(s - lse)` is 0)."""
+  seen = l > 0
+  out = jnp.where(seen, acc / jnp.where(seen, l, 1.0), 0.0)
+  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+  return out, lse
+
+
+def bwd_probs(s, visible, lse, dp, delta):
+  """`(p, ds)` of a tile: `p = exp(s - lse)` (0 where not visible) and
+  `ds = p * (dp - delta)`; `s, dp: [bq, bk]`, `lse, delta: [bq, 1]`."""
+  p = jnp.exp(s - lse)
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
+  return p, p * (dp - delta)

@@ -1,0 +1,171 @@
+"""Public entry of the block-sparse kernels: padding, `custom_vjp`, dispatch.
+
+`band_attention` (causal / sliding window, tables computed on the device
+from a possibly traced `q_offset`) and `table_attention` (tables built on the
+host from an arbitrary layout) take user-layout arrays
+`q: [batch, q_len, num_q_heads, head_dim]`, `k, v: [batch, kv_len,
+num_kv_heads, head_dim]` and return an array like `q`. Inside: head_dim is
+zero padded by each variant (TPU: multiple of 128, GPU: power of two >= 16),
+sequences are padded to whole
+blocks, heads are moved before positions, and one `jax.custom_vjp` runs the
+forward kernel and the dq / dkv kernels of the platform chosen at lowering
+time (`pallas_kernels.platform.dispatch`). jit, vmap, grad and checkpoint
+compose with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import platform
+from pallas_kernels.block_sparse import common, gpu, tpu
+from pallas_kernels.block_sparse.common import F32, Spec, Tables
+
+# Compiled and tested on real hardware (none yet). `attn` selects these
+# kernels for `implementation=None` only on a backend listed here, e.g.
+#   platform.HardwareCheck("gpu", "NVIDIA H100 80GB HBM3", "2026-..-..",
+#                          "pytest -m gpu tests/test_pallas_block_sparse.py; "
+#                          "python -m eval.bench_kernels")
+HARDWARE_CHECKS: tuple[platform.HardwareCheck, ...] = ()
+
+
+def check_blocks(block_q: int, block_k: int):
+  """Both variants: powers of two >= 16 (Triton), hence multiples of 8 (TPU)."""
+  for name, val in (("block_q", block_q), ("block_k", block_k)):
+    if val < 16 or val & (val - 1):
+      raise ValueError(f"{name}={val}: the Pallas kernels need a power of two >= 16; "
+                       "build the layout with such blocks.")
+
+
+def _to_kernel(x, rows):
+  """`[B, L, H, D] -> [B, H, rows, D]` zero padded (head_dim is padded by
+  each platform variant: TPU to a multiple of 128, GPU to a power of two)."""
+  x = jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, 0), (0, 0)))
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _from_kernel(x, l):
+  return jnp.swapaxes(x, 1, 2)[:, :l]
+
+
+# ----------------------------------------------------------- custom_vjp core
+
+
+def _fwd_call(q, k, v, tabs, spec, variant):
+  return platform.dispatch((q, k, v, tabs), tpu=functools.partial(tpu.fwd, spec=spec),
+                           gpu=functools.partial(gpu.fwd, spec=spec), variant=variant)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, tabs, spec, variant):
+  return _fwd_call(q, k, v, tabs, spec, variant)[0]
+
+
+def _attention_fwd(q, k, v, tabs, spec, variant):
+  o, lse = _fwd_call(q, k, v, tabs, spec, variant)
+  return o, (q, k, v, tabs, o, lse)
+
+
+def _attention_bwd(spec, variant, res, do):
+  q, k, v, tabs, o, lse = res
+  delta = jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)          # [B, Hq, Lq_pad]
+  dq, dk, dv = platform.dispatch(
+      (q, k, v, do, lse, delta, tabs), tpu=functools.partial(tpu.bwd, spec=spec),
+      gpu=functools.partial(gpu.bwd, spec=spec), variant=variant)
+  return dq, dk, dv, jax.tree.map(lambda _: None, tabs)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _run(q, k, v, tabs: Tables, spec: Spec, variant):
+  lq = q.shape[1]
+  args = (_to_kernel(q, spec.num_q_blocks * spec.block_q),
+          _to_kernel(k, spec.num_k_blocks * spec.block_k),
+          _to_kernel(v, spec.num_k_blocks * spec.block_k))
+  if spec.count_visits:
+    o, _, visits = _fwd_call(*args, tabs, spec, variant)
+    return _from_kernel(o, lq), visits
+  return _from_kernel(_attention(*args, tabs, spec, variant), lq)
+
+
+def _base_spec(q, k, *, mode, block_q, block_k, scale, window, width, width_t, count_visits):
+  check_blocks(block_q, block_k)
+  lq, hq = q.shape[1], q.shape[2]
+  lk, hk = k.shape[1], k.shape[2]
+  return Spec(mode=mode, q_len=lq, kv_len=lk, block_q=block_q, block_k=block_k,
+              num_q_blocks=-(-lq // block_q), num_k_blocks=-(-lk // block_k),
+              width=width, width_t=width_t, groups=hq // hk, scale=float(scale),
+              window=window, count_visits=count_visits)
+
+
+# -------------------------------------------------------------- entry points
+
+
+def band_attention(q, k, v, q_offset, *, window: int | None, scale: float,
+                   block_q: int = 128, block_k: int = 128, variant=None,
+                   count_visits: bool = False):
+  """Causal (`window=None`) or sliding-window attention.
+
+  Query `i` sits at position `q_offset + i` (int or traced int32 scalar) and
+  sees keys `c` with `0 <= q_offset + i - c < window`. Key blocks are
+  visited per query block from tables computed on the device from
+  `q_offset` (static grid bound); partial tiles are masked from positions.
+  `count_visits=True` (forward only, no gradient) also returns int32
+  `[B, Hq, nq]`: key blocks each grid row computed.
+  """
+  lq, lk = q.shape[1], k.shape[1]
+  w = common.CAUSAL if window is None else int(window)
+  spec = _base_spec(q, k, mode="band", block_q=block_q, block_k=block_k, scale=scale,
+                    window=w, width=common.band_width(lq, lk, w, block_q, block_k),
+                    width_t=common.band_width_t(lq, lk, w, block_q, block_k),
+                    count_visits=count_visits)
+  q_offset = lk - lq if q_offset is None else q_offset
+  return _run(q, k, v, common.band_tables(q_offset, spec), spec, variant)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostTables:
+  """Host (numpy) tables of a table layout, as `table_attention` takes them.
+
+  `blocks`/`masks`: `[nq, width]` key blocks and mask ids per query block
+  (padding slots repeat the last valid entry), `counts: [nq]`; the `_t`
+  fields the same per key block (query blocks, ascending); `tiles`:
+  `[num_masks, bq, bk]` 0/1 with id 1 = full; `keys_seen`: bool `[kv_len]`,
+  keys some query sees (others are zeroed before the kernels).
+  """
+
+  blocks: object
+  counts: object
+  masks: object
+  blocks_t: object
+  counts_t: object
+  masks_t: object
+  tiles: object
+  keys_seen: object
+  q_len: int
+  kv_len: int
+  block_q: int
+  block_k: int
+
+
+def table_attention(q, k, v, tables: HostTables, *, scale: float, variant=None,
+                    count_visits: bool = False):
+  """Attention over an arbitrary block layout given as `HostTables`."""
+  t = tables
+  spec = _base_spec(q, k, mode="table", block_q=t.block_q, block_k=t.block_k, scale=scale,
+                    window=common.CAUSAL, width=int(t.blocks.shape[1]),
+                    width_t=int(t.blocks_t.shape[1]), count_visits=count_visits)
+  i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+  tabs = Tables(i32(t.blocks).reshape(-1), i32(t.counts), i32(t.masks).reshape(-1),
+                i32(t.blocks_t).reshape(-1), i32(t.counts_t), i32(t.masks_t).reshape(-1),
+                i32(t.tiles), jnp.zeros((1,), jnp.int32))
+  if not bool(t.keys_seen.all()):
+    seen = jnp.asarray(t.keys_seen)[None, :, None, None]
+    k = jnp.where(seen, k, jnp.zeros((), k.dtype))
+    v = jnp.where(seen, v, jnp.zeros((), v.dtype))
+  return _run(q, k, v, tabs, spec, variant)

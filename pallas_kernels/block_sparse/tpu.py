@@ -1,0 +1,298 @@
+"""TPU (Mosaic) variant: `pltpu.PrefetchScalarGridSpec` kernels.
+
+The layout tables are scalar-prefetched (SMEM) and read by the K/V index
+maps, so a grid step whose slot repeats the previous block index issues no
+DMA; the body runs under `pl.when(slot < count)`. Online-softmax state and
+gradient accumulators live in VMEM scratch. Block shapes follow the (8, 128)
+rule: rows are `block_q` / `block_k` (multiples of 8), lanes the head_dim
+padded to a multiple of 128, and `lse` / `delta` are carried lane-replicated
+as `[.., rows, 128]` (as jax's shipped TPU kernels do).
+
+  * forward: grid `(B, Hq, nq, width)`, key slots innermost;
+  * dq: the same grid;
+  * dkv: grid `(B, Hk, nk, G, width_t)`: for a key block, every query head of
+    its group and every query block that lists it (GQA accumulates in VMEM).
+
+float16 inputs run in float32 (Mosaic has no float16 matmul).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.block_sparse import common
+from pallas_kernels.block_sparse.common import F32, LANES, Spec, Tables
+
+NUM_PREFETCH = 4  # blocks, counts, masks, q_offset
+
+
+def _lanes(x):
+  """`[B, H, L] -> [B, H, L, 128]` lane-replicated."""
+  return jnp.broadcast_to(x[..., None], x.shape + (LANES,))
+
+
+def _cast_in(*xs):
+  return tuple(x.astype(F32) if x.dtype == jnp.float16 else x for x in xs)
+
+
+def _prefetch(tabs: Tables, transposed: bool):
+  if transposed:
+    return (tabs.blocks_t, tabs.counts_t, tabs.masks_t, tabs.q_offset)
+  return (tabs.blocks, tabs.counts, tabs.masks, tabs.q_offset)
+
+
+def _compiler(n_parallel, n_arbitrary):
+  return pltpu.CompilerParams(
+      dimension_semantics=("parallel",) * n_parallel + ("arbitrary",) * n_arbitrary)
+
+
+def _row_spec(spec: Spec, lanes: int, transposed: bool):
+  """BlockSpec of a per-query-row input (q, do, lse, delta)."""
+  bq = spec.block_q
+  if not transposed:
+    return pl.BlockSpec((None, None, bq, lanes), lambda b, h, i, j, *_: (b, h, i, 0))
+
+  def index(b, hk, j, g, t, blocks, counts, masks, qo):
+    qb = common.slot_block(spec, blocks, counts, j, t, spec.width_t)
+    return (b, hk * spec.groups + g, qb, 0)
+  return pl.BlockSpec((None, None, bq, lanes), index)
+
+
+def _kv_spec(spec: Spec, dp: int, transposed: bool):
+  bk = spec.block_k
+  if transposed:
+    return pl.BlockSpec((None, None, bk, dp), lambda b, hk, j, g, t, *_: (b, hk, j, 0))
+
+  def index(b, h, i, j, blocks, counts, masks, qo):
+    kb = common.slot_block(spec, blocks, counts, i, j, spec.width)
+    return (b, h // spec.groups, kb, 0)
+  return pl.BlockSpec((None, None, bk, dp), index)
+
+
+def _tile_spec(spec: Spec, transposed: bool):
+  width = spec.width_t if transposed else spec.width
+
+  def index(*args):
+    row, slot = (args[2], args[4]) if transposed else (args[2], args[3])
+    masks = args[-2]
+    return (common.slot_mask_id(spec, masks, row, slot, width), 0, 0)
+  return pl.BlockSpec((None, spec.block_q, spec.block_k), index)
+
+
+def _tile_state(spec, qb, kb, qo, mask_id, tile_ref):
+  """`(needs_mask, visible)`: a scalar, and a thunk building the tile mask."""
+  masked = common.needs_mask(spec, qb, kb, qo, mask_id)
+
+  def visible():  # read the tile only in the masked branch
+    tile = tile_ref[...] if tile_ref is not None else None
+    return common.tile_visible(spec, qb, kb, qo, tile)
+  return masked, visible
+
+
+# ------------------------------------------------------------------ forward
+
+
+def _fwd_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, *rest, spec: Spec):
+  table = spec.mode == "table"
+  tile_ref = rest[0] if table else None
+  rest = rest[1:] if table else rest
+  if spec.count_visits:
+    o_ref, lse_ref, vis_ref, m_ref, l_ref, acc_ref = rest
+  else:
+    (o_ref, lse_ref, m_ref, l_ref, acc_ref), vis_ref = rest, None
+  i, j = pl.program_id(2), pl.program_id(3)
+  qo = qo_ref[0]
+
+  @pl.when(j == 0)
+  def _init():
+    m_ref[...] = jnp.full(m_ref.shape, common.NEG, F32)
+    l_ref[...] = jnp.zeros(l_ref.shape, F32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, F32)
+    if vis_ref is not None:
+      vis_ref[...] = jnp.zeros(vis_ref.shape, jnp.int32)
+
+  kb = common.slot_block(spec, blocks, counts, i, j, spec.width)
+  mid = common.slot_mask_id(spec, masks, i, j, spec.width)
+  active = j < counts[i]
+  masked, visible = _tile_state(spec, i, kb, qo, mid, tile_ref)
+
+  def step(use_mask):
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    if use_mask and not table:
+      v = jnp.where(common.keys_seen(spec, kb, qo, v.shape), v, 0)
+    s = common.dot(q, k, (1, 1)) * spec.scale
+    vis = visible() if use_mask else None
+    m_prev, l_prev = m_ref[...][:, :1], l_ref[...][:, :1]
+    m_new, l_new, p, alpha = common.online_step(s, vis, m_prev, l_prev)
+    acc_ref[...] = alpha * acc_ref[...] + common.dot(p.astype(v.dtype), v)
+    m_ref[...] = jnp.broadcast_to(m_new, m_ref.shape)
+    l_ref[...] = jnp.broadcast_to(l_new, l_ref.shape)
+    if vis_ref is not None:
+      vis_ref[...] += 1
+
+  pl.when(active & jnp.logical_not(masked))(lambda: step(False))
+  pl.when(active & masked)(lambda: step(True))
+
+  @pl.when(j == spec.width - 1)
+  def _finish():
+    out, lse = common.finish(acc_ref[...], m_ref[...][:, :1], l_ref[...][:, :1])
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
+
+
+def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
+  """Forward: `(o [B, Hq, Lq_pad, Dp] like q, lse [B, Hq, Lq_pad] f32[, visits])`."""
+  out_dtype, d = q.dtype, q.shape[-1]
+  dp = common.pad_head_dim_tpu(d)
+  q, k, v = (common.pad_last(x, dp) for x in _cast_in(q, k, v))
+  b, hq, lqp, _ = q.shape
+  bq = spec.block_q
+  in_specs = [_row_spec(spec, dp, False), _kv_spec(spec, dp, False), _kv_spec(spec, dp, False)]
+  args = [q, k, v]
+  if spec.mode == "table":
+    in_specs.append(_tile_spec(spec, False))
+    args.append(tabs.tiles)
+  out_shape = [jax.ShapeDtypeStruct((b, hq, lqp, dp), out_dtype),
+               jax.ShapeDtypeStruct((b, hq, lqp, LANES), F32)]
+  out_specs = [_row_spec(spec, dp, False), _row_spec(spec, LANES, False)]
+  if spec.count_visits:
+    out_shape.append(jax.ShapeDtypeStruct((b, hq, spec.num_q_blocks * 8, LANES), jnp.int32))
+    out_specs.append(pl.BlockSpec((None, None, 8, LANES), lambda b, h, i, j, *_: (b, h, i, 0)))
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=NUM_PREFETCH, grid=(b, hq, spec.num_q_blocks, spec.width),
+      in_specs=in_specs, out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM((bq, LANES), F32), pltpu.VMEM((bq, LANES), F32),
+                      pltpu.VMEM((bq, dp), F32)])
+  outs = pl.pallas_call(
+      functools.partial(_fwd_kernel, spec=spec), grid_spec=grid_spec, out_shape=out_shape,
+      compiler_params=_compiler(3, 1), interpret=interpret,
+      name="block_sparse_fwd")(*_prefetch(tabs, False), *args)
+  o = outs[0][..., :d]
+  if spec.count_visits:
+    return o, outs[1][..., 0], outs[2][:, :, ::8, 0]
+  return o, outs[1][..., 0]
+
+
+# ----------------------------------------------------------------- backward
+
+
+def _dq_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, *rest, spec: Spec):
+  table = spec.mode == "table"
+  tile_ref = rest[0] if table else None
+  dq_ref, acc_ref = rest[1:] if table else rest
+  i, j = pl.program_id(2), pl.program_id(3)
+  qo = qo_ref[0]
+
+  @pl.when(j == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, F32)
+
+  kb = common.slot_block(spec, blocks, counts, i, j, spec.width)
+  mid = common.slot_mask_id(spec, masks, i, j, spec.width)
+  active = j < counts[i]
+  masked, visible = _tile_state(spec, i, kb, qo, mid, tile_ref)
+
+  def step(use_mask):
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    if use_mask and not table:
+      seen = common.keys_seen(spec, kb, qo, k.shape)
+      k, v = jnp.where(seen, k, 0), jnp.where(seen, v, 0)
+    s = common.dot(q, k, (1, 1)) * spec.scale
+    dpv = common.dot(do, v, (1, 1))
+    _, ds = common.bwd_probs(s, visible() if use_mask else None, lse_ref[...][:, :1],
+                             dpv, delta_ref[...][:, :1])
+    acc_ref[...] += common.dot(ds.astype(k.dtype), k) * spec.scale
+
+  pl.when(active & jnp.logical_not(masked))(lambda: step(False))
+  pl.when(active & masked)(lambda: step(True))
+
+  @pl.when(j == spec.width - 1)
+  def _finish():
+    dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                delta_ref, *rest, spec: Spec):
+  table = spec.mode == "table"
+  tile_ref = rest[0] if table else None
+  dk_ref, dv_ref, dk_acc, dv_acc = rest[1:] if table else rest
+  j, g, t = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+  qo = qo_ref[0]
+
+  @pl.when((g == 0) & (t == 0))
+  def _init():
+    dk_acc[...] = jnp.zeros(dk_acc.shape, F32)
+    dv_acc[...] = jnp.zeros(dv_acc.shape, F32)
+
+  qb = common.slot_block(spec, blocks, counts, j, t, spec.width_t)
+  mid = common.slot_mask_id(spec, masks, j, t, spec.width_t)
+  active = t < counts[j]
+  masked, visible = _tile_state(spec, qb, j, qo, mid, tile_ref)
+
+  def step(use_mask):
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    if use_mask and not table:
+      seen = common.keys_seen(spec, j, qo, k.shape)
+      k, v = jnp.where(seen, k, 0), jnp.where(seen, v, 0)
+    s = common.dot(q, k, (1, 1)) * spec.scale                     # [bq, bk]
+    dpv = common.dot(do, v, (1, 1))
+    p, ds = common.bwd_probs(s, visible() if use_mask else None, lse_ref[...][:, :1],
+                             dpv, delta_ref[...][:, :1])
+    dv_acc[...] += common.dot(p.astype(do.dtype).T, do)   # [bk, Dp]
+    dk_acc[...] += common.dot(ds.astype(q.dtype).T, q) * spec.scale
+
+  pl.when(active & jnp.logical_not(masked))(lambda: step(False))
+  pl.when(active & masked)(lambda: step(True))
+
+  @pl.when((g == spec.groups - 1) & (t == spec.width_t - 1))
+  def _finish():
+    dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
+  """Gradients `(dq, dk, dv)` in the padded layouts of `q, k, v`."""
+  dtypes, d = (q.dtype, k.dtype, v.dtype), q.shape[-1]
+  dp = common.pad_head_dim_tpu(d)
+  q, k, v, do = (common.pad_last(x, dp) for x in _cast_in(q, k, v, do))
+  b, hq, lqp, _ = q.shape
+  hk, lkp = k.shape[1], k.shape[2]
+  bq, bk = spec.block_q, spec.block_k
+  lse, delta = _lanes(lse), _lanes(delta)
+  table = spec.mode == "table"
+
+  def specs(transposed):
+    row, kv = _row_spec(spec, dp, transposed), _kv_spec(spec, dp, transposed)
+    lanes = _row_spec(spec, LANES, transposed)
+    out = [row, kv, kv, row, lanes, lanes]
+    return out + ([_tile_spec(spec, transposed)] if table else [])
+
+  args = [q, k, v, do, lse, delta] + ([tabs.tiles] if table else [])
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, spec=spec),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=NUM_PREFETCH, grid=(b, hq, spec.num_q_blocks, spec.width),
+          in_specs=specs(False), out_specs=_row_spec(spec, dp, False),
+          scratch_shapes=[pltpu.VMEM((bq, dp), F32)]),
+      out_shape=jax.ShapeDtypeStruct((b, hq, lqp, dp), dtypes[0]),
+      compiler_params=_compiler(3, 1), interpret=interpret,
+      name="block_sparse_dq")(*_prefetch(tabs, False), *args)
+  kv_out = pl.BlockSpec((None, None, bk, dp), lambda b, hk, j, g, t, *_: (b, hk, j, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, spec=spec),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=NUM_PREFETCH,
+          grid=(b, hk, spec.num_k_blocks, spec.groups, spec.width_t),
+          in_specs=specs(True), out_specs=[kv_out, kv_out],
+          scratch_shapes=[pltpu.VMEM((bk, dp), F32), pltpu.VMEM((bk, dp), F32)]),
+      out_shape=[jax.ShapeDtypeStruct((b, hk, lkp, dp), dtypes[1]),
+                 jax.ShapeDtypeStruct((b, hk, lkp, dp), dtypes[2])],
+      compiler_params=_compiler(3, 2), interpret=interpret,
+      name="block_sparse_dkv")(*_prefetch(tabs, True), *args)
+  return dq[..., :d], dk[..., :d], dv[..., :d]

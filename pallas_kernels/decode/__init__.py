@@ -1,0 +1,20 @@
+"""Decode kernels: a few queries (1-16) against a KV cache of any length.
+
+Superlinear attention (stripe span-search with a running top-k, then the
+selected spans and the window) and PPA (the dense band of kept offsets and
+one row per kept far offset), reading `O(sqrt(t))` / `O(w + t^p)` cache rows
+per token instead of `O(t)`. `ops.py` holds the four forward kernels
+(`search`, `band`, `stripes`, `ranges`) with their platform dispatch,
+`common.py` the block logic both variants share, `tpu.py` / `gpu.py` the
+Mosaic and Triton variants. The `attn` glue is `attn/_pallas_decode.py`;
+docs/kernels_decode.md describes the design.
+"""
+
+from pallas_kernels.platform import HardwareCheck
+
+# Hardware runs of these kernels (compiled tests + benchmark). Empty: they
+# have run only in the CPU interpreters and been lowered by `jax.export`, so
+# `implementation=None` keeps choosing `xla`. A `HardwareCheck("gpu", ...)`
+# record here, written after `pytest -m gpu tests/test_pallas_decode.py`
+# passes on a GPU, is what would let None pick them on that backend.
+VERIFIED: tuple[HardwareCheck, ...] = ()

@@ -1,0 +1,21 @@
+"""Stripe kernels: one contiguous key slice per key offset for a block of queries.
+
+* `search_topk`: superlinear span-search (unscaled float32 stripe scores,
+  running top-k in the kernel, ties to the farther stripe);
+* `selected_scores`: the differentiable gate logits at chosen anchors
+  (dq and dk kernels; dk as transposed stripes, no atomics);
+* `ppa_attention`: attention over a static offset set (dense runs as matmul
+  tiles, sparse far offsets as stripes), forward, dq and dk/dv kernels.
+
+Design notes: docs/kernels_stripe.md.
+"""
+
+from pallas_kernels.platform import HardwareCheck
+from pallas_kernels.stripe.ops import ppa_attention, search_topk, selected_scores
+
+# Runs of these kernels compiled and tested on real hardware (none yet: no
+# accelerator has been lent to this project's kernel work). One record per
+# backend makes `implementation=None` pick them there.
+HARDWARE_CHECKS: tuple[HardwareCheck, ...] = ()
+
+__all__ = ["HARDWARE_CHECKS", "ppa_attention", "search_topk", "selected_scores"]

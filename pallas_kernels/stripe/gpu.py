@@ -1,0 +1,63 @@
+"""GPU (Pallas Triton) launcher of the stripe kernels; see `platforms.py`."""
+
+from __future__ import annotations
+
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.stripe.platforms import head_block as _head_block
+
+
+class _GpuCtx:
+  def __init__(self, frames, kinds):
+    self._frames, self._kinds = frames, kinds
+
+  def scalar(self, ref, j):
+    return ref[j]
+
+  def rows(self, name, start, n, u, g=None):
+    del u
+    ref = self._frames[name]
+    if self._kinds[name] == "group":   # one indexer (Triton takes no chains)
+      return pltriton.load(ref.at[g, pl.ds(start, n), :])
+    return pltriton.load(ref.at[pl.ds(start, n), :])
+
+
+def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_rows,
+               interpret, num_warps=4):
+  """Runs `body(ctx, *table_refs, *block_refs, *out_refs)` as a Triton kernel."""
+  del unit, buf_rows
+  names = list(frames)
+  kinds = {k: frames[k][1] for k in names}
+  nt, nb, nf = len(tables), len(blocks), len(names)
+
+  def block_spec(shape_w, rows, kind):
+    hb = _head_block(kind, group)
+    return pl.BlockSpec((None, None, rows, shape_w), lambda b, h, i: (b, hb(h), i, 0))
+
+  def frame_spec(arr, kind):
+    _, _, rows, w = arr.shape
+    if kind == "group":
+      return pl.BlockSpec((None, group, rows, w), lambda b, h, i: (b, h, 0, 0))
+    hb = _head_block(kind, group)
+    return pl.BlockSpec((None, None, rows, w), lambda b, h, i: (b, hb(h), 0, 0))
+
+  in_specs = [pl.BlockSpec(t.shape, lambda b, h, i: (0,)) for t in tables]
+  in_specs += [block_spec(a.shape[-1], r, kind) for a, r, kind in blocks]
+  in_specs += [frame_spec(frames[k][0], kinds[k]) for k in names]
+  out_specs = [block_spec(s.shape[-1], r, "same") for s, r in outs]
+
+  def kernel(*refs):
+    t = refs[:nt]
+    bl = refs[nt:nt + nb]
+    fr = dict(zip(names, refs[nt + nb:nt + nb + nf]))
+    o = refs[nt + nb + nf:]
+    body(_GpuCtx(fr, kinds), *t, *bl, *o)
+
+  return pl.pallas_call(
+      kernel, out_shape=[s for s, _ in outs], grid=grid, in_specs=in_specs,
+      out_specs=out_specs, interpret=interpret,
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+  )(*tables, *(a for a, _, _ in blocks), *(frames[k][0] for k in names))
+
+

@@ -1,0 +1,409 @@
+"""Public entries of the stripe kernels: frames, tables, custom_vjp, dispatch.
+
+Shapes follow `attn`: `q: [B, Lq, Hq, D]`, `k, v: [B, Lk, Hk, D]`,
+`G = Hq // Hk`; query `i` sits at absolute position `q_offset + i`. Each
+entry hands the same arrays to a TPU and a GPU variant
+(`pallas_kernels.platform.dispatch`); a variant pads head_dim for its
+platform, builds the frames and residue-grouped tables (`common.py`) and
+launches the shared kernel bodies (`kernels.py`) through `platforms.py`.
+
+A traced `q_offset` is clipped to `[0, kv_len - q_len]` so that no window can
+leave its frame (the `attn` ops check concrete values).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import platform as _platform
+from pallas_kernels.stripe import common, kernels, platforms
+
+F32 = jnp.float32
+
+
+def _unit(plat: str, dtype) -> int:
+  """Alignment unit: TPU sublane tile rows; the GPU loads any row (1)."""
+  return common.align_for(dtype) if plat == "tpu" else 1
+
+
+def _block(plat: str, length: int, requested: int | None, unit: int) -> int:
+  """Block rows: TPU a multiple of the unit, GPU a power of two >= 16."""
+  want = requested or (128 if plat == "tpu" else 64)
+  if plat == "tpu":
+    return max(unit, min(common.round_up(want, unit), common.round_up(length, unit)))
+  return max(16, min(common.next_pow2(want), common.next_pow2(length)))
+
+
+def _clip_offset(q_offset, q_len: int, kv_len: int):
+  """None -> `kv_len - q_len`; otherwise clipped into `[0, kv_len - q_len]`."""
+  if q_offset is None:
+    return jnp.int32(kv_len - q_len)
+  return jnp.clip(jnp.asarray(q_offset, jnp.int32), 0, kv_len - q_len)
+
+
+def _heads_first(x, rows: int, dp: int, fill=0):
+  """`[B, L, H, W] -> [B, H, rows, dp]` padded at the end with `fill`."""
+  x = jnp.moveaxis(x, 2, 1)
+  return jnp.pad(x, ((0, 0), (0, 0), (0, rows - x.shape[2]), (0, dp - x.shape[3])),
+                 constant_values=fill)
+
+
+def _launch(plat, body, *, interpret, **kw):
+  return platforms.launcher(plat)(body, interpret=interpret, **kw)
+
+
+# ----------------------------------------------------------------- search
+
+
+def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, interpret):
+  b, lq, hq, ds = qs.shape
+  lk, hk = ks.shape[1], ks.shape[2]
+  unit = _unit(plat, ks.dtype)
+  bq = _block(plat, lq, block_q, unit)
+  dp = common.head_dim_padded(ds, plat)
+  lq_pad = common.round_up(lq, bq)
+  front = common.round_up(max(fmax - 1, 0), max(unit, 8))
+  rows = common.round_up(front + lk + lq_pad + 2 * max(unit, 8), max(unit, 8))
+  kp = common.next_pow2(num)
+  deltas, bounds = common.group_by_residue(qoff + 1 - f, f.shape[0], unit)
+  body = functools.partial(kernels.search_body, num=num, bq=bq, lk=lk, front=front,
+                           unit=unit)
+  anc, sc = _launch(
+      plat, body, interpret=interpret, grid=(b, hq, lq_pad // bq),
+      tables=[deltas, bounds],
+      blocks=[(_heads_first(qs, lq_pad, dp), bq, "same")],
+      frames={"ks": (common.to_frame(ks, front, rows, dp), "kv")},
+      outs=[(jax.ShapeDtypeStruct((b, hq, lq_pad, kp), jnp.int32), bq),
+            (jax.ShapeDtypeStruct((b, hq, lq_pad, kp), F32), bq)],
+      group=hq // hk, unit=unit, buf_rows=bq)
+  back = lambda x: jnp.moveaxis(x[:, :, :lq, :num], 1, 2)  # noqa: E731
+  return back(anc), back(sc)
+
+
+def search_topk(q_search, k_search, stripe_offsets, *, num_spans, q_offset, variant=None,
+                block_q=None):
+  """Superlinear span-search: top-`num_spans` stripe anchors per query head.
+
+  Args:
+    q_search: `[B, Lq, Hq, Ds]`; k_search: `[B, Lk, Hk, Ds]` (any float dtype;
+      scores are float32 and unscaled).
+    stripe_offsets: int32 `[S]`, the offsets `f(j)` far to near
+      (`attn.masks.superlinear_stripe_table`); the anchor of query `i` for
+      stripe `s` is `q_offset + i + 1 - f[s]`, valid iff in `[0, Lk - 1]`.
+    num_spans: `K >= 1`.
+    q_offset: int or traced int32 scalar, absolute position of query 0.
+    variant: see `pallas_kernels.platform`.
+    block_q: query rows per program (default 128 TPU / 64 GPU).
+
+  Returns:
+    `(anchors int32 [B, Lq, Hq, K], scores float32 [B, Lq, Hq, K])`, best
+    first, ties to the smaller anchor (the farther stripe); `-1` / `-inf` in
+    slots without a valid anchor. Not differentiable (stop_gradient).
+  """
+  if not isinstance(num_spans, int) or num_spans < 1:
+    raise ValueError(f"num_spans={num_spans!r}: must be an int >= 1.")
+  lq, lk = q_search.shape[1], k_search.shape[1]
+  if isinstance(stripe_offsets, (np.ndarray, list, tuple)):
+    f_np = np.asarray(stripe_offsets)
+    fmax = int(f_np.max()) if f_np.size else 1
+  else:
+    fmax = lk + 1
+  f = jnp.clip(jnp.asarray(stripe_offsets, jnp.int32), 1, lk + 1)
+  fmax = min(max(fmax, 1), lk + 1)
+  qoff = _clip_offset(q_offset, lq, lk)
+  qs, ks = jax.lax.stop_gradient(q_search), jax.lax.stop_gradient(k_search)
+  run = lambda plat: functools.partial(  # noqa: E731
+      _search_variant, plat, num=num_spans, fmax=fmax, block_q=block_q)
+  return _platform.dispatch((qs, ks, f, qoff), tpu=run("tpu"), gpu=run("gpu"),
+                            variant=variant)
+
+
+# -------------------------------------------------------- selected scores
+
+
+class _SelCfg(NamedTuple):
+  variant: object
+  block_q: int | None
+  block_k: int | None
+
+
+def _sel_tables(anchors, lq, lk, unit, sign):
+  deltas, count = common.distinct_offsets(anchors, lq + lk, -(lq - 1))
+  return common.group_by_residue(deltas, count, unit, sign=sign)
+
+
+def _sel_fwd_variant(plat, qs, ks, anchors, *, cfg, interpret):
+  b, lq, hq, ds = qs.shape
+  lk, hk = ks.shape[1], ks.shape[2]
+  num = anchors.shape[-1]
+  unit = _unit(plat, ks.dtype)
+  bq = _block(plat, lq, cfg.block_q, unit)
+  dp = common.head_dim_padded(ds, plat)
+  lq_pad = common.round_up(lq, bq)
+  front = common.round_up(lq, max(unit, 8))
+  rows = common.round_up(front + lq_pad + lk + 2 * max(unit, 8), max(unit, 8))
+  kp = common.next_pow2(num)
+  deltas, bounds = _sel_tables(anchors, lq, lk, unit, 1)
+  body = functools.partial(kernels.selected_fwd_body, bq=bq, front=front, unit=unit)
+  (out,) = _launch(
+      plat, body, interpret=interpret, grid=(b, hq, lq_pad // bq), tables=[deltas, bounds],
+      blocks=[(_heads_first(qs, lq_pad, dp), bq, "same"),
+              (_heads_first(anchors, lq_pad, kp, fill=-1), bq, "same")],
+      frames={"ks": (common.to_frame(ks, front, rows, dp), "kv")},
+      outs=[(jax.ShapeDtypeStruct((b, hq, lq_pad, kp), F32), bq)],
+      group=hq // hk, unit=unit, buf_rows=bq)
+  return jnp.moveaxis(out[:, :, :lq, :num], 1, 2)
+
+
+def _sel_bwd_variant(plat, qs, ks, anchors, g, *, cfg, interpret):
+  b, lq, hq, ds = qs.shape
+  lk, hk = ks.shape[1], ks.shape[2]
+  grp = hq // hk
+  num = anchors.shape[-1]
+  unit = _unit(plat, ks.dtype)
+  bq = _block(plat, lq, cfg.block_q, unit)
+  bk = _block(plat, lk, cfg.block_k, unit)
+  dp = common.head_dim_padded(ds, plat)
+  lq_pad, lk_pad = common.round_up(lq, bq), common.round_up(lk, bk)
+  kp = common.next_pow2(num)
+  al = max(unit, 8)
+  g = g.astype(F32)
+  # dq: query blocks, key rows at front + i + delta.
+  front = common.round_up(lq, al)
+  rows = common.round_up(front + lq_pad + lk + 2 * al, al)
+  deltas, bounds = _sel_tables(anchors, lq, lk, unit, 1)
+  (dq,) = _launch(
+      plat, functools.partial(kernels.selected_dq_body, bq=bq, front=front, unit=unit),
+      interpret=interpret, grid=(b, hq, lq_pad // bq), tables=[deltas, bounds],
+      blocks=[(_heads_first(anchors, lq_pad, kp, fill=-1), bq, "same"),
+              (_heads_first(g, lq_pad, kp), bq, "same")],
+      frames={"ks": (common.to_frame(ks, front, rows, dp), "kv")},
+      outs=[(jax.ShapeDtypeStruct((b, hq, lq_pad, dp), F32), bq)],
+      group=grp, unit=unit, buf_rows=bq)
+  # dk: key blocks, query rows at front_q + x - delta.
+  front_q = common.round_up(lk, al)
+  rows_q = common.round_up(front_q + lk_pad + lq + 2 * al, al)
+  deltas_t, bounds_t = _sel_tables(anchors, lq, lk, unit, -1)
+  frame = lambda x, fill=0: common.to_frame(x - fill, front_q, rows_q, x.shape[-1]) + fill  # noqa: E731
+  (dk,) = _launch(
+      plat, functools.partial(kernels.selected_dk_body, bk=bk, group=grp, front_q=front_q,
+                              unit=unit),
+      interpret=interpret, grid=(b, hk, lk_pad // bk), tables=[deltas_t, bounds_t],
+      blocks=[],
+      frames={"anc": (frame(jnp.pad(anchors, ((0, 0),) * 3 + ((0, kp - num),),
+                                    constant_values=-1), -1), "group"),
+              "g": (frame(jnp.pad(g, ((0, 0),) * 3 + ((0, kp - num),))), "group"),
+              "qs": (common.to_frame(qs, front_q, rows_q, dp), "group")},
+      outs=[(jax.ShapeDtypeStruct((b, hk, lk_pad, dp), F32), bk)],
+      group=grp, unit=unit, buf_rows=bk)
+  to_seq = lambda x, n: jnp.moveaxis(x[:, :, :n, :ds], 1, 2)  # noqa: E731
+  return to_seq(dq, lq).astype(qs.dtype), to_seq(dk, lk).astype(ks.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _selected(qs, ks, anchors, cfg):
+  run = lambda plat: functools.partial(_sel_fwd_variant, plat, cfg=cfg)  # noqa: E731
+  return _platform.dispatch((qs, ks, anchors), tpu=run("tpu"), gpu=run("gpu"),
+                            variant=cfg.variant)
+
+
+def _selected_fwd(qs, ks, anchors, cfg):
+  return _selected(qs, ks, anchors, cfg), (qs, ks, anchors)
+
+
+def _selected_bwd(cfg, res, g):
+  qs, ks, anchors = res
+  run = lambda plat: functools.partial(_sel_bwd_variant, plat, cfg=cfg)  # noqa: E731
+  dq, dk = _platform.dispatch((qs, ks, anchors, g), tpu=run("tpu"), gpu=run("gpu"),
+                              variant=cfg.variant)
+  return dq, dk, None
+
+
+_selected.defvjp(_selected_fwd, _selected_bwd)
+
+
+def selected_scores(q_search, k_search, anchors, *, variant=None, block_q=None,
+                    block_k=None):
+  """Gate logits `<q_search[b, i, h], k_search[b, anchors[b, i, h, k], h // G]>`.
+
+  Args:
+    q_search: `[B, Lq, Hq, Ds]`; k_search: `[B, Lk, Hk, Ds]`.
+    anchors: int32 `[B, Lq, Hq, K]` key positions (`-1`: empty slot).
+
+  Returns:
+    float32 `[B, Lq, Hq, K]`, 0 in empty slots. Differentiable w.r.t.
+    `q_search` and `k_search` by Pallas kernels: the distinct offsets
+    `anchor - query row` (for superlinear anchors: the stripes) are collected
+    in XLA, then `dq_search` loops over them per query block and
+    `dk_search` per key block (the transposed stripe: the queries that can
+    pick key `x` at offset `delta` are the rows `x - delta`), with no scatter
+    and no atomics. Cost per block is proportional to the number of distinct
+    offsets (the stripe count for superlinear anchors).
+  """
+  anchors = jnp.asarray(anchors, jnp.int32)
+  anchors = jnp.where((anchors >= 0) & (anchors < k_search.shape[1]), anchors, -1)
+  return _selected(q_search, k_search, jax.lax.stop_gradient(anchors),
+                   _SelCfg(variant, block_q, block_k))
+
+
+# -------------------------------------------------------------------- PPA
+
+
+class _PpaCfg(NamedTuple):
+  dense_runs: tuple
+  far_offsets: tuple
+  scale: float
+  variant: object
+  block_q: int | None
+  block_k: int | None
+
+
+def _ppa_geometry(plat, q, k, cfg):
+  b, lq, hq, d = q.shape
+  lk, hk = k.shape[1], k.shape[2]
+  unit = _unit(plat, k.dtype)
+  bq = _block(plat, lq, cfg.block_q, unit)
+  bk = _block(plat, lk, cfg.block_k, unit)
+  al = max(unit, 8)
+  dmax = max([hi for _, hi in cfg.dense_runs] + list(cfg.far_offsets) + [0])
+  return dict(b=b, lq=lq, hq=hq, d=d, lk=lk, hk=hk, unit=unit, bq=bq, bk=bk, al=al,
+              dp=common.head_dim_padded(d, plat), lq_pad=common.round_up(lq, bq),
+              lk_pad=common.round_up(lk, bk), front=common.round_up(dmax, al), dmax=dmax)
+
+
+def _ppa_tables(cfg, qoff, unit, sign):
+  far = np.asarray(cfg.far_offsets, np.int32).reshape(-1)
+  if far.size == 0:
+    return jnp.zeros((1,), jnp.int32), jnp.zeros((unit + 1,), jnp.int32)
+  return common.group_by_residue(qoff - jnp.asarray(far), far.size, unit, sign=sign)
+
+
+def _ppa_fwd_variant(plat, q, k, v, qoff, *, cfg, interpret):
+  g = _ppa_geometry(plat, q, k, cfg)
+  rows = common.round_up(g["front"] + g["lk"] + g["lq_pad"] + g["bk"] + 2 * g["al"], g["al"])
+  deltas, bounds = _ppa_tables(cfg, qoff, g["unit"], 1)
+  body = functools.partial(
+      kernels.ppa_fwd_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
+      lk=g["lk"], front=g["front"], unit=g["unit"], scale=cfg.scale)
+  frame = lambda x: common.to_frame(x, g["front"], rows, g["dp"])  # noqa: E731
+  o, lse = _launch(
+      plat, body, interpret=interpret, grid=(g["b"], g["hq"], g["lq_pad"] // g["bq"]),
+      tables=[common.pad_table(qoff[None]), deltas, bounds],
+      blocks=[(_heads_first(q, g["lq_pad"], g["dp"]), g["bq"], "same")],
+      frames={"k": (frame(k), "kv"), "v": (frame(v), "kv")},
+      outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), q.dtype), g["bq"]),
+            (jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], 1), F32), g["bq"])],
+      group=g["hq"] // g["hk"], unit=g["unit"], buf_rows=max(g["bq"], g["bk"]))
+  out = jnp.moveaxis(o[:, :, :g["lq"], :g["d"]], 1, 2)
+  return out, lse[:, :, :g["lq"], 0]
+
+
+def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
+  g = _ppa_geometry(plat, q, k, cfg)
+  grp = g["hq"] // g["hk"]
+  meta = common.pad_table(qoff[None])
+  # dq: query blocks against the key frame.
+  rows = common.round_up(g["front"] + g["lk"] + g["lq_pad"] + g["bk"] + 2 * g["al"], g["al"])
+  deltas, bounds = _ppa_tables(cfg, qoff, g["unit"], 1)
+  kframe = lambda x: common.to_frame(x, g["front"], rows, g["dp"])  # noqa: E731
+  col = lambda x, n: jnp.pad(x[..., None], ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))  # noqa: E731
+  body = functools.partial(
+      kernels.ppa_dq_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
+      lk=g["lk"], front=g["front"], unit=g["unit"], scale=cfg.scale)
+  (dq,) = _launch(
+      plat, body, interpret=interpret, grid=(g["b"], g["hq"], g["lq_pad"] // g["bq"]),
+      tables=[meta, deltas, bounds],
+      blocks=[(_heads_first(q, g["lq_pad"], g["dp"]), g["bq"], "same"),
+              (_heads_first(do, g["lq_pad"], g["dp"]), g["bq"], "same"),
+              (col(lse, g["lq_pad"]), g["bq"], "same"),
+              (col(delta, g["lq_pad"]), g["bq"], "same")],
+      frames={"k": (kframe(k), "kv"), "v": (kframe(v), "kv")},
+      outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), F32), g["bq"])],
+      group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]))
+  # dk, dv: key blocks against the query frame (rows front_q + i).
+  front_q = common.round_up(g["lk"] - g["lq"], g["al"])
+  rows_q = common.round_up(front_q + g["lk_pad"] + g["dmax"] + g["bq"] + g["lq_pad"]
+                           + 2 * g["al"], g["al"])
+  qframe = lambda x: common.to_frame(x, front_q, rows_q, x.shape[-1] if x.shape[-1] == 1  # noqa: E731
+                                     else g["dp"])
+  seq_col = lambda x: jnp.moveaxis(x, 1, 2)[..., None]  # [B, Hq, Lq] -> [B, Lq, Hq, 1]  # noqa: E731
+  deltas_t, bounds_t = _ppa_tables(cfg, qoff, g["unit"], -1)
+  body = functools.partial(
+      kernels.ppa_dkv_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
+      lk=g["lk"], group=grp, front_q=front_q, unit=g["unit"], scale=cfg.scale)
+  dk, dv = _launch(
+      plat, body, interpret=interpret, grid=(g["b"], g["hk"], g["lk_pad"] // g["bk"]),
+      tables=[meta, deltas_t, bounds_t],
+      blocks=[(_heads_first(k, g["lk_pad"], g["dp"]), g["bk"], "same"),
+              (_heads_first(v, g["lk_pad"], g["dp"]), g["bk"], "same")],
+      frames={"q": (qframe(q), "group"), "do": (qframe(do), "group"),
+              "lse": (qframe(seq_col(lse)), "group"),
+              "delta": (qframe(seq_col(delta)), "group")},
+      outs=[(jax.ShapeDtypeStruct((g["b"], g["hk"], g["lk_pad"], g["dp"]), F32), g["bk"]),
+            (jax.ShapeDtypeStruct((g["b"], g["hk"], g["lk_pad"], g["dp"]), F32), g["bk"])],
+      group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]))
+  to_seq = lambda x, n: jnp.moveaxis(x[:, :, :n, :g["d"]], 1, 2)  # noqa: E731
+  return (to_seq(dq, g["lq"]).astype(q.dtype), to_seq(dk, g["lk"]).astype(k.dtype),
+          to_seq(dv, g["lk"]).astype(v.dtype))
+
+
+def _ppa_forward(q, k, v, qoff, cfg):
+  run = lambda plat: functools.partial(_ppa_fwd_variant, plat, cfg=cfg)  # noqa: E731
+  return _platform.dispatch((q, k, v, qoff), tpu=run("tpu"), gpu=run("gpu"),
+                            variant=cfg.variant)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ppa(q, k, v, qoff, cfg):
+  return _ppa_forward(q, k, v, qoff, cfg)[0]
+
+
+def _ppa_fwd(q, k, v, qoff, cfg):
+  out, lse = _ppa_forward(q, k, v, qoff, cfg)
+  return out, (q, k, v, qoff, out, lse)
+
+
+def _ppa_bwd(cfg, res, do):
+  q, k, v, qoff, out, lse = res
+  delta = jnp.moveaxis(jnp.sum(do.astype(F32) * out.astype(F32), axis=-1), 1, 2)
+  run = lambda plat: functools.partial(_ppa_bwd_variant, plat, cfg=cfg)  # noqa: E731
+  dq, dk, dv = _platform.dispatch((q, k, v, do, lse, delta, qoff), tpu=run("tpu"),
+                                  gpu=run("gpu"), variant=cfg.variant)
+  return dq, dk, dv, None
+
+
+_ppa.defvjp(_ppa_fwd, _ppa_bwd)
+
+
+def ppa_attention(q, k, v, *, dense_runs, far_offsets, scale, q_offset, variant=None,
+                  block_q=None, block_k=None):
+  """Attention over a static set of key offsets (PPA), forward and backward.
+
+  Query at position `t` attends key `t - d` for every kept offset `d` (and
+  `t - d >= 0`); the kept offsets are given split in two:
+
+  Args:
+    q: `[B, Lq, Hq, D]`; k, v: `[B, Lk, Hk, D]`; f32/bf16/f16.
+    dense_runs: tuple of `(lo, hi)` Python ints, runs of consecutive kept
+      offsets, each computed as masked matmul tiles (`block_q x block_k`).
+    far_offsets: sequence of the other kept offsets (ints), each one stripe:
+      a contiguous key slice per query block, scored row-wise.
+    scale: score scale.
+    q_offset: int or traced int32 scalar.
+    variant: see `pallas_kernels.platform`.
+
+  Returns:
+    `[B, Lq, Hq, D]` like `q`; a query with no visible key gets 0.
+    Differentiable (dq kernel; dk/dv kernel over key blocks accumulating the
+    query heads of each group).
+  """
+  far = tuple(int(d) for d in np.asarray(far_offsets, np.int64).reshape(-1))
+  runs = tuple((int(lo), int(hi)) for lo, hi in dense_runs)
+  qoff = _clip_offset(q_offset, q.shape[1], k.shape[1])
+  cfg = _PpaCfg(runs, far, float(scale), variant, block_q, block_k)
+  return _ppa(q, k, v, qoff, cfg)

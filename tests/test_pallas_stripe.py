@@ -1,0 +1,271 @@
+"""Stripe kernels (span-search top-k, gate logits, PPA) in interpret mode against
+the `reference` ops and plain jnp oracles, plus lowering for TPU and CUDA.
+
+Interpret mode is slow on CPU, so shapes are tiny (L <= ~80, blocks of 16)
+and most cases run the GPU variant (`gpu_interpret`, one residue loop); the
+TPU variant runs under `tpu_interpret` and the bounds-checked `tpu_checked`
+on a few cases.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attn
+from attn import _pallas_ppa, _pallas_search, masks
+from pallas_kernels import stripe
+from tests import pallas_harness as ph
+
+BLOCKS = dict(block_q=16, block_k=16)
+
+
+def _normal(key, shape, dtype=jnp.float32):
+  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+# ----------------------------------------------------------------- search
+
+
+SEARCH_CASES = {
+    # name: (num_spans, search_power, sw_index, (hq, hk), q_len, kv_len, q_offset, variant)
+    "k1_p05_w0_mha": (1, 0.5, 0, (2, 2), 29, 29, None, "gpu_interpret"),
+    "k2_p055_s1_gqa": (2, 0.55, 1, (4, 1), 45, 45, None, "gpu_interpret"),
+    "k3_p05_s2_chunk": (3, 0.5, 2, (4, 1), 13, 50, 30, "gpu_interpret"),
+    "k5_p055_s0_decode": (5, 0.55, 0, (2, 2), 1, 41, 40, "gpu_interpret"),
+    "k2_p05_s1_tpu": (2, 0.5, 1, (4, 1), 37, 37, None, "tpu_interpret"),
+    "k3_p055_s1_checked": (3, 0.55, 1, (2, 1), 21, 21, None, "tpu_checked"),
+}
+
+
+def _search_inputs(key, hq, hk, lq, lk, ds=8, dtype=jnp.float32):
+  k1, k2 = jax.random.split(key)
+  return _normal(k1, (1, lq, hq, ds), dtype), _normal(k2, (1, lk, hk, ds), dtype)
+
+
+def _reference_search(qs, ks, config, q_offset):
+  ref = attn.superlinear_attention_with_anchors(
+      qs, ks, ks, qs, ks, config=config, q_offset=q_offset, implementation="reference")
+  return ref.anchors, ref.gates
+
+
+def _gather_scores(qs, ks, anchors):
+  """Plain oracle: `<qs[b, i, h], ks[b, anchors, h // G]>`, 0 for anchor -1."""
+  g = qs.shape[2] // ks.shape[2]
+  kh = jnp.repeat(ks.astype(jnp.float32), g, axis=2)                  # [B, Lk, Hq, D]
+  b = jnp.arange(qs.shape[0])[:, None, None, None]
+  h = jnp.arange(qs.shape[2])[None, None, :, None]
+  rows = kh[b, jnp.maximum(anchors, 0), h]                             # [B, Lq, Hq, K, D]
+  s = jnp.sum(qs.astype(jnp.float32)[:, :, :, None, :] * rows, axis=-1)
+  return jnp.where(anchors >= 0, s, 0.0)
+
+
+@pytest.mark.parametrize("case", list(SEARCH_CASES))
+def test_search_anchors_equal_reference(case):
+  num, power, sw, (hq, hk), lq, lk, q_offset, variant = SEARCH_CASES[case]
+  config = attn.SuperlinearConfig(sw_index=sw, num_spans=num, search_power=power,
+                                  span_power=power, backward_factor=3.0)
+  qs, ks = _search_inputs(jax.random.PRNGKey(lq * 7 + lk), hq, hk, lq, lk)
+  anchors, scores = _pallas_search.search(qs, ks, q_offset, config=config, variant=variant)
+  ref_anchors, ref_gates = _reference_search(qs, ks, config, q_offset)
+  np.testing.assert_array_equal(anchors, ref_anchors)
+  # Scores: the selected stripes' dots (independent gather oracle), -inf if empty.
+  want = jnp.where(ref_anchors >= 0, _gather_scores(qs, ks, ref_anchors), -jnp.inf)
+  chex.assert_trees_all_close(scores, want, atol=1e-5, rtol=1e-5)
+  # Gates = softmax of the differentiable gate logits at the chosen anchors.
+  logits = _pallas_search.gate_logits(qs, ks, anchors, variant=variant)
+  gates = jax.nn.softmax(jnp.where(anchors >= 0, logits, -1e9), axis=-1)
+  chex.assert_trees_all_close(gates, ref_gates, atol=1e-5, rtol=1e-5)
+
+
+def test_search_ties_keep_the_farther_stripe_and_bf16():
+  """Identical keys: every valid anchor scores the same; the farthest win."""
+  config = attn.SuperlinearConfig(sw_index=1, num_spans=3)
+  lq = 24
+  qs = _normal(jax.random.PRNGKey(1), (1, lq, 2, 8), jnp.bfloat16)
+  ks = jnp.ones((1, lq, 1, 8), jnp.bfloat16)
+  anchors, _ = _pallas_search.search(qs, ks, None, config=config, variant="gpu_interpret")
+  ref_anchors, _ = _reference_search(qs, ks, config, None)
+  np.testing.assert_array_equal(anchors, ref_anchors)
+  # Independent statement of the rule: the smallest valid anchors, ascending.
+  f = masks.superlinear_stripe_table(lq, config)
+  for i in (5, 17, 23):
+    valid = np.sort([i + 1 - x for x in f if i + 1 - x >= 0])[:3]
+    valid = np.pad(valid, (0, 3 - valid.size), constant_values=-1)
+    np.testing.assert_array_equal(anchors[0, i, 0], valid)
+
+
+def test_search_rejects_bad_num_spans():
+  qs, ks = _search_inputs(jax.random.PRNGKey(0), 2, 1, 8, 8)
+  with pytest.raises(ValueError, match="num_spans"):
+    stripe.search_topk(qs, ks, np.array([4, 1], np.int32), num_spans=0, q_offset=0)
+
+
+# -------------------------------------------------------- selected scores
+
+
+@pytest.mark.parametrize("dtype,heads,variant", [
+    (jnp.float32, (4, 1), "gpu_interpret"),
+    (jnp.bfloat16, (2, 2), "gpu_interpret"),
+    (jnp.float32, (2, 1), "tpu_checked"),
+])
+def test_selected_scores_values_and_vjp(dtype, heads, variant):
+  hq, hk = heads
+  lq = lk = 27
+  key = jax.random.split(jax.random.PRNGKey(3), 3)
+  qs, ks = _search_inputs(key[0], hq, hk, lq, lk, dtype=dtype)
+  # Causal anchors anywhere (not only stripes), some slots empty (-1).
+  i = np.arange(lq)[None, :, None, None]
+  raw = jax.random.randint(key[1], (1, lq, hq, 3), 0, lk)
+  anchors = jnp.where((raw <= i) & (raw % 5 != 0), raw, -1).astype(jnp.int32)
+  fn = lambda a, b: stripe.selected_scores(a, b, anchors, variant=variant, **BLOCKS)  # noqa: E731
+  ref = lambda a, b: _gather_scores(a, b, anchors)  # noqa: E731
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  ph.vjp_check(fn, ref, (qs, ks), key[2], argnums=(0, 1), atol=tol, rtol=tol,
+               zero_rows=anchors < 0)
+
+
+# -------------------------------------------------------------------- PPA
+
+
+def _ppa_kernel(q, k, v, *, p, window, q_offset, variant, min_run=_pallas_ppa.MIN_RUN):
+  lk = k.shape[1]
+  runs, far = _pallas_ppa.split_offsets(
+      masks.ppa_offsets(lk - 1, p=p, window=min(window, lk)), min_run)
+  return stripe.ppa_attention(q, k, v, dense_runs=runs, far_offsets=far,
+                              scale=q.shape[-1] ** -0.5, q_offset=q_offset,
+                              variant=variant, **BLOCKS)
+
+
+def _ppa_ref(q, k, v, *, p, window, q_offset):
+  return attn.ppa_attention(q, k, v, p=p, window=window, q_offset=q_offset,
+                            implementation="reference")
+
+
+PPA_CASES = {
+    # name: (p, window, dtype, (hq, hk), head_dim, q_len, kv_len, q_offset, variant)
+    "p0_w4_gqa": (0.0, 4, jnp.float32, (4, 1), 16, 37, 37, None, "gpu_interpret"),
+    "p03_w1_mha": (0.3, 1, jnp.float32, (2, 2), 16, 45, 45, None, "gpu_interpret"),
+    "p05_w4_bf16": (0.5, 4, jnp.bfloat16, (4, 1), 16, 41, 41, None, "gpu_interpret"),
+    "p075_w4_d40": (0.75, 4, jnp.float32, (2, 1), 40, 39, 39, None, "gpu_interpret"),
+    "p1_w64": (1.0, 64, jnp.float32, (2, 2), 16, 33, 33, None, "gpu_interpret"),
+    "p05_w64_far": (0.5, 64, jnp.float32, (2, 1), 16, 81, 81, None, "gpu_interpret"),
+    "p05_w4_chunk": (0.5, 4, jnp.float32, (4, 2), 16, 13, 40, 27, "gpu_interpret"),
+    "p05_w4_d128_tpu": (0.5, 4, jnp.float32, (2, 1), 128, 35, 35, None, "tpu_interpret"),
+    "p075_w1_bf16_checked": (0.75, 1, jnp.bfloat16, (2, 1), 16, 24, 24, None,
+                             "tpu_checked"),
+}
+
+
+# The TPU-interpreter cases take 20-30 s each on a loaded 2-core machine
+# (DMA emulation per stripe and grid step): marked slow, still run in CI.
+_SLOW_PPA = {"p05_w4_d128_tpu", "p075_w1_bf16_checked"}
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.slow) if c in _SLOW_PPA else c for c in PPA_CASES])
+def test_ppa_values_and_vjp_match_reference(case):
+  p, window, dtype, (hq, hk), d, lq, lk, q_offset, variant = PPA_CASES[case]
+  key = jax.random.split(jax.random.PRNGKey(lq + 100 * lk), 4)
+  q = _normal(key[0], (1, lq, hq, d), dtype)
+  k = _normal(key[1], (1, lk, hk, d), dtype)
+  v = _normal(key[2], (1, lk, hk, d), dtype)
+  kw = dict(p=p, window=window, q_offset=q_offset)
+  tol = dict(atol=1e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=3e-2, rtol=3e-2)
+  ph.vjp_check(functools.partial(_ppa_kernel, variant=variant, **kw),
+               functools.partial(_ppa_ref, **kw), (q, k, v), key[3], argnums=(0, 1, 2),
+               **tol)
+
+
+def test_ppa_ignores_nan_junk_beyond_the_cache_end():
+  """A KV cache holding NaN past the last query: same values as the cache
+  cut at the last query, and exactly zero gradients to the junk rows."""
+  lq, filled, cache, q_offset = 13, 40, 48, 27
+  key = jax.random.split(jax.random.PRNGKey(5), 4)
+  q = _normal(key[0], (1, lq, 4, 16))
+  k = _normal(key[1], (1, cache, 2, 16)).at[:, filled:].set(jnp.nan)
+  v = _normal(key[2], (1, cache, 2, 16)).at[:, filled:].set(jnp.nan)
+  kw = dict(p=0.5, window=4, q_offset=q_offset)
+  out, pull = jax.vjp(functools.partial(_ppa_kernel, variant="gpu_interpret", **kw), q, k, v)
+  ref, ref_pull = jax.vjp(functools.partial(_ppa_ref, **kw), q, k[:, :filled], v[:, :filled])
+  chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)
+  ct = _normal(key[3], out.shape)
+  (dq, dk, dv), (rq, rk, rv) = pull(ct), ref_pull(ct)
+  chex.assert_trees_all_close((dq, dk[:, :filled], dv[:, :filled]), (rq, rk, rv),
+                              atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(dk[:, filled:], 0)
+  np.testing.assert_array_equal(dv[:, filled:], 0)
+
+
+def test_ppa_op_dispatches_to_pallas_for_decode():
+  """`attn.ppa_attention(implementation="pallas")`, one token at a traced offset."""
+  key = jax.random.split(jax.random.PRNGKey(9), 3)
+  q = _normal(key[0], (1, 1, 2, 16))
+  k = _normal(key[1], (1, 33, 2, 16))
+  v = _normal(key[2], (1, 33, 2, 16))
+  step = jax.jit(lambda t: attn.ppa_attention(q, k, v, p=0.75, window=4, q_offset=t,
+                                              implementation="pallas"))
+  for t in (0, 20, 32):
+    chex.assert_trees_all_close(step(jnp.int32(t)),
+                                _ppa_ref(q, k, v, p=0.75, window=4, q_offset=t),
+                                atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------- lowering
+
+
+@pytest.mark.parametrize("target", ["tpu", "cuda"])
+def test_forward_and_backward_lower_with_the_platform_kernel(target):
+  s = jax.ShapeDtypeStruct
+  q, k = s((1, 64, 4, 40), jnp.bfloat16), s((1, 64, 2, 40), jnp.bfloat16)
+  anchors = s((1, 64, 4, 3), jnp.int32)
+  table = masks.superlinear_stripe_table(64, attn.SuperlinearConfig())
+  search = lambda a, b: stripe.search_topk(a, b, table, num_spans=3, q_offset=0)  # noqa: E731
+  ph.assert_kernel_in(ph.export_text(search, target, q, k), target)
+
+  def selected_vjp(a, b, c):
+    out, pull = jax.vjp(lambda x, y: stripe.selected_scores(x, y, c), a, b)
+    return out, pull(jnp.ones(out.shape, out.dtype))
+  ph.assert_kernel_in(ph.export_text(selected_vjp, target, q, k, anchors), target,
+                      at_least=3)
+
+  runs, far = _pallas_ppa.split_offsets(masks.ppa_offsets(63, p=0.5, window=8))
+  ppa = functools.partial(stripe.ppa_attention, dense_runs=runs, far_offsets=far,
+                          scale=0.2, q_offset=0)
+
+  def ppa_vjp(a, b, c):
+    out, pull = jax.vjp(ppa, a, b, c)
+    return out, pull(jnp.ones(out.shape, out.dtype))
+  ph.assert_kernel_in(ph.export_text(ppa_vjp, target, q, k, k), target, at_least=3)
+
+
+# ------------------------------------------------------ compiled (GPU only)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["k2_p055_s1_gqa", "k3_p05_s2_chunk"])
+def test_search_compiled_on_gpu(case):
+  num, power, sw, (hq, hk), lq, lk, q_offset, _ = SEARCH_CASES[case]
+  config = attn.SuperlinearConfig(sw_index=sw, num_spans=num, search_power=power,
+                                  span_power=power, backward_factor=3.0)
+  qs, ks = _search_inputs(jax.random.PRNGKey(lq * 7 + lk), hq, hk, lq, lk)
+  anchors, _ = _pallas_search.search(qs, ks, q_offset, config=config, variant="gpu")
+  np.testing.assert_array_equal(anchors, _reference_search(qs, ks, config, q_offset)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["p05_w4_bf16", "p1_w64", "p05_w4_chunk"])
+def test_ppa_compiled_on_gpu(case):
+  p, window, dtype, (hq, hk), d, lq, lk, q_offset, _ = PPA_CASES[case]
+  key = jax.random.split(jax.random.PRNGKey(lq + 100 * lk), 4)
+  q = _normal(key[0], (1, lq, hq, d), dtype)
+  k = _normal(key[1], (1, lk, hk, d), dtype)
+  v = _normal(key[2], (1, lk, hk, d), dtype)
+  kw = dict(p=p, window=window, q_offset=q_offset)
+  tol = dict(atol=1e-3, rtol=1e-3) if dtype == jnp.float32 else dict(atol=3e-2, rtol=3e-2)
+  ph.vjp_check(functools.partial(_ppa_kernel, variant="gpu", **kw),
+               functools.partial(_ppa_ref, **kw), (q, k, v), key[3], argnums=(0, 1, 2),
+               **tol)
