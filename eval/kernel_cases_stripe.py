@@ -15,7 +15,6 @@ superlinear span-search.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 import attn
