@@ -1,144 +1,100 @@
-"""Decode benchmark cases of the Pallas decode kernels (for `eval.bench_kernels`).
+"""Decode cases for `python -m eval.bench_kernels` (mode `decode`).
 
 Latency per generated token: one query (`q_len = 1`) at the last position of
-a KV cache of `L` tokens, bf16, head_dim 128, GQA 32:8, batch 1, for
+a KV cache of `L` tokens (`config.decode_lengths`, 32K ... 1M at full size),
+batch/heads/head_dim/dtype of the run (bf16, head_dim 128, GQA 32:8), the
+cache position passed as a traced int32 `q_offset` as in a generation loop:
 
-  * superlinear, the default config and the released model's config
-    (sw_index=65, num_spans=3, backward_factor=3, forward_factor=1, search
-    and span power 0.55), Pallas decode kernels;
-  * PPA p = 0.5 and 0.75 (window 64), Pallas decode kernels;
-  * dense decode, `jax.nn.dot_product_attention` (cuDNN on a GPU, XLA
-    elsewhere) over the valid cache prefix, the baseline;
+  * superlinear, default and released config (sw_index=65, num_spans=3,
+    backward_factor=3, forward_factor=1, powers 0.55):
+    `attn.superlinear_attention(..., implementation="pallas")`, whose
+    one-token calls run the Pallas decode kernels;
+  * PPA p = 0.5 and 0.75 (`config.ppa_window`), the same way;
+  * dense decode, the baselines: `jax.nn.dot_product_attention` over the
+    cache with `key_value_seq_lengths`, `implementation="cudnn"` (fails
+    where cuDNN is absent, and is recorded so) and `"xla"`.
 
-at `L` = 32K ... 1M. `cases(lengths)` returns `DecodeCase`s; each builds its
-inputs from a PRNG key and returns a jittable `fn` and its arguments, so a
-runner times `jax.jit(fn).lower(*args).compile()` the same way for every
-case. `python -m eval.kernel_cases_decode --lengths 32768,65536` times them
-on the host backend and prints the table (no file is written: the lead's
-`eval.bench_kernels` owns `docs/benchmarks.md`).
+Attended entries: keys the token reads per query head (superlinear: the
+nominal count of `kernel_cases_superlinear`), times batch and heads.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import statistics
-import sys
-import time
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import attn
-from attn import _pallas_decode as pd
+from eval.bench_kernels import Built, Case
+from eval.kernel_cases_stripe import ppa_entries_per_query
+from eval.kernel_cases_superlinear import CONFIGS, superlinear_entries_per_query
 
-BATCH, Q_HEADS, KV_HEADS, HEAD_DIM = 1, 32, 8, 128
-DTYPE = jnp.bfloat16
-DEFAULT_LENGTHS = (32768, 131072, 262144, 524288, 1048576)
-RELEASED = attn.SuperlinearConfig(sw_index=65, num_spans=3, search_power=0.55,
-                                  span_power=0.55, backward_factor=3.0, forward_factor=1.0)
-PPA_WINDOW = 64
+MODES = ("decode",)
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeCase:
-  name: str                    # stable key, e.g. "decode_superlinear_default"
-  label: str                   # human-readable row label
-  family: str                  # "superlinear", "ppa", "dense"
-  cache_len: int               # L
-  make: Callable               # key -> (fn, args); fn(*args) -> [B, 1, Hq, D]
-
-
-def _inputs(key, cache_len):
+def decode_inputs(key, cache_len, dtype, config):
+  """q, q_search `[B, 1, Hq, D]`, k, v `[B, L, Hk, D]`, standard normal."""
   kq, kk, kv, ks = jax.random.split(key, 4)
-  q = jax.random.normal(kq, (BATCH, 1, Q_HEADS, HEAD_DIM), DTYPE)
-  k = jax.random.normal(kk, (BATCH, cache_len, KV_HEADS, HEAD_DIM), DTYPE)
-  v = jax.random.normal(kv, (BATCH, cache_len, KV_HEADS, HEAD_DIM), DTYPE)
-  qs = jax.random.normal(ks, (BATCH, 1, Q_HEADS, HEAD_DIM), DTYPE)
-  return q, k, v, qs
+  b, hq, hk, d = config.batch, config.q_heads, config.kv_heads, config.head_dim
+  return (jax.random.normal(kq, (b, 1, hq, d), dtype),
+          jax.random.normal(kk, (b, cache_len, hk, d), dtype),
+          jax.random.normal(kv, (b, cache_len, hk, d), dtype),
+          jax.random.normal(ks, (b, 1, hq, d), dtype))
 
 
-def _superlinear(config):
-  def make(key, cache_len):
-    q, k, v, qs = _inputs(key, cache_len)
+def _superlinear(config_name):
+  cfg = CONFIGS[config_name]
+
+  def make(cache_len, dtype, key, config):
+    q, k, v, qs = decode_inputs(key, cache_len, dtype, config)
 
     def fn(q, k, v, qs, offset):
-      return pd.superlinear_decode(q, k, v, qs, k, offset, config=config,
-                                   scale=HEAD_DIM ** -0.5)[0]
-    return fn, (q, k, v, qs, jnp.int32(cache_len - 1))
+      return attn.superlinear_attention(q, k, v, qs, config=cfg, q_offset=offset,
+                                        implementation="pallas")
+    keys = int(superlinear_entries_per_query(np.array([cache_len]), cache_len, cfg)[0])
+    return Built(fn, None, (q, k, v, qs, jnp.int32(cache_len - 1)),
+                 keys * config.batch * config.q_heads)
   return make
 
 
 def _ppa(p):
-  def make(key, cache_len):
-    q, k, v, _ = _inputs(key, cache_len)
+  def make(cache_len, dtype, key, config):
+    q, k, v, _ = decode_inputs(key, cache_len, dtype, config)
+    w = config.ppa_window
 
     def fn(q, k, v, offset):
-      return pd.ppa_decode(q, k, v, offset, p=p, window=PPA_WINDOW,
-                           scale=HEAD_DIM ** -0.5)
-    return fn, (q, k, v, jnp.int32(cache_len - 1))
+      return attn.ppa_attention(q, k, v, p=p, window=w, q_offset=offset,
+                                implementation="pallas")
+    keys = int(ppa_entries_per_query(np.array([cache_len]), cache_len, p=p, window=w)[0])
+    return Built(fn, None, (q, k, v, jnp.int32(cache_len - 1)),
+                 keys * config.batch * config.q_heads)
   return make
 
 
-def _dense(key, cache_len):
-  q, k, v, _ = _inputs(key, cache_len)
-  impl = "cudnn" if jax.default_backend() == "gpu" else None
+def _dense(impl):
+  def make(cache_len, dtype, key, config):
+    q, k, v, _ = decode_inputs(key, cache_len, dtype, config)
 
-  def fn(q, k, v, valid):
-    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=valid,
-                                        implementation=impl)
-  return fn, (q, k, v, jnp.full((BATCH,), cache_len, jnp.int32))
-
-
-def cases(lengths=DEFAULT_LENGTHS) -> list[DecodeCase]:
-  rows = [
-      ("decode_superlinear_default", "superlinear default, pallas decode", "superlinear",
-       _superlinear(attn.SuperlinearConfig())),
-      ("decode_superlinear_released", "superlinear released (sw65 k3 bb3 bf1 p0.55), "
-       "pallas decode", "superlinear", _superlinear(RELEASED)),
-      ("decode_ppa_p0.5", f"PPA p=0.5 w={PPA_WINDOW}, pallas decode", "ppa", _ppa(0.5)),
-      ("decode_ppa_p0.75", f"PPA p=0.75 w={PPA_WINDOW}, pallas decode", "ppa", _ppa(0.75)),
-      ("decode_dense", "dense decode, jax.nn.dot_product_attention (cuDNN on GPU)",
-       "dense", _dense),
-  ]
-  return [DecodeCase(name, label, family, n,
-                     (lambda make, n: lambda key: make(key, n))(make, n))
-          for n in lengths for name, label, family, make in rows]
+    def fn(q, k, v, valid):
+      return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=valid,
+                                          implementation=impl)
+    return Built(fn, None, (q, k, v, jnp.full((config.batch,), cache_len, jnp.int32)),
+                 cache_len * config.batch * config.q_heads)
+  return make
 
 
-def time_case(case: DecodeCase, *, repeats: int = 5) -> float:
-  """Median seconds per call of the AOT-compiled case (after a warm-up)."""
-  fn, args = case.make(jax.random.key(0))
-  compiled = jax.jit(fn).lower(*args).compile()
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
-  parser.add_argument("--only", default="", help="comma separated case names")
-  args = parser.parse_args(argv)
-  lengths = [int(x) for x in args.lengths.split(",")]
-  only = set(filter(None, args.only.split(",")))
-  print(f"# decode latency per token, {jax.devices()[0].device_kind}, "
-        f"B={BATCH} Hq={Q_HEADS} Hk={KV_HEADS} D={HEAD_DIM} bf16")
-  print("| case | L | ms/token |\n|---|---|---|")
-  for case in cases(lengths):
-    if only and case.name not in only:
-      continue
-    try:
-      ms = f"{time_case(case) * 1e3:.3f}"
-    except Exception as e:  # noqa: BLE001  (report, keep going)
-      ms = f"failed: {type(e).__name__}"
-    print(f"| {case.label} | {case.cache_len} | {ms} |", flush=True)
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+CASES = [
+    Case("decode_superlinear_default", "decode, superlinear default, ours (Pallas decode)",
+         "decode", _superlinear("default"), modes=MODES),
+    Case("decode_superlinear_released", "decode, superlinear released (sw 65, k 3, bb 3, "
+         "bf 1, p 0.55), ours (Pallas decode)", "decode", _superlinear("released"),
+         modes=MODES),
+    Case("decode_ppa_p0.5", "decode, PPA p=0.5, ours (Pallas decode)", "decode", _ppa(0.5),
+         modes=MODES),
+    Case("decode_ppa_p0.75", "decode, PPA p=0.75, ours (Pallas decode)", "decode",
+         _ppa(0.75), modes=MODES),
+    Case("decode_dense_cudnn", "decode, dense, jax.nn cuDNN (baseline)", "decode",
+         _dense("cudnn"), modes=MODES),
+    Case("decode_dense_xla", "decode, dense, jax.nn xla (baseline)", "decode", _dense("xla"),
+         modes=MODES),
+]

@@ -1,82 +1,74 @@
-"""Benchmark cases of the stripe kernels, for `python -m eval.bench_kernels`.
+"""Stripe-kernel cases for `python -m eval.bench_kernels`: PPA and the
+superlinear span-search.
 
-Each case is a `KernelCase`: a name, the sequence lengths to sweep, and
-`build(seq_len, dtype) -> (fn, args)` where `fn(*args)` is the jitted
-forward (or forward+backward) to time; `baseline` names the dense op to
-compare against in the same run. No timing happens here: the benchmark
-driver (owned by the block-sparse kernels) times `fn` and writes the table.
-
-Settings follow the project brief: bf16, head_dim 128, GQA 32:8; PPA at
-p = 0.5 and 0.75 (window 64); the superlinear span-search at the default
-config and at the released model's (sw_index=65, num_spans=3, search power
-0.55).
+  * PPA p = 0.5 and 0.75 (`config.ppa_window`, 64 at full size) through
+    `attn.ppa_attention(..., implementation="pallas")` (ours) and the `xla`
+    path, forward and forward+backward. Attended entries: the exact count,
+    `sum over kept offsets d < L of (L - d)` (every query `i >= d` keeps
+    offset `d`).
+  * The span-search alone (`attn._pallas_search.search`: stripe anchor
+    scores and the running top-`num_spans`) at the default config and the
+    released model's (sw_index=65, num_spans=3, search power 0.55), forward
+    only (the search is not differentiated; the gates are, inside the
+    superlinear op). Entries: the scored anchors, `2 * head_dim` FLOPs each.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable
-
-import jax
-import jax.numpy as jnp
+import numpy as np
 
 import attn
-from attn import _pallas_search
-
-HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
-RELEASED = attn.SuperlinearConfig(sw_index=65, num_spans=3, search_power=0.55,
-                                  span_power=0.55, backward_factor=3.0, forward_factor=1.0)
+from attn import _pallas_search, masks
+from eval.bench_kernels import Built, Case, built, qkv
+from eval.kernel_cases_superlinear import CONFIGS, valid_anchors
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelCase:
-  name: str
-  lengths: tuple[int, ...]
-  build: Callable          # (seq_len, dtype) -> (fn, args)
-  baseline: str = "cudnn_dense"
-  backward: bool = False
+def ppa_entries_per_query(t: np.ndarray, max_len: int, *, p: float, window: int) -> np.ndarray:
+  """Attended keys of the PPA queries with `t` visible keys."""
+  offs = masks.ppa_offsets(max_len - 1, p=p, window=window)
+  return np.searchsorted(offs, np.asarray(t, np.int64) - 1, side="right")
 
 
-def _qkv(seq_len, dtype, key=0):
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(key), 3)
-  q = jax.random.normal(k1, (1, seq_len, HEADS_Q, HEAD_DIM), dtype)
-  k = jax.random.normal(k2, (1, seq_len, HEADS_KV, HEAD_DIM), dtype)
-  v = jax.random.normal(k3, (1, seq_len, HEADS_KV, HEAD_DIM), dtype)
-  return q, k, v
+def ppa_entries(seq_len: int, *, p: float, window: int, batch: int, q_heads: int) -> int:
+  offs = masks.ppa_offsets(seq_len - 1, p=p, window=window)
+  return int(np.sum(seq_len - offs)) * batch * q_heads
 
 
-def _ppa(p, backward):
-  def build(seq_len, dtype):
-    q, k, v = _qkv(seq_len, dtype)
-    op = lambda q, k, v: attn.ppa_attention(q, k, v, p=p, window=64,  # noqa: E731
-                                            implementation="pallas")
-    if backward:
-      fn = jax.jit(jax.grad(lambda q, k, v: op(q, k, v).astype(jnp.float32).sum(),
-                            argnums=(0, 1, 2)))
-    else:
-      fn = jax.jit(op)
-    return fn, (q, k, v)
-  return build
+def _ppa(p: float, impl: str):
+  def make(seq_len, dtype, key, config):
+    args = qkv(key, seq_len, dtype, config)
+    w = config.ppa_window
+
+    def fn(q, k, v):
+      return attn.ppa_attention(q, k, v, p=p, window=w, implementation=impl)
+    return built(fn, args, ppa_entries(seq_len, p=p, window=w, batch=config.batch,
+                                       q_heads=config.q_heads))
+  return make
 
 
-def _search(config):
-  def build(seq_len, dtype):
-    q, k, _ = _qkv(seq_len, dtype)
-    fn = jax.jit(lambda qs, ks: _pallas_search.search(qs, ks, None, config=config))
-    return fn, (q, k)
-  return build
+def _search(config_name: str):
+  cfg = CONFIGS[config_name]
+
+  def make(seq_len, dtype, key, config):
+    q, k, _ = qkv(key, seq_len, dtype, config)
+
+    def fn(q_search, k_search):
+      return _pallas_search.search(q_search, k_search, None, config=cfg)
+    t = np.arange(1, seq_len + 1, dtype=np.int64)
+    anchors = int(valid_anchors(t, seq_len, cfg).sum()) * config.batch * config.q_heads
+    return Built(fn, None, (q, k), anchors, entry_flops=2)
+  return make
 
 
-FORWARD_LENGTHS = tuple(1 << n for n in range(12, 21))     # 4K .. 1M
-BACKWARD_LENGTHS = tuple(1 << n for n in range(12, 18))    # 4K .. 128K
-
-CASES = (
-    KernelCase("ppa_p0.5_fwd", FORWARD_LENGTHS, _ppa(0.5, False)),
-    KernelCase("ppa_p0.75_fwd", FORWARD_LENGTHS, _ppa(0.75, False)),
-    KernelCase("ppa_p0.5_fwd_bwd", BACKWARD_LENGTHS, _ppa(0.5, True), backward=True),
-    KernelCase("ppa_p0.75_fwd_bwd", BACKWARD_LENGTHS, _ppa(0.75, True), backward=True),
-    KernelCase("superlinear_search_default", FORWARD_LENGTHS,
-               _search(attn.SuperlinearConfig()), baseline="none"),
-    KernelCase("superlinear_search_released", FORWARD_LENGTHS, _search(RELEASED),
-               baseline="none"),
-)
+CASES = [
+    Case("ppa_p0.5", "PPA p=0.5 (window: config), ours (Pallas stripe)", "ppa",
+         _ppa(0.5, "pallas")),
+    Case("ppa_p0.75", "PPA p=0.75 (window: config), ours (Pallas stripe)", "ppa",
+         _ppa(0.75, "pallas")),
+    Case("ppa_p0.5_xla", "PPA p=0.5, xla path", "ppa", _ppa(0.5, "xla")),
+    Case("ppa_p0.75_xla", "PPA p=0.75, xla path", "ppa", _ppa(0.75, "xla")),
+    Case("search_default", "superlinear span-search alone, default config, ours (Pallas "
+         "stripe)", "search", _search("default"), modes=("fwd",)),
+    Case("search_released", "superlinear span-search alone, released config, ours (Pallas "
+         "stripe)", "search", _search("released"), modes=("fwd",)),
+]
