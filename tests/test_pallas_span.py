@@ -285,6 +285,21 @@ def test_key_block_tiles_hold_every_visiting_tile_in_any_row_order():
           assert t0[b, h, c] <= t < t0[b, h, c] + cnt[b, h, c], (b, h, t, c)
 
 
+def test_benchmark_random_anchors_are_stripe_anchors():
+  """The span benchmark's synthetic anchors are valid stripe anchors of their
+  query (or -1 exactly where the query has none), checked by a set lookup."""
+  from eval.kernel_cases_span import random_anchors
+  config = attn.SuperlinearConfig(sw_index=3, num_spans=3, search_power=0.55,
+                                  span_power=0.55, backward_factor=3)
+  seq_len = 200
+  a = np.asarray(random_anchors(jax.random.PRNGKey(0), 2, seq_len, 3, config))
+  f = masks.superlinear_stripe_table(seq_len, config)
+  for i in range(seq_len):
+    valid = {i + 1 - int(x) for x in f if i + 1 - int(x) >= 0}
+    got = set(a[:, i].reshape(-1).tolist())
+    assert got == {-1} if not valid else got <= valid, (i, got, valid)
+
+
 # ------------------------------------------------------- coverage property
 
 
