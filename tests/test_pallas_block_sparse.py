@@ -270,8 +270,6 @@ def test_ops_reject_unsuitable_table_blocks_and_keep_xla_default():
   layout = attn.BlockLayout.from_mask(np.tril(np.ones((24, 24), bool)), block_q=8, block_k=8)
   with pytest.raises(ValueError, match="block_q"):
     attn.block_sparse_attention(q, k, v, layout, implementation="pallas")
-  with pytest.raises(NotImplementedError, match="pallas"):
-    attn.ppa_attention(q, k, v, p=0.5, implementation="pallas")
   # No hardware record: None keeps the xla path on this backend.
   assert kernels.HARDWARE_CHECKS == () or jax.default_backend() not in {
       r.backend for r in kernels.HARDWARE_CHECKS}
