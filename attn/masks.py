@@ -187,13 +187,16 @@ def superlinear_stripe_table(max_len: int, config: SuperlinearConfig) -> np.ndar
 def superlinear_span_table(max_len: int, config: SuperlinearConfig) -> np.ndarray:
   """int32 `[max_len + 1, 2]`: `(ceil(bb * t**sigma), ceil(bf * t**sigma))` per `t`.
 
-  Row `t` is indexed by the number of visible keys; row 0 is unused.
+  Row `t` is indexed by the number of visible keys; row 0 is unused. Entries
+  are capped at `max_len` (a span never reaches further than `t` keys; huge
+  factors would otherwise overflow int32 and wrap negative).
   """
   t = np.arange(max_len + 1, dtype=np.float64)
   grow = t ** config.span_power
   back = np.ceil(config.backward_factor * grow - 1e-9)
   fwd = np.ceil(config.forward_factor * grow - 1e-9)
-  return np.stack([back, fwd], axis=-1).astype(np.int32)
+  table = np.minimum(np.stack([back, fwd], axis=-1), float(max_len))
+  return table.astype(np.int32)
 
 
 def superlinear_max_span(max_len: int, config: SuperlinearConfig) -> int:

@@ -242,3 +242,18 @@ def test_float16_matches_a_float32_oracle(impl):
     want = CASES[case][0](x, "reference", None)
     assert got.dtype == jnp.float16
     chex.assert_trees_all_close(got.astype(jnp.float32), want, atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_huge_span_factors_cover_everything_instead_of_overflowing(impl):
+  # ceil(1e12 * t**0.5) does not fit the int32 span table: it must saturate
+  # (a span then reaches back to key 0 and forward to the window), so every
+  # selected span together with the window is all earlier keys: dense.
+  cfg = attn.SuperlinearConfig(backward_factor=1e12, forward_factor=1e12, sw_index=1)
+  table = masks.superlinear_span_table(30, cfg)
+  assert table.min() >= 0 and np.all(table[1:] >= np.arange(1, 31)[:, None])
+  x = _inputs(jax.random.PRNGKey(8), q_len=30, kv_len=30)
+  got = attn.superlinear_attention(x["q"], x["k"], x["v"], x["q_search"], x["k_search"],
+                                   config=cfg, implementation=impl)
+  want = attn_oracles.attention_loop(x["q"], x["k"], x["v"], lambda pos, j: True)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
