@@ -79,23 +79,57 @@ def check_search(q, k, q_search, k_search):
   return k_search
 
 
+def _concrete_scalar(x):
+  """`x` as a numpy scalar if it is a concrete 0-d number (Python, numpy or a
+  concrete jax array), else None. A traced value is not concrete."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  if isinstance(x, (bool, np.bool_)):
+    return None
+  if isinstance(x, (numbers.Number, np.generic)):
+    return x
+  if getattr(x, "ndim", None) == 0 and hasattr(x, "dtype"):
+    try:
+      return np.asarray(x)[()]
+    except Exception:  # noqa: BLE001  (e.g. a tracer hidden in a wrapper)
+      return None
+  return None
+
+
 def is_int(x) -> bool:
-  """A Python or numpy integer, not a bool."""
-  return isinstance(x, (numbers.Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
+  """A concrete integer scalar (Python, numpy, or a 0-d jax array), not a bool."""
+  v = _concrete_scalar(x)
+  return v is not None and isinstance(v, (numbers.Integral, np.integer)) and not isinstance(
+      v, (bool, np.bool_))
 
 
 def is_real(x) -> bool:
-  """A Python or numpy real number, not a bool."""
-  return isinstance(x, (numbers.Real, np.floating, np.integer)) and not isinstance(
-      x, (bool, np.bool_))
+  """A concrete real scalar (Python, numpy, or a 0-d jax array), not a bool."""
+  v = _concrete_scalar(x)
+  return v is not None and isinstance(v, (numbers.Real, np.floating, np.integer)) and \
+      not isinstance(v, (bool, np.bool_))
+
+
+def traced_hint(x) -> str:
+  """Extra words for an error when `x` is a traced value."""
+  return (" It is a static argument: pass a concrete number, not a value traced "
+          "under jax.jit/grad/vmap." if isinstance(x, jax.core.Tracer) else "")
+
+
+def check_seq_len(n, name="seq_len") -> int:
+  if not is_int(n) or int(n) < 0:
+    raise ValueError(f"{name}={n!r}: must be an int >= 0.{traced_hint(n)}")
+  return int(n)
 
 
 def check_q_offset(q_offset, q_len, kv_len):
   """`q_offset`: None, an integer, or a 0-d integer array (traced is fine).
 
-  Concrete values must lie in `[0, kv_len - q_len]`; a traced value cannot be
-  checked: out of range, queries past the last key see every key and queries
-  before position 0 see none (zero output).
+  Concrete values must lie in `[0, kv_len - q_len]`. A traced value cannot be
+  checked; every implementation then gives the same result for any offset:
+  query `i` sits at position `q_offset + i`, and a query whose position lies
+  outside `[0, kv_len)` (before the first key or past the last one) has no
+  key of its own and returns a zero row (and no gradient).
   """
   if q_offset is None:
     return
@@ -116,25 +150,29 @@ def check_q_offset(q_offset, q_len, kv_len):
 
 
 def check_scale(scale, head_dim):
+  """`scale`: None (= `1/sqrt(head_dim)`) or a finite positive concrete number."""
   if scale is None:
     return head_dim ** -0.5
-  if not is_real(scale) or not scale > 0:
-    raise ValueError(f"scale={scale!r}: must be a positive float (default "
-                     "1/sqrt(head_dim)).")
+  if not is_real(scale) or not math.isfinite(float(scale)) or not float(scale) > 0:
+    raise ValueError(f"scale={scale!r}: must be a finite positive number (default "
+                     f"1/sqrt(head_dim)).{traced_hint(scale)}")
   return float(scale)
 
 
-def check_p(p) -> float:
-  if not is_real(p) or not math.isfinite(p):
-    raise ValueError(f"p={p!r}: the PPA exponent must be a number in [0, 1].")
+def check_p(p, name="p") -> float:
+  """The PPA exponent: a concrete number in `[0, 1]`."""
+  if not is_real(p) or not math.isfinite(float(p)):
+    raise ValueError(f"{name}={p!r}: the PPA exponent must be a number in [0, 1]."
+                     f"{traced_hint(p)}")
+  p = float(p)
   if not 0.0 <= p <= 1.0:
-    raise ValueError(f"p={p!r} is outside [0, 1]: PPA needs 0 <= p <= 1 "
+    raise ValueError(f"{name}={p!r} is outside [0, 1]: PPA needs 0 <= p <= 1 "
                      "(p=0 is a sliding window, p=1 full causal attention).")
-  return float(p)
+  return p
 
 
 def check_window(window, name="window") -> int:
-  if not is_int(window) or window <= 0:
+  if not is_int(window) or int(window) <= 0:
     raise ValueError(f"{name}={window!r}: must be a positive int (number of keys "
-                     "a query sees, itself included).")
+                     f"a query sees, itself included).{traced_hint(window)}")
   return int(window)

@@ -72,6 +72,19 @@ class SuperlinearConfig:
     for name in ("search_power", "span_power", "backward_factor", "forward_factor"):
       object.__setattr__(self, name, float(getattr(self, name)))
     p, sigma, bb = self.search_power, self.span_power, self.backward_factor
+    from attn import masks  # local import: masks imports this module.
+    # The window and the first num_spans stripes must be int32 positions
+    # (exact integers in the tables): f(s + k) = floor((s + k)**(1/p)).
+    j = self.sw_index + self.num_spans
+    if masks.stripe_offsets(j, p)[-1] >= masks.STRIPE_BEYOND:
+      p_min = math.log(j) / math.log(masks.STRIPE_BEYOND)
+      raise ValueError(
+          f"SuperlinearConfig.search_power={p!r}: with sw_index={self.sw_index} and "
+          f"num_spans={self.num_spans} the stripe offset f({j}) = floor({j} ** "
+          f"(1/search_power)) exceeds 2**31 - 1, so the window and the {self.num_spans} "
+          f"nearest stripes cannot be int32 positions: use search_power > "
+          f"{math.ceil(p_min * 1e4) / 1e4:g} (valid range ({p_min:.4g}, 1]), or a "
+          "smaller sw_index + num_spans.")
     # Interior gap between stripes j and j+1 is ~ (1/p) j**(1/p - 1) ~ (1/p)
     # t**(1 - p); the left edge is only reached by the backward extension
     # ~ bb t**sigma.  Below these bounds coverage fails for long contexts.
@@ -84,7 +97,6 @@ class SuperlinearConfig:
           f"1 - search_power with backward_factor >= 1 / search_power "
           f"(= {1.0 / p:g}).")
 
-    from attn import masks  # local import: masks imports this module.
     hole = masks.superlinear_first_hole(self, _COVERAGE_CHECK_LEN)
     if hole is not None:
       raise ValueError(

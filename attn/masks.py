@@ -37,25 +37,46 @@ def _int_root_power(s: np.ndarray, inv_p: float) -> np.ndarray:
   return np.where(too_small, r + 1, r)
 
 
+# Stripe offsets at or above this are beyond every int32 position: they are
+# returned saturated (equal to it) instead of overflowing int64 (or wrapping
+# to small, *future* anchors) for tiny `p`. Below it every value is exact.
+STRIPE_BEYOND = 2 ** 31 - 1
+
+
 @functools.lru_cache(maxsize=64)
 def _stripe_offsets_cached(n: int, p: float) -> np.ndarray:
   if p == 1.0:
-    return np.arange(1, n + 1, dtype=np.int64)
-  return _int_root_power(np.arange(1, n + 1, dtype=np.int64), 1.0 / p)
+    return np.minimum(np.arange(1, n + 1, dtype=np.int64), STRIPE_BEYOND)
+  j = np.arange(1, n + 1, dtype=np.int64)
+  inv_p = 1.0 / p
+  # log2 of the value decides saturation without computing huge powers.
+  big = np.log2(np.maximum(j, 1).astype(np.float64)) * inv_p >= 31.0
+  safe = np.where(big, 1, j)
+  out = _int_root_power(safe, inv_p)
+  return np.where(big | (out >= STRIPE_BEYOND), STRIPE_BEYOND, out).astype(np.int64)
 
 
 def stripe_offsets(n: int, p: float) -> np.ndarray:
   """`f(j) = floor(j ** (1/p))` for `j = 1..n`: int64 `[n]` (entry `j - 1`).
 
   The one integer stripe table of superlinear attention (anchor
-  `a_j = q + 1 - f(j)`), computed once on the host.
+  `a_j = q + 1 - f(j)`), computed once on the host. Exact below
+  `STRIPE_BEYOND = 2**31 - 1`; larger values (tiny `p`) are returned as
+  `STRIPE_BEYOND`, a stripe beyond every int32 position (never valid).
+
+  Args:
+    n: number of stripes, an int >= 0.
+    p: the search power, in `(0, 1]`.
   """
-  out = _stripe_offsets_cached(int(n), float(p))
+  n = _checks.check_seq_len(n, "n")
+  if not _checks.is_real(p) or not 0.0 < float(p) <= 1.0:
+    raise ValueError(f"p={p!r}: the search power must be a number in (0, 1] "
+                     f"(f(j) = floor(j ** (1/p))).{_checks.traced_hint(p)}")
+  out = _stripe_offsets_cached(n, float(p))
   out.flags.writeable = False
   return out
 
 
-@functools.lru_cache(maxsize=64)
 def ppa_offsets(max_offset: int, *, p: float, window: int) -> np.ndarray:
   """Kept key offsets of PPA in `[0, max_offset]`, ascending, int64.
 
@@ -66,9 +87,12 @@ def ppa_offsets(max_offset: int, *, p: float, window: int) -> np.ndarray:
   squares, `p = 3/4` keeps 1, 3, 5, 7, 9, 11, 14, 16, 19, 22, ...; `p = 1`
   keeps every offset and `p = 0` none beyond the window.
   """
-  p = _checks.check_p(p)
-  window = _checks.check_window(window)
-  max_offset = int(max_offset)
+  return _ppa_offsets_cached(_checks.check_seq_len(max_offset, "max_offset"),
+                             _checks.check_p(p), _checks.check_window(window))
+
+
+@functools.lru_cache(maxsize=64)
+def _ppa_offsets_cached(max_offset: int, p: float, window: int) -> np.ndarray:
   local = np.arange(min(window, max_offset + 1), dtype=np.int64)
   if p == 0.0 or max_offset < 1:
     far = np.zeros((0,), np.int64)
@@ -93,9 +117,18 @@ def ppa_far_offsets(max_offset: int, *, p: float, window: int) -> np.ndarray:
 
 
 def causal_mask(q_len: int, kv_len: int | None = None, *, q_offset: int | None = None):
-  """`[q_len, kv_len]` bool: key `k` visible to query `i` iff `k <= q_offset + i`."""
-  kv_len = q_len if kv_len is None else kv_len
-  q_offset = kv_len - q_len if q_offset is None else q_offset
+  """`[q_len, kv_len]` bool: key `k` visible to query `i` iff `k <= q_offset + i`.
+
+  `kv_len >= q_len` (default `q_len`); `q_offset` in `[0, kv_len - q_len]`
+  (default `kv_len - q_len`), as for the ops.
+  """
+  q_len = _checks.check_seq_len(q_len, "q_len")
+  kv_len = q_len if kv_len is None else _checks.check_seq_len(kv_len, "kv_len")
+  if kv_len < q_len:
+    raise ValueError(f"kv_len={kv_len} < q_len={q_len}: the queries must be the "
+                     "positions of some of the keys.")
+  _checks.check_q_offset(q_offset, q_len, kv_len)
+  q_offset = kv_len - q_len if q_offset is None else int(q_offset)
   qpos = q_offset + np.arange(q_len)[:, None]
   return np.arange(kv_len)[None, :] <= qpos
 
@@ -106,8 +139,7 @@ def ppa_mask(seq_len: int, *, p: float, window: int = 64) -> np.ndarray:
   `mask[i, k]` is True iff query `i` attends key `k` (see `ppa_offsets` for the
   rule). Host-side, for tests and plots; the ops never build it.
   """
-  if not _checks.is_int(seq_len) or seq_len < 0:
-    raise ValueError(f"seq_len={seq_len!r}: must be an int >= 0.")
+  seq_len = _checks.check_seq_len(seq_len)
   if seq_len == 0:
     return np.zeros((0, 0), bool)
   offs = ppa_offsets(max(seq_len - 1, 0), p=p, window=window)
@@ -119,6 +151,7 @@ def ppa_mask(seq_len: int, *, p: float, window: int = 64) -> np.ndarray:
 
 def sliding_window_mask(seq_len: int, *, window: int) -> np.ndarray:
   """bool `[seq_len, seq_len]`: query `i` sees keys `[i - window + 1, i]`."""
+  seq_len = _checks.check_seq_len(seq_len)
   window = _checks.check_window(window)
   d = np.arange(seq_len)[:, None] - np.arange(seq_len)[None, :]
   return (d >= 0) & (d < window)
@@ -154,13 +187,16 @@ def superlinear_stripe_table(max_len: int, config: SuperlinearConfig) -> np.ndar
 def superlinear_span_table(max_len: int, config: SuperlinearConfig) -> np.ndarray:
   """int32 `[max_len + 1, 2]`: `(ceil(bb * t**sigma), ceil(bf * t**sigma))` per `t`.
 
-  Row `t` is indexed by the number of visible keys; row 0 is unused.
+  Row `t` is indexed by the number of visible keys; row 0 is unused. Entries
+  are capped at `max_len` (a span never reaches further than `t` keys; huge
+  factors would otherwise overflow int32 and wrap negative).
   """
   t = np.arange(max_len + 1, dtype=np.float64)
   grow = t ** config.span_power
   back = np.ceil(config.backward_factor * grow - 1e-9)
   fwd = np.ceil(config.forward_factor * grow - 1e-9)
-  return np.stack([back, fwd], axis=-1).astype(np.int32)
+  table = np.minimum(np.stack([back, fwd], axis=-1), float(max_len))
+  return table.astype(np.int32)
 
 
 def superlinear_max_span(max_len: int, config: SuperlinearConfig) -> int:

@@ -10,7 +10,7 @@ query `i` sits at absolute position `q_offset + i` (default
 later key, so a fixed-size KV cache works with `q_offset` = the number of
 tokens already in it. A concrete `q_offset` must lie in `[0, kv_len - q_len]`;
 a traced int32 scalar is accepted but cannot be checked (out of range, a
-query before position 0 sees no key and returns zeros).
+query at a position outside `[0, kv_len)` has no key and returns zeros).
 
 `implementation`:
   * `"reference"`: dense masked O(L^2) oracle, for tests;

@@ -6,7 +6,11 @@ fast; never use them at long lengths.
 
 Shapes: `q: [batch, q_len, num_q_heads, head_dim]`,
 `k, v: [batch, kv_len, num_kv_heads, head_dim]`; the output is like `q`.
-Query `i` sits at absolute position `q_offset + i`.
+Query `i` sits at absolute position `q_offset + i`; a query whose position
+lies outside `[0, kv_len)` (possible with a traced `q_offset`) has no key of
+its own and gets a zero row. Keys no query may see contribute exactly nothing,
+even when they hold NaN or Inf (an uninitialised cache slot): they are zeroed
+before any arithmetic, so values and gradients stay finite.
 """
 
 from __future__ import annotations
@@ -22,10 +26,16 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def positions(q_len: int, kv_len: int, q_offset):
-  """Absolute query positions `[q_len]` and key positions `[kv_len]` (int32)."""
+  """Query positions `[q_len]`, key positions `[kv_len]` (int32) and the
+  bool `[q_len]` rows whose position lies in `[0, kv_len)`."""
   q_offset = kv_len - q_len if q_offset is None else q_offset
   qpos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)
-  return qpos, jnp.arange(kv_len, dtype=jnp.int32)
+  return qpos, jnp.arange(kv_len, dtype=jnp.int32), (qpos >= 0) & (qpos < kv_len)
+
+
+def _zero_unseen_keys(x, seen):
+  """`x: [B, Lk, Hk, D]` with the keys where `seen: [B, Hk, Lk]` is False zeroed."""
+  return jnp.where(jnp.moveaxis(seen, 1, 2)[..., None], x, jnp.zeros((), x.dtype))
 
 
 def _group(q, num_kv_heads):
@@ -44,9 +54,14 @@ def masked_attention(q, k, v, mask, *, scale):
 
   Returns:
     `(out [B, Lq, Hq, D] float32, lse [B, Hk, G, Lq] float32)`; a query with
-    no visible key gets a zero output and `lse = -inf`.
+    no visible key gets a zero output and `lse = -inf`. Keys no query sees are
+    zeroed first (NaN there cannot leak through `0 * NaN`).
   """
-  hk = k.shape[2]
+  b, lq, hq, _ = q.shape
+  lk, hk = k.shape[1], k.shape[2]
+  mask = jnp.broadcast_to(mask, (b, hk, hq // hk, lq, lk))
+  seen = jnp.any(mask, axis=(2, 3))                                   # [B, Hk, Lk]
+  k, v = _zero_unseen_keys(k, seen), _zero_unseen_keys(v, seen)
   qg = _group(q.astype(jnp.float32), hk)
   s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32),
                  precision=HIGHEST) * scale
@@ -63,16 +78,16 @@ def masked_attention(q, k, v, mask, *, scale):
 
 def dense_attention(q, k, v, q_offset=None, *, scale):
   """Causal attention: key `k` visible iff `k <= query position`."""
-  qpos, kpos = positions(q.shape[1], k.shape[1], q_offset)
-  mask = kpos[None, :] <= qpos[:, None]
+  qpos, kpos, row_ok = positions(q.shape[1], k.shape[1], q_offset)
+  mask = (kpos[None, :] <= qpos[:, None]) & row_ok[:, None]
   return masked_attention(q, k, v, mask, scale=scale)[0].astype(q.dtype)
 
 
 def sliding_window_attention(q, k, v, q_offset=None, *, window, scale):
   """Query at position `i` sees keys `[i - window + 1, i]`."""
-  qpos, kpos = positions(q.shape[1], k.shape[1], q_offset)
+  qpos, kpos, row_ok = positions(q.shape[1], k.shape[1], q_offset)
   d = qpos[:, None] - kpos[None, :]
-  mask = (d >= 0) & (d < window)
+  mask = (d >= 0) & (d < window) & row_ok[:, None]
   return masked_attention(q, k, v, mask, scale=scale)[0].astype(q.dtype)
 
 
@@ -81,9 +96,9 @@ def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
   kv_len = k.shape[1]
   keep = np.zeros((kv_len,), bool)
   keep[masks.ppa_offsets(kv_len - 1, p=p, window=window)] = True
-  qpos, kpos = positions(q.shape[1], kv_len, q_offset)
+  qpos, kpos, row_ok = positions(q.shape[1], kv_len, q_offset)
   d = qpos[:, None] - kpos[None, :]
-  mask = (d >= 0) & jnp.asarray(keep)[jnp.clip(d, 0, kv_len - 1)]
+  mask = (d >= 0) & jnp.asarray(keep)[jnp.clip(d, 0, kv_len - 1)] & row_ok[:, None]
   return masked_attention(q, k, v, mask, scale=scale)[0].astype(q.dtype)
 
 
@@ -110,25 +125,33 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
   lk, hk = k.shape[1], k.shape[2]
   g = hq // hk
   w = config.window
-  qpos, kpos = positions(lq, lk, q_offset)
+  qpos, kpos, row_ok = positions(lq, lk, q_offset)
+  sg = jax.lax.stop_gradient
 
-  # Search scores for every key: [B, Hk, G, Lq, Lk], float32, unscaled.
-  full = jnp.einsum("bqhgd,bkhd->bhgqk", _group(q_search.astype(jnp.float32), hk),
-                    k_search.astype(jnp.float32), precision=HIGHEST)
+  # Search scores for every key: [B, Hk, G, Lq, Lk], float32, unscaled; only
+  # used to choose anchors (not differentiated).
+  full = jnp.einsum("bqhgd,bkhd->bhgqk", _group(sg(q_search).astype(jnp.float32), hk),
+                    sg(k_search).astype(jnp.float32), precision=HIGHEST)
   f = jnp.asarray(masks.superlinear_stripe_table(lk, config))        # far->near
   anchors = qpos[:, None] + 1 - f[None, :]                            # [Lq, S]
-  valid = anchors >= 0
+  valid = (anchors >= 0) & row_ok[:, None]
   idx = jnp.broadcast_to(jnp.clip(anchors, 0, lk - 1), full.shape[:3] + anchors.shape)
   search = jnp.where(valid, jnp.take_along_axis(full, idx, axis=-1), -jnp.inf)
 
   num = config.num_spans
-  top, sel = jax.lax.top_k(jax.lax.stop_gradient(search), num)        # [B,Hk,G,Lq,K]
+  top, sel = jax.lax.top_k(search, num)                               # [B,Hk,G,Lq,K]
   sel_valid = jnp.isfinite(top)
   sel_anchor = jnp.where(sel_valid, jnp.take_along_axis(
       jnp.broadcast_to(anchors, search.shape), sel, axis=-1), -1)
-  # Differentiable gate logits: the chosen columns of `full`.
-  logits = jnp.take_along_axis(full, jnp.clip(sel_anchor, 0, lk - 1), axis=-1)
+  # Differentiable gate logits: <q_search, k_search[anchor]> of the chosen
+  # anchors (rows of an invalid slot zeroed, so junk there cannot leak).
+  ks_t = jnp.moveaxis(k_search.astype(jnp.float32), 2, 1)            # [B, Hk, Lk, Ds]
+  ks_sel = jax.vmap(jax.vmap(lambda x, i: x[i]))(ks_t, jnp.clip(sel_anchor, 0, lk - 1))
+  ks_sel = jnp.where(sel_valid[..., None], ks_sel, 0.0)              # [B,Hk,G,Lq,K,Ds]
+  qs_t = jnp.moveaxis(_group(q_search.astype(jnp.float32), hk), 1, 3)  # [B,Hk,G,Lq,Ds]
+  logits = jnp.einsum("bhgqd,bhgqkd->bhgqk", qs_t, ks_sel, precision=HIGHEST)
   gates = jax.nn.softmax(jnp.where(sel_valid, logits, -1e9), axis=-1)
+  gates = jnp.where(row_ok[:, None], gates, 0.0)     # a row with no position: no gate
 
   spans = jnp.asarray(masks.superlinear_span_table(lk, config))
   back = spans[qpos + 1, 0][:, None]                                  # [Lq, 1]
@@ -136,7 +159,7 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
   start = jnp.maximum(sel_anchor - back, 0)
   end = jnp.minimum(sel_anchor + fwd, (qpos - w)[:, None])
   d = qpos[:, None] - kpos[None, :]
-  window = (d >= 0) & (d < w)                                         # [Lq, Lk]
+  window = (d >= 0) & (d < w) & row_ok[:, None]                      # [Lq, Lk]
   outs = []
   for slot in range(num):
     in_span = ((kpos >= start[..., slot, None]) & (kpos <= end[..., slot, None])

@@ -16,10 +16,22 @@ forward and in the backward pass. Inside a block every piece of work reads
 
 Pieces of one softmax are merged through their running max / sum / weighted
 values, as in flash attention. Softmax statistics are float32 whatever the
-input dtype.
+input dtype. Keys and values are sliced from float32 copies (cast back to the
+input dtype where a matmul reads them), so in the backward pass the
+cotangents of overlapping slices accumulate in float32, not bfloat16.
 
-Shapes: `q: [B, Lq, Hq, D]`, `k, v: [B, Lk, Hk, D]`, `G = Hq // Hk`; query
-`i` sits at absolute position `q_offset + i`.
+Positions: query `i` sits at absolute position `q_offset + i`. A traced
+`q_offset` may lie outside `[0, kv_len - q_len]`: `_any_offset` then shifts
+the query rows so that the kernels always run at an in-range offset, and a
+query whose position lies outside `[0, kv_len)` returns a zero row, as in
+`attn.reference`. Inside the kernels every row outside the call's valid
+position range `[lo, hi]` (padding rows of the last block included) sees no
+key. Keys no valid query may see contribute exactly nothing even if they
+hold NaN or Inf: every slice read is zeroed where no row of the block may
+see it before any arithmetic (`0 * NaN` would be NaN in values and
+gradients).
+
+Shapes: `q: [B, Lq, Hq, D]`, `k, v: [B, Lk, Hk, D]`, `G = Hq // Hk`.
 """
 
 from __future__ import annotations
@@ -126,12 +138,15 @@ def _qk(qg, keys, spec, scale=None):
   return s if scale is None else s * scale
 
 
-def _map_query_blocks(body, bq: int, q_offset, *xs):
-  """Runs `body(qpos [bq], *blocks)` over query blocks of `xs` (`[B, Lq, ...]`).
+def _map_query_blocks(body, bq: int, q_offset, bounds, *xs):
+  """Runs `body(qpos [bq], row_ok [bq], *blocks)` over query blocks of `xs`.
 
-  The body's outputs must be `[B, bq, ...]`; they are stitched back to
+  `xs` are `[B, Lq, ...]`; `bounds = (lo, hi)`: a row is valid (`row_ok`)
+  iff its position lies in `[lo, hi]` (padding rows of the last block never
+  are). The body's outputs must be `[B, bq, ...]`; they are stitched back to
   `[B, Lq, ...]`. The body is rematerialised in the backward pass.
   """
+  lo, hi = bounds
   q_len = xs[0].shape[1]
   nb = -(-q_len // bq)
   pad = nb * bq - q_len
@@ -144,7 +159,7 @@ def _map_query_blocks(body, bq: int, q_offset, *xs):
   def step(args):
     i, *blocks = args
     qpos = q_offset + i * bq + jnp.arange(bq, dtype=jnp.int32)
-    return body(qpos, *blocks)
+    return body(qpos, (qpos >= lo) & (qpos <= hi), *blocks)
 
   outs = jax.lax.map(step, (jnp.arange(nb, dtype=jnp.int32), *map(split, xs)))
 
@@ -155,40 +170,79 @@ def _map_query_blocks(body, bq: int, q_offset, *xs):
   return jax.tree.map(join, outs)
 
 
-def _offset(q_len, kv_len, q_offset):
-  return jnp.asarray(kv_len - q_len if q_offset is None else q_offset, jnp.int32)
+def _shift_rows(x, shift, fill):
+  """`out[:, j] = x[:, j - shift]` where `0 <= j - shift < L`, else `fill`."""
+  n = x.shape[1]
+  src = jnp.arange(n, dtype=jnp.int32) - shift
+  ok = (src >= 0) & (src < n)
+  y = jnp.take(x, jnp.clip(src, 0, n - 1), axis=1)
+  ok = ok.reshape((1, n) + (1,) * (x.ndim - 2))
+  return jnp.where(ok, y, jnp.asarray(fill, x.dtype))
+
+
+def _any_offset(run, xs, q_offset, q_len, kv_len, fills):
+  """Calls `run(xs, offset, (lo, hi))` at an in-range offset for any `q_offset`.
+
+  `xs`: query-aligned inputs `[B, Lq, ...]`. `run` gets them at positions
+  `offset + i`, `offset` in `[0, kv_len - q_len]`, and must give rows outside
+  the valid positions `[lo, hi]` no key. A traced `q_offset` out of range is
+  handled by shifting the rows: row `i` (position `q_offset + i`) goes to slot
+  `i + shift` at the same position; rows whose position lies outside
+  `[0, kv_len)` have no slot and get `fills` (one per output of `run`).
+  """
+  if q_offset is None:
+    off = jnp.int32(kv_len - q_len)
+    return run(xs, off, (off, jnp.int32(kv_len - 1)))
+  off = jnp.asarray(q_offset, jnp.int32)
+  off_c = jnp.clip(off, 0, kv_len - q_len)
+  shift = jnp.clip(off - off_c, -q_len, q_len)
+  lo = off_c + jnp.maximum(shift, 0)
+  hi = off_c + jnp.minimum(q_len, q_len + shift) - 1
+  outs = run([_shift_rows(x, shift, 0) for x in xs], off_c, (lo, hi))
+  single = not isinstance(outs, tuple)
+  outs = (outs,) if single else outs
+  outs = tuple(_shift_rows(y, -shift, f) for y, f in zip(outs, fills))
+  return outs[0] if single else outs
+
+
+def _zero_unseen(x, seen):
+  """Zeroes the rows of `x: [B, n, H, D]` whose `seen: [n]` is False."""
+  return jnp.where(seen[None, :, None, None], x, jnp.zeros((), x.dtype))
 
 
 # ------------------------------------------------------------------ pieces
 
 
-def _band_partial(qg, k_pad, v_pad, qpos, *, lo, hi, pad_left, kv_len, scale,
-                  keep=None):
+def _band_partial(qg, k_pad, v_pad, qpos, row_ok, *, lo, hi, pad_left, kv_len,
+                  scale, keep=None):
   """State of the keys at offsets `lo <= d <= hi` from each query of a block.
 
   One contiguous slice of `bq + hi - lo` keys serves the whole block (a
-  matmul, masked to the band). qg: `[B, bq, Hk, G, D]`; k_pad, v_pad: keys
-  padded by `pad_left >= hi` on the left and `bq` on the right; keep:
-  optional bool `[hi - lo + 1]`, the offsets of the band that are kept.
-  Returns a `Partial` over `[B, Hk, G, bq]`.
+  matmul, masked to the band). qg: `[B, bq, Hk, G, D]`; k_pad, v_pad: float32
+  keys padded by `pad_left >= hi` on the left and `bq` on the right; row_ok:
+  bool `[bq]`; keep: optional bool `[hi - lo + 1]`, the offsets of the band
+  that are kept. Returns a `Partial` over `[B, Hk, G, bq]`.
   """
   bq = qg.shape[1]
   n = bq + hi - lo
-  first = qpos[0] - hi                  # absolute position of the slice's first key
-  kw = jax.lax.dynamic_slice_in_dim(k_pad, first + pad_left, n, axis=1)
-  vw = jax.lax.dynamic_slice_in_dim(v_pad, first + pad_left, n, axis=1)
-  kpos = first + jnp.arange(n, dtype=jnp.int32)
+  # The slice actually read (dynamic_slice clamps its start): key positions
+  # follow the clamped start, so a row never scores a key it did not get.
+  start = jnp.clip(qpos[0] - hi + pad_left, 0, k_pad.shape[1] - n)
+  kpos = start - pad_left + jnp.arange(n, dtype=jnp.int32)
   d = qpos[:, None] - kpos[None, :]
-  ok = (d >= lo) & (d <= hi) & (kpos >= 0) & (kpos < kv_len)
+  ok = (d >= lo) & (d <= hi) & (kpos >= 0) & (kpos < kv_len) & row_ok[:, None]
   if keep is not None:
     ok &= jnp.asarray(keep)[jnp.clip(d - lo, 0, hi - lo)]
-  s = jnp.where(ok, _qk(qg, kw, "bqhgd,bkhd->bhgqk", scale), -jnp.inf)
+  seen = jnp.any(ok, axis=0)
+  kw = _zero_unseen(jax.lax.dynamic_slice_in_dim(k_pad, start, n, axis=1), seen)
+  vw = _zero_unseen(jax.lax.dynamic_slice_in_dim(v_pad, start, n, axis=1), seen)
+  s = jnp.where(ok, _qk(qg, kw.astype(qg.dtype), "bqhgd,bkhd->bhgqk", scale), -jnp.inf)
   return _partial(s, vw, "bhgqk,bkhd->bhgqd")
 
 
-def _window_partial(qg, k_pad, v_pad, qpos, *, window, kv_len, scale):
+def _window_partial(qg, k_pad, v_pad, qpos, row_ok, *, window, kv_len, scale):
   """Local-window state of one query block (keys padded by `window - 1`)."""
-  return _band_partial(qg, k_pad, v_pad, qpos, lo=0, hi=window - 1,
+  return _band_partial(qg, k_pad, v_pad, qpos, row_ok, lo=0, hi=window - 1,
                        pad_left=window - 1, kv_len=kv_len, scale=scale)
 
 
@@ -201,16 +255,18 @@ def _window_only(q, k, v, *, window, scale, q_offset):
   b, lq, hq, d = q.shape
   lk, hk = k.shape[1], k.shape[2]
   bq = _block_size(lq, 128 + window, hq, d, b)
-  k_pad = _pad_seq(k, window - 1, bq)
-  v_pad = _pad_seq(v, window - 1, bq)
+  k_pad = _pad_seq(k.astype(F32), window - 1, bq)
+  v_pad = _pad_seq(v.astype(F32), window - 1, bq)
 
-  def body(qpos, qb):
-    part = _window_partial(_group(qb, hk), k_pad, v_pad, qpos, window=window,
-                           kv_len=lk, scale=scale)
-    out, _ = _finish(part)                                   # [B, Hk, G, bq, D]
-    return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
+  def run(xs, offset, bounds):
+    def body(qpos, row_ok, qb):
+      part = _window_partial(_group(qb, hk), k_pad, v_pad, qpos, row_ok,
+                             window=window, kv_len=lk, scale=scale)
+      out, _ = _finish(part)                                 # [B, Hk, G, bq, D]
+      return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
+    return _map_query_blocks(body, bq, offset, bounds, *xs)
 
-  return _map_query_blocks(body, bq, _offset(lq, lk, q_offset), q).astype(q.dtype)
+  return _any_offset(run, [q], q_offset, lq, lk, (0,)).astype(q.dtype)
 
 
 # --------------------------------------------------------------------- ops
@@ -223,13 +279,19 @@ def dense_attention(q, k, v, q_offset=None, *, scale):
   bq = _block_size(lq, lk, hq, 1, b)
   kpos = jnp.arange(lk, dtype=jnp.int32)
 
-  def body(qpos, qb):
-    s = _qk(_group(qb, hk), k, "bqhgd,bkhd->bhgqk", scale)
-    s = jnp.where(kpos[None, :] <= qpos[:, None], s, -jnp.inf)
-    out, _ = _finish(_partial(s, v, "bhgqk,bkhd->bhgqd"))
-    return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
+  def run(xs, offset, bounds):
+    # Keys past the last valid query are seen by no one: zeroed once.
+    seen = (kpos <= bounds[1]) & (bounds[0] <= bounds[1])
+    k32, v32 = _zero_unseen(k.astype(F32), seen), _zero_unseen(v.astype(F32), seen)
 
-  return _map_query_blocks(body, bq, _offset(lq, lk, q_offset), q).astype(q.dtype)
+    def body(qpos, row_ok, qb):
+      s = _qk(_group(qb, hk), k32.astype(k.dtype), "bqhgd,bkhd->bhgqk", scale)
+      ok = (kpos[None, :] <= qpos[:, None]) & row_ok[:, None]
+      out, _ = _finish(_partial(jnp.where(ok, s, -jnp.inf), v32, "bhgqk,bkhd->bhgqd"))
+      return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
+    return _map_query_blocks(body, bq, offset, bounds, *xs)
+
+  return _any_offset(run, [q], q_offset, lq, lk, (0,)).astype(q.dtype)
 
 
 def sliding_window_attention(q, k, v, q_offset=None, *, window, scale):
@@ -238,7 +300,7 @@ def sliding_window_attention(q, k, v, q_offset=None, *, window, scale):
                       q_offset=q_offset)
 
 
-def _stripes_partial(qg, k_pad, v_pad, qpos, stripes, *, pad_left, scale):
+def _stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripes, *, pad_left, scale):
   """State of the sparse far offsets `stripes` for a chunk of queries.
 
   For a fixed offset `d`, the keys of consecutive queries are consecutive:
@@ -246,17 +308,19 @@ def _stripes_partial(qg, k_pad, v_pad, qpos, stripes, *, pad_left, scale):
   stripes (scores first, then the values weighted by the exponentials), so
   work and memory in both passes are proportional to `len(stripes)`.
 
-  qg: `[B, C, Hk, G, D]`; qpos: `[C]`; stripes: int32 `[S]`.
-  Returns a `Partial` over `[B, Hk, G, C]`.
+  qg: `[B, C, Hk, G, D]`; qpos, row_ok: `[C]`; stripes: int32 `[S]`; k_pad,
+  v_pad: float32. Returns a `Partial` over `[B, Hk, G, C]`.
   """
   c = qg.shape[1]
-  ok_rows = lambda d: (qpos - d >= 0)[None, :, None, None]  # noqa: E731
+  qg = qg.astype(F32)   # (its cotangent then sums over the stripes in float32)
+  ok_rows = lambda d: (qpos - d >= 0) & row_ok  # noqa: E731
 
   @jax.checkpoint
   def score(d):
     ks = jax.lax.dynamic_slice_in_dim(k_pad, qpos[0] - d + pad_left, c, axis=1)
-    s = jnp.sum(qg.astype(F32) * ks[:, :, :, None].astype(F32), axis=-1) * scale
-    return jnp.where(ok_rows(d), s, -jnp.inf)
+    ks = _zero_unseen(ks, ok_rows(d))
+    s = jnp.sum(qg * ks[:, :, :, None], axis=-1) * scale
+    return jnp.where(ok_rows(d)[None, :, None, None], s, -jnp.inf)
 
   s = jax.lax.map(score, stripes)                            # [S, B, C, Hk, G]
   m = jnp.max(s, axis=0)
@@ -266,7 +330,7 @@ def _stripes_partial(qg, k_pad, v_pad, qpos, stripes, *, pad_left, scale):
   def accumulate(o, args):
     d, e_d = args
     vs = jax.lax.dynamic_slice_in_dim(v_pad, qpos[0] - d + pad_left, c, axis=1)
-    return o + e_d[..., None] * vs[:, :, :, None].astype(F32), None
+    return o + e_d[..., None] * _zero_unseen(vs, ok_rows(d))[:, :, :, None], None
 
   o, _ = jax.lax.scan(accumulate, jnp.zeros(qg.shape, F32), (stripes, e))
   to_heads = lambda x: jnp.moveaxis(x, 1, 3)  # noqa: E731
@@ -333,31 +397,34 @@ def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
   chunk = bq * max(1, 8 * _BLOCK_BUDGET // max(bq * stripes.size * hq * b, 1))
   chunk = min(chunk, _PPA_MAX_CHUNK, -(-lq // bq) * bq)
   pad_left = int(offsets[-1])
-  k_pad = _pad_seq(k, pad_left, chunk)
-  v_pad = _pad_seq(v, pad_left, chunk)
+  k_pad = _pad_seq(k.astype(F32), pad_left, chunk)
+  v_pad = _pad_seq(v.astype(F32), pad_left, chunk)
   stripe_j = jnp.asarray(stripes, jnp.int32)
 
-  def chunk_body(qpos, qc):
-    qg = _group(qc, hk)                                      # [B, C, Hk, G, D]
+  def run(xs, offset, bounds):
+    def chunk_body(qpos, row_ok, qc):
+      qg = _group(qc, hk)                                    # [B, C, Hk, G, D]
 
-    def block_body(bpos, qb):
-      parts = [_band_partial(_group(qb, hk), k_pad, v_pad, bpos, lo=lo, hi=hi,
-                             keep=keep, pad_left=pad_left, kv_len=lk, scale=scale)
-               for lo, hi, keep in bands]
-      return jax.tree.map(lambda x: jnp.moveaxis(x, 3, 1),
-                          functools.reduce(_merge, parts))   # [B, bq, Hk, G, ...]
+      def block_body(bpos, brow_ok, qb):
+        parts = [_band_partial(_group(qb, hk), k_pad, v_pad, bpos, brow_ok, lo=lo,
+                               hi=hi, keep=keep, pad_left=pad_left, kv_len=lk,
+                               scale=scale)
+                 for lo, hi, keep in bands]
+        return jax.tree.map(lambda x: jnp.moveaxis(x, 3, 1),
+                            functools.reduce(_merge, parts))  # [B, bq, Hk, G, ...]
 
-    parts = []
-    if bands:
-      band = _map_query_blocks(block_body, bq, qpos[0], qc)
-      parts.append(jax.tree.map(lambda x: jnp.moveaxis(x, 1, 3), band))
-    if stripes.size:
-      parts.append(_stripes_partial(qg, k_pad, v_pad, qpos, stripe_j,
-                                    pad_left=pad_left, scale=scale))
-    out, _ = _finish(functools.reduce(_merge, parts))        # [B, Hk, G, C, D]
-    return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
+      parts = []
+      if bands:
+        band = _map_query_blocks(block_body, bq, qpos[0], bounds, qc)
+        parts.append(jax.tree.map(lambda x: jnp.moveaxis(x, 1, 3), band))
+      if stripes.size:
+        parts.append(_stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripe_j,
+                                      pad_left=pad_left, scale=scale))
+      out, _ = _finish(functools.reduce(_merge, parts))      # [B, Hk, G, C, D]
+      return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
+    return _map_query_blocks(chunk_body, chunk, offset, bounds, *xs)
 
-  return _map_query_blocks(chunk_body, chunk, _offset(lq, lk, q_offset), q).astype(q.dtype)
+  return _any_offset(run, [q], q_offset, lq, lk, (0,)).astype(q.dtype)
 
 
 def block_sparse_attention(q, k, v, *, layout: BlockLayout, scale):
@@ -372,8 +439,8 @@ def block_sparse_attention(q, k, v, *, layout: BlockLayout, scale):
   lk, hk = k.shape[1], k.shape[2]
   bq, bk = layout.block_q, layout.block_k
   nq, nk = layout.num_q_blocks, -(-lk // bk)
-  kr = _pad_seq(k, 0, nk * bk - lk).reshape(b, nk, bk, hk, d)
-  vr = _pad_seq(v, 0, nk * bk - lk).reshape(b, nk, bk, hk, d)
+  kr = _pad_seq(k.astype(F32), 0, nk * bk - lk).reshape(b, nk, bk, hk, d)
+  vr = _pad_seq(v.astype(F32), 0, nk * bk - lk).reshape(b, nk, bk, hk, d)
   qr = jnp.moveaxis(_pad_seq(q, 0, nq * bq - lq).reshape(b, nq, bq, hq, d), 1, 0)
   tiles = jnp.asarray(layout.block_masks)
   widths = 2 ** np.ceil(np.log2(np.maximum(layout.num_kv_blocks, 1))).astype(int)
@@ -384,12 +451,14 @@ def block_sparse_attention(q, k, v, *, layout: BlockLayout, scale):
     @jax.checkpoint
     def step(args):
       qb, cols, mids = args                                # [B, bq, Hq, D], [width] x2
-      kb = kr[:, cols].reshape(b, width * bk, hk, d)
-      vb = vr[:, cols].reshape(b, width * bk, hk, d)
       ok = jnp.moveaxis(tiles[mids], 0, 1).reshape(bq, width * bk)
       kpos = (cols[:, None] * bk + jnp.arange(bk)).reshape(-1)
       ok = ok & (kpos < lk)[None, :]
-      s = jnp.where(ok, _qk(_group(qb, hk), kb, "bqhgd,bkhd->bhgqk", scale), -jnp.inf)
+      seen = jnp.any(ok, axis=0)
+      kb = _zero_unseen(kr[:, cols].reshape(b, width * bk, hk, d), seen)
+      vb = _zero_unseen(vr[:, cols].reshape(b, width * bk, hk, d), seen)
+      s = jnp.where(ok, _qk(_group(qb, hk), kb.astype(q.dtype), "bqhgd,bkhd->bhgqk",
+                            scale), -jnp.inf)
       out, _ = _finish(_partial(s, vb, "bhgqk,bkhd->bhgqd"))
       return jnp.moveaxis(out, 3, 1).reshape(b, bq, hq, d)
 
@@ -430,17 +499,19 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
   max_span_all = min(masks.superlinear_max_span(lk, config), lk)
   spans = jnp.asarray(masks.superlinear_span_table(lk, config))
 
-  # Padded copies shared by all segments. Search keys: every stripe slice
+  # Padded float32 copies shared by all segments (gathered rows' cotangents
+  # then accumulate in float32). Search keys: every stripe slice
   # [start, start + bq) stays in range; span rows: [B, Hk, Lk + span, D].
   pad_left = int(f_all[0])
   ks_pad = _pad_seq(jax.lax.stop_gradient(k_search), pad_left, 128)
-  k_pad = _pad_seq(k, max(w - 1, 0), 128)
-  v_pad = _pad_seq(v, max(w - 1, 0), 128)
-  k_rows = jnp.moveaxis(_pad_seq(k, 0, max_span_all), 2, 1)
-  v_rows = jnp.moveaxis(_pad_seq(v, 0, max_span_all), 2, 1)
-  ks_rows = jnp.moveaxis(k_search, 2, 1)                     # [B, Hk, Lk, Ds]
+  k32, v32 = k.astype(F32), v.astype(F32)
+  k_pad = _pad_seq(k32, max(w - 1, 0), 128)
+  v_pad = _pad_seq(v32, max(w - 1, 0), 128)
+  k_rows = jnp.moveaxis(_pad_seq(k32, 0, max_span_all), 2, 1)
+  v_rows = jnp.moveaxis(_pad_seq(v32, 0, max_span_all), 2, 1)
+  ks_rows = jnp.moveaxis(k_search.astype(F32), 2, 1)         # [B, Hk, Lk, Ds]
 
-  def segment(q_seg, qs_seg, offset, t_max):
+  def segment(q_seg, qs_seg, offset, t_max, bounds):
     """Runs the queries of one segment whose positions are all `< t_max`."""
     f = f_all[-masks.superlinear_num_stripes(t_max, config):]
     max_span = min(masks.superlinear_max_span(t_max, config), max_span_all)
@@ -448,7 +519,7 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
     bq = _block_size(q_seg.shape[1], cols, hq, d, b)
     f_j = jnp.asarray(f, jnp.int32)
 
-    def body(qpos, qb, qsb):
+    def body(qpos, row_ok, qb, qsb):
       qg = _group(qb, hk)                                      # [B, bq, Hk, G, D]
       qsg = _group(qsb, hk)
       bq_ = qb.shape[1]
@@ -460,7 +531,7 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
       search = _rowwise_qk(jax.lax.stop_gradient(qsg), ks[:, :, :, None])
       search = jnp.moveaxis(search, 1, 3)                      # [B, Hk, G, bq, S]
       anchor_all = qpos[:, None] + 1 - f_j[None, :]            # [bq, S]
-      search = jnp.where(anchor_all >= 0, search, -jnp.inf)
+      search = jnp.where((anchor_all >= 0) & row_ok[:, None], search, -jnp.inf)
       top, sel = jax.lax.top_k(search, num)                    # [B, Hk, G, bq, K]
       valid = jnp.isfinite(top)
       anchor = jnp.where(valid, jnp.take_along_axis(
@@ -468,9 +539,11 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
       a_safe = jnp.maximum(anchor, 0)
       # 2. Gate: differentiable search scores of the chosen anchors.
       k_sel = jax.vmap(jax.vmap(lambda x, i: x[i]))(ks_rows, a_safe)  # [B,Hk,G,bq,K,Ds]
+      k_sel = jnp.where(valid[..., None], k_sel, 0.0)          # no junk from empty slots
       qs_t = jnp.moveaxis(qsg, 1, 3)                           # [B, Hk, G, bq, Ds]
       logits = _rowwise_qk(qs_t, k_sel)                        # [B, Hk, G, bq, K]
       gates = jax.nn.softmax(jnp.where(valid, logits, -1e9), axis=-1)
+      gates = jnp.where(row_ok[:, None], gates, 0.0)
       # 3. Spans: [max(a - back, 0), min(a + fwd, q - W)], one slice each.
       t = jnp.clip(qpos + 1, 0, lk)
       back = spans[t, 0][:, None]
@@ -481,12 +554,15 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
       vsp = jax.vmap(jax.vmap(functools.partial(_rows, size=max_span)))(v_rows, start)
       kpos = start[..., None] + jnp.arange(max_span, dtype=jnp.int32)
       ok = (kpos <= end[..., None]) & valid[..., None]         # [B,Hk,G,bq,K,span]
+      ksp = jnp.where(ok[..., None], ksp, 0.0)                 # keys outside the span
+      vsp = jnp.where(ok[..., None], vsp, 0.0)                 # contribute nothing
       q_t = jnp.moveaxis(qg, 1, 3)                             # [B, Hk, G, bq, D]
       s = _rowwise_qk(q_t[..., None, :], ksp, scale)           # [B,Hk,G,bq,K,span]
       span_part = _partial(jnp.where(ok, s, -jnp.inf), vsp, _rowwise_pv)
       # 4. Window once, merged into every span's softmax.
       if w > 0:
-        win = _window_partial(qg, k_pad, v_pad, qpos, window=w, kv_len=lk, scale=scale)
+        win = _window_partial(qg, k_pad, v_pad, qpos, row_ok, window=w, kv_len=lk,
+                              scale=scale)
         win = Partial(win.m[..., None], win.l[..., None], win.o[..., None, :])
         span_part = _merge(span_part, win)
       o_k, _ = _finish(span_part)                              # [B, Hk, G, bq, K, D]
@@ -494,7 +570,7 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
       to_q = lambda x: jnp.moveaxis(x, 3, 1).reshape(b, bq_, hq, *x.shape[4:])  # noqa: E731
       return to_q(out), to_q(anchor), to_q(gates)
 
-    return _map_query_blocks(body, bq, offset, q_seg, qs_seg)
+    return _map_query_blocks(body, bq, offset, bounds, q_seg, qs_seg)
 
   if q_offset is not None:   # positions unknown at trace time: one segment.
     segments = [(0, lq, lk)]
@@ -504,8 +580,12 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
     cuts = sorted({0, lq} | {(lq * i // _SEGMENTS) // _SEGMENT_ALIGN * _SEGMENT_ALIGN
                              for i in range(1, _SEGMENTS)})
     segments = [(s0, s1, lk - lq + s1) for s0, s1 in zip(cuts, cuts[1:]) if s1 > s0]
-  offset = _offset(lq, lk, q_offset)
-  outs = [segment(q[:, s0:s1], q_search[:, s0:s1], offset + s0, t_max)
-          for s0, s1, t_max in segments]
-  out, anchors, gates = (jnp.concatenate(x, axis=1) for x in zip(*outs))
+
+  def run(xs, offset, bounds):
+    q_, qs_ = xs
+    outs = [segment(q_[:, s0:s1], qs_[:, s0:s1], offset + s0, t_max, bounds)
+            for s0, s1, t_max in segments]
+    return tuple(jnp.concatenate(x, axis=1) for x in zip(*outs))
+
+  out, anchors, gates = _any_offset(run, [q, q_search], q_offset, lq, lk, (0, -1, 0))
   return out.astype(q.dtype), anchors, gates

@@ -14,10 +14,15 @@ For every op and sequence length it measures, at batch 1, 4 heads, head_dim
 * peak temporary memory of the compiled forward and forward+backward
   functions, `compiled.memory_analysis().temp_size_in_bytes`.
 
-A cell `(op, L)` whose predicted time (extrapolated from the op's previous
-lengths with its local log-log slope) exceeds `--budget` seconds per call, or
-whose memory (extrapolated, then the compiled figure) exceeds `--max-mem-gb`,
-is skipped and marked `skipped (est. ...)`. Results go to
+Every cell is compiled ahead of time first, so its memory figure is the
+compiled one. A cell whose compiled temporaries exceed `--max-mem-gb` is not
+run ("too big": it would not fit); a cell whose predicted time (extrapolated
+from the op's previous lengths with its local log-log slope) exceeds
+`--budget` seconds per call is not run ("over budget": it fits, it was only
+too slow for the sweep); a cell whose compile or run raises is "failed". The
+report claims that an op cannot run only for "too big" and "failed" cells,
+and states a target as not measured when the sweep has no data for it.
+Results go to
 `<out>/bench_ops.json` after every cell (`--resume` reuses measured cells),
 then `<out>/benchmarks.md` and `<out>/bench_ops.png` are written from the
 JSON. Progress and an ETA go to stderr.
@@ -137,21 +142,65 @@ def _time_call(compiled, call_args) -> float:
   return time.perf_counter() - t0
 
 
-def _measure(op: Op, mode: str, args, *, repeats: int, budget: float, max_mem: float):
-  t0 = time.perf_counter()
-  compiled, call_args = _compiled(op, mode, args)
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis().temp_size_in_bytes
-  if mem > max_mem:
-    return {"status": "skipped", "mem_bytes": int(mem), "est_mem_bytes": int(mem),
-            "reason": f"compiled temp memory {_fmt_bytes(mem)} > {_fmt_bytes(max_mem)}",
-            "compile_s": compile_s}
+def _measure(compiled, call_args, *, repeats: int, budget: float):
+  """Times an AOT-compiled call: median of up to `repeats` after a warm-up."""
   warm = _time_call(compiled, call_args)
   # Fewer repeats for long calls: keep a cell near its budget.
   n = repeats if warm < 0.2 * budget / max(repeats, 1) else (2 if warm < budget / 4 else 1)
   times = [_time_call(compiled, call_args) for _ in range(n)]
   return {"status": "ok", "time_s": statistics.median(times), "times_s": times,
-          "warmup_s": warm, "mem_bytes": int(mem), "compile_s": compile_s}
+          "warmup_s": warm}
+
+
+def run_cell(op: Op, mode: str, args, *, est_time, shorter_over_budget: bool,
+             repeats: int, budget: float, max_mem: float) -> dict:
+  """Compiles the cell (exact memory), then runs it unless it cannot or may not.
+
+  Returns the cell's fields: `status` "ok" | "skipped" | "error"; for
+  "skipped", `skip` is "memory" (compiled temporaries above `max_mem`: it
+  would not fit) or "time" (predicted or shorter lengths over the budget:
+  it fits but was not run); `mem_bytes` is the compiled figure whenever
+  the compile succeeded.
+  """
+  t0 = time.perf_counter()
+  try:
+    compiled, call_args = _compiled(op, mode, args)
+    mem = int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception as e:  # noqa: BLE001  (a failed compile is a result)
+    return {"status": "error", "reason": f"compile failed: {type(e).__name__}: {e}"[:500]}
+  cell = {"mem_bytes": mem, "mem_source": "compiled",
+          "compile_s": time.perf_counter() - t0, "est_time_s": est_time}
+  if mem > max_mem:
+    return {**cell, "status": "skipped", "skip": "memory",
+            "reason": f"compiled temporaries {_fmt_bytes(mem)} > cap {_fmt_bytes(max_mem)}"}
+  if est_time is not None and est_time > budget:
+    return {**cell, "status": "skipped", "skip": "time",
+            "reason": f"predicted {_fmt_time(est_time)} > budget {budget:g} s"}
+  if shorter_over_budget:
+    return {**cell, "status": "skipped", "skip": "time",
+            "reason": "a shorter length was already over the time budget"}
+  try:
+    return {**cell, **_measure(compiled, call_args, repeats=repeats, budget=budget)}
+  except Exception as e:  # noqa: BLE001  (an OOM must not lose the sweep)
+    return {**cell, "status": "error", "reason": f"run failed: {type(e).__name__}: {e}"[:500]}
+
+
+def skip_kind(c) -> str | None:
+  """"time" or "memory" for a skipped cell (older JSON: from its reason)."""
+  if c.get("status") != "skipped":
+    return None
+  if c.get("skip"):
+    return c["skip"]
+  return "memory" if "memory" in c.get("reason", "") else "time"
+
+
+def mem_is_compiled(c) -> bool:
+  return c.get("mem_bytes") is not None and c.get("mem_source", "compiled") == "compiled"
+
+
+def cannot_run(c) -> bool:
+  """The cell failed, or its compiled temporaries exceed the memory cap."""
+  return c.get("status") == "error" or (skip_kind(c) == "memory" and mem_is_compiled(c))
 
 
 # -------------------------------------------------------------- prediction
@@ -252,10 +301,12 @@ def machine_info() -> dict:
 
 
 def fit_exponent(points, min_len=FIT_MIN_LEN):
-  """Least-squares log-log slope of `[(L, t)]` over `L >= min_len` (>= 2 points)."""
+  """Least-squares log-log slope of `[(L, t)]` over `L >= min_len`.
+
+  None when fewer than 2 lengths `>= min_len` are given: the fit is then not
+  measurable (shorter lengths are never used in its place).
+  """
   pts = [(l, t) for l, t in points if l >= min_len and t]
-  if len(pts) < 2:
-    pts = [(l, t) for l, t in points if t]
   if len(pts) < 2:
     return None
   x = np.log([l for l, _ in pts])
@@ -264,10 +315,14 @@ def fit_exponent(points, min_len=FIT_MIN_LEN):
 
 
 def analyse(data) -> dict:
-  """Fitted exponents, PPA time per attended key and the issue's targets."""
+  """Fitted exponents, PPA time per attended key and the project's targets.
+
+  A target is `(text, verdict, detail)` with verdict True (PASS), False
+  (FAIL) or None (not measured on this sweep; the detail says why).
+  """
   cells = data["cells"]
   lengths = sorted({c["L"] for c in cells.values()})
-  res = {"exponents": {}, "ppa_per_key": {}, "targets": []}
+  res = {"exponents": {}, "exponent_lengths": {}, "ppa_per_key": {}, "targets": []}
 
   def measured(name, mode):
     return sorted((c["L"], c["time_s"]) for c in cells.values()
@@ -275,6 +330,8 @@ def analyse(data) -> dict:
 
   for op in OPS:
     res["exponents"][op.name] = {m: fit_exponent(measured(op.name, m)) for m in MODES}
+    res["exponent_lengths"][op.name] = {
+        m: [l for l, _ in measured(op.name, m) if l >= FIT_MIN_LEN] for m in MODES}
   for op in OPS:
     if op.family != "ppa":
       continue
@@ -289,16 +346,23 @@ def analyse(data) -> dict:
 
   targets = res["targets"]
   sl = res["exponents"]["superlinear"]["fwd"]
-  targets.append(("superlinear fitted forward exponent <= 1.6 (L >= 2K)",
+  fit_lens = res["exponent_lengths"]["superlinear"]["fwd"]
+  all_lens = [l for l, _ in measured("superlinear", "fwd")]
+  targets.append((f"superlinear fitted forward exponent <= 1.6 (least squares over the "
+                  f"measured L >= {_len_label(FIT_MIN_LEN)})",
                   None if sl is None else sl <= 1.6,
-                  "n/a" if sl is None else f"{sl:.2f}"))
+                  f"not measurable on this sweep: the fit needs forward times at 2 or more "
+                  f"lengths >= {_len_label(FIT_MIN_LEN)}, measured at "
+                  f"{_lens(all_lens) or 'none'}" if sl is None else
+                  f"{sl:.2f} over {_lens(fit_lens)}"))
   ratios = {n: r["fwd"]["ratio"] for n, r in res["ppa_per_key"].items()}
   known = {n: r for n, r in ratios.items() if r is not None}
   worst = max(known, key=known.get) if known else None
   targets.append(("PPA forward time per attended key within 2x across the sweep "
                   "(max/min, every p and window)",
                   None if not known else all(r <= 2.0 for r in known.values()),
-                  "n/a" if not known else
+                  "not measurable on this sweep: needs 2 or more measured lengths"
+                  if not known else f"over {_lens(lengths)}: " +
                   f"worst {known[worst]:.2f}x ({worst}); " +
                   ", ".join(f"{n}: {r:.2f}x" for n, r in known.items())))
   c_sl = cells.get(_key("superlinear", 16384, "fwd"), {})
@@ -313,22 +377,52 @@ def analyse(data) -> dict:
                     f"vs {_fmt_bytes(c_dn['mem_bytes'])}"))
   else:
     targets.append(("superlinear xla forward at 16K >= 5x faster than dense reference, "
-                    "with less peak memory", None, "16K not measured for both"))
-  big = max(lengths) if lengths else None
-  if big is not None and big >= 65536:
-    sl64 = cells.get(_key("superlinear", 65536, "fwd"), {})
-    dn64 = [cells.get(_key(n, 65536, "fwd"), {}) for n in ("dense_reference", "dense_xla")]
-    ok = sl64.get("status") == "ok" and all(c.get("status") != "ok" for c in dn64)
-    targets.append(("64K runs for superlinear where dense cannot",
-                    ok, f"superlinear 64K: {sl64.get('status', 'absent')}"
-                    + (f" ({_fmt_time(sl64.get('time_s'))})" if sl64.get("time_s") else "")
-                    + "; dense 64K: " + ", ".join(
-                        f"{n} {c.get('status', 'absent')}" for n, c in
-                        zip(("reference", "xla"), dn64))))
-  else:
-    targets.append(("64K runs for superlinear where dense cannot", None,
-                    "64K not in this sweep"))
+                    "with less peak memory", None,
+                    "not measured on this sweep: 16K forward was not measured for both "
+                    f"(superlinear: {_cell_state(c_sl)}, dense reference: "
+                    f"{_cell_state(c_dn)})"))
+  targets.append(_target_64k(cells, data["meta"]))
   return res
+
+
+def _lens(ls):
+  return ", ".join(_len_label(l) for l in sorted(ls))
+
+
+def _cell_state(c) -> str:
+  """Short words for what happened to a cell."""
+  if not c:
+    return "not in the sweep"
+  if c["status"] == "ok":
+    return f"ran ({_fmt_time(c['time_s'])}, {_fmt_bytes(c.get('mem_bytes'))})"
+  if c["status"] == "error":
+    return f"failed ({c.get('reason', '')[:120]})"
+  mem = (f"compiled temporaries {_fmt_bytes(c['mem_bytes'])}" if mem_is_compiled(c)
+         else f"predicted memory {_fmt_bytes(c.get('est_mem_bytes'))}")
+  if skip_kind(c) == "memory":
+    return f"not run: {mem} above the memory cap" + (
+        "" if mem_is_compiled(c) else " (a prediction, not compiled)")
+  return (f"not run: over the time budget (est. {_fmt_time(c.get('est_time_s'))}); "
+          f"{mem}")
+
+
+def _target_64k(cells, meta):
+  """At 64K superlinear runs and dense cannot (fails or does not fit in memory)."""
+  text = ("at 64K superlinear runs where dense attention cannot (dense fails or its "
+          f"compiled temporaries exceed the {meta.get('max_mem_gb', 12):g} GB cap)")
+  sl = cells.get(_key("superlinear", 65536, "fwd"))
+  dense = {n: cells.get(_key(n, 65536, "fwd")) for n in ("dense_reference", "dense_xla")}
+  detail = f"superlinear: {_cell_state(sl)}; " + "; ".join(
+      f"{n}: {_cell_state(c)}" for n, c in dense.items())
+  if sl is None and all(c is None for c in dense.values()):
+    return text, None, "not measured on this sweep: 64K is not one of its lengths"
+  if sl is None or sl.get("status") != "ok" or any(
+      c is not None and c.get("status") == "ok" for c in dense.values()):
+    return text, False, detail
+  if all(c is not None and cannot_run(c) for c in dense.values()):
+    return text, True, detail
+  return text, None, ("not shown by this sweep (a dense cell was not run only because "
+                      "of the time budget, or is missing): " + detail)
 
 
 def _cell_text(c, kind):
@@ -336,16 +430,20 @@ def _cell_text(c, kind):
     return ""
   if c["status"] == "ok":
     return _fmt_time(c["time_s"]) if kind == "time" else _fmt_bytes(c["mem_bytes"])
-  if c["status"] == "skipped":
-    est = []
-    if c.get("est_time_s") and kind == "time":
-      est.append(f"{_fmt_time(c['est_time_s'])}")
-    if c.get("est_mem_bytes"):
-      est.append(_fmt_bytes(c["est_mem_bytes"]))
-    return "skipped (est. " + ", ".join(est) + ")" if est else "skipped"
-  if kind == "mem" and c.get("mem_bytes"):
-    return _fmt_bytes(c["mem_bytes"]) + " (run failed)"
-  return "error"
+  if c["status"] == "error":
+    if kind == "mem" and c.get("mem_bytes"):
+      return _fmt_bytes(c["mem_bytes"]) + " (run failed)"
+    return "failed"
+  mem = (_fmt_bytes(c["mem_bytes"]) if mem_is_compiled(c)
+         else f"est. {_fmt_bytes(c.get('est_mem_bytes'))}")
+  if skip_kind(c) == "memory" and mem_is_compiled(c):
+    return f"too big ({mem})"
+  if kind == "mem":
+    return f"{mem} (not run)"
+  if skip_kind(c) == "memory":
+    return f"not run (est. {mem.removeprefix('est. ')} memory)"
+  return (f"over budget (est. {_fmt_time(c['est_time_s'])})" if c.get("est_time_s")
+          else "over budget")
 
 
 def write_markdown(data, path):
@@ -359,7 +457,10 @@ def write_markdown(data, path):
   add("# Benchmarks of the attention ops (CPU)")
   add("")
   add(f"Generated by `python -m eval.bench_ops {' '.join(meta.get('argv', []))}`"
-      .rstrip() + f" on {meta['date']} (finished {meta.get('finished', 'not yet')}).")
+      .rstrip() + f" on {meta['date']} (finished {meta.get('finished', 'not yet')})"
+      + (f"; report text rebuilt from its JSON by `python -m eval.bench_ops "
+         f"--report-only` on {meta['report_rebuilt']}" if meta.get("report_rebuilt") else "")
+      + ".")
   add("")
   mi = meta["machine"]
   add(f"- Machine: {mi['cpu']}, {mi['cores']} cores, backend `{mi['backend']}`, "
@@ -376,11 +477,13 @@ def write_markdown(data, path):
       "(`block_until_ready`); long calls get fewer repeats.")
   add("- Memory: `jax.jit(f).lower(...).compile().memory_analysis()"
       ".temp_size_in_bytes` (temporaries; inputs and outputs excluded).")
-  add(f"- A cell is skipped when its predicted time per call exceeds "
-      f"{meta['budget_s']:g} s or its memory exceeds {meta['max_mem_gb']:g} GB "
-      "(predictions extrapolate the op's previous lengths with its local log-log "
-      "slope; memory is the compiled figure when it was compiled). "
-      "`skipped (est. T, M)` gives the estimates.")
+  add(f"- Cells not run: `too big (M)`: compiled temporaries M exceed the "
+      f"{meta['max_mem_gb']:g} GB cap, it would not fit; `over budget (est. T)`: "
+      f"the predicted time per call T (the op's previous lengths extrapolated with "
+      f"their local log-log slope) exceeds the {meta['budget_s']:g} s budget of "
+      "this sweep, the cell fits in memory and was not run; `failed`: compiling "
+      "or running raised. In the memory tables `M (not run)` is the compiled "
+      "figure of a cell that was not run, `est. M` a prediction (not compiled).")
   add("")
   add("Ops:")
   add("")
@@ -406,6 +509,9 @@ def write_markdown(data, path):
   add(f"## Fitted cost exponents (log-log least squares of time vs L, L >= "
       f"{FIT_MIN_LEN // 1024}K, measured cells only)")
   add("")
+  add(f"`-`: fewer than 2 lengths >= {_len_label(FIT_MIN_LEN)} measured (not "
+      "measurable on this sweep; shorter lengths are not used instead).")
+  add("")
   add("| op | forward | forward + backward | asymptotic |")
   add("|---|---|---|---|")
   for n in names:
@@ -417,8 +523,8 @@ def write_markdown(data, path):
     add(f"| `{n}` | " + " | ".join("-" if e[m] is None else f"{e[m]:.2f}" for m in MODES)
         + f" | {asym} |")
   add("")
-  add("PPA's asymptotic slope 1 + p only shows once L^p is well above the window "
-      "(shared/papers): with w = 64 the window's w L term dominates at these "
+  add("PPA's asymptotic slope 1 + p only shows once L^p is well above the window: "
+      "with w = 64 the window's w L term dominates at these "
       "lengths, so its fitted slope sits between 1 and 1 + p. The w = 8 row "
       "exposes more of the power-law term.")
   add("")
@@ -451,19 +557,18 @@ def write_markdown(data, path):
           f"{ppa_attended_keys_approx(l, op.p, op.window):.3g}" for l in lengths) + " |")
   add("")
 
-  add("## Targets (issue 2), computed from the data above")
+  add("## Targets, computed from the data above")
   add("")
   for text, ok, detail in an["targets"]:
-    verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
-    add(f"- **{verdict}**: {text}: {detail}")
+    add(f"- **{verdict_word(ok)}**: {text}: {detail}")
   add("")
-  skipped_dense = [l for l in lengths
-                   if cells.get(_key("dense_reference", l, "fwd"), {}).get("status") == "skipped"]
-  if skipped_dense:
-    add(f"Dense reference attention cannot run at L = "
-        f"{', '.join(_len_label(l) for l in skipped_dense)} on this machine "
-        "(its L x L score, mask and softmax temporaries exceed the memory cap, "
-        "or the time budget): those cells are marked skipped with the estimate.")
+  not_run = sorted((c for c in cells.values() if c["status"] != "ok"),
+                   key=lambda c: (c["op"], c["mode"], c["L"]))
+  if not_run:
+    add("## Cells not run")
+    add("")
+    for c in not_run:
+      add(f"- `{c['op']}` L = {_len_label(c['L'])} {c['mode']}: {_cell_state(c)}.")
     add("")
   notes = [c for c in cells.values() if c.get("note")]
   for c in sorted(notes, key=lambda c: (c["op"], c["L"], c["mode"])):
@@ -474,6 +579,10 @@ def write_markdown(data, path):
   with open(path, "w") as fh:
     fh.write("\n".join(lines))
   return an
+
+
+def verdict_word(ok) -> str:
+  return "NOT MEASURED" if ok is None else ("PASS" if ok else "FAIL")
 
 
 def _len_label(l):
@@ -533,6 +642,7 @@ def main(argv=None) -> dict:
   if args.report_only:
     with open(json_path) as fh:
       data = json.load(fh)
+    data["meta"]["report_rebuilt"] = datetime.datetime.now().isoformat(timespec="seconds")
     return _finish(data, md_path, png_path, args)
 
   if args.lengths:
@@ -581,26 +691,12 @@ def main(argv=None) -> dict:
     _log(f"[{idx + 1}/{len(todo)}] {name} L={seq_len} {mode}: "
          f"est. {_fmt_time(est_t)}, {_fmt_bytes(est_m)}; elapsed "
          f"{time.perf_counter() - start:.0f} s, ETA ~{eta:.0f} s")
-    prev_skipped = any(c["op"] == name and c["mode"] == mode and c["L"] < seq_len
-                       and c["status"] == "skipped" for c in cells.values())
-    reasons = []
-    if est_t is not None and est_t > args.budget:
-      reasons.append(f"predicted {_fmt_time(est_t)} > budget {args.budget:g} s")
-    if est_m is not None and est_m > max_mem:
-      reasons.append(f"predicted memory {_fmt_bytes(est_m)} > {args.max_mem_gb:g} GB")
-    if prev_skipped and not reasons:
-      reasons.append("a shorter length was already skipped")
-    if reasons:
-      cell = {**base, "status": "skipped", "reason": "; ".join(reasons),
-              "est_time_s": est_t, "est_mem_bytes": est_m}
-    else:
-      try:
-        cell = {**base, **_measure(op, mode, _get_inputs(seq_len), repeats=repeats,
-                                   budget=args.budget, max_mem=max_mem)}
-        if cell["status"] == "skipped":
-          cell["est_time_s"] = est_t
-      except Exception as e:  # noqa: BLE001  (an OOM must not lose the sweep)
-        cell = {**base, "status": "error", "reason": f"{type(e).__name__}: {e}"[:500]}
+    shorter_over = any(c["op"] == name and c["mode"] == mode and c["L"] < seq_len
+                       and skip_kind(c) == "time" for c in cells.values())
+    cell = {**base, "est_mem_bytes": est_m,
+            **run_cell(op, mode, _get_inputs(seq_len), est_time=est_t,
+                       shorter_over_budget=shorter_over, repeats=repeats,
+                       budget=args.budget, max_mem=max_mem)}
     cells[key] = cell
     _log(f"    -> {cell['status']}: "
          + (f"{_fmt_time(cell['time_s'])}, {_fmt_bytes(cell['mem_bytes'])}"
@@ -628,7 +724,7 @@ def _finish(data, md_path, png_path, args):
     from eval import plots
     plots.plot_bench(data, an, png_path)
   for text, ok, detail in an["targets"]:
-    _log(f"{'n/a ' if ok is None else ('PASS' if ok else 'FAIL')}: {text}: {detail}")
+    _log(f"{verdict_word(ok)}: {text}: {detail}")
   _log(f"wrote {md_path}" + ("" if args.no_plot else f", {png_path}"))
   return {"data": data, "analysis": an, "markdown": md_path,
           "png": None if args.no_plot else png_path}

@@ -1,14 +1,51 @@
 """Independent, obviously-correct numpy loop oracles for tiny shapes.
 
 Nothing here imports `attn`: the offsets and spans are recomputed from the
-definitions with plain Python integers, one query and one head at a time.
+definitions with plain Python integers (exact rational powers, no float
+`pow` tables), one query and one head at a time.
+
+Row convention shared with the ops (docs/superlinear.md, README): query `i`
+sits at absolute position `q_offset + i`; a query whose position lies outside
+`[0, kv_len)` has no key of its own and returns a zero row.
 """
 
 from __future__ import annotations
 
+import fractions
 import math
 
 import numpy as np
+
+
+def _ratio(p: float) -> tuple[int, int]:
+  """`p` as an exact fraction `a / b` (small denominators: 0.55 = 11/20)."""
+  fr = fractions.Fraction(p).limit_denominator(1000)
+  assert abs(float(fr) - p) < 1e-12, p
+  return fr.numerator, fr.denominator
+
+
+def int_floor_power(j: int, p: float) -> int:
+  """`floor(j ** (1/p))` exactly: the largest `r` with `r**a <= j**b`, p = a/b."""
+  a, b = _ratio(p)
+  target = j ** b
+  r = int(round(j ** (b / a)))
+  while r ** a > target:
+    r -= 1
+  while (r + 1) ** a <= target:
+    r += 1
+  return r
+
+
+def int_ceil_power(s: int, p: float) -> int:
+  """`ceil(s ** (1/p))` exactly: the smallest `d` with `d**a >= s**b`, p = a/b."""
+  a, b = _ratio(p)
+  target = s ** b
+  d = max(int(round(s ** (b / a))), 1)
+  while d > 1 and (d - 1) ** a >= target:
+    d -= 1
+  while d ** a < target:
+    d += 1
+  return d
 
 
 def _softmax_attend(qrow, keys, vals, scale):
@@ -21,53 +58,70 @@ def _softmax_attend(qrow, keys, vals, scale):
 
 
 def attention_loop(q, k, v, keep, *, scale=None, q_offset=None):
-  """`keep(qpos, kpos) -> bool`; q: [B, Lq, Hq, D], k, v: [B, Lk, Hk, D]."""
+  """`keep(qpos, kpos) -> bool`; q: [B, Lq, Hq, D], k, v: [B, Lk, Hk, D].
+
+  Query `i` at position `pos = q_offset + i` attends the keys `j <= pos`
+  with `keep(pos, j)`; a query at `pos < 0` or `pos >= kv_len` gets zeros.
+  """
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   b, lq, hq, d = q.shape
   lk, hk = k.shape[1], k.shape[2]
   scale = d ** -0.5 if scale is None else scale
-  q_offset = lk - lq if q_offset is None else q_offset
+  q_offset = lk - lq if q_offset is None else int(q_offset)
   out = np.zeros((b, lq, hq, v.shape[-1]))
   for bi in range(b):
     for h in range(hq):
       kh = h // (hq // hk)
       for i in range(lq):
         pos = q_offset + i
+        if not 0 <= pos < lk:
+          continue
         idx = [j for j in range(lk) if j <= pos and keep(pos, j)]
         out[bi, i, h] = _softmax_attend(q[bi, i, h], k[bi, idx, kh], v[bi, idx, kh], scale)
   return out
 
 
-def ppa_kept_offset(d: int, p: float, window: int) -> bool:
-  """Offset `d >= 0` kept iff `d < window` or `d = ceil(s**(1/p))`, s >= 1."""
-  if d < window:
-    return True
+def ppa_kept_offsets(max_offset: int, p: float, window: int) -> set[int]:
+  """Kept offsets in `[0, max_offset]`: `d < window` or `d = ceil(s**(1/p))`, s >= 1."""
+  kept = set(range(min(window, max_offset + 1)))
   if p == 0:
-    return False
+    return kept
   if p == 1:
-    return True
+    return set(range(max_offset + 1))
   s = 1
   while True:
-    off = math.ceil(s ** (1.0 / p) - 1e-9)
-    if off >= d:
-      return off == d
+    d = int_ceil_power(s, p)
+    if d > max_offset:
+      return kept
+    kept.add(d)
     s += 1
 
 
+def ppa_kept_offset(d: int, p: float, window: int) -> bool:
+  """Offset `d >= 0` kept iff `d < window` or `d = ceil(s**(1/p))`, s >= 1."""
+  return d in ppa_kept_offsets(d, p, window)
+
+
+def ppa_keep(p: float, window: int, max_offset: int):
+  """`keep(pos, j)` for `attention_loop` (offsets up to `max_offset`)."""
+  kept = ppa_kept_offsets(max_offset, p, window)
+  return lambda pos, j: (pos - j) in kept
+
+
 def superlinear_loop(q, k, v, qs, ks, *, sw_index, num_spans, search_power,
-                     span_power, backward_factor, forward_factor):
+                     span_power, backward_factor, forward_factor, q_offset=None):
   """Superlinear attention for one query and head at a time (float64).
 
-  Only for configs whose `1/search_power` is an integer (so `f(j) = j**n`
-  is exact in integers).
+  `f(j) = floor(j ** (1/search_power))` in exact integer arithmetic (any
+  rational `search_power`, e.g. 0.55 = 11/20). Returns `(out, anchors)`;
+  rows whose position lies outside `[0, kv_len)` get zeros and anchors -1.
   """
-  n = round(1.0 / search_power)
-  assert abs(n * search_power - 1.0) < 1e-12, "oracle needs 1/p integral"
-  f = lambda j: j ** n  # noqa: E731
+  f = lambda j: int_floor_power(j, search_power)  # noqa: E731
   q, k, v, qs, ks = (np.asarray(x, np.float64) for x in (q, k, v, qs, ks))
   b, lq, hq, d = q.shape
   lk, hk = k.shape[1], k.shape[2]
   scale = d ** -0.5
+  q_offset = lk - lq if q_offset is None else int(q_offset)
   window = f(sw_index + 1) - 1
   out = np.zeros((b, lq, hq, d))
   anchors_out = np.full((b, lq, hq, num_spans), -1)
@@ -75,15 +129,17 @@ def superlinear_loop(q, k, v, qs, ks, *, sw_index, num_spans, search_power,
     for h in range(hq):
       kh = h // (hq // hk)
       for i in range(lq):
-        pos = lk - lq + i
+        pos = q_offset + i
+        if not 0 <= pos < lk:
+          continue
         t = pos + 1
         win = list(range(max(pos - window + 1, 0), pos + 1))
-        cands = []  # (score, anchor), far to near
+        cands = []  # (score, anchor), near to far
         j = sw_index + 1
         while t - f(j) >= 0:
           cands.append((float(np.dot(qs[bi, i, h], ks[bi, t - f(j), kh])), t - f(j)))
           j += 1
-        cands.reverse()
+        cands.reverse()  # far to near
         # Highest score first; on ties the farther stripe (earlier in list).
         order = sorted(range(len(cands)), key=lambda c: -cands[c][0])[:num_spans]
         chosen = [cands[c] for c in order]
