@@ -576,9 +576,26 @@ def write_markdown(data, path):
     add("")
   add("![time and memory vs L](bench_ops.png)")
   add("")
+  kept = _kernel_section(path)
   with open(path, "w") as fh:
-    fh.write("\n".join(lines))
+    fh.write("\n".join(lines) + (("\n" + kept + "\n") if kept else ""))
   return an
+
+
+_KERNELS_BEGIN, _KERNELS_END = "<!-- bench_kernels:begin -->", "<!-- bench_kernels:end -->"
+
+
+def _kernel_section(path) -> str:
+  """The section `eval.bench_kernels` keeps in the same file (between its
+  markers), so rewriting the op report never deletes the kernel report."""
+  if not os.path.exists(path):
+    return ""
+  with open(path) as fh:
+    text = fh.read()
+  if _KERNELS_BEGIN not in text or _KERNELS_END not in text:
+    return ""
+  body = text.split(_KERNELS_BEGIN, 1)[1].split(_KERNELS_END, 1)[0]
+  return _KERNELS_BEGIN + body + _KERNELS_END
 
 
 def verdict_word(ok) -> str:

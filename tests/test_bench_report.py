@@ -99,3 +99,16 @@ def test_run_cell_records_compiled_memory_and_why_it_did_not_run():
   bad = bench_ops.Op("bad", "bad", lambda q, k, v, qs: q @ jnp.ones((3, 3)), "dense")
   failed = bench_ops.run_cell(bad, "fwd", args, **common, max_mem=1e9)
   assert failed["status"] == "error" and bench_ops.cannot_run(failed)
+
+
+def test_rewriting_the_op_report_keeps_the_kernel_section(tmp_path):
+  """`eval.bench_kernels` keeps its section in the same file between markers;
+  regenerating the op report must not delete it."""
+  md_path = tmp_path / "benchmarks.md"
+  section = "<!-- bench_kernels:begin -->\n# Kernel table\n| a |\n<!-- bench_kernels:end -->"
+  md_path.write_text("old op report\n\n" + section + "\n")
+  data = _data([_ok("superlinear", L, 1e-3 * (L / 512) ** 1.5) for L in (512, 1024)])
+  bench_ops.write_markdown(data, str(md_path))
+  md = md_path.read_text()
+  assert "old op report" not in md
+  assert md.count(section) == 1
