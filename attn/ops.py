@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import jax
 
-from attn import _checks, _pallas_decode, _pallas_ppa, _pallas_superlinear, reference, xla
+from attn import _checks, _offsets, _pallas_decode, _pallas_ppa, _pallas_superlinear, reference, xla
 from attn import _pallas_block_sparse as _pallas_bs
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
@@ -51,6 +51,16 @@ _PALLAS_KERNELS = {
     "superlinear_attention": _span_kernels.HARDWARE_CHECKS,
 }
 
+
+# Pallas prefill paths accept any traced q_offset (rows outside [0, kv_len)
+# give zeros, as in the other paths).
+_pallas_dense = _offsets.with_any_offset(_pallas_bs.dense, query_args=(0,), fills=(0,))
+_pallas_sliding = _offsets.with_any_offset(_pallas_bs.sliding_window, query_args=(0,),
+                                           fills=(0,))
+_pallas_ppa_any = _offsets.with_any_offset(_pallas_ppa.ppa_attention, query_args=(0,),
+                                           fills=(0,))
+_pallas_superlinear_any = _offsets.with_any_offset(
+    _pallas_superlinear.superlinear_attention, query_args=(0, 3), fills=(0, -1, 0))
 
 # Ops whose decode calls (q_len <= _pallas_decode.MAX_DECODE_QUERIES) run
 # the decode kernels.
@@ -107,7 +117,7 @@ def dense_attention(q, k, v, *, scale=None, q_offset=None, implementation=None):
   """
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "dense_attention")
   fn = {"reference": reference.dense_attention, "xla": xla.dense_attention,
-        "pallas": _pallas_bs.dense}[impl]
+        "pallas": _pallas_dense}[impl]
   return _call(fn, q, k, v, q_offset, scale=scale)
 
 
@@ -124,7 +134,7 @@ def sliding_window_attention(q, k, v, *, window, scale=None, q_offset=None,
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation,
                           "sliding_window_attention")
   fn = {"reference": reference.sliding_window_attention,
-        "xla": xla.sliding_window_attention, "pallas": _pallas_bs.sliding_window}[impl]
+        "xla": xla.sliding_window_attention, "pallas": _pallas_sliding}[impl]
   return _call(fn, q, k, v, q_offset, window=window, scale=scale)
 
 
@@ -157,7 +167,7 @@ def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
     return _call(_pallas_decode.ppa_decode, q, k, v, q_offset, p=p, window=window,
                  scale=scale)
   if impl == "pallas":
-    return _call(_pallas_ppa.ppa_attention, q, k, v, q_offset, p=p, window=window,
+    return _call(_pallas_ppa_any, q, k, v, q_offset, p=p, window=window,
                  scale=scale)
   fn = reference.ppa_attention if impl == "reference" else xla.ppa_attention
   return _call(fn, q, k, v, q_offset, p=p, window=window, scale=scale)
@@ -229,7 +239,7 @@ def superlinear_attention_with_anchors(q, k, v, q_search, k_search=None, *,
     return SuperlinearOutput(*_call(_pallas_decode.superlinear_decode, q, k, v, q_search,
                                     k_search, q_offset, config=config, scale=scale))
   if impl == "pallas":
-    return SuperlinearOutput(*_call(_pallas_superlinear.superlinear_attention, q, k, v,
+    return SuperlinearOutput(*_call(_pallas_superlinear_any, q, k, v,
                                     q_search, k_search, q_offset, config=config,
                                     scale=scale))
   fn = (reference.superlinear_attention if impl == "reference"

@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn import masks
+from attn._offsets import any_offset as _any_offset
+from attn._offsets import shift_rows as _shift_rows
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
 
@@ -168,41 +170,6 @@ def _map_query_blocks(body, bq: int, q_offset, bounds, *xs):
     return y.reshape(y.shape[0], nb * bq, *y.shape[3:])[:, :q_len]
 
   return jax.tree.map(join, outs)
-
-
-def _shift_rows(x, shift, fill):
-  """`out[:, j] = x[:, j - shift]` where `0 <= j - shift < L`, else `fill`."""
-  n = x.shape[1]
-  src = jnp.arange(n, dtype=jnp.int32) - shift
-  ok = (src >= 0) & (src < n)
-  y = jnp.take(x, jnp.clip(src, 0, n - 1), axis=1)
-  ok = ok.reshape((1, n) + (1,) * (x.ndim - 2))
-  return jnp.where(ok, y, jnp.asarray(fill, x.dtype))
-
-
-def _any_offset(run, xs, q_offset, q_len, kv_len, fills):
-  """Calls `run(xs, offset, (lo, hi))` at an in-range offset for any `q_offset`.
-
-  `xs`: query-aligned inputs `[B, Lq, ...]`. `run` gets them at positions
-  `offset + i`, `offset` in `[0, kv_len - q_len]`, and must give rows outside
-  the valid positions `[lo, hi]` no key. A traced `q_offset` out of range is
-  handled by shifting the rows: row `i` (position `q_offset + i`) goes to slot
-  `i + shift` at the same position; rows whose position lies outside
-  `[0, kv_len)` have no slot and get `fills` (one per output of `run`).
-  """
-  if q_offset is None:
-    off = jnp.int32(kv_len - q_len)
-    return run(xs, off, (off, jnp.int32(kv_len - 1)))
-  off = jnp.asarray(q_offset, jnp.int32)
-  off_c = jnp.clip(off, 0, kv_len - q_len)
-  shift = jnp.clip(off - off_c, -q_len, q_len)
-  lo = off_c + jnp.maximum(shift, 0)
-  hi = off_c + jnp.minimum(q_len, q_len + shift) - 1
-  outs = run([_shift_rows(x, shift, 0) for x in xs], off_c, (lo, hi))
-  single = not isinstance(outs, tuple)
-  outs = (outs,) if single else outs
-  outs = tuple(_shift_rows(y, -shift, f) for y, f in zip(outs, fills))
-  return outs[0] if single else outs
 
 
 def _zero_unseen(x, seen):
