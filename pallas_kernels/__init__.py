@@ -7,7 +7,9 @@ One subpackage per kernel family, with its platform variants side by side:
   * `stripe/`: one contiguous key slice per key offset for a block of queries
     (PPA attention, superlinear span-search with a running top-k);
   * `span/`: superlinear span attention (data-dependent key ranges merged
-    with the window by log-sum-exp, gated), and decode.
+    with the window by log-sum-exp, gated);
+  * `decode/`: a few queries (1 to 16) against a KV cache of any length,
+    superlinear and PPA, reading O(sqrt(t)) / O(w + t^p) keys per token.
 
 Kernels take plain arrays, int32 index tables and static Python ints; they
 import nothing from `attn.ops` (the `attn` package builds the tables and calls
