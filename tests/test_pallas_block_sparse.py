@@ -92,13 +92,15 @@ def test_band_checked_interpreter_reads_in_bounds():
 @pytest.mark.parametrize("variant", ["tpu_interpret", "gpu_interpret"])
 def test_traced_q_offset_decode_matches_reference(variant):
   """One traced q_offset, queries at positions past or before the valid
-  range included: behaves exactly as the reference op."""
+  range included: the ops' Pallas paths behave exactly as the reference op
+  (rows outside `[0, kv_len)` are zeros)."""
+  from attn import ops
   q, k, v = _qkv(jax.random.key(5), 1, 3, 40, 2, 1, 16, jnp.float32)
 
   @jax.jit
   def run(q, k, v, off):
-    return (glue.sliding_window(q, k, v, off, window=6, scale=0.25, variant=variant),
-            glue.dense(q, k, v, off, scale=0.25, variant=variant))
+    return (ops._pallas_sliding(q, k, v, off, window=6, scale=0.25, variant=variant),
+            ops._pallas_dense(q, k, v, off, scale=0.25, variant=variant))
 
   for off in (0, 17, 37, 39, -2):
     w_out, d_out = run(q, k, v, jnp.int32(off))
