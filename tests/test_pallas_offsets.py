@@ -43,8 +43,9 @@ def _inputs(offset):
   return x
 
 
-@pytest.mark.parametrize("name", sorted(OPS))
-@pytest.mark.parametrize("offset", [-5, 20, 30])
+@pytest.mark.parametrize("name,offset", [("dense", 20), ("sliding", -5), ("ppa", -5),
+                                         ("ppa", 30), ("superlinear", -5),
+                                         ("superlinear", 30)])
 def test_traced_offset_anywhere_matches_reference(name, offset):
   x = _inputs(offset)
   diff = ("q", "k", "v", "qs", "ks") if name == "superlinear" else ("q", "k", "v")
