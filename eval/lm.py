@@ -1,7 +1,7 @@
 """Held-out language-modelling quality of trained runs, by context position.
 
     python -m eval.lm --workdir DIR [--workdir DIR2 ...] [--out OUT]
-                      [--lengths N ...] [--windows N]
+                      [--config FILE ...] [--lengths N ...] [--windows N]
 
 For each run directory (written by `python -m train`): rebuilds the model from
 `config.json`, restores the latest checkpoint, and scores fixed held-out
@@ -14,6 +14,11 @@ predicted from `t + 1` bytes of context), so the value of long context shows.
 Writes `OUT/lm.json` (entries keyed by run name, merged with those already
 there), `OUT/lm.png`, prints a table, and refreshes `OUT/results.md`
 (`eval.results`). `OUT` defaults to the (first) workdir.
+
+With `--config FILE` (one per `--workdir`, in the same order) a run is first
+trained to completion, exactly as `python -m train --config FILE --set
+workdir=DIR [--resume]` would (a finished run is not retrained), so one
+command regenerates the whole result.
 """
 
 from __future__ import annotations
@@ -118,6 +123,23 @@ def evaluate_run(workdir: str, *, lengths=None, windows: int = 16,
       "lengths": per_length}
 
 
+def train_run(config_path: str, workdir: str) -> str:
+  """Trains (or finishes) `workdir` with the config file; returns the command."""
+  from train import loop
+  from train.checkpoint import Checkpointer
+  from train.config import apply_overrides, load_config
+
+  config = apply_overrides(load_config(config_path), [f"workdir={workdir}"])
+  ck = Checkpointer(os.path.abspath(workdir), keep=config.keep_checkpoints, async_save=False)
+  steps = ck.all_steps()
+  ck.close()
+  if config.steps not in steps:
+    result = loop.train(config, resume=bool(steps))
+    if result.status != "done":
+      raise SystemExit(f"training {workdir} stopped: {result.message}")
+  return f"python -m train --config {config_path} --set workdir={workdir}"
+
+
 def plot(results: dict, path: str):
   """Bits per byte per position bucket, one panel line per (run, length)."""
   import matplotlib
@@ -169,7 +191,11 @@ def main(argv=None):
   ap.add_argument("--lengths", nargs="+", type=int, default=None,
                   help="context lengths (default: 1x, 2x, 4x the trained seq_len)")
   ap.add_argument("--windows", type=int, default=16, help="held-out windows per length")
+  ap.add_argument("--config", action="append", default=[],
+                  help="train the matching --workdir with this config first (repeatable)")
   args = ap.parse_args(argv)
+  if args.config and len(args.config) != len(args.workdir):
+    ap.error("give one --config per --workdir (or none)")
   out = args.out or args.workdir[0]
   os.makedirs(out, exist_ok=True)
   json_path = os.path.join(out, "lm.json")
@@ -177,9 +203,14 @@ def main(argv=None):
   if os.path.exists(json_path):
     with open(json_path) as f:
       results = json.load(f)
-  for workdir in args.workdir:
+  for i, workdir in enumerate(args.workdir):
+    train_command = None
+    if args.config:
+      train_command = train_run(args.config[i], workdir)
     t0 = time.time()
     run = evaluate_run(workdir, lengths=args.lengths, windows=args.windows)
+    if train_command:
+      run["train_command"] = f"`{train_command}`"
     run["eval_seconds"] = round(time.time() - t0, 1)
     run["command"] = "python -m eval.lm " + " ".join(argv)
     run["date"] = datetime.datetime.now().isoformat(timespec="seconds")

@@ -980,8 +980,8 @@ PRESETS = {
         eval_distractors=0, lm_weight=0.0, d_model=64),
     "quick": dict(
         task_kind="text", task=dict(num_keys=16, num_values=16, max_distractors=0),
-        name="niah", variants=["hybrid", "sliding"], seeds=[0], steps=250, train_len=256,
-        batch_size=16, lr=3e-3, lengths=[256, 512, 1024], depths=6, samples=16,
+        name="niah", variants=["hybrid", "sliding"], seeds=[0], steps=300, train_len=256,
+        batch_size=32, lr=3e-3, lengths=[256, 512, 1024], depths=6, samples=16,
         anchor_samples=32, superlinear=SUPERLINEAR_KW, eval_distractors=0,
         lm_weight=0.0, d_model=64),
     "routing": dict(
