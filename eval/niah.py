@@ -931,6 +931,8 @@ def write_report(results, out: str, name: str = "niah"):
     L.append(f"![{v}]({name}_{v}.png)\n")
 
   anchor_runs = [(k, r) for k, r in results["runs"].items() if r.get("anchors")]
+  has_window = any("window_any" in st for _, r in anchor_runs for per_len in r["anchors"].values()
+                   for st in per_len.values() if isinstance(st, dict))
   if anchor_runs:
     L.append("## Do the selected spans contain the needle?\n")
     L.append("For each trained superlinear model: the selected anchors "
@@ -939,13 +941,15 @@ def write_report(results, out: str, name: str = "niah"):
              f"{s['anchor_samples']} needles per length uniform in depth; counted "
              "over the needles outside the final query's window. `hit` = some "
              "head of the final query has a selected span containing the VALUE "
-             "position; `top-1` = the best anchor's span does; `window hit` = "
-             "some position of the final query's window does; `chance` columns: "
-             "the same rates if every head picked its spans uniformly among the "
-             "valid anchors; answer accuracy split by `hit`.\n")
-    L.append("| run | L | layer | outside | hit | top-1 | chance | window hit | "
-             "window chance | acc if hit | acc if miss |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+             "position; `top-1` = the best anchor's span does; "
+             + ("`window hit` = some position of the final query's window does; "
+                if has_window else "")
+             + "`chance`: the same rate if every head picked its spans uniformly "
+             "among the valid anchors; answer accuracy split by `hit`.\n")
+    L.append("| run | L | layer | outside | hit | top-1 | chance | "
+             + ("window hit | window chance | " if has_window else "")
+             + "acc if hit | acc if miss |")
+    L.append("|" + "---|" * (11 if has_window else 9))
     for key, r in anchor_runs:
       for n, per_len in r["anchors"].items():
         for layer, st in per_len.items():
@@ -954,7 +958,8 @@ def write_report(results, out: str, name: str = "niah"):
           L.append(f"| `{key}` | {n} | {layer[5:]} | {per_len['n_outside']} | "
                    f"{_pct(st['any_head_any_span'])} | {_pct(st['any_head_top1'])} | "
                    f"{_pct(st['chance_any_head_any_span'])} | "
-                   f"{_pct(st.get('window_any'))} | {_pct(st.get('chance_window_any'))} | "
+                   + (f"{_pct(st.get('window_any'))} | {_pct(st.get('chance_window_any'))} | "
+                      if has_window else "") +
                    f"{_pct(st['correct_given_hit'])} | {_pct(st['correct_given_miss'])} |")
     L.append("")
 
@@ -1152,6 +1157,7 @@ def main(argv=None):
     results["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
     _atomic_json(results, json_path)
     write_report(results, args.out, args.name)
+    _refresh_results(args.out)
     bar.show(int((n_done + 1) * args.steps * 1.2), f"{key} done", final=True)
     _eprint(f"[niah] {key}: accuracy (rows: needle depth %, columns: length)\n"
             + format_grid(grid, args.lengths, depths))

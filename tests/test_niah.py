@@ -231,6 +231,7 @@ def test_format_grid():
   assert lines[-1].split() == ["mean", "0.25", "0.62"]
 
 
+@pytest.mark.slow  # end to end: compiles, trains and evaluates two models (~15 s of CPU)
 def test_quick_command_end_to_end(tmp_path):
   out = tmp_path / "q"
   niah.main(["--preset", "quick", "--out", str(out), "--steps", "2", "--train-len", "40",
