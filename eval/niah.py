@@ -355,6 +355,7 @@ def _fmt_s(seconds: float) -> str:
 def train_model(config, task, *, steps: int, batch_size: int = 32,
                 seq_len: int = 128, lr: float = 3e-3, weight_decay: float = 0.01,
                 seed: int = 0, log_every: int = 25, lm_weight: float = 0.0,
+                warm_steps: int = 0, warm_len: int = 0, warm_batch: int = 0,
                 progress=None):
   """Train a fresh `Transformer(config)` on a NIAH task.
 
@@ -372,6 +373,9 @@ def train_model(config, task, *, steps: int, batch_size: int = 32,
       `np.random.default_rng([seed, 1])`.
     log_every: record (step, loss, acc) every this many steps.
     lm_weight: weight of the language-modelling loss on the text.
+    warm_steps, warm_len, warm_batch: a length curriculum: the first
+      `warm_steps` steps (of `steps`) use sequences of `warm_len` tokens in
+      batches of `warm_batch`; the rest use `seq_len` and `batch_size`.
     progress: optional `callback(step, loss, acc)` called at each record.
 
   Returns:
@@ -423,8 +427,13 @@ def train_model(config, task, *, steps: int, batch_size: int = 32,
   rng = np.random.default_rng([seed, 1])
   history = []
   losses, accs = [], []
+  if warm_steps and not (0 < warm_steps < steps and warm_len >= 8 and warm_batch >= 1):
+    raise ValueError(f"warm_steps={warm_steps}, warm_len={warm_len}, warm_batch={warm_batch}: "
+                     "need 0 < warm_steps < steps, warm_len >= 8 and warm_batch >= 1")
   for step in range(1, steps + 1):
-    b = task.batch(rng, batch_size, seq_len, split="train")
+    warm = step <= warm_steps
+    b = task.batch(rng, warm_batch if warm else batch_size, warm_len if warm else seq_len,
+                   split="train")
     state, loss, acc = step_fn(state, jnp.asarray(b.tokens), jnp.asarray(b.targets))
     losses.append(loss)
     accs.append(acc)
@@ -871,8 +880,11 @@ def write_report(results, out: str, name: str = "niah"):
            f"{cfg['d_model'] // 2}, SwiGLU {4 * cfg['d_model']}, RoPE. Variants: "
            + "; ".join(f"`{v}` = {', '.join(f'{k}={x}' for k, x in VARIANTS[v].items())}"
                        for v in variants) + ".")
+  warm = s.get("warm") or {}
+  curriculum = (f" after {warm['steps']} steps at L = {warm['len']}, batch {warm['batch']} "
+                "(a length curriculum)" if warm.get("steps") else "")
   L.append(f"- Training: {s['steps']} steps, batch {s['batch_size']}, "
-           f"L = {s['train_len']} (needle depth uniform), AdamW lr {s['lr']} "
+           f"L = {s['train_len']}{curriculum} (needle depth uniform), AdamW lr {s['lr']} "
            "(warmup, cosine to 0.1x), weight decay 0.01, clip 1.0; "
            f"seeds {s['seeds']}.")
   L.append(f"- Superlinear: `SuperlinearConfig({', '.join(f'{k}={v}' for k, v in sl.items())})`"
@@ -982,19 +994,20 @@ PRESETS = {
         variants=["superlinear_k", "superlinear_acc", "dense", "sliding"], seeds=[0, 1],
         steps=300, train_len=128, batch_size=32, lr=3e-3, lengths=[128, 256, 512, 1024],
         depths=11, samples=32, anchor_samples=64, superlinear=SUPERLINEAR_KW,
-        eval_distractors=0, lm_weight=0.0, d_model=64),
+        eval_distractors=0, lm_weight=0.0, d_model=64, warm_steps=0, warm_len=0,
+        warm_batch=0),
     "quick": dict(
         task_kind="text", task=dict(num_keys=16, num_values=16, max_distractors=0),
         name="niah", variants=["hybrid", "sliding"], seeds=[0], steps=300, train_len=256,
         batch_size=32, lr=3e-3, lengths=[256, 512, 1024], depths=6, samples=16,
         anchor_samples=32, superlinear=SUPERLINEAR_KW, eval_distractors=0,
-        lm_weight=0.0, d_model=64),
+        lm_weight=0.0, d_model=64, warm_steps=0, warm_len=0, warm_batch=0),
     "routing": dict(
         task_kind="text", task=dict(num_keys=16, num_values=16, max_distractors=2),
         name="niah_routing", variants=["hybrid", "sliding", "dense"], seeds=[0],
-        steps=800, train_len=1024, batch_size=16, lr=3e-3, lengths=[1024, 2048, 4096],
-        depths=11, samples=16, anchor_samples=64, superlinear={}, eval_distractors=3,
-        lm_weight=0.0, d_model=64),
+        steps=500, train_len=1024, batch_size=16, lr=3e-3, lengths=[1024, 2048, 4096],
+        depths=6, samples=16, anchor_samples=48, superlinear={}, eval_distractors=3,
+        lm_weight=0.0, d_model=64, warm_steps=250, warm_len=256, warm_batch=32),
 }
 
 
@@ -1016,6 +1029,10 @@ def _parse(argv):
   ap.add_argument("--d-model", type=int, help="model width (heads of d_model / 2)")
   ap.add_argument("--anchor-samples", type=int,
                   help="needles per length for the span analysis (0 = skip)")
+  ap.add_argument("--warm-steps", type=int,
+                  help="length curriculum: the first N steps at --warm-len (0 = none)")
+  ap.add_argument("--warm-len", type=int)
+  ap.add_argument("--warm-batch", type=int)
   ap.add_argument("--eval-distractors", type=int,
                   help="distractor needles of the multi-key eval grid (0 = skip it)")
   ap.add_argument("--fresh", action="store_true",
@@ -1088,11 +1105,12 @@ def main(argv=None):
       superlinear=dataclasses.asdict(sl), window=sl.window,
       eval_distractors=args.eval_distractors if text_task else 0,
       lm_weight=args.lm_weight, model={"d_model": args.d_model, "num_layers": 2},
+      warm=dict(steps=args.warm_steps, len=args.warm_len, batch=args.warm_batch),
       coverage=coverage(args.train_len, dataclasses.asdict(sl)),
       command_args=" ".join(argv))
 
   fixed = ("steps", "lengths", "depths", "samples", "train_len", "batch_size", "lr",
-           "task", "superlinear", "eval_distractors", "lm_weight", "model")
+           "task", "superlinear", "eval_distractors", "lm_weight", "model", "warm")
   results = None
   if os.path.exists(json_path) and not args.fresh:
     with open(json_path) as f:
@@ -1135,6 +1153,8 @@ def main(argv=None):
     model, history = train_model(config, task, steps=args.steps,
                                  batch_size=args.batch_size, seq_len=args.train_len,
                                  lr=args.lr, seed=seed, lm_weight=args.lm_weight,
+                                 warm_steps=args.warm_steps, warm_len=args.warm_len,
+                                 warm_batch=args.warm_batch,
                                  log_every=max(1, min(25, args.steps // 20)),
                                  progress=progress)
     t_train = time.time() - t0
