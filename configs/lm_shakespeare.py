@@ -13,7 +13,7 @@ from train.model import ModelConfig
 def get_config() -> Config:
   return Config(
       workdir="/tmp/subq_lm_dense",
-      steps=400,
+      steps=300,
       seed=0,
       batch_size=8,
       seq_len=1024,

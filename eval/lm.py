@@ -113,7 +113,11 @@ def evaluate_run(workdir: str, *, lengths=None, windows: int = 16,
         "bits_per_byte": ev.bits_per_byte(nll.sum(), nll.size),
         "buckets": ev.bucket_bits(nll, ev.bucket_edges(length))})
   m = config.model
+  held_works = None
+  if config.data.source != "synthetic":
+    held_works = data_lib.split_works(w for w, _ in data_lib.documents(config.data.source))[1]
   return {
+      "heldout_works": held_works,
       "run": os.path.basename(os.path.abspath(workdir)), "workdir": workdir, "step": int(step),
       "seq_len": config.seq_len, "seed": config.seed,
       "data": to_dict(config.data), "layer_types": list(m.layer_types),

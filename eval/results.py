@@ -42,6 +42,10 @@ def _lm_section(lm) -> list[str]:
              f"`{run['data']['source']}` (max_bytes {run['data']['max_bytes']}), "
              f"layers {'/'.join(run['layer_types'])}, step {run['step']}, "
              f"{run['lengths'][0]['windows']} held-out windows per length.")
+  held = {tuple(r["heldout_works"]) for r in runs.values() if r.get("heldout_works")}
+  for works in held:
+    L.append(f"- Held-out split ({len(works)} works, `train.data.split_works`): "
+             + ", ".join(f"`{w}`" for w in works) + ".")
   L.append("")
   L.extend(lm_lib.table(lm))
   L.append("\n![held-out bits per byte by position](lm.png)\n")

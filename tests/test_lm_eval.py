@@ -48,6 +48,8 @@ def test_lm_command_trains_and_scores_by_position(tmp_path):
   res = json.loads((tmp_path / "out" / "lm.json").read_text())
   run = res["runs"]["run"]
   assert run["step"] == 3 and run["layer_types"] == ["dense"]
+  works = [w for w, _ in data_lib.shakespeare_documents()]
+  assert run["heldout_works"] == data_lib.split_works(works)[1]
   assert "python -m train --config" in run["train_command"]
   assert [e["length"] for e in run["lengths"]] == [16, 40]
   for e in run["lengths"]:
@@ -74,6 +76,7 @@ def test_lm_command_trains_and_scores_by_position(tmp_path):
   assert (tmp_path / "out" / "lm.png").stat().st_size > 0
   md = (tmp_path / "out" / "results.md").read_text()
   assert "`run` | dense | 3 | 16 (trained)" in md
+  assert "Held-out split (4 works" in md
   assert "Not run yet: `python -m eval.ppa_sweep`" in md
   # A second call with the finished run does not retrain it.
   lm_lib.main(["--config", config, "--workdir", workdir, "--out", out,

@@ -254,8 +254,13 @@ def test_train_and_eval_smoke(tmp_path):
                           num_kv_heads=1, head_dim=8, mlp_dim=16, num_layers=1)
   records = []
   model, history = niah.train_model(cfg, TASK, steps=3, batch_size=4, seq_len=24,
-                                    log_every=1, progress=lambda *r: records.append(r))
+                                    log_every=1, progress=lambda *r: records.append(r),
+                                    warm_steps=1, warm_len=16, warm_batch=2)
   assert [h[0] for h in history] == [1, 2, 3] and len(records) == 3
+  with pytest.raises(ValueError, match="warm_steps"):
+    niah.train_model(cfg, TASK, steps=3, warm_steps=3, warm_len=16, warm_batch=2)
+  with pytest.raises(ValueError, match="lm_weight"):
+    niah.train_model(cfg, TASK, steps=1, lm_weight=1.0)
   assert all(np.isfinite(h[1]) and 0 <= h[2] <= 1 for h in history)
   lengths, depths = [16, 24], [0.0, 0.5, 1.0]
   grid = niah.evaluate_grid(model, TASK, lengths=lengths, depths=depths, samples=3)
