@@ -170,7 +170,9 @@ def _agg(runs, key):
 def rows(sweep) -> list[dict]:
   """One row per setting: name, p (or None), cost, mean metrics, per-seed values."""
   out = []
-  for name in sweep["settings"]["configs"]:
+  names = sorted(sweep["settings"]["configs"],
+                 key=lambda n: (0, float(n[2:])) if n.startswith("p=") else (1, n != "superlinear"))
+  for name in names:
     runs = [r for r in sweep["runs"].values() if r["name"] == name]
     if not runs:
       continue
