@@ -37,8 +37,10 @@ def _lm_section(lm) -> list[str]:
     return L + ["Not run yet: `python -m eval.lm --config ... --workdir ...`.\n"]
   runs = lm["runs"]
   for name, run in sorted(runs.items()):
-    L.append(f"- `{name}`: {run.get('train_command', '(trained separately)')}; then "
-             f"`{run['command']}` ({run['date']}); seed {run['seed']}, data "
+    trained = (f"trained by it as {run['train_command']} would" if run.get("train_command")
+               else "trained separately")
+    L.append(f"- `{name}`: `{run['command']}` ({trained}; scored {run['date']}); "
+             f"seed {run['seed']}, data "
              f"`{run['data']['source']}` (max_bytes {run['data']['max_bytes']}), "
              f"layers {'/'.join(run['layer_types'])}, step {run['step']}, "
              f"{run['lengths'][0]['windows']} held-out windows per length.")
