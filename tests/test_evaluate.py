@@ -66,6 +66,7 @@ def test_buckets_on_hand_made_nll():
   np.testing.assert_allclose([b["bits_per_byte"] for b in got], [1.0, 3.0, 3.0])
 
 
+@pytest.mark.slow  # a real loop.train run (6 steps, 2 evals) plus a restore: ~10-20 s of CPU
 def test_training_reports_heldout_bits_per_byte(tmp_path):
   base = load_config(MICRO_CONFIG)
   config = dataclasses.replace(
