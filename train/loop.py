@@ -37,6 +37,7 @@ from flax import nnx
 
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
+from train import evaluate as eval_lib
 from train import paths
 from train import preflight
 from train import resume as resume_lib
@@ -291,6 +292,7 @@ class Progress:
     self.n_first = start
     self.last_draw = 0.0
     self.rate = float("nan")
+    self.extra = ""  # appended to the line, e.g. the latest held-out bits per byte
     self.enabled = jax.process_index() == 0
 
   def update(self, step: int, loss: float, force: bool = False):
@@ -318,7 +320,7 @@ class Progress:
     pct = 100.0 * step / self.total
     bar_n = int(20 * step / self.total)
     line = (f"[{'#' * bar_n}{'.' * (20 - bar_n)}] {step:>{width}}/{self.total} "
-            f"{pct:5.1f}% | loss {loss:.4f} | {speed} | ETA {eta_s}")
+            f"{pct:5.1f}% | loss {loss:.4f}{self.extra} | {speed} | ETA {eta_s}")
     if self.tty:
       self.stream.write("\r" + line + "\x1b[K")
     else:
@@ -410,6 +412,7 @@ def train(config: Config, *, resume: bool = False, allow_config_change: bool = F
 
   tokens_per_step = config.batch_size * config.seq_len
   progress = Progress(config.steps, start, tokens_per_step, config.log_every)
+  heldout = eval_lib.HeldoutEval(trainer, config) if config.eval_every else None
   last_ckpt = start if start else None
   step, loss = start, float("nan")
   result = None
@@ -431,12 +434,18 @@ def train(config: Config, *, resume: bool = False, allow_config_change: bool = F
                f"learning_rate / check the data, then resume with --resume.")
         result = TrainResult("nan", step, loss, last_ckpt, msg)
         break
+      val = None
+      if heldout is not None and (step % config.eval_every == 0 or step == config.steps):
+        val = heldout(state["params"], rest)
+        progress.extra = f" | val {val:.3f} bpb"
       progress.update(step, loss)
-      if step % config.log_every == 0 or step == config.steps:
+      if step % config.log_every == 0 or step == config.steps or val is not None:
         record = {"step": step, "loss": loss, "bits_per_byte": loss / math.log(2),
                   "grad_norm": float(step_metrics["grad_norm"]),
                   "lr": float(step_metrics["lr"]), "tokens": step * tokens_per_step,
                   "tokens_per_s": progress.rate, "time": time.time()}
+        if val is not None:
+          record["val_bits_per_byte"] = val
         record = paths.json_safe(record)  # the first record has no rate yet: null
         if metrics is not None:
           metrics.write(record)

@@ -48,7 +48,7 @@ CHANGES_FILE = "config_changes.jsonl"
 # extending a run stretches the remaining schedule (recorded like any change).
 RESUMABLE_KEYS = frozenset({
     "workdir", "steps", "checkpoint_every", "keep_checkpoints", "async_checkpoints",
-    "log_every", "tensorboard", "mesh_shape", "grad_accum",
+    "log_every", "eval_every", "eval_batches", "tensorboard", "mesh_shape", "grad_accum",
     "data.num_threads", "data.prefetch", "model.attn_implementation",
     "debug_nan_at_step", "debug_trace_data", "debug_step_delay",
 })
