@@ -68,13 +68,8 @@ def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_ref
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   lo, hi = lo_ref[...], hi_ref[...]
-  prec = T.precision_for(q.dtype)
-
-  def body(k_start, k, v, dq):
-    mask = T.row_mask(k_start, lo, hi, block_q, block_k)
-    p = T.probs(q, k, lse, mask, scale=scale, precision=prec)
-    ds = T.dscores(p, do, v, delta, mask, precision=prec)
-    return T.dq_update(dq, ds, k, scale=scale, precision=prec)
+  body = T.dq_body(q, do, lse, delta, lo, hi, scale=scale, block_q=block_q,
+                   block_k=block_k)
 
   dq_ref[...] = _row_loop(tlo, thi, k_ref, v_ref, body, jnp.zeros(q.shape, F32), block_k)
 

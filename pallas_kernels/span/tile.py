@@ -102,3 +102,18 @@ def dkv_update(dk, dv, q, do, k, v, lse, delta, mask, *, scale, precision):
   ds = dscores(p, do, v, delta, mask, precision=precision)
   dk = dk + scale * dot(ds.astype(q.dtype), q, TN, precision)
   return dk, dv
+
+
+def dq_body(q, do, lse, delta, lo, hi, *, scale, block_q, block_k):
+  """The dq loop body both platform variants run over a row tile's key
+  blocks: `body(k_start, k, v, dq) -> dq` (probabilities recomputed from the
+  saved `lse`, rows masked to their `[lo, hi]` key range)."""
+  prec = precision_for(q.dtype)
+
+  def body(k_start, k, v, dq):
+    mask = row_mask(k_start, lo, hi, block_q, block_k)
+    p = probs(q, k, lse, mask, scale=scale, precision=prec)
+    ds = dscores(p, do, v, delta, mask, precision=prec)
+    return dq_update(dq, ds, k, scale=scale, precision=prec)
+
+  return body

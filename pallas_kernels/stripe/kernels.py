@@ -193,13 +193,8 @@ def ppa_fwd_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, o_ref, lse_ref, *
                           front, front + jnp.minimum(lk - 1, qmax), unit, bk)
 
     def chunk(c, st, lo=lo, hi=hi, base=base):
-      start = pl.multiple_of(base + c * bk, unit)
-      kc, kr = _col(bk, start - front), _row(bk, start - front)
-      vis = (kc >= 0) & (kc < lk) & (kc <= qmax)
-      kw = jnp.where(vis, ctx.rows("k", start, bk, 0), 0)
-      vw = jnp.where(vis, ctx.rows("v", start, bk, 0), 0)
-      d = qpos - kr
-      ok = (d >= lo) & (d <= hi) & (kr >= 0) & (kr < lk) & (kr <= qmax)
+      kw, vw, ok = _band_tile(ctx, base, c, qpos, lo=lo, hi=hi, bk=bk, unit=unit,
+                              front=front, lk=lk, qmax=qmax)
       s = _dot(q, kw, _NT) * scale
       return _online(*st, s, ok, lambda p: _dot(p.astype(vw.dtype), vw, _NN))
 
@@ -219,6 +214,20 @@ def ppa_fwd_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, o_ref, lse_ref, *
   has = l > 0
   o_ref[...] = (acc / jnp.where(has, l, 1.0)).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf)
+
+
+def _band_tile(ctx, base, c, qpos, *, lo, hi, bk, unit, front, lk, qmax):
+  """Key tile `c` of a band: `(k, v, ok)`; rows no query of the call may see
+  (before 0, past `lk` or the last query) are zeroed, so cache garbage there
+  never meets a probability; `ok [bq, bk]`: offset in `[lo, hi]` and visible."""
+  start = pl.multiple_of(base + c * bk, unit)
+  kc, kr = _col(bk, start - front), _row(bk, start - front)
+  vis = (kc >= 0) & (kc < lk) & (kc <= qmax)
+  kw = jnp.where(vis, ctx.rows("k", start, bk, 0), 0)
+  vw = jnp.where(vis, ctx.rows("v", start, bk, 0), 0)
+  d = qpos - kr
+  ok = (d >= lo) & (d <= hi) & (kr >= 0) & (kr < lk) & (kr <= qmax)
+  return kw, vw, ok
 
 
 def _probs(s, lse, ok):
@@ -243,13 +252,8 @@ def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, d
                           front, front + jnp.minimum(lk - 1, qmax), unit, bk)
 
     def chunk(c, dq, lo=lo, hi=hi, base=base):
-      start = pl.multiple_of(base + c * bk, unit)
-      kc, kr = _col(bk, start - front), _row(bk, start - front)
-      vis = (kc >= 0) & (kc < lk) & (kc <= qmax)
-      kw = jnp.where(vis, ctx.rows("k", start, bk, 0), 0)
-      vw = jnp.where(vis, ctx.rows("v", start, bk, 0), 0)
-      d = qpos - kr
-      ok = (d >= lo) & (d <= hi) & (kr >= 0) & (kr < lk) & (kr <= qmax)
+      kw, vw, ok = _band_tile(ctx, base, c, qpos, lo=lo, hi=hi, bk=bk, unit=unit,
+                              front=front, lk=lk, qmax=qmax)
       p = _probs(_dot(q, kw, _NT) * scale, lse, ok)
       ds = p * (_dot(do, vw, _NT) - delta)
       return dq + _dot(ds.astype(kw.dtype), kw, _NN) * scale
