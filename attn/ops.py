@@ -48,7 +48,11 @@ _PALLAS_KERNELS = {
     "sliding_window_attention": _bs_kernels.HARDWARE_CHECKS,
     "block_sparse_attention": _bs_kernels.HARDWARE_CHECKS,
     "ppa_attention": _stripe_kernels.HARDWARE_CHECKS,
-    "superlinear_attention": _span_kernels.HARDWARE_CHECKS,
+    # The superlinear path runs the stripe search and the span kernels: a
+    # backend counts as checked only where both families are.
+    "superlinear_attention": tuple(
+        r for r in _span_kernels.HARDWARE_CHECKS
+        if _platform.verified_on(_stripe_kernels.HARDWARE_CHECKS, r.backend)),
 }
 
 
