@@ -204,6 +204,16 @@ def keys_seen(spec: Spec, kb, q_offset, shape):
   return ok
 
 
+def zero_unseen(spec: Spec, kb, q_offset, *tiles):
+  """`tiles` (key-aligned `[bk, Dp]` blocks of key block `kb`) with the rows
+  no query may see zeroed (`keys_seen`); table layouts are returned as they
+  are (their unseen keys are zeroed before the kernel)."""
+  if spec.mode != "band":
+    return tiles
+  seen = keys_seen(spec, kb, q_offset, tiles[0].shape)
+  return tuple(jnp.where(seen, x, 0) for x in tiles)
+
+
 # ---------------------------------------------------------------- tile math
 
 

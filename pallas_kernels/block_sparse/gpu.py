@@ -74,8 +74,7 @@ def _fwd_kernel(blocks, counts, masks, qo_ref, tiles_ref, q_ref, k_ref, v_ref, o
       vis = None
       if use_mask:
         vis = common.tile_visible(spec, i, kb, qo, _tile(spec, tiles_ref, mid))
-        if spec.mode == "band":
-          vv = jnp.where(common.keys_seen(spec, kb, qo, vv.shape), vv, 0)
+        (vv,) = common.zero_unseen(spec, kb, qo, vv)
       s = common.dot(q, kk, (1, 1)) * spec.scale
       m_new, l_new, p, alpha = common.online_step(s, vis, m, l)
       return alpha * acc + common.dot(p.astype(vv.dtype), vv), m_new, l_new
@@ -144,9 +143,7 @@ def _dq_kernel(blocks, counts, masks, qo_ref, tiles_ref, q_ref, k_ref, v_ref, do
       kk, vv, vis = k, v, None
       if use_mask:
         vis = common.tile_visible(spec, i, kb, qo, _tile(spec, tiles_ref, mid))
-        if spec.mode == "band":
-          seen = common.keys_seen(spec, kb, qo, kk.shape)
-          kk, vv = jnp.where(seen, kk, 0), jnp.where(seen, vv, 0)
+        kk, vv = common.zero_unseen(spec, kb, qo, kk, vv)
       s = common.dot(q, kk, (1, 1)) * spec.scale
       _, ds = common.bwd_probs(s, vis, lse, common.dot(do, vv, (1, 1)), delta)
       return acc + common.dot(ds.astype(kk.dtype), kk) * spec.scale
@@ -183,9 +180,7 @@ def _dkv_kernel(blocks, counts, masks, qo_ref, tiles_ref, q_ref, k_ref, v_ref, d
         kk, vv, vis = k, v, None
         if use_mask:
           vis = common.tile_visible(spec, qb, j, qo, _tile(spec, tiles_ref, mid))
-          if spec.mode == "band":
-            seen = common.keys_seen(spec, j, qo, kk.shape)
-            kk, vv = jnp.where(seen, kk, 0), jnp.where(seen, vv, 0)
+          kk, vv = common.zero_unseen(spec, j, qo, kk, vv)
         s = common.dot(q, kk, (1, 1)) * spec.scale
         p, ds = common.bwd_probs(s, vis, lse, common.dot(do, vv, (1, 1)), delta)
         return (dk + common.dot(ds.astype(q.dtype).T, q) * spec.scale,

@@ -123,8 +123,8 @@ def _fwd_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, *rest, spec:
 
   def step(use_mask):
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
-    if use_mask and not table:
-      v = jnp.where(common.keys_seen(spec, kb, qo, v.shape), v, 0)
+    if use_mask:
+      (v,) = common.zero_unseen(spec, kb, qo, v)
     s = common.dot(q, k, (1, 1)) * spec.scale
     vis = visible() if use_mask else None
     m_prev, l_prev = m_ref[...][:, :1], l_ref[...][:, :1]
@@ -200,9 +200,8 @@ def _dq_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, do_ref, lse_r
 
   def step(use_mask):
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    if use_mask and not table:
-      seen = common.keys_seen(spec, kb, qo, k.shape)
-      k, v = jnp.where(seen, k, 0), jnp.where(seen, v, 0)
+    if use_mask:
+      k, v = common.zero_unseen(spec, kb, qo, k, v)
     s = common.dot(q, k, (1, 1)) * spec.scale
     dpv = common.dot(do, v, (1, 1))
     _, ds = common.bwd_probs(s, visible() if use_mask else None, lse_ref[...][:, :1],
@@ -237,9 +236,8 @@ def _dkv_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
   def step(use_mask):
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    if use_mask and not table:
-      seen = common.keys_seen(spec, j, qo, k.shape)
-      k, v = jnp.where(seen, k, 0), jnp.where(seen, v, 0)
+    if use_mask:
+      k, v = common.zero_unseen(spec, j, qo, k, v)
     s = common.dot(q, k, (1, 1)) * spec.scale                     # [bq, bk]
     dpv = common.dot(do, v, (1, 1))
     p, ds = common.bwd_probs(s, visible() if use_mask else None, lse_ref[...][:, :1],

@@ -126,6 +126,31 @@ def search(scal, f_desc, qs, ks, *, lq, num, interpret):
 # ----------------------------------------------------------------------- band
 
 
+def _masked_step(state, q, kw, vw, vis, scale):
+  """One online-softmax step of the rows `q: [Rp, Dp]` over a key window
+  `kw, vw: [n, Dp]`, scored where `vis: [Rp, n]`; value rows no query sees
+  are zeroed, so cache garbage there cannot reach `p @ v`."""
+  m, l, o = state
+  s = jnp.where(vis, _dot_t(q, kw) * scale, cm.NEG_INF)
+  m, l, p, alpha = cm.softmax_step(m, l, s, axis=1)
+  vt = jnp.where((jnp.max(vis.astype(jnp.int32), axis=0) > 0)[:, None], vw, 0)
+  return m, l, alpha * o + _dot(p, vt.astype(F32))
+
+
+def _init(rp, dp):
+  """Empty `(m, l, o)` state of `rp` query rows."""
+  return (jnp.full((rp, 1), cm.NEG_INF, F32), jnp.zeros((rp, 1), F32),
+          jnp.zeros((rp, dp), F32))
+
+
+def _store(state, m_ref, l_ref, o_ref, b, h):
+  """Writes an `(m, l, o)` state as the partial of (batch b, kv head h)."""
+  m, l, o = state
+  m_ref[b, h] = m[:, 0]
+  l_ref[b, h] = l[:, 0]
+  o_ref[b, h] = o
+
+
 def _band_kernel(scal_ref, q_ref, k_ref, v_ref, m_ref, l_ref, o_ref, *, lq, r,
                  width, scale, bk, kv_len):
   b, h = pl.program_id(0), pl.program_id(1)
@@ -138,24 +163,17 @@ def _band_kernel(scal_ref, q_ref, k_ref, v_ref, m_ref, l_ref, o_ref, *, lq, r,
   lo, hi = cm.band_bounds(q_offset, lq=lq, width=width)
 
   def body(c, state):
-    m, l, o = state
     start = lo + c * bk
     row0 = cm.window_start(start, align=1, n_buf=bk, kv_len=kv_len)
     kpos = row0 + cols                                         # [1, bk]
     d = pos - kpos
     vis = ((kpos >= start) & (kpos < start + bk) & (d >= 0) & (d < width)
            & (rows < r))                                       # [Rp, bk]
-    s = jnp.where(vis, _dot_t(q, k_ref[b, pl.ds(row0, bk), h, :]) * scale, cm.NEG_INF)
-    m, l, p, alpha = cm.softmax_step(m, l, s, axis=1)
-    vt = jnp.where((jnp.max(vis.astype(jnp.int32), axis=0) > 0)[:, None], v_ref[b, pl.ds(row0, bk), h, :], 0)
-    return m, l, alpha * o + _dot(p, vt.astype(F32))
+    return _masked_step(state, q, k_ref[b, pl.ds(row0, bk), h, :],
+                        v_ref[b, pl.ds(row0, bk), h, :], vis, scale)
 
-  init = (jnp.full((rp, 1), cm.NEG_INF, F32), jnp.zeros((rp, 1), F32),
-          jnp.zeros((rp, dp), F32))
-  m, l, o = jax.lax.fori_loop(0, cm.num_tiles(lo, hi, bk), body, init)
-  m_ref[b, h] = m[:, 0]
-  l_ref[b, h] = l[:, 0]
-  o_ref[b, h] = o
+  _store(jax.lax.fori_loop(0, cm.num_tiles(lo, hi, bk), body, _init(rp, dp)),
+         m_ref, l_ref, o_ref, b, h)
 
 
 def _rows_out(bsz, hk, rp, dp):
@@ -194,22 +212,14 @@ def _stripes_kernel(scal_ref, d_ref, q_ref, k_ref, v_ref, m_ref, l_ref, o_ref, *
   cols = jax.lax.broadcasted_iota(jnp.int32, (1, win), 1)
 
   def body(j, state):
-    m, l, o = state
     a0 = q_offset - d_ref[j]                                   # key of query 0
     row0 = cm.window_start(a0, align=1, n_buf=win, kv_len=kv_len)
     key = a0 + rows % lq                                       # [Rp, 1]
     vis = ((row0 + cols) == key) & (key >= 0) & (rows < r)     # [Rp, win]
-    s = jnp.where(vis, _dot_t(q, k_ref[b, pl.ds(row0, win), h, :]) * scale, cm.NEG_INF)
-    m, l, p, alpha = cm.softmax_step(m, l, s, axis=1)
-    vt = jnp.where((jnp.max(vis.astype(jnp.int32), axis=0) > 0)[:, None], v_ref[b, pl.ds(row0, win), h, :], 0)
-    return m, l, alpha * o + _dot(p, vt.astype(F32))
+    return _masked_step(state, q, k_ref[b, pl.ds(row0, win), h, :],
+                        v_ref[b, pl.ds(row0, win), h, :], vis, scale)
 
-  init = (jnp.full((rp, 1), cm.NEG_INF, F32), jnp.zeros((rp, 1), F32),
-          jnp.zeros((rp, dp), F32))
-  m, l, o = jax.lax.fori_loop(0, count, body, init)
-  m_ref[b, h] = m[:, 0]
-  l_ref[b, h] = l[:, 0]
-  o_ref[b, h] = o
+  _store(jax.lax.fori_loop(0, count, body, _init(rp, dp)), m_ref, l_ref, o_ref, b, h)
 
 
 def stripes(scal, d_asc, q, k, v, *, lq, scale, interpret):

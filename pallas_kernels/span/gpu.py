@@ -49,11 +49,7 @@ def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_ref, v_ref, o_ref, lse_ref, *,
   tlo, thi = _tile_entry(tbl_ref, pl.program_id(2))
   q = q_ref[...]
   lo, hi = lo_ref[...], hi_ref[...]
-  prec = T.precision_for(q.dtype)
-
-  def body(k_start, k, v, state):
-    mask = T.row_mask(k_start, lo, hi, block_q, block_k)
-    return T.fwd_update(state, q, k, v, mask, scale=scale, precision=prec)
+  body = T.fwd_body(q, lo, hi, scale=scale, block_q=block_q, block_k=block_k)
 
   state = _row_loop(tlo, thi, k_ref, v_ref, body, T.init_state(block_q, q.shape[-1]),
                     block_k)

@@ -104,6 +104,19 @@ def dkv_update(dk, dv, q, do, k, v, lse, delta, mask, *, scale, precision):
   return dk, dv
 
 
+def fwd_body(q, lo, hi, *, scale, block_q, block_k):
+  """The forward loop body both platform variants run over a row tile's key
+  blocks: `body(k_start, k, v, state) -> state` (online softmax, rows masked
+  to their `[lo, hi]` key range)."""
+  prec = precision_for(q.dtype)
+
+  def body(k_start, k, v, state):
+    mask = row_mask(k_start, lo, hi, block_q, block_k)
+    return fwd_update(state, q, k, v, mask, scale=scale, precision=prec)
+
+  return body
+
+
 def dq_body(q, do, lse, delta, lo, hi, *, scale, block_q, block_k):
   """The dq loop body both platform variants run over a row tile's key
   blocks: `body(k_start, k, v, dq) -> dq` (probabilities recomputed from the
