@@ -314,7 +314,10 @@ VARIANTS = {
     "superlinear_k": dict(attention="superlinear", search_key="k"),
     "superlinear_acc": dict(attention="superlinear", search_key="accumulated"),
     "hybrid": dict(layer_pattern=("sliding", "superlinear"), search_key="k"),
-    "hybrid_acc": dict(layer_pattern=("sliding", "superlinear"), search_key="accumulated"),
+    "hybrid_acc": dict(layer_pattern=("sliding", "superlinear"), search_key="accumulated",
+                       search_rope=False),
+    "hybrid_acc_rope": dict(layer_pattern=("sliding", "superlinear"),
+                            search_key="accumulated", search_rope=True),
     "ppa": dict(attention="ppa"),
 }
 
@@ -551,7 +554,7 @@ def needle_anchor_hits(model, task, *, lengths, samples: int = 64,
 
   For each superlinear layer, the layer's input is recomputed with the
   model's own blocks, the attention query, key, routing query and search key
-  are formed as `train.model.Attention` forms them, and
+  come from the layer's own `train.model.Attention.project`, and
   `attn.superlinear_attention_with_anchors` gives the anchors of the last `W`
   positions (the final query and the rest of its window, `W` = the window).
   A head "hits" when one of its selected anchors' spans `[start, end]`
@@ -573,8 +576,6 @@ def needle_anchor_hits(model, task, *, lengths, samples: int = 64,
   import jax.numpy as jnp
 
   import attn
-  from train.model import apply_rope, gated_linear_scan
-
   config = model.config
   sl = config.superlinear
   window = max(1, sl.window)
@@ -591,20 +592,8 @@ def needle_anchor_hits(model, task, *, lengths, samples: int = 64,
     out = {}
     for i, block in enumerate(model.blocks):
       if i in layers:
-        a = block.attention
         xn = block.attn_norm(x)
-        theta = config.rope_theta
-        q = apply_rope(a._proj(xn, a.wq), positions, theta=theta)
-        k_raw = a._proj(xn, a.wk)
-        k = apply_rope(k_raw, positions, theta=theta)
-        v = a._proj(xn, a.wv)
-        q_search = apply_rope(a._proj(xn, a.wq_search), positions, theta=theta)
-        k_search = None
-        if config.search_key == "accumulated":
-          gates = jax.nn.sigmoid(jnp.einsum("bsd,dh->bsh", xn.astype(jnp.float32),
-                                            a.w_gate[...]) + a.b_gate[...])
-          h = gated_linear_scan(gates, k_raw)
-          k_search = apply_rope(h.astype(xn.dtype), positions, theta=theta)
+        q, k, v, q_search, k_search, _ = block.attention.project(xn, positions)
         res = attn.superlinear_attention_with_anchors(
             q[:, -n:], k, v, q_search[:, -n:], k_search, config=sl,
             q_offset=seq_len - n, implementation=config.attn_implementation)
@@ -1004,7 +993,8 @@ PRESETS = {
         lm_weight=0.0, d_model=64, warm_steps=0, warm_len=0, warm_batch=0),
     "routing": dict(
         task_kind="text", task=dict(num_keys=16, num_values=16, max_distractors=2),
-        name="niah_routing", variants=["hybrid", "sliding", "dense"], seeds=[0],
+        name="niah_routing", variants=["hybrid_acc", "hybrid_acc_rope", "hybrid", "sliding",
+                                       "dense"], seeds=[0],
         steps=500, train_len=1024, batch_size=16, lr=3e-3, lengths=[1024, 2048, 4096],
         depths=6, samples=16, anchor_samples=48, superlinear={}, eval_distractors=3,
         lm_weight=0.0, d_model=64, warm_steps=250, warm_len=256, warm_batch=32),

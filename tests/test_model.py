@@ -58,7 +58,8 @@ def random_tokens(seed, shape=(2, SEQ)):
     ("rope_theta", 0.0), ("dtype", "float16"), ("attention", "linear"),
     ("layer_pattern", ("sliding", "mamba")), ("layer_pattern", ()),
     ("window", 0), ("ppa_p", 1.5), ("superlinear", {"sw_index": 1}),
-    ("search_key", "v"), ("attn_implementation", "cuda"),
+    ("search_key", "v"), ("attn_implementation", "cuda"), ("search_rope", 1),
+    ("search_memory", 1.0),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):
   with pytest.raises(ValueError, match=field):
@@ -282,3 +283,53 @@ def test_accumulated_search_key_routes_through_the_gate():
     g = getattr(grads.blocks[0].attention, name)[...]
     chex.assert_tree_all_finite(g)
     assert float(jnp.max(jnp.abs(g))) > 0.0, name
+
+
+@pytest.mark.parametrize("memory", [2.0, 32.0, 500.0])
+def test_search_memory_sets_the_initial_decay(memory):
+  """The scan gate starts at `1 - 1 / search_memory` for a zero input."""
+  m = Transformer(tiny_config(**ATTENTION_KW["superlinear_acc"], search_memory=memory),
+                  rngs=nnx.Rngs(0))
+  bias = np.asarray(m.blocks[0].attention.b_gate[...])
+  np.testing.assert_allclose(1.0 / (1.0 + np.exp(-bias)), 1.0 - 1.0 / memory, rtol=1e-5)
+
+
+@pytest.mark.parametrize("memory", [1.0, 0.5, float("inf"), True])
+def test_search_memory_rejects_bad_values(memory):
+  with pytest.raises(ValueError, match="search_memory"):
+    tiny_config(**ATTENTION_KW["superlinear_acc"], search_memory=memory)
+
+
+def _search_inputs(config, shift):
+  """(q, k, q_search, k_search) of the first layer for positions shifted by `shift`."""
+  m = Transformer(config, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(3), (2, 16, config.d_model))
+  positions = jnp.arange(16, dtype=jnp.int32) + shift
+  q, k, _, qs, ks, _ = m.blocks[0].attention.project(x, positions)
+  return q, k, qs, ks
+
+
+@pytest.mark.parametrize("search_rope", [False, True])
+def test_accumulated_search_is_content_addressed_unless_search_rope(search_rope):
+  """Without `search_rope` the routing query and accumulated key do not depend
+  on absolute position (RoPE would rotate them); q and k always do."""
+  config = tiny_config(**ATTENTION_KW["superlinear_acc"], search_rope=search_rope)
+  q0, k0, qs0, ks0 = _search_inputs(config, 0)
+  q1, k1, qs1, ks1 = _search_inputs(config, 100)
+  assert not np.allclose(q0, q1) and not np.allclose(k0, k1)
+  same = np.allclose(qs0, qs1, atol=1e-6) and np.allclose(ks0, ks1, atol=1e-6)
+  assert same == (not search_rope)
+  # Either way a search score depends on positions only through their offset.
+  group = config.num_heads // config.num_kv_heads
+
+  def score(qs, ks):  # query 9 against key 3, every query head vs its kv head
+    return jnp.einsum("bhd,bhd->bh", qs[:, 9], jnp.repeat(ks[:, 3], group, axis=1))
+
+  np.testing.assert_allclose(score(qs0, ks0), score(qs1, ks1), rtol=1e-4, atol=1e-4)
+
+
+def test_search_key_k_always_ropes_the_routing_query():
+  config = tiny_config(**ATTENTION_KW["superlinear"])
+  _, _, qs0, ks0 = _search_inputs(config, 0)
+  _, _, qs1, _ = _search_inputs(config, 100)
+  assert ks0 is None and not np.allclose(qs0, qs1)

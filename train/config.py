@@ -316,6 +316,8 @@ _MODEL_KEY_USERS = {
     "window": ("sliding", "ppa"),
     "superlinear": ("superlinear",),
     "search_key": ("superlinear",),
+    "search_memory": ("superlinear",),
+    "search_rope": ("superlinear",),
 }
 
 

@@ -6,12 +6,13 @@ SwiGLU MLP -> residual] -> RMSNorm -> tied or untied output head.
 
 The attention of layer `i` is `config.layer_types[i]`, one of
 `"dense" | "sliding" | "ppa" | "superlinear"`, and calls the matching op of
-`attn`. Superlinear layers add a routing query `q_search` (own projection,
-RoPE applied like `q`) and score it against either `k` itself
-(`search_key="k"`, as in the reference) or an accumulated key
+`attn`. Superlinear layers add a routing query `q_search` (own projection)
+and score it against either `k` itself (`search_key="k"`, as in the
+reference; the routing query is RoPE'd like `q`) or an accumulated key
 (`search_key="accumulated"`): a gated, decaying causal scan over the
-(pre-RoPE) keys, see `gated_linear_scan`, with RoPE applied afterwards at the
-key's own position so that search scores stay relative-position aware.
+(pre-RoPE) keys, see `gated_linear_scan`. The accumulated search is
+content-addressed by default (no RoPE on either side; `search_rope=True`
+applies RoPE to both).
 
 Parameters are float32 and annotated with the logical axis names of
 `LOGICAL_AXES` through `nnx.with_partitioning`; `train/sharding.py` maps them
@@ -78,6 +79,18 @@ class ModelConfig:
     superlinear: configuration of "superlinear" layers.
     search_key: "k" (search against the attention keys) or "accumulated"
       (against a gated causal scan of the keys).
+    search_memory: initial memory of that scan in tokens (> 1): the decay
+      gate starts near `1 - 1 / search_memory` (its bias is initialised to
+      `log(search_memory - 1)`), so that an anchor's search key starts out
+      summarising about the backward part of its span rather than only its
+      own token. Acts only with `search_key="accumulated"`.
+    search_rope: with `search_key="accumulated"`, apply RoPE to the routing
+      query and the accumulated key (relative-position-aware search scores).
+      Off by default: the search is then content-addressed (the stripe
+      layout already fixes where anchors sit), which is what let the
+      superlinear layer learn to route in docs/niah_routing.md; with RoPE it
+      learned a fixed positional preference instead. `search_key="k"`
+      always searches with RoPE (the keys are the attention's).
     attn_implementation: passed to the attn ops (None = best available).
     norm_eps: RMSNorm epsilon.
   """
@@ -98,6 +111,8 @@ class ModelConfig:
   ppa_p: float = 0.5
   superlinear: SuperlinearConfig = SuperlinearConfig()
   search_key: str = "k"
+  search_memory: float = 32.0
+  search_rope: bool = False
   attn_implementation: str | None = None
   norm_eps: float = 1e-6
 
@@ -143,6 +158,12 @@ class ModelConfig:
       bad("superlinear", "must be an attn.SuperlinearConfig")
     if self.search_key not in SEARCH_KEYS:
       bad("search_key", f"must be one of {SEARCH_KEYS}")
+    if not isinstance(self.search_rope, bool):
+      bad("search_rope", "must be a bool")
+    m = self.search_memory
+    if (isinstance(m, bool) or not isinstance(m, (int, float))
+        or not math.isfinite(m) or m <= 1):
+      bad("search_memory", "must be a finite number > 1 (tokens)")
     if self.attn_implementation not in IMPLEMENTATIONS:
       bad("attn_implementation", f"must be one of {IMPLEMENTATIONS}")
 
@@ -290,6 +311,12 @@ def _accumulates(config: ModelConfig, kind: str) -> bool:
   return kind == "superlinear" and config.search_key == "accumulated"
 
 
+def _search_rope(config: ModelConfig) -> bool:
+  """RoPE on the routing query: always against the RoPE'd attention keys
+  (`search_key="k"`), optional against the accumulated key."""
+  return config.search_key == "k" or config.search_rope
+
+
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> tuple[LayerCache, ...]:
   """Empty cache: one `LayerCache` per layer with `[batch, max_len, ...]` buffers."""
   shape = (batch, max_len, config.num_kv_heads, config.head_dim)
@@ -339,15 +366,60 @@ class Attention(nnx.Module):
     self.wo = _param(rngs, _normal(h * hd), (h, hd, d),
                      ("q_heads", "head_dim", "embed"))
     if kind == "superlinear":
-      self.wq_search = _param(rngs, _normal(d), (d, h, hd),
+      # Search scores are unscaled dot products (as in the reference); a
+      # routing query 1/sqrt(head_dim) smaller at init gives scores of unit
+      # scale, so the softmax gate over the selected spans starts unsaturated
+      # and passes gradient to the search.
+      self.wq_search = _param(rngs, _normal(d * hd), (d, h, hd),
                               ("embed", "q_heads", "head_dim"))
     if _accumulates(c, kind):
       self.w_gate = _param(rngs, _normal(d), (d, kv), ("embed", "kv_heads"))
-      self.b_gate = _param(rngs, nnx.initializers.zeros, (kv,), ("kv_heads",))
+      self.b_gate = _param(rngs, nnx.initializers.constant(math.log(c.search_memory - 1.0)),
+                           (kv,), ("kv_heads",))
 
   def _proj(self, x, w):
     """x: [batch, seq, d_model], w: [d_model, heads, head_dim] -> [batch, seq, heads, head_dim]."""
     return jnp.einsum("bsd,dhk->bshk", x, w[...].astype(x.dtype))
+
+  def project(self, x, positions, state=None):
+    """The inputs of the attention op.
+
+    Args:
+      x: `[batch, seq, d_model]` (normed), compute dtype.
+      positions: int32 `[seq]`, absolute positions of x.
+      state: the accumulated-key scan state before x (`LayerCache.state`),
+        or None (zeros).
+
+    Returns:
+      `(q, k, v, q_search, k_search, state)`: q `[batch, seq, heads,
+      head_dim]` and k, v `[batch, seq, kv_heads, head_dim]` (q, k RoPE'd);
+      q_search (superlinear layers, else None), k_search and the new scan
+      state `[batch, kv_heads, head_dim]` (accumulated search key only, else
+      None).
+    """
+    c = self.config
+    theta = c.rope_theta
+    q = apply_rope(self._proj(x, self.wq), positions, theta=theta)
+    k_raw = self._proj(x, self.wk)
+    k = apply_rope(k_raw, positions, theta=theta)
+    v = self._proj(x, self.wv)
+
+    q_search = k_search = None
+    if self.kind == "superlinear":
+      q_search = self._proj(x, self.wq_search)
+      if _search_rope(c):
+        q_search = apply_rope(q_search, positions, theta=theta)
+    if _accumulates(c, self.kind):
+      gate_logits = (jnp.einsum("bsd,dh->bsh", x.astype(jnp.float32), self.w_gate[...])
+                     + self.b_gate[...])
+      h = gated_linear_scan(jax.nn.sigmoid(gate_logits), k_raw, state)
+      state = h[:, -1]
+      k_search = h.astype(x.dtype)
+      if c.search_rope:
+        k_search = apply_rope(k_search, positions, theta=theta)
+    else:
+      state = None
+    return q, k, v, q_search, k_search, state
 
   def __call__(self, x, positions, cache: LayerCache | None = None, offset=None):
     """Causal self-attention.
@@ -364,23 +436,8 @@ class Attention(nnx.Module):
       `(out [batch, seq, d_model], new cache or None)`.
     """
     c = self.config
-    theta = c.rope_theta
-    q = apply_rope(self._proj(x, self.wq), positions, theta=theta)
-    k_raw = self._proj(x, self.wk)
-    k = apply_rope(k_raw, positions, theta=theta)
-    v = self._proj(x, self.wv)
-
-    q_search = k_search = state = None
-    if self.kind == "superlinear":
-      q_search = apply_rope(self._proj(x, self.wq_search), positions, theta=theta)
-    if _accumulates(c, self.kind):
-      gate_logits = (jnp.einsum("bsd,dh->bsh", x.astype(jnp.float32), self.w_gate[...])
-                     + self.b_gate[...])
-      h = gated_linear_scan(jax.nn.sigmoid(gate_logits), k_raw,
-                            None if cache is None else cache.state)
-      state = h[:, -1]
-      k_search = apply_rope(h.astype(x.dtype), positions, theta=theta)
-
+    q, k, v, q_search, k_search, state = self.project(
+        x, positions, None if cache is None else cache.state)
     if cache is not None:
       k_all, v_all = _write(cache.k, k, offset), _write(cache.v, v, offset)
       ks_all = None if k_search is None else _write(cache.k_search, k_search, offset)
