@@ -987,7 +987,7 @@ PRESETS = {
         warm_batch=0),
     "quick": dict(
         task_kind="text", task=dict(num_keys=16, num_values=16, max_distractors=0),
-        name="niah", variants=["hybrid", "sliding"], seeds=[0], steps=300, train_len=256,
+        name="niah", variants=["hybrid_acc", "sliding"], seeds=[0], steps=300, train_len=256,
         batch_size=32, lr=3e-3, lengths=[256, 512, 1024], depths=6, samples=16,
         anchor_samples=32, superlinear=SUPERLINEAR_KW, eval_distractors=0,
         lm_weight=0.0, d_model=64, warm_steps=0, warm_len=0, warm_batch=0),

@@ -109,7 +109,8 @@ def test_attended_fraction_by_hand():
 def test_ppa_sweep_command_end_to_end(tmp_path):
   out = str(tmp_path)
   ppa_sweep.main(["--out", out, "--seq-len", "24", "--window", "4", "--d-model", "16",
-                  "--num-layers", "1", "--steps", "2", "--batch-size", "2",
+                  "--num-layers", "1", "--steps", "3", "--batch-size", "2",
+                  "--warm-steps", "1", "--warm-len", "16", "--warm-batch", "2",
                   "--eval-windows", "2", "--niah-samples", "8", "--seeds", "0",
                   "--p", "0", "1", "--no-references"])
   sweep = json.loads((tmp_path / "ppa_sweep.json").read_text())
