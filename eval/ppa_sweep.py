@@ -240,9 +240,10 @@ def plot(sweep, path: str):
   rs = rows(sweep)
   ppa = [r for r in rs if r["p"] is not None]
   refs = [r for r in rs if r["p"] is None]
-  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-  for ax, key, label in ((axes[0], "bpb", "held-out bits per byte"),
-                         (axes[1], "acc", "NIAH accuracy")):
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+  metrics = (("bpb", "held-out bits per byte"), ("acc", "NIAH accuracy"))
+  for col, (key, label) in enumerate(metrics):
+    ax = axes[0, col]                                   # quality against p
     for r in ppa:
       ax.scatter([r["p"]] * len(r[key + "_seeds"]), r[key + "_seeds"], color="C0",
                  alpha=0.35, s=12)
@@ -253,21 +254,21 @@ def plot(sweep, path: str):
     ax.set_xlabel("p")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  ax = axes[2]
-  ax.plot([r["fraction"] for r in ppa], [r["bpb"] for r in ppa], "o-", color="C0",
-          label="PPA bits/byte")
-  for i, r in enumerate(refs):
-    ax.plot([r["fraction"]], [r["bpb"]], "s", color=f"C{i + 1}", label=r["name"])
-  ax.set_xscale("log")
-  ax.set_xlabel("attended fraction of causal keys")
-  ax.set_ylabel("held-out bits per byte")
-  ax2 = ax.twinx()
-  ax2.plot([r["fraction"] for r in ppa], [r["op_ms"] for r in ppa], "x:", color="gray",
-           label="op forward ms")
-  ax2.set_ylabel("attention op forward (ms)", color="gray")
-  ax.legend(fontsize=7, loc="upper right")
-  ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax = axes[1, col]                                   # quality against cost
+    ax.plot([r["fraction"] for r in ppa], [r[key] for r in ppa], "o-", color="C0",
+            label="PPA")
+    for i, r in enumerate(refs):
+      ax.plot([r["fraction"]], [r[key]], "s", color=f"C{i + 1}",
+              label=r["name"] + ("" if r["exact"] else " (fraction: at most)"))
+    ax.set_xscale("log")
+    ax.set_xlabel("attended fraction of causal keys")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot([r["fraction"] for r in ppa], [r["op_ms"] for r in ppa], "x:", color="gray")
+    ax2.set_ylabel("attention op forward, ms (x)", color="gray")
+    ax.legend(fontsize=7, loc="best")
   s = sweep["settings"]
   fig.suptitle(f"PPA S-curve: L={s['seq_len']}, window {s['window']}, "
                f"{s['steps']} steps, seeds {s['seeds']}", fontsize=10)
