@@ -1158,8 +1158,7 @@ def main(argv=None):
       multi = evaluate_grid(model, task, lengths=args.lengths, depths=depths,
                             samples=args.samples, distractors=args.eval_distractors)
       run["grid_multi"] = multi.tolist()
-    if ("superlinear" in config.layer_types and args.anchor_samples > 0
-        and seed == min(args.seeds)):
+    if "superlinear" in config.layer_types and args.anchor_samples > 0:
       run["anchors"] = needle_anchor_hits(model, task, lengths=args.lengths,
                                           samples=args.anchor_samples)
     run["eval_seconds"] = time.time() - t0 - t_train

@@ -238,15 +238,15 @@ def test_quick_command_end_to_end(tmp_path):
              "--lengths", "40", "64", "--depths", "2", "--samples", "2", "--batch-size", "2",
              "--d-model", "16", "--anchor-samples", "3", "--eval-distractors", "2"])
   res = json.loads((out / "niah.json").read_text())
-  assert set(res["runs"]) == {"hybrid/seed0", "sliding/seed0"}
-  hyb = res["runs"]["hybrid/seed0"]
+  assert set(res["runs"]) == {"hybrid_acc/seed0", "sliding/seed0"}
+  hyb = res["runs"]["hybrid_acc/seed0"]
   assert np.asarray(hyb["grid"]).shape == (2, 2) and np.asarray(hyb["grid_multi"]).shape == (2, 2)
   st = hyb["anchors"]["40"]["layer1"]
   for key in ("any_head_any_span", "window_any", "chance_window_any"):
     assert st[key] is None or 0 <= st[key] <= 1
   md = (out / "niah.md").read_text()
   assert "issue" not in md.lower() and "window hit" in md
-  assert (out / "niah_hybrid.png").stat().st_size > 0
+  assert (out / "niah_hybrid_acc.png").stat().st_size > 0
 
 
 def test_train_and_eval_smoke(tmp_path):
