@@ -189,3 +189,19 @@ def test_config_changes_between_versions():
   assert resume_lib.config_changes(saved, base) == {}
   changed = dataclasses.replace(base, debug_step_delay=0.5)
   assert resume_lib.config_changes(saved, changed) == {"debug_step_delay": (0.0, 0.5)}
+
+
+def test_config_without_search_rope_resumes_as_it_ran():
+  """A run saved before `search_rope` existed searched its accumulated key with
+  RoPE: resuming it under today's default (no RoPE) is a reported change; a
+  run with `search_key="k"` (unaffected) resumes with no change."""
+  base = load_config(MICRO_CONFIG)
+  acc = dataclasses.replace(base, model=dataclasses.replace(
+      base.model, attention="superlinear", search_key="accumulated"))
+  for config, expected in [
+      (acc, {"model.search_rope": (True, False)}),
+      (dataclasses.replace(acc, model=dataclasses.replace(acc.model, search_rope=True)), {}),
+      (base, {})]:
+    saved = json.loads(json.dumps(resume_lib.to_dict(config)))
+    del saved["model"]["search_rope"]
+    assert resume_lib.config_changes(saved, config) == expected

@@ -81,13 +81,28 @@ def _defaults(config: Config) -> dict[str, Any]:
   return flatten(to_dict(Config(model=default_model)))
 
 
+# Fields added after runs existed whose default is not what those runs did:
+# `key -> f(saved flat config)` gives the value a saved config without the key
+# ran with (None: the default), so resuming it under today's default is a
+# change, reported and refused like any other.
+ADDED_WITH_OLD_BEHAVIOUR = {
+    # Before `search_rope` existed the accumulated search key used RoPE.
+    "model.search_rope": lambda old: (True if old.get("model.search_key") == "accumulated"
+                                      else None),
+}
+
+
 def config_changes(saved: dict, config: Config) -> dict[str, tuple[Any, Any]]:
   """`{dotted key: (old, new)}` for every key whose value differs between the
   saved `config.json` dict and `config`. A key the saved config lacks (a field
-  added since) counts as its default; a key only the saved config has (a field
-  removed since) cannot be set any more and is ignored."""
+  added since) counts as its default, or as the behaviour runs had before it
+  existed (`ADDED_WITH_OLD_BEHAVIOUR`); a key only the saved config has (a
+  field removed since) cannot be set any more and is ignored."""
   old, new = flatten(saved), flatten(to_dict(config))
   defaults = _defaults(config)
+  for key, was in ADDED_WITH_OLD_BEHAVIOUR.items():
+    if was(old) is not None:
+      defaults[key] = was(old)
   out = {}
   for key, value in new.items():
     before = old.get(key, defaults.get(key, _ABSENT))
