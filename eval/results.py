@@ -4,7 +4,8 @@
 
 Assembles `OUT/results.md` from the JSON files the experiment commands write
 next to it (`lm.json` from `python -m eval.lm`, `niah_routing.json` from
-`python -m eval.niah --preset routing`, `ppa_sweep.json` from
+`python -m eval.niah --preset routing`, and `niah_routing_<x>.json` from
+the same command run with `--name niah_routing_<x>`, `ppa_sweep.json` from
 `python -m eval.ppa_sweep`), with the commands, seeds and dates recorded in
 them. Those commands call `update(out)` when they finish, which rewrites
 `OUT/results.md` if it already exists (this command creates it). The text
@@ -54,10 +55,10 @@ def _lm_section(lm) -> list[str]:
   return L
 
 
-def _niah_section(niah, name) -> list[str]:
+def _niah_section(niah, name, title="## Needle in a haystack where the route matters") -> list[str]:
   from eval import niah as niah_lib
 
-  L = ["## Needle in a haystack where the route matters\n"]
+  L = [title + "\n"]
   if not niah:
     return L + ["Not run yet: `python -m eval.niah --preset routing`.\n"]
   s = niah["settings"]
@@ -103,6 +104,11 @@ def render(out: str, reading: str | None = None) -> str:
        "from small models on a CPU unless a section says otherwise.\n"]
   L += _lm_section(_load(out, "lm.json"))
   L += _niah_section(_load(out, "niah_routing.json"), "niah_routing")
+  extra = sorted(f[:-5] for f in os.listdir(out)
+                 if f.startswith("niah_routing_") and f.endswith(".json"))
+  for name in extra:   # the same command with other settings (--name niah_routing_<x>)
+    L += _niah_section(_load(out, name + ".json"), name,
+                       title=f"### The same task, other settings: `{name}`")
   L += _ppa_section(_load(out, "ppa_sweep.json"))
   L += ["## Reading\n", _OPEN, reading or _PLACEHOLDER, _CLOSE, ""]
   return "\n".join(L)

@@ -275,3 +275,19 @@ def test_train_and_eval_smoke(tmp_path):
     assert st[key] is None or 0 <= st[key] <= 1
   niah.plot_heatmap(grid, lengths, depths, tmp_path / "h.png", title="smoke")
   assert (tmp_path / "h.png").stat().st_size > 0
+
+
+def test_results_md_lists_the_routing_run_and_its_variants(tmp_path):
+  from eval import results as results_lib
+
+  r = _fake_results()
+  r["settings"].update(command_args="--preset routing", seeds=[0])
+  (tmp_path / "niah_routing.json").write_text(json.dumps(r))
+  r["settings"]["command_args"] = "--preset routing --steps 750 --name niah_routing_long"
+  r["runs"]["hybrid/seed0"]["grid"] = [[0.0, 0.0], [1.0, 1.0]]
+  (tmp_path / "niah_routing_long.json").write_text(json.dumps(r))
+  md = open(results_lib.write(str(tmp_path))).read()
+  main, long = md.split("### The same task, other settings: `niah_routing_long`")
+  assert "`python -m eval.niah --preset routing`" in main and "| `hybrid` | 1.00 | 0.75 |" in main
+  assert "--steps 750" in long and "| `hybrid` | 0.50 | 0.50 |" in long
+  assert "[niah_routing_long.md](niah_routing_long.md)" in long
