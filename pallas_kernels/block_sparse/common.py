@@ -266,3 +266,15 @@ def bwd_probs(s, visible, lse, dp, delta):
   if visible is not None:
     p = jnp.where(visible, p, 0.0)
   return p, p * (dp - delta)
+
+
+def bwd_tile(spec: Spec, kb, q_offset, q, k, v, do, lse, delta, visible=None):
+  """One backward tile: `(k, p, ds)` for `q, do: [bq, D]`, `k, v: [bk, D]`,
+  `lse, delta: [bq, 1]`. `visible` (`[bq, bk]` bool) marks a masked tile:
+  its keys no query may see are zeroed first (`zero_unseen`) and the returned
+  `k` is the zeroed one; None is an interior tile, used as it is."""
+  if visible is not None:
+    k, v = zero_unseen(spec, kb, q_offset, k, v)
+  s = dot(q, k, (1, 1)) * spec.scale
+  p, ds = bwd_probs(s, visible, lse, dot(do, v, (1, 1)), delta)
+  return k, p, ds

@@ -140,12 +140,9 @@ def _dq_kernel(blocks, counts, masks, qo_ref, tiles_ref, q_ref, k_ref, v_ref, do
     v = _load_rows(v_ref, kb * bk, bk)
 
     def update(use_mask):
-      kk, vv, vis = k, v, None
-      if use_mask:
-        vis = common.tile_visible(spec, i, kb, qo, _tile(spec, tiles_ref, mid))
-        kk, vv = common.zero_unseen(spec, kb, qo, kk, vv)
-      s = common.dot(q, kk, (1, 1)) * spec.scale
-      _, ds = common.bwd_probs(s, vis, lse, common.dot(do, vv, (1, 1)), delta)
+      vis = (common.tile_visible(spec, i, kb, qo, _tile(spec, tiles_ref, mid))
+             if use_mask else None)
+      kk, _, ds = common.bwd_tile(spec, kb, qo, q, k, v, do, lse, delta, vis)
       return acc + common.dot(ds.astype(kk.dtype), kk) * spec.scale
 
     return lax.cond(common.needs_mask(spec, i, kb, qo, mid),
@@ -177,12 +174,9 @@ def _dkv_kernel(blocks, counts, masks, qo_ref, tiles_ref, q_ref, k_ref, v_ref, d
       delta = delta_ref[gi, rows][:, None]
 
       def update(use_mask):
-        kk, vv, vis = k, v, None
-        if use_mask:
-          vis = common.tile_visible(spec, qb, j, qo, _tile(spec, tiles_ref, mid))
-          kk, vv = common.zero_unseen(spec, j, qo, kk, vv)
-        s = common.dot(q, kk, (1, 1)) * spec.scale
-        p, ds = common.bwd_probs(s, vis, lse, common.dot(do, vv, (1, 1)), delta)
+        vis = (common.tile_visible(spec, qb, j, qo, _tile(spec, tiles_ref, mid))
+               if use_mask else None)
+        _, p, ds = common.bwd_tile(spec, j, qo, q, k, v, do, lse, delta, vis)
         return (dk + common.dot(ds.astype(q.dtype).T, q) * spec.scale,
                 dv + common.dot(p.astype(do.dtype).T, do))
 

@@ -199,13 +199,9 @@ def _dq_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, do_ref, lse_r
   masked, visible = _tile_state(spec, i, kb, qo, mid, tile_ref)
 
   def step(use_mask):
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    if use_mask:
-      k, v = common.zero_unseen(spec, kb, qo, k, v)
-    s = common.dot(q, k, (1, 1)) * spec.scale
-    dpv = common.dot(do, v, (1, 1))
-    _, ds = common.bwd_probs(s, visible() if use_mask else None, lse_ref[...][:, :1],
-                             dpv, delta_ref[...][:, :1])
+    k, _, ds = common.bwd_tile(spec, kb, qo, q_ref[...], k_ref[...], v_ref[...],
+                               do_ref[...], lse_ref[...][:, :1], delta_ref[...][:, :1],
+                               visible() if use_mask else None)
     acc_ref[...] += common.dot(ds.astype(k.dtype), k) * spec.scale
 
   pl.when(active & jnp.logical_not(masked))(lambda: step(False))
@@ -235,13 +231,10 @@ def _dkv_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, do_ref, lse_
   masked, visible = _tile_state(spec, qb, j, qo, mid, tile_ref)
 
   def step(use_mask):
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    if use_mask:
-      k, v = common.zero_unseen(spec, j, qo, k, v)
-    s = common.dot(q, k, (1, 1)) * spec.scale                     # [bq, bk]
-    dpv = common.dot(do, v, (1, 1))
-    p, ds = common.bwd_probs(s, visible() if use_mask else None, lse_ref[...][:, :1],
-                             dpv, delta_ref[...][:, :1])
+    q, do = q_ref[...], do_ref[...]
+    _, p, ds = common.bwd_tile(spec, j, qo, q, k_ref[...], v_ref[...], do,
+                               lse_ref[...][:, :1], delta_ref[...][:, :1],
+                               visible() if use_mask else None)     # [bq, bk]
     dv_acc[...] += common.dot(p.astype(do.dtype).T, do)   # [bk, Dp]
     dk_acc[...] += common.dot(ds.astype(q.dtype).T, q) * spec.scale
 
