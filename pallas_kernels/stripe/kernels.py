@@ -183,32 +183,22 @@ def ppa_fwd_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, o_ref, lse_ref, *
   qmax = qoff + lq - 1
   q = q_ref[...]
   q32 = q.astype(F32)
-  qpos = _col(bq, qoff + i0)
   d_pad = q.shape[1]
   carry = (jnp.full((bq, 1), -jnp.inf, F32), jnp.zeros((bq, 1), F32),
            jnp.zeros((bq, d_pad), F32))
 
-  for lo, hi in bands:
-    base, n = _band_range(front + qoff + i0 - hi, front + qoff + i0 + bq - 1 - lo,
-                          front, front + jnp.minimum(lk - 1, qmax), unit, bk)
+  def band_step(st, kw, vw, ok):
+    s = _dot(q, kw, _NT) * scale
+    return _online(*st, s, ok, lambda p: _dot(p.astype(vw.dtype), vw, _NN))
 
-    def chunk(c, st, lo=lo, hi=hi, base=base):
-      kw, vw, ok = _band_tile(ctx, base, c, qpos, lo=lo, hi=hi, bk=bk, unit=unit,
-                              front=front, lk=lk, qmax=qmax)
-      s = _dot(q, kw, _NT) * scale
-      return _online(*st, s, ok, lambda p: _dot(p.astype(vw.dtype), vw, _NN))
-
-    carry = jax.lax.fori_loop(0, n, chunk, carry)
+  carry = _band_loop(ctx, bands, band_step, carry, i0=i0, qoff=qoff, qmax=qmax, bq=bq,
+                     bk=bk, lk=lk, front=front, unit=unit)
 
   def stripe(j, u, st):
-    dl = ctx.scalar(deltas_ref, j)
-    start = front + i0 + dl
-    kc = _col(bq, i0 + dl)
-    ok = (kc >= 0) & (kc < lk) & (kc <= qmax)
-    kw = jnp.where(ok, ctx.rows("k", start, bq, u), 0)
-    vw = jnp.where(ok, ctx.rows("v", start, bq, u), 0).astype(F32)
+    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, u, i0=i0, bq=bq, lk=lk, qmax=qmax,
+                              front=front)
     s = _rowdot(q32, kw) * scale
-    return _online(*st, s, ok, lambda p: p * vw)
+    return _online(*st, s, ok, lambda p: p * vw.astype(F32))
 
   m, l, acc = _stripe_loops(ctx, bounds_ref, unit, stripe, carry)
   has = l > 0
@@ -230,6 +220,36 @@ def _band_tile(ctx, base, c, qpos, *, lo, hi, bk, unit, front, lk, qmax):
   return kw, vw, ok
 
 
+def _band_loop(ctx, bands, step, carry, *, i0, qoff, qmax, bq, bk, lk, front, unit):
+  """`carry = step(carry, k, v, ok)` over every key tile (`_band_tile`) of
+  every band `(lo, hi)` of the query block starting at row `i0`."""
+  qpos = _col(bq, qoff + i0)
+  for lo, hi in bands:
+    base, n = _band_range(front + qoff + i0 - hi, front + qoff + i0 + bq - 1 - lo,
+                          front, front + jnp.minimum(lk - 1, qmax), unit, bk)
+
+    def chunk(c, st, lo=lo, hi=hi, base=base):
+      kw, vw, ok = _band_tile(ctx, base, c, qpos, lo=lo, hi=hi, bk=bk, unit=unit,
+                              front=front, lk=lk, qmax=qmax)
+      return step(st, kw, vw, ok)
+
+    carry = jax.lax.fori_loop(0, n, chunk, carry)
+  return carry
+
+
+def _stripe_tile(ctx, deltas_ref, j, u, *, i0, bq, lk, qmax, front):
+  """The keys and values of stripe `j` for the query block at row `i0`:
+  `(k, v, ok)`, `[bq, D]` rows (query `i0 + r` meets key `i0 + r + delta`),
+  zeroed where the key is before 0, past `lk` or past the last query;
+  `ok [bq, 1]` marks the others."""
+  dl = ctx.scalar(deltas_ref, j)
+  kc = _col(bq, i0 + dl)
+  ok = (kc >= 0) & (kc < lk) & (kc <= qmax)
+  start = front + i0 + dl
+  return (jnp.where(ok, ctx.rows("k", start, bq, u), 0),
+          jnp.where(ok, ctx.rows("v", start, bq, u), 0), ok)
+
+
 def _probs(s, lse, ok):
   lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
   return jnp.where(ok, jnp.exp(s - lse_safe), 0.0)
@@ -244,29 +264,20 @@ def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, d
   q, do = q_ref[...], do_ref[...]
   q32, do32 = q.astype(F32), do.astype(F32)
   lse, delta = lse_ref[...], dl_ref[...]
-  qpos = _col(bq, qoff + i0)
   dq = jnp.zeros(q.shape, F32)
 
-  for lo, hi in bands:
-    base, n = _band_range(front + qoff + i0 - hi, front + qoff + i0 + bq - 1 - lo,
-                          front, front + jnp.minimum(lk - 1, qmax), unit, bk)
+  def band_step(dq, kw, vw, ok):
+    p = _probs(_dot(q, kw, _NT) * scale, lse, ok)
+    ds = p * (_dot(do, vw, _NT) - delta)
+    return dq + _dot(ds.astype(kw.dtype), kw, _NN) * scale
 
-    def chunk(c, dq, lo=lo, hi=hi, base=base):
-      kw, vw, ok = _band_tile(ctx, base, c, qpos, lo=lo, hi=hi, bk=bk, unit=unit,
-                              front=front, lk=lk, qmax=qmax)
-      p = _probs(_dot(q, kw, _NT) * scale, lse, ok)
-      ds = p * (_dot(do, vw, _NT) - delta)
-      return dq + _dot(ds.astype(kw.dtype), kw, _NN) * scale
-
-    dq = jax.lax.fori_loop(0, n, chunk, dq)
+  dq = _band_loop(ctx, bands, band_step, dq, i0=i0, qoff=qoff, qmax=qmax, bq=bq, bk=bk,
+                  lk=lk, front=front, unit=unit)
 
   def stripe(j, u, dq):
-    dl = ctx.scalar(deltas_ref, j)
-    start = front + i0 + dl
-    kc = _col(bq, i0 + dl)
-    ok = (kc >= 0) & (kc < lk) & (kc <= qmax)
-    kw = jnp.where(ok, ctx.rows("k", start, bq, u), 0).astype(F32)
-    vw = jnp.where(ok, ctx.rows("v", start, bq, u), 0)
+    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, u, i0=i0, bq=bq, lk=lk, qmax=qmax,
+                              front=front)
+    kw = kw.astype(F32)
     p = _probs(_rowdot(q32, kw) * scale, lse, ok)
     ds = p * (_rowdot(do32, vw) - delta)
     return dq + ds * kw * scale
