@@ -162,6 +162,13 @@ PPA_CASES = {
 
 # The TPU-interpreter cases take 20-30 s each on a loaded 2-core machine
 # (DMA emulation per stripe and grid step): marked slow, still run in CI.
+def _ppa_inputs(dtype, hq, hk, d, lq, lk):
+  """`((q, k, v), cotangent key)` of a PPA case, seeded by its lengths."""
+  key = jax.random.split(jax.random.PRNGKey(lq + 100 * lk), 4)
+  return ((_normal(key[0], (1, lq, hq, d), dtype), _normal(key[1], (1, lk, hk, d), dtype),
+           _normal(key[2], (1, lk, hk, d), dtype)), key[3])
+
+
 _SLOW_PPA = {"p05_w4_d128_tpu", "p075_w1_bf16_checked"}
 
 
@@ -169,14 +176,11 @@ _SLOW_PPA = {"p05_w4_d128_tpu", "p075_w1_bf16_checked"}
     pytest.param(c, marks=pytest.mark.slow) if c in _SLOW_PPA else c for c in PPA_CASES])
 def test_ppa_values_and_vjp_match_reference(case):
   p, window, dtype, (hq, hk), d, lq, lk, q_offset, variant = PPA_CASES[case]
-  key = jax.random.split(jax.random.PRNGKey(lq + 100 * lk), 4)
-  q = _normal(key[0], (1, lq, hq, d), dtype)
-  k = _normal(key[1], (1, lk, hk, d), dtype)
-  v = _normal(key[2], (1, lk, hk, d), dtype)
+  (q, k, v), cot_key = _ppa_inputs(dtype, hq, hk, d, lq, lk)
   kw = dict(p=p, window=window, q_offset=q_offset)
   tol = dict(atol=1e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=3e-2, rtol=3e-2)
   ph.vjp_check(functools.partial(_ppa_kernel, variant=variant, **kw),
-               functools.partial(_ppa_ref, **kw), (q, k, v), key[3], argnums=(0, 1, 2),
+               functools.partial(_ppa_ref, **kw), (q, k, v), cot_key, argnums=(0, 1, 2),
                **tol)
 
 
@@ -260,12 +264,9 @@ def test_search_compiled_on_gpu(case):
 @pytest.mark.parametrize("case", ["p05_w4_bf16", "p1_w64", "p05_w4_chunk"])
 def test_ppa_compiled_on_gpu(case):
   p, window, dtype, (hq, hk), d, lq, lk, q_offset, _ = PPA_CASES[case]
-  key = jax.random.split(jax.random.PRNGKey(lq + 100 * lk), 4)
-  q = _normal(key[0], (1, lq, hq, d), dtype)
-  k = _normal(key[1], (1, lk, hk, d), dtype)
-  v = _normal(key[2], (1, lk, hk, d), dtype)
+  (q, k, v), cot_key = _ppa_inputs(dtype, hq, hk, d, lq, lk)
   kw = dict(p=p, window=window, q_offset=q_offset)
   tol = dict(atol=1e-3, rtol=1e-3) if dtype == jnp.float32 else dict(atol=3e-2, rtol=3e-2)
   ph.vjp_check(functools.partial(_ppa_kernel, variant="gpu", **kw),
-               functools.partial(_ppa_ref, **kw), (q, k, v), key[3], argnums=(0, 1, 2),
+               functools.partial(_ppa_ref, **kw), (q, k, v), cot_key, argnums=(0, 1, 2),
                **tol)
