@@ -101,8 +101,9 @@ def config_changes(saved: dict, config: Config) -> dict[str, tuple[Any, Any]]:
   old, new = flatten(saved), flatten(to_dict(config))
   defaults = _defaults(config)
   for key, was in ADDED_WITH_OLD_BEHAVIOUR.items():
-    if was(old) is not None:
-      defaults[key] = was(old)
+    value = was(old)
+    if value is not None:
+      defaults[key] = value
   out = {}
   for key, value in new.items():
     before = old.get(key, defaults.get(key, _ABSENT))
