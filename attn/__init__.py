@@ -1,9 +1,11 @@
 """Sub-quadratic attention for JAX: superlinear multi-step attention and PPA.
 
 Pure-functional ops with a dense reference, a sub-quadratic `xla` path and
-(later) Pallas kernels, selected by `implementation=`.
+Pallas kernels (`attn.pallas`), selected by `implementation=` (one of
+`IMPLEMENTATION_CHOICES`).
 """
 
+from attn._checks import IMPLEMENTATION_CHOICES
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
 from attn.masks import (
@@ -25,6 +27,7 @@ from attn.ops import (
 )
 
 __all__ = [
+    "IMPLEMENTATION_CHOICES",
     "BlockLayout",
     "SuperlinearConfig",
     "SuperlinearOutput",

@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-IMPLEMENTATIONS = (None, "reference", "xla", "pallas")
+IMPLEMENTATION_CHOICES = (None, "reference", "xla", "pallas")
 
 
 def check_implementation(implementation):
-  if implementation not in IMPLEMENTATIONS:
+  if implementation not in IMPLEMENTATION_CHOICES:
     raise ValueError(f"implementation={implementation!r}: expected one of "
-                     f"{IMPLEMENTATIONS} (None = best available for the backend).")
+                     f"{IMPLEMENTATION_CHOICES} (None = best available for the backend).")
 
 
 def check_qkv(q, k, v, *, name_q="q", name_k="k", name_v="v"):

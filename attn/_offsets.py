@@ -47,38 +47,32 @@ def any_offset(run, xs, q_offset, q_len, kv_len, fills):
   return outs[0] if single else outs
 
 
-def with_any_offset(fn, *, query_args: tuple[int, ...], fills: tuple):
-  """Wraps `fn(*arrays, q_offset, **statics)` to accept any traced `q_offset`.
+def call_any_offset(fn, *args, query_args: tuple[int, ...], fills: tuple, **statics):
+  """`fn(*arrays, q_offset, **statics)` for any traced `q_offset`.
 
-  `arrays[0]` is `q: [B, Lq, ...]`, `arrays[1]` is `k: [B, Lk, ...]`; the
-  positions in `query_args` are query-aligned, the others key-aligned. `fn`
-  then only ever sees an in-range offset (the kernels' tables assume one).
-  Key rows past the last valid query position are zeroed before `fn` sees
-  them: no valid query may see them, and the filler rows of a shifted frame
-  must not read garbage there (NaN in a cache slot would reach the
-  gradients). `fills`: one value per output for rows with no position.
+  `args` is `(*arrays, q_offset)`: `arrays[0]` is `q: [B, Lq, ...]`,
+  `arrays[1]` is `k: [B, Lk, ...]`; the positions in `query_args` are
+  query-aligned, the others key-aligned. `fn` then only ever sees an in-range
+  offset (the kernels' tables assume one). Key rows past the last valid
+  query position are zeroed before `fn` sees them: no valid query may see
+  them, and the filler rows of a shifted frame must not read garbage there
+  (NaN in a cache slot would reach the gradients). `fills`: one value per
+  output for rows with no position.
   """
+  *arrays, q_offset = args
+  if q_offset is None:
+    return fn(*arrays, None, **statics)
+  q_len, kv_len = arrays[0].shape[1], arrays[1].shape[1]
 
-  def wrapped(*args, **statics):
-    *arrays, q_offset = args
-    if q_offset is None:
-      return fn(*arrays, None, **statics)
-    q_len, kv_len = arrays[0].shape[1], arrays[1].shape[1]
+  def run(xs, offset, bounds):
+    seen = jnp.arange(kv_len, dtype=jnp.int32) <= bounds[1]
+    full = list(arrays)
+    for i in range(len(full)):
+      if i in query_args:
+        full[i] = xs[query_args.index(i)]
+      else:
+        keep = seen.reshape((1, kv_len) + (1,) * (full[i].ndim - 2))
+        full[i] = jnp.where(keep, full[i], jnp.zeros((), full[i].dtype))
+    return fn(*full, offset, **statics)
 
-    def run(xs, offset, bounds):
-      seen = jnp.arange(kv_len, dtype=jnp.int32) <= bounds[1]
-      full = list(arrays)
-      for i in range(len(full)):
-        if i in query_args:
-          full[i] = xs[query_args.index(i)]
-        else:
-          keep = seen.reshape((1, kv_len) + (1,) * (full[i].ndim - 2))
-          full[i] = jnp.where(keep, full[i], jnp.zeros((), full[i].dtype))
-      return fn(*full, offset, **statics)
-
-    return any_offset(run, [arrays[i] for i in query_args], q_offset, q_len, kv_len,
-                      fills)
-
-  wrapped.__name__ = getattr(fn, "__name__", "wrapped")
-  wrapped.__doc__ = fn.__doc__
-  return wrapped
+  return any_offset(run, [arrays[i] for i in query_args], q_offset, q_len, kv_len, fills)

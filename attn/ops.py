@@ -12,17 +12,19 @@ tokens already in it. A concrete `q_offset` must lie in `[0, kv_len - q_len]`;
 a traced int32 scalar is accepted but cannot be checked (out of range, a
 query at a position outside `[0, kv_len)` has no key and returns zeros).
 
-`implementation`:
+`implementation` (one of `IMPLEMENTATION_CHOICES`):
   * `"reference"`: dense masked O(L^2) oracle, for tests;
   * `"xla"`: sub-quadratic pure-jnp path (contiguous slices, no L x L mask);
-  * `"pallas"`: Pallas TPU/GPU kernels, for the ops in `_PALLAS_KERNELS`
-    (others raise NotImplementedError); the platform's compiled kernel is
-    picked at lowering time, on CPU a kernel runs in Pallas interpret mode
-    (slow: tests and debugging). See docs/kernels.md;
-  * `None`: the best available for the backend: `"pallas"` where the op's
-    kernels carry a hardware record for this backend
-    (`pallas_kernels.platform.HardwareCheck`), else `"xla"` (today `"xla"`
-    everywhere).
+  * `"pallas"`: Pallas TPU/GPU kernels (`attn.pallas`); the platform's
+    compiled kernel is picked at lowering time, on CPU a kernel runs in
+    Pallas interpret mode (slow: tests and debugging). PPA and superlinear
+    calls with at most `attn.pallas.decode.MAX_QUERIES` queries run the
+    decode kernels, longer ones the prefill kernels. See docs/kernels.md;
+  * `None`: the best available for the backend: `"pallas"` where the kernels
+    the call would run carry a hardware record for this backend
+    (`attn.pallas.supported`), else `"xla"` (today `"xla"` everywhere).
+
+Each op validates its arguments, then calls `IMPLEMENTATIONS[op][impl]`.
 """
 
 from __future__ import annotations
@@ -32,60 +34,42 @@ from typing import NamedTuple
 
 import jax
 
-from attn import _checks, _offsets, _pallas_decode, _pallas_ppa, _pallas_superlinear, reference, xla
-from attn import _pallas_block_sparse as _pallas_bs
+from attn import _checks, pallas, reference, xla
+from attn._checks import IMPLEMENTATION_CHOICES
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
-from pallas_kernels import block_sparse as _bs_kernels
-from pallas_kernels import decode as _decode_kernels
-from pallas_kernels import platform as _platform
-from pallas_kernels import span as _span_kernels
-from pallas_kernels import stripe as _stripe_kernels
 
-# Ops with Pallas kernels -> the hardware records of those kernels.
-_PALLAS_KERNELS = {
-    "dense_attention": _bs_kernels.HARDWARE_CHECKS,
-    "sliding_window_attention": _bs_kernels.HARDWARE_CHECKS,
-    "block_sparse_attention": _bs_kernels.HARDWARE_CHECKS,
-    "ppa_attention": _stripe_kernels.HARDWARE_CHECKS,
-    # The superlinear path runs the stripe search and the span kernels: a
-    # backend counts as checked only where both families are.
-    "superlinear_attention": tuple(
-        r for r in _span_kernels.HARDWARE_CHECKS
-        if _platform.verified_on(_stripe_kernels.HARDWARE_CHECKS, r.backend)),
+# op -> implementation -> function `fn(*arrays, q_offset, **statics)` (block
+# sparse: `fn(q, k, v, *, layout, scale)`); every entry of an op has the same
+# signature and semantics.
+IMPLEMENTATIONS = {
+    "dense_attention": {"reference": reference.dense_attention,
+                        "xla": xla.dense_attention,
+                        "pallas": pallas.dense_attention},
+    "sliding_window_attention": {"reference": reference.sliding_window_attention,
+                                 "xla": xla.sliding_window_attention,
+                                 "pallas": pallas.sliding_window_attention},
+    "ppa_attention": {"reference": reference.ppa_attention,
+                      "xla": xla.ppa_attention,
+                      "pallas": pallas.ppa_attention},
+    "block_sparse_attention": {"reference": reference.block_sparse_attention,
+                               "xla": xla.block_sparse_attention,
+                               "pallas": pallas.block_sparse_attention},
+    "superlinear_attention": {"reference": reference.superlinear_attention,
+                              "xla": xla.superlinear_attention,
+                              "pallas": pallas.superlinear_attention},
 }
 
 
-# Pallas prefill paths accept any traced q_offset (rows outside [0, kv_len)
-# give zeros, as in the other paths).
-_pallas_dense = _offsets.with_any_offset(_pallas_bs.dense, query_args=(0,), fills=(0,))
-_pallas_sliding = _offsets.with_any_offset(_pallas_bs.sliding_window, query_args=(0,),
-                                           fills=(0,))
-_pallas_ppa_any = _offsets.with_any_offset(_pallas_ppa.ppa_attention, query_args=(0,),
-                                           fills=(0,))
-_pallas_superlinear_any = _offsets.with_any_offset(
-    _pallas_superlinear.superlinear_attention, query_args=(0, 3), fills=(0, -1, 0))
+def resolve_implementation(op: str, implementation, q_len: int | None = None) -> str:
+  """The implementation `op` runs for `implementation` (None = best available).
 
-# Ops whose decode calls (q_len <= _pallas_decode.MAX_DECODE_QUERIES) run
-# the decode kernels.
-_PALLAS_DECODE_OPS = frozenset({"ppa_attention", "superlinear_attention"})
-
-
-def _resolve(implementation, op: str, q_len: int | None = None) -> str:
+  `q_len`: the call's query count (decode calls may have other kernels).
+  """
   _checks.check_implementation(implementation)
-  decode = (op in _PALLAS_DECODE_OPS and q_len is not None
-            and q_len <= _pallas_decode.MAX_DECODE_QUERIES)
-  if implementation is None:
-    records = _decode_kernels.VERIFIED if decode else _PALLAS_KERNELS.get(op, ())
-    implementation = ("pallas" if _platform.verified_on(records, jax.default_backend())
-                      else "xla")
-  if implementation == "pallas" and decode:
-    return "pallas_decode"
-  if implementation == "pallas" and op not in _PALLAS_KERNELS:
-    raise NotImplementedError(
-        f"{op}: implementation='pallas' is not available yet (the Pallas TPU/GPU "
-        "kernels are a later milestone). Use implementation='xla' or None.")
-  return implementation
+  if implementation is not None:
+    return implementation
+  return "pallas" if pallas.supported(op, jax.default_backend(), q_len) else "xla"
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,7 +84,8 @@ def _call(fn, *args, **statics):
 
 
 def _prologue(q, k, v, scale, q_offset, implementation, op):
-  impl = _resolve(implementation, op, q.shape[1] if hasattr(q, "shape") else None)
+  impl = resolve_implementation(op, implementation,
+                                q.shape[1] if hasattr(q, "shape") else None)
   _, lq, lk, _, _, d = _checks.check_qkv(q, k, v)
   _checks.check_q_offset(q_offset, lq, lk)
   return impl, _checks.check_scale(scale, d)
@@ -120,9 +105,8 @@ def dense_attention(q, k, v, *, scale=None, q_offset=None, implementation=None):
     `[batch, q_len, num_q_heads, head_dim]`, dtype of `q`.
   """
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "dense_attention")
-  fn = {"reference": reference.dense_attention, "xla": xla.dense_attention,
-        "pallas": _pallas_dense}[impl]
-  return _call(fn, q, k, v, q_offset, scale=scale)
+  return _call(IMPLEMENTATIONS["dense_attention"][impl], q, k, v, q_offset,
+               scale=scale)
 
 
 def sliding_window_attention(q, k, v, *, window, scale=None, q_offset=None,
@@ -137,9 +121,8 @@ def sliding_window_attention(q, k, v, *, window, scale=None, q_offset=None,
   window = _checks.check_window(window)
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation,
                           "sliding_window_attention")
-  fn = {"reference": reference.sliding_window_attention,
-        "xla": xla.sliding_window_attention, "pallas": _pallas_sliding}[impl]
-  return _call(fn, q, k, v, q_offset, window=window, scale=scale)
+  return _call(IMPLEMENTATIONS["sliding_window_attention"][impl], q, k, v, q_offset,
+               window=window, scale=scale)
 
 
 def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
@@ -167,14 +150,8 @@ def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
   p = _checks.check_p(p)
   window = _checks.check_window(window)
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "ppa_attention")
-  if impl == "pallas_decode":
-    return _call(_pallas_decode.ppa_decode, q, k, v, q_offset, p=p, window=window,
-                 scale=scale)
-  if impl == "pallas":
-    return _call(_pallas_ppa_any, q, k, v, q_offset, p=p, window=window,
-                 scale=scale)
-  fn = reference.ppa_attention if impl == "reference" else xla.ppa_attention
-  return _call(fn, q, k, v, q_offset, p=p, window=window, scale=scale)
+  return _call(IMPLEMENTATIONS["ppa_attention"][impl], q, k, v, q_offset, p=p,
+               window=window, scale=scale)
 
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None,
@@ -198,7 +175,7 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None,
   """
   if not isinstance(layout, BlockLayout):
     raise ValueError(f"layout must be an attn.BlockLayout, got {type(layout).__name__}.")
-  impl = _resolve(implementation, "block_sparse_attention")
+  impl = resolve_implementation("block_sparse_attention", implementation)
   _, lq, lk, _, _, d = _checks.check_qkv(q, k, v)
   if (lq, lk) != (layout.q_len, layout.kv_len):
     raise ValueError(f"layout was built for q_len={layout.q_len}, kv_len="
@@ -206,13 +183,13 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None,
                      "build the layout for these lengths.")
   scale = _checks.check_scale(scale, d)
   if impl == "pallas" and layout.band is None:
-    if implementation is None and not _pallas_bs.kernel_blocks_ok(layout):
+    if implementation is None and not pallas.block_sparse.kernel_blocks_ok(layout):
       impl = "xla"                  # best available for this layout
     else:
-      _pallas_bs.host_tables(layout)  # ValueError early if its blocks do not suit the kernels
-  fn = {"reference": reference.block_sparse_attention, "xla": xla.block_sparse_attention,
-        "pallas": _pallas_bs.block_sparse}[impl]
-  return _call(fn, q, k, v, layout=layout, scale=scale)
+      # ValueError early if the layout's blocks do not suit the kernels.
+      pallas.block_sparse.host_tables(layout)
+  return _call(IMPLEMENTATIONS["block_sparse_attention"][impl], q, k, v, layout=layout,
+               scale=scale)
 
 
 class SuperlinearOutput(NamedTuple):
@@ -239,17 +216,9 @@ def superlinear_attention_with_anchors(q, k, v, q_search, k_search=None, *,
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation,
                           "superlinear_attention")
   k_search = _checks.check_search(q, k, q_search, k_search)
-  if impl == "pallas_decode":
-    return SuperlinearOutput(*_call(_pallas_decode.superlinear_decode, q, k, v, q_search,
-                                    k_search, q_offset, config=config, scale=scale))
-  if impl == "pallas":
-    return SuperlinearOutput(*_call(_pallas_superlinear_any, q, k, v,
-                                    q_search, k_search, q_offset, config=config,
-                                    scale=scale))
-  fn = (reference.superlinear_attention if impl == "reference"
-        else xla.superlinear_attention)
-  return SuperlinearOutput(*_call(fn, q, k, v, q_search, k_search, q_offset,
-                                  config=config, scale=scale))
+  return SuperlinearOutput(*_call(IMPLEMENTATIONS["superlinear_attention"][impl], q, k, v,
+                                  q_search, k_search, q_offset, config=config,
+                                  scale=scale))
 
 
 def superlinear_attention(q, k, v, q_search, k_search=None, *,

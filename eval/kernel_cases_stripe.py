@@ -6,7 +6,7 @@ superlinear span-search.
     path, forward and forward+backward. Attended entries: the exact count,
     `sum over kept offsets d < L of (L - d)` (every query `i >= d` keeps
     offset `d`).
-  * The span-search alone (`attn._pallas_search.search`: stripe anchor
+  * The span-search alone (`attn.pallas.superlinear.search`: stripe anchor
     scores and the running top-`num_spans`) at the default config and the
     released model's (sw_index=65, num_spans=3, search power 0.55), forward
     only (the search is not differentiated; the gates are, inside the
@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 import attn
-from attn import _pallas_search, masks
+from attn import masks
+from attn.pallas import superlinear as pallas_superlinear
 from eval.bench_kernels import Built, Case, built, qkv
 from eval.kernel_cases_superlinear import CONFIGS, valid_anchors
 
@@ -53,7 +54,7 @@ def _search(config_name: str):
     q, k, _ = qkv(key, seq_len, dtype, config)
 
     def fn(q_search, k_search):
-      return _pallas_search.search(q_search, k_search, None, config=cfg)
+      return pallas_superlinear.search(q_search, k_search, None, config=cfg)
     t = np.arange(1, seq_len + 1, dtype=np.int64)
     anchors = int(valid_anchors(t, seq_len, cfg).sum()) * config.batch * config.q_heads
     return Built(fn, None, (q, k), anchors, entry_flops=2)

@@ -416,13 +416,6 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
       call()
 
 
-def test_pallas_is_refused_for_an_op_without_kernels():
-  # Every public op has Pallas kernels now; the refusal stays for others.
-  from attn import ops
-  with pytest.raises(NotImplementedError, match="pallas"):
-    ops._resolve("pallas", "an_op_without_kernels")
-
-
 @pytest.mark.parametrize("density", [0.05, 0.3])
 def test_block_sparse_any_mask_matches_reference(density):
   """Random (non-causal) masks, rows with no key, uneven key-block counts."""

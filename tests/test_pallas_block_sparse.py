@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import attn
-from attn import _pallas_block_sparse as glue
+from attn.pallas import block_sparse as glue
 from attn import reference
 from pallas_kernels import block_sparse as kernels
 from tests import pallas_harness as ph
@@ -94,13 +94,12 @@ def test_traced_q_offset_decode_matches_reference(variant):
   """One traced q_offset, queries at positions past or before the valid
   range included: the ops' Pallas paths behave exactly as the reference op
   (rows outside `[0, kv_len)` are zeros)."""
-  from attn import ops
   q, k, v = _qkv(jax.random.key(5), 1, 3, 40, 2, 1, 16, jnp.float32)
 
   @jax.jit
   def run(q, k, v, off):
-    return (ops._pallas_sliding(q, k, v, off, window=6, scale=0.25, variant=variant),
-            ops._pallas_dense(q, k, v, off, scale=0.25, variant=variant))
+    return (glue.sliding_window_attention(q, k, v, off, window=6, scale=0.25, variant=variant),
+            glue.dense_attention(q, k, v, off, scale=0.25, variant=variant))
 
   for off in (0, 17, 37, 39, -2):
     w_out, d_out = run(q, k, v, jnp.int32(off))
@@ -144,7 +143,7 @@ def test_random_layout_matches_reference(variant, dtype, heads, seed):
   layout = attn.BlockLayout.from_mask(mask, block_q=bq, block_k=bk)
   assert (layout.num_kv_blocks == 0).any() or layout.num_active_blocks < layout.num_q_blocks * 4
   args = _qkv(jax.random.key(seed), 1, lq, lk, heads[0], heads[1], 16, dtype)
-  fn = functools.partial(glue.block_sparse, layout=layout, scale=0.25, variant=variant)
+  fn = functools.partial(glue.block_sparse_attention, layout=layout, scale=0.25, variant=variant)
   _check(jax.jit(fn), mask, args, dtype, seed)
 
 
@@ -153,7 +152,7 @@ def test_random_layout_checked_interpreter():
   mask = _random_mask(rng, 30, 33, 16, 16)
   layout = attn.BlockLayout.from_mask(mask, block_q=16, block_k=16)
   args = _qkv(jax.random.key(7), 1, 30, 33, 2, 1, 8, jnp.float32)
-  fn = functools.partial(glue.block_sparse, layout=layout, scale=0.3, variant="tpu_checked")
+  fn = functools.partial(glue.block_sparse_attention, layout=layout, scale=0.3, variant="tpu_checked")
   _check(fn, mask, args, jnp.float32, scale=0.3)
 
 
@@ -166,7 +165,7 @@ def test_from_fn_document_mask_matches_reference():
   mask = (doc[:, None] == doc[None, :]) & np.tril(np.ones((lq, lq), bool))
   np.testing.assert_array_equal(layout.to_mask(), mask)
   args = _qkv(jax.random.key(11), 1, lq, lq, 2, 1, 16, jnp.float32)
-  _check(functools.partial(glue.block_sparse, layout=layout, scale=0.25,
+  _check(functools.partial(glue.block_sparse_attention, layout=layout, scale=0.25,
                            variant="gpu_interpret"), mask, args, jnp.float32)
 
 
@@ -187,7 +186,7 @@ def test_nan_in_unseen_keys_never_reaches_outputs_or_grads(kind, variant):
     mask = _band_mask(lq, lk, off, 5)
     mask[:, 20:24] = False               # a hole inside a partial tile
     layout = attn.BlockLayout.from_mask(mask, block_q=16, block_k=16)
-    fn = functools.partial(glue.block_sparse, layout=layout, scale=0.25, variant=variant)
+    fn = functools.partial(glue.block_sparse_attention, layout=layout, scale=0.25, variant=variant)
   unseen = ~mask.any(axis=0)
   assert unseen[:10].all() and unseen[34:].all()
   q, k, v = _qkv(jax.random.key(2), 1, lq, lk, 2, 1, 16, jnp.float32)
@@ -214,7 +213,7 @@ def test_visited_key_blocks_equal_active_blocks(variant):
   q, k, v = _qkv(jax.random.key(0), 1, 80, 80, 2, 1, 8, jnp.float32)
   for layout in (attn.BlockLayout.causal(80, block_q=16, block_k=16),
                  attn.BlockLayout.sliding_window(80, window=20, block_q=16, block_k=16)):
-    out, visits = glue.block_sparse(q, k, v, layout=layout, scale=0.3, variant=variant,
+    out, visits = glue.block_sparse_attention(q, k, v, layout=layout, scale=0.3, variant=variant,
                                     count_visits=True)
     chex.assert_shape(visits, (1, 2, layout.num_q_blocks))
     np.testing.assert_array_equal(np.asarray(visits[0, 0]), layout.num_kv_blocks)
@@ -276,7 +275,7 @@ def test_ops_reject_unsuitable_table_blocks_and_keep_xla_default():
   assert kernels.HARDWARE_CHECKS == () or jax.default_backend() not in {
       r.backend for r in kernels.HARDWARE_CHECKS}
   from attn import ops
-  assert ops._resolve(None, "dense_attention") == "xla"
+  assert ops.resolve_implementation("dense_attention", None) == "xla"
 
 
 def test_hardware_record_flips_default_to_pallas(monkeypatch):
@@ -286,9 +285,10 @@ def test_hardware_record_flips_default_to_pallas(monkeypatch):
   from pallas_kernels import platform
   rec = (platform.HardwareCheck(jax.default_backend(), "test", "2026-01-01", "pytest"),)
   for op in ("dense_attention", "sliding_window_attention", "block_sparse_attention"):
-    monkeypatch.setitem(ops._PALLAS_KERNELS, op, rec)
-    assert ops._resolve(None, op) == "pallas"
-  assert ops._resolve(None, "ppa_attention") == "xla"
+  monkeypatch.setattr(glue, "HARDWARE_CHECKS", rec)
+  for op in ("dense_attention", "sliding_window_attention", "block_sparse_attention"):
+    assert ops.resolve_implementation(op, None) == "pallas"
+  assert ops.resolve_implementation("ppa_attention", None) == "xla"
   q, k, v = _qkv(jax.random.key(1), 1, 24, 24, 2, 1, 16, jnp.float32)
   mask = np.tril(np.ones((24, 24), bool))
   layout = attn.BlockLayout.from_mask(mask, block_q=8, block_k=8)
@@ -336,14 +336,14 @@ def test_exports_platform_kernels(kind, platform):
     else:
       layout = attn.BlockLayout.from_mask(_random_mask(np.random.default_rng(0), lq, lk, 16, 16),
                                           block_q=16, block_k=16)
-    fwd, bwd = _fwd_and_bwd(functools.partial(glue.block_sparse, layout=layout, scale=0.125))
+    fwd, bwd = _fwd_and_bwd(functools.partial(glue.block_sparse_attention, layout=layout, scale=0.125))
   ph.assert_kernel_in(ph.export_text(fwd, platform, *specs), platform, at_least=1)
   ph.assert_kernel_in(ph.export_text(bwd, platform, *specs), platform, at_least=3)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 def test_exports_other_dtypes_and_head_dims(dtype):
-  fn = functools.partial(glue.sliding_window, window=9, scale=0.1)
+  fn = functools.partial(glue.sliding_window_attention, window=9, scale=0.1)
   fwd, bwd = _fwd_and_bwd(fn)
   specs = _specs(24, 24, 2, 1, 256 if dtype == jnp.float32 else 72, dtype)
   for platform in ("tpu", "cuda"):
@@ -370,7 +370,7 @@ def test_gpu_random_layout_and_nan_region(dtype):
   mask = _random_mask(rng, 45, 51, 16, 16)
   layout = attn.BlockLayout.from_mask(mask, block_q=16, block_k=16)
   args = _qkv(jax.random.key(0), 1, 45, 51, 4, 2, 64, dtype)
-  _check(functools.partial(glue.block_sparse, layout=layout, scale=0.125, variant="gpu"),
+  _check(functools.partial(glue.block_sparse_attention, layout=layout, scale=0.125, variant="gpu"),
          mask, args, dtype)
   test_nan_in_unseen_keys_never_reaches_outputs_or_grads("window", "gpu")
 

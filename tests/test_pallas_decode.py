@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import attn
-from attn import _pallas_decode as pd
+from attn.pallas import decode as pd
 from pallas_kernels.decode import common
 from tests import pallas_harness as ph
 
@@ -79,7 +79,7 @@ def _check_superlinear(_, lq, lk, hq, hk, d, dtype, cfg_kw, offsets, variant):
   q, k, v, qs, ks = _inputs(jax.random.key(lk), b=2, lq=lq, lk=lk, hq=hq, hk=hk, d=d,
                             dtype=dtype)
   scale = d ** -0.5
-  run = jax.jit(functools.partial(pd.superlinear_decode, config=config, scale=scale,
+  run = jax.jit(functools.partial(pd.superlinear_attention, config=config, scale=scale,
                                   variant=variant))
   for off in offsets:
     out, anchors, gates = run(q, k, v, qs, ks, jnp.int32(off))
@@ -99,7 +99,7 @@ def test_superlinear_decode_ignores_nan_garbage_past_the_cache(variant):
   q, k, v, qs, ks = _inputs(jax.random.key(7), b=1, lq=lq, lk=lk, hq=4, hk=2, d=16,
                             dtype=jnp.float32)
   last = off + lq - 1
-  out, anchors, gates = pd.superlinear_decode(
+  out, anchors, gates = pd.superlinear_attention(
       q, _poison(k, last), _poison(v, last), qs, _poison(ks, last), off, config=config,
       scale=0.25, variant=variant)
   ref = attn.superlinear_attention_with_anchors(
@@ -131,7 +131,7 @@ def _check_ppa(p, window, variant):
   hq, hk = (4, 1) if window == 1 else (2, 2)
   q, k, v, _, _ = _inputs(jax.random.key(3), b=1, lq=lq, lk=131, hq=hq, hk=hk, d=8,
                           dtype=jnp.float32)
-  run = jax.jit(functools.partial(pd.ppa_decode, p=p, window=window, scale=0.3,
+  run = jax.jit(functools.partial(pd.ppa_attention, p=p, window=window, scale=0.3,
                                   variant=variant))
   for off in (0, 70, 131 - lq):
     ref = attn.ppa_attention(q, k, v, p=p, window=window, scale=0.3, q_offset=off,
@@ -145,7 +145,7 @@ def test_ppa_decode_bf16_16_queries_and_nan_garbage(variant):
   q, k, v, _, _ = _inputs(jax.random.key(5), b=1, lq=lq, lk=lk, hq=4, hk=1, d=16,
                           dtype=jnp.bfloat16)
   last = off + lq - 1
-  out = pd.ppa_decode(q, _poison(k, last), _poison(v, last), off, p=p, window=window,
+  out = pd.ppa_attention(q, _poison(k, last), _poison(v, last), off, p=p, window=window,
                       scale=0.25, variant=variant)
   ref = attn.ppa_attention(q, _clean(k, last), _clean(v, last), p=p, window=window,
                            scale=0.25, q_offset=off, implementation="reference")
@@ -239,10 +239,10 @@ def test_decode_kernels_lower(platform):
   cfg = attn.SuperlinearConfig()
 
   def sl(q, k, v, qs, off):
-    return pd.superlinear_decode(q, k, v, qs, k, off, config=cfg, scale=0.1)
+    return pd.superlinear_attention(q, k, v, qs, k, off, config=cfg, scale=0.1)
 
   def ppa(q, k, v, off):
-    return pd.ppa_decode(q, k, v, off, p=0.5, window=16, scale=0.1)
+    return pd.ppa_attention(q, k, v, off, p=0.5, window=16, scale=0.1)
 
   text = ph.export_text(sl, platform, spec(b, 1, hq, d), spec(b, lk, hk, d),
                         spec(b, lk, hk, d), spec(b, 1, hq, d), spec(dt=jnp.int32))
@@ -264,22 +264,22 @@ def test_decode_gradients_are_the_xla_paths():
   cfg = attn.SuperlinearConfig(sw_index=1)
   off = 30
   ph.vjp_check(
-      jax.jit(lambda *a: pd.superlinear_decode(*a, off, config=cfg, scale=0.3)[0]),
+      jax.jit(lambda *a: pd.superlinear_attention(*a, off, config=cfg, scale=0.3)[0]),
       lambda *a: attn.superlinear_attention(*a, config=cfg, scale=0.3, q_offset=off,
                                             implementation="reference"),
       (q, k, v, qs, ks), jax.random.key(1), argnums=(0, 1, 2, 3, 4), atol=1e-5, rtol=1e-4)
   ph.vjp_check(
-      jax.jit(lambda *a: pd.ppa_decode(*a, off, p=0.5, window=3, scale=0.3)),
+      jax.jit(lambda *a: pd.ppa_attention(*a, off, p=0.5, window=3, scale=0.3)),
       lambda *a: attn.ppa_attention(*a, p=0.5, window=3, scale=0.3, q_offset=off,
                                     implementation="reference"),
       (q, k, v), jax.random.key(2), argnums=(0, 1, 2), atol=1e-5, rtol=1e-4)
 
 
 def test_too_many_queries_is_rejected():
-  q = jnp.zeros((1, pd.MAX_DECODE_QUERIES + 1, 1, 8))
+  q = jnp.zeros((1, pd.MAX_QUERIES + 1, 1, 8))
   k = jnp.zeros((1, 40, 1, 8))
   with pytest.raises(ValueError, match="q_len"):
-    pd.ppa_decode(q, k, k, 0, p=0.5, window=4, scale=1.0)
+    pd.ppa_attention(q, k, k, 0, p=0.5, window=4, scale=1.0)
 
 
 # ---------------------------------------------------------------- generation

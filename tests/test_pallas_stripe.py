@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 import attn
-from attn import _pallas_ppa, _pallas_search, masks
+from attn import masks
+from attn.pallas import ppa as pallas_ppa
+from attn.pallas import superlinear as pallas_superlinear
 from pallas_kernels import stripe
 from tests import pallas_harness as ph
 
@@ -69,14 +71,14 @@ def test_search_anchors_equal_reference(case):
   config = attn.SuperlinearConfig(sw_index=sw, num_spans=num, search_power=power,
                                   span_power=power, backward_factor=3.0)
   qs, ks = _search_inputs(jax.random.PRNGKey(lq * 7 + lk), hq, hk, lq, lk)
-  anchors, scores = _pallas_search.search(qs, ks, q_offset, config=config, variant=variant)
+  anchors, scores = pallas_superlinear.search(qs, ks, q_offset, config=config, variant=variant)
   ref_anchors, ref_gates = _reference_search(qs, ks, config, q_offset)
   np.testing.assert_array_equal(anchors, ref_anchors)
   # Scores: the selected stripes' dots (independent gather oracle), -inf if empty.
   want = jnp.where(ref_anchors >= 0, _gather_scores(qs, ks, ref_anchors), -jnp.inf)
   chex.assert_trees_all_close(scores, want, atol=1e-5, rtol=1e-5)
   # Gates = softmax of the differentiable gate logits at the chosen anchors.
-  logits = _pallas_search.gate_logits(qs, ks, anchors, variant=variant)
+  logits = pallas_superlinear.gate_logits(qs, ks, anchors, variant=variant)
   gates = jax.nn.softmax(jnp.where(anchors >= 0, logits, -1e9), axis=-1)
   chex.assert_trees_all_close(gates, ref_gates, atol=1e-5, rtol=1e-5)
 
@@ -87,7 +89,7 @@ def test_search_ties_keep_the_farther_stripe_and_bf16():
   lq = 24
   qs = _normal(jax.random.PRNGKey(1), (1, lq, 2, 8), jnp.bfloat16)
   ks = jnp.ones((1, lq, 1, 8), jnp.bfloat16)
-  anchors, _ = _pallas_search.search(qs, ks, None, config=config, variant="gpu_interpret")
+  anchors, _ = pallas_superlinear.search(qs, ks, None, config=config, variant="gpu_interpret")
   ref_anchors, _ = _reference_search(qs, ks, config, None)
   np.testing.assert_array_equal(anchors, ref_anchors)
   # Independent statement of the rule: the smallest valid anchors, ascending.
@@ -131,9 +133,9 @@ def test_selected_scores_values_and_vjp(dtype, heads, variant):
 # -------------------------------------------------------------------- PPA
 
 
-def _ppa_kernel(q, k, v, *, p, window, q_offset, variant, min_run=_pallas_ppa.MIN_RUN):
+def _ppa_kernel(q, k, v, *, p, window, q_offset, variant, min_run=pallas_ppa.MIN_RUN):
   lk = k.shape[1]
-  runs, far = _pallas_ppa.split_offsets(
+  runs, far = pallas_ppa.split_offsets(
       masks.ppa_offsets(lk - 1, p=p, window=min(window, lk)), min_run)
   return stripe.ppa_attention(q, k, v, dense_runs=runs, far_offsets=far,
                               scale=q.shape[-1] ** -0.5, q_offset=q_offset,
@@ -236,7 +238,7 @@ def test_forward_and_backward_lower_with_the_platform_kernel(target):
   ph.assert_kernel_in(ph.export_text(selected_vjp, target, q, k, anchors), target,
                       at_least=3)
 
-  runs, far = _pallas_ppa.split_offsets(masks.ppa_offsets(63, p=0.5, window=8))
+  runs, far = pallas_ppa.split_offsets(masks.ppa_offsets(63, p=0.5, window=8))
   ppa = functools.partial(stripe.ppa_attention, dense_runs=runs, far_offsets=far,
                           scale=0.2, q_offset=0)
 
@@ -256,7 +258,7 @@ def test_search_compiled_on_gpu(case):
   config = attn.SuperlinearConfig(sw_index=sw, num_spans=num, search_power=power,
                                   span_power=power, backward_factor=3.0)
   qs, ks = _search_inputs(jax.random.PRNGKey(lq * 7 + lk), hq, hk, lq, lk)
-  anchors, _ = _pallas_search.search(qs, ks, q_offset, config=config, variant="gpu")
+  anchors, _ = pallas_superlinear.search(qs, ks, q_offset, config=config, variant="gpu")
   np.testing.assert_array_equal(anchors, _reference_search(qs, ks, config, q_offset)[0])
 
 

@@ -11,7 +11,7 @@ compiles once per `(batch, max_len)`.
 Where the attention implementation resolves to `"pallas"` (the model's
 `attn_implementation`, or `generate(..., implementation="pallas")`), the
 `ppa` and `superlinear` layers of every step of at most
-`attn._pallas_decode.MAX_DECODE_QUERIES` tokens (each generated token, and
+`attn.pallas.decode.MAX_QUERIES` tokens (each generated token, and
 a short prompt) run the Pallas decode kernels: a token then reads
 `O(w + t^p)` (PPA) or `O(sqrt(t))` (superlinear) cache rows instead of the
 whole cache; docs/kernels_decode.md.

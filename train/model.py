@@ -48,7 +48,7 @@ __all__ = [
 ATTENTION_TYPES = ("dense", "sliding", "ppa", "superlinear")
 SEARCH_KEYS = ("k", "accumulated")
 DTYPES = ("float32", "bfloat16")
-IMPLEMENTATIONS = (None, "reference", "xla", "pallas")
+IMPLEMENTATIONS = attn.IMPLEMENTATION_CHOICES
 
 # The only logical axis names parameters are annotated with.
 LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm")

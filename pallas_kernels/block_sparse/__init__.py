@@ -7,7 +7,7 @@
   * `ops.py`: padding, `jax.custom_vjp` and the platform dispatch.
 
 Kernels take plain arrays, int32 tables and static ints; `attn` builds the
-tables (`attn/_pallas_block_sparse.py`). Design: docs/kernels.md.
+tables (`attn/pallas/block_sparse.py`). Design: docs/kernels.md.
 """
 
 from pallas_kernels.block_sparse.ops import (

@@ -25,8 +25,9 @@ from pallas_kernels import platform
 from pallas_kernels.block_sparse import common, gpu, tpu
 from pallas_kernels.block_sparse.common import F32, Spec, Tables
 
-# Compiled and tested on real hardware (none yet). `attn` selects these
-# kernels for `implementation=None` only on a backend listed here, e.g.
+# Runs compiled and tested on real hardware (empty: none recorded). `attn`
+# selects these kernels for `implementation=None` only on a backend listed
+# here, e.g.
 #   platform.HardwareCheck("gpu", "NVIDIA H100 80GB HBM3", "2026-..-..",
 #                          "pytest -m gpu tests/test_pallas_block_sparse.py; "
 #                          "python -m eval.bench_kernels")

@@ -6,7 +6,7 @@ one row per kept far offset), reading `O(sqrt(t))` / `O(w + t^p)` cache rows
 per token instead of `O(t)`. `ops.py` holds the four forward kernels
 (`search`, `band`, `stripes`, `ranges`) with their platform dispatch,
 `common.py` the block logic both variants share, `tpu.py` / `gpu.py` the
-Mosaic and Triton variants. The `attn` glue is `attn/_pallas_decode.py`;
+Mosaic and Triton variants. The `attn` entry points are in `attn/pallas/decode.py`;
 docs/kernels_decode.md describes the design.
 """
 
@@ -17,4 +17,4 @@ from pallas_kernels.platform import HardwareCheck
 # `implementation=None` keeps choosing `xla`. A `HardwareCheck("gpu", ...)`
 # record here, written after `pytest -m gpu tests/test_pallas_decode.py`
 # passes on a GPU, is what would let None pick them on that backend.
-VERIFIED: tuple[HardwareCheck, ...] = ()
+HARDWARE_CHECKS: tuple[HardwareCheck, ...] = ()

@@ -27,8 +27,8 @@ from pallas_kernels.span import blocks, gpu, tpu
 
 F32 = jnp.float32
 # Records of runs compiled and tested on real hardware (`pytest -m gpu` /
-# `-m tpu` on tests/test_pallas_span.py plus the benchmark). Empty: no GPU or
-# TPU has run these kernels yet, so `implementation=None` keeps choosing xla.
+# `-m tpu` on tests/test_pallas_span.py plus the benchmark). Empty: none
+# recorded, so `implementation=None` keeps choosing xla.
 # A record such as
 #   platform.HardwareCheck("gpu", "NVIDIA H100 80GB HBM3", "2026-..-..",
 #                          "pytest -m gpu tests/test_pallas_span.py")

@@ -13,9 +13,9 @@ Design notes: docs/kernels_stripe.md.
 from pallas_kernels.platform import HardwareCheck
 from pallas_kernels.stripe.ops import ppa_attention, search_topk, selected_scores
 
-# Runs of these kernels compiled and tested on real hardware (none yet: no
-# accelerator has been lent to this project's kernel work). One record per
-# backend makes `implementation=None` pick them there.
+# Runs of these kernels compiled and tested on real hardware (empty: none
+# recorded). One record per backend makes `implementation=None` pick them
+# there.
 HARDWARE_CHECKS: tuple[HardwareCheck, ...] = ()
 
 __all__ = ["HARDWARE_CHECKS", "ppa_attention", "search_topk", "selected_scores"]

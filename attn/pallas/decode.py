@@ -1,4 +1,4 @@
-"""Glue between the `attn` decode ops and `pallas_kernels.decode`.
+"""PPA and superlinear attention for a few queries on `pallas_kernels.decode`.
 
 Builds the integer tables the decode kernels consume from `attn.masks` /
 `SuperlinearConfig` (the same host tables the `reference` and `xla` paths
@@ -6,15 +6,15 @@ use), runs the kernels, and finishes the small per-query arithmetic (gates,
 span bounds, log-sum-exp merges) in plain jnp on `[batch, q_len, heads, K]`
 arrays, never on the cache.
 
-For `q_len <= MAX_DECODE_QUERIES` queries at absolute positions
+For `q_len <= MAX_QUERIES` queries at absolute positions
 `q_offset + i` against a cache `k, v: [batch, kv_len, kv_heads, head_dim]`
 (`q_offset` may be traced; rows past the last query may hold garbage, NaN
 included, and never reach the output):
 
-  * `superlinear_decode`: span-search over the stripes some query can use
+  * `superlinear_attention`: span-search over the stripes some query can use
     (`O(t^p)` rows), the top `num_spans` per query head, then each selected
     span (`O(t^sigma)` rows) merged with the window by log-sum-exp, gated;
-  * `ppa_decode`: the dense band of kept offsets next to the query (the
+  * `ppa_attention`: the dense band of kept offsets next to the query (the
     window, and every offset when `p = 1`) plus one row per kept far offset
     (`O(w + t^p)` rows).
 
@@ -33,10 +33,18 @@ import numpy as np
 
 from attn import masks, xla
 from attn.config import SuperlinearConfig
-from pallas_kernels.decode import common
+from pallas_kernels import platform
+from pallas_kernels.decode import HARDWARE_CHECKS, common
 from pallas_kernels.decode import ops as kernels
 
-MAX_DECODE_QUERIES = common.MAX_QUERIES
+OPS = ("ppa_attention", "superlinear_attention")
+MAX_QUERIES = common.MAX_QUERIES
+
+
+def supported(backend: str, q_len: int | None = None) -> bool:
+  """Whether the decode kernels carry a hardware record for `backend`."""
+  del q_len  # callers send at most MAX_QUERIES queries
+  return platform.verified_on(HARDWARE_CHECKS, backend)
 
 
 def _to_rows(x, num_kv_heads):
@@ -62,9 +70,9 @@ def _row_positions(q_offset, rows: int, lq: int):
 
 def _check(q, k, q_offset):
   lq, lk = q.shape[1], k.shape[1]
-  if lq > MAX_DECODE_QUERIES:
+  if lq > MAX_QUERIES:
     raise ValueError(f"q_len={lq}: the decode kernels take at most "
-                     f"{MAX_DECODE_QUERIES} queries; use the prefill path.")
+                     f"{MAX_QUERIES} queries; use the prefill path.")
   return jnp.asarray(lk - lq if q_offset is None else q_offset, jnp.int32)
 
 
@@ -139,12 +147,12 @@ def _superlinear_bwd(config, scale, variant, res, cts):
 _superlinear.defvjp(_superlinear_fwd, _superlinear_bwd)
 
 
-def superlinear_decode(q, k, v, q_search, k_search, q_offset, *,
-                       config: SuperlinearConfig, scale: float, variant=None):
+def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
+                          config: SuperlinearConfig, scale: float, variant=None):
   """Superlinear attention for a few decode queries with the Pallas kernels.
 
   Args:
-    q: `[B, Lq, Hq, D]`, `Lq <= MAX_DECODE_QUERIES`; k, v: `[B, Lk, Hk, D]`;
+    q: `[B, Lq, Hq, D]`, `Lq <= MAX_QUERIES`; k, v: `[B, Lk, Hk, D]`;
     q_search: `[B, Lq, Hq, Ds]`; k_search: `[B, Lk, Hk, Ds]` (pass `k` for
       the reference's behaviour); q_offset: absolute position of `q[:, 0]`
       (int or traced int32 scalar; None = `Lk - Lq`).
@@ -208,10 +216,11 @@ def _ppa_bwd(p, window, scale, variant, res, ct):
 _ppa.defvjp(_ppa_fwd, _ppa_bwd)
 
 
-def ppa_decode(q, k, v, q_offset, *, p: float, window: int, scale: float, variant=None):
+def ppa_attention(q, k, v, q_offset=None, *, p: float, window: int, scale: float,
+                  variant=None):
   """PPA for a few decode queries with the Pallas kernels.
 
-  Args as `superlinear_decode` (no search arrays); `p`, `window` as in
+  Args as `superlinear_attention` (no search arrays); `p`, `window` as in
   `attn.ppa_attention`. Returns `[B, Lq, Hq, D]` in `q.dtype`.
   """
   q_offset = _check(q, k, q_offset)

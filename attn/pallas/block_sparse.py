@@ -1,15 +1,14 @@
-"""Glue between `attn` and `pallas_kernels.block_sparse`: block choices and
-host tables built from a `BlockLayout`.
+"""Dense, sliding-window and block-sparse attention on `pallas_kernels.block_sparse`.
 
-`dense_attention` and `sliding_window_attention` are band masks: their
-tables are computed on the device from `q_offset` (which may be traced), so
-nothing here depends on the data. `block_sparse_attention` with a band
-layout (`BlockLayout.causal` / `.sliding_window`) runs the same band kernel;
-a table layout (`from_mask` / `from_fn`) is turned once into `HostTables`
-(per key block transposed lists for the dkv kernel, and the keys no query
-sees, which are zeroed before the kernels so NaN/Inf there stays out).
-
-`variant` (tests, debugging): see `pallas_kernels.platform`.
+Functions with the signatures of `attn.xla` (plus `variant`, see
+`pallas_kernels.platform`). `dense_attention` and `sliding_window_attention`
+are band masks: their tables are computed on the device from `q_offset`
+(which may be traced), so nothing here depends on the data.
+`block_sparse_attention` with a band layout (`BlockLayout.causal` /
+`.sliding_window`) runs the same band kernel; a table layout (`from_mask` /
+`from_fn`) is turned once into `HostTables` (per key block transposed lists
+for the dkv kernel, and the keys no query sees, which are zeroed before the
+kernels so NaN/Inf there stays out).
 """
 
 from __future__ import annotations
@@ -18,8 +17,13 @@ import functools
 
 import numpy as np
 
+from attn._offsets import call_any_offset
 from attn.layout import EMPTY, BlockLayout
 from pallas_kernels import block_sparse as kernels
+from pallas_kernels import platform
+from pallas_kernels.block_sparse import HARDWARE_CHECKS
+
+OPS = ("dense_attention", "sliding_window_attention", "block_sparse_attention")
 
 MAX_BLOCK = 128
 
@@ -34,18 +38,28 @@ def blocks_for(q_len: int, kv_len: int) -> tuple[int, int]:
   return _pow2_block(q_len), _pow2_block(kv_len)
 
 
-def dense(q, k, v, q_offset=None, *, scale, variant=None):
-  """Causal attention (`attn.dense_attention` semantics)."""
-  bq, bk = blocks_for(q.shape[1], k.shape[1])
-  return kernels.band_attention(q, k, v, q_offset, window=None, scale=scale, block_q=bq,
-                                block_k=bk, variant=variant)
+def supported(backend: str, q_len: int | None = None) -> bool:
+  """Whether these kernels carry a hardware record for `backend`."""
+  del q_len  # one kernel set for every query count
+  return platform.verified_on(HARDWARE_CHECKS, backend)
 
 
-def sliding_window(q, k, v, q_offset=None, *, window, scale, variant=None):
-  """Sliding-window attention (`attn.sliding_window_attention` semantics)."""
+def _band(q, k, v, q_offset, *, window, scale, variant):
   bq, bk = blocks_for(q.shape[1], k.shape[1])
   return kernels.band_attention(q, k, v, q_offset, window=window, scale=scale, block_q=bq,
                                 block_k=bk, variant=variant)
+
+
+def dense_attention(q, k, v, q_offset=None, *, scale, variant=None):
+  """Causal attention (`attn.dense_attention` semantics, any traced `q_offset`)."""
+  return call_any_offset(_band, q, k, v, q_offset, query_args=(0,), fills=(0,),
+                         window=None, scale=scale, variant=variant)
+
+
+def sliding_window_attention(q, k, v, q_offset=None, *, window, scale, variant=None):
+  """Sliding-window attention (`attn.sliding_window_attention` semantics)."""
+  return call_any_offset(_band, q, k, v, q_offset, query_args=(0,), fills=(0,),
+                         window=window, scale=scale, variant=variant)
 
 
 def kernel_blocks_ok(layout: BlockLayout) -> bool:
@@ -57,8 +71,8 @@ def kernel_blocks_ok(layout: BlockLayout) -> bool:
     return False
 
 
-def block_sparse(q, k, v, *, layout: BlockLayout, scale, variant=None,
-                 count_visits: bool = False):
+def block_sparse_attention(q, k, v, *, layout: BlockLayout, scale, variant=None,
+                           count_visits: bool = False):
   """Attention under `layout` (`attn.block_sparse_attention` semantics).
 
   With `count_visits=True` (forward only) also returns int32 `[B, Hq, nq]`,
