@@ -284,7 +284,6 @@ def test_hardware_record_flips_default_to_pallas(monkeypatch):
   from attn import ops
   from pallas_kernels import platform
   rec = (platform.HardwareCheck(jax.default_backend(), "test", "2026-01-01", "pytest"),)
-  for op in ("dense_attention", "sliding_window_attention", "block_sparse_attention"):
   monkeypatch.setattr(glue, "HARDWARE_CHECKS", rec)
   for op in ("dense_attention", "sliding_window_attention", "block_sparse_attention"):
     assert ops.resolve_implementation(op, None) == "pallas"
