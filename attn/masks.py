@@ -18,6 +18,7 @@ import numpy as np
 
 from attn import _checks
 from attn.config import SuperlinearConfig
+from pallas_kernels import common
 
 
 def _int_root_power(s: np.ndarray, inv_p: float) -> np.ndarray:
@@ -209,16 +210,12 @@ def superlinear_spans(q_pos: np.ndarray, anchors: np.ndarray, max_len: int,
                       config: SuperlinearConfig):
   """Host-side `[start, end]` (inclusive) of the span of each anchor.
 
-  `q_pos` broadcasts against `anchors`; an anchor `< 0` gives an empty span
-  (`end < start`).
+  `q_pos` broadcasts against `anchors`; an anchor `< 0` or an empty range
+  gives `(0, -1)` (`pallas_kernels.common.span_bounds`).
   """
-  table = superlinear_span_table(max_len, config)
-  back, fwd = table[q_pos + 1, 0], table[q_pos + 1, 1]
-  start = np.maximum(anchors - back, 0)
-  end = np.minimum(anchors + fwd, q_pos - config.window)
-  end = np.where(anchors < 0, -1, end)
-  start = np.where(anchors < 0, 0, start)
-  return start, end
+  back, fwd = common.span_lengths(superlinear_span_table(max_len, config), q_pos)
+  start, end = common.span_bounds(anchors, q_pos, back, fwd, config.window)
+  return np.asarray(start), np.asarray(end)
 
 
 @functools.lru_cache(maxsize=256)

@@ -21,6 +21,7 @@ import numpy as np
 
 from attn import masks
 from attn.config import SuperlinearConfig
+from pallas_kernels.common import span_bounds, span_lengths
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -153,11 +154,8 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
   gates = jax.nn.softmax(jnp.where(sel_valid, logits, -1e9), axis=-1)
   gates = jnp.where(row_ok[:, None], gates, 0.0)     # a row with no position: no gate
 
-  spans = jnp.asarray(masks.superlinear_span_table(lk, config))
-  back = spans[qpos + 1, 0][:, None]                                  # [Lq, 1]
-  fwd = spans[qpos + 1, 1][:, None]
-  start = jnp.maximum(sel_anchor - back, 0)
-  end = jnp.minimum(sel_anchor + fwd, (qpos - w)[:, None])
+  back, fwd = span_lengths(masks.superlinear_span_table(lk, config), qpos[:, None])
+  start, end = span_bounds(sel_anchor, qpos[:, None], back, fwd, w)
   d = qpos[:, None] - kpos[None, :]
   window = (d >= 0) & (d < w) & row_ok[:, None]                      # [Lq, Lk]
   outs = []

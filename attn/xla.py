@@ -37,7 +37,6 @@ Shapes: `q: [B, Lq, Hq, D]`, `k, v: [B, Lk, Hk, D]`, `G = Hq // Hk`.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +47,9 @@ from attn._offsets import any_offset as _any_offset
 from attn._offsets import shift_rows as _shift_rows
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
+from pallas_kernels.common import (F32, SoftmaxState, finish_state, merge_states,
+                                   span_bounds, span_lengths)
 
-F32 = jnp.float32
 # Elements of the largest per-block temporary (scores or gathered keys).
 _BLOCK_BUDGET = 1 << 21
 # Superlinear: query segments with their own (shorter) span and stripe bounds
@@ -57,17 +57,6 @@ _BLOCK_BUDGET = 1 << 21
 # the 16K-32K forward 25-50% faster on CPU than one).
 _SEGMENTS = 4
 _SEGMENT_ALIGN = 128
-
-
-class Partial(NamedTuple):
-  """Unnormalised softmax state of a set of keys (flash-attention form).
-
-  m: running max `[..., bq]`; l: sum of `exp(s - m)`; o: `sum exp(s - m) v`
-  `[..., bq, D]`. An empty set has `m = -inf, l = 0, o = 0`.
-  """
-  m: jax.Array
-  l: jax.Array
-  o: jax.Array
 
 
 def _pad_seq(x, before, after):
@@ -101,22 +90,7 @@ def _partial(s, v, contract):
   e = jnp.exp(s - m_safe[..., None])
   o = (jnp.einsum(contract, e, v.astype(F32)) if isinstance(contract, str)
        else contract(e, v))
-  return Partial(m, jnp.sum(e, axis=-1), o)
-
-
-def _merge(a: Partial, b: Partial) -> Partial:
-  m = jnp.maximum(a.m, b.m)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-  ca = jnp.where(jnp.isfinite(a.m), jnp.exp(a.m - m_safe), 0.0)
-  cb = jnp.where(jnp.isfinite(b.m), jnp.exp(b.m - m_safe), 0.0)
-  return Partial(m, ca * a.l + cb * b.l, ca[..., None] * a.o + cb[..., None] * b.o)
-
-
-def _finish(x: Partial):
-  """Normalised output (0 for a query with no key) and its log-sum-exp."""
-  ok = x.l > 0
-  out = x.o / jnp.where(ok, x.l, 1.0)[..., None]
-  return out, jnp.where(ok, jnp.log(jnp.where(ok, x.l, 1.0)) + x.m, -jnp.inf)
+  return SoftmaxState(m, jnp.sum(e, axis=-1), o)
 
 
 def _rowwise_qk(q, keys, scale=None):
@@ -188,7 +162,7 @@ def _band_partial(qg, k_pad, v_pad, qpos, row_ok, *, lo, hi, pad_left, kv_len,
   matmul, masked to the band). qg: `[B, bq, Hk, G, D]`; k_pad, v_pad: float32
   keys padded by `pad_left >= hi` on the left and `bq` on the right; row_ok:
   bool `[bq]`; keep: optional bool `[hi - lo + 1]`, the offsets of the band
-  that are kept. Returns a `Partial` over `[B, Hk, G, bq]`.
+  that are kept. Returns a `SoftmaxState` over `[B, Hk, G, bq]`.
   """
   bq = qg.shape[1]
   n = bq + hi - lo
@@ -229,7 +203,7 @@ def _window_only(q, k, v, *, window, scale, q_offset):
     def body(qpos, row_ok, qb):
       part = _window_partial(_group(qb, hk), k_pad, v_pad, qpos, row_ok,
                              window=window, kv_len=lk, scale=scale)
-      out, _ = _finish(part)                                 # [B, Hk, G, bq, D]
+      out, _ = finish_state(part)                                 # [B, Hk, G, bq, D]
       return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
     return _map_query_blocks(body, bq, offset, bounds, *xs)
 
@@ -254,7 +228,7 @@ def dense_attention(q, k, v, q_offset=None, *, scale):
     def body(qpos, row_ok, qb):
       s = _qk(_group(qb, hk), k32.astype(k.dtype), "bqhgd,bkhd->bhgqk", scale)
       ok = (kpos[None, :] <= qpos[:, None]) & row_ok[:, None]
-      out, _ = _finish(_partial(jnp.where(ok, s, -jnp.inf), v32, "bhgqk,bkhd->bhgqd"))
+      out, _ = finish_state(_partial(jnp.where(ok, s, -jnp.inf), v32, "bhgqk,bkhd->bhgqd"))
       return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
     return _map_query_blocks(body, bq, offset, bounds, *xs)
 
@@ -276,7 +250,7 @@ def _stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripes, *, pad_left, scale
   work and memory in both passes are proportional to `len(stripes)`.
 
   qg: `[B, C, Hk, G, D]`; qpos, row_ok: `[C]`; stripes: int32 `[S]`; k_pad,
-  v_pad: float32. Returns a `Partial` over `[B, Hk, G, C]`.
+  v_pad: float32. Returns a `SoftmaxState` over `[B, Hk, G, C]`.
   """
   c = qg.shape[1]
   qg = qg.astype(F32)   # (its cotangent then sums over the stripes in float32)
@@ -301,7 +275,7 @@ def _stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripes, *, pad_left, scale
 
   o, _ = jax.lax.scan(accumulate, jnp.zeros(qg.shape, F32), (stripes, e))
   to_heads = lambda x: jnp.moveaxis(x, 1, 3)  # noqa: E731
-  return Partial(to_heads(m), to_heads(jnp.sum(e, axis=0)), to_heads(o))
+  return SoftmaxState(to_heads(m), to_heads(jnp.sum(e, axis=0)), to_heads(o))
 
 
 # PPA offsets are cut into bins of this width; a bin dense enough that a
@@ -378,7 +352,7 @@ def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
                                scale=scale)
                  for lo, hi, keep in bands]
         return jax.tree.map(lambda x: jnp.moveaxis(x, 3, 1),
-                            functools.reduce(_merge, parts))  # [B, bq, Hk, G, ...]
+                            functools.reduce(merge_states, parts))  # [B, bq, Hk, G, ...]
 
       parts = []
       if bands:
@@ -387,7 +361,7 @@ def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
       if stripes.size:
         parts.append(_stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripe_j,
                                       pad_left=pad_left, scale=scale))
-      out, _ = _finish(functools.reduce(_merge, parts))      # [B, Hk, G, C, D]
+      out, _ = finish_state(functools.reduce(merge_states, parts))      # [B, Hk, G, C, D]
       return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
     return _map_query_blocks(chunk_body, chunk, offset, bounds, *xs)
 
@@ -426,7 +400,7 @@ def block_sparse_attention(q, k, v, *, layout: BlockLayout, scale):
       vb = _zero_unseen(vr[:, cols].reshape(b, width * bk, hk, d), seen)
       s = jnp.where(ok, _qk(_group(qb, hk), kb.astype(q.dtype), "bqhgd,bkhd->bhgqk",
                             scale), -jnp.inf)
-      out, _ = _finish(_partial(s, vb, "bhgqk,bkhd->bhgqd"))
+      out, _ = finish_state(_partial(s, vb, "bhgqk,bkhd->bhgqd"))
       return jnp.moveaxis(out, 3, 1).reshape(b, bq, hq, d)
 
     return jax.lax.map(step, (qr[ids], jnp.asarray(layout.kv_blocks[ids, :width]),
@@ -512,11 +486,8 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
       gates = jax.nn.softmax(jnp.where(valid, logits, -1e9), axis=-1)
       gates = jnp.where(row_ok[:, None], gates, 0.0)
       # 3. Spans: [max(a - back, 0), min(a + fwd, q - W)], one slice each.
-      t = jnp.clip(qpos + 1, 0, lk)
-      back = spans[t, 0][:, None]
-      fwd = spans[t, 1][:, None]
-      start = jnp.maximum(anchor - back, 0)
-      end = jnp.minimum(anchor + fwd, (qpos - w)[:, None])
+      back, fwd = span_lengths(spans, qpos[:, None])
+      start, end = span_bounds(anchor, qpos[:, None], back, fwd, w)
       ksp = jax.vmap(jax.vmap(functools.partial(_rows, size=max_span)))(k_rows, start)
       vsp = jax.vmap(jax.vmap(functools.partial(_rows, size=max_span)))(v_rows, start)
       kpos = start[..., None] + jnp.arange(max_span, dtype=jnp.int32)
@@ -530,9 +501,9 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
       if w > 0:
         win = _window_partial(qg, k_pad, v_pad, qpos, row_ok, window=w, kv_len=lk,
                               scale=scale)
-        win = Partial(win.m[..., None], win.l[..., None], win.o[..., None, :])
-        span_part = _merge(span_part, win)
-      o_k, _ = _finish(span_part)                              # [B, Hk, G, bq, K, D]
+        win = SoftmaxState(win.m[..., None], win.l[..., None], win.o[..., None, :])
+        span_part = merge_states(span_part, win)
+      o_k, _ = finish_state(span_part)                              # [B, Hk, G, bq, K, D]
       out = jnp.sum(gates[..., None] * o_k, axis=-2)           # [B, Hk, G, bq, D]
       to_q = lambda x: jnp.moveaxis(x, 3, 1).reshape(b, bq_, hq, *x.shape[4:])  # noqa: E731
       return to_q(out), to_q(anchor), to_q(gates)

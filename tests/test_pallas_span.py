@@ -18,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 import attn
 from attn import masks, reference
+from pallas_kernels import common as pk_common
 from pallas_kernels.span import blocks, interval_attention, span_attention
 from tests import pallas_harness as ph
 
@@ -317,7 +318,7 @@ def _kernel_visits(lo, hi, block_q, block_k):
   perm = blocks.sort_rows_by_start(lo, hi)
   lo_s, hi_s = jnp.take_along_axis(lo, perm, -1), jnp.take_along_axis(hi, perm, -1)
   fwd_vis = blocks.visited_keys_mask(lo_s, hi_s, block_q, block_k, _PROP_LEN)[0, 0]
-  nkb = blocks.round_up(_PROP_LEN, block_k) // block_k
+  nkb = pk_common.round_up(_PROP_LEN, block_k) // block_k
   t0, cnt = blocks.key_block_tiles(*blocks.tile_bounds(lo_s, hi_s, block_q), nkb, block_k)
   tile = jnp.arange(_PROP_ROWS) // block_q
   kb = jnp.arange(_PROP_LEN) // block_k
@@ -349,7 +350,7 @@ def test_kernel_tables_visit_every_key(seq_len, case, blocks_qk, chunk):
   anchors = np.where(anchors >= 0, anchors, -1)              # [Lq, S] all candidates
   table = masks.superlinear_span_table(seq_len, config)
   back, fwd = table[pos + 1, 0][:, None], table[pos + 1, 1][:, None]
-  slo, shi = blocks.span_bounds(jnp.asarray(anchors), jnp.asarray(pos[:, None]),
+  slo, shi = pk_common.span_bounds(jnp.asarray(anchors), jnp.asarray(pos[:, None]),
                                 jnp.asarray(back), jnp.asarray(fwd), config.window)
   wlo, whi = blocks.window_bounds(jnp.asarray(pos), config.window, seq_len)
 

@@ -22,20 +22,16 @@ from attn.layout import EMPTY, BlockLayout
 from pallas_kernels import block_sparse as kernels
 from pallas_kernels import platform
 from pallas_kernels.block_sparse import HARDWARE_CHECKS
+from pallas_kernels.common import next_pow2
 
 OPS = ("dense_attention", "sliding_window_attention", "block_sparse_attention")
 
 MAX_BLOCK = 128
 
 
-def _pow2_block(n: int) -> int:
-  """Smallest power of two >= n, clamped to [16, MAX_BLOCK]."""
-  return min(MAX_BLOCK, max(16, 1 << max(n - 1, 0).bit_length()))
-
-
 def blocks_for(q_len: int, kv_len: int) -> tuple[int, int]:
   """Block sizes of the band kernels (same for TPU and GPU)."""
-  return _pow2_block(q_len), _pow2_block(kv_len)
+  return min(MAX_BLOCK, next_pow2(q_len, 16)), min(MAX_BLOCK, next_pow2(kv_len, 16))
 
 
 def supported(backend: str, q_len: int | None = None) -> bool:

@@ -33,6 +33,7 @@ import numpy as np
 
 from attn import masks, xla
 from attn.config import SuperlinearConfig
+from pallas_kernels import common as pk_common
 from pallas_kernels import platform
 from pallas_kernels.decode import HARDWARE_CHECKS, common
 from pallas_kernels.decode import ops as kernels
@@ -93,14 +94,10 @@ def superlinear_span_bounds(anchors, pos, spans, config: SuperlinearConfig):
   """Inclusive key range `[lo, hi]` of each selected anchor (`hi < lo`: none).
 
   anchors: int32 `[..., R, K]` (-1 = no anchor); pos: `[R]` positions;
-  spans: the span table. Same formula as `attn.masks.superlinear_spans`.
+  spans: the span table (`pallas_kernels.common.span_bounds`).
   """
-  t = jnp.clip(pos + 1, 0, spans.shape[0] - 1)[:, None]
-  back, fwd = jnp.asarray(spans)[t, 0], jnp.asarray(spans)[t, 1]
-  valid = anchors >= 0
-  lo = jnp.where(valid, jnp.maximum(anchors - back, 0), 0)
-  hi = jnp.where(valid, jnp.minimum(anchors + fwd, pos[:, None] - config.window), -1)
-  return lo, hi
+  back, fwd = pk_common.span_lengths(spans, pos[:, None])
+  return pk_common.span_bounds(anchors, pos[:, None], back, fwd, config.window)
 
 
 def _superlinear_forward(q, k, v, q_search, k_search, q_offset, config, scale, variant):
@@ -119,8 +116,9 @@ def _superlinear_forward(q, k, v, q_search, k_search, q_offset, config, scale, v
   part = kernels.ranges(lo, hi, qr, k, v, scale=scale, variant=variant)
   if w > 0:
     win = kernels.band(q_offset, qr, k, v, lq=lq, width=w, scale=scale, variant=variant)
-    part = common.merge(part, jax.tree.map(lambda x: x[:, :, :, None], win))
-  out = jnp.sum(gates[..., None] * common.finish(part), axis=-2)   # [B, Hk, R, D]
+    part = pk_common.merge_states(part, jax.tree.map(lambda x: x[:, :, :, None], win))
+  out, _ = pk_common.finish_state(part)                          # [B, Hk, R, K, D]
+  out = jnp.sum(gates[..., None] * out, axis=-2)                 # [B, Hk, R, D]
   return (_from_rows(out, lq).astype(q.dtype), _from_rows(anchors, lq),
           _from_rows(gates, lq))
 
@@ -192,9 +190,11 @@ def _ppa_forward(q, k, v, q_offset, p, window, scale, variant):
                       variant=variant)
   if far.size:
     count = common.num_near_offsets(jnp.asarray(far), q_offset, lq=lq)
-    part = common.merge(part, kernels.stripes(q_offset, count, far, qr, k, v, lq=lq,
-                                              scale=scale, variant=variant))
-  return _from_rows(common.finish(part), lq).astype(q.dtype)
+    far_part = kernels.stripes(q_offset, count, far, qr, k, v, lq=lq, scale=scale,
+                               variant=variant)
+    part = pk_common.merge_states(part, far_part)
+  out, _ = pk_common.finish_state(part)
+  return _from_rows(out, lq).astype(q.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))

@@ -34,11 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.common import F32, LANES
+
 CAUSAL = 1 << 30          # band window meaning "no lower limit"
 FULL = 1                  # mask id of a tile without masking
 NEG = -0.7 * float(np.finfo(np.float32).max)   # finite "minus infinity"
-LANES = 128
-F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +92,6 @@ def band_width_t(q_len, kv_len, window, block_q, block_k) -> int:
   if window >= CAUSAL:
     return nq
   return max(1, min(nq, (block_k + window - 3) // block_q + 2))
-
-
-def pad_head_dim_tpu(d: int) -> int:
-  return -(-d // LANES) * LANES
-
-
-def pad_head_dim_gpu(d: int) -> int:
-  return max(16, 1 << (d - 1).bit_length())
 
 
 def pad_last(x, size: int):

@@ -29,6 +29,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import F32, LANES, Spec, Tables
+from pallas_kernels.common import pad_head_dim
 
 
 def _params(dp):
@@ -96,7 +97,7 @@ def _fwd_kernel(blocks, counts, masks, qo_ref, tiles_ref, q_ref, k_ref, v_ref, o
 def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
   """Forward: `(o [B, Hq, Lq_pad, D] like q, lse [B, Hq, Lq_pad] f32[, visits])`."""
   d = q.shape[-1]
-  dp = common.pad_head_dim_gpu(d)
+  dp = pad_head_dim(d, "gpu")
   q, k, v = (common.pad_last(x, dp) for x in (q, k, v))
   b, hq, lqp, _ = q.shape
   hk, lkp = k.shape[1], k.shape[2]
@@ -194,7 +195,7 @@ def _dkv_kernel(blocks, counts, masks, qo_ref, tiles_ref, q_ref, k_ref, v_ref, d
 def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
   """Gradients `(dq, dk, dv)` in the padded layouts of `q, k, v`."""
   d = q.shape[-1]
-  dp = common.pad_head_dim_gpu(d)
+  dp = pad_head_dim(d, "gpu")
   q, k, v, do = (common.pad_last(x, dp) for x in (q, k, v, do))
   b, hq, lqp, _ = q.shape
   hk, lkp = k.shape[1], k.shape[2]

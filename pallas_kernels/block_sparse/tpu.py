@@ -27,6 +27,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import F32, LANES, Spec, Tables
+from pallas_kernels.common import pad_head_dim
 
 NUM_PREFETCH = 4  # blocks, counts, masks, q_offset
 
@@ -148,7 +149,7 @@ def _fwd_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, *rest, spec:
 def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
   """Forward: `(o [B, Hq, Lq_pad, Dp] like q, lse [B, Hq, Lq_pad] f32[, visits])`."""
   out_dtype, d = q.dtype, q.shape[-1]
-  dp = common.pad_head_dim_tpu(d)
+  dp = pad_head_dim(d, "tpu")
   q, k, v = (common.pad_last(x, dp) for x in _cast_in(q, k, v))
   b, hq, lqp, _ = q.shape
   bq = spec.block_q
@@ -250,7 +251,7 @@ def _dkv_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, do_ref, lse_
 def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
   """Gradients `(dq, dk, dv)` in the padded layouts of `q, k, v`."""
   dtypes, d = (q.dtype, k.dtype, v.dtype), q.shape[-1]
-  dp = common.pad_head_dim_tpu(d)
+  dp = pad_head_dim(d, "tpu")
   q, k, v, do = (common.pad_last(x, dp) for x in _cast_in(q, k, v, do))
   b, hq, lqp, _ = q.shape
   hk, lkp = k.shape[1], k.shape[2]

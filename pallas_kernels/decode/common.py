@@ -24,21 +24,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels.common import F32, cdiv
+
 MAX_QUERIES = 16
-F32 = jnp.float32
 NEG_INF = float("-inf")
-
-
-def cdiv(a, b):
-  return (a + b - 1) // b
-
-
-def pow2_at_least(n: int, minimum: int = 1) -> int:
-  """Smallest power of two `>= max(n, minimum)` (static ints)."""
-  p = 1
-  while p < max(n, minimum):
-    p *= 2
-  return p
 
 
 def window_start(start, *, align: int, n_buf: int, kv_len: int):
@@ -112,21 +101,3 @@ def softmax_step(m, l, s, axis: int):
   alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - safe), 0.0)
   p = jnp.where(jnp.isfinite(s), jnp.exp(s - safe), 0.0)
   return m_new, alpha * l + jnp.sum(p, axis=axis, keepdims=True), p, alpha
-
-
-def merge(a, b):
-  """Merges two `(m, l, o)` partial softmax states (any matching shapes,
-  `o` with a trailing head_dim axis)."""
-  ma, la, oa = a
-  mb, lb, ob = b
-  m = jnp.maximum(ma, mb)
-  safe = jnp.where(jnp.isfinite(m), m, 0.0)
-  wa = jnp.where(jnp.isfinite(ma), jnp.exp(ma - safe), 0.0)
-  wb = jnp.where(jnp.isfinite(mb), jnp.exp(mb - safe), 0.0)
-  return m, wa * la + wb * lb, wa[..., None] * oa + wb[..., None] * ob
-
-
-def finish(part):
-  """`(m, l, o)` -> normalised output (0 where no key was visible)."""
-  _, l, o = part
-  return jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)

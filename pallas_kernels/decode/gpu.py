@@ -23,8 +23,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.decode import common as cm
+from pallas_kernels.common import F32, next_pow2
 
-F32 = jnp.float32
 _BK = 64          # key rows per tile (band, ranges)
 _ROWS_MIN = 16    # tl.dot needs every dim >= 16
 
@@ -63,7 +63,7 @@ def _pad_rows(x, n):
 def _prep(q, k, v=None):
   """Pads q rows to a power of two >= 16 and head_dim to a power of two >= 16."""
   r, d = q.shape[2], q.shape[3]
-  rp, dp = cm.pow2_at_least(r, _ROWS_MIN), cm.pow2_at_least(d, 16)
+  rp, dp = next_pow2(r, _ROWS_MIN), next_pow2(d, 16)
   q = _pad_to(_pad_to(q, 2, rp), 3, dp)
   k = _pad_to(k, 3, dp)
   v = None if v is None else _pad_to(v, 3, dp)
@@ -108,7 +108,7 @@ def search(scal, f_desc, qs, ks, *, lq, num, interpret):
   """See `ops.search`."""
   bsz, hk = qs.shape[0], qs.shape[1]
   qs, ks, _, r, rp, _ = _prep(qs, ks)
-  win = cm.pow2_at_least(lq, _ROWS_MIN)
+  win = next_pow2(lq, _ROWS_MIN)
   ks = _pad_rows(ks, win)
   kv_len = ks.shape[1]
   kernel = functools.partial(_search_kernel, lq=lq, r=r, num=num,
@@ -226,7 +226,7 @@ def stripes(scal, d_asc, q, k, v, *, lq, scale, interpret):
   """See `ops.stripes`."""
   bsz, hk, _, d = q.shape
   q, k, v, r, rp, dp = _prep(q, k, v)
-  win = cm.pow2_at_least(lq, _ROWS_MIN)
+  win = next_pow2(lq, _ROWS_MIN)
   k, v = _pad_rows(k, win), _pad_rows(v, win)
   kernel = functools.partial(_stripes_kernel, lq=lq, r=r, scale=scale, win=win,
                              kv_len=k.shape[1])

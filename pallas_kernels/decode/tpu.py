@@ -26,8 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.decode import common as cm
+from pallas_kernels.common import F32, cdiv
 
-F32 = jnp.float32
 _BK = 128         # key rows per tile (band, ranges)
 
 
@@ -45,7 +45,7 @@ def _window(n: int, dtype, kv_len: int, *, aligned: bool = True):
   """
   n = min(n, kv_len)
   align = _align(dtype) if aligned else 1
-  n_buf = cm.cdiv(n + align - 1, align) * align
+  n_buf = cdiv(n + align - 1, align) * align
   if n_buf > kv_len:          # a cache shorter than one aligned window
     align, n_buf = 1, n
   return n, align, n_buf

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 
 from pallas_kernels import platform
 from pallas_kernels.span import blocks, gpu, tpu
+from pallas_kernels.common import (F32, merge_softmax, next_pow2, pad_head_dim, round_up,
+                                   span_bounds, span_lengths)
 
-F32 = jnp.float32
 # Records of runs compiled and tested on real hardware (`pytest -m gpu` /
 # `-m tpu` on tests/test_pallas_span.py plus the benchmark). Empty: none
 # recorded, so `implementation=None` keeps choosing xla.
@@ -46,18 +47,12 @@ class _Cfg:
   variant: str | None
 
 
-def _pow2_at_most(n: int, cap: int) -> int:
-  """Smallest power of two >= min(n, cap), at least `_MIN_BLOCK`."""
-  n = max(min(n, cap), _MIN_BLOCK)
-  return 1 << (n - 1).bit_length()
-
-
 def block_sizes(cfg: _Cfg, platform_name: str, rows: int, kv_len: int):
   """`(block_q, block_k)`: the configured sizes, or the platform defaults
   shrunk (to a power of two >= 16) for short inputs."""
   dq_, dk_ = _DEFAULT_BLOCKS[platform_name]
-  bq = cfg.block_q or _pow2_at_most(rows, dq_)
-  bk = cfg.block_k or _pow2_at_most(kv_len, dk_)
+  bq = cfg.block_q or next_pow2(min(rows, dq_), _MIN_BLOCK)
+  bk = cfg.block_k or next_pow2(min(kv_len, dk_), _MIN_BLOCK)
   for name, x in (("block_q", bq), ("block_k", bk)):
     if x < _MIN_BLOCK or x & (x - 1):
       raise ValueError(f"{name}={x}: must be a power of two >= {_MIN_BLOCK} (Triton "
@@ -80,8 +75,8 @@ def _prepare(platform_name, cfg, q, k, v, lo, hi, *rows_extra):
   _, _, r, d = q.shape
   lk = k.shape[2]
   bq, bk = block_sizes(cfg, platform_name, r, lk)
-  rp, lkp = blocks.round_up(r, bq), blocks.round_up(lk, bk)
-  dp = blocks.padded_head_dim(d, platform_name)
+  rp, lkp = round_up(r, bq), round_up(lk, bk)
+  dp = pad_head_dim(d, platform_name)
   pad_rd = lambda x: _pad_axis(_pad_axis(x, 2, rp), 3, dp)  # noqa: E731
   lo_p = _pad_axis(lo, 2, rp, blocks.EMPTY_LO)
   hi_p = _pad_axis(hi, 2, rp, blocks.EMPTY_HI)
@@ -180,24 +175,6 @@ def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = N
 # ------------------------------------------------------------ span attention
 
 
-def merge_softmax(o_a, lse_a, o_b, lse_b):
-  """Softmax over the union of two disjoint key sets from their parts.
-
-  `o_*`: `[..., D]` normalised outputs, `lse_*`: `[...]` (-inf = empty).
-  Returns `(o, lse)`; both empty gives `(0, -inf)`. Differentiable (no NaN
-  for empty parts).
-  """
-  m = jax.lax.stop_gradient(jnp.maximum(lse_a, lse_b))
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  wa, wb = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
-  tot = wa + wb
-  ok = tot > 0
-  tot_safe = jnp.where(ok, tot, 1.0)
-  o = (wa[..., None] * o_a + wb[..., None] * o_b) / tot_safe[..., None]
-  lse = jnp.where(ok, m + jnp.log(tot_safe), -jnp.inf)
-  return o, lse
-
-
 def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: float,
                    q_offset=None, block_q: int | None = None, block_k: int | None = None,
                    variant=None):
@@ -240,11 +217,9 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
     lse_w = jnp.full((b, hk, lq, g), -jnp.inf, F32)
 
   # Spans: (query, head, slot) rows sorted by start.
-  t = jnp.clip(pos + 1, 0, span_table.shape[0] - 1)
-  back = span_table[t, 0][:, None, None]
-  fwd = span_table[t, 1][:, None, None]
+  back, fwd = span_lengths(span_table, pos[:, None, None])
   a = anchors.astype(jnp.int32).reshape(b, lq, hk, g, num).transpose(0, 2, 1, 3, 4)
-  slo, shi = blocks.span_bounds(a, pos[:, None, None], back, fwd, window)
+  slo, shi = span_bounds(a, pos[:, None, None], back, fwd, window)
   n = lq * g * num
   slo, shi = slo.reshape(b, hk, n), shi.reshape(b, hk, n)
   perm = blocks.sort_rows_by_start(slo, shi)                     # [B, Hk, N]

@@ -32,18 +32,6 @@ EMPTY_LO, EMPTY_HI = 0, -1
 _BIG = jnp.iinfo(jnp.int32).max
 
 
-def round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def padded_head_dim(d: int, platform: str) -> int:
-  """head_dim inside a kernel: a multiple of 128 (TPU lanes) or a power of
-  two >= 16 (Triton block dims)."""
-  if platform == "tpu":
-    return round_up(d, 128)
-  return max(16, 1 << (d - 1).bit_length())
-
-
 def tile_bounds(lo, hi, block_q: int):
   """Key range each tile must visit: the union of its non-empty rows.
 
@@ -110,21 +98,6 @@ def window_bounds(pos, window: int, kv_len: int):
   hi = jnp.minimum(pos, kv_len - 1)
   empty = hi < lo
   return jnp.where(empty, EMPTY_LO, lo), jnp.where(empty, EMPTY_HI, hi)
-
-
-def span_bounds(anchors, pos, back, fwd, window: int):
-  """Row bounds of the span of each anchor.
-
-  `[max(a - back, 0), min(a + fwd, pos - W)]`; an anchor `< 0` (invalid
-  slot) gives an empty span. `anchors` int32 `[..., K]`; `pos`, `back`,
-  `fwd` int32 broadcastable to `anchors[..., :1]` (`back`/`fwd` are the span
-  table's row `t = pos + 1`).
-  """
-  lo = jnp.maximum(anchors - back, 0)
-  hi = jnp.minimum(anchors + fwd, pos - window)
-  empty = (anchors < 0) | (hi < lo)
-  return (jnp.where(empty, EMPTY_LO, lo).astype(jnp.int32),
-          jnp.where(empty, EMPTY_HI, hi).astype(jnp.int32))
 
 
 def sort_rows_by_start(lo, hi):

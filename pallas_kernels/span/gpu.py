@@ -18,8 +18,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.span import tile as T
+from pallas_kernels.common import F32
 
-F32 = jnp.float32
 _I = jnp.int32
 
 

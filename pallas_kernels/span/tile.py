@@ -17,7 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-F32 = jnp.float32
+from pallas_kernels.common import F32
+
 NT = (((1,), (1,)), ((), ()))      # a @ b.T
 TN = (((0,), (0,)), ((), ()))      # a.T @ b
 NN = (((1,), (0,)), ((), ()))      # a @ b

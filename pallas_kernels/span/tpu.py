@@ -33,8 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.span import tile as T
-
-F32 = jnp.float32
+from pallas_kernels.common import F32
 
 
 def _pipelined(count, copies, body, init):

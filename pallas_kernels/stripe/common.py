@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-F32 = jnp.float32
+from pallas_kernels.common import F32, next_pow2
+
 # Row-count of "not a valid anchor" in running top-k comparisons.
 INT_MAX = np.iinfo(np.int32).max
 
@@ -43,19 +44,6 @@ INT_MAX = np.iinfo(np.int32).max
 def align_for(dtype) -> int:
   """Rows of one sublane tile: 8 for 32-bit, 16 for 16-bit dtypes."""
   return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
-
-
-def round_up(x: int, m: int) -> int:
-  return -(-int(x) // m) * m
-
-
-def next_pow2(x: int) -> int:
-  return 1 << max(0, int(x) - 1).bit_length()
-
-
-def head_dim_padded(d: int, platform: str) -> int:
-  """TPU: a multiple of 128 (lane width); GPU: a power of two >= 16."""
-  return round_up(d, 128) if platform == "tpu" else max(16, next_pow2(d))
 
 
 def to_frame(x, front: int, rows: int, dp: int):

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.stripe import common
+from pallas_kernels.common import F32
 
-F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))   # a @ b.T
 _NN = (((1,), (0,)), ((), ()))   # a @ b
 _TN = (((0,), (0,)), ((), ()))   # a.T @ b

@@ -22,8 +22,7 @@ import numpy as np
 
 from pallas_kernels import platform as _platform
 from pallas_kernels.stripe import common, kernels, platforms
-
-F32 = jnp.float32
+from pallas_kernels.common import F32, next_pow2, pad_head_dim, round_up
 
 
 def _unit(plat: str, dtype) -> int:
@@ -35,8 +34,8 @@ def _block(plat: str, length: int, requested: int | None, unit: int) -> int:
   """Block rows: TPU a multiple of the unit, GPU a power of two >= 16."""
   want = requested or (128 if plat == "tpu" else 64)
   if plat == "tpu":
-    return max(unit, min(common.round_up(want, unit), common.round_up(length, unit)))
-  return max(16, min(common.next_pow2(want), common.next_pow2(length)))
+    return max(unit, min(round_up(want, unit), round_up(length, unit)))
+  return max(16, min(next_pow2(want), next_pow2(length)))
 
 
 def _clip_offset(q_offset, q_len: int, kv_len: int):
@@ -65,11 +64,11 @@ def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, interpret):
   lk, hk = ks.shape[1], ks.shape[2]
   unit = _unit(plat, ks.dtype)
   bq = _block(plat, lq, block_q, unit)
-  dp = common.head_dim_padded(ds, plat)
-  lq_pad = common.round_up(lq, bq)
-  front = common.round_up(max(fmax - 1, 0), max(unit, 8))
-  rows = common.round_up(front + lk + lq_pad + 2 * max(unit, 8), max(unit, 8))
-  kp = common.next_pow2(num)
+  dp = pad_head_dim(ds, plat)
+  lq_pad = round_up(lq, bq)
+  front = round_up(max(fmax - 1, 0), max(unit, 8))
+  rows = round_up(front + lk + lq_pad + 2 * max(unit, 8), max(unit, 8))
+  kp = next_pow2(num)
   deltas, bounds = common.group_by_residue(qoff + 1 - f, f.shape[0], unit)
   body = functools.partial(kernels.search_body, num=num, bq=bq, lk=lk, front=front,
                            unit=unit)
@@ -143,11 +142,11 @@ def _sel_fwd_variant(plat, qs, ks, anchors, *, cfg, interpret):
   num = anchors.shape[-1]
   unit = _unit(plat, ks.dtype)
   bq = _block(plat, lq, cfg.block_q, unit)
-  dp = common.head_dim_padded(ds, plat)
-  lq_pad = common.round_up(lq, bq)
-  front = common.round_up(lq, max(unit, 8))
-  rows = common.round_up(front + lq_pad + lk + 2 * max(unit, 8), max(unit, 8))
-  kp = common.next_pow2(num)
+  dp = pad_head_dim(ds, plat)
+  lq_pad = round_up(lq, bq)
+  front = round_up(lq, max(unit, 8))
+  rows = round_up(front + lq_pad + lk + 2 * max(unit, 8), max(unit, 8))
+  kp = next_pow2(num)
   deltas, bounds = _sel_tables(anchors, lq, lk, unit, 1)
   body = functools.partial(kernels.selected_fwd_body, bq=bq, front=front, unit=unit)
   (out,) = _launch(
@@ -168,14 +167,14 @@ def _sel_bwd_variant(plat, qs, ks, anchors, g, *, cfg, interpret):
   unit = _unit(plat, ks.dtype)
   bq = _block(plat, lq, cfg.block_q, unit)
   bk = _block(plat, lk, cfg.block_k, unit)
-  dp = common.head_dim_padded(ds, plat)
-  lq_pad, lk_pad = common.round_up(lq, bq), common.round_up(lk, bk)
-  kp = common.next_pow2(num)
+  dp = pad_head_dim(ds, plat)
+  lq_pad, lk_pad = round_up(lq, bq), round_up(lk, bk)
+  kp = next_pow2(num)
   al = max(unit, 8)
   g = g.astype(F32)
   # dq: query blocks, key rows at front + i + delta.
-  front = common.round_up(lq, al)
-  rows = common.round_up(front + lq_pad + lk + 2 * al, al)
+  front = round_up(lq, al)
+  rows = round_up(front + lq_pad + lk + 2 * al, al)
   deltas, bounds = _sel_tables(anchors, lq, lk, unit, 1)
   (dq,) = _launch(
       plat, functools.partial(kernels.selected_dq_body, bq=bq, front=front, unit=unit),
@@ -186,8 +185,8 @@ def _sel_bwd_variant(plat, qs, ks, anchors, g, *, cfg, interpret):
       outs=[(jax.ShapeDtypeStruct((b, hq, lq_pad, dp), F32), bq)],
       group=grp, unit=unit, buf_rows=bq)
   # dk: key blocks, query rows at front_q + x - delta.
-  front_q = common.round_up(lk, al)
-  rows_q = common.round_up(front_q + lk_pad + lq + 2 * al, al)
+  front_q = round_up(lk, al)
+  rows_q = round_up(front_q + lk_pad + lq + 2 * al, al)
   deltas_t, bounds_t = _sel_tables(anchors, lq, lk, unit, -1)
   frame = lambda x, fill=0: common.to_frame(x - fill, front_q, rows_q, x.shape[-1]) + fill  # noqa: E731
   (dk,) = _launch(
@@ -272,8 +271,8 @@ def _ppa_geometry(plat, q, k, cfg):
   al = max(unit, 8)
   dmax = max([hi for _, hi in cfg.dense_runs] + list(cfg.far_offsets) + [0])
   return dict(b=b, lq=lq, hq=hq, d=d, lk=lk, hk=hk, unit=unit, bq=bq, bk=bk, al=al,
-              dp=common.head_dim_padded(d, plat), lq_pad=common.round_up(lq, bq),
-              lk_pad=common.round_up(lk, bk), front=common.round_up(dmax, al), dmax=dmax)
+              dp=pad_head_dim(d, plat), lq_pad=round_up(lq, bq),
+              lk_pad=round_up(lk, bk), front=round_up(dmax, al), dmax=dmax)
 
 
 def _ppa_tables(cfg, qoff, unit, sign):
@@ -285,7 +284,7 @@ def _ppa_tables(cfg, qoff, unit, sign):
 
 def _ppa_fwd_variant(plat, q, k, v, qoff, *, cfg, interpret):
   g = _ppa_geometry(plat, q, k, cfg)
-  rows = common.round_up(g["front"] + g["lk"] + g["lq_pad"] + g["bk"] + 2 * g["al"], g["al"])
+  rows = round_up(g["front"] + g["lk"] + g["lq_pad"] + g["bk"] + 2 * g["al"], g["al"])
   deltas, bounds = _ppa_tables(cfg, qoff, g["unit"], 1)
   body = functools.partial(
       kernels.ppa_fwd_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
@@ -308,7 +307,7 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
   grp = g["hq"] // g["hk"]
   meta = common.pad_table(qoff[None])
   # dq: query blocks against the key frame.
-  rows = common.round_up(g["front"] + g["lk"] + g["lq_pad"] + g["bk"] + 2 * g["al"], g["al"])
+  rows = round_up(g["front"] + g["lk"] + g["lq_pad"] + g["bk"] + 2 * g["al"], g["al"])
   deltas, bounds = _ppa_tables(cfg, qoff, g["unit"], 1)
   kframe = lambda x: common.to_frame(x, g["front"], rows, g["dp"])  # noqa: E731
   col = lambda x, n: jnp.pad(x[..., None], ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))  # noqa: E731
@@ -326,8 +325,8 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
       outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), F32), g["bq"])],
       group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]))
   # dk, dv: key blocks against the query frame (rows front_q + i).
-  front_q = common.round_up(g["lk"] - g["lq"], g["al"])
-  rows_q = common.round_up(front_q + g["lk_pad"] + g["dmax"] + g["bq"] + g["lq_pad"]
+  front_q = round_up(g["lk"] - g["lq"], g["al"])
+  rows_q = round_up(front_q + g["lk_pad"] + g["dmax"] + g["bq"] + g["lq_pad"]
                            + 2 * g["al"], g["al"])
   qframe = lambda x: common.to_frame(x, front_q, rows_q, x.shape[-1] if x.shape[-1] == 1  # noqa: E731
                                      else g["dp"])

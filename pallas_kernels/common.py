@@ -1,0 +1,119 @@
+"""Arithmetic shared by every kernel family and by `attn`'s xla path.
+
+  * tile sizes: `cdiv`, `round_up`, `next_pow2`, `pad_head_dim` (static ints);
+  * softmax states: `SoftmaxState` `(m, l, o)` (flash-attention form),
+    `merge_states`, `finish_state`; and `merge_softmax` for two normalised
+    parts given by their log-sum-exp;
+  * superlinear span bounds: `span_lengths` (a row of the span table),
+    `span_bounds` (the key range of each anchor). `attn.masks`, `attn.xla`,
+    `attn.reference`, `attn.pallas` and the span kernels all use these.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+LANES = 128           # TPU lane width: head_dim inside a TPU kernel is a multiple
+MIN_TRITON_DIM = 16   # smallest Triton block dim
+
+
+def cdiv(a, b):
+  """`ceil(a / b)` for ints (static or traced)."""
+  return (a + b - 1) // b
+
+
+def round_up(x: int, m: int) -> int:
+  """Smallest multiple of `m` that is `>= x`."""
+  return -(-int(x) // m) * m
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+  """Smallest power of two `>= max(n, minimum)`."""
+  return 1 << max(0, max(int(n), minimum) - 1).bit_length()
+
+
+def pad_head_dim(d: int, platform: str) -> int:
+  """head_dim inside a kernel: TPU a multiple of 128 (lanes), GPU a power of
+  two >= 16 (Triton block dims)."""
+  if platform == "tpu":
+    return round_up(d, LANES)
+  return next_pow2(d, MIN_TRITON_DIM)
+
+
+class SoftmaxState(NamedTuple):
+  """Unnormalised softmax state of a set of keys (flash-attention form).
+
+  m: running max `[...]`; l: sum of `exp(s - m)`; o: `sum exp(s - m) v`
+  `[..., D]`. An empty set has `m = -inf, l = 0, o = 0`.
+  """
+  m: jax.Array
+  l: jax.Array
+  o: jax.Array
+
+
+def merge_states(a, b) -> SoftmaxState:
+  """The state of the union of two disjoint key sets (any matching shapes)."""
+  ma, la, oa = a
+  mb, lb, ob = b
+  m = jnp.maximum(ma, mb)
+  safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  wa = jnp.where(jnp.isfinite(ma), jnp.exp(ma - safe), 0.0)
+  wb = jnp.where(jnp.isfinite(mb), jnp.exp(mb - safe), 0.0)
+  return SoftmaxState(m, wa * la + wb * lb, wa[..., None] * oa + wb[..., None] * ob)
+
+
+def finish_state(state):
+  """`(out [..., D], lse [...])`: the normalised output (0 where no key was
+  visible) and its log-sum-exp (-inf there)."""
+  m, l, o = state
+  ok = l > 0
+  l_safe = jnp.where(ok, l, 1.0)
+  out = jnp.where(ok[..., None], o / l_safe[..., None], 0.0)
+  return out, jnp.where(ok, jnp.log(l_safe) + m, -jnp.inf)
+
+
+def merge_softmax(o_a, lse_a, o_b, lse_b):
+  """Softmax over the union of two disjoint key sets from their parts.
+
+  `o_*`: `[..., D]` normalised outputs, `lse_*`: `[...]` (-inf = empty).
+  Returns `(o, lse)`; both empty gives `(0, -inf)`. Differentiable (no NaN
+  for empty parts).
+  """
+  m = jax.lax.stop_gradient(jnp.maximum(lse_a, lse_b))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  wa, wb = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
+  tot = wa + wb
+  ok = tot > 0
+  tot_safe = jnp.where(ok, tot, 1.0)
+  o = (wa[..., None] * o_a + wb[..., None] * o_b) / tot_safe[..., None]
+  lse = jnp.where(ok, m + jnp.log(tot_safe), -jnp.inf)
+  return o, lse
+
+
+def span_lengths(span_table, pos):
+  """`(back, fwd)`: row `t = pos + 1` of the span table (clipped into it).
+
+  span_table: int32 `[max_len + 1, 2]` (`attn.masks.superlinear_span_table`);
+  pos: int32 absolute query positions, any shape.
+  """
+  t = jnp.clip(pos + 1, 0, span_table.shape[0] - 1)
+  table = jnp.asarray(span_table)
+  return table[t, 0], table[t, 1]
+
+
+def span_bounds(anchors, pos, back, fwd, window: int):
+  """Inclusive key range `[lo, hi]` of the span of each anchor.
+
+  `[max(a - back, 0), min(a + fwd, pos - W)]`; an anchor `< 0` (invalid
+  slot) or an empty range gives `(0, -1)`. `anchors` int32 `[..., K]`;
+  `pos`, `back`, `fwd` int32 broadcastable to `anchors` (`span_lengths`).
+  """
+  lo = jnp.maximum(anchors - back, 0)
+  hi = jnp.minimum(anchors + fwd, pos - window)
+  empty = (anchors < 0) | (hi < lo)
+  return (jnp.where(empty, 0, lo).astype(jnp.int32),
+          jnp.where(empty, -1, hi).astype(jnp.int32))
