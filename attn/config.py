@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from attn import powers
+from attn._checks import is_int, is_real
+
 
 # Coverage is verified exactly up to this context length (and asymptotically
 # by the exponent rule beyond it).
@@ -50,7 +53,6 @@ class SuperlinearConfig:
     def bad(name, value, need):
       raise ValueError(f"SuperlinearConfig.{name}={value!r}: {need}.")
 
-    from attn._checks import is_int, is_real
     if not is_int(self.sw_index) or self.sw_index < 0:
       bad("sw_index", self.sw_index, "must be an int >= 0 (0 = no window)")
     if not is_int(self.num_spans) or self.num_spans < 1:
@@ -72,12 +74,11 @@ class SuperlinearConfig:
     for name in ("search_power", "span_power", "backward_factor", "forward_factor"):
       object.__setattr__(self, name, float(getattr(self, name)))
     p, sigma, bb = self.search_power, self.span_power, self.backward_factor
-    from attn import masks  # local import: masks imports this module.
     # The window and the first num_spans stripes must be int32 positions
     # (exact integers in the tables): f(s + k) = floor((s + k)**(1/p)).
     j = self.sw_index + self.num_spans
-    if masks.stripe_offsets(j, p)[-1] >= masks.STRIPE_BEYOND:
-      p_min = math.log(j) / math.log(masks.STRIPE_BEYOND)
+    if powers.stripe_offsets(j, p)[-1] >= powers.STRIPE_BEYOND:
+      p_min = math.log(j) / math.log(powers.STRIPE_BEYOND)
       raise ValueError(
           f"SuperlinearConfig.search_power={p!r}: with sw_index={self.sw_index} and "
           f"num_spans={self.num_spans} the stripe offset f({j}) = floor({j} ** "
@@ -97,7 +98,8 @@ class SuperlinearConfig:
           f"1 - search_power with backward_factor >= 1 / search_power "
           f"(= {1.0 / p:g}).")
 
-    hole = masks.superlinear_first_hole(self, _COVERAGE_CHECK_LEN)
+    hole = powers.first_hole(_COVERAGE_CHECK_LEN, search_power=p, sw_index=self.sw_index,
+                             span_power=sigma, backward_factor=bb)
     if hole is not None:
       raise ValueError(
           f"{self} leaves keys that no span can reach from the query at position "
@@ -107,5 +109,4 @@ class SuperlinearConfig:
   @property
   def window(self) -> int:
     """`W`, the number of keys of the local window (0 when `sw_index = 0`)."""
-    from attn import masks  # local import: masks imports this module.
-    return int(masks.stripe_offsets(self.sw_index + 1, self.search_power)[-1]) - 1
+    return int(powers.stripe_offsets(self.sw_index + 1, self.search_power)[-1]) - 1

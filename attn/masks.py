@@ -16,66 +16,10 @@ import math
 
 import numpy as np
 
-from attn import _checks
+from attn import _checks, powers
+from attn.powers import stripe_offsets
 from attn.config import SuperlinearConfig
 from pallas_kernels import common
-
-
-def _int_root_power(s: np.ndarray, inv_p: float) -> np.ndarray:
-  """`floor(s ** inv_p)` for int64 `s >= 1`, exact up to float64 rounding.
-
-  The float64 estimate is corrected so that `r ** (1/inv_p) <= s` holds
-  within a relative 1e-12 (integer results such as `16 ** 0.75 = 8` are
-  kept rather than lost to `7.999...`).
-  """
-  s = np.asarray(s, dtype=np.int64)
-  r = np.floor(s.astype(np.float64) ** inv_p * (1 + 1e-13) + 1e-9).astype(np.int64)
-  p = 1.0 / inv_p
-  # r is floor(s**inv_p) iff r**p <= s < (r+1)**p (checked with a tolerance).
-  too_big = (r.astype(np.float64) ** p) > s * (1 + 1e-12)
-  r = np.where(too_big, r - 1, r)
-  too_small = ((r + 1).astype(np.float64) ** p) <= s * (1 + 1e-12)
-  return np.where(too_small, r + 1, r)
-
-
-# Stripe offsets at or above this are beyond every int32 position: they are
-# returned saturated (equal to it) instead of overflowing int64 (or wrapping
-# to small, *future* anchors) for tiny `p`. Below it every value is exact.
-STRIPE_BEYOND = 2 ** 31 - 1
-
-
-@functools.lru_cache(maxsize=64)
-def _stripe_offsets_cached(n: int, p: float) -> np.ndarray:
-  if p == 1.0:
-    return np.minimum(np.arange(1, n + 1, dtype=np.int64), STRIPE_BEYOND)
-  j = np.arange(1, n + 1, dtype=np.int64)
-  inv_p = 1.0 / p
-  # log2 of the value decides saturation without computing huge powers.
-  big = np.log2(np.maximum(j, 1).astype(np.float64)) * inv_p >= 31.0
-  safe = np.where(big, 1, j)
-  out = _int_root_power(safe, inv_p)
-  return np.where(big | (out >= STRIPE_BEYOND), STRIPE_BEYOND, out).astype(np.int64)
-
-
-def stripe_offsets(n: int, p: float) -> np.ndarray:
-  """`f(j) = floor(j ** (1/p))` for `j = 1..n`: int64 `[n]` (entry `j - 1`).
-
-  The one integer stripe table of superlinear attention (anchor
-  `a_j = q + 1 - f(j)`), computed once on the host. Exact below
-  `STRIPE_BEYOND = 2**31 - 1`; larger values (tiny `p`) are returned as
-  `STRIPE_BEYOND`, a stripe beyond every int32 position (never valid).
-
-  Args:
-    n: number of stripes, an int >= 0.
-    p: the search power, in `(0, 1]`.
-  """
-  n = _checks.check_seq_len(n, "n")
-  if not _checks.is_real(p) or not 0.0 < float(p) <= 1.0:
-    raise ValueError(f"p={p!r}: the search power must be a number in (0, 1] "
-                     f"(f(j) = floor(j ** (1/p))).{_checks.traced_hint(p)}")
-  out = _stripe_offsets_cached(n, float(p))
-  out.flags.writeable = False
-  return out
 
 
 def ppa_offsets(max_offset: int, *, p: float, window: int) -> np.ndarray:
@@ -103,7 +47,7 @@ def _ppa_offsets_cached(max_offset: int, p: float, window: int) -> np.ndarray:
     # ceil(s**(1/p)) = floor((s-1)**(1/p)) + 1 unless s**(1/p) is an integer;
     # work with counts instead: floor(d**p) steps at the kept d.
     d = np.arange(1, max_offset + 1, dtype=np.int64)
-    count = _int_root_power(d, p)                # floor(d ** p)
+    count = powers.int_root_power(d, p)                # floor(d ** p)
     prev = np.concatenate([[0], count[:-1]])     # floor((d - 1) ** p), 0 at d=1
     far = d[count > prev]
   out = np.union1d(local, far).astype(np.int64)
@@ -218,32 +162,12 @@ def superlinear_spans(q_pos: np.ndarray, anchors: np.ndarray, max_len: int,
   return np.asarray(start), np.asarray(end)
 
 
-@functools.lru_cache(maxsize=256)
 def superlinear_first_hole(config: SuperlinearConfig, max_len: int) -> int | None:
-  """Smallest `t <= max_len` at which some key `< t` is in no candidate span.
-
-  Exact criterion (see docs/superlinear.md): stripe `j` anchors at `t - f(j)`;
-  consecutive spans overlap whenever the farthest reachable region is covered,
-  so coverage holds for all `t <= max_len` iff, for every `J > sw_index`
-  with `f(J + 1) - 1 <= max_len`, the keys left of the farthest anchor at
-  `t = f(J + 1) - 1` fit in its backward extension:
-  `t - f(J) <= ceil(backward_factor * t**span_power)`. Returns None if so.
-  """
-  p = config.search_power
-  if p == 1.0:
-    return None  # every key is an anchor.
-  s = config.sw_index
-  n = int(math.ceil((max_len + 1) ** p)) + 2
-  f = stripe_offsets(n, p)                    # f[j - 1] = f(j)
-  j = np.arange(s + 1, n)                     # J; needs f(J + 1) = f[J]
-  t = f[j] - 1
-  ok_range = t <= max_len
-  j, t = j[ok_range], t[ok_range]
-  back = np.ceil(config.backward_factor * t.astype(np.float64) ** config.span_power - 1e-9)
-  bad = (t - f[j - 1]) > back
-  # Interior gaps are no wider than the leftmost one (f is convex), and the
-  # window covers everything for t <= W.
-  return int(t[bad][0]) if bad.any() else None
+  """Smallest `t <= max_len` at which some key `< t` is in no candidate span
+  (None if there is none); see `attn.powers.first_hole`."""
+  return powers.first_hole(max_len, search_power=config.search_power,
+                           sw_index=config.sw_index, span_power=config.span_power,
+                           backward_factor=config.backward_factor)
 
 
 def superlinear_candidate_mask(seq_len: int, *, config: SuperlinearConfig) -> np.ndarray:
