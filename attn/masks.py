@@ -55,10 +55,33 @@ def _ppa_offsets_cached(max_offset: int, p: float, window: int) -> np.ndarray:
   return out
 
 
-def ppa_far_offsets(max_offset: int, *, p: float, window: int) -> np.ndarray:
-  """Kept PPA offsets `>= window` (the stripes beyond the local window)."""
-  offs = ppa_offsets(max_offset, p=p, window=window)
-  return offs[offs >= window]
+# A run of at least this many consecutive kept PPA offsets is computed as
+# matmul tiles by the Pallas kernels; shorter runs are stripes (row-wise dots).
+PPA_MIN_RUN = 16
+
+
+def ppa_dense_runs(offsets: np.ndarray, min_run: int = PPA_MIN_RUN):
+  """Kept PPA offsets -> `(dense_runs ((lo, hi), ...), far_offsets int64 [S])`.
+
+  A run of at least `min_run` consecutive offsets, and the run holding offset
+  0 (the window), is a dense run; every other offset is a far offset. The
+  Pallas prefill kernels use `min_run = PPA_MIN_RUN`; the decode kernels
+  `min_run > offsets.size` (only the run at 0 is a band).
+  """
+  offsets = np.asarray(offsets, np.int64)
+  if offsets.size == 0:
+    return (), offsets
+  breaks = np.nonzero(np.diff(offsets) != 1)[0]
+  starts = np.concatenate([[0], breaks + 1])
+  ends = np.concatenate([breaks, [offsets.size - 1]])
+  runs, far = [], []
+  for s, e in zip(starts, ends):
+    if e - s + 1 >= min_run or offsets[s] == 0:
+      runs.append((int(offsets[s]), int(offsets[e])))
+    else:
+      far.append(offsets[s:e + 1])
+  far = np.concatenate(far) if far else np.zeros((0,), np.int64)
+  return tuple(runs), far
 
 
 def causal_mask(q_len: int, kv_len: int | None = None, *, q_offset: int | None = None):

@@ -17,7 +17,6 @@ import pytest
 
 import attn
 from attn import masks
-from attn.pallas import ppa as pallas_ppa
 from attn.pallas import superlinear as pallas_superlinear
 from pallas_kernels import stripe
 from tests import pallas_harness as ph
@@ -133,9 +132,9 @@ def test_selected_scores_values_and_vjp(dtype, heads, variant):
 # -------------------------------------------------------------------- PPA
 
 
-def _ppa_kernel(q, k, v, *, p, window, q_offset, variant, min_run=pallas_ppa.MIN_RUN):
+def _ppa_kernel(q, k, v, *, p, window, q_offset, variant, min_run=masks.PPA_MIN_RUN):
   lk = k.shape[1]
-  runs, far = pallas_ppa.split_offsets(
+  runs, far = masks.ppa_dense_runs(
       masks.ppa_offsets(lk - 1, p=p, window=min(window, lk)), min_run)
   return stripe.ppa_attention(q, k, v, dense_runs=runs, far_offsets=far,
                               scale=q.shape[-1] ** -0.5, q_offset=q_offset,
@@ -238,7 +237,7 @@ def test_forward_and_backward_lower_with_the_platform_kernel(target):
   ph.assert_kernel_in(ph.export_text(selected_vjp, target, q, k, anchors), target,
                       at_least=3)
 
-  runs, far = pallas_ppa.split_offsets(masks.ppa_offsets(63, p=0.5, window=8))
+  runs, far = masks.ppa_dense_runs(masks.ppa_offsets(63, p=0.5, window=8))
   ppa = functools.partial(stripe.ppa_attention, dense_runs=runs, far_offsets=far,
                           scale=0.2, q_offset=0)
 

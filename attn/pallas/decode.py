@@ -177,9 +177,9 @@ def ppa_tables(kv_len: int, *, p: float, window: int):
   stripe, one row per query.
   """
   offsets = masks.ppa_offsets(kv_len - 1, p=p, window=window)
-  run = offsets == np.arange(offsets.size)
-  width = int(offsets.size if run.all() else np.argmin(run))
-  return width, offsets[width:].astype(np.int32)
+  runs, far = masks.ppa_dense_runs(offsets, min_run=offsets.size + 1)
+  width = runs[0][1] + 1 if runs else 0
+  return width, far.astype(np.int32)
 
 
 def _ppa_forward(q, k, v, q_offset, p, window, scale, variant):
