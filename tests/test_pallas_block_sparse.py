@@ -231,12 +231,15 @@ def test_dkv_tables_list_every_active_tile_once():
   layout = attn.BlockLayout.from_mask(_random_mask(np.random.default_rng(4), 64, 80, 16, 16),
                                       block_q=16, block_k=16)
   t = glue.host_tables(layout)
-  fwd = {(i, int(t.blocks[i, s])) for i in range(len(t.counts)) for s in range(t.counts[i])}
-  bwd = {(int(t.blocks_t[j, s]), j) for j in range(len(t.counts_t)) for s in range(t.counts_t[j])}
-  assert fwd == bwd and len(fwd) == layout.num_active_blocks == int(t.counts_t.sum())
+  fwd = {(i, int(t.kv_blocks[i, s]))
+         for i in range(len(t.num_kv_blocks)) for s in range(t.num_kv_blocks[i])}
+  bwd = {(int(t.kv_blocks_t[j, s]), j)
+         for j in range(len(t.num_kv_blocks_t)) for s in range(t.num_kv_blocks_t[j])}
+  assert fwd == bwd and len(fwd) == layout.num_active_blocks == int(t.num_kv_blocks_t.sum())
   # Slots past the count repeat the previous block and mask id (no new DMA
   # on TPU), across empty rows too.
-  for blocks, masks, counts in ((t.blocks, t.masks, t.counts), (t.blocks_t, t.masks_t, t.counts_t)):
+  for blocks, masks, counts in ((t.kv_blocks, t.mask_ids, t.num_kv_blocks),
+                                (t.kv_blocks_t, t.mask_ids_t, t.num_kv_blocks_t)):
     width = blocks.shape[1]
     flat = list(zip(blocks.reshape(-1).tolist(), masks.reshape(-1).tolist()))
     for n, entry in enumerate(flat):

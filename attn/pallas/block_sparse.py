@@ -126,8 +126,9 @@ def host_tables(layout: BlockLayout) -> kernels.HostTables:
   np.logical_or.at(seen, cols, tiles.any(axis=1)[tile_ids])
   keys_seen = seen.reshape(-1)[:layout.kv_len]
   return kernels.HostTables(
-      blocks=kvb.astype(np.int32), counts=counts, masks=mids, blocks_t=blocks_t,
-      counts_t=counts_t, masks_t=masks_t, tiles=tiles.astype(np.int32), keys_seen=keys_seen,
+      kv_blocks=kvb.astype(np.int32), num_kv_blocks=counts, mask_ids=mids,
+      kv_blocks_t=blocks_t, num_kv_blocks_t=counts_t, mask_ids_t=masks_t,
+      block_masks=tiles.astype(np.int32), keys_seen=keys_seen,
       q_len=layout.q_len, kv_len=layout.kv_len, block_q=layout.block_q,
       block_k=layout.block_k)
 

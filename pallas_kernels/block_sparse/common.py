@@ -61,16 +61,18 @@ class Spec:
 
 
 class Tables(NamedTuple):
-  """Device tables of one call (int32). Band mode: `blocks`/`blocks_t` hold
-  one first block per row and `masks`/`masks_t`/`tiles` are unused dummies."""
+  """Device tables of one call (int32), named as in `attn.BlockLayout`; `_t`:
+  the same per key block (transposed). Band mode: `kv_blocks`/`kv_blocks_t`
+  hold one first block per row and `mask_ids`/`mask_ids_t`/`block_masks` are
+  unused dummies."""
 
-  blocks: jax.Array     # band: [nq] first key block; table: [nq * width]
-  counts: jax.Array     # [nq] non-empty tiles per query block
-  masks: jax.Array      # table: [nq * width] mask ids; band: [1]
-  blocks_t: jax.Array   # band: [nk]; table: [nk * width_t] query blocks per key block
-  counts_t: jax.Array   # [nk]
-  masks_t: jax.Array    # table: [nk * width_t]; band: [1]
-  tiles: jax.Array      # table: [num_masks, bq, bk] 0/1; band: [1, 1, 1]
+  kv_blocks: jax.Array        # band: [nq] first key block; table: [nq * width]
+  num_kv_blocks: jax.Array    # [nq] non-empty tiles per query block
+  mask_ids: jax.Array         # table: [nq * width] ids into block_masks; band: [1]
+  kv_blocks_t: jax.Array      # band: [nk]; table: [nk * width_t] query blocks per key block
+  num_kv_blocks_t: jax.Array  # [nk]
+  mask_ids_t: jax.Array       # table: [nk * width_t]; band: [1]
+  block_masks: jax.Array      # table: [num_masks, bq, bk] 0/1; band: [1, 1, 1]
   q_offset: jax.Array   # [1] absolute position of query row 0
 
 

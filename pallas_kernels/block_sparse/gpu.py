@@ -102,7 +102,7 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
   b, hq, lqp, _ = q.shape
   hk, lkp = k.shape[1], k.shape[2]
   bq, g = spec.block_q, spec.groups
-  tables = (tabs.blocks, tabs.counts, tabs.masks, tabs.q_offset, tabs.tiles)
+  tables = (tabs.kv_blocks, tabs.num_kv_blocks, tabs.mask_ids, tabs.q_offset, tabs.block_masks)
   kv_spec = pl.BlockSpec((None, None, lkp, dp), lambda b, h, i: (b, h // g, 0, 0))
   out_shape = [jax.ShapeDtypeStruct((b, hq, lqp, dp), q.dtype),
                jax.ShapeDtypeStruct((b, hq, lqp), F32)]
@@ -200,7 +200,7 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
   b, hq, lqp, _ = q.shape
   hk, lkp = k.shape[1], k.shape[2]
   bq, bk, g = spec.block_q, spec.block_k, spec.groups
-  fwd_tables = (tabs.blocks, tabs.counts, tabs.masks, tabs.q_offset, tabs.tiles)
+  fwd_tables = (tabs.kv_blocks, tabs.num_kv_blocks, tabs.mask_ids, tabs.q_offset, tabs.block_masks)
   row = pl.BlockSpec((None, None, bq, dp), lambda b, h, i: (b, h, i, 0))
   vec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
   kv_all = pl.BlockSpec((None, None, lkp, dp), lambda b, h, i: (b, h // g, 0, 0))
@@ -210,7 +210,7 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
       out_specs=row, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_params(dp), interpret=interpret,
       name="block_sparse_dq")(*fwd_tables, q, k, v, do, lse, delta)
-  t_tables = (tabs.blocks_t, tabs.counts_t, tabs.masks_t, tabs.q_offset, tabs.tiles)
+  t_tables = (tabs.kv_blocks_t, tabs.num_kv_blocks_t, tabs.mask_ids_t, tabs.q_offset, tabs.block_masks)
   group_rows = pl.BlockSpec((None, g, lqp, dp), lambda b, h, j: (b, h, 0, 0))
   group_vec = pl.BlockSpec((None, g, lqp), lambda b, h, j: (b, h, 0))
   kv_blk = pl.BlockSpec((None, None, bk, dp), lambda b, h, j: (b, h, j, 0))

@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import platform
 from pallas_kernels.block_sparse import common, gpu, tpu
@@ -133,21 +134,22 @@ def band_attention(q, k, v, q_offset, *, window: int | None, scale: float,
 class HostTables:
   """Host (numpy) tables of a table layout, as `table_attention` takes them.
 
-  `blocks`/`masks`: `[nq, width]` key blocks and mask ids per query block
-  (padding slots repeat the last valid entry), `counts: [nq]`; the `_t`
-  fields the same per key block (query blocks, ascending); `tiles`:
+  Named as in `attn.BlockLayout`. `kv_blocks`/`mask_ids`: int32 `[nq, width]`
+  key blocks and mask ids per query block (padding slots repeat the last
+  valid entry), `num_kv_blocks`: int32 `[nq]`; the `_t` fields the same per
+  key block (query blocks, ascending); `block_masks`: int32
   `[num_masks, bq, bk]` 0/1 with id 1 = full; `keys_seen`: bool `[kv_len]`,
   keys some query sees (others are zeroed before the kernels).
   """
 
-  blocks: object
-  counts: object
-  masks: object
-  blocks_t: object
-  counts_t: object
-  masks_t: object
-  tiles: object
-  keys_seen: object
+  kv_blocks: np.ndarray
+  num_kv_blocks: np.ndarray
+  mask_ids: np.ndarray
+  kv_blocks_t: np.ndarray
+  num_kv_blocks_t: np.ndarray
+  mask_ids_t: np.ndarray
+  block_masks: np.ndarray
+  keys_seen: np.ndarray
   q_len: int
   kv_len: int
   block_q: int
@@ -159,12 +161,13 @@ def table_attention(q, k, v, tables: HostTables, *, scale: float, variant=None,
   """Attention over an arbitrary block layout given as `HostTables`."""
   t = tables
   spec = _base_spec(q, k, mode="table", block_q=t.block_q, block_k=t.block_k, scale=scale,
-                    window=common.CAUSAL, width=int(t.blocks.shape[1]),
-                    width_t=int(t.blocks_t.shape[1]), count_visits=count_visits)
+                    window=common.CAUSAL, width=int(t.kv_blocks.shape[1]),
+                    width_t=int(t.kv_blocks_t.shape[1]), count_visits=count_visits)
   i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
-  tabs = Tables(i32(t.blocks).reshape(-1), i32(t.counts), i32(t.masks).reshape(-1),
-                i32(t.blocks_t).reshape(-1), i32(t.counts_t), i32(t.masks_t).reshape(-1),
-                i32(t.tiles), jnp.zeros((1,), jnp.int32))
+  tabs = Tables(i32(t.kv_blocks).reshape(-1), i32(t.num_kv_blocks),
+                i32(t.mask_ids).reshape(-1), i32(t.kv_blocks_t).reshape(-1),
+                i32(t.num_kv_blocks_t), i32(t.mask_ids_t).reshape(-1),
+                i32(t.block_masks), jnp.zeros((1,), jnp.int32))
   if not bool(t.keys_seen.all()):
     seen = jnp.asarray(t.keys_seen)[None, :, None, None]
     k = jnp.where(seen, k, jnp.zeros((), k.dtype))

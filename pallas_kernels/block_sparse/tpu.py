@@ -43,8 +43,8 @@ def _cast_in(*xs):
 
 def _prefetch(tabs: Tables, transposed: bool):
   if transposed:
-    return (tabs.blocks_t, tabs.counts_t, tabs.masks_t, tabs.q_offset)
-  return (tabs.blocks, tabs.counts, tabs.masks, tabs.q_offset)
+    return (tabs.kv_blocks_t, tabs.num_kv_blocks_t, tabs.mask_ids_t, tabs.q_offset)
+  return (tabs.kv_blocks, tabs.num_kv_blocks, tabs.mask_ids, tabs.q_offset)
 
 
 def _compiler(n_parallel, n_arbitrary):
@@ -157,7 +157,7 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
   args = [q, k, v]
   if spec.mode == "table":
     in_specs.append(_tile_spec(spec, False))
-    args.append(tabs.tiles)
+    args.append(tabs.block_masks)
   out_shape = [jax.ShapeDtypeStruct((b, hq, lqp, dp), out_dtype),
                jax.ShapeDtypeStruct((b, hq, lqp, LANES), F32)]
   out_specs = [_row_spec(spec, dp, False), _row_spec(spec, LANES, False)]
@@ -265,7 +265,7 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
     out = [row, kv, kv, row, lanes, lanes]
     return out + ([_tile_spec(spec, transposed)] if table else [])
 
-  args = [q, k, v, do, lse, delta] + ([tabs.tiles] if table else [])
+  args = [q, k, v, do, lse, delta] + ([tabs.block_masks] if table else [])
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec),
       grid_spec=pltpu.PrefetchScalarGridSpec(
