@@ -1,4 +1,4 @@
-"""Block logic shared by the TPU and GPU stripe kernels (pure functions).
+"""Logic and kernel bodies shared by the TPU and GPU stripe kernels.
 
 A *stripe* is a fixed offset `delta` between a key row and a query row: for a
 block of queries `i0 .. i0 + n - 1` its keys `i0 + delta .. i0 + delta + n - 1`
@@ -27,6 +27,47 @@ at the exact row.
 **Tables** are int32 vectors computed in XLA by the entry functions
 (dynamic: they may depend on a traced `q_offset` or on data such as
 anchors); kernels read them as scalars.
+
+**Kernel bodies** are written once for both platforms. Each body receives a
+context (`ctx.scalar`, `ctx.rows`, below) and its refs. Layout conventions:
+
+  * query-block kernels: grid `(B, Hq, q_blocks)`, query row `i = i0 + r`;
+    a stripe `delta` puts the key of row `i` at key position `i + delta`,
+    i.e. at key-frame row `front + i + delta`;
+  * key-block kernels: grid `(B, Hk, k_blocks)`, key position `x = x0 + c`;
+    the query of stripe `delta` is row `x - delta`, at query-frame row
+    `front_q + x - delta`.
+
+Columns are `[n, 1]` arrays (per-row statistics), tiles `[n, W]`. Scores and
+softmax statistics are float32; rows a query may not see are zeroed before
+use so NaN/Inf junk in them cannot reach an output or a gradient.
+
+**Launchers** (`tpu.launch_tpu`, `gpu.launch_gpu`, thin) give a body its
+context:
+
+  * `ctx.scalar(ref, j)`: entry `j` of an int32 table;
+  * `ctx.rows(name, start, n, u, g=None)`: rows `[start, start + n)` of the
+    framed array `name` (`[B, H, rows, W]`) for this program's batch row and
+    head (`g`: the query head within the group, for key-block kernels);
+    `start - u` is a multiple of the alignment unit, `u` a Python int.
+
+`tpu.launch_tpu` serves `rows` by a DMA of the aligned window that starts `u`
+rows early (frames stay in HBM, `memory_space=ANY`; tables are scalar-
+prefetched into SMEM) and a static slice of the VMEM buffer. `gpu.launch_gpu`
+passes frames as whole per-head blocks and loads the exact rows with
+`pltriton.load`; tables are ordinary int32 inputs.
+
+Both take the same description of a kernel:
+  grid: `(B, H, n)` (H = query heads for query-block kernels, kv heads for
+    key-block kernels);
+  tables: 1-D int32 arrays (power-of-two length);
+  blocks: `(array [B, H', L, W], block_rows, kind)` read as the block
+    `[block_rows, W]` at grid position `(b, head, i)`;
+  frames: `{name: (array [B, H', rows, W], kind)}` read through `ctx.rows`;
+  outs: `(ShapeDtypeStruct [B, H, L, W], block_rows)`, block `(b, h, i)`.
+`kind` maps the grid's head index to the array's head: `"same"`, `"kv"`
+(query head `h` reads kv head `h // group`) or `"group"` (kv head `h` reads
+the `group` query heads `h * group + g`; frames only).
 """
 
 from __future__ import annotations
@@ -34,6 +75,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 from pallas_kernels.common import F32, next_pow2
 
@@ -136,3 +178,338 @@ def columns_to_tile(cols, width: int, fill):
   for k, c in enumerate(cols):
     out = jnp.where(lane == k, c, out)
   return out
+
+
+def head_block(kind: str, group: int):
+  """Grid head index -> block head index of an array of that `kind`."""
+  return {"same": lambda h: h, "kv": lambda h: h // group}[kind]
+
+
+# ------------------------------------------------------------- kernel bodies
+
+
+_NT = (((1,), (1,)), ((), ()))   # a @ b.T
+_NN = (((1,), (0,)), ((), ()))   # a @ b
+_TN = (((0,), (0,)), ((), ()))   # a.T @ b
+
+
+def _col(n, offset=0):
+  return offset + jax.lax.broadcasted_iota(jnp.int32, (n, 1), 0)
+
+
+def _row(n, offset=0):
+  return offset + jax.lax.broadcasted_iota(jnp.int32, (1, n), 1)
+
+
+def _dot(a, b, dims):
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=F32)
+
+
+def _rowdot(a, b):
+  return jnp.sum(a.astype(F32) * b.astype(F32), axis=1, keepdims=True)
+
+
+def _stripe_loops(ctx, bounds_ref, unit, body, carry):
+  """`body(j, u, carry)` over every stripe `j`, one loop per residue `u`."""
+  for u in range(unit):
+    carry = jax.lax.fori_loop(ctx.scalar(bounds_ref, u), ctx.scalar(bounds_ref, u + 1),
+                              lambda j, c, u=u: body(j, u, c), carry)
+  return carry
+
+
+def _align_down(x, unit):
+  return x - jax.lax.rem(x, unit)
+
+
+# ----------------------------------------------------------------- search
+
+
+def search_body(ctx, deltas_ref, bounds_ref, q_ref, anc_ref, sc_ref, *, bq, num, lk,
+                front, unit):
+  """Running top-`num` over the stripes `deltas` (anchor = row + delta)."""
+  i0 = pl.program_id(2) * bq
+  q = q_ref[...].astype(F32)
+  r = _col(bq, i0)
+  state = tuple((jnp.full((bq, 1), -jnp.inf, F32), jnp.full((bq, 1), INT_MAX,
+                                                             jnp.int32))
+                for _ in range(num))
+
+  def body(j, u, st):
+    dl = ctx.scalar(deltas_ref, j)
+    kw = ctx.rows("ks", front + i0 + dl, bq, u)
+    a = r + dl
+    ok = (a >= 0) & (a < lk)
+    s = jnp.where(ok, _rowdot(q, jnp.where(ok, kw, 0)), -jnp.inf)
+    return topk_insert(st, s, a)
+
+  state = _stripe_loops(ctx, bounds_ref, unit, body, state)
+  scores = [s for s, _ in state]
+  anchors = [jnp.where(jnp.isfinite(s), a, -1) for s, a in state]
+  width = sc_ref.shape[-1]
+  sc_ref[...] = columns_to_tile(scores, width, -jnp.inf)
+  anc_ref[...] = columns_to_tile(anchors, width, -1)
+
+
+# -------------------------------------------------------- selected scores
+
+
+def _match(anc, pos):
+  return (anc == pos) & (anc >= 0)
+
+
+def selected_fwd_body(ctx, deltas_ref, bounds_ref, q_ref, anc_ref, out_ref, *, bq,
+                      front, unit):
+  """`out[r, k] = <q[r], ks[anc[r, k]]>`, one stripe loop over anchor offsets."""
+  i0 = pl.program_id(2) * bq
+  q = q_ref[...].astype(F32)
+  anc = anc_ref[...]
+  r = _col(bq, i0)
+
+  def body(j, u, out):
+    dl = ctx.scalar(deltas_ref, j)
+    m = _match(anc, r + dl)
+    kw = ctx.rows("ks", front + i0 + dl, bq, u)
+    hit = jnp.max(m.astype(jnp.int32), axis=1, keepdims=True) > 0   # no reduce_or in Triton
+    s = _rowdot(q, jnp.where(hit, kw, 0))
+    return jnp.where(m, s, out)
+
+  out_ref[...] = _stripe_loops(ctx, bounds_ref, unit, body, jnp.zeros(anc.shape, F32))
+
+
+def selected_dq_body(ctx, deltas_ref, bounds_ref, anc_ref, g_ref, dq_ref, *, bq, front,
+                     unit):
+  """`dq[r] = sum_k g[r, k] ks[anc[r, k]]`."""
+  i0 = pl.program_id(2) * bq
+  anc, g = anc_ref[...], g_ref[...].astype(F32)
+  r = _col(bq, i0)
+
+  def body(j, u, dq):
+    dl = ctx.scalar(deltas_ref, j)
+    c = jnp.sum(jnp.where(_match(anc, r + dl), g, 0.0), axis=1, keepdims=True)
+    kw = ctx.rows("ks", front + i0 + dl, bq, u).astype(F32)
+    return dq + c * jnp.where(c != 0, kw, 0.0)
+
+  dq_ref[...] = _stripe_loops(ctx, bounds_ref, unit, body,
+                              jnp.zeros(dq_ref.shape, F32)).astype(dq_ref.dtype)
+
+
+def selected_dk_body(ctx, deltas_ref, bounds_ref, dk_ref, *, bk, group, front_q, unit):
+  """`dk[x] = sum over (i, k) with anc[i, k] = x of g[i, k] q[i]` (transposed stripes).
+
+  For a stripe `delta` the queries that may select key `x` as their anchor
+  are the contiguous rows `x - delta`; accumulated over the query heads of
+  the group. No scatter, no atomics.
+  """
+  x0 = pl.program_id(2) * bk
+  x = _col(bk, x0)
+
+  def body(j, u, dk, g):
+    dl = ctx.scalar(deltas_ref, j)
+    start = front_q + x0 - dl
+    anc = ctx.rows("anc", start, bk, u, g)
+    gw = ctx.rows("g", start, bk, u, g).astype(F32)
+    c = jnp.sum(jnp.where(_match(anc, x), gw, 0.0), axis=1, keepdims=True)
+    qw = ctx.rows("qs", start, bk, u, g).astype(F32)
+    return dk + c * jnp.where(c != 0, qw, 0.0)
+
+  dk = jax.lax.fori_loop(
+      0, group, lambda g, dk: _stripe_loops(
+          ctx, bounds_ref, unit, lambda j, u, c: body(j, u, c, g), dk),
+      jnp.zeros(dk_ref.shape, F32))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+
+
+# -------------------------------------------------------------------- PPA
+
+
+def _band_range(first, last, lo_row, hi_row, unit, block):
+  """Aligned start and block count covering rows `[first, last]` within `[lo_row, hi_row]`."""
+  first = jnp.maximum(first, lo_row)
+  last = jnp.minimum(last, hi_row)
+  base = _align_down(first, unit)
+  return base, jnp.maximum(0, (last - base + block) // block)
+
+
+def _online(m, l, acc, s, ok, pv):
+  """Flash-style update with scores `s` (masked by `ok`); `pv(p)` -> `[n, D]`."""
+  m_new = jnp.maximum(m, jnp.max(jnp.where(ok, s, -jnp.inf), axis=1, keepdims=True))
+  m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+  alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+  p = jnp.where(ok, jnp.exp(s - m_safe), 0.0)
+  return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), alpha * acc + pv(p)
+
+
+def ppa_fwd_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, o_ref, lse_ref, *, bq,
+                 bk, bands, lq, lk, front, unit, scale):
+  """PPA forward for one query block: band tiles, then stripes (online softmax)."""
+  i0 = pl.program_id(2) * bq
+  qoff = ctx.scalar(meta_ref, 0)
+  qmax = qoff + lq - 1
+  q = q_ref[...]
+  q32 = q.astype(F32)
+  d_pad = q.shape[1]
+  carry = (jnp.full((bq, 1), -jnp.inf, F32), jnp.zeros((bq, 1), F32),
+           jnp.zeros((bq, d_pad), F32))
+
+  def band_step(st, kw, vw, ok):
+    s = _dot(q, kw, _NT) * scale
+    return _online(*st, s, ok, lambda p: _dot(p.astype(vw.dtype), vw, _NN))
+
+  carry = _band_loop(ctx, bands, band_step, carry, i0=i0, qoff=qoff, qmax=qmax, bq=bq,
+                     bk=bk, lk=lk, front=front, unit=unit)
+
+  def stripe(j, u, st):
+    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, u, i0=i0, bq=bq, lk=lk, qmax=qmax,
+                              front=front)
+    s = _rowdot(q32, kw) * scale
+    return _online(*st, s, ok, lambda p: p * vw.astype(F32))
+
+  m, l, acc = _stripe_loops(ctx, bounds_ref, unit, stripe, carry)
+  has = l > 0
+  o_ref[...] = (acc / jnp.where(has, l, 1.0)).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf)
+
+
+def _band_tile(ctx, base, c, qpos, *, lo, hi, bk, unit, front, lk, qmax):
+  """Key tile `c` of a band: `(k, v, ok)`; rows no query of the call may see
+  (before 0, past `lk` or the last query) are zeroed, so cache garbage there
+  never meets a probability; `ok [bq, bk]`: offset in `[lo, hi]` and visible."""
+  start = pl.multiple_of(base + c * bk, unit)
+  kc, kr = _col(bk, start - front), _row(bk, start - front)
+  vis = (kc >= 0) & (kc < lk) & (kc <= qmax)
+  kw = jnp.where(vis, ctx.rows("k", start, bk, 0), 0)
+  vw = jnp.where(vis, ctx.rows("v", start, bk, 0), 0)
+  d = qpos - kr
+  ok = (d >= lo) & (d <= hi) & (kr >= 0) & (kr < lk) & (kr <= qmax)
+  return kw, vw, ok
+
+
+def _band_loop(ctx, bands, step, carry, *, i0, qoff, qmax, bq, bk, lk, front, unit):
+  """`carry = step(carry, k, v, ok)` over every key tile (`_band_tile`) of
+  every band `(lo, hi)` of the query block starting at row `i0`."""
+  qpos = _col(bq, qoff + i0)
+  for lo, hi in bands:
+    base, n = _band_range(front + qoff + i0 - hi, front + qoff + i0 + bq - 1 - lo,
+                          front, front + jnp.minimum(lk - 1, qmax), unit, bk)
+
+    def chunk(c, st, lo=lo, hi=hi, base=base):
+      kw, vw, ok = _band_tile(ctx, base, c, qpos, lo=lo, hi=hi, bk=bk, unit=unit,
+                              front=front, lk=lk, qmax=qmax)
+      return step(st, kw, vw, ok)
+
+    carry = jax.lax.fori_loop(0, n, chunk, carry)
+  return carry
+
+
+def _stripe_tile(ctx, deltas_ref, j, u, *, i0, bq, lk, qmax, front):
+  """The keys and values of stripe `j` for the query block at row `i0`:
+  `(k, v, ok)`, `[bq, D]` rows (query `i0 + r` meets key `i0 + r + delta`),
+  zeroed where the key is before 0, past `lk` or past the last query;
+  `ok [bq, 1]` marks the others."""
+  dl = ctx.scalar(deltas_ref, j)
+  kc = _col(bq, i0 + dl)
+  ok = (kc >= 0) & (kc < lk) & (kc <= qmax)
+  start = front + i0 + dl
+  return (jnp.where(ok, ctx.rows("k", start, bq, u), 0),
+          jnp.where(ok, ctx.rows("v", start, bq, u), 0), ok)
+
+
+def _probs(s, lse, ok):
+  lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  return jnp.where(ok, jnp.exp(s - lse_safe), 0.0)
+
+
+def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, dl_ref,
+                dq_ref, *, bq, bk, bands, lq, lk, front, unit, scale):
+  """dq for one query block (probabilities recomputed from the saved lse)."""
+  i0 = pl.program_id(2) * bq
+  qoff = ctx.scalar(meta_ref, 0)
+  qmax = qoff + lq - 1
+  q, do = q_ref[...], do_ref[...]
+  q32, do32 = q.astype(F32), do.astype(F32)
+  lse, delta = lse_ref[...], dl_ref[...]
+  dq = jnp.zeros(q.shape, F32)
+
+  def band_step(dq, kw, vw, ok):
+    p = _probs(_dot(q, kw, _NT) * scale, lse, ok)
+    ds = p * (_dot(do, vw, _NT) - delta)
+    return dq + _dot(ds.astype(kw.dtype), kw, _NN) * scale
+
+  dq = _band_loop(ctx, bands, band_step, dq, i0=i0, qoff=qoff, qmax=qmax, bq=bq, bk=bk,
+                  lk=lk, front=front, unit=unit)
+
+  def stripe(j, u, dq):
+    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, u, i0=i0, bq=bq, lk=lk, qmax=qmax,
+                              front=front)
+    kw = kw.astype(F32)
+    p = _probs(_rowdot(q32, kw) * scale, lse, ok)
+    ds = p * (_rowdot(do32, vw) - delta)
+    return dq + ds * kw * scale
+
+  dq = _stripe_loops(ctx, bounds_ref, unit, stripe, dq)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def ppa_dkv_body(ctx, meta_ref, deltas_ref, bounds_ref, k_ref, v_ref, dk_ref, dv_ref, *,
+                 bq, bk, bands, lq, lk, group, front_q, unit, scale):
+  """dk, dv for one key block, accumulated over the query heads of its group.
+
+  Bands: the queries at offsets `[lo, hi]` from the block are one window of
+  query rows (aligned chunks of `bq`, masked). Stripes: the queries of
+  stripe `delta` are the rows `x - delta` (transposed stripe).
+  """
+  x0 = pl.program_id(2) * bk
+  qoff = ctx.scalar(meta_ref, 0)
+  qmax = qoff + lq - 1
+  xc, xr = _col(bk, x0), _row(bk, x0)
+  kvis = (xc < lk) & (xc <= qmax)
+  k = jnp.where(kvis, k_ref[...], 0)
+  v = jnp.where(kvis, v_ref[...], 0)
+  k32, v32 = k.astype(F32), v.astype(F32)
+  kvis_r = (xr < lk) & (xr <= qmax)
+  zeros = jnp.zeros(k.shape, F32)
+
+  def load_q(start, n, u, g):
+    ic = _col(n, start - front_q)
+    ok = (ic >= 0) & (ic < lq)
+    qw = jnp.where(ok, ctx.rows("q", start, n, u, g), 0)
+    dow = jnp.where(ok, ctx.rows("do", start, n, u, g), 0)
+    lse = ctx.rows("lse", start, n, u, g)
+    dl = jnp.where(ok, ctx.rows("delta", start, n, u, g), 0.0)
+    return ic, ok, qw, dow, lse, dl
+
+  def head(g, acc):
+    dk, dv = acc
+    for lo, hi in bands:
+      # Query rows i with d = qoff + i - x in [lo, hi] for some x of the block.
+      base, n = _band_range(front_q + x0 + lo - qoff, front_q + x0 + bk - 1 + hi - qoff,
+                            front_q, front_q + lq - 1, unit, bq)
+
+      def chunk(c, acc, lo=lo, hi=hi, base=base, g=g):
+        dk, dv = acc
+        start = pl.multiple_of(base + c * bq, unit)
+        ic, qok, qw, dow, lse, dl = load_q(start, bq, 0, g)
+        d = qoff + ic - xr
+        ok = (d >= lo) & (d <= hi) & qok & kvis_r
+        p = _probs(_dot(qw, k, _NT) * scale, lse, ok)          # [bq, bk]
+        ds = p * (_dot(dow, v, _NT) - dl)
+        dv = dv + _dot(p.astype(dow.dtype), dow, _TN)
+        dk = dk + _dot(ds.astype(qw.dtype), qw, _TN) * scale
+        return dk, dv
+
+      dk, dv = jax.lax.fori_loop(0, n, chunk, (dk, dv))
+
+    def stripe(j, u, acc, g=g):
+      dk, dv = acc
+      dl_ = ctx.scalar(deltas_ref, j)
+      ic, qok, qw, dow, lse, dl = load_q(front_q + x0 - dl_, bk, u, g)
+      ok = qok & kvis
+      p = _probs(_rowdot(k32, qw) * scale, lse, ok)
+      ds = p * (_rowdot(v32, dow) - dl)
+      return dk + ds * qw.astype(F32) * scale, dv + p * dow.astype(F32)
+
+    return _stripe_loops(ctx, bounds_ref, unit, stripe, (dk, dv))
+
+  dk, dv = jax.lax.fori_loop(0, group, head, (zeros, zeros))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)

@@ -1,11 +1,11 @@
-"""GPU (Pallas Triton) launcher of the stripe kernels; see `platforms.py`."""
+"""GPU (Pallas Triton) launcher of the stripe kernels; see `common.py`."""
 
 from __future__ import annotations
 
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.stripe.platforms import head_block as _head_block
+from pallas_kernels.stripe.common import head_block as _head_block
 
 
 class _GpuCtx:

@@ -4,8 +4,9 @@ Shapes follow `attn`: `q: [B, Lq, Hq, D]`, `k, v: [B, Lk, Hk, D]`,
 `G = Hq // Hk`; query `i` sits at absolute position `q_offset + i`. Each
 entry hands the same arrays to a TPU and a GPU variant
 (`pallas_kernels.platform.dispatch`); a variant pads head_dim for its
-platform, builds the frames and residue-grouped tables (`common.py`) and
-launches the shared kernel bodies (`kernels.py`) through `platforms.py`.
+platform, builds the frames and residue-grouped tables and launches the
+kernel bodies (both in `common.py`) through the thin launchers of `tpu.py` /
+`gpu.py`.
 
 A traced `q_offset` is clipped to `[0, kv_len - q_len]` so that no window can
 leave its frame (the `attn` ops check concrete values).
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import platform as _platform
-from pallas_kernels.stripe import common, kernels, platforms
+from pallas_kernels.stripe import common, gpu, tpu
 from pallas_kernels.common import F32, next_pow2, pad_head_dim, round_up
 
 
@@ -53,7 +54,8 @@ def _heads_first(x, rows: int, dp: int, fill=0):
 
 
 def _launch(plat, body, *, interpret, **kw):
-  return platforms.launcher(plat)(body, interpret=interpret, **kw)
+  launch = tpu.launch_tpu if plat == "tpu" else gpu.launch_gpu
+  return launch(body, interpret=interpret, **kw)
 
 
 # ----------------------------------------------------------------- search
@@ -70,7 +72,7 @@ def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, interpret):
   rows = round_up(front + lk + lq_pad + 2 * max(unit, 8), max(unit, 8))
   kp = next_pow2(num)
   deltas, bounds = common.group_by_residue(qoff + 1 - f, f.shape[0], unit)
-  body = functools.partial(kernels.search_body, num=num, bq=bq, lk=lk, front=front,
+  body = functools.partial(common.search_body, num=num, bq=bq, lk=lk, front=front,
                            unit=unit)
   anc, sc = _launch(
       plat, body, interpret=interpret, grid=(b, hq, lq_pad // bq),
@@ -148,7 +150,7 @@ def _sel_fwd_variant(plat, qs, ks, anchors, *, cfg, interpret):
   rows = round_up(front + lq_pad + lk + 2 * max(unit, 8), max(unit, 8))
   kp = next_pow2(num)
   deltas, bounds = _sel_tables(anchors, lq, lk, unit, 1)
-  body = functools.partial(kernels.selected_fwd_body, bq=bq, front=front, unit=unit)
+  body = functools.partial(common.selected_fwd_body, bq=bq, front=front, unit=unit)
   (out,) = _launch(
       plat, body, interpret=interpret, grid=(b, hq, lq_pad // bq), tables=[deltas, bounds],
       blocks=[(_heads_first(qs, lq_pad, dp), bq, "same"),
@@ -177,7 +179,7 @@ def _sel_bwd_variant(plat, qs, ks, anchors, g, *, cfg, interpret):
   rows = round_up(front + lq_pad + lk + 2 * al, al)
   deltas, bounds = _sel_tables(anchors, lq, lk, unit, 1)
   (dq,) = _launch(
-      plat, functools.partial(kernels.selected_dq_body, bq=bq, front=front, unit=unit),
+      plat, functools.partial(common.selected_dq_body, bq=bq, front=front, unit=unit),
       interpret=interpret, grid=(b, hq, lq_pad // bq), tables=[deltas, bounds],
       blocks=[(_heads_first(anchors, lq_pad, kp, fill=-1), bq, "same"),
               (_heads_first(g, lq_pad, kp), bq, "same")],
@@ -190,7 +192,7 @@ def _sel_bwd_variant(plat, qs, ks, anchors, g, *, cfg, interpret):
   deltas_t, bounds_t = _sel_tables(anchors, lq, lk, unit, -1)
   frame = lambda x, fill=0: common.to_frame(x - fill, front_q, rows_q, x.shape[-1]) + fill  # noqa: E731
   (dk,) = _launch(
-      plat, functools.partial(kernels.selected_dk_body, bk=bk, group=grp, front_q=front_q,
+      plat, functools.partial(common.selected_dk_body, bk=bk, group=grp, front_q=front_q,
                               unit=unit),
       interpret=interpret, grid=(b, hk, lk_pad // bk), tables=[deltas_t, bounds_t],
       blocks=[],
@@ -287,7 +289,7 @@ def _ppa_fwd_variant(plat, q, k, v, qoff, *, cfg, interpret):
   rows = round_up(g["front"] + g["lk"] + g["lq_pad"] + g["bk"] + 2 * g["al"], g["al"])
   deltas, bounds = _ppa_tables(cfg, qoff, g["unit"], 1)
   body = functools.partial(
-      kernels.ppa_fwd_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
+      common.ppa_fwd_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
       lk=g["lk"], front=g["front"], unit=g["unit"], scale=cfg.scale)
   frame = lambda x: common.to_frame(x, g["front"], rows, g["dp"])  # noqa: E731
   o, lse = _launch(
@@ -312,7 +314,7 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
   kframe = lambda x: common.to_frame(x, g["front"], rows, g["dp"])  # noqa: E731
   col = lambda x, n: jnp.pad(x[..., None], ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))  # noqa: E731
   body = functools.partial(
-      kernels.ppa_dq_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
+      common.ppa_dq_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
       lk=g["lk"], front=g["front"], unit=g["unit"], scale=cfg.scale)
   (dq,) = _launch(
       plat, body, interpret=interpret, grid=(g["b"], g["hq"], g["lq_pad"] // g["bq"]),
@@ -333,7 +335,7 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
   seq_col = lambda x: jnp.moveaxis(x, 1, 2)[..., None]  # [B, Hq, Lq] -> [B, Lq, Hq, 1]  # noqa: E731
   deltas_t, bounds_t = _ppa_tables(cfg, qoff, g["unit"], -1)
   body = functools.partial(
-      kernels.ppa_dkv_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
+      common.ppa_dkv_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
       lk=g["lk"], group=grp, front_q=front_q, unit=g["unit"], scale=cfg.scale)
   dk, dv = _launch(
       plat, body, interpret=interpret, grid=(g["b"], g["hk"], g["lk_pad"] // g["bk"]),

@@ -1,11 +1,11 @@
-"""TPU (Mosaic) launcher of the stripe kernels; see `platforms.py`."""
+"""TPU (Mosaic) launcher of the stripe kernels; see `common.py`."""
 
 from __future__ import annotations
 
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.stripe.platforms import head_block as _head_block
+from pallas_kernels.stripe.common import head_block as _head_block
 
 
 class _TpuCtx:
