@@ -19,7 +19,8 @@ from hypothesis import given, settings, strategies as st
 import attn
 from attn import masks, reference
 from pallas_kernels import common as pk_common
-from pallas_kernels.span import blocks, interval_attention, span_attention
+from pallas_kernels.span import common as span_common
+from pallas_kernels.span import interval_attention, span_attention
 from tests import pallas_harness as ph
 
 TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5),
@@ -274,7 +275,7 @@ def test_key_block_tiles_hold_every_visiting_tile_in_any_row_order():
   nkb, block_k, n_tiles = 9, 16, 23
   lo = rng.integers(0, nkb * block_k, (2, 3, n_tiles))
   hi = np.minimum(lo + rng.integers(-20, 60, lo.shape), nkb * block_k - 1)
-  t0, cnt = (np.asarray(x) for x in blocks.key_block_tiles(
+  t0, cnt = (np.asarray(x) for x in span_common.key_block_tiles(
       jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32), nkb, block_k))
   assert (hi < lo).any()
   for b in range(2):
@@ -315,11 +316,12 @@ def _kernel_visits(lo, hi, block_q, block_k):
   key block lists the row's tile in the dk/dv kernel; both bool
   `[_PROP_ROWS, _PROP_LEN]`, from the kernels' own tables."""
   lo, hi = lo[None, None], hi[None, None]
-  perm = blocks.sort_rows_by_start(lo, hi)
+  perm = span_common.sort_rows_by_start(lo, hi)
   lo_s, hi_s = jnp.take_along_axis(lo, perm, -1), jnp.take_along_axis(hi, perm, -1)
-  fwd_vis = blocks.visited_keys_mask(lo_s, hi_s, block_q, block_k, _PROP_LEN)[0, 0]
+  fwd_vis = span_common.visited_keys_mask(lo_s, hi_s, block_q, block_k, _PROP_LEN)[0, 0]
   nkb = pk_common.round_up(_PROP_LEN, block_k) // block_k
-  t0, cnt = blocks.key_block_tiles(*blocks.tile_bounds(lo_s, hi_s, block_q), nkb, block_k)
+  t0, cnt = span_common.key_block_tiles(*span_common.tile_bounds(lo_s, hi_s, block_q), nkb,
+                                        block_k)
   tile = jnp.arange(_PROP_ROWS) // block_q
   kb = jnp.arange(_PROP_LEN) // block_k
   t0, cnt = t0[0, 0][kb], cnt[0, 0][kb]
@@ -352,7 +354,7 @@ def test_kernel_tables_visit_every_key(seq_len, case, blocks_qk, chunk):
   back, fwd = table[pos + 1, 0][:, None], table[pos + 1, 1][:, None]
   slo, shi = pk_common.span_bounds(jnp.asarray(anchors), jnp.asarray(pos[:, None]),
                                 jnp.asarray(back), jnp.asarray(fwd), config.window)
-  wlo, whi = blocks.window_bounds(jnp.asarray(pos), config.window, seq_len)
+  wlo, whi = span_common.window_bounds(jnp.asarray(pos), config.window, seq_len)
 
   kpos = np.arange(_PROP_LEN)
   covered = np.zeros((pos.size, _PROP_LEN), bool)

@@ -210,7 +210,8 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
       out_specs=row, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_params(dp), interpret=interpret,
       name="block_sparse_dq")(*fwd_tables, q, k, v, do, lse, delta)
-  t_tables = (tabs.kv_blocks_t, tabs.num_kv_blocks_t, tabs.mask_ids_t, tabs.q_offset, tabs.block_masks)
+  t_tables = (tabs.kv_blocks_t, tabs.num_kv_blocks_t, tabs.mask_ids_t, tabs.q_offset,
+              tabs.block_masks)
   group_rows = pl.BlockSpec((None, g, lqp, dp), lambda b, h, j: (b, h, 0, 0))
   group_vec = pl.BlockSpec((None, g, lqp), lambda b, h, j: (b, h, 0))
   kv_blk = pl.BlockSpec((None, None, bk, dp), lambda b, h, j: (b, h, j, 0))

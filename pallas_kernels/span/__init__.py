@@ -5,6 +5,6 @@ kernels, with a `jax.custom_vjp`); `span_attention`: the superlinear
 window + gated spans built on it. See `docs/kernels_span.md`.
 """
 
-from pallas_kernels.span.api import HARDWARE_CHECKS, interval_attention, span_attention
+from pallas_kernels.span.ops import HARDWARE_CHECKS, interval_attention, span_attention
 
 __all__ = ["HARDWARE_CHECKS", "interval_attention", "span_attention"]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.span import tile as T
+from pallas_kernels.span import common
 from pallas_kernels.common import F32
 
 _I = jnp.int32
@@ -37,8 +37,8 @@ def _row_loop(tlo, thi, k_ref, v_ref, body, init, block_k):
 
   def step(i, carry):
     k_start = (first + i) * block_k
-    k = T.clean_rows(_load(k_ref, k_start, block_k), k_start, tlo, thi)
-    v = T.clean_rows(_load(v_ref, k_start, block_k), k_start, tlo, thi)
+    k = common.clean_rows(_load(k_ref, k_start, block_k), k_start, tlo, thi)
+    v = common.clean_rows(_load(v_ref, k_start, block_k), k_start, tlo, thi)
     return body(k_start, k, v, carry)
 
   return jax.lax.fori_loop(0, count, step, init)
@@ -49,11 +49,11 @@ def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_ref, v_ref, o_ref, lse_ref, *,
   tlo, thi = _tile_entry(tbl_ref, pl.program_id(2))
   q = q_ref[...]
   lo, hi = lo_ref[...], hi_ref[...]
-  body = T.fwd_body(q, lo, hi, scale=scale, block_q=block_q, block_k=block_k)
+  body = common.fwd_body(q, lo, hi, scale=scale, block_q=block_q, block_k=block_k)
 
-  state = _row_loop(tlo, thi, k_ref, v_ref, body, T.init_state(block_q, q.shape[-1]),
+  state = _row_loop(tlo, thi, k_ref, v_ref, body, common.init_state(block_q, q.shape[-1]),
                     block_k)
-  o, lse = T.fwd_finish(state)
+  o, lse = common.fwd_finish(state)
   o_ref[...] = o.astype(o_ref.dtype)
   lse_ref[...] = lse
 
@@ -64,7 +64,7 @@ def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_ref
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   lo, hi = lo_ref[...], hi_ref[...]
-  body = T.dq_body(q, do, lse, delta, lo, hi, scale=scale, block_q=block_q,
+  body = common.dq_body(q, do, lse, delta, lo, hi, scale=scale, block_q=block_q,
                    block_k=block_k)
 
   dq_ref[...] = _row_loop(tlo, thi, k_ref, v_ref, body, jnp.zeros(q.shape, F32), block_k)
@@ -76,14 +76,14 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_
   t0, count = kv_tbl_ref[c, _I(0)], kv_tbl_ref[c, _I(1)]
   k, v = k_ref[...], v_ref[...]
   k_start = c * block_k
-  prec = T.precision_for(k.dtype)
+  prec = common.precision_for(k.dtype)
 
   def step(i, carry):
     dk, dv = carry
     r0 = (t0 + i) * block_q
-    mask = T.row_mask(k_start, _load(lo_ref, r0, block_q), _load(hi_ref, r0, block_q),
+    mask = common.row_mask(k_start, _load(lo_ref, r0, block_q), _load(hi_ref, r0, block_q),
                       block_q, block_k)
-    return T.dkv_update(dk, dv, _load(q_ref, r0, block_q), _load(do_ref, r0, block_q),
+    return common.dkv_update(dk, dv, _load(q_ref, r0, block_q), _load(do_ref, r0, block_q),
                         k, v, _load(lse_ref, r0, block_q), _load(delta_ref, r0, block_q),
                         mask, scale=scale, precision=prec)
 

@@ -1,6 +1,6 @@
 """TPU (Mosaic) variant of the interval-attention kernels.
 
-Layout (prepared by `pallas_kernels.span.api`): rows `q, do: [B, H, R, Dp]`,
+Layout (prepared by `pallas_kernels.span.ops`): rows `q, do: [B, H, R, Dp]`,
 row bounds and statistics `[B, H, R, 1]`, `k, v: [B, H, Lk, Dp]` with
 `R % block_q == 0`, `Lk % block_k == 0`, `Dp % 128 == 0`; tables int32
 `[B, H, N, 2]`.
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.span import tile as T
+from pallas_kernels.span import common
 from pallas_kernels.common import F32
 
 
@@ -103,8 +103,8 @@ def _row_loop(b, h, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body, init, block_k
 
   def compute(i, slot, carry):
     k_start = k_start_of(i)
-    k = T.clean_rows(kbuf[slot], k_start, tlo, thi)
-    v = T.clean_rows(vbuf[slot], k_start, tlo, thi)
+    k = common.clean_rows(kbuf[slot], k_start, tlo, thi)
+    v = common.clean_rows(vbuf[slot], k_start, tlo, thi)
     return body(k_start, k, v, carry)
 
   return _pipelined(count, copies, compute, init)
@@ -116,11 +116,11 @@ def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_hbm, v_hbm, o_ref, lse_ref,
   tlo, thi = _table_entry(tbl_ref, t)
   q = q_ref[...]
   lo, hi = lo_ref[...], hi_ref[...]
-  body = T.fwd_body(q, lo, hi, scale=scale, block_q=block_q, block_k=block_k)
+  body = common.fwd_body(q, lo, hi, scale=scale, block_q=block_q, block_k=block_k)
 
   state = _row_loop(b, h, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body,
-                    T.init_state(block_q, q.shape[-1]), block_k)
-  o, lse = T.fwd_finish(state)
+                    common.init_state(block_q, q.shape[-1]), block_k)
+  o, lse = common.fwd_finish(state)
   o_ref[...] = o.astype(o_ref.dtype)
   lse_ref[...] = lse
 
@@ -132,7 +132,7 @@ def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_hbm
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   lo, hi = lo_ref[...], hi_ref[...]
-  body = T.dq_body(q, do, lse, delta, lo, hi, scale=scale, block_q=block_q,
+  body = common.dq_body(q, do, lse, delta, lo, hi, scale=scale, block_q=block_q,
                    block_k=block_k)
 
   dq = _row_loop(b, h, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body,
@@ -147,7 +147,7 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_hbm, do_hbm, lse_hbm, delta_hbm,
   t0, count = _table_entry(kv_tbl_ref, c)
   k, v = k_ref[...], v_ref[...]
   k_start = c * block_k
-  prec = T.precision_for(k.dtype)
+  prec = common.precision_for(k.dtype)
 
   srcs = (q_hbm, do_hbm, lse_hbm, delta_hbm, lo_hbm, hi_hbm)
   bufs = (qbuf, dobuf, lsebuf, deltabuf, lobuf, hibuf)
@@ -159,8 +159,8 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_hbm, do_hbm, lse_hbm, delta_hbm,
 
   def compute(i, slot, carry):
     dk, dv = carry
-    mask = T.row_mask(k_start, lobuf[slot], hibuf[slot], block_q, block_k)
-    return T.dkv_update(dk, dv, qbuf[slot], dobuf[slot], k, v, lsebuf[slot],
+    mask = common.row_mask(k_start, lobuf[slot], hibuf[slot], block_q, block_k)
+    return common.dkv_update(dk, dv, qbuf[slot], dobuf[slot], k, v, lsebuf[slot],
                         deltabuf[slot], mask, scale=scale, precision=prec)
 
   zeros = jnp.zeros(k.shape, F32)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import platform
-from pallas_kernels.span import blocks, gpu, tpu
+from pallas_kernels.span import common, gpu, tpu
 from pallas_kernels.common import (F32, merge_softmax, next_pow2, pad_head_dim, round_up,
                                    span_bounds, span_lengths)
 
@@ -78,9 +78,9 @@ def _prepare(platform_name, cfg, q, k, v, lo, hi, *rows_extra):
   rp, lkp = round_up(r, bq), round_up(lk, bk)
   dp = pad_head_dim(d, platform_name)
   pad_rd = lambda x: _pad_axis(_pad_axis(x, 2, rp), 3, dp)  # noqa: E731
-  lo_p = _pad_axis(lo, 2, rp, blocks.EMPTY_LO)
-  hi_p = _pad_axis(hi, 2, rp, blocks.EMPTY_HI)
-  tlo, thi = blocks.tile_bounds(lo_p, hi_p, bq)
+  lo_p = _pad_axis(lo, 2, rp, common.EMPTY_LO)
+  hi_p = _pad_axis(hi, 2, rp, common.EMPTY_HI)
+  tlo, thi = common.tile_bounds(lo_p, hi_p, bq)
   tile_tbl = jnp.stack([tlo, thi], axis=-1)                  # [B, H, T, 2]
   kp = _pad_axis(_pad_axis(k, 2, lkp), 3, dp)
   vp = _pad_axis(_pad_axis(v, 2, lkp), 3, dp)
@@ -108,7 +108,7 @@ def _bwd_variant(platform_name, cfg, q, k, v, lo, hi, do, lse, delta, *, interpr
   lse_p = _pad_axis(lse, 2, rp)[..., None]
   delta_p = _pad_axis(delta, 2, rp)[..., None]
   nkb = p["k"].shape[2] // p["bk"]
-  t0, cnt = blocks.key_block_tiles(p["tlo"], p["thi"], nkb, p["bk"])
+  t0, cnt = common.key_block_tiles(p["tlo"], p["thi"], nkb, p["bk"])
   kv_tbl = jnp.stack([t0, cnt], axis=-1)                      # [B, H, nkb, 2]
   mod = _MODULES[platform_name]
   kw = dict(scale=cfg.scale, block_q=p["bq"], block_k=p["bk"], interpret=interpret)
@@ -207,7 +207,7 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
 
   # Window: rows query-major (the G heads of a kv head interleaved).
   if window > 0:
-    wlo, whi = blocks.window_bounds(pos, window, lk)
+    wlo, whi = common.window_bounds(pos, window, lk)
     rows = lambda x: jnp.broadcast_to(x[None, None, :, None], (b, hk, lq, g)).reshape(  # noqa: E731
         b, hk, lq * g)
     o_w, lse_w = interval_attention(qr, kt, vt, rows(wlo), rows(whi), **kw)
@@ -222,7 +222,7 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
   slo, shi = span_bounds(a, pos[:, None, None], back, fwd, window)
   n = lq * g * num
   slo, shi = slo.reshape(b, hk, n), shi.reshape(b, hk, n)
-  perm = blocks.sort_rows_by_start(slo, shi)                     # [B, Hk, N]
+  perm = common.sort_rows_by_start(slo, shi)                     # [B, Hk, N]
   q_pairs = jnp.take_along_axis(qr, (perm // num)[..., None], axis=2)
   o_p, lse_p = interval_attention(q_pairs, kt, vt, jnp.take_along_axis(slo, perm, -1),
                                   jnp.take_along_axis(shi, perm, -1), **kw)
