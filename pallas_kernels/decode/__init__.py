@@ -10,11 +10,6 @@ Mosaic and Triton variants. The `attn` entry points are in `attn/pallas/decode.p
 docs/kernels_decode.md describes the design.
 """
 
-from pallas_kernels.platform import HardwareCheck
+from pallas_kernels.decode.ops import HARDWARE_CHECKS
 
-# Hardware runs of these kernels (compiled tests + benchmark). Empty: they
-# have run only in the CPU interpreters and been lowered by `jax.export`, so
-# `implementation=None` keeps choosing `xla`. A `HardwareCheck("gpu", ...)`
-# record here, written after `pytest -m gpu tests/test_pallas_decode.py`
-# passes on a GPU, is what would let None pick them on that backend.
-HARDWARE_CHECKS: tuple[HardwareCheck, ...] = ()
+__all__ = ["HARDWARE_CHECKS"]

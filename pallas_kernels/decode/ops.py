@@ -23,6 +23,13 @@ import jax.numpy as jnp
 from pallas_kernels import platform
 from pallas_kernels.decode import gpu, tpu
 
+# Hardware runs of these kernels (compiled tests + benchmark). Empty: they
+# have run only in the CPU interpreters and been lowered by `jax.export`, so
+# `implementation=None` keeps choosing `xla`. A `HardwareCheck("gpu", ...)`
+# record here, written after `pytest -m gpu tests/test_pallas_decode.py`
+# passes on a GPU, is what would let None pick them on that backend.
+HARDWARE_CHECKS: tuple[platform.HardwareCheck, ...] = ()
+
 
 def _i32(x):
   return jnp.asarray(x, jnp.int32)

@@ -10,12 +10,7 @@
 Design notes: docs/kernels_stripe.md.
 """
 
-from pallas_kernels.platform import HardwareCheck
-from pallas_kernels.stripe.ops import ppa_attention, search_topk, selected_scores
-
-# Runs of these kernels compiled and tested on real hardware (empty: none
-# recorded). One record per backend makes `implementation=None` pick them
-# there.
-HARDWARE_CHECKS: tuple[HardwareCheck, ...] = ()
+from pallas_kernels.stripe.ops import (HARDWARE_CHECKS, ppa_attention, search_topk,
+                                       selected_scores)
 
 __all__ = ["HARDWARE_CHECKS", "ppa_attention", "search_topk", "selected_scores"]

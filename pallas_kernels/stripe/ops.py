@@ -25,6 +25,11 @@ from pallas_kernels import platform as _platform
 from pallas_kernels.stripe import common, gpu, tpu
 from pallas_kernels.common import F32, next_pow2, pad_head_dim, round_up
 
+# Runs of these kernels compiled and tested on real hardware (empty: none
+# recorded). One record per backend makes `implementation=None` pick them
+# there.
+HARDWARE_CHECKS: tuple[_platform.HardwareCheck, ...] = ()
+
 
 def _unit(plat: str, dtype) -> int:
   """Alignment unit: TPU sublane tile rows; the GPU loads any row (1)."""
