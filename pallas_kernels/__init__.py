@@ -14,11 +14,11 @@ One subpackage per kernel family, with its platform variants side by side:
 Kernels take plain arrays, int32 index tables and static Python ints; they
 import nothing from `attn.ops` (the `attn` package builds the tables and calls
 them). Every family is `ops.py` (entries, custom_vjp, dispatch,
-`HARDWARE_CHECKS`), `common.py` (logic and kernel bodies shared by the
-platforms), `tpu.py` and `gpu.py` (thin launchers). `common.py` here holds
-the arithmetic several families and `attn` share (tile sizes, softmax-state
-merge/finish, span bounds). `platform.py` holds the calling convention every family shares: the
-variant is chosen at lowering time with `jax.lax.platform_dependent`, so
-exporting for `["tpu"]` yields the Mosaic kernel and for `["cuda"]` the Triton
+`HARDWARE_CHECKS`), `common.py` (the arithmetic both platforms share),
+`tpu.py` and `gpu.py` (the platform kernels); docs/kernels.md. `common.py`
+here holds the arithmetic several families and `attn` share (tile sizes,
+softmax-state merge/finish, span bounds). `platform.py` holds the calling
+convention every family shares: the variant is chosen at lowering time with
+`jax.lax.platform_dependent`, so exporting for `["tpu"]` yields the Mosaic kernel and for `["cuda"]` the Triton
 one; on CPU a kernel runs in Pallas interpret mode.
 """

@@ -18,7 +18,6 @@ float16 inputs run in float32 (Mosaic has no float16 matmul).
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import F32, LANES, Spec, Tables
 from pallas_kernels.common import pad_head_dim
 
-NUM_PREFETCH = 4  # blocks, counts, masks, q_offset
+NUM_PREFETCH = 4  # kv_blocks, num_kv_blocks, mask_ids, q_offset
 
 
 def _lanes(x):
@@ -45,6 +44,22 @@ def _prefetch(tabs: Tables, transposed: bool):
   if transposed:
     return (tabs.kv_blocks_t, tabs.num_kv_blocks_t, tabs.mask_ids_t, tabs.q_offset)
   return (tabs.kv_blocks, tabs.num_kv_blocks, tabs.mask_ids, tabs.q_offset)
+
+
+def _optional_refs(kernel, present, **kw):
+  """Kernel body for `pl.pallas_call` whose refs follow `present`.
+
+  The kernels list every ref in their signature; a mode passes only some
+  (`tile_ref`, the block masks, in table mode; `vis_ref` when counting
+  visits).
+  `present[i]` says whether parameter `i` is passed; absent ones are None.
+  """
+
+  def body(*refs):
+    it = iter(refs)
+    kernel(*[next(it) if on else None for on in present], **kw)
+
+  return body
 
 
 def _compiler(n_parallel, n_arbitrary):
@@ -98,14 +113,16 @@ def _tile_state(spec, qb, kb, qo, mask_id, tile_ref):
 # ------------------------------------------------------------------ forward
 
 
-def _fwd_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, *rest, spec: Spec):
-  table = spec.mode == "table"
-  tile_ref = rest[0] if table else None
-  rest = rest[1:] if table else rest
-  if spec.count_visits:
-    o_ref, lse_ref, vis_ref, m_ref, l_ref, acc_ref = rest
-  else:
-    (o_ref, lse_ref, m_ref, l_ref, acc_ref), vis_ref = rest, None
+def _fwd_kernel(
+    # Prefetched inputs
+    blocks, counts, masks, qo_ref,
+    # Inputs (tile_ref: block_masks, table mode only)
+    q_ref, k_ref, v_ref, tile_ref,
+    # Outputs (vis_ref: with count_visits only)
+    o_ref, lse_ref, vis_ref,
+    # Scratch
+    m_ref, l_ref, acc_ref,
+    *, spec: Spec):
   i, j = pl.program_id(2), pl.program_id(3)
   qo = qo_ref[0]
 
@@ -155,7 +172,8 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
   bq = spec.block_q
   in_specs = [_row_spec(spec, dp, False), _kv_spec(spec, dp, False), _kv_spec(spec, dp, False)]
   args = [q, k, v]
-  if spec.mode == "table":
+  table = spec.mode == "table"
+  if table:
     in_specs.append(_tile_spec(spec, False))
     args.append(tabs.block_masks)
   out_shape = [jax.ShapeDtypeStruct((b, hq, lqp, dp), out_dtype),
@@ -170,7 +188,8 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
       scratch_shapes=[pltpu.VMEM((bq, LANES), F32), pltpu.VMEM((bq, LANES), F32),
                       pltpu.VMEM((bq, dp), F32)])
   outs = pl.pallas_call(
-      functools.partial(_fwd_kernel, spec=spec), grid_spec=grid_spec, out_shape=out_shape,
+      _optional_refs(_fwd_kernel, [True] * 7 + [table, True, True, spec.count_visits]
+                     + [True] * 3, spec=spec), grid_spec=grid_spec, out_shape=out_shape,
       compiler_params=_compiler(3, 1), interpret=interpret,
       name="block_sparse_fwd")(*_prefetch(tabs, False), *args)
   o = outs[0][..., :d]
@@ -182,11 +201,16 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
 # ----------------------------------------------------------------- backward
 
 
-def _dq_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, *rest, spec: Spec):
-  table = spec.mode == "table"
-  tile_ref = rest[0] if table else None
-  dq_ref, acc_ref = rest[1:] if table else rest
+def _dq_kernel(
+    # Prefetched inputs
+    blocks, counts, masks, qo_ref,
+    # Inputs (tile_ref: block_masks, table mode only)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tile_ref,
+    # Outputs
+    dq_ref,
+    # Scratch
+    acc_ref,
+    *, spec: Spec):
   i, j = pl.program_id(2), pl.program_id(3)
   qo = qo_ref[0]
 
@@ -213,11 +237,16 @@ def _dq_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, do_ref, lse_r
     dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(blocks, counts, masks, qo_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                delta_ref, *rest, spec: Spec):
-  table = spec.mode == "table"
-  tile_ref = rest[0] if table else None
-  dk_ref, dv_ref, dk_acc, dv_acc = rest[1:] if table else rest
+def _dkv_kernel(
+    # Prefetched inputs
+    blocks, counts, masks, qo_ref,
+    # Inputs (tile_ref: block_masks, table mode only)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tile_ref,
+    # Outputs
+    dk_ref, dv_ref,
+    # Scratch
+    dk_acc, dv_acc,
+    *, spec: Spec):
   j, g, t = pl.program_id(2), pl.program_id(3), pl.program_id(4)
   qo = qo_ref[0]
 
@@ -267,7 +296,7 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
 
   args = [q, k, v, do, lse, delta] + ([tabs.block_masks] if table else [])
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, spec=spec),
+      _optional_refs(_dq_kernel, [True] * 10 + [table] + [True] * 2, spec=spec),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=NUM_PREFETCH, grid=(b, hq, spec.num_q_blocks, spec.width),
           in_specs=specs(False), out_specs=_row_spec(spec, dp, False),
@@ -277,7 +306,7 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
       name="block_sparse_dq")(*_prefetch(tabs, False), *args)
   kv_out = pl.BlockSpec((None, None, bk, dp), lambda b, hk, j, g, t, *_: (b, hk, j, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, spec=spec),
+      _optional_refs(_dkv_kernel, [True] * 10 + [table] + [True] * 4, spec=spec),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=NUM_PREFETCH,
           grid=(b, hk, spec.num_k_blocks, spec.groups, spec.width_t),
