@@ -18,7 +18,6 @@ float16 inputs run in float32 (Mosaic has no float16 matmul).
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
