@@ -39,25 +39,17 @@ from attn._checks import IMPLEMENTATION_CHOICES
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
 
-# op -> implementation -> function `fn(*arrays, q_offset, **statics)` (block
-# sparse: `fn(q, k, v, *, layout, scale)`); every entry of an op has the same
-# signature and semantics.
+OPS = ("dense_attention", "sliding_window_attention", "ppa_attention",
+       "block_sparse_attention", "superlinear_attention")
+
+# op -> implementation -> function. Each path module (`attn.reference`,
+# `attn.xla`, `attn.pallas`) defines every op under the op's name, with the
+# same signature and semantics: `fn(*arrays, q_offset, **statics)` (block
+# sparse: `fn(q, k, v, *, layout, scale)`).
 IMPLEMENTATIONS = {
-    "dense_attention": {"reference": reference.dense_attention,
-                        "xla": xla.dense_attention,
-                        "pallas": pallas.dense_attention},
-    "sliding_window_attention": {"reference": reference.sliding_window_attention,
-                                 "xla": xla.sliding_window_attention,
-                                 "pallas": pallas.sliding_window_attention},
-    "ppa_attention": {"reference": reference.ppa_attention,
-                      "xla": xla.ppa_attention,
-                      "pallas": pallas.ppa_attention},
-    "block_sparse_attention": {"reference": reference.block_sparse_attention,
-                               "xla": xla.block_sparse_attention,
-                               "pallas": pallas.block_sparse_attention},
-    "superlinear_attention": {"reference": reference.superlinear_attention,
-                              "xla": xla.superlinear_attention,
-                              "pallas": pallas.superlinear_attention},
+    op: {name: getattr(path, op)
+         for name, path in (("reference", reference), ("xla", xla), ("pallas", pallas))}
+    for op in OPS
 }
 
 
