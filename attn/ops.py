@@ -12,7 +12,7 @@ tokens already in it. A concrete `q_offset` must lie in `[0, kv_len - q_len]`;
 a traced int32 scalar is accepted but cannot be checked (out of range, a
 query at a position outside `[0, kv_len)` has no key and returns zeros).
 
-`implementation` (one of `IMPLEMENTATION_CHOICES`):
+`implementation` (one of `attn.IMPLEMENTATION_CHOICES`):
   * `"reference"`: dense masked O(L^2) oracle, for tests;
   * `"xla"`: sub-quadratic pure-jnp path (contiguous slices, no L x L mask);
   * `"pallas"`: Pallas TPU/GPU kernels (`attn.pallas`); the platform's
@@ -35,7 +35,6 @@ from typing import NamedTuple
 import jax
 
 from attn import _checks, pallas, reference, xla
-from attn._checks import IMPLEMENTATION_CHOICES
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
 
