@@ -38,9 +38,12 @@ def check_qkv(q, k, v, *, name_q="q", name_k="k", name_v="v"):
     raise ValueError(f"{name_k}.shape={k.shape} and {name_v}.shape={v.shape} must "
                      "be equal.")
   if bk != b:
-    raise ValueError(f"batch mismatch: {name_q} has batch {b}, {name_k} has {bk}.")
+    raise ValueError(f"batch mismatch: {name_q} has batch {b}, {name_k} has {bk}; "
+                     "pass the same batch to both (broadcast one of them first).")
   if dk != d:
-    raise ValueError(f"head_dim mismatch: {name_q} has {d}, {name_k} has {dk}.")
+    raise ValueError(f"head_dim mismatch: {name_q} has {d}, {name_k} has {dk}; project "
+                     f"queries and keys to the same head_dim (for a separate routing "
+                     f"dimension use q_search/k_search).")
   if min(lq, lk, hq, hk, d) < 1:
     raise ValueError(f"empty input: {name_q}.shape={q.shape}, {name_k}.shape={k.shape}; "
                      "every dimension must be >= 1.")

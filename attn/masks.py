@@ -199,6 +199,10 @@ def superlinear_candidate_mask(seq_len: int, *, config: SuperlinearConfig) -> np
   Random context access means this equals the causal mask for every valid
   config; `tests/test_masks.py` checks it over lengths and configs.
   """
+  if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+    raise ValueError(f"seq_len must be a positive int, got {seq_len!r}.")
+  if not isinstance(config, SuperlinearConfig):
+    raise ValueError(f"config must be an attn.SuperlinearConfig, got {type(config).__name__}.")
   w = config.window
   f = superlinear_stripe_table(seq_len, config)               # [S]
   q = np.arange(seq_len)

@@ -4,6 +4,7 @@ import dataclasses
 import math
 
 import hypothesis
+import jax.numpy as jnp
 import hypothesis.strategies as st
 import numpy as np
 import pytest
@@ -208,3 +209,16 @@ def test_block_layout_rejects_bad_input():
     attn.BlockLayout.from_mask(np.ones((4, 4), bool), block_q=0, block_k=2)
   with pytest.raises(ValueError, match="window"):
     attn.BlockLayout.sliding_window(16, window=0)
+
+
+@pytest.mark.parametrize("seq_len", [0, -1, 2.5, True])
+def test_candidate_mask_refuses_a_bad_length_naming_it(seq_len):
+  with pytest.raises(ValueError, match="seq_len"):
+    attn.superlinear_candidate_mask(seq_len, config=attn.SuperlinearConfig())
+
+
+def test_head_dim_mismatch_names_the_fix():
+  q = jnp.zeros((1, 4, 2, 8))
+  k = jnp.zeros((1, 4, 2, 16))
+  with pytest.raises(ValueError, match="head_dim mismatch.*same head_dim"):
+    attn.dense_attention(q, k, k)
