@@ -39,7 +39,7 @@ __all__ = ["evaluate_run", "load_run_config", "plot", "main"]
 def load_run_config(workdir: str):
   """The `train.config.Config` a run was trained with (from `config.json`)."""
   import attn
-  from train.config import Config, DataConfig
+  from train.config import Config, DataConfig, ShardingConfig
   from train.model import ModelConfig
 
   path = os.path.join(workdir, "config.json")
