@@ -59,6 +59,10 @@ def load_run_config(workdir: str):
   top = known(Config, raw)
   top["mesh_shape"] = tuple(top["mesh_shape"])
   top["data"] = DataConfig(**known(DataConfig, raw["data"]))
+  if "sharding" in raw:
+    rules = known(ShardingConfig, raw["sharding"])
+    rules["allow_replication"] = tuple(rules.get("allow_replication", ()))
+    top["sharding"] = ShardingConfig(**rules)
   top["model"] = ModelConfig(**known(ModelConfig, model))
   return Config(**top)
 
