@@ -191,6 +191,8 @@ class Config:
       bad("mesh_shape", "must be three ints (data, fsdp, tensor), each >= 1 or -1")
     if sum(d == -1 for d in self.mesh_shape) > 1:
       bad("mesh_shape", "at most one entry may be -1")
+    if not isinstance(self.sharding, ShardingConfig):
+      bad("sharding", "must be a train.config.ShardingConfig")
 
 
 # ---------------------------------------------------------------------------
