@@ -23,12 +23,12 @@ IMPLEMENTATIONS = ("reference", "xla", "pallas")   # pallas: interpret mode on C
 SEED = 0
 
 # Tolerances against the float32 oracle. float32: elementwise. bfloat16:
-# relative L2 error of out / grads against the oracle on the same (rounded)
-# inputs; measured at these sizes <= 0.6% (out) and <= 1.2% (grads) for
-# every implementation.
+# relative L2 error of out / each gradient against the oracle on the same
+# (rounded) inputs; measured for the bf16 cases below (reference and xla):
+# <= 0.20% (out) and <= 0.36% (gradients).
 TOL = {
     jnp.float32: dict(atol=2e-5, rtol=2e-5, grad_atol=5e-5, grad_rtol=5e-4),
-    jnp.bfloat16: dict(rel_l2=1.5e-2, grad_rel_l2=3e-2),
+    jnp.bfloat16: dict(rel_l2=6e-3, grad_rel_l2=1e-2),
 }
 # bfloat16 against a float32 reference of the same op: at most this multiple
 # of the bf16 reference's own error (tests/test_ops.py, xla path).
@@ -153,19 +153,18 @@ OPS = {
 }
 
 # (op, scenario) pairs the suite runs against every implementation: every op
-# in prefill and in a traced-offset call with NaN in the unused cache slots,
-# each dtype and head grouping, and the decode sizes for the ops with decode
-# kernels. Pairs are few because pallas interpret mode is slow.
+# with a traced-offset call and NaN in the unused cache slots, each dtype and
+# head grouping, prefill, and the decode sizes for the ops with decode
+# kernels. Pairs are few because pallas interpret mode is slow (the
+# superlinear prefill kernels most: ~1-2 min a pair on a loaded 2-core CPU).
 CASES = [
     ("dense", "prefill-gqa-f32"), ("dense", "decode1-mha-bf16-nan"),
     ("dense", "offset-negative-gqa-f32"),
     ("sliding", "chunk-mha-bf16-nan"), ("sliding", "decode16-gqa-f32-nan"),
     ("block_sparse", "prefill-gqa-f32"), ("block_sparse", "chunk-mha-bf16-nan"),
-    ("ppa_0.5", "prefill-gqa-f32"), ("ppa_0.5", "decode1-mha-bf16-nan"),
+    ("ppa_0.5", "decode1-mha-bf16-nan"), ("ppa_0.5", "offset-negative-gqa-f32"),
     ("ppa_0.55", "chunk-mha-bf16-nan"), ("ppa_0.55", "decode16-gqa-f32-nan"),
-    ("ppa_0.5", "offset-negative-gqa-f32"),
-    ("superlinear", "prefill-gqa-f32"), ("superlinear", "decode1-mha-bf16-nan"),
-    ("superlinear", "offset-negative-gqa-f32"),
+    ("superlinear", "decode1-mha-bf16-nan"), ("superlinear", "offset-negative-gqa-f32"),
     ("superlinear_0.55", "chunk-mha-bf16-nan"), ("superlinear_0.55", "decode16-gqa-f32-nan"),
     ("superlinear_k_as_search_key", "prefill-gqa-f32"),
 ]

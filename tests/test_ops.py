@@ -12,12 +12,14 @@ import pytest
 import attn
 from attn import reference, xla
 from tests import attn_oracles
+from tests import op_cases
 from tests.op_cases import (BF16_ERROR_RATIO, CUBIC_CFG, NO_WINDOW_CFG, SL_055, SMALL_CFG,
                             rel_err as _rel_err)
 from tests.op_cases import inputs as _inputs
 
-TOL = dict(atol=2e-5, rtol=2e-5)
-GRAD_TOL = dict(atol=5e-5, rtol=5e-4)
+_F32 = op_cases.TOL[jnp.float32]
+TOL = dict(atol=_F32["atol"], rtol=_F32["rtol"])
+GRAD_TOL = dict(atol=_F32["grad_atol"], rtol=_F32["grad_rtol"])
 SL_03 = attn.SuperlinearConfig(sw_index=1, num_spans=2, search_power=0.3,
                                span_power=0.75, backward_factor=3.0)       # W = 9
 
