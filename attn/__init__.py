@@ -4,6 +4,8 @@ Pure-functional ops with a dense reference, a sub-quadratic `xla` path and
 (later) Pallas kernels, selected by `implementation=`.
 """
 
+__version__ = "0.1.0"  # the package version (setup.cfg reads it from here)
+
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
 from attn.masks import (
@@ -23,8 +25,10 @@ from attn.ops import (
     superlinear_attention,
     superlinear_attention_with_anchors,
 )
+from attn.layers import Attention
 
 __all__ = [
+    "Attention",
     "BlockLayout",
     "SuperlinearConfig",
     "SuperlinearOutput",
