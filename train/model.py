@@ -93,6 +93,10 @@ class ModelConfig:
       learned a fixed positional preference instead. `search_key="k"`
       always searches with RoPE (the keys are the attention's).
     attn_implementation: passed to the attn ops (None = best available).
+    allow_interpret: let training run `attn_implementation="pallas"` on a
+      backend without compiled Pallas kernels (CPU), where the kernels run in
+      Pallas interpret mode: slow, meant for tests. Training refuses that
+      combination otherwise (`train.preflight`).
     norm_eps: RMSNorm epsilon.
   """
 
@@ -115,6 +119,7 @@ class ModelConfig:
   search_memory: float = 32.0
   search_rope: bool = False
   attn_implementation: str | None = None
+  allow_interpret: bool = False
   norm_eps: float = 1e-6
 
   def __post_init__(self):
@@ -167,6 +172,8 @@ class ModelConfig:
       bad("search_memory", "must be a finite number > 1 (tokens)")
     if self.attn_implementation not in IMPLEMENTATIONS:
       bad("attn_implementation", f"must be one of {IMPLEMENTATIONS}")
+    if not isinstance(self.allow_interpret, bool):
+      bad("allow_interpret", "must be a bool")
 
   @property
   def layer_types(self) -> tuple[str, ...]:
