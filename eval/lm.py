@@ -33,34 +33,12 @@ import time
 
 import numpy as np
 
+from train import generate
+
 __all__ = ["evaluate_run", "load_run_config", "plot", "main"]
 
 
-def load_run_config(workdir: str):
-  """The `train.config.Config` a run was trained with (from `config.json`)."""
-  import attn
-  from train.config import Config, DataConfig
-  from train.model import ModelConfig
-
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ValueError(f"--workdir {workdir}: no config.json (not a `python -m train` run)")
-  with open(path) as f:
-    raw = json.load(f)
-
-  def known(cls, d):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
-
-  model = dict(raw["model"])
-  model["superlinear"] = attn.SuperlinearConfig(**model["superlinear"])
-  if model.get("layer_pattern") is not None:
-    model["layer_pattern"] = tuple(model["layer_pattern"])
-  top = known(Config, raw)
-  top["mesh_shape"] = tuple(top["mesh_shape"])
-  top["data"] = DataConfig(**known(DataConfig, raw["data"]))
-  top["model"] = ModelConfig(**known(ModelConfig, model))
-  return Config(**top)
+load_run_config = generate.load_run_config  # the config a run was trained with
 
 
 def evaluate_run(workdir: str, *, lengths=None, windows: int = 16,
