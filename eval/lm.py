@@ -24,7 +24,6 @@ command regenerates the whole result.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -33,6 +32,7 @@ import time
 
 import numpy as np
 
+from eval import progress
 from train import generate
 
 __all__ = ["evaluate_run", "load_run_config", "plot", "main"]
@@ -185,10 +185,13 @@ def main(argv=None):
   if os.path.exists(json_path):
     with open(json_path) as f:
       results = json.load(f)
+  bar = progress.Progress([1.0] * len(args.workdir))   # runs of unknown, similar cost
   for i, workdir in enumerate(args.workdir):
     train_command = None
     if args.config:
+      bar.update(i, 0.0, f"{workdir}: training")
       train_command = train_run(args.config[i], workdir)
+    bar.update(i, 0.5 if args.config else 0.0, f"{workdir}: evaluating")
     t0 = time.time()
     run = evaluate_run(workdir, lengths=args.lengths, windows=args.windows)
     if train_command:
@@ -197,9 +200,8 @@ def main(argv=None):
     run["command"] = "python -m eval.lm " + " ".join(argv)
     run["date"] = datetime.datetime.now().isoformat(timespec="seconds")
     results["runs"][run["run"]] = run
-    print(f"[lm] {run['run']} step {run['step']}: " + "; ".join(
-        f"L={e['length']}: {e['bits_per_byte']:.3f} bpb" for e in run["lengths"]),
-        file=sys.stderr, flush=True)
+    bar.finish(i, f"[lm] {run['run']} step {run['step']}: " + "; ".join(
+        f"L={e['length']}: {e['bits_per_byte']:.3f} bpb" for e in run["lengths"]))
   with open(json_path + ".tmp", "w") as f:
     json.dump(results, f, indent=1)
   os.replace(json_path + ".tmp", json_path)
