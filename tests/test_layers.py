@@ -209,3 +209,26 @@ def test_attention_fn_refuses_decode_and_masks():
     mha(x[:, :1])
   with pytest.raises(ValueError, match="no mask"):
     _mha(layers.attention_fn("dense"))(x, mask=jnp.ones((1, 1, LEN, LEN), bool))
+
+
+def test_model_parameter_paths_are_those_of_older_checkpoints():
+  """train/model.py's attention moved into attn.layers with the same
+  attribute names, so checkpoints written before the move restore: the
+  parameter paths (the checkpoint's keys) are the ones the model had."""
+  from train.model import ModelConfig, Transformer
+  m = Transformer(ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                              head_dim=8, mlp_dim=48, window=4,
+                              layer_pattern=("sliding", "superlinear"),
+                              search_key="accumulated",
+                              superlinear=attn.SuperlinearConfig(sw_index=1)),
+                  rngs=nnx.Rngs(0))
+  paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+  per_block = ("attn_norm/scale", "mlp_norm/scale", "mlp/w_gate", "mlp/w_up", "mlp/w_down",
+               "attention/wq", "attention/wk", "attention/wv", "attention/wo")
+  expected = ({"embedding", "final_norm/scale"}
+              | {f"blocks/{i}/{n}" for i in (0, 1) for n in per_block}
+              | {f"blocks/1/attention/{n}" for n in ("wq_search", "w_gate", "b_gate")})
+  assert paths == expected
+  # Caches are nnx.Cache variables, never parameters (not in checkpoints).
+  m.init_cache(1, 8)
+  assert {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))} == expected
