@@ -19,6 +19,14 @@ def test_readme_resumable_keys_are_train_resume_keys():
   assert keys == set(resume.RESUMABLE_KEYS)
 
 
+def test_training_doc_resumable_keys_are_train_resume_keys():
+  text = " ".join((ROOT / "docs" / "training.md").read_text().split())
+  start = text.index("These keys may change freely")
+  listed = text[start:text.index("Any other difference", start)]
+  keys = set(re.findall(r"`([a-z_.]+)`", listed)) - {"train/resume.py"}
+  assert keys == set(resume.RESUMABLE_KEYS)
+
+
 def test_readme_training_commands_each_name_a_workdir():
   text = (ROOT / "README.md").read_text()
   block = text[text.index("## Training"):]
