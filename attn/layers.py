@@ -103,7 +103,11 @@ def kind_options(kind: str, options: dict) -> dict:
     layout = out["layout"]
     if not isinstance(layout, BlockLayout):
       raise ValueError(f"layout= must be an attn.BlockLayout, got {type(layout).__name__}.")
-    if layout.q_len != layout.kv_len or np.triu(layout.to_mask(), 1).any():
+    if layout.band is not None:       # band layouts: causal when the queries start at 0
+      causal = layout.q_len == layout.kv_len and layout.band.q_offset == 0
+    else:
+      causal = layout.q_len == layout.kv_len and not np.triu(layout.to_mask(), 1).any()
+    if not causal:
       raise ValueError("layout= must be causal (q_len == kv_len and no query sees a "
                        "later key): the layer is causal attention; call "
                        "attn.block_sparse_attention directly for other masks.")
@@ -163,6 +167,19 @@ def gated_linear_scan(gates, values, initial=None):
 
   _, h = jax.lax.associative_scan(combine, (a, b), axis=1)
   return h
+
+
+def _layout_rows(layout: BlockLayout, positions, max_len: int):
+  """bool `[n, max_len]`: the keys a causal `layout` shows the queries at
+  `positions` (int32 `[n]`, may be traced). Band layouts by arithmetic; a
+  table layout's mask rows (a `[L, L]` constant)."""
+  cols = jnp.arange(max_len)[None, :]
+  if layout.band is not None:
+    d = positions[:, None] - cols
+    ok = d >= 0
+    return ok if layout.band.window is None else ok & (d < layout.band.window)
+  rows = jnp.asarray(layout.to_mask()[:, :max_len])
+  return jax.lax.dynamic_slice_in_dim(rows, positions[0], positions.shape[0], axis=0)
 
 
 def _masked_attention(q, k, v, visible, scale):
@@ -436,8 +453,7 @@ class Attention(nnx.Module):
       k_search = _write(self.cached_search_key[...], k_search, index)
       self.cached_search_key[...], self.search_state[...] = k_search, state
     if self.kind == "block_sparse":
-      rows = jnp.asarray(self.options["layout"].to_mask()[:, :max_len])
-      visible = jax.lax.dynamic_slice_in_dim(rows, index, n, axis=0)
+      visible = _layout_rows(self.options["layout"], positions, max_len)
       visible &= jnp.arange(max_len) < index + n
       out = _masked_attention(q, keys, values, visible, 1.0 / math.sqrt(self.head_dim))
     else:

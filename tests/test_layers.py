@@ -32,11 +32,13 @@ KIND_OPTIONS = {
                             search_key="accumulated", search_memory=4.0),
     "block_sparse": dict(layout=attn.BlockLayout.from_mask(
         _sparse_causal_mask(LEN), block_q=4, block_k=4)),
+    "block_sparse_band": dict(layout=attn.BlockLayout.sliding_window(
+        LEN, window=5, block_q=4, block_k=4)),
 }
 
 
 def make_layer(name, seed=0, **kw):
-  kind = name.removesuffix("_acc")
+  kind = name.removesuffix("_acc").removesuffix("_band")
   layer = layers.Attention(D_MODEL, HEADS, KV_HEADS, kind=kind, rngs=nnx.Rngs(seed),
                            **KIND_OPTIONS[name], **kw)
   # Peaked attention: a wrong position or a stale cache entry shows.
@@ -67,7 +69,7 @@ def test_prefill_then_one_token_at_a_time_equals_full_call(name, dtype):
   full = layer(x)
   chex.assert_shape(full, x.shape)
   chex.assert_type(full, dtype)
-  max_len = LEN if name == "block_sparse" else MAX_LEN   # the layout fixes its length
+  max_len = LEN if name.startswith("block_sparse") else MAX_LEN   # the layout's length
   layer.init_cache(2, max_len, dtype)
   fill_nan(layer)
   outs = [layer(x[:, :PREFILL], decode=True)]
@@ -176,6 +178,9 @@ def test_constructor_errors():
   upper = attn.BlockLayout.from_mask(np.ones((8, 8), bool), block_q=4, block_k=4)
   with pytest.raises(ValueError, match="layout= must be causal"):
     layers.Attention(32, 4, 2, kind="block_sparse", rngs=rngs, layout=upper)
+  late = attn.BlockLayout.causal(4, kv_len=8)                 # queries at 4..7
+  with pytest.raises(ValueError, match="layout= must be causal"):
+    layers.Attention(32, 4, 2, kind="block_sparse", rngs=rngs, layout=late)
   layer = make_layer("block_sparse")
   with pytest.raises(ValueError, match="max_len"):
     layer.init_cache(1, LEN + 1)
