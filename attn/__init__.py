@@ -5,6 +5,8 @@ Pallas kernels (`attn.pallas`), selected by `implementation=` (one of
 `IMPLEMENTATION_CHOICES`).
 """
 
+__version__ = "0.1.0"  # the package version (setup.cfg reads it from here)
+
 from attn._checks import IMPLEMENTATION_CHOICES
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
@@ -25,8 +27,10 @@ from attn.ops import (
     superlinear_attention,
     superlinear_attention_with_anchors,
 )
+from attn.layers import Attention
 
 __all__ = [
+    "Attention",
     "IMPLEMENTATION_CHOICES",
     "BlockLayout",
     "SuperlinearConfig",

@@ -24,7 +24,6 @@ command regenerates the whole result.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -33,38 +32,13 @@ import time
 
 import numpy as np
 
+from eval import progress
+from train import generate
+
 __all__ = ["evaluate_run", "load_run_config", "plot", "main"]
 
 
-def load_run_config(workdir: str):
-  """The `train.config.Config` a run was trained with (from `config.json`)."""
-  import attn
-  from train.config import Config, DataConfig, ShardingConfig
-  from train.model import ModelConfig
-
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ValueError(f"--workdir {workdir}: no config.json (not a `python -m train` run)")
-  with open(path) as f:
-    raw = json.load(f)
-
-  def known(cls, d):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
-
-  model = dict(raw["model"])
-  model["superlinear"] = attn.SuperlinearConfig(**model["superlinear"])
-  if model.get("layer_pattern") is not None:
-    model["layer_pattern"] = tuple(model["layer_pattern"])
-  top = known(Config, raw)
-  top["mesh_shape"] = tuple(top["mesh_shape"])
-  top["data"] = DataConfig(**known(DataConfig, raw["data"]))
-  if "sharding" in raw:
-    rules = known(ShardingConfig, raw["sharding"])
-    rules["allow_replication"] = tuple(rules.get("allow_replication", ()))
-    top["sharding"] = ShardingConfig(**rules)
-  top["model"] = ModelConfig(**known(ModelConfig, model))
-  return Config(**top)
+load_run_config = generate.load_run_config  # the config a run was trained with
 
 
 def evaluate_run(workdir: str, *, lengths=None, windows: int = 16,
@@ -211,10 +185,13 @@ def main(argv=None):
   if os.path.exists(json_path):
     with open(json_path) as f:
       results = json.load(f)
+  bar = progress.Progress([1.0] * len(args.workdir))   # runs of unknown, similar cost
   for i, workdir in enumerate(args.workdir):
     train_command = None
     if args.config:
+      bar.update(i, 0.0, f"{workdir}: training")
       train_command = train_run(args.config[i], workdir)
+    bar.update(i, 0.5 if args.config else 0.0, f"{workdir}: evaluating")
     t0 = time.time()
     run = evaluate_run(workdir, lengths=args.lengths, windows=args.windows)
     if train_command:
@@ -223,9 +200,8 @@ def main(argv=None):
     run["command"] = "python -m eval.lm " + " ".join(argv)
     run["date"] = datetime.datetime.now().isoformat(timespec="seconds")
     results["runs"][run["run"]] = run
-    print(f"[lm] {run['run']} step {run['step']}: " + "; ".join(
-        f"L={e['length']}: {e['bits_per_byte']:.3f} bpb" for e in run["lengths"]),
-        file=sys.stderr, flush=True)
+    bar.finish(i, f"[lm] {run['run']} step {run['step']}: " + "; ".join(
+        f"L={e['length']}: {e['bits_per_byte']:.3f} bpb" for e in run["lengths"]))
   with open(json_path + ".tmp", "w") as f:
     json.dump(results, f, indent=1)
   os.replace(json_path + ".tmp", json_path)

@@ -42,6 +42,8 @@ import time
 
 import numpy as np
 
+from eval import progress
+
 __all__ = ["PRESETS", "attended_fraction", "markdown", "plot", "main"]
 
 P_VALUES = [i / 8 for i in range(9)]
@@ -346,14 +348,24 @@ def main(argv=None):
   plan = [(n, seed) for seed in args.seeds for n in names
           if f"{n}/seed{seed}" not in sweep["runs"]]
   print(f"[ppa_sweep] {len(plan)} runs to do", file=sys.stderr, flush=True)
-  t_start = time.time()
+  # ETA: a run costs about (per token) 3 d_model (projections and MLP, in units
+  # of 4 d_model flops) + the keys a query attends; calibrated per setting.
+  bar = progress.Progress(
+      [3 * args.d_model + sweep["cost"][n]["keys"] / args.seq_len for n, _ in plan],
+      kinds=[n for n, _ in plan])
+  train_share = 0.8                  # the held-out and NIAH evaluations: the rest
   for i, (name, seed) in enumerate(plan):
     t0 = time.time()
+
+    def on_log(step, loss, acc, i=i, name=name, seed=seed):
+      bar.update(i, train_share * step / args.steps,
+                 f"{name} seed {seed} step {step}/{args.steps} loss {loss:.3f}")
+
     model, history = niah.train_model(
         model_config(name, task, s), task, steps=args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, lr=args.lr, seed=seed, lm_weight=args.lm_weight,
         warm_steps=args.warm_steps, warm_len=args.warm_len, warm_batch=args.warm_batch,
-        log_every=max(1, args.steps // 10))
+        log_every=max(1, args.steps // 10), progress=on_log)
     t_train = time.time() - t0
     run = {"name": name, "seed": seed, "train_seconds": t_train, "history": history,
            "heldout_bits_per_byte": heldout_bits(model, task, s),
@@ -363,12 +375,9 @@ def main(argv=None):
     with open(json_path + ".tmp", "w") as f:
       json.dump(sweep, f, indent=1)
     os.replace(json_path + ".tmp", json_path)
-    elapsed = time.time() - t_start
-    eta = elapsed / (i + 1) * (len(plan) - i - 1)
-    print(f"[ppa_sweep] {i + 1}/{len(plan)} {name} seed {seed}: "
-          f"{run['heldout_bits_per_byte']:.3f} bpb, NIAH {run['niah_accuracy']:.2f} "
-          f"({t_train:.0f} s) | elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min",
-          file=sys.stderr, flush=True)
+    bar.finish(i, f"{i + 1}/{len(plan)} {name} seed {seed}: "
+                  f"{run['heldout_bits_per_byte']:.3f} bpb, NIAH {run['niah_accuracy']:.2f} "
+                  f"({t_train:.0f} s)")
   plot(sweep, os.path.join(args.out, "ppa_sweep.png"))
   print("\n".join(markdown(sweep)))
   from eval import results as results_lib

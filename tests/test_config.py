@@ -236,3 +236,25 @@ def test_unbuildable_attention_is_refused_before_anything_is_written(tmp_path, m
   with pytest.raises(ConfigError, match=r"model.attn_implementation=.*'dense' attention"):
     loop.train(config)
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_pallas_on_cpu_is_refused_unless_interpret_is_allowed(tmp_path):
+  """On CPU the Pallas kernels only run in interpret mode (for tests): a
+  training config asking for them is refused before the workdir exists,
+  unless `model.allow_interpret=true` forces it."""
+  import jax
+  from train import loop, preflight
+  if jax.default_backend() != "cpu":
+    pytest.skip("the refusal is for backends without compiled Pallas kernels")
+  config = apply_overrides(load_config(MICRO_CONFIG),
+                           [f"workdir={tmp_path / 'w'}", "model.attn_implementation=pallas"])
+  with pytest.raises(ConfigError, match="interpret mode.*model.allow_interpret=true"):
+    loop.train(config)
+  assert not os.path.exists(tmp_path / "w")
+  forced = apply_overrides(config, ["model.allow_interpret=true"])
+  preflight.check_attention(forced)  # builds (abstractly) in interpret mode
+  code = subprocess.run(
+      [sys.executable, "-m", "train", "--config", MICRO_CONFIG, "--set",
+       f"workdir={tmp_path / 'w'}", "--set", "model.attn_implementation=pallas"],
+      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert code.returncode == 2 and "interpret mode" in code.stderr, code.stderr

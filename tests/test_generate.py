@@ -13,7 +13,7 @@ from flax import nnx
 
 from tests.model_cases import ATTENTION_KW
 from train.decode import generate
-from train.model import ModelConfig, Transformer, init_cache
+from train.model import ModelConfig, Transformer
 
 VOCAB = 53
 PROMPT = 6
@@ -59,11 +59,25 @@ def jit_forward(model):
   return lambda tokens: fn(state, tokens)
 
 
-def jit_cached(model):
-  """Jitted `(tokens, cache, offset) -> (logits, cache)` of a fixed model."""
-  graphdef, state = nnx.split(model)
-  fn = jax.jit(lambda s, t, c, o: nnx.merge(graphdef, s).forward_with_cache(t, c, o))
-  return lambda tokens, cache, offset: fn(state, tokens, cache, jnp.int32(offset))
+def jit_cached(model, batch, max_len):
+  """A jitted `tokens -> logits` decode step of a copy of `model` with fresh
+  caches of `max_len`; returns `(step, caches)`, `caches()` the cache state."""
+  model = nnx.merge(*nnx.split(model))
+  model.init_cache(batch, max_len)
+  graphdef, cache, params = nnx.split(model, nnx.Cache, ...)
+
+  @jax.jit
+  def fn(c, p, t):
+    m = nnx.merge(graphdef, c, p)
+    return m(t, decode=True), nnx.state(m, nnx.Cache)
+
+  box = [cache]
+
+  def step(tokens):
+    logits, box[0] = fn(box[0], params, tokens)
+    return logits
+
+  return step, lambda: nnx.merge(graphdef, box[0], params)
 
 
 def prompt_tokens(seed, batch=2, length=PROMPT):
@@ -106,24 +120,22 @@ def test_cached_logits_match_full_forward(name):
   model, forward = built(name)
   tokens = prompt_tokens(3, length=16)
   full = forward(tokens)
-  cached = jit_cached(model)
-  cache = init_cache(model.config, batch=2, max_len=20)
-  logits, cache = cached(tokens[:, :PROMPT], cache, 0)
+  cached, cached_model = jit_cached(model, batch=2, max_len=20)
+  logits = cached(tokens[:, :PROMPT])
   chex.assert_trees_all_close(logits, full[:, :PROMPT], atol=1e-5, rtol=1e-5)
-  steps = []
-  for i in range(PROMPT, 16):
-    step, cache = cached(tokens[:, i:i + 1], cache, i)
-    steps.append(step)
+  steps = [cached(tokens[:, i:i + 1]) for i in range(PROMPT, 16)]
   chex.assert_trees_all_close(jnp.concatenate(steps, 1), full[:, PROMPT:],
                               atol=1e-5, rtol=1e-5)
   # The buffers hold exactly the written positions.
-  assert not np.any(np.asarray(cache[0].k[:, 16:]))
-  assert np.all(np.any(np.asarray(cache[0].k[:, :16]) != 0, axis=(-1, -2)))
+  layer = cached_model().blocks[0].attention
+  assert int(layer.cache_index[...]) == 16
+  assert not np.any(np.asarray(layer.cached_key[...][:, 16:]))
+  assert np.all(np.any(np.asarray(layer.cached_key[...][:, :16]) != 0, axis=(-1, -2)))
   if name == "superlinear_acc":
-    chex.assert_shape(cache[0].state, (2, 2, 8))
-    assert np.any(np.asarray(cache[0].k_search[:, :16]) != 0)
+    chex.assert_shape(layer.search_state[...], (2, 2, 8))
+    assert np.any(np.asarray(layer.cached_search_key[...][:, :16]) != 0)
   else:
-    assert cache[0].state is None
+    assert not hasattr(layer, "search_state")
 
 
 def test_batch_rows_are_independent_and_max_len_is_free():
@@ -154,7 +166,8 @@ def test_bfloat16_generate_runs():
   out = generate(model, prompt_tokens(6), max_new_tokens=4, rng=jax.random.key(0))
   chex.assert_shape(out, (2, PROMPT + 4))
   assert model.config.compute_dtype == jnp.bfloat16
-  assert init_cache(model.config, 1, 4)[0].k.dtype == jnp.bfloat16
+  model.init_cache(1, 4)
+  assert model.blocks[0].attention.cached_key[...].dtype == jnp.bfloat16
 
 
 def test_generate_argument_checks():

@@ -291,3 +291,35 @@ def test_results_md_lists_the_routing_run_and_its_variants(tmp_path):
   assert "`python -m eval.niah --preset routing`" in main and "| `hybrid` | 1.00 | 0.75 |" in main
   assert "--steps 750" in long and "| `hybrid` | 0.50 | 0.50 |" in long
   assert "[niah_routing_long.md](niah_routing_long.md)" in long
+
+
+def test_report_states_only_what_the_numbers_say(tmp_path):
+  """No "0 to 0 distractors", no uninformative window columns, no placeholder
+  reading; a hand-written reading is kept."""
+  r = _fake_results()
+  r["settings"].update(preset="quick", steps=10, batch_size=2, lr=1e-3, seeds=[0],
+                       superlinear={"sw_index": 2, "num_spans": 2}, samples=4,
+                       anchor_samples=4, command_args="--preset quick")
+  st = r["runs"]["hybrid/seed0"]["anchors"]["100"]["layer1"]
+  st.update(any_head_top1=0.5, window_any=1.0, chance_window_any=1.0,
+            correct_given_hit=1.0, correct_given_miss=0.0)
+  md_path = tmp_path / "t.md"
+  niah.write_report(r, str(tmp_path), "t")
+  md = md_path.read_text()
+  assert "0 to 0" not in md and "no distractor needles" in md
+  assert "| window hit |" not in md and "chance 100%" in md
+  assert "replace with a reading" not in md
+  # hybrid: column L=100 of [[1.0, 0.5], [1.0, 1.0]] averages 1.00 = 4 x chance 1/4;
+  # beyond the window only depth 0 counts: (1.0 + 0.5) / 2.
+  assert "`hybrid`: 1.00 at the training length L = 100 (4.0x chance)" in md
+  assert "0.75 on the needles beyond the 10-key window" in md
+  r["settings"]["task"]["max_distractors"] = 2
+  st["chance_window_any"] = 0.5
+  hand = md.replace(md.split("<!-- reading -->")[1].split("<!-- /reading -->")[0],
+                    "\nA reading written by hand.\n")
+  md_path.write_text(hand)
+  niah.write_report(r, str(tmp_path), "t")
+  md = md_path.read_text()
+  assert "Training draws 0 to 2 distractor needles" in md
+  assert "| window hit | window chance |" in md
+  assert "A reading written by hand." in md and "4.0x chance" not in md

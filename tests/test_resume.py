@@ -205,3 +205,24 @@ def test_config_without_search_rope_resumes_as_it_ran():
     saved = json.loads(json.dumps(resume_lib.to_dict(config)))
     del saved["model"]["search_rope"]
     assert resume_lib.config_changes(saved, config) == expected
+
+
+def test_resume_without_a_checkpoint_is_refused_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "empty"
+  with pytest.raises(resume_lib.NothingToResumeError, match="nothing to resume"):
+    loop.train(_config(workdir), resume=True)
+  assert not checkpoint_steps(workdir)
+  assert not (workdir / resume_lib.CONFIG_FILE).exists()
+
+
+def test_resume_without_a_checkpoint_exits_2_from_the_command_line(tmp_path):
+  proc = subprocess.run(train_cmd(tmp_path / "empty", resume=True), cwd=REPO,
+                        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert "holds no checkpoint" in proc.stderr and "--allow-fresh-start" in proc.stderr
+
+
+def test_allow_fresh_start_trains_from_step_0(tmp_path):
+  workdir = tmp_path / "fresh"
+  result = loop.train(_config(workdir, steps=2), resume=True, allow_fresh_start=True)
+  assert result.status == "done" and checkpoint_steps(workdir) == [2]

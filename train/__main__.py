@@ -4,7 +4,8 @@ Exit codes: 0 finished (or nothing left to train), or stopped by
 SIGTERM/SIGINT after saving a checkpoint; 2 bad command line / config (the
 message names the key), checked before anything is written, or a `--resume`
 whose config or checkpoint does not fit the workdir's run (nothing is moved or
-truncated); 3 the loss became NaN/Inf (the last good checkpoint is kept).
+truncated), or a `--resume` into a workdir without a checkpoint (unless
+`--allow-fresh-start`); 3 the loss became NaN/Inf (the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def parse_args(argv=None):
                       help="with --resume: continue although keys that change the data "
                            "stream or the model differ from the workdir's config.json "
                            "(the change is recorded in config_changes.jsonl)")
+  parser.add_argument("--allow-fresh-start", action="store_true",
+                      help="with --resume: start from step 0 when the workdir holds no "
+                           "checkpoint yet (e.g. a job restarted before its first save) "
+                           "instead of exiting with code 2")
   parser.add_argument("--print-config", action="store_true",
                       help="print the resolved config as JSON and exit")
   return parser.parse_args(argv)
@@ -36,6 +41,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.allow_fresh_start and not args.resume:
+    print("error: --allow-fresh-start only applies with --resume", file=sys.stderr)
+    return 2
   from train.config import ConfigError, apply_overrides, load_config, to_dict
   try:
     config = apply_overrides(load_config(args.config), args.overrides)
@@ -53,8 +61,9 @@ def main(argv=None) -> int:
   from train.checkpoint import IncompatibleCheckpointError
   try:
     result = loop.train(config, resume=args.resume,
-                        allow_config_change=args.allow_config_change)
-  except (FileExistsError, ValueError, IncompatibleCheckpointError) as e:
+                        allow_config_change=args.allow_config_change,
+                        allow_fresh_start=args.allow_fresh_start)
+  except (FileExistsError, FileNotFoundError, ValueError, IncompatibleCheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(result.message, file=sys.stderr, flush=True)

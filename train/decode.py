@@ -1,11 +1,12 @@
 """Autoregressive decoding with a fixed-size KV cache.
 
-`generate` prefills the prompt in one call of
-`Transformer.forward_with_cache` (offset 0) and then feeds one token at a
-time at its absolute position. Every layer attends with the same `attn` op as
-in training: q of length 1, the whole cache buffer `[batch, max_len, ...]` as
-k/v and `q_offset = position` (keys beyond the position are masked by the
-op), so the cache has one shape for the whole generation and the decode step
+`generate` gives a copy of the model (shared parameters) the layers' KV
+caches (`Transformer.init_cache`, i.e. `attn.layers.Attention.init_cache`),
+prefills the prompt in one call of `model(prompt, decode=True)` and then
+feeds one token at a time. Every layer attends with the same `attn` op as in
+training: q of length 1, the whole cache buffer `[batch, max_len, ...]` as
+k/v and `q_offset` = the cache index (keys beyond it are masked by the op),
+so the cache has one shape for the whole generation and the decode step
 compiles once per `(batch, max_len)`.
 
 Where the attention implementation resolves to `"pallas"` (the model's
@@ -16,8 +17,9 @@ a short prompt) run the Pallas decode kernels: a token then reads
 `O(w + t^p)` (PPA) or `O(sqrt(t))` (superlinear) cache rows instead of the
 whole cache; docs/kernels_decode.md.
 
-The jitted functions take the model as `nnx.split` (graphdef static, state
-traced): no global state, no recompilation when the parameters change.
+The jitted step takes the model as `nnx.split` (graphdef static; the cache
+and the parameters traced, the cache donated): no global state, no
+recompilation when the parameters change.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from train.model import IMPLEMENTATIONS, LayerCache, Transformer, init_cache
+from train.model import IMPLEMENTATIONS, Transformer
 
-__all__ = ["generate", "init_cache", "LayerCache", "sample_token", "with_implementation"]
+__all__ = ["generate", "sample_token", "with_implementation"]
 
 
 def sample_token(logits, rng, *, temperature: float):
@@ -47,14 +49,15 @@ def sample_token(logits, rng, *, temperature: float):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature"),
                    donate_argnames=("cache",))
-def _step(graphdef, state, tokens, cache, offset, rng, *, temperature):
-  """One cached forward over `tokens [batch, n]` at `offset`; samples the next token.
+def _step(graphdef, cache, params, tokens, rng, *, temperature):
+  """One cached forward over `tokens [batch, n]` (appended to the caches);
+  samples the next token.
 
-  Returns `(next_token int32 [batch], updated cache)`.
+  Returns `(next_token int32 [batch], updated cache state)`.
   """
-  model = nnx.merge(graphdef, state)
-  logits, cache = model.forward_with_cache(tokens, cache, offset)
-  return sample_token(logits[:, -1], rng, temperature=temperature), cache
+  model = nnx.merge(graphdef, cache, params)
+  logits = model(tokens, decode=True)
+  return sample_token(logits[:, -1], rng, temperature=temperature), nnx.state(model, nnx.Cache)
 
 
 def with_implementation(model: Transformer, implementation) -> Transformer:
@@ -66,11 +69,10 @@ def with_implementation(model: Transformer, implementation) -> Transformer:
   if model.config.attn_implementation == implementation:
     return model
   config = dataclasses.replace(model.config, attn_implementation=implementation)
-  graphdef, state = nnx.split(model)
-  clone = nnx.merge(graphdef, state)
+  clone = nnx.merge(*nnx.split(model))
   clone.config = config
   for block in clone.blocks:
-    block.attention.config = config
+    block.attention.implementation = implementation
   return clone
 
 
@@ -117,14 +119,14 @@ def generate(model: Transformer, prompt, *, max_new_tokens: int, rng,
 
   if implementation is not _KEEP:
     model = with_implementation(model, implementation)
-  graphdef, state = nnx.split(model)
-  cache = init_cache(model.config, batch, max_len)
-  token, cache = _step(graphdef, state, prompt, cache, jnp.int32(0),
-                       jax.random.fold_in(rng, 0), temperature=temperature)
+  model = nnx.merge(*nnx.split(model))    # the caller's model gets no cache
+  model.init_cache(batch, max_len)
+  graphdef, cache, params = nnx.split(model, nnx.Cache, ...)
+  token, cache = _step(graphdef, cache, params, prompt, jax.random.fold_in(rng, 0),
+                       temperature=temperature)
   out = [token]
   for i in range(1, max_new_tokens):
-    token, cache = _step(graphdef, state, token[:, None], cache,
-                         jnp.int32(prompt_len + i - 1),
+    token, cache = _step(graphdef, cache, params, token[:, None],
                          jax.random.fold_in(rng, i), temperature=temperature)
     out.append(token)
   return jnp.concatenate([prompt, jnp.stack(out, axis=1)], axis=1)

@@ -370,7 +370,7 @@ def _all_processes_any(flag: bool) -> bool:
 
 
 def train(config: Config, *, resume: bool = False, allow_config_change: bool = False,
-          model_factory: ModelFactory | None = None, mesh=None,
+          allow_fresh_start: bool = False, model_factory: ModelFactory | None = None, mesh=None,
           handle_signals: bool = True) -> TrainResult:
   """Runs (or resumes) the training job described by `config`.
 
@@ -378,7 +378,8 @@ def train(config: Config, *, resume: bool = False, allow_config_change: bool = F
   the mesh, a resumed run's config and checkpoint) runs before anything is
   written; see `train.preflight` and `train.resume`. `allow_config_change`
   lets `resume` continue with keys outside `resume.RESUMABLE_KEYS` changed
-  (recorded in `config_changes.jsonl`).
+  (recorded in `config_changes.jsonl`); `allow_fresh_start` lets `resume`
+  start from step 0 in a workdir without a checkpoint.
   """
   workdir = (paths.workdir_path(config.workdir) if model_factory is not None
              else preflight.check_config(config))
@@ -391,7 +392,8 @@ def train(config: Config, *, resume: bool = False, allow_config_change: bool = F
                                        async_save=config.async_checkpoints)
   try:
     begin = resume_lib.start_state(config, workdir, trainer, checkpointer, iterator,
-                                   resume=resume, allow_config_change=allow_config_change)
+                                   resume=resume, allow_config_change=allow_config_change,
+                                   allow_fresh_start=allow_fresh_start)
   except BaseException:
     checkpointer.close()
     raise

@@ -19,30 +19,31 @@ Parameters are float32 and annotated with the logical axis names of
 to mesh axes. Outside a mesh the annotations are kept as metadata only (no
 eager sharding), so the model can be built on a plain CPU.
 
-Two entry points share every layer:
-- `Transformer.__call__(tokens)`: the full causal forward pass.
-- `Transformer.forward_with_cache(tokens, cache, offset)`: tokens at absolute
-  positions `offset, offset + 1, ...`; writes their keys/values into the
-  fixed-size cache buffers and attends over the whole buffer with
-  `q_offset=offset` (prefill with `offset=0`, decode with one token).
+The attention of every layer is the library layer `attn.layers.Attention`
+(same parameter names as before it moved there: `wq`, `wk`, `wv`, `wo`,
+`wq_search`, `w_gate`, `b_gate`), so the model and a user of the library run
+one implementation. `Transformer.__call__(tokens)` is the full causal
+forward pass; after `Transformer.init_cache(batch, max_len)`,
+`Transformer.__call__(tokens, decode=True)` runs tokens that follow those in
+the layers' KV caches (prefill, then one token at a time).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import attn
+from attn import layers
 from attn.config import SuperlinearConfig
+from attn.layers import apply_rope, gated_linear_scan
 
 __all__ = [
-    "ATTENTION_TYPES", "LOGICAL_AXES", "LayerCache", "ModelConfig", "Transformer",
-    "apply_rope", "gated_linear_scan", "init_cache", "rms_norm",
+    "ATTENTION_TYPES", "LOGICAL_AXES", "ModelConfig", "Transformer",
+    "apply_rope", "attend", "gated_linear_scan", "layer_options", "rms_norm",
 ]
 
 ATTENTION_TYPES = ("dense", "sliding", "ppa", "superlinear")
@@ -92,6 +93,10 @@ class ModelConfig:
       learned a fixed positional preference instead. `search_key="k"`
       always searches with RoPE (the keys are the attention's).
     attn_implementation: passed to the attn ops (None = best available).
+    allow_interpret: let training run `attn_implementation="pallas"` on a
+      backend without compiled Pallas kernels (CPU), where the kernels run in
+      Pallas interpret mode: slow, meant for tests. Training refuses that
+      combination otherwise (`train.preflight`).
     norm_eps: RMSNorm epsilon.
   """
 
@@ -114,6 +119,7 @@ class ModelConfig:
   search_memory: float = 32.0
   search_rope: bool = False
   attn_implementation: str | None = None
+  allow_interpret: bool = False
   norm_eps: float = 1e-6
 
   def __post_init__(self):
@@ -166,6 +172,8 @@ class ModelConfig:
       bad("search_memory", "must be a finite number > 1 (tokens)")
     if self.attn_implementation not in IMPLEMENTATIONS:
       bad("attn_implementation", f"must be one of {IMPLEMENTATIONS}")
+    if not isinstance(self.allow_interpret, bool):
+      bad("allow_interpret", "must be a bool")
 
   @property
   def layer_types(self) -> tuple[str, ...]:
@@ -212,130 +220,32 @@ def rms_norm(x, scale, *, eps: float):
   return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def apply_rope(x, positions, *, theta: float):
-  """Rotary position embedding (rotate-half convention).
-
-  Args:
-    x: `[batch, seq, heads, head_dim]` (head_dim even).
-    positions: int `[seq]` or `[batch, seq]`, absolute positions.
-    theta: base of the frequencies `theta ** (-2i / head_dim)`.
-
-  Returns:
-    `[batch, seq, heads, head_dim]` in x.dtype (rotation done in float32).
-  """
-  half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
-  angles = positions.astype(jnp.float32)[..., None] * freqs     # [(b,) s, half]
-  sin = jnp.sin(angles)[..., None, :]                             # [(b,) s, 1, half]
-  cos = jnp.cos(angles)[..., None, :]
-  x32 = x.astype(jnp.float32)
-  x1, x2 = x32[..., :half], x32[..., half:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
-
-
-def gated_linear_scan(gates, values, initial=None):
-  """Causal gated, decaying average: `h_t = a_t * h_{t-1} + (1 - a_t) * x_t`.
-
-  Computed with `jax.lax.associative_scan` over the sequence axis on the
-  affine maps `h -> a h + b` (composition `(a1, b1) then (a2, b2)` =
-  `(a1 a2, a2 b1 + b2)`), in float32.
-
-  Args:
-    gates: `a`, `[batch, seq, heads]`, values in [0, 1].
-    values: `x`, `[batch, seq, heads, dim]`.
-    initial: `h_{-1}`, `[batch, heads, dim]`, or None for zeros.
-
-  Returns:
-    `h`: `[batch, seq, heads, dim]` float32 (`h[:, -1]` is the state to carry).
-  """
-  a = gates.astype(jnp.float32)[..., None]                        # [b, s, h, 1]
-  b = (1.0 - a) * values.astype(jnp.float32)                      # [b, s, h, d]
-  if initial is not None:
-    b = b.at[:, 0].add(a[:, 0] * initial.astype(jnp.float32))
-
-  def combine(left, right):
-    a_l, b_l = left
-    a_r, b_r = right
-    return a_l * a_r, a_r * b_l + b_r
-
-  _, h = jax.lax.associative_scan(combine, (a, b), axis=1)
-  return h
+def layer_options(config: ModelConfig, kind: str) -> dict:
+  """The `attn.layers.Attention` options of a layer of type `kind`."""
+  if kind == "sliding":
+    return dict(window=config.window)
+  if kind == "ppa":
+    return dict(p=config.ppa_p, window=config.window)
+  if kind == "superlinear":
+    return dict(config=config.superlinear, search_key=config.search_key,
+                search_memory=config.search_memory, search_rope=config.search_rope)
+  if kind == "dense":
+    return {}
+  raise ValueError(f"unknown attention type {kind!r}")
 
 
 def attend(kind: str, config: ModelConfig, q, k, v, q_search=None, k_search=None,
            q_offset=None):
-  """Dispatch to the `attn` op of layer type `kind`.
+  """The `attn` op of layer type `kind` (`attn.layers.attend` with the
+  config's options and implementation).
 
   q, q_search: `[batch, q_len, num_heads, head_dim]`; k, v, k_search:
   `[batch, kv_len, num_kv_heads, head_dim]` (k_search None = k).
   Returns `[batch, q_len, num_heads, head_dim]`.
   """
-  impl = config.attn_implementation
-  if kind == "dense":
-    return attn.dense_attention(q, k, v, q_offset=q_offset, implementation=impl)
-  if kind == "sliding":
-    return attn.sliding_window_attention(q, k, v, window=config.window,
-                                         q_offset=q_offset, implementation=impl)
-  if kind == "ppa":
-    return attn.ppa_attention(q, k, v, p=config.ppa_p, window=config.window,
-                              q_offset=q_offset, implementation=impl)
-  if kind == "superlinear":
-    return attn.superlinear_attention(q, k, v, q_search, k_search,
-                                      config=config.superlinear,
-                                      q_offset=q_offset, implementation=impl)
-  raise ValueError(f"unknown attention type {kind!r}")
-
-
-# ----------------------------------------------------------------------------
-# KV cache
-
-
-class LayerCache(NamedTuple):
-  """Decode state of one layer (a pytree; None fields are absent).
-
-  k, v: `[batch, max_len, num_kv_heads, head_dim]` in the compute dtype, the
-    RoPE'd keys and the values of positions `< offset` (zeros beyond).
-  k_search: like k, the RoPE'd accumulated keys (superlinear layers with
-    `search_key="accumulated"` only).
-  state: `[batch, num_kv_heads, head_dim]` float32, the scan state `h` of the
-    last written position (same layers only).
-  """
-  k: jax.Array
-  v: jax.Array
-  k_search: jax.Array | None = None
-  state: jax.Array | None = None
-
-
-def _accumulates(config: ModelConfig, kind: str) -> bool:
-  return kind == "superlinear" and config.search_key == "accumulated"
-
-
-def _search_rope(config: ModelConfig) -> bool:
-  """RoPE on the routing query: always against the RoPE'd attention keys
-  (`search_key="k"`), optional against the accumulated key."""
-  return config.search_key == "k" or config.search_rope
-
-
-def init_cache(config: ModelConfig, batch: int, max_len: int) -> tuple[LayerCache, ...]:
-  """Empty cache: one `LayerCache` per layer with `[batch, max_len, ...]` buffers."""
-  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-  dt = config.compute_dtype
-  caches = []
-  for kind in config.layer_types:
-    extra = {}
-    if _accumulates(config, kind):
-      extra = dict(k_search=jnp.zeros(shape, dt),
-                   state=jnp.zeros((batch, config.num_kv_heads, config.head_dim),
-                                   jnp.float32))
-    caches.append(LayerCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), **extra))
-  return tuple(caches)
-
-
-def _write(buffer, new, offset):
-  """buffer: [batch, max_len, ...], new: [batch, n, ...] -> buffer with new at offset."""
-  start = (0, offset) + (0,) * (buffer.ndim - 2)
-  return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
+  options = layers.kind_options(kind, layer_options(config, kind))
+  return layers.attend(kind, options, q, k, v, q_search, k_search, q_offset=q_offset,
+                       implementation=config.attn_implementation)
 
 
 # ----------------------------------------------------------------------------
@@ -353,100 +263,13 @@ class RMSNorm(nnx.Module):
     return rms_norm(x, self.scale[...], eps=self.eps)
 
 
-class Attention(nnx.Module):
-  """GQA self-attention with RoPE; the op is chosen by `kind`."""
-
-  def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
-    c = config
-    self.config, self.kind = c, kind
-    d, h, kv, hd = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
-    self.wq = _param(rngs, _normal(d), (d, h, hd), ("embed", "q_heads", "head_dim"))
-    self.wk = _param(rngs, _normal(d), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
-    self.wv = _param(rngs, _normal(d), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
-    self.wo = _param(rngs, _normal(h * hd), (h, hd, d),
-                     ("q_heads", "head_dim", "embed"))
-    if kind == "superlinear":
-      # Search scores are unscaled dot products (as in the reference); a
-      # routing query 1/sqrt(head_dim) smaller at init gives scores of unit
-      # scale, so the softmax gate over the selected spans starts unsaturated
-      # and passes gradient to the search.
-      self.wq_search = _param(rngs, _normal(d * hd), (d, h, hd),
-                              ("embed", "q_heads", "head_dim"))
-    if _accumulates(c, kind):
-      self.w_gate = _param(rngs, _normal(d), (d, kv), ("embed", "kv_heads"))
-      self.b_gate = _param(rngs, nnx.initializers.constant(math.log(c.search_memory - 1.0)),
-                           (kv,), ("kv_heads",))
-
-  def _proj(self, x, w):
-    """x: [batch, seq, d_model], w: [d_model, heads, head_dim] -> [batch, seq, heads, head_dim]."""
-    return jnp.einsum("bsd,dhk->bshk", x, w[...].astype(x.dtype))
-
-  def project(self, x, positions, state=None):
-    """The inputs of the attention op.
-
-    Args:
-      x: `[batch, seq, d_model]` (normed), compute dtype.
-      positions: int32 `[seq]`, absolute positions of x.
-      state: the accumulated-key scan state before x (`LayerCache.state`),
-        or None (zeros).
-
-    Returns:
-      `(q, k, v, q_search, k_search, state)`: q `[batch, seq, heads,
-      head_dim]` and k, v `[batch, seq, kv_heads, head_dim]` (q, k RoPE'd);
-      q_search (superlinear layers, else None), k_search and the new scan
-      state `[batch, kv_heads, head_dim]` (accumulated search key only, else
-      None).
-    """
-    c = self.config
-    theta = c.rope_theta
-    q = apply_rope(self._proj(x, self.wq), positions, theta=theta)
-    k_raw = self._proj(x, self.wk)
-    k = apply_rope(k_raw, positions, theta=theta)
-    v = self._proj(x, self.wv)
-
-    q_search = k_search = None
-    if self.kind == "superlinear":
-      q_search = self._proj(x, self.wq_search)
-      if _search_rope(c):
-        q_search = apply_rope(q_search, positions, theta=theta)
-    if _accumulates(c, self.kind):
-      gate_logits = (jnp.einsum("bsd,dh->bsh", x.astype(jnp.float32), self.w_gate[...])
-                     + self.b_gate[...])
-      h = gated_linear_scan(jax.nn.sigmoid(gate_logits), k_raw, state)
-      state = h[:, -1]
-      k_search = h.astype(x.dtype)
-      if c.search_rope:
-        k_search = apply_rope(k_search, positions, theta=theta)
-    else:
-      state = None
-    return q, k, v, q_search, k_search, state
-
-  def __call__(self, x, positions, cache: LayerCache | None = None, offset=None):
-    """Causal self-attention.
-
-    Args:
-      x: `[batch, seq, d_model]` (normed), compute dtype.
-      positions: int32 `[seq]`, absolute positions of x.
-      cache: None (full forward; keys are x's own) or this layer's cache,
-        whose buffers get x's keys/values written at `offset`.
-      offset: int32 scalar (may be traced), absolute position of x[:, 0];
-        required with a cache.
-
-    Returns:
-      `(out [batch, seq, d_model], new cache or None)`.
-    """
-    c = self.config
-    q, k, v, q_search, k_search, state = self.project(
-        x, positions, None if cache is None else cache.state)
-    if cache is not None:
-      k_all, v_all = _write(cache.k, k, offset), _write(cache.v, v, offset)
-      ks_all = None if k_search is None else _write(cache.k_search, k_search, offset)
-      cache = LayerCache(k_all, v_all, ks_all, state)
-      out = attend(self.kind, c, q, k_all, v_all, q_search, ks_all, q_offset=offset)
-    else:
-      out = attend(self.kind, c, q, k, v, q_search, k_search)
-    out = jnp.einsum("bshk,hkd->bsd", out.astype(x.dtype), self.wo[...].astype(x.dtype))
-    return out, cache
+def Attention(config: ModelConfig, kind: str, *, rngs: nnx.Rngs) -> layers.Attention:
+  """The library layer `attn.layers.Attention` of layer type `kind`."""
+  return layers.Attention(config.d_model, config.num_heads, config.num_kv_heads,
+                          kind=kind, rngs=rngs, head_dim=config.head_dim,
+                          rope_theta=config.rope_theta,
+                          implementation=config.attn_implementation,
+                          **layer_options(config, kind))
 
 
 class MLP(nnx.Module):
@@ -474,11 +297,10 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, cache=None, offset=None):
-    """x: [batch, seq, d_model] -> ([batch, seq, d_model], cache)."""
-    h, cache = self.attention(self.attn_norm(x), positions, cache, offset)
-    x = x + h
-    return x + self.mlp(self.mlp_norm(x)), cache
+  def __call__(self, x, *, decode: bool = False):
+    """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
+    x = x + self.attention(self.attn_norm(x), decode=decode)
+    return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nnx.Module):
@@ -511,35 +333,23 @@ class Transformer(nnx.Module):
     w = self.lm_head[...].astype(x.dtype)
     return jnp.einsum("bsd,dv->bsv", x, w, preferred_element_type=jnp.float32)
 
-  def __call__(self, tokens):
-    """tokens: int32 `[batch, seq]` -> float32 logits `[batch, seq, vocab]`."""
+  def __call__(self, tokens, *, decode: bool = False):
+    """tokens: int32 `[batch, seq]` -> float32 logits `[batch, seq, vocab]`.
+
+    `decode=True` (after `init_cache`): the tokens follow those already in
+    the layers' caches (their positions start at the cache index), which
+    they are appended to; prefill with the prompt, then one token at a time.
+    """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
     x = self._embed(tokens)
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     for block in self.blocks:
-      x, _ = block(x, positions)
+      x = block(x, decode=decode)
     return self._logits(x)
 
-  def forward_with_cache(self, tokens, cache: tuple[LayerCache, ...], offset):
-    """Run `tokens` at absolute positions `offset + [0, seq)` against the cache.
-
-    Args:
-      tokens: int32 `[batch, seq]`.
-      cache: from `init_cache(config, batch, max_len)`, holding positions
-        `< offset`; `offset + seq <= max_len`.
-      offset: int32 scalar (may be traced).
-
-    Returns:
-      `(logits float32 [batch, seq, vocab], updated cache)`.
-    """
-    tokens = jnp.asarray(tokens)
-    offset = jnp.asarray(offset, jnp.int32)
-    x = self._embed(tokens)
-    positions = offset + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    new_cache = []
-    for block, layer_cache in zip(self.blocks, cache, strict=True):
-      x, layer_cache = block(x, positions, layer_cache, offset)
-      new_cache.append(layer_cache)
-    return self._logits(x), tuple(new_cache)
+  def init_cache(self, batch: int, max_len: int):
+    """Empty KV caches (`attn.layers.Attention.init_cache`) of `max_len`
+    positions in the compute dtype in every layer; index 0."""
+    for block in self.blocks:
+      block.attention.init_cache(batch, max_len, self.config.compute_dtype)

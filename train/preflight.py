@@ -4,10 +4,11 @@
 every attention op the model uses whether it can be built for this config:
 one abstract evaluation (`jax.eval_shape`, nothing is computed or compiled)
 of the op and of its gradient at the run's shapes. An implementation that is
-not available (e.g. `model.attn_implementation="pallas"` before its kernels
-exist), an unsupported shape or a missing gradient is reported as a
+not available, an unsupported shape or a missing gradient is reported as a
 `ConfigError` naming the setting, instead of failing at the first step after
-the workdir was written.
+the workdir was written. `model.attn_implementation="pallas"` on CPU (no
+compiled kernels: they would run in Pallas interpret mode, which is for
+tests) is refused unless `model.allow_interpret=true`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ def check_attention(config: Config):
   m = config.model
   if not isinstance(m, model_lib.ModelConfig):
     raise ConfigError(f"model: expected a train.model.ModelConfig, got {type(m).__name__}")
+  if (m.attn_implementation == "pallas" and jax.default_backend() == "cpu"
+      and not m.allow_interpret):
+    raise ConfigError(
+        "model.attn_implementation='pallas' on CPU: there are no compiled Pallas "
+        "kernels for CPU, so they would run in Pallas interpret mode, which is for "
+        "tests and debugging (orders of magnitude slower). Use "
+        "model.attn_implementation=xla (or none), or set model.allow_interpret=true "
+        "to train in interpret mode anyway.")
   dt = m.compute_dtype
   q = jax.ShapeDtypeStruct((1, config.seq_len, m.num_heads, m.head_dim), dt)
   kv = jax.ShapeDtypeStruct((1, config.seq_len, m.num_kv_heads, m.head_dim), dt)

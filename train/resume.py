@@ -16,6 +16,9 @@ change a run silently:
   `IncompatibleCheckpointError` naming the differing config keys; nothing is
   moved, deleted or truncated.
 - Asking for fewer `steps` than the checkpoint already holds is an error.
+- `--resume` into a workdir without a checkpoint is a `NothingToResumeError`
+  unless the caller opts in to a fresh start (`allow_fresh_start=True`,
+  `--allow-fresh-start`, e.g. for a job restarted before its first save).
 
 Whenever `config.json` is rewritten with a different config, the difference
 is appended to `config_changes.jsonl` (`{"step", "time", "resume", "opt_in",
@@ -50,10 +53,16 @@ RESUMABLE_KEYS = frozenset({
     "workdir", "steps", "checkpoint_every", "keep_checkpoints", "async_checkpoints",
     "log_every", "eval_every", "eval_batches", "tensorboard", "mesh_shape", "grad_accum",
     "data.num_threads", "data.prefetch", "model.attn_implementation",
+    "model.allow_interpret",
     "debug_nan_at_step", "debug_trace_data", "debug_step_delay",
 })
 
 _ABSENT = "(absent)"
+
+
+class NothingToResumeError(FileNotFoundError):
+  """`--resume` into a workdir that holds no checkpoint (without opting in
+  to a fresh start)."""
 
 
 class ResumeConfigError(ckpt_lib.IncompatibleCheckpointError):
@@ -159,14 +168,22 @@ class Start:
 
 
 def start_state(config: Config, workdir: epath.Path, trainer, checkpointer, iterator, *,
-                resume: bool, allow_config_change: bool) -> Start:
+                resume: bool, allow_config_change: bool,
+                allow_fresh_start: bool = False) -> Start:
   """Restores (with `resume`) or initialises the train state, after every
-  check; writes nothing. `iterator` gets the restored data position."""
+  check; writes nothing. `iterator` gets the restored data position.
+  `allow_fresh_start`: with `resume`, start from step 0 when the workdir has
+  no checkpoint (otherwise `NothingToResumeError`)."""
   existing = checkpointer.all_steps()
   if existing and not resume:
     raise FileExistsError(
         f"{checkpointer.directory} already holds checkpoints (steps {existing}): pass "
         "--resume to continue, or use a new workdir")
+  if resume and not existing and not allow_fresh_start:
+    raise NothingToResumeError(
+        f"--resume: {checkpointer.directory} holds no checkpoint, so there is nothing to "
+        "resume. Check the workdir, drop --resume to start a new run, or pass "
+        "--allow-fresh-start to start from step 0 when nothing was saved yet")
   saved = read_saved_config(workdir)
   changes = config_changes(saved, config) if saved is not None else {}
   refused = {}
