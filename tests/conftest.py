@@ -1,8 +1,19 @@
 """Compiled-kernel tests (`@pytest.mark.gpu` / `@pytest.mark.tpu`) run only
-on a machine with that backend; everywhere else they are skipped."""
+on a machine with that backend; everywhere else they are skipped.
 
-import jax
-import pytest
+On a machine without accelerator device files, JAX is pinned to the CPU
+before it is imported: with the `[aot]` extra installed, libtpu would
+otherwise probe for a TPU in every test process (seconds each, and noisy).
+"""
+
+import glob
+import os
+
+if not (glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (after the platform choice above)
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

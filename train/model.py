@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import attn
 from attn import layers
 from attn.config import SuperlinearConfig
 from attn.layers import apply_rope, gated_linear_scan
