@@ -54,6 +54,10 @@ RESUMABLE_KEYS = frozenset({
     "log_every", "eval_every", "eval_batches", "tensorboard", "mesh_shape", "grad_accum",
     "data.num_threads", "data.prefetch", "model.attn_implementation",
     "model.allow_interpret",
+    # Sharding rules place the same arrays differently; checkpoints restore
+    # onto any placement.
+    "sharding.vocab", "sharding.embed", "sharding.q_heads", "sharding.kv_heads",
+    "sharding.head_dim", "sharding.mlp", "sharding.norm", "sharding.allow_replication",
     "debug_nan_at_step", "debug_trace_data", "debug_step_delay",
 })
 
