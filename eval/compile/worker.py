@@ -133,6 +133,7 @@ def main(target: str) -> None:
     except Exception as exc:  # one failing case is a finding; the sweep goes on
       rec.update(status="error", **_error_summary(exc))
     import json
+    rec["load1"] = round(os.getloadavg()[0], 1)   # machine load while compiling
     print("@@RESULT " + json.dumps(rec), file=out, flush=True)
 
 
