@@ -65,7 +65,8 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
                f"{r['versions'].get('jax-cuda12-pjrt')}, ptxas {r['versions'].get('ptxas')}, "
                f"libtpu {r['versions'].get('libtpu')}; machine: {r.get('machine', '?')})")
   out += ["", "## Summary", "", "| target | " + " | ".join(STATUSES) +
-          " | not run (of the sweep matrix) |", "|---" * (len(STATUSES) + 2) + "|"]
+          " | not run (of the sweep matrix) | median load average while compiling |",
+          "|---" * (len(STATUSES) + 3) + "|"]
   keys = {c.key for c in matrix}
   for t in targets:
     counts = defaultdict(int)
@@ -73,7 +74,10 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
       if tt == t:
         counts[r["status"]] += 1
     missing = len(keys - {k for tt, k in results if tt == t})
-    out.append(f"| {t} | " + " | ".join(str(counts[s]) for s in STATUSES) + f" | {missing} |")
+    loads = sorted(r["load1"] for (tt, _), r in results.items() if tt == t and "load1" in r)
+    load = f"{loads[len(loads) // 2]:.1f}" if loads else "?"
+    out.append(f"| {t} | " + " | ".join(str(counts[s]) for s in STATUSES) +
+               f" | {missing} | {load} |")
 
   bad = [r for r in results.values() if r["status"] != "ok"]
   out += ["", "## Failing cases (work order)", ""]
@@ -155,4 +159,19 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
         cells.append(f"{_secs(results.get(('tpu:v5e', key)))} / "
                      f"{_secs(results.get(('gpu', key)))}")
     out.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
+  out += ["", "## Not run", "",
+          "Cases of the sweep matrix (`eval.compile.cases.sweep_cases`) with no "
+          "result, per target: op and mode, the number of cases and their lengths.", ""]
+  for t in targets:
+    have = {k for tt, k in results if tt == t}
+    groups: dict[str, set] = defaultdict(set)
+    for c in matrix:
+      if c.key not in have:
+        groups[c.key.split("/")[0] + "/" + c.mode].add(c)
+    if not groups:
+      out.append(f"- {t}: none")
+      continue
+    parts = [f"{g} ({len(cs)}: L {', '.join(_short_len(n) for n in sorted({c.seq_len for c in cs}))})"
+             for g, cs in sorted(groups.items())]
+    out.append(f"- {t}: " + "; ".join(parts))
   return "\n".join(out) + "\n"
