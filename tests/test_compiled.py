@@ -102,3 +102,35 @@ def test_ci_subset_reaches_every_kernel_family_forward_and_grad():
     want = {(f, m) for f in families for m in ("fwd", "grad")}
     have = {(f, m) for fam, m in got for f in fam.split("+")}
     assert want <= have, (target, want - have)
+
+
+def test_report_lists_failures_and_not_run_cases():
+  from eval.compile import report
+  matrix = [cases.Case("dense"), cases.Case("dense", mode="grad"),
+            cases.Case("dense", seq_len=32768)]
+  ok = {"status": "ok", "lower_s": 0.5, "compile_s": 1.5, "kernel_calls": 1, "problems": [],
+        "kernels": [{"name": "k_fwd", "registers": 200, "spill_stores": 8, "spill_loads": 8,
+                     "stack": 0, "smem": 1000, "grid": [1, 2, 3], "threads": [128, 1, 1]}]}
+  bad = {"status": "error", "error": "ValueError: too big", "where": ["pallas_kernels/x.py:7"]}
+  results = {("gpu", matrix[0].key): dict(ok, key=matrix[0].key, target="gpu"),
+             ("gpu", matrix[1].key): dict(bad, key=matrix[1].key, target="gpu")}
+  text = report.render([], results, matrix)
+  assert "| gpu | `dense/grad/d128/L4096/bf16/8:2` | error | ValueError: too big | " \
+         "pallas_kernels/x.py:7 |" in text
+  assert "| k_fwd | 1 | 200 (`dense/fwd/d128/L4096/bf16/8:2`) |" in text
+  assert "| dense | fwd | 2.0 / 2.0 |" not in text        # no TPU result: "not run"
+  assert "| dense | fwd | not run / 2.0 | not run / not run |" in text
+  assert "- gpu: dense/fwd (1: L 32K)" in text
+
+
+def test_sweep_matrix_covers_the_issue_axes_with_unique_keys():
+  sweep = cases.sweep_cases()
+  assert len({c.key for c in sweep}) == len(sweep)
+  assert {c.head_dim for c in sweep} == {64, 80, 128, 256}
+  assert {c.seq_len for c in sweep} == {4096, 32768, 131072, 1 << 20}
+  assert {c.dtype for c in sweep} == {"bfloat16", "float32"}
+  assert {c.heads for c in sweep} == {(8, 2), (32, 8), (8, 8)}
+  assert {c.config for c in sweep if c.op.startswith("superlinear")} == {"default", "released"}
+  assert {c.p for c in sweep if c.op == "ppa"} == {0.5, 0.75}
+  assert {c.q_len for c in sweep if c.op.endswith("decode")} == {1, 16}
+  assert set(cases.OPS) == {c.op for c in sweep}
