@@ -110,14 +110,34 @@ def parse_thunks(text: str) -> dict[str, dict]:
   return out
 
 
-def triton_kernel_names(hlo_text: str) -> list[str]:
-  """Names of the Triton (Pallas) kernels in an optimized HLO module."""
-  names = []
+def triton_kernels(hlo_text: str) -> list[tuple[str, str]]:
+  """(name, op path) of each Triton (Pallas) kernel in an optimized HLO module.
+
+  The op path is the HLO metadata's `op_name` without its outer `jit(...)`,
+  e.g. `transpose(jvp(jit(ppa_attention)))/cond/branch_0_fun/pallas_call` (a
+  backward kernel).
+  """
+  out = []
   for line in hlo_text.splitlines():
     if KERNEL_TARGET in line:
       m = re.search(r'name = \\?"([^"\\]+)', line)
-      names.append(m.group(1) if m else "?")
-  return names
+      op = re.search(r'op_name="([^"]+)"', line)
+      out.append((m.group(1) if m else "?", op.group(1).split("/", 1)[-1] if op else ""))
+  return out
+
+
+def triton_kernel_names(hlo_text: str) -> list[str]:
+  """Names of the Triton (Pallas) kernels in an optimized HLO module."""
+  return [name for name, _ in triton_kernels(hlo_text)]
+
+
+def compiled_entries(base: str, names) -> list[str]:
+  """The compiled kernels of HLO kernel name `base` among `names` (ptxas entry
+  functions or thunks): XLA keeps the first as `base` and renames the others
+  `base__1`, `base__2`, ... when several kernels share a name."""
+  pat = re.compile(re.escape(base) + r"(__\d+)?")
+  return sorted((n for n in names if pat.fullmatch(n)),
+                key=lambda n: (len(n), n))
 
 
 def dump_text(dump_dir: str, suffix: str) -> str:

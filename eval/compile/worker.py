@@ -63,14 +63,18 @@ def _compile_gpu(case, dev, limit: int) -> dict:
       t2 = time.perf_counter()
     thunks = gpu.parse_thunks(gpu.dump_text(dump, "thunk_sequence.txt"))
   hlo = compiled.as_text()
-  names = gpu.triton_kernel_names(hlo)
+  found = gpu.triton_kernels(hlo)
+  names = [n for n, _ in found]
   ptxas = gpu.parse_ptxas(log.text)
   kernels = []
-  for name in dict.fromkeys(names):
-    k = {"name": name, "count": names.count(name)}
-    k.update(ptxas.get(name, {}))
-    k.update(thunks.get(name, {}))
-    kernels.append(k)
+  for base in dict.fromkeys(names):
+    sources = sorted({w for n, w in found if n == base and w})
+    entries = gpu.compiled_entries(base, set(ptxas) | set(thunks)) or [base]
+    for entry in entries:
+      k = {"name": entry, "count": 1, "ops": sources}
+      k.update(ptxas.get(entry, {}))
+      k.update(thunks.get(entry, {}))
+      kernels.append(k)
   problems = []
   if not names:
     problems.append(f"no {gpu.KERNEL_TARGET} custom call in the compiled HLO (XLA fallback)")
