@@ -134,3 +134,13 @@ def test_sweep_matrix_covers_the_issue_axes_with_unique_keys():
   assert {c.p for c in sweep if c.op == "ppa"} == {0.5, 0.75}
   assert {c.q_len for c in sweep if c.op.endswith("decode")} == {1, 16}
   assert set(cases.OPS) == {c.op for c in sweep}
+
+
+def test_compiled_entries_follow_xlas_renaming_of_shared_names():
+  names = {"kernel", "kernel__1", "kernel__2", "kernel_x", "loop_fusion", "_fwd_kernel"}
+  assert gpu.compiled_entries("kernel", names) == ["kernel", "kernel__1", "kernel__2"]
+  assert gpu.compiled_entries("_fwd_kernel", names) == ["_fwd_kernel"]
+  hlo = ('%a = f32[2] custom-call(%x), custom_call_target="__gpu$xla.gpu.triton", '
+         'backend_config={name = "kernel"}, metadata={op_name="jit(loss)/transpose('
+         'jvp(jit(op)))/pallas_call" stack_frame_id=3}\n')
+  assert gpu.triton_kernels(hlo) == [("kernel", "transpose(jvp(jit(op)))/pallas_call")]
