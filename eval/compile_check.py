@@ -54,6 +54,8 @@ def select(args) -> list[cases_lib.Case]:
     chosen = [c for c in chosen if c.mode in args.modes.split(",")]
   if args.head_dims:
     chosen = [c for c in chosen if str(c.head_dim) in args.head_dims.split(",")]
+  if args.dtypes:
+    chosen = [c for c in chosen if c.dtype in args.dtypes.split(",")]
   if args.configs:
     chosen = [c for c in chosen if not c.op.startswith("superlinear")
               or c.config in args.configs.split(",")]
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
   ap.add_argument("--ops", default="", help=f"subset of {','.join(cases_lib.OPS)}")
   ap.add_argument("--modes", default="", help="fwd,grad")
   ap.add_argument("--head-dims", default="")
+  ap.add_argument("--dtypes", default="", help="bfloat16,float32")
   ap.add_argument("--configs", default="", help="superlinear configs: default,released")
   ap.add_argument("--base-only", action="store_true",
                   help="only head_dim 128, bf16, GQA 8:2 (and q_len 16 for decode)")
