@@ -117,7 +117,7 @@ def test_report_lists_failures_and_not_run_cases():
   text = report.render([], results, matrix)
   assert "| gpu | `dense/grad/d128/L4096/bf16/8:2` | error | ValueError: too big | " \
          "pallas_kernels/x.py:7 |" in text
-  assert "| k_fwd | 1 | 200 (`dense/fwd/d128/L4096/bf16/8:2`) |" in text
+  assert "| ?: k_fwd | 1 | 200 (`dense/fwd/d128/L4096/bf16/8:2`) |" in text
   assert "| dense | fwd | 2.0 / 2.0 |" not in text        # no TPU result: "not run"
   assert "| dense | fwd | not run / 2.0 | not run / not run |" in text
   assert "- gpu: dense/fwd (1: L 32K)" in text

@@ -90,12 +90,30 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
       out.append(f"| {r['target']} | `{r['key']}` | {r['status']} | {why[:300]} | "
                  f"{', '.join(r.get('where') or [])} |")
 
+  slow = []
+  for (t, k), r in results.items():
+    limit = 30.0 if k.startswith("superlinear(") else 15.0
+    secs = (r.get("compile_s") or 0) + (r.get("lower_s") or 0)
+    if r["status"] in ("ok", "fail", "timeout") and secs > limit:
+      slow.append((t, k, secs, r["status"], limit))
+  out += ["", "## Slow compiles (work order)", "",
+          "Lower + compile over 30 s for superlinear (forward or grad), over 15 s "
+          "for any other op (the targets of issue 17); wall seconds on the shared, "
+          "loaded machine (see the load column above).", ""]
+  if not slow:
+    out.append("None.")
+  else:
+    out += ["| target | case | seconds | limit |", "|---|---|---|---|"]
+    for t, k, secs, st, limit in sorted(slow, key=lambda x: (x[0], -x[2])):
+      out.append(f"| {t} | `{k}` | {'> ' if st == 'timeout' else ''}{secs:.0f} | {limit:.0f} |")
+
   gpu = {k: r for (t, k), r in results.items() if t == "gpu" and r.get("kernels")}
   if gpu:
     worst: dict[str, dict] = {}
     for key, r in gpu.items():
+      op = r.get("case", {}).get("op", "?")
       for k in r["kernels"]:
-        w = worst.setdefault(k["name"], {"cases": 0, "regs": (0, ""), "spill": (0, ""),
+        w = worst.setdefault(f"{op}: {k['name']}", {"cases": 0, "regs": (0, ""), "spill": (0, ""),
                                          "smem": (0, "")})
         w["cases"] += 1
         for field, src in (("regs", "registers"), ("spill", "spill_stores"), ("smem", "smem")):
@@ -105,7 +123,7 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
             "Registers and spill stores from `ptxas -v`, shared memory (dynamic, per "
             "block) from XLA's thunk sequence; the device allows 232448 B per block "
             "(opt-in) and 255 registers per thread.", "",
-            "| kernel | cases | max registers (case) | max spill stores B (case) | "
+            "| op: kernel | cases | max registers (case) | max spill stores B (case) | "
             "max shared memory B (case) |", "|---|---|---|---|---|"]
     for name, w in sorted(worst.items()):
       out.append(f"| {name} | {w['cases']} | {w['regs'][0]} (`{w['regs'][1]}`) | "
