@@ -81,7 +81,7 @@ def main(argv=None) -> int:
   ap.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
   ap.add_argument("--out", default=str(ROOT / "docs" / "compiled.jsonl"))
   ap.add_argument("--report", default=str(ROOT / "docs" / "compiled.md"))
-  ap.add_argument("--resume", action="store_true", help="skip cases already in --out")
+  ap.add_argument("--resume", action="store_true", help="skip cases with a result in --out (errors and crashes are retried)")
   args = ap.parse_args(argv)
 
   targets = []
@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     rep.write_text(report.render(runs, results, cases_lib.sweep_cases()))
 
   for t in targets:
-    todo = [c for c in chosen if not (args.resume and (t, c.key) in done)]
+    todo = [c for c in chosen if not (args.resume and done.get((t, c.key), {}).get(
+        "status") in ("ok", "fail", "timeout"))]
     print(f"== {t}: {len(todo)} cases (timeout {args.timeout:.0f} s each)", flush=True)
     driver.run([t], todo, timeout_s=args.timeout, on_result=on_result)
   print(f"{len(failed)} case(s) did not pass; report: {rep}", flush=True)

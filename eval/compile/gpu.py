@@ -15,6 +15,12 @@ DEVICE_NAME = "NVIDIA H100 80GB HBM3"
 KERNEL_TARGET = "__gpu$xla.gpu.triton"
 ENV = {"JAX_PLATFORMS": "cpu", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
        "TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "subprocess_compilation=3"}
+# XLA rewrites large sorts (the superlinear glue's argsort from L = 32K) into
+# a CUB radix sort whose scratch size is queried from the CUDA runtime while
+# compiling: without a device that fails ("cudaErrorInvalidDevice: invalid
+# device ordinal"). XLA's own sort kernel is compiled instead; the Pallas
+# kernels are unaffected.
+COMPILER_OPTIONS = {"xla_gpu_enable_cub_radix_sort": False}
 
 
 def plugin_library() -> pathlib.Path:

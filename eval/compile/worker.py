@@ -59,7 +59,7 @@ def _compile_gpu(case, dev, limit: int) -> dict:
       t0 = time.perf_counter()
       lowered = fn.lower(*args)
       t1 = time.perf_counter()
-      compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
+      compiled = lowered.compile(compiler_options=dict(gpu.COMPILER_OPTIONS, xla_dump_to=dump))
       t2 = time.perf_counter()
     thunks = gpu.parse_thunks(gpu.dump_text(dump, "thunk_sequence.txt"))
   hlo = compiled.as_text()
