@@ -9,7 +9,7 @@ Needs the `aot` extra (`pip install -e '.[aot]'`). Each case is one public op
 worker process (`eval/compile/`); a case passes when it compiles, its compiled
 HLO holds the platform's kernel custom call and (GPU) every kernel's shared
 memory fits the H100. Results go to `--out` (JSON lines, appended as they
-arrive; `--resume` skips cases already there) and the report to `--report`.
+arrive; `--resume` skips cases already there, errors excepted) and the report to `--report`.
 Exit status 1 when any case did not pass.
 """
 
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
   ap.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
   ap.add_argument("--out", default=str(ROOT / "docs" / "compiled.jsonl"))
   ap.add_argument("--report", default=str(ROOT / "docs" / "compiled.md"))
-  ap.add_argument("--resume", action="store_true", help="skip cases with a result in --out (errors and crashes are retried)")
+  ap.add_argument("--resume", action="store_true",
+                  help="skip cases with a result in --out (errors and crashes are retried)")
   args = ap.parse_args(argv)
 
   targets = []
