@@ -12,15 +12,18 @@ from __future__ import annotations
 import dataclasses
 import json
 
-OPS = ("dense", "sliding", "bs_causal", "bs_sliding", "bs_doc", "ppa", "superlinear",
+OPS = ("dense", "sliding", "bs_causal", "bs_sliding", "bs_doc", "bs_random", "ppa",
+       "superlinear",
        "ppa_decode", "superlinear_decode")
 # The kernel family each op reaches (docs/kernels.md names them).
 FAMILY = {"dense": "block_sparse", "sliding": "block_sparse", "bs_causal": "block_sparse",
-          "bs_sliding": "block_sparse", "bs_doc": "block_sparse", "ppa": "stripe",
+          "bs_sliding": "block_sparse", "bs_doc": "block_sparse",
+          "bs_random": "block_sparse", "ppa": "stripe",
           "superlinear": "stripe+span", "ppa_decode": "decode",
           "superlinear_decode": "decode"}
 SLIDING_WINDOW = 1024   # keys, for `sliding` and `bs_sliding`
 DOC_LEN = 1024          # tokens per document of the `bs_doc` layout
+RANDOM_DENSITY = 0.1    # fraction of the causal tiles kept by the `bs_random` layout
 SEARCH_DIM = 64         # q_search / k_search feature size of the superlinear cases
 RELEASED = dict(sw_index=65, num_spans=3, search_power=0.55, span_power=0.55,
                 backward_factor=3.0, forward_factor=1.0)   # docs/superlinear.md
@@ -85,6 +88,13 @@ def _layout(case: Case):
     return BlockLayout.causal(n)
   if case.op == "bs_sliding":
     return BlockLayout.sliding_window(n, window=SLIDING_WINDOW)
+  if case.op == "bs_random":
+    # A 90%-sparse table layout with wide rows: the diagonal tile plus a fixed
+    # pseudo-random 10% of the earlier tiles (`from_block_mask`, O(tiles)).
+    nb = -(-n // 128)
+    rng = np.random.default_rng(0)
+    tiles = np.tril(rng.random((nb, nb)) < RANDOM_DENSITY) | np.eye(nb, dtype=bool)
+    return BlockLayout.from_block_mask(tiles, n, n)
   # Causal documents of DOC_LEN tokens: a table layout (from_fn), built only
   # inside a one-document band so that its cost is O(L * DOC_LEN).
   band = BlockLayout.sliding_window(n, window=DOC_LEN)
@@ -161,7 +171,7 @@ def ci_cases(target: str | None = None) -> list[Case]:
 
 
 _BASE_OPS = [Case("dense"), Case("sliding"), Case("bs_causal"), Case("bs_sliding"),
-             Case("bs_doc"), Case("ppa", p=0.5), Case("ppa", p=0.75),
+             Case("bs_doc"), Case("bs_random"), Case("ppa", p=0.5), Case("ppa", p=0.75),
              Case("superlinear", config="default"), Case("superlinear", config="released"),
              Case("ppa_decode", p=0.5), Case("superlinear_decode", config="default"),
              Case("superlinear_decode", config="released")]
@@ -169,8 +179,9 @@ SWEEP_LENGTHS = (4096, 32768, 131072, 1 << 20)
 
 
 def _supports_len(case: Case, n: int) -> bool:
-  # A from_fn table layout is built on the host in O(L * DOC_LEN): stop at 128K.
-  return not (case.op == "bs_doc" and n > 131072)
+  # Table layouts stop at 128K: the from_fn document layout is built on the
+  # host in O(L * DOC_LEN), the random one holds (L / 128)^2 tiles.
+  return not (case.op in ("bs_doc", "bs_random") and n > 131072)
 
 
 def sweep_cases(lengths=SWEEP_LENGTHS) -> list[Case]:
