@@ -57,7 +57,27 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
          "alignment and VMEM passes and the TPU backend, per generation) on a "
          "CPU-only machine. It proves compilation and resource use only: nothing "
          "here ran on a GPU or TPU, so it says nothing of numerics or speed "
-         "(see docs/kernels.md).", "", "## Runs", ""]
+         "(see docs/kernels.md).", "",
+         "Notes on the method:", "",
+         "- One case = one public op (`implementation=\"pallas\"`), forward or "
+         "`jax.value_and_grad` of a weighted output sum wrt every input, batch 1, "
+         "jitted and compiled for a single compile-only device "
+         "(`jax.experimental.topologies`); cases are listed in "
+         "`eval/compile/cases.py` (`bs_*`: `block_sparse_attention` with a causal / "
+         "sliding-window band layout, a `from_fn` document layout, a 90%-sparse "
+         "`from_block_mask` layout; decode ops: 16 or 1 queries at the end of a cache "
+         "of L keys).",
+         "- Pass = compiled, the compiled HLO holds the platform's kernel custom call, "
+         "and (GPU) each kernel's dynamic shared memory <= 232448 B.",
+         "- GPU: XLA's CUB sort rewrite is switched off (`xla_gpu_enable_cub_radix_sort"
+         "=false`): it queries the CUDA runtime while compiling and fails without a "
+         "device (superlinear glue's argsort from 32K). The Pallas kernels are the same.",
+         "- TPU: libtpu checks the program's HBM use against the chip at compile time "
+         "(`CompileTimeHbmOom`, v5e: 15.75 GiB): such an error is a real finding for "
+         "that size on that chip, not a compiler limitation.",
+         "- Seconds are wall time of one compile on a shared 2-core machine with other "
+         "jobs running (load average per target in the summary): upper bounds, "
+         "compare within a column.", "", "## Runs", ""]
   for r in runs:
     out.append(f"- {r['date']}: `{r['command']}` ({r['cases']} cases x "
                f"{', '.join(r['targets'])}; jax {r['versions'].get('jax')}, jaxlib "
