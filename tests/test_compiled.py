@@ -144,3 +144,14 @@ def test_compiled_entries_follow_xlas_renaming_of_shared_names():
          'backend_config={name = "kernel"}, metadata={op_name="jit(loss)/transpose('
          'jvp(jit(op)))/pallas_call" stack_frame_id=3}\n')
   assert gpu.triton_kernels(hlo) == [("kernel", "transpose(jvp(jit(op)))/pallas_call")]
+
+
+def test_missing_packages_names_the_package_and_version_mismatches(monkeypatch):
+  versions = {"jax-cuda12-pjrt": None, "jaxlib": "0.12.0.1", "libtpu": None}
+  monkeypatch.setattr(driver, "_version", versions.get)
+  assert "jax-cuda12-pjrt is not installed" in driver.missing_packages("gpu")
+  assert "libtpu is not installed" in driver.missing_packages("tpu")
+  versions.update({"jax-cuda12-pjrt": "0.12.0", "libtpu": "0.0.49.1"})
+  assert "does not match jaxlib 0.12.0.1" in driver.missing_packages("gpu")
+  monkeypatch.setattr(driver, "_jax_tpu_pin", lambda: "0.0.50.*")
+  assert "not the version jax's [tpu] extra pins (0.0.50.*)" in driver.missing_packages("tpu")
