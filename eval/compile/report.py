@@ -39,6 +39,8 @@ def _secs(rec: dict | None) -> str:
   if rec["status"] in ("error", "crash"):
     return rec["status"]
   s = f"{rec['compile_s'] + rec.get('lower_s', 0):.1f}"
+  if rec.get("cpu_s") is not None:
+    s += f" (cpu {rec['cpu_s']:.0f})"
   return s + (" (fail)" if rec["status"] == "fail" else "")
 
 
@@ -177,7 +179,8 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
   out += ["", "## Compile seconds per op and L", "",
           "Head_dim 128, bf16, GQA 8:2, lower + compile wall seconds of one "
           "process on the shared 2-core machine (other jobs were running: treat as "
-          "upper bounds). Cell: TPU v5e / GPU H100.", ""]
+          "upper bounds; `cpu` = CPU seconds of the compile worker and its ptxas runs, "
+          "where recorded). Cell: TPU v5e / GPU H100.", ""]
   lengths = sorted({c.seq_len for c in matrix})
   out += ["| op | mode | " + " | ".join(_short_len(n) for n in lengths) + " |",
           "|---|---|" + "---|" * len(lengths)]

@@ -28,6 +28,13 @@ def _error_summary(exc: BaseException, limit: int = 4) -> dict:
   return {"error": "\n".join(ln[:400] for ln in lines), "where": where}
 
 
+def _cpu_seconds() -> float:
+  """CPU seconds used so far by this process (all threads) and its children."""
+  import resource
+  me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 class _CaptureStderr:
   """Redirects file descriptor 2 (the compilers' C++ logs) into a file."""
 
@@ -130,6 +137,7 @@ def main(target: str) -> None:
     case = Case.from_json(line)
     print(f"@@START {case.key}", file=out, flush=True)
     rec = {"key": case.key, "target": target}
+    cpu0 = _cpu_seconds()
     try:
       rec.update(_compile_gpu(case, dev, limit) if platform == "gpu"
                  else _compile_tpu(case, dev))
@@ -138,6 +146,7 @@ def main(target: str) -> None:
       rec.update(status="error", **_error_summary(exc))
     import json
     rec["load1"] = round(os.getloadavg()[0], 1)   # machine load while compiling
+    rec["cpu_s"] = round(_cpu_seconds() - cpu0, 1)  # this worker and its ptxas runs
     print("@@RESULT " + json.dumps(rec), file=out, flush=True)
 
 
