@@ -46,7 +46,7 @@ def select(args) -> list[cases_lib.Case]:
   else:
     lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else \
         cases_lib.SWEEP_LENGTHS
-    chosen = [c for c in cases_lib.sweep_cases() if c.seq_len in lengths]
+    chosen = [c for c in cases_lib.sweep_cases(lengths) if c.seq_len in lengths]
   if args.ops:
     ops = set(args.ops.split(","))
     chosen = [c for c in chosen if c.op in ops]

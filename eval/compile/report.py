@@ -181,11 +181,16 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
           "process on the shared 2-core machine (other jobs were running: treat as "
           "upper bounds; `cpu` = CPU seconds of the compile worker and its ptxas runs, "
           "where recorded). Cell: TPU v5e / GPU H100.", ""]
-  lengths = sorted({c.seq_len for c in matrix})
+  # Extra lengths measured beyond the matrix (e.g. --lengths 8192) get columns too.
+  from eval.compile import cases as cases_lib
+  extra = {r["case"]["seq_len"] for r in results.values() if "case" in r}
+  table = cases_lib.sweep_cases(tuple(sorted(extra | {c.seq_len for c in matrix})))
+  table = [c for c in table if c.op in {m.op for m in matrix}]
+  lengths = sorted({c.seq_len for c in table})
   out += ["| op | mode | " + " | ".join(_short_len(n) for n in lengths) + " |",
           "|---|---|" + "---|" * len(lengths)]
   rows = {}
-  for c in matrix:
+  for c in table:
     if c.head_dim == 128 and c.dtype == "bfloat16" and c.heads == (8, 2) and \
         c.q_len in (None, 16):
       name = c.key.split("/")[0]
