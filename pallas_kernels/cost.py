@@ -352,15 +352,16 @@ def span_fwd(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: in
   """Interval attention forward (`span.interval_attention`), grid
   `(B, H, rows / bq)` with `H` the kv heads.
 
-  `key_blocks`: key blocks visited, summed over the row tiles of one
-  (batch, head) (each tile visits the blocks covering its rows' union);
+  `key_blocks`: key blocks visited, summed over every row tile of the grid
+  (all batches and heads; each tile visits the blocks covering its rows'
+  union, a data-dependent count);
   K, V `block_k` rows each. Rows in: q, lo, hi; out: float32 o, lse.
   """
   dp = padded_head_dim(head_dim, platform)
   rp = _cdiv(rows, block_q) * block_q
-  kv = batch * heads * key_blocks * 2 * block_k * dp * itemsize
+  kv = key_blocks * 2 * block_k * dp * itemsize
   own = batch * heads * rp * (dp * itemsize + 2 * I32_BYTES + dp * F32_BYTES + F32_BYTES)
-  work = batch * heads * key_blocks * block_q * block_k
+  work = key_blocks * block_q * block_k
   return _out(KernelCost(flops=4 * work * dp, transcendentals=work, bytes_accessed=kv + own,
                          programs=batch * heads * (rp // block_q)), detail)
 
@@ -372,17 +373,18 @@ def span_bwd(*, batch: int, heads: int, head_dim: int, rows: int, kv_len: int,
   """Interval attention backward: the dq kernel (same visits as the forward,
   6 FLOPs per entry and element) plus the dkv kernel, grid `(B, H, nkb)`,
   looping over `tile_visits_t` row tiles (default: the forward's visits)
-  with q, do, lse, delta, lo, hi each (8 FLOPs); float32 gradients out."""
+  with q, do, lse, delta, lo, hi each (8 FLOPs); float32 gradients out.
+  `key_blocks`, `tile_visits_t`: totals over the grid (all batches, heads)."""
   dp = padded_head_dim(head_dim, platform)
   rp = _cdiv(rows, block_q) * block_q
   nkb = _cdiv(kv_len, block_k)
   tv = key_blocks if tile_visits_t is None else tile_visits_t
-  kv = batch * heads * key_blocks * 2 * block_k * dp * itemsize
+  kv = key_blocks * 2 * block_k * dp * itemsize
   dq_own = batch * heads * rp * (2 * dp * itemsize + 4 * F32_BYTES + dp * F32_BYTES)
-  dkv_rows = batch * heads * tv * block_q * (2 * dp * itemsize + 4 * F32_BYTES)
+  dkv_rows = tv * block_q * (2 * dp * itemsize + 4 * F32_BYTES)
   dkv_own = batch * heads * nkb * block_k * (2 * dp * itemsize + 2 * dp * F32_BYTES)
-  work_q = batch * heads * key_blocks * block_q * block_k
-  work_k = batch * heads * tv * block_q * block_k
+  work_q = key_blocks * block_q * block_k
+  work_k = tv * block_q * block_k
   return _out(KernelCost(flops=6 * work_q * dp + 8 * work_k * dp,
                          transcendentals=work_q + work_k,
                          bytes_accessed=kv + dq_own + dkv_rows + dkv_own,
@@ -465,12 +467,13 @@ def decode_ranges(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_l
                   platform: str = "gpu", num_splits: int = 1, detail: bool = False):
   """Decode span ranges, grid `(B, Hk, G lq K)` (`x num_splits`): one
   program per (row, slot); `range_tiles` 64-row tiles of K, V summed over
-  the programs of one (batch, kv head); row-wise dots (`4 Dp` FLOPs per key)."""
+  every program of the grid (a data-dependent count); row-wise dots
+  (`4 Dp` FLOPs per key)."""
   dp = padded_head_dim(head_dim, platform)
   rows = _group(q_heads, kv_heads) * q_len * num_spans
-  kv = batch * kv_heads * range_tiles * 2 * DECODE_TILE * dp * itemsize
+  kv = range_tiles * 2 * DECODE_TILE * dp * itemsize
   own = batch * kv_heads * rows * (dp * itemsize + 2 * I32_BYTES + (dp + 2) * F32_BYTES)
-  work = batch * kv_heads * range_tiles * DECODE_TILE
+  work = range_tiles * DECODE_TILE
   split = 0 if num_splits <= 1 else 2 * batch * kv_heads * rows * num_splits * (dp + 2) * 4
   return _out(KernelCost(vector_flops=4 * work * dp, transcendentals=work,
                          bytes_accessed=kv + own + split,
