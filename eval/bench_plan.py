@@ -249,7 +249,8 @@ def model_call_s(name: str, seq_len: int, mode: str, config: Config) -> float | 
   elif name.startswith("superlinear_") and name[12:] in rl.CONFIGS:
     op = rl.superlinear(seq_len, rl.CONFIGS[name[12:]], shape, bwd)
   elif name.startswith("decode_superlinear_") and name[19:] in rl.CONFIGS:
-    return config.decode_tokens * rl.superlinear_decode(seq_len, rl.CONFIGS[name[19:]], shape).time()
+    op = rl.superlinear_decode(seq_len, rl.CONFIGS[name[19:]], shape)
+    return config.decode_tokens * op.time()
   elif name.startswith("decode_dense_"):
     return config.decode_tokens * rl.dense_decode_baseline(seq_len, shape).time()
   else:

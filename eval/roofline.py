@@ -1,7 +1,10 @@
 """Roofline model of the attention ops on an H100 (a model, not a measurement).
 
-    python -m eval.roofline                      # print the target table
+    python -m eval.roofline                        # print the target tables
     python -m eval.roofline --out docs/kernels.md  # also (re)write its section there
+
+This module is the per-op model; `eval/roofline_table.py` the target cells,
+verdicts and the markdown section.
 
 Sums, per op and shape, the kernels the op launches (`pallas_kernels.cost`)
 plus the XLA glue around them (layout copies, frames, gathers), with the
@@ -23,10 +26,8 @@ whole cache once with the device full.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import os
 import sys
 
 import numpy as np
@@ -35,9 +36,6 @@ import attn
 from attn import masks
 from pallas_kernels import cost
 
-BEGIN, END = "<!-- roofline:begin -->", "<!-- roofline:end -->"
-
-
 @dataclasses.dataclass(frozen=True)
 class Hardware:
   name: str = "H100 SXM"
@@ -45,6 +43,7 @@ class Hardware:
   vector_flops: float = 67e12     # float32 non-tensor FLOP/s (row-wise dots)
   hbm_bw: float = 3.35e12         # bytes/s
   num_sms: int = 132
+  l2_bw: float = 5.5e12           # bytes/s, an assumption (reuse bound only)
 
 
 H100 = Hardware()
@@ -85,17 +84,26 @@ class Changes:
 
 ALL = Changes(True, True, True, True)
 SCENARIOS = (Changes(), Changes(search_once=True), Changes(gqa_shared_reads=True),
-             Changes(split_decode=True), ALL)
+             Changes(split_decode=True), Changes(ppa_routing=True), ALL)
 RELEASED = attn.SuperlinearConfig(sw_index=65, num_spans=3, search_power=0.55,
                                   span_power=0.55, backward_factor=3.0, forward_factor=1.0)
 CONFIGS = {"default": attn.SuperlinearConfig(), "released": RELEASED}
 
 
-def kernel_time(c: cost.KernelCost, hw: Hardware = H100) -> float:
-  """Roofline seconds of one kernel (see the module docstring)."""
+XLA = 1 << 20   # `programs` of XLA work (glue, baselines): the device is full
+
+
+def kernel_time(c: cost.KernelCost, hw: Hardware = H100, reuse: bool = False) -> float:
+  """Roofline seconds of one kernel (see the module docstring).
+
+  `reuse=True`: the optimistic bound where every load of a Pallas kernel
+  is served at L2 bandwidth (re-reads of K/V across query blocks, heads
+  and stripes all hit); XLA work stays at HBM bandwidth.
+  """
   occ = min(1.0, c.programs / hw.num_sms) if c.programs else 1.0
   compute = c.flops / hw.peak_flops + c.vector_flops / hw.vector_flops
-  return max(c.bytes_accessed / hw.hbm_bw, compute) / occ
+  bw = hw.l2_bw if reuse and c.programs < XLA else hw.hbm_bw
+  return max(c.bytes_accessed / bw, compute) / occ
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +117,13 @@ class OpCost:
       out = out + c
     return out
 
-  def time(self, hw: Hardware = H100) -> float:
-    return sum(kernel_time(c, hw) for _, c in self.parts)
+  def time(self, hw: Hardware = H100, reuse: bool = False) -> float:
+    return sum(kernel_time(c, hw, reuse) for _, c in self.parts)
 
 
 def _glue(nbytes) -> cost.KernelCost:
   """XLA copies (transposes, pads, gathers): bandwidth only, device full."""
-  return cost.KernelCost(bytes_accessed=int(nbytes), programs=1 << 20)
+  return cost.KernelCost(bytes_accessed=int(nbytes), programs=XLA)
 
 
 # ------------------------------------------------------------------ baselines
@@ -128,11 +136,11 @@ def dense_cudnn(seq_len: int, shape: Shape, backward: bool = False) -> OpCost:
   q = s.batch * seq_len * s.q_heads * s.head_dim * s.itemsize
   kv = s.batch * seq_len * s.kv_heads * s.head_dim * s.itemsize
   parts = [("flash fwd", cost.KernelCost(flops=fl, bytes_accessed=2 * q + 2 * kv,
-                                         programs=1 << 20))]
+                                         programs=XLA))]
   if backward:
     parts.append(("flash bwd", cost.KernelCost(flops=int(2.5 * fl),
                                                bytes_accessed=4 * q + 4 * kv,
-                                               programs=1 << 20)))
+                                               programs=XLA)))
   return OpCost(tuple(parts))
 
 
@@ -142,7 +150,7 @@ def dense_decode_baseline(cache_len: int, shape: Shape) -> OpCost:
   kv = 2 * s.batch * cache_len * s.kv_heads * s.head_dim * s.itemsize
   fl = 4 * s.batch * s.q_heads * cache_len * s.head_dim
   return OpCost((("dense decode", cost.KernelCost(flops=fl, bytes_accessed=kv,
-                                                  programs=1 << 20)),))
+                                                  programs=XLA)),))
 
 
 # ------------------------------------------------------------- block-sparse
@@ -280,6 +288,75 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
   return OpCost(tuple(parts))
 
 
+# ----------------------------------------------------------------------- PPA
+
+
+PPA_MIN_RUN = 16   # runs of kept offsets at least this long are band tiles (attn glue)
+
+
+def ppa_runs(offsets: np.ndarray, min_run: int = PPA_MIN_RUN):
+  """Kept offsets -> `(runs [(lo, hi)], far offsets)`: the run holding 0 and
+  every run of `>= min_run` consecutive offsets are bands, the rest stripes."""
+  offsets = np.asarray(offsets, np.int64)
+  breaks = np.nonzero(np.diff(offsets) != 1)[0]
+  starts, ends = np.r_[0, breaks + 1], np.r_[breaks, offsets.size - 1]
+  runs, far = [], []
+  for a, b in zip(starts, ends):
+    if b - a + 1 >= min_run or offsets[a] == 0:
+      runs.append((int(offsets[a]), int(offsets[b])))
+    else:
+      far.append(offsets[a:b + 1])
+  return runs, (np.concatenate(far) if far else np.zeros((0,), np.int64))
+
+
+def ppa_tiles_per_block(offsets: np.ndarray, seq_len: int, block: int) -> np.ndarray:
+  """Non-empty `block x block` tiles of the causal PPA mask per query block:
+  tile (i, j) holds a kept offset in `[(i-j-1) block + 1, (i-j+1) block - 1]`."""
+  n = -(-seq_len // block)
+  delta = np.arange(n)
+  lo = np.maximum((delta - 1) * block + 1, 0)
+  hi = (delta + 1) * block - 1
+  nonempty = np.searchsorted(offsets, hi, side="right") > np.searchsorted(offsets, lo)
+  return np.cumsum(nonempty)          # block i sees deltas 0..i
+
+
+def ppa(seq_len: int, p: float, window: int, shape: Shape,
+        changes: Changes = Changes(), block: int = 64) -> OpCost:
+  """`ppa_attention(implementation="pallas")` forward at `L` queries = keys.
+
+  Today every query block loops over every far stripe. `ppa_routing`: each
+  query block takes the cheaper of its valid stripes (K, V rows loaded) and
+  the block-sparse tiles of its PPA mask (computed in the kernel).
+  """
+  s = shape
+  offsets = masks.ppa_offsets(seq_len - 1, p=p, window=min(window, seq_len))
+  runs, far = ppa_runs(offsets)
+  band = sum(cost.band_chunks(seq_len, seq_len, 0, lo, hi, block, block) for lo, hi in runs)
+  kw = dict(s.kw(), block_q=block, block_k=block)
+  if not changes.ppa_routing:
+    return OpCost((("ppa_fwd", cost.ppa_fwd(q_len=seq_len, band_tiles=band,
+                                            far_offsets=far.size, detail=True,
+                                            gqa_shared_reads=changes.gqa_shared_reads,
+                                            **kw)),))
+  n = -(-seq_len // block)
+  tiles = ppa_tiles_per_block(offsets, seq_len, block)
+  last_row = np.minimum(np.arange(n) * block + block - 1, seq_len - 1)
+  valid_far = np.searchsorted(far, last_row, side="right")
+  band_per = band / n
+  routed = tiles < valid_far + band_per          # rows loaded: tiles vs stripes + band
+  parts = []
+  if routed.any():
+    parts.append(("block-sparse (routed)", cost.block_sparse_fwd(
+        num_q_blocks=int(routed.sum()), tiles=int(tiles[routed].sum()), detail=True, **kw)))
+  if (~routed).any():
+    m = int((~routed).sum())
+    parts.append(("ppa_fwd (stripes)", cost.ppa_fwd(
+        q_len=m * block, band_tiles=int(round(band_per * m)),
+        far_offsets=int(round(valid_far[~routed].mean())), detail=True,
+        gqa_shared_reads=changes.gqa_shared_reads, **kw)))
+  return OpCost(tuple(parts))
+
+
 # -------------------------------------------------------------------- decode
 
 
@@ -328,217 +405,9 @@ def dense_decode_pallas(cache_len: int, shape: Shape, changes: Changes = Changes
   return OpCost((("zero rows past the query", _glue(4 * kv_b)),) + bs.parts)
 
 
-# ------------------------------------------------------------------- targets
-
-
-@dataclasses.dataclass(frozen=True)
-class Cell:
-  """One row of the model table: ours vs its baseline."""
-
-  target: str
-  op: str
-  length: int
-  ours: OpCost
-  base: OpCost | None
-  need: float          # speed-up over the baseline the target asks (ratio base/ours)
-
-
-def _len(n: int) -> str:
-  return f"{n >> 20}M" if n >= 1 << 20 else f"{n >> 10}K"
-
-
-def cells(changes: Changes = Changes(), shape: Shape = Shape(), window: int = 4096):
-  """The issue's target cells under `changes` (forward unless stated)."""
-  out = []
-  for l in (4096, 16384, 32768, 131072):
-    out.append(Cell("dense causal >= 50% of cuDNN", "dense causal (Pallas)", l,
-                    dense_pallas(l, shape, changes=changes), dense_cudnn(l, shape), 0.5))
-  for l in (16384, 32768, 131072):
-    out.append(Cell("window time/token flat in L", f"sliding window {window} (Pallas)", l,
-                    window_pallas(l, window, shape, changes=changes), None, 0.0))
-  out.append(Cell("90%-sparse >= 5x faster than every tile", "block-sparse 10% tiles",
-                  32768, block_sparse(sparse_layout(32768), shape, changes=changes),
-                  block_sparse(sparse_layout(32768, full=True), shape, changes=changes), 5.0))
-  for name, cfg in CONFIGS.items():
-    for l, need in ((32768, 1.0), (131072, 5.0), (1 << 20, 0.0)):
-      out.append(Cell(f"superlinear {name} vs cuDNN" + (" (runs)" if not need else ""),
-                      f"superlinear {name}", l, superlinear(l, cfg, shape, changes=changes),
-                      dense_cudnn(l, shape), need))
-    for l, need in ((131072, 0.0), (1 << 20, 10.0)):
-      out.append(Cell(f"decode {name} vs dense decode", f"decode superlinear {name}", l,
-                      superlinear_decode(l, cfg, shape, changes), dense_decode_baseline(l, shape),
-                      need))
-  for l in (131072, 1 << 20):
-    out.append(Cell("dense decode, ours (info)", "decode dense (Pallas)", l,
-                    dense_decode_pallas(l, shape, changes), dense_decode_baseline(l, shape),
-                    0.0))
-  return out
-
-
-def verdict(cell: Cell, hw: Hardware = H100) -> tuple[float | None, str]:
-  """`(base time / ours time, MET | MISSED | -)` for one cell."""
-  if cell.base is None:
-    return None, "-"
-  ratio = cell.base.time(hw) / cell.ours.time(hw)
-  if not cell.need:
-    return ratio, "-"
-  return ratio, "MET" if ratio >= cell.need else "MISSED"
-
-
-def target_verdicts(changes: Changes = Changes(), hw: Hardware = H100):
-  """`[(target, MET | MISSED | not modelled, evidence)]` from the model, with
-  the benchmark's target definitions (`eval/bench_targets.py`)."""
-  cs = cells(changes)
-  by = {(c.op, c.length): c for c in cs}
-  out = []
-  dense = [(c.length, verdict(c, hw)[0]) for c in cs if c.op.startswith("dense causal")]
-  out.append(("dense causal forward >= 50% of cuDNN", all(r >= 0.5 for _, r in dense),
-              ", ".join(f"{_len(l)} {r:.0%}" for l, r in dense)))
-  win = [(c.length, c.ours.time(hw) / c.length) for c in cs if c.op.startswith("sliding")]
-  spread = max(t for _, t in win) / min(t for _, t in win)
-  out.append(("sliding window time per token flat in L (max/min <= 1.25)", spread <= 1.25,
-              f"max/min {spread:.2f}"))
-  sp = verdict(by[("block-sparse 10% tiles", 32768)], hw)[0]
-  out.append(("90%-sparse >= 5x faster than every tile at 32K", sp >= 5, f"{sp:.1f}x"))
-  for name in CONFIGS:
-    sl = [(l, verdict(by[(f"superlinear {name}", l)], hw)[0]) for l in (32768, 131072, 1 << 20)]
-    out.append((f"superlinear {name} forward faster than cuDNN from 32K",
-                all(r > 1 for _, r in sl), ", ".join(f"{_len(l)} {r:.2f}x" for l, r in sl)))
-    out.append((f"superlinear {name} forward >= 5x cuDNN at 128K", sl[1][1] >= 5,
-                f"{sl[1][1]:.2f}x"))
-    out.append((f"superlinear {name} forward runs at 1M", None,
-                "memory (item 7) is not modelled here"))
-    dec = verdict(by[(f"decode superlinear {name}", 1 << 20)], hw)[0]
-    out.append((f"superlinear {name} decode at 1M >= 10x dense decode", dec >= 10,
-                f"{dec:.1f}x"))
-  word = {True: "MET", False: "MISSED", None: "not modelled"}
-  return [(t, word[ok], ev) for t, ok, ev in out]
-
-
-def verdict_table(hw: Hardware = H100) -> list[str]:
-  names = [ch.label() for ch in SCENARIOS]
-  rows = ["| target | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-  per = [target_verdicts(ch, hw) for ch in SCENARIOS]
-  for i, (t, _, _) in enumerate(per[0]):
-    rows.append(f"| {t} | " + " | ".join(f"{col[i][1]} ({col[i][2]})" for col in per) + " |")
-  return rows
-
-
-def _fmt_b(n: float) -> str:
-  for unit, sc in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-    if n >= sc:
-      return f"{n / sc:.3g} {unit}"
-  return f"{n:.0f} B"
-
-
-def _fmt_t(t: float) -> str:
-  return f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
-
-
-def _fmt_f(n: float) -> str:
-  return f"{n / 1e12:.3g} T" if n >= 1e9 else f"{n / 1e9:.3g} G"
-
-
-def today_table(hw: Hardware = H100) -> list[str]:
-  rows = ["| target | op | L | HBM bytes | FLOPs (matmul + row-wise) | time (model) | "
-          "baseline bytes | baseline FLOPs | baseline time | baseline / ours | verdict |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for c in cells():
-    t, r = c.ours.total, verdict(c, hw)
-    base = c.base.total if c.base else None
-    rows.append(
-        f"| {c.target} | {c.op} | {_len(c.length)} | {_fmt_b(t.bytes_accessed)} | "
-        f"{_fmt_f(t.flops + t.vector_flops)} | {_fmt_t(c.ours.time(hw))} | "
-        + (f"{_fmt_b(base.bytes_accessed)} | {_fmt_f(base.flops)} | {_fmt_t(c.base.time(hw))} | "
-           if base else "- | - | - | ")
-        + (f"{r[0]:.2f}x | {r[1]} |" if r[0] is not None else
-           f"{c.ours.time(hw) / c.length * 1e9:.3g} ns/token | - |"))
-  return rows
-
-
-def scenario_table(hw: Hardware = H100) -> list[str]:
-  names = [ch.label() for ch in SCENARIOS]
-  rows = ["| target | op | L | " + " | ".join(names) + " |",
-          "|---|---|---|" + "---|" * len(names)]
-  per = [cells(ch) for ch in SCENARIOS]
-  for i, c in enumerate(per[0]):
-    out = []
-    for col in per:
-      r = verdict(col[i], hw)
-      if r[0] is None:
-        out.append(f"{_fmt_t(col[i].ours.time(hw))}")
-      else:
-        out.append(f"{_fmt_t(col[i].ours.time(hw))}, {r[0]:.2f}x" +
-                   (f" {r[1]}" if r[1] != "-" else ""))
-    rows.append(f"| {c.target} | {c.op} | {_len(c.length)} | " + " | ".join(out) + " |")
-  return rows
-
-
-def breakdown(op: OpCost, hw: Hardware = H100) -> list[str]:
-  rows = ["| kernel | HBM bytes | matmul FLOPs | row-wise FLOPs | programs | time (model) |",
-          "|---|---|---|---|---|---|"]
-  for name, c in op.parts:
-    rows.append(f"| {name} | {_fmt_b(c.bytes_accessed)} | {_fmt_f(c.flops)} | "
-                f"{_fmt_f(c.vector_flops)} | {c.programs if c.programs < 1 << 20 else 'XLA'} "
-                f"| {_fmt_t(kernel_time(c, hw))} |")
-  return rows
-
-
-def markdown(hw: Hardware = H100) -> str:
-  s = Shape()
-  out = [BEGIN, "", "## Roofline model (model, not measurement)", "",
-         f"Generated by `python -m eval.roofline --out docs/kernels.md` (no GPU involved). "
-         f"Predicted times on an {hw.name} ({hw.peak_flops / 1e12:g} TFLOP/s dense bf16, "
-         f"{hw.vector_flops / 1e12:g} TFLOP/s float32 vector, {hw.hbm_bw / 1e12:g} TB/s, "
-         f"{hw.num_sms} SMs) for batch {s.batch}, {s.q_heads} query / {s.kv_heads} kv heads, "
-         f"head_dim {s.head_dim}, bf16, forward. **These are model predictions from "
-         "`pallas_kernels/cost.py` and `eval/roofline.py`, not measurements**: bytes "
-         "count every tile / stripe row a kernel loads with no cache reuse, time is "
-         "`max(bytes / bandwidth, FLOPs / peak)` scaled by the share of SMs the grid fills, "
-         "summed over the op's kernels and XLA glue; masking overhead, latency, "
-         "transcendentals and spills are not modelled. Verdicts compare the model's "
-         "baseline time with ours against the issue's targets.", "",
-         "### Today's kernels", ""] + today_table(hw) + [
-         "", "### With each planned change (time, baseline / ours)", "",
-         "Columns switch on one change of issue 15 at a time, then all together: "
-         "`search_once` (item 1), `gqa_shared_reads` (item 2: stripe kernels per kv head), "
-         "`split_decode` (item 4: decode split over >= 132 programs, one row per stripe, "
-         "dense decode reading only the attended keys), `ppa_routing` (item 3; no target "
-         "cell uses PPA, so it changes nothing here). Item 5 (unmasked interior loops) "
-         "and item 6 change compute efficiency, which this model does not see.", ""]
-  out += scenario_table(hw)
-  out += ["", "### Targets judged by the model", ""] + verdict_table(hw)
-  for title, op in (("superlinear default, 128K, today", superlinear(131072, CONFIGS["default"], s)),
-                    ("superlinear default, 128K, all changes",
-                     superlinear(131072, CONFIGS["default"], s, changes=ALL)),
-                    ("decode superlinear default, 1M cache, today",
-                     superlinear_decode(1 << 20, CONFIGS["default"], s))):
-    out += ["", f"### Breakdown: {title}", ""] + breakdown(op, hw)
-  out += ["", END]
-  return "\n".join(out) + "\n"
-
-
-def write_section(path: str, section: str):
-  """Replaces the marked section of `path` (appends it if absent)."""
-  text = open(path).read() if os.path.exists(path) else ""
-  if BEGIN in text and END in text:
-    head, rest = text.split(BEGIN, 1)
-    text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-  else:
-    text = (text.rstrip("\n") + "\n\n" if text else "") + section
-  with open(path, "w") as fh:
-    fh.write(text)
-
-
 def main(argv=None):
-  ap = argparse.ArgumentParser(prog="python -m eval.roofline", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--out", default=None, help="markdown file whose roofline section to write")
-  args = ap.parse_args(argv)
-  md = markdown()
-  print(md)
-  if args.out:
-    write_section(args.out, md)
+  from eval import roofline_table
+  roofline_table.main(argv)
 
 
 if __name__ == "__main__":

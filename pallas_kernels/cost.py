@@ -269,10 +269,11 @@ def band_chunks(q_len: int, kv_len: int, q_offset: int, lo: int, hi: int, block:
   for b in range(n_blocks):
     r0 = b * block_other
     if transposed:
-      first, last, lo_c, hi_c = r0 + lo - q_offset, r0 + block_other - 1 + hi - q_offset, 0, q_len - 1
+      first, last = r0 + lo - q_offset, r0 + block_other - 1 + hi - q_offset
+      first, last = max(first, 0), min(last, q_len - 1)
     else:
-      first, last, lo_c, hi_c = q_offset + r0 - hi, q_offset + r0 + block_other - 1 - lo, 0, last_key
-    first, last = max(first, lo_c), min(last, hi_c)
+      first, last = q_offset + r0 - hi, q_offset + r0 + block_other - 1 - lo
+      first, last = max(first, 0), min(last, last_key)
     base = first - first % unit
     total += max(0, (last - base + block) // block)
   return total

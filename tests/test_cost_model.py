@@ -348,3 +348,45 @@ def test_estimate_is_a_pallas_cost_estimate_and_changes_only_lower_cost():
   assert split.bytes_accessed < full.bytes_accessed
   assert cost.padded_head_dim(80, "gpu") == 128 and cost.padded_head_dim(80, "tpu") == 128
   assert cost.padded_head_dim(192, "gpu") == 256 and cost.padded_head_dim(192, "tpu") == 256
+
+
+# ---------------------------------------------------------- per-op model
+
+
+def test_roofline_tile_counts_match_plain_loops():
+  from eval import roofline
+  # Window call of span attention: query-major rows, G heads interleaved.
+  l, w, g, bq, bk = 200, 30, 4, 16, 16
+  want = 0
+  for r0 in range(0, l * g, bq):
+    pos = [r // g for r in range(r0, min(r0 + bq, l * g))]
+    lo, hi = max(min(pos) - w + 1, 0), max(pos)
+    want += hi // bk - lo // bk + 1
+  assert roofline.window_key_blocks(l, w, g, bq, bk) == want
+  # PPA: non-empty tiles per query block of the causal PPA mask.
+  l, p, win, b = 160, 0.5, 4, 16
+  kept = {d for d in range(l) if d < win or d in _ppa_far(l - 1, p, win)}
+  dense_mask = np.array([[i - j in kept for j in range(l)] for i in range(l)])
+  per_block = [_nonempty_tiles(dense_mask[i:i + b], b, b) for i in range(0, l, b)]
+  offsets = np.array(sorted(kept))
+  np.testing.assert_array_equal(roofline.ppa_tiles_per_block(offsets, l, b), per_block)
+
+
+def test_roofline_changes_only_remove_work():
+  from eval import roofline
+  shape, cfg = roofline.Shape(), roofline.CONFIGS["default"]
+  today = roofline.superlinear(4096, cfg, shape, backward=True)
+  names = [n for n, _ in today.parts]
+  assert "selected_scores_fwd" in names and "stripe_search" in names
+  for ch in roofline.SCENARIOS[1:]:
+    op = roofline.superlinear(4096, cfg, shape, backward=True, changes=ch)
+    assert op.total.bytes_accessed <= today.total.bytes_accessed
+    assert op.time() <= today.time()
+  once = roofline.superlinear(4096, cfg, shape, changes=roofline.Changes(search_once=True))
+  once = dict(once.parts)
+  assert once["selected_scores_fwd"].bytes_accessed == 0
+  dec = roofline.superlinear_decode(1 << 16, cfg, shape)
+  split = roofline.superlinear_decode(1 << 16, cfg, shape, roofline.Changes(split_decode=True))
+  assert min(c.programs for _, c in split.parts if c.programs) >= 8
+  assert dict(split.parts)["decode_search"].programs >= roofline.H100.num_sms
+  assert split.time() < dec.time()
