@@ -137,7 +137,7 @@ def _fmt_f(n: float) -> str:
 
 
 def today_table(hw: Hardware = H100) -> list[str]:
-  rows = ["| target | op | L | HBM bytes | FLOPs (matmul + row-wise) | time (model) | "
+  rows = ["| target | op | L | bytes loaded | FLOPs (matmul + row-wise) | time (model) | "
           "baseline bytes | baseline FLOPs | baseline time | baseline / ours | verdict |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for c in cells():
