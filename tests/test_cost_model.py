@@ -260,8 +260,8 @@ def test_ppa_fwd_dq_dkv_bytes(loads):
 # --------------------------------------------------------------------- span
 
 
-def test_span_fwd_bytes(loads):
-  b, h, r, lk, d, bq, bk = 1, 2, 48, 80, 16, 16, 16
+def test_span_fwd_and_bwd_bytes(loads):
+  b, h, r, lk, d, bq, bk = 1, 2, 48, 96, 16, 16, 32
   rng = np.random.default_rng(1)
   lo = rng.integers(0, lk - 20, (b, h, r))
   hi = lo + rng.integers(-3, 20, (b, h, r))                # some rows empty (hi < lo)
@@ -285,6 +285,23 @@ def test_span_fwd_bytes(loads):
                         block_q=bq, block_k=bk, itemsize=4)
   assert model.bytes_accessed == (loads.rows("span") * d * 4
                                   + b * h * r * (d * 4 + 8 + d * 4 + 4))
+  # Backward: dq revisits the forward's key blocks; dkv loads q, do, lse,
+  # delta, lo, hi (bq rows each) per row tile in each key block's range,
+  # which holds every tile visiting that block.
+  loads.log.clear()
+  lo_j, hi_j = jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
+  f = lambda q, k, v: span.interval_attention(q, k, v, lo_j, hi_j, scale=0.25,  # noqa: E731
+                                              block_q=bq, block_k=bk, variant=V)[0].sum()
+  _flush(jax.grad(f, argnums=(0, 1, 2))(q, k, v))
+  assert loads.count("span", bk) == 2 * 2 * blocks             # forward again, then dq
+  visits_t = loads.count("span", bq) // 6
+  assert loads.count("span", bq) == 6 * visits_t and visits_t >= blocks
+  bwd = cost.span_bwd(batch=b, heads=h, head_dim=d, rows=r, kv_len=lk, key_blocks=blocks,
+                      tile_visits_t=visits_t, block_q=bq, block_k=bk, itemsize=4)
+  dq_own = b * h * r * (2 * d * 4 + 4 * 4 + d * 4)             # q, do, lse, delta, lo, hi; dq
+  dkv_own = b * h * lk * (2 * d * 4 + 2 * d * 4)               # k, v in; dk, dv out
+  dkv_rows = visits_t * bq * (2 * d * 4 + 4 * 4)
+  assert bwd.bytes_accessed == 2 * blocks * bk * d * 4 + dq_own + dkv_rows + dkv_own
 
 
 # ------------------------------------------------------------------- decode
@@ -314,6 +331,15 @@ def test_decode_kernels_bytes(loads):
   band = cost.decode_band(width=width, **kw)
   assert band.bytes_accessed == (2 * loads.rows("window") * d * 4
                                  + b * hk * 16 * (d * 4 + (d + 2) * 4))
+  loads.log.clear()
+  far = np.array([12, 30, 77, 150, 260], np.int32)                      # 260 > q_offset
+  near = sum(1 for x in far.tolist() if x <= q_offset)
+  _flush(dec_ops.stripes(q_offset, near, jnp.asarray(far), qs, ks, v, lq=1, scale=0.25,
+                         variant=V))
+  assert loads.count("window", 16) == b * hk * near
+  st = cost.decode_stripes(stripes=near, **kw)
+  assert st.bytes_accessed == (2 * loads.rows("window") * d * 4
+                               + b * hk * 16 * (d * 4 + (d + 2) * 4))
   loads.log.clear()
   rng = np.random.default_rng(2)
   lo = rng.integers(0, 150, (b, hk, hq // hk, num))
