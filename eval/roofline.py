@@ -27,7 +27,6 @@ whole cache once with the device full.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 
 import numpy as np
@@ -205,20 +204,6 @@ def sparse_layout(seq_len: int, density: float = 0.1, block: int = 128, seed: in
 # --------------------------------------------------------------- superlinear
 
 
-def window_key_blocks(seq_len: int, window: int, group: int, block_q: int = 64,
-                      block_k: int = 64) -> int:
-  """Key blocks the span forward visits for the window call, per (batch,
-  kv head): rows are query-major with `group` heads interleaved, so a tile
-  holds `block_q / group` consecutive queries."""
-  if window <= 0:
-    return 0
-  per = max(1, block_q // group)
-  p0 = np.arange(0, seq_len, per, dtype=np.int64)
-  p1 = np.minimum(p0 + per, seq_len) - 1
-  lo = np.maximum(p0 - window + 1, 0)
-  return int((p1 // block_k - lo // block_k + 1).sum())
-
-
 def span_lengths(seq_len: int, config: attn.SuperlinearConfig) -> np.ndarray:
   """Upper bound of a span's keys per query position (`back + fwd + 1`,
   at most the `t - W` keys before the window)."""
@@ -229,17 +214,11 @@ def span_lengths(seq_len: int, config: attn.SuperlinearConfig) -> np.ndarray:
 
 def span_key_blocks(seq_len: int, config: attn.SuperlinearConfig, group: int,
                     block_q: int = 64, block_k: int = 64) -> tuple[int, int]:
-  """`(rows, key blocks)` of the span call per (batch, kv head).
-
-  Rows: `L G K` (query, head, slot) pairs sorted by start; a tile of
-  `block_q` rows visits about one span's blocks plus one, and the spreads
-  of all tiles add at most the key blocks (`pallas_kernels/span/blocks.py`).
-  """
-  lens = span_lengths(seq_len, config)
+  """`(rows, key blocks)` of the span call per (batch, kv head): `L G K`
+  pairs, the span lengths an upper bound per position (`span_lengths`)."""
   rows = seq_len * group * config.num_spans
-  tiles = -(-rows // block_q)
-  blocks = (group * config.num_spans * lens.sum()) / (block_q * block_k)
-  return rows, int(math.ceil(blocks)) + tiles + -(-seq_len // block_k)
+  keys = group * config.num_spans * int(span_lengths(seq_len, config).sum())
+  return rows, cost.span_key_blocks(rows, keys, seq_len, block_q, block_k)
 
 
 def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
@@ -261,7 +240,7 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
   if not changes.search_once:
     parts.append(("selected frames", _glue(frame)))
   heads = s.batch * s.kv_heads           # span grid: (batch, kv head) pairs
-  w_blocks = heads * window_key_blocks(seq_len, config.window, s.group)
+  w_blocks = heads * cost.window_key_blocks(seq_len, config.window, s.group)
   rows, sp_blocks = span_key_blocks(seq_len, config, s.group)
   sp_blocks *= heads
   hk = dict(batch=s.batch, heads=s.kv_heads, head_dim=s.head_dim, itemsize=s.itemsize,

@@ -28,6 +28,12 @@ Every public function returns `jax.experimental.pallas.CostEstimate`; with
 FLOPs are row-wise (vector units, not matmul units) and how many programs
 the grid launches (how much of the device it can fill).
 
+Counts that depend on data (the span kernels' key blocks, the decode range
+tiles, the gate-logit kernels' distinct anchor offsets) are traced inside a
+jitted call, but a `CostEstimate` needs Python ints: pass the expected count
+(`window_key_blocks`, `span_key_blocks` below; the stripe count for
+`offsets`), not a traced value.
+
 This is a model, not a measurement: it ignores caches, latency, pipelining,
 masking overhead and register spills.
 """
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 from jax.experimental import pallas as pl
 
 F32_BYTES = 4
@@ -365,6 +372,35 @@ def span_fwd(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: in
   work = key_blocks * block_q * block_k
   return _out(KernelCost(flops=4 * work * dp, transcendentals=work, bytes_accessed=kv + own,
                          programs=batch * heads * (rp // block_q)), detail)
+
+
+def window_key_blocks(seq_len: int, window: int, group: int, block_q: int = 64,
+                      block_k: int = 64) -> int:
+  """Key blocks the span forward visits for superlinear's window call, per
+  (batch, kv head): rows are query-major with `group` heads interleaved, so
+  a tile holds `block_q / group` consecutive queries, whose window union is
+  `[p0 - window + 1, p1]`."""
+  if window <= 0:
+    return 0
+  per = max(1, block_q // group)
+  p0 = np.arange(0, seq_len, per, dtype=np.int64)
+  p1 = np.minimum(p0 + per, seq_len) - 1
+  lo = np.maximum(p0 - window + 1, 0)
+  return int((p1 // block_k - lo // block_k + 1).sum())
+
+
+def span_key_blocks(rows: int, span_keys: int, kv_len: int, block_q: int = 64,
+                    block_k: int = 64) -> int:
+  """Expected key blocks of the span call, per (batch, kv head).
+
+  `rows`: (query, head, slot) pairs, sorted by span start; `span_keys`: the
+  sum of their span lengths. A tile of `block_q` rows with nearly equal
+  starts visits about one span's blocks plus one, and the start spreads of
+  all tiles add at most the key blocks (`span/blocks.py`):
+  `span_keys / (bq bk) + tiles + kv_len / bk`.
+  """
+  return (_cdiv(span_keys, block_q * block_k) + _cdiv(rows, block_q)
+          + _cdiv(kv_len, block_k))
 
 
 def span_bwd(*, batch: int, heads: int, head_dim: int, rows: int, kv_len: int,

@@ -388,7 +388,7 @@ def test_roofline_tile_counts_match_plain_loops():
     pos = [r // g for r in range(r0, min(r0 + bq, l * g))]
     lo, hi = max(min(pos) - w + 1, 0), max(pos)
     want += hi // bk - lo // bk + 1
-  assert roofline.window_key_blocks(l, w, g, bq, bk) == want
+  assert cost.window_key_blocks(l, w, g, bq, bk) == want
   # PPA: non-empty tiles per query block of the causal PPA mask.
   l, p, win, b = 160, 0.5, 4, 16
   kept = {d for d in range(l) if d < win or d in _ppa_far(l - 1, p, win)}
