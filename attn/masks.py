@@ -201,8 +201,11 @@ def superlinear_candidate_mask(seq_len: int, *, config: SuperlinearConfig) -> np
   """
   if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
     raise ValueError(f"seq_len must be a positive int, got {seq_len!r}.")
-  if not isinstance(config, SuperlinearConfig):
-    raise ValueError(f"config must be an attn.SuperlinearConfig, got {type(config).__name__}.")
+  missing = [f for f in ("window", "num_spans", "span_power", "backward_factor",
+                         "forward_factor", "search_power", "sw_index") if not hasattr(config, f)]
+  if missing:
+    raise ValueError(f"config must be an attn.SuperlinearConfig (missing {', '.join(missing)}), "
+                     f"got {type(config).__name__}.")
   w = config.window
   f = superlinear_stripe_table(seq_len, config)               # [S]
   q = np.arange(seq_len)

@@ -24,4 +24,5 @@ def test_readme_main_command_names_an_existing_module():
           if "pip install" in line and "pytest" not in line]
   assert len(main) == 1
   module = re.search(r"python -m ([\w.]+)", main[0]).group(1)
-  assert (ROOT / (module.replace(".", "/") + ".py")).exists()
+  path = ROOT / module.replace(".", "/")
+  assert path.with_suffix(".py").exists() or (path / "__main__.py").exists(), module

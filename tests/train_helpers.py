@@ -17,6 +17,8 @@ def subprocess_env(num_devices: int | None = None, **extra) -> dict:
   env.pop("XLA_FLAGS", None)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
+  # The application (train, eval) runs from the checkout, it is not installed.
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
   env["TF_CPP_MIN_LOG_LEVEL"] = "3"
   if num_devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
