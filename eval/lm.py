@@ -39,7 +39,7 @@ __all__ = ["evaluate_run", "load_run_config", "plot", "main"]
 def load_run_config(workdir: str):
   """The `train.config.Config` a run was trained with (from `config.json`)."""
   import attn
-  from train.config import Config, DataConfig
+  from train.config import Config, DataConfig, ShardingConfig
   from train.model import ModelConfig
 
   path = os.path.join(workdir, "config.json")
@@ -59,6 +59,10 @@ def load_run_config(workdir: str):
   top = known(Config, raw)
   top["mesh_shape"] = tuple(top["mesh_shape"])
   top["data"] = DataConfig(**known(DataConfig, raw["data"]))
+  if "sharding" in raw:
+    rules = known(ShardingConfig, raw["sharding"])
+    rules["allow_replication"] = tuple(rules.get("allow_replication", ()))
+    top["sharding"] = ShardingConfig(**rules)
   top["model"] = ModelConfig(**known(ModelConfig, model))
   return Config(**top)
 

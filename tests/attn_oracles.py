@@ -161,3 +161,85 @@ def superlinear_loop(q, k, v, qs, ks, *, sw_index, num_spans, search_power,
         for slot, (_, a) in enumerate(chosen):
           anchors_out[bi, i, h, slot] = a
   return out, anchors_out
+
+
+# ------------------------------------------ dense masked jnp oracles (grads)
+
+
+def keep_mask(keep, q_len: int, kv_len: int, q_offset=None) -> np.ndarray:
+  """bool `[q_len, kv_len]`: query `i` (position `q_offset + i`) sees key `j`
+  iff `j <= pos` and `keep(pos, j)`; rows at positions outside `[0, kv_len)`
+  see nothing (the same rule as `attention_loop`)."""
+  q_offset = kv_len - q_len if q_offset is None else int(q_offset)
+  mask = np.zeros((q_len, kv_len), bool)
+  for i in range(q_len):
+    pos = q_offset + i
+    if 0 <= pos < kv_len:
+      mask[i, :pos + 1] = [keep(pos, j) for j in range(pos + 1)]
+  return mask
+
+
+def masked_attention(q, k, v, mask, *, scale=None):
+  """Dense softmax attention in float32 jnp (differentiable), GQA by
+  repeating kv heads. `mask`: bool broadcastable to `[b, hq, lq, lk]`; a row
+  with no visible key is zero. q: [b, lq, hq, d], k, v: [b, lk, hk, d]."""
+  import jax.numpy as jnp
+  q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+  rep = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  mask = jnp.asarray(mask)
+  s = jnp.where(mask, jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+  denom = p.sum(-1, keepdims=True)
+  return jnp.einsum("bhqk,bkhd->bqhd", p / jnp.where(denom > 0, denom, 1.0), v)
+
+
+def superlinear_slot_masks(anchors, kv_len: int, *, sw_index, search_power, span_power,
+                           backward_factor, forward_factor, q_offset=None, **_):
+  """bool `[b, hq, num_spans, lq, kv_len]`: the keys slot `s` of each query
+  attends (its span together with the window; the window alone for an empty
+  slot, anchor -1), from `anchors` `[b, lq, hq, num_spans]` (e.g. those of
+  `superlinear_loop`), with this module's own integer arithmetic."""
+  anchors = np.asarray(anchors)
+  b, lq, hq, num = anchors.shape
+  q_offset = kv_len - lq if q_offset is None else int(q_offset)
+  window = int_floor_power(sw_index + 1, search_power) - 1
+  out = np.zeros((b, hq, num, lq, kv_len), bool)
+  for i in range(lq):
+    pos = q_offset + i
+    if not 0 <= pos < kv_len:
+      continue
+    t = pos + 1
+    back = math.ceil(backward_factor * t ** span_power - 1e-9)
+    fwd = math.ceil(forward_factor * t ** span_power - 1e-9)
+    out[:, :, :, i, max(pos - window + 1, 0):pos + 1] = True
+    for bi, h, s in zip(*np.nonzero(anchors[:, i] >= 0)):
+      a = int(anchors[bi, i, h, s])
+      out[bi, h, s, i, max(a - back, 0):max(min(a + fwd, pos - window) + 1, 0)] = True
+  return out
+
+
+def superlinear_dense(q, k, v, qs, ks, anchors, slot_masks):
+  """Superlinear attention in float32 jnp for fixed `anchors` (differentiable
+  in q, k, v, qs, ks): gates = softmax over the slots of the unscaled search
+  dots `<qs_i, ks[anchor]>` (-1e9 for an empty slot), output = gated sum of
+  one masked softmax per slot (`slot_masks` of `superlinear_slot_masks`)."""
+  import jax.numpy as jnp
+  anchors = np.asarray(anchors)
+  b, lq, hq, num = anchors.shape
+  rep = hq // ks.shape[2]
+  kh = np.arange(hq) // rep
+  idx_b = np.arange(b)[:, None, None, None]
+  picked = jnp.asarray(ks, jnp.float32)[idx_b, np.maximum(anchors, 0), kh[None, None, :, None]]
+  logits = jnp.einsum("bqhd,bqhsd->bqhs", jnp.asarray(qs, jnp.float32), picked)
+  gates = jax_softmax(jnp.where(anchors >= 0, logits, -1e9))
+  outs = jnp.stack([masked_attention(q, k, v, slot_masks[:, :, s]) for s in range(num)], -2)
+  return jnp.sum(gates[..., None] * outs, axis=-2)
+
+
+def jax_softmax(x):
+  import jax.numpy as jnp
+  e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)

@@ -3,7 +3,8 @@ the same train step on a 1-device mesh and on (8,1,1), (2,2,2), (1,1,8).
 
 Writes `<out>/<mesh>.npz` (loss, grads and the params after one AdamW step of
 the jitted, sharded train step) and
-`<out>/specs.json` (each parameter's PartitionSpec per mesh).
+`<out>/specs.json` (each parameter's PartitionSpec per mesh, and under
+`refused` the error of the (1,1,8) mesh without `allow_replication`).
 """
 
 import dataclasses
@@ -36,6 +37,13 @@ def main(out: str, layer_pattern: str):
   for name, shape in MESHES.items():
     devices = jax.devices()[:1] if shape == (1, 1, 1) else jax.devices()
     mesh = shd.make_mesh(shape, devices=devices)
+    if shape == (1, 1, 8):  # 2 kv heads over 8 tensor shards: refused unless allowed
+      try:
+        loop.Trainer(config, mesh=mesh)
+      except ValueError as e:
+        specs["refused"] = str(e)
+      config = dataclasses.replace(
+          config, sharding=dataclasses.replace(config.sharding, allow_replication=("kv_heads",)))
     trainer = loop.Trainer(config, mesh=mesh)
     if init is None:  # initialise once (the same values on every mesh)
       init = jax.device_get(trainer.init_state())

@@ -1,7 +1,7 @@
-"""Attention ops: `xla` against the dense `reference`, the references against
-numpy loops, identities, composability and input validation."""
-
-import functools
+"""Attention ops beyond the shared suite (tests/test_op_suite.py): `xla`
+against `reference` for the configs the suite does not run (PPA p = 0.75,
+cubic superlinear) and with many small xla blocks, exact loop oracles at
+non-integer inverse powers, identities, composability and input validation."""
 
 import chex
 import jax
@@ -12,30 +12,16 @@ import pytest
 import attn
 from attn import reference, xla
 from tests import attn_oracles
+from tests import op_cases
+from tests.op_cases import (BF16_ERROR_RATIO, CUBIC_CFG, NO_WINDOW_CFG, SL_055, SMALL_CFG,
+                            rel_err as _rel_err)
+from tests.op_cases import inputs as _inputs
 
-TOL = dict(atol=2e-5, rtol=2e-5)
-GRAD_TOL = dict(atol=5e-5, rtol=5e-4)
-# bfloat16: relative L2 error against a float32 reference on the same (rounded)
-# inputs may be at most this multiple of the bf16 reference's own error.
-# Measured (q_len 45-96): xla / reference error ratio <= 1.2 for every op and
-# tensor; accumulating the span (superlinear) or stripe (PPA) cotangents in
-# bfloat16 gave 2.5-2.8x (superlinear dk, dv) and 1.9x (PPA p=0.5).
-BF16_ERROR_RATIO = 1.5
-SMALL_CFG = attn.SuperlinearConfig(sw_index=2, num_spans=2)          # W = 8
-NO_WINDOW_CFG = attn.SuperlinearConfig(sw_index=0, num_spans=3, backward_factor=2.0,
-                                       forward_factor=0.0)
-CUBIC_CFG = attn.SuperlinearConfig(sw_index=1, num_spans=2, search_power=1 / 3,
-                                   span_power=0.75, backward_factor=2.0)
-
-
-def _inputs(key, *, batch=2, q_len=45, kv_len=None, hq=4, hk=2, d=16, ds=8,
-            dtype=jnp.float32):
-  kv_len = q_len if kv_len is None else kv_len
-  ks = jax.random.split(key, 5)
-  n = lambda k_, s: jax.random.normal(k_, s, jnp.float32).astype(dtype)  # noqa: E731
-  return dict(q=n(ks[0], (batch, q_len, hq, d)), k=n(ks[1], (batch, kv_len, hk, d)),
-              v=n(ks[2], (batch, kv_len, hk, d)), q_search=n(ks[3], (batch, q_len, hq, ds)),
-              k_search=n(ks[4], (batch, kv_len, hk, ds)))
+_F32 = op_cases.TOL[jnp.float32]
+TOL = dict(atol=_F32["atol"], rtol=_F32["rtol"])
+GRAD_TOL = dict(atol=_F32["grad_atol"], rtol=_F32["grad_rtol"])
+SL_03 = attn.SuperlinearConfig(sw_index=1, num_spans=2, search_power=0.3,
+                               span_power=0.75, backward_factor=3.0)       # W = 9
 
 
 def _layout(L):
@@ -79,18 +65,13 @@ def _vjp(fn, x, names, impl, cot):
   return out, pull(cot)
 
 
-def _rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
-
-
 @pytest.mark.parametrize("heads,dtype", [((4, 2), jnp.float32), ((3, 3), jnp.float32),
                                          ((4, 1), jnp.bfloat16)],
                          ids=["gqa-f32", "mha-f32", "gqa-bf16"])
-@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("op", ["ppa_0.75", "superlinear_cubic"])   # the rest: test_op_suite
 def test_xla_matches_reference_values_and_grads(op, heads, dtype):
   fn, which = OPS[op]
-  x = _inputs(jax.random.PRNGKey(hash(op) % 1000), hq=heads[0], hk=heads[1], dtype=dtype)
+  x = _inputs(jax.random.PRNGKey(list(OPS).index(op)), hq=heads[0], hk=heads[1], dtype=dtype)
   names = _grad_args(x, which)
   cot = jax.random.normal(jax.random.PRNGKey(7), x["q"].shape, jnp.float32)
   ref, ref_grads = _vjp(fn, x, names, "reference", cot)
@@ -178,36 +159,9 @@ def test_xla_with_many_small_blocks_matches_reference(case, q_offset, monkeypatc
 # ------------------------------------------------------ numpy loop oracles
 
 
-@pytest.mark.parametrize("name,keep,fn", [
-    ("dense", lambda i, j: True,
-     lambda x: attn.dense_attention(x["q"], x["k"], x["v"], implementation="reference")),
-    ("sliding", lambda i, j: i - j < 5,
-     lambda x: attn.sliding_window_attention(x["q"], x["k"], x["v"], window=5,
-                                             implementation="reference")),
-    ("ppa", lambda i, j: attn_oracles.ppa_kept_offset(i - j, 0.5, 3),
-     lambda x: attn.ppa_attention(x["q"], x["k"], x["v"], p=0.5, window=3,
-                                  implementation="reference")),
-    ("block_sparse", lambda i, j: 0 <= i - j < 13,
-     lambda x: attn.block_sparse_attention(x["q"], x["k"], x["v"], _layout(19),
-                                           implementation="reference")),
-])
-def test_reference_matches_numpy_loop(name, keep, fn):
-  x = _inputs(jax.random.PRNGKey(11), q_len=19, hq=4, hk=2, d=8)
-  want = attn_oracles.attention_loop(x["q"], x["k"], x["v"], keep)
-  np.testing.assert_allclose(np.asarray(fn(x)), want, atol=1e-5, rtol=1e-5)
-
-
-def test_reference_with_kv_cache_offset_matches_numpy_loop():
-  x = _inputs(jax.random.PRNGKey(12), q_len=3, kv_len=20, hq=2, hk=1, d=8)
-  want = attn_oracles.attention_loop(x["q"], x["k"], x["v"], lambda i, j: True, q_offset=9)
-  for impl in ("reference", "xla"):
-    got = attn.dense_attention(x["q"], x["k"], x["v"], q_offset=9, implementation=impl)
-    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("cfg", [SMALL_CFG, NO_WINDOW_CFG, CUBIC_CFG], ids=["w8", "w0", "cubic"])
 @pytest.mark.parametrize("impl", ["reference", "xla"])
-def test_superlinear_matches_numpy_loop(cfg, impl):
+def test_cubic_superlinear_matches_numpy_loop(impl):  # other configs: test_op_suite
+  cfg = CUBIC_CFG
   x = _inputs(jax.random.PRNGKey(13), batch=1, q_len=40, hq=2, hk=1, d=8, ds=4)
   want, want_anchors = attn_oracles.superlinear_loop(
       x["q"], x["k"], x["v"], x["q_search"], x["k_search"], **vars(cfg))
@@ -217,12 +171,6 @@ def test_superlinear_matches_numpy_loop(cfg, impl):
   np.testing.assert_array_equal(np.asarray(got.anchors), want_anchors)
   np.testing.assert_allclose(np.asarray(got.out), want, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(got.gates).sum(-1), 1.0, atol=1e-6)
-
-
-SL_055 = attn.SuperlinearConfig(sw_index=2, num_spans=2, search_power=0.55,
-                                span_power=0.55, backward_factor=3.0)      # W = 7
-SL_03 = attn.SuperlinearConfig(sw_index=1, num_spans=2, search_power=0.3,
-                               span_power=0.75, backward_factor=3.0)       # W = 9
 
 
 # Non-integer 1/p: the oracles compute offsets with exact rational powers
@@ -326,34 +274,6 @@ def test_superlinear_is_dense_within_the_window():
                                    config=SMALL_CFG, implementation=impl),
         attn.dense_attention(x["q"], x["k"], x["v"], implementation="reference"),
         atol=2e-6, rtol=2e-6)
-
-
-@pytest.mark.parametrize("impl", ["reference", "xla"])
-@pytest.mark.parametrize("op", ["dense", "sliding", "ppa_0.75", "superlinear"])
-def test_decoding_one_query_at_a_time_matches_prefill(op, impl):
-  """A fixed-size cache buffer with `q_offset` gives the reference prefill rows."""
-  fn_name = {"dense": attn.dense_attention, "sliding": attn.sliding_window_attention,
-             "ppa_0.75": attn.ppa_attention, "superlinear": attn.superlinear_attention}[op]
-  kwargs = {"dense": {}, "sliding": dict(window=7), "ppa_0.75": dict(p=0.75, window=4),
-            "superlinear": dict(config=SMALL_CFG)}[op]
-  x = _inputs(jax.random.PRNGKey(23), q_len=37)
-  L = x["q"].shape[1]
-  extra = (lambda y, s: (y["q_search"][:, s], y["k_search"])) if op == "superlinear" \
-      else (lambda y, s: ())
-  full = fn_name(x["q"], x["k"], x["v"], *extra(x, slice(None)), **kwargs,
-                 implementation="reference")
-  # Garbage beyond the current position must not matter: it is never visible.
-  junk = lambda a, t: a.at[:, t + 1:].set(jnp.nan)  # noqa: E731
-  step = jax.jit(lambda q1, k_, v_, ks_, qs1, t: fn_name(
-      q1, k_, v_, *((qs1, ks_) if op == "superlinear" else ()), q_offset=t, **kwargs,
-      implementation=impl))
-  rows = []
-  for t in (0, 5, 17, L - 1):
-    y = dict(x, k=junk(x["k"], t), v=junk(x["v"], t), k_search=junk(x["k_search"], t))
-    rows.append(step(x["q"][:, t:t + 1], y["k"], y["v"], y["k_search"],
-                     x["q_search"][:, t:t + 1], jnp.int32(t)))
-  chex.assert_trees_all_close(jnp.concatenate(rows, 1), full[:, jnp.array([0, 5, 17, L - 1])],
-                              atol=2e-5, rtol=2e-5)
 
 
 # --------------------------------------------------------- composability

@@ -6,6 +6,8 @@ Oracles: the numpy loops of `tests/attn_oracles.py` (own offset arithmetic)
 and the same op on clean inputs.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -14,20 +16,12 @@ import pytest
 
 import attn
 from attn import masks
-from tests import attn_oracles
+from tests import attn_oracles, op_cases
 
 LQ, LK, OFF = 6, 40, 21          # queries at positions 21..26 of a 40-slot cache
-SL_CFG = attn.SuperlinearConfig(sw_index=2, num_spans=2)                 # W = 8
-SL_CFG_055 = attn.SuperlinearConfig(sw_index=2, num_spans=2, search_power=0.55,
-                                    span_power=0.55, backward_factor=3.0)
-
-
-def _inputs(key, *, batch=1, q_len=LQ, kv_len=LK, hq=2, hk=1, d=8, ds=4, dtype=jnp.float32):
-  ks = jax.random.split(key, 5)
-  n = lambda k_, s: jax.random.normal(k_, s, jnp.float32).astype(dtype)  # noqa: E731
-  return dict(q=n(ks[0], (batch, q_len, hq, d)), k=n(ks[1], (batch, kv_len, hk, d)),
-              v=n(ks[2], (batch, kv_len, hk, d)), q_search=n(ks[3], (batch, q_len, hq, ds)),
-              k_search=n(ks[4], (batch, kv_len, hk, ds)))
+SL_CFG, SL_CFG_055 = op_cases.SMALL_CFG, op_cases.SL_055                # W = 8, 7
+_inputs = functools.partial(op_cases.inputs, batch=1, q_len=LQ, kv_len=LK, hq=2, hk=1, d=8,
+                            ds=4)
 
 
 def _block_layout():
@@ -93,8 +87,10 @@ def _with_junk(x, bad):
   return y
 
 
+# Junk inside the cache (keys before a query's window or between PPA offsets).
+# Junk past the last query, for every op and implementation: test_op_suite.
 @pytest.mark.parametrize("impl", ["reference", "xla"])
-@pytest.mark.parametrize("case", [*CASES, "block_sparse"])
+@pytest.mark.parametrize("case", ["sliding", "ppa_0.55", "ppa_0.75", "block_sparse"])
 def test_junk_in_invisible_cache_slots_contributes_nothing(case, impl):
   x = _inputs(jax.random.PRNGKey(1))
   bad = _invisible_keys(case)

@@ -173,73 +173,9 @@ def test_span_kernel_given_reference_anchors(config, dtype, lq, lk, hq, hk, d, v
                **TOL[dtype])
 
 
-E2E_CASES = [
-    # (config, dtype, lq, lk, hq, hk, d)
-    # GQA 4:1, odd length, no window (sw_index 0), five spans, p = 1/2.
-    pytest.param(attn.SuperlinearConfig(sw_index=0, num_spans=5), jnp.float32, 41, 41, 4, 1,
-                 16, id="gqa4-f32-k5-sw0"),
-    # MHA, bf16, two spans, p = 0.55; slow (~30 s of interpret-mode compiles on
-    # 2 busy cores); bf16 is also covered at the kernel level above.
-    pytest.param(attn.SuperlinearConfig(sw_index=1, num_spans=2, search_power=0.55,
-                                        span_power=0.55, backward_factor=3),
-                 jnp.bfloat16, 37, 37, 2, 2, 40, id="mha-bf16-k2-p055",
-                 marks=pytest.mark.slow),
-]
-
-
-def _op(config, impl, q_offset=None):
-  """`(q, k, v, q_search, k_search) -> (out, (anchors, gates))`."""
-  def f(q, k, v, qs, kss):
-    res = attn.superlinear_attention_with_anchors(q, k, v, qs, kss, config=config,
-                                                  q_offset=q_offset, implementation=impl)
-    return res.out, (res.anchors, res.gates)
-  return f
-
-
-def _check_e2e(config, dtype, args, clean_args, *, q_offset=None, junk_from=None):
-  """Pallas on `args` vs reference on `clean_args`: out, anchors, gates and
-  VJPs (random cotangent) to q, k, v, q_search, k_search."""
-  out, pull, (anchors, gates) = jax.vjp(_op(config, "pallas", q_offset), *args,
-                                        has_aux=True)
-  ref, ref_pull, (ref_anchors, ref_gates) = jax.vjp(
-      _op(config, "reference", q_offset), *clean_args, has_aux=True)
-  tol = TOL[dtype]
-  f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
-  np.testing.assert_array_equal(anchors, ref_anchors)
-  chex.assert_trees_all_close(gates, ref_gates, atol=1e-6, rtol=1e-6)
-  chex.assert_trees_all_close(f32(out), f32(ref), atol=tol["atol"], rtol=tol["rtol"])
-  ct = jax.random.normal(jax.random.PRNGKey(4), out.shape).astype(out.dtype)
-  for name, g, r in zip(("q", "k", "v", "q_search", "k_search"), pull(ct), ref_pull(ct)):
-    assert np.all(np.isfinite(f32(g))), f"non-finite grad of {name}"
-    chex.assert_trees_all_close(f32(g), f32(r), atol=tol.get("grad_atol", tol["atol"]),
-                                rtol=tol.get("grad_rtol", tol["rtol"]),
-                                custom_message=f"grad of {name}")
-    if junk_from is not None and name in ("k", "v", "k_search"):
-      np.testing.assert_array_equal(f32(g)[:, junk_from:], 0)
-
-
-@pytest.mark.parametrize("config,dtype,lq,lk,hq,hk,d", E2E_CASES)
-def test_superlinear_pallas_matches_reference(config, dtype, lq, lk, hq, hk, d):
-  """`implementation="pallas"` end to end: output, anchors, gates, and grads
-  to q, k, v, q_search, k_search against the reference op."""
-  args = _inputs(jax.random.PRNGKey(3), b=1, lq=lq, lk=lk, hq=hq, hk=hk, d=d, ds=8,
-                 dtype=dtype)
-  _check_e2e(config, dtype, args, args)
-
-
-def test_chunked_prefill_with_nan_junk_beyond_cache_end():
-  """20 queries at q_offset 24 of a 53-key cache whose tail (keys >= 44) holds
-  NaN in k, v and k_search: equal to the reference on a clean cache, every
-  gradient finite and exactly 0 on the junk rows. Also: one span, GQA 2:1,
-  sw_index 3 at p = 0.55, head_dim 128."""
-  config = attn.SuperlinearConfig(sw_index=3, num_spans=1, search_power=0.55,
-                                  span_power=0.55, backward_factor=3)
-  lq, lk, q_offset = 20, 53, 24
-  args = _inputs(jax.random.PRNGKey(5), b=1, lq=lq, lk=lk, hq=4, hk=2, d=128, ds=8,
-                 dtype=jnp.float32)
-  junk = (jnp.arange(lk) >= q_offset + lq)[None, :, None, None]
-  dirty = [jnp.where(junk, jnp.nan, x) if i in (1, 2, 4) else x for i, x in enumerate(args)]
-  _check_e2e(config, jnp.float32, dirty, args, q_offset=q_offset, junk_from=q_offset + lq)
+# `implementation="pallas"` end to end (values, anchors, gates, grads to q, k,
+# v, q_search, k_search; chunked prefill with NaN past the cache end):
+# tests/test_op_suite.py.
 
 
 # ------------------------------------------------------------------ lowering

@@ -205,18 +205,8 @@ def test_ppa_ignores_nan_junk_beyond_the_cache_end():
   np.testing.assert_array_equal(dv[:, filled:], 0)
 
 
-def test_ppa_op_dispatches_to_pallas_for_decode():
-  """`attn.ppa_attention(implementation="pallas")`, one token at a traced offset."""
-  key = jax.random.split(jax.random.PRNGKey(9), 3)
-  q = _normal(key[0], (1, 1, 2, 16))
-  k = _normal(key[1], (1, 33, 2, 16))
-  v = _normal(key[2], (1, 33, 2, 16))
-  step = jax.jit(lambda t: attn.ppa_attention(q, k, v, p=0.75, window=4, q_offset=t,
-                                              implementation="pallas"))
-  for t in (0, 20, 32):
-    chex.assert_trees_all_close(step(jnp.int32(t)),
-                                _ppa_ref(q, k, v, p=0.75, window=4, q_offset=t),
-                                atol=1e-5, rtol=1e-5)
+# `attn.ppa_attention(implementation="pallas")` (prefill and decode kernels):
+# tests/test_op_suite.py.
 
 
 # --------------------------------------------------------------- lowering

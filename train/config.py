@@ -57,6 +57,62 @@ class DataConfig:
       raise ValueError("data.num_threads and data.prefetch must be >= 0")
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+  """Logical-axis sharding rules: each logical axis name of the parameters
+  (`train.model.LOGICAL_AXES`) -> the mesh axis that shards it (see
+  `train.sharding.logical_to_spec`).
+
+  A rule is a mesh axis of `MESH_AXES`, several joined by `+` (`data+fsdp`,
+  sharded over their product) or None (replicated). A rule must divide every
+  dimension it shards and use a mesh axis at most once per array; otherwise
+  building the shardings raises a ValueError naming the parameter, the mesh
+  axis and the fix, unless the logical name is in `allow_replication` (`*`:
+  every name), where that dimension falls back to the longest prefix of its
+  axes that divides it, or to replication. Mesh axes of size 1 are ignored.
+  """
+
+  vocab: Optional[str] = "tensor"
+  embed: Optional[str] = "fsdp"
+  q_heads: Optional[str] = "tensor"
+  kv_heads: Optional[str] = "tensor"
+  head_dim: Optional[str] = None
+  mlp: Optional[str] = "tensor"
+  norm: Optional[str] = None
+  allow_replication: tuple[str, ...] = ()
+
+  def rules(self) -> dict[str, tuple[str, ...]]:
+    """Logical name -> mesh axes (empty tuple: replicated)."""
+    return {f.name: tuple(getattr(self, f.name).split("+")) if getattr(self, f.name) else ()
+            for f in dataclasses.fields(self) if f.name != "allow_replication"}
+
+  def replicates(self, name: str) -> bool:
+    """Whether a rule for `name` that does not fit may fall back to replication."""
+    return "*" in self.allow_replication or name in self.allow_replication
+
+  def __post_init__(self):
+    names = [f.name for f in dataclasses.fields(self) if f.name != "allow_replication"]
+    for name in names:
+      rule = getattr(self, name)
+      if rule is None:
+        continue
+      axes = rule.split("+") if isinstance(rule, str) else [rule]
+      if any(a not in MESH_AXES for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"sharding.{name}={rule!r}: must be a mesh axis of {MESH_AXES}, "
+                         "several distinct ones joined by '+' (e.g. 'data+fsdp'), or "
+                         "None (replicated)")
+    if isinstance(self.allow_replication, str):
+      raise ValueError(f"sharding.allow_replication={self.allow_replication!r}: must be a "
+                       "tuple of logical axis names (or ('*',) for all)")
+    unknown = [n for n in self.allow_replication if n != "*" and n not in names]
+    if unknown:
+      raise ValueError(f"sharding.allow_replication={self.allow_replication!r}: unknown "
+                       f"logical axis names {unknown}; known: {', '.join(names)} or '*'")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """A training run. `batch_size` is global (all processes, all devices) and
@@ -64,7 +120,8 @@ class Config:
   averages the gradients of `A` micro-batches of `batch_size / A`.
 
   `mesh_shape` is `(data, fsdp, tensor)`; one entry may be -1 to take all the
-  remaining devices. `checkpoint_every = 0` disables periodic saves (the final
+  remaining devices; `sharding` maps the parameters' logical axes onto it
+  (`ShardingConfig`). `checkpoint_every = 0` disables periodic saves (the final
   step is still saved). `debug_*` fields exist for tests.
   """
 
@@ -94,6 +151,7 @@ class Config:
   eval_batches: int = 4
   # Parallelism.
   mesh_shape: tuple[int, int, int] = (-1, 1, 1)
+  sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   # A `train.model.ModelConfig` (typed `Any` so this module does not import
   # the model; the override parser uses the instance's own field types).
@@ -133,6 +191,8 @@ class Config:
       bad("mesh_shape", "must be three ints (data, fsdp, tensor), each >= 1 or -1")
     if sum(d == -1 for d in self.mesh_shape) > 1:
       bad("mesh_shape", "at most one entry may be -1")
+    if not isinstance(self.sharding, ShardingConfig):
+      bad("sharding", "must be a train.config.ShardingConfig")
 
 
 # ---------------------------------------------------------------------------

@@ -130,8 +130,8 @@ class Trainer:
     with nnx.use_eager_sharding(False):
       abstract = nnx.eval_shape(self._new_model)
     self.graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
-    self.param_shardings = shd.state_shardings(abs_params, self.mesh)
-    self.rest_shardings = shd.state_shardings(abs_rest, self.mesh)
+    self.param_shardings = shd.state_shardings(abs_params, self.mesh, config.sharding)
+    self.rest_shardings = shd.state_shardings(abs_rest, self.mesh, config.sharding)
     abs_opt = jax.eval_shape(self.tx.init, abs_params)
     rep = shd.replicated(self.mesh)
     opt_shardings = optax.tree_map_params(

@@ -3,10 +3,13 @@
 The mesh has three axes: `data` (pure data parallelism), `fsdp` (data
 parallelism whose parameters and optimizer state are also sharded) and
 `tensor` (model parallelism inside a layer). Parameters carry logical axis
-names (`nnx.with_partitioning(init, ("embed", "mlp"))`); `DEFAULT_RULES` maps
-each logical name to mesh axes. A rule that does not divide the dimension, or
-names a mesh axis another dimension of the same array already uses, falls back
-to replication for that dimension, so any model fits any mesh.
+names (`nnx.with_partitioning(init, ("embed", "mlp"))`); the rules that map
+each logical name to mesh axes are data: `train.config.ShardingConfig`, the
+`sharding` section of the training config (`--set sharding.kv_heads=...`). A
+rule that does not divide a dimension, or names a mesh axis another dimension
+of the same array already uses, raises a ValueError naming the parameter, the
+mesh axis and the fix, unless the config allows that logical name to fall
+back to replication (`sharding.allow_replication`).
 """
 
 from __future__ import annotations
@@ -19,20 +22,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from train.config import MESH_AXES, ShardingConfig
 
-# logical name -> mesh axis (or tuple of axes, or None = replicated).
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("q_heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("norm", None),
-)
+BATCH_AXES = ("data", "fsdp")
+DEFAULT_RULES = ShardingConfig()
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -62,34 +55,45 @@ def _axes_size(mesh, axes) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
+def _fit_error(param, dim, name, size, axes, mesh, why) -> ValueError:
+  axis = "+".join(axes)
+  return ValueError(
+      f"sharding: parameter {param} dimension {dim} (logical axis {name!r}, size {size}) "
+      f"{why} mesh axis {axis!r} (size {_axes_size(mesh, axes)} in mesh "
+      f"{dict(mesh.shape)}). Fix: choose a mesh_shape whose {axis!r} size divides "
+      f"{size}, map {name!r} to another mesh axis (--set sharding.{name}=<axis> or "
+      f"=none), or allow replication (--set sharding.allow_replication={name}).")
+
+
 def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], mesh,
-                    rules=DEFAULT_RULES) -> P:
+                    rules: ShardingConfig = DEFAULT_RULES, *, param: str = "array") -> P:
   """PartitionSpec of an array of `shape` whose dims have logical `names`.
 
-  Unknown names and rules that do not divide the dimension (or reuse a mesh
-  axis) give `None` (replicated) for that dimension.
+  Names without a rule (and None) are replicated; mesh axes of size 1 are
+  ignored. A rule whose axes do not divide the dimension, or that reuses a
+  mesh axis of an earlier dimension, raises a ValueError naming `param`, the
+  axis and the fix, unless `rules.replicates(name)`: then the dimension takes
+  the longest prefix of its axes that divides it (None if none does).
   """
   if not names:
     return P()
-  table = dict(rules)
+  table = rules.rules()
   used: set[str] = set()
   spec = []
-  for name, dim in zip(names, shape):
-    target = table.get(name) if name is not None else None
-    if target is None:
-      spec.append(None)
-      continue
-    axes = (target,) if isinstance(target, str) else tuple(target)
-    # Drop size-1 axes (no effect) and axes already used by another dimension.
-    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
-    # Use the longest prefix of the axes that divides the dimension.
-    while axes and dim % _axes_size(mesh, axes):
+  for dim, (name, size) in enumerate(zip(names, shape)):
+    axes = table.get(name, ()) if name is not None else ()
+    axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+    reused = tuple(a for a in axes if a in used)
+    if reused and not rules.replicates(name):
+      raise _fit_error(param, dim, name, size, reused, mesh, "reuses (another dimension "
+                       "of this array is already sharded over)")
+    axes = tuple(a for a in axes if a not in used)
+    if axes and size % _axes_size(mesh, axes) and not rules.replicates(name):
+      raise _fit_error(param, dim, name, size, axes, mesh, "is not divisible by")
+    while axes and size % _axes_size(mesh, axes):
       axes = axes[:-1]
-    if not axes:
-      spec.append(None)
-      continue
     used.update(axes)
-    spec.append(axes[0] if len(axes) == 1 else axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   spec += [None] * (len(shape) - len(spec))
   return P(*spec)
 
@@ -106,16 +110,18 @@ def _names_of(var) -> Any:
   return names
 
 
-def state_shardings(state, mesh, rules=DEFAULT_RULES):
+def state_shardings(state, mesh, rules: ShardingConfig = DEFAULT_RULES):
   """NamedShardings for an `nnx.State` (abstract or concrete) from the
-  variables' logical-axis metadata; same tree structure as `state`."""
-  def one(var):
+  variables' logical-axis metadata; same tree structure as `state`. Raises
+  ValueError (see `logical_to_spec`) for a rule that does not fit."""
+  def one(path, var):
     if _is_variable(var):
       value = var.get_value() if hasattr(var, "get_value") else var[...]
-      spec = logical_to_spec(_names_of(var), value.shape, mesh, rules)
+      spec = logical_to_spec(_names_of(var), value.shape, mesh, rules,
+                             param=jax.tree_util.keystr(path))
       return var.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, P())
-  return jax.tree.map(one, state, is_leaf=_is_variable)
+  return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
 
 
 def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
