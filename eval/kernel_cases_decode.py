@@ -1,9 +1,12 @@
 """Decode cases for `python -m eval.bench_kernels` (mode `decode`).
 
-Latency per generated token: one query (`q_len = 1`) at the last position of
-a KV cache of `L` tokens (`config.decode_lengths`, 32K ... 1M at full size),
-batch/heads/head_dim/dtype of the run (bf16, head_dim 128, GQA 32:8), the
-cache position passed as a traced int32 `q_offset` as in a generation loop:
+Latency per generated token: `config.decode_tokens` tokens generated in one
+jitted `lax.fori_loop` (one query, `q_len = 1`, per step, at the cache
+positions `L - tokens .. L - 1` of a KV cache of `L` tokens,
+`config.decode_lengths`, 128K and 1M at full size), timed together and
+divided by the tokens; batch/heads/head_dim/dtype of the run (bf16,
+head_dim 128, GQA 32:8), the cache position a traced int32 `q_offset` as
+in a generation loop:
 
   * superlinear, default and released config (sw_index=65, num_spans=3,
     backward_factor=3, forward_factor=1, powers 0.55):
@@ -42,18 +45,33 @@ def decode_inputs(key, cache_len, dtype, config):
           jax.random.normal(ks, (b, 1, hq, d), dtype))
 
 
+def token_loop(step, tokens):
+  """`fn(q, *rest, last)`: `step(q, *rest, pos)` for the `tokens` positions
+  `last - tokens + 1 .. last` in one `lax.fori_loop`; returns the sum of the
+  outputs (keeps every step live)."""
+  def fn(q, *args):
+    *rest, last = args
+
+    def body(i, acc):
+      return acc + step(q, *rest, last - tokens + 1 + i).astype(jnp.float32)
+
+    return jax.lax.fori_loop(0, tokens, body, jnp.zeros(q.shape, jnp.float32))
+  return fn
+
+
 def _superlinear(config_name):
   cfg = CONFIGS[config_name]
 
   def make(cache_len, dtype, key, config):
     q, k, v, qs = decode_inputs(key, cache_len, dtype, config)
 
-    def fn(q, k, v, qs, offset):
+    def step(q, k, v, qs, offset):
       return attn.superlinear_attention(q, k, v, qs, config=cfg, q_offset=offset,
                                         implementation="pallas")
     keys = int(superlinear_entries_per_query(np.array([cache_len]), cache_len, cfg)[0])
-    return Built(fn, None, (q, k, v, qs, jnp.int32(cache_len - 1)),
-                 keys * config.batch * config.q_heads)
+    n = min(config.decode_tokens, cache_len)
+    return Built(token_loop(step, n), None, (q, k, v, qs, jnp.int32(cache_len - 1)),
+                 keys * config.batch * config.q_heads, tokens=n)
   return make
 
 
@@ -62,12 +80,13 @@ def _ppa(p):
     q, k, v, _ = decode_inputs(key, cache_len, dtype, config)
     w = config.ppa_window
 
-    def fn(q, k, v, offset):
+    def step(q, k, v, offset):
       return attn.ppa_attention(q, k, v, p=p, window=w, q_offset=offset,
                                 implementation="pallas")
     keys = int(ppa_entries_per_query(np.array([cache_len]), cache_len, p=p, window=w)[0])
-    return Built(fn, None, (q, k, v, jnp.int32(cache_len - 1)),
-                 keys * config.batch * config.q_heads)
+    n = min(config.decode_tokens, cache_len)
+    return Built(token_loop(step, n), None, (q, k, v, jnp.int32(cache_len - 1)),
+                 keys * config.batch * config.q_heads, tokens=n)
   return make
 
 
@@ -75,11 +94,13 @@ def _dense(impl):
   def make(cache_len, dtype, key, config):
     q, k, v, _ = decode_inputs(key, cache_len, dtype, config)
 
-    def fn(q, k, v, valid):
+    def step(q, k, v, pos):
+      valid = jnp.full((q.shape[0],), pos + 1, jnp.int32)
       return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=valid,
                                           implementation=impl)
-    return Built(fn, None, (q, k, v, jnp.full((config.batch,), cache_len, jnp.int32)),
-                 cache_len * config.batch * config.q_heads)
+    n = min(config.decode_tokens, cache_len)
+    return Built(token_loop(step, n), None, (q, k, v, jnp.int32(cache_len - 1)),
+                 cache_len * config.batch * config.q_heads, tokens=n)
   return make
 
 

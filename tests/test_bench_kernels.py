@@ -10,13 +10,14 @@ import math
 import os
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import attn
 from eval import bench_kernels as bk
-from eval import kernel_cases_stripe, kernel_cases_superlinear
+from eval import kernel_cases_decode, kernel_cases_stripe, kernel_cases_superlinear
 
 # One case per family, the cheap ones (each compiles and runs in interpret
 # mode in a few seconds on a loaded 2-core CPU).
@@ -244,3 +245,69 @@ def test_flops_count_uses_entry_flops():
   assert cell["tflops"] == pytest.approx(2 * 16 * 1000 / cell["time_s"] / 1e12)
   cell = runner.run_cell("toy", "fwdbwd", 8, b.fwd, b)
   assert cell["tflops"] == pytest.approx(3.5 * 2 * 16 * 1000 / cell["time_s"] / 1e12)
+
+
+# ------------------------------------------------------------------ presets
+
+
+def test_h100_preset_is_target_first_and_fits_eight_minutes(capsys):
+  """The forward preset lists exactly the issue's target cells (forward and
+  decode only), the cheap targets before superlinear, 1M last; its dry run
+  prints every cell with an estimate and a total under 8 minutes."""
+  k, m = 1024, 1 << 20
+  cells = bk.PRESETS["h100"].cells
+  got = {(n, l, mode) for n, l, modes in cells for mode in modes}
+  want = set()
+  for l in (4 * k, 16 * k, 32 * k, 128 * k):
+    want |= {("pallas_dense_causal", l, "fwd"), ("cudnn_dense_causal", l, "fwd")}
+  want |= {("pallas_window", l, "fwd") for l in (16 * k, 32 * k, 128 * k)}
+  want |= {("pallas_sparse90", 32 * k, "fwd"), ("pallas_full", 32 * k, "fwd")}
+  for c in bk.SUPERLINEAR_CONFIGS:
+    want |= {(f"superlinear_{c}", l, "fwd") for l in (32 * k, 128 * k, m)}
+    want |= {(f"decode_superlinear_{c}", l, "decode") for l in (128 * k, m)}
+  want |= {("decode_dense_cudnn", l, "decode") for l in (128 * k, m)}
+  assert want <= got
+  assert {mode for _, _, mode in got} == {"fwd", "decode"}
+  order = [n for n, _, _ in cells]
+  first_superlinear = min(i for i, n in enumerate(order) if n.startswith("superlinear_"))
+  for name in ("pallas_window", "pallas_sparse90", "decode_superlinear_default"):
+    assert order.index(name) < first_superlinear
+  assert all(l == m for n, l, _ in cells[-2:])
+  back = {mode for _, _, modes in bk.PRESETS["h100_bwd"].cells for mode in modes}
+  assert back == {"fwdbwd"}
+  res = bk.main(["--preset", "h100", "--dry-run"])
+  out = capsys.readouterr().out
+  assert len(res["plan"]) == len(cells)
+  assert 0 < res["estimate_s"] < 480
+  assert out.count(" est ") == len(got) and "estimated" in out
+  assert f"{res['estimate_s']:.0f} s" in out
+
+
+def test_estimates_follow_the_roofline_model():
+  cfg = bk.PRESETS["h100"].config
+  case = bk.Case("superlinear_default", "x", "superlinear", None)
+  est = bk.estimate_s(case, 1 << 20, ("fwd",), cfg, repeats=3)["fwd"]
+  from eval import roofline
+  call = roofline.superlinear(1 << 20, roofline.CONFIGS["default"], roofline.Shape()).time()
+  assert est["model"] and est["call_s"] == pytest.approx(call)
+  assert est["total_s"] == pytest.approx(est["compile_s"] + 2 * call)   # > 1 s: timed once
+  unknown = bk.estimate_s(bk.Case("new_case", "x", "new", None), 4096, ("fwd",), cfg, 3)
+  assert not unknown["fwd"]["model"]
+
+
+def test_decode_cells_time_many_tokens_in_one_loop():
+  """A decode case's call generates `decode_tokens` tokens (one jitted loop);
+  the cell reports the time per token."""
+  cfg = bk.QUICK
+  b = kernel_cases_decode._dense("xla")(64, jnp.float32, jax.random.key(0), cfg)
+  assert b.tokens == cfg.decode_tokens == 2
+  q, k, v, last = b.args
+  got = b.fwd(*b.args)
+  want = sum(jax.nn.dot_product_attention(
+      q, k, v, key_value_seq_lengths=jnp.array([p + 1], jnp.int32), implementation="xla")
+      for p in (62, 63))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  runner = bk.Runner(cfg, repeats=1)
+  cell = runner.run_cell("d", "decode", 64, b.fwd, b)
+  assert cell["tokens"] == 2
+  assert cell["time_s"] == pytest.approx(np.median(cell["times_s"]) / 2)

@@ -1,0 +1,393 @@
+"""Roofline model of the attention ops on an H100 (a model, not a measurement).
+
+    python -m eval.roofline                        # print the target tables
+    python -m eval.roofline --out docs/kernels.md  # also (re)write its section there
+
+This module is the per-op model; `eval/roofline_table.py` the target cells,
+verdicts and the markdown section.
+
+Sums, per op and shape, the kernels the op launches (`pallas_kernels.cost`)
+plus the XLA glue around them (layout copies, frames, gathers), with the
+table sizes taken from the public builders (`attn.BlockLayout`,
+`attn.masks` stripe / span / PPA tables, `attn.SuperlinearConfig`). A
+kernel's time is `max(bytes / HBM bandwidth, matmul FLOPs / peak + row-wise
+FLOPs / vector peak)`, divided by the share of the SMs its grid can fill
+(`min(1, programs / SMs)`); an op's time is the sum of its kernels'.
+Transcendentals, caches, latency and launch overhead are left out, for ours
+and the baselines alike.
+
+Baselines: dense causal flash attention (cuDNN) at `4 B Hq L^2 D / 2`
+forward FLOPs reading q, k, v and writing o once; dense decode reading the
+whole cache once with the device full.
+
+`Changes` switches on the planned kernel changes of issue 15 one at a time
+(or all together); every default is today's code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+
+import attn
+from attn import masks
+from pallas_kernels import cost
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+  name: str = "H100 SXM"
+  peak_flops: float = 989e12      # dense bf16 tensor-core FLOP/s
+  vector_flops: float = 67e12     # float32 non-tensor FLOP/s (row-wise dots)
+  hbm_bw: float = 3.35e12         # bytes/s
+  num_sms: int = 132
+  l2_bw: float = 5.5e12           # bytes/s, an assumption (reuse bound only)
+
+
+H100 = Hardware()
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  batch: int = 1
+  q_heads: int = 32
+  kv_heads: int = 8
+  head_dim: int = 128
+  itemsize: int = 2               # bf16
+  platform: str = "gpu"
+
+  @property
+  def group(self) -> int:
+    return self.q_heads // self.kv_heads
+
+  def kw(self):
+    return dict(batch=self.batch, q_heads=self.q_heads, kv_heads=self.kv_heads,
+                head_dim=self.head_dim, itemsize=self.itemsize, platform=self.platform)
+
+
+@dataclasses.dataclass(frozen=True)
+class Changes:
+  """Planned kernel changes (issue 15), off = today's kernels."""
+
+  search_once: bool = False       # 1: gate logits from the search, no second stripe pass
+  gqa_shared_reads: bool = False  # 2: stripe kernels serve a kv head's G query heads
+  split_decode: bool = False      # 4: decode split over >= SMs programs, 1 row per stripe,
+                                  #    dense decode reads only attended keys
+  ppa_routing: bool = False       # 3: dense-ish PPA query blocks go to block-sparse tiles
+
+  def label(self) -> str:
+    on = [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
+    return "today" if not on else " + ".join(on)
+
+
+ALL = Changes(True, True, True, True)
+SCENARIOS = (Changes(), Changes(search_once=True), Changes(gqa_shared_reads=True),
+             Changes(split_decode=True), Changes(ppa_routing=True), ALL)
+RELEASED = attn.SuperlinearConfig(sw_index=65, num_spans=3, search_power=0.55,
+                                  span_power=0.55, backward_factor=3.0, forward_factor=1.0)
+CONFIGS = {"default": attn.SuperlinearConfig(), "released": RELEASED}
+
+
+XLA = 1 << 20   # `programs` of XLA work (glue, baselines): the device is full
+
+
+def kernel_time(c: cost.KernelCost, hw: Hardware = H100, reuse: bool = False) -> float:
+  """Roofline seconds of one kernel (see the module docstring).
+
+  `reuse=True`: the optimistic bound where every load of a Pallas kernel
+  is served at L2 bandwidth (re-reads of K/V across query blocks, heads
+  and stripes all hit); XLA work stays at HBM bandwidth.
+  """
+  occ = min(1.0, c.programs / hw.num_sms) if c.programs else 1.0
+  compute = c.flops / hw.peak_flops + c.vector_flops / hw.vector_flops
+  bw = hw.l2_bw if reuse and c.programs < XLA else hw.hbm_bw
+  return max(c.bytes_accessed / bw, compute) / occ
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCost:
+  parts: tuple   # ((name, KernelCost), ...)
+
+  @property
+  def total(self) -> cost.KernelCost:
+    out = cost.KernelCost()
+    for _, c in self.parts:
+      out = out + c
+    return out
+
+  def time(self, hw: Hardware = H100, reuse: bool = False) -> float:
+    return sum(kernel_time(c, hw, reuse) for _, c in self.parts)
+
+
+def _glue(nbytes) -> cost.KernelCost:
+  """XLA copies (transposes, pads, gathers): bandwidth only, device full."""
+  return cost.KernelCost(bytes_accessed=int(nbytes), programs=XLA)
+
+
+# ------------------------------------------------------------------ baselines
+
+
+def dense_cudnn(seq_len: int, shape: Shape, backward: bool = False) -> OpCost:
+  """Flash-attention causal: `4 B Hq L^2 D / 2` FLOPs, q, k, v, o once."""
+  s = shape
+  fl = 4 * s.batch * s.q_heads * seq_len ** 2 * s.head_dim // 2
+  q = s.batch * seq_len * s.q_heads * s.head_dim * s.itemsize
+  kv = s.batch * seq_len * s.kv_heads * s.head_dim * s.itemsize
+  parts = [("flash fwd", cost.KernelCost(flops=fl, bytes_accessed=2 * q + 2 * kv,
+                                         programs=XLA))]
+  if backward:
+    parts.append(("flash bwd", cost.KernelCost(flops=int(2.5 * fl),
+                                               bytes_accessed=4 * q + 4 * kv,
+                                               programs=XLA)))
+  return OpCost(tuple(parts))
+
+
+def dense_decode_baseline(cache_len: int, shape: Shape) -> OpCost:
+  """One token against the whole cache, read once, device full (split-K)."""
+  s = shape
+  kv = 2 * s.batch * cache_len * s.kv_heads * s.head_dim * s.itemsize
+  fl = 4 * s.batch * s.q_heads * cache_len * s.head_dim
+  return OpCost((("dense decode", cost.KernelCost(flops=fl, bytes_accessed=kv,
+                                                  programs=XLA)),))
+
+
+# ------------------------------------------------------------- block-sparse
+
+
+def block_sparse(layout: attn.BlockLayout, shape: Shape, backward: bool = False,
+                 changes: Changes = Changes()) -> OpCost:
+  """The block-sparse kernels over `layout` (tiles = its non-empty tiles)."""
+  s = shape
+  kw = dict(s.kw(), tiles=layout.num_active_blocks, block_q=layout.block_q,
+            block_k=layout.block_k)
+  lq, lk = layout.q_len, layout.kv_len
+  q_b = s.batch * lq * s.q_heads * s.head_dim * s.itemsize
+  kv_b = s.batch * lk * s.kv_heads * s.head_dim * s.itemsize
+  parts = [("layout copies", _glue(2 * (2 * q_b + 2 * kv_b))),
+           ("block_sparse_fwd", cost.block_sparse_fwd(num_q_blocks=layout.num_q_blocks,
+                                                      detail=True, **kw))]
+  if backward:
+    parts += [("block_sparse_dq", cost.block_sparse_dq(num_q_blocks=layout.num_q_blocks,
+                                                       detail=True, **kw)),
+              ("block_sparse_dkv", cost.block_sparse_dkv(
+                  num_k_blocks=layout.num_k_blocks, detail=True,
+                  **{k: v for k, v in kw.items()})),
+              ("bwd copies", _glue(2 * (3 * q_b + 4 * kv_b)))]
+  return OpCost(tuple(parts))
+
+
+def dense_pallas(seq_len, shape, backward=False, changes=Changes()):
+  return block_sparse(attn.BlockLayout.causal(seq_len), shape, backward, changes)
+
+
+def window_pallas(seq_len, window, shape, backward=False, changes=Changes()):
+  return block_sparse(attn.BlockLayout.sliding_window(seq_len, window=window), shape,
+                      backward, changes)
+
+
+def sparse_layout(seq_len: int, density: float = 0.1, block: int = 128, seed: int = 0,
+                  full: bool = False) -> attn.BlockLayout:
+  """The benchmark's random layout (`density` of all tiles, one per row at
+  least) or every tile."""
+  n = -(-seq_len // block)
+  if full:
+    mask = np.ones((n, n), bool)
+  else:
+    rng = np.random.default_rng(seed)
+    mask = rng.random((n, n)) < density
+    mask[np.arange(n), rng.integers(0, n, n)] = True
+  return attn.BlockLayout.from_block_mask(mask, seq_len, seq_len, block_q=block,
+                                          block_k=block)
+
+
+# --------------------------------------------------------------- superlinear
+
+
+def span_lengths(seq_len: int, config: attn.SuperlinearConfig) -> np.ndarray:
+  """Upper bound of a span's keys per query position (`back + fwd + 1`,
+  at most the `t - W` keys before the window)."""
+  table = masks.superlinear_span_table(seq_len, config).astype(np.int64)
+  t = np.arange(1, seq_len + 1)
+  return np.clip(table[t, 0] + table[t, 1] + 1, 0, np.maximum(t - config.window, 0))
+
+
+def span_key_blocks(seq_len: int, config: attn.SuperlinearConfig, group: int,
+                    block_q: int = 64, block_k: int = 64) -> tuple[int, int]:
+  """`(rows, key blocks)` of the span call per (batch, kv head): `L G K`
+  pairs, the span lengths an upper bound per position (`span_lengths`)."""
+  rows = seq_len * group * config.num_spans
+  keys = group * config.num_spans * int(span_lengths(seq_len, config).sum())
+  return rows, cost.span_key_blocks(rows, keys, seq_len, block_q, block_k)
+
+
+def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
+                backward: bool = False, changes: Changes = Changes()) -> OpCost:
+  """`superlinear_attention(implementation="pallas")` at `L` queries = keys."""
+  s = shape
+  sk = dict(s.kw(), gqa_shared_reads=changes.gqa_shared_reads)
+  stripes = masks.superlinear_num_stripes(seq_len, config)
+  num = config.num_spans
+  dp = cost.padded_head_dim(s.head_dim, s.platform)
+  q_rows = s.batch * s.q_heads * seq_len
+  frame = 2 * s.batch * s.kv_heads * seq_len * dp * s.itemsize + 2 * q_rows * dp * s.itemsize
+  parts = [("search frames", _glue(frame)),
+           ("stripe_search", cost.stripe_search(q_len=seq_len, stripes=stripes,
+                                                num_spans=num, detail=True, **sk)),
+           ("selected_scores_fwd", cost.selected_scores_fwd(
+               q_len=seq_len, offsets=stripes, num_spans=num, search_once=changes.search_once,
+               detail=True, **sk))]
+  if not changes.search_once:
+    parts.append(("selected frames", _glue(frame)))
+  heads = s.batch * s.kv_heads           # span grid: (batch, kv head) pairs
+  w_blocks = heads * cost.window_key_blocks(seq_len, config.window, s.group)
+  rows, sp_blocks = span_key_blocks(seq_len, config, s.group)
+  sp_blocks *= heads
+  hk = dict(batch=s.batch, heads=s.kv_heads, head_dim=s.head_dim, itemsize=s.itemsize,
+            platform=s.platform)
+  pairs = s.batch * s.kv_heads * rows
+  kv_b = s.batch * seq_len * s.kv_heads * s.head_dim * s.itemsize
+  span_glue = (4 * kv_b + 2 * q_rows * s.head_dim * s.itemsize      # kt, vt, qr
+               + 2 * pairs * dp * s.itemsize                           # q_pairs gather
+               + pairs * dp * 4 * 5)                                   # inverse, merge, gate
+  parts += [("span window fwd", cost.span_fwd(rows=seq_len * s.group, key_blocks=w_blocks,
+                                              detail=True, **hk)),
+            ("span spans fwd", cost.span_fwd(rows=rows, key_blocks=sp_blocks, detail=True,
+                                             **hk)),
+            ("span glue", _glue(span_glue))]
+  if backward:
+    parts += [("span window bwd", cost.span_bwd(rows=seq_len * s.group, kv_len=seq_len,
+                                                key_blocks=w_blocks, detail=True, **hk)),
+              ("span spans bwd", cost.span_bwd(rows=rows, kv_len=seq_len, key_blocks=sp_blocks,
+                                               detail=True, **hk)),
+              ("span bwd glue", _glue(2 * span_glue)),
+              ("selected_scores_bwd", cost.selected_scores_bwd(
+                  q_len=seq_len, kv_len=seq_len, offsets=stripes, num_spans=num,
+                  search_once=changes.search_once, detail=True, **sk))]
+  return OpCost(tuple(parts))
+
+
+# ----------------------------------------------------------------------- PPA
+
+
+PPA_MIN_RUN = 16   # runs of kept offsets at least this long are band tiles (attn glue)
+
+
+def ppa_runs(offsets: np.ndarray, min_run: int = PPA_MIN_RUN):
+  """Kept offsets -> `(runs [(lo, hi)], far offsets)`: the run holding 0 and
+  every run of `>= min_run` consecutive offsets are bands, the rest stripes."""
+  offsets = np.asarray(offsets, np.int64)
+  breaks = np.nonzero(np.diff(offsets) != 1)[0]
+  starts, ends = np.r_[0, breaks + 1], np.r_[breaks, offsets.size - 1]
+  runs, far = [], []
+  for a, b in zip(starts, ends):
+    if b - a + 1 >= min_run or offsets[a] == 0:
+      runs.append((int(offsets[a]), int(offsets[b])))
+    else:
+      far.append(offsets[a:b + 1])
+  return runs, (np.concatenate(far) if far else np.zeros((0,), np.int64))
+
+
+def ppa_tiles_per_block(offsets: np.ndarray, seq_len: int, block: int) -> np.ndarray:
+  """Non-empty `block x block` tiles of the causal PPA mask per query block:
+  tile (i, j) holds a kept offset in `[(i-j-1) block + 1, (i-j+1) block - 1]`."""
+  n = -(-seq_len // block)
+  delta = np.arange(n)
+  lo = np.maximum((delta - 1) * block + 1, 0)
+  hi = (delta + 1) * block - 1
+  nonempty = np.searchsorted(offsets, hi, side="right") > np.searchsorted(offsets, lo)
+  return np.cumsum(nonempty)          # block i sees deltas 0..i
+
+
+def ppa(seq_len: int, p: float, window: int, shape: Shape,
+        changes: Changes = Changes(), block: int = 64) -> OpCost:
+  """`ppa_attention(implementation="pallas")` forward at `L` queries = keys.
+
+  Today every query block loops over every far stripe. `ppa_routing`: each
+  query block takes the cheaper of its valid stripes (K, V rows loaded) and
+  the block-sparse tiles of its PPA mask (computed in the kernel).
+  """
+  s = shape
+  offsets = masks.ppa_offsets(seq_len - 1, p=p, window=min(window, seq_len))
+  runs, far = ppa_runs(offsets)
+  band = sum(cost.band_chunks(seq_len, seq_len, 0, lo, hi, block, block) for lo, hi in runs)
+  kw = dict(s.kw(), block_q=block, block_k=block)
+  if not changes.ppa_routing:
+    return OpCost((("ppa_fwd", cost.ppa_fwd(q_len=seq_len, band_tiles=band,
+                                            far_offsets=far.size, detail=True,
+                                            gqa_shared_reads=changes.gqa_shared_reads,
+                                            **kw)),))
+  n = -(-seq_len // block)
+  tiles = ppa_tiles_per_block(offsets, seq_len, block)
+  last_row = np.minimum(np.arange(n) * block + block - 1, seq_len - 1)
+  valid_far = np.searchsorted(far, last_row, side="right")
+  band_per = band / n
+  routed = tiles < valid_far + band_per          # rows loaded: tiles vs stripes + band
+  parts = []
+  if routed.any():
+    parts.append(("block-sparse (routed)", cost.block_sparse_fwd(
+        num_q_blocks=int(routed.sum()), tiles=int(tiles[routed].sum()), detail=True, **kw)))
+  if (~routed).any():
+    m = int((~routed).sum())
+    parts.append(("ppa_fwd (stripes)", cost.ppa_fwd(
+        q_len=m * block, band_tiles=int(round(band_per * m)),
+        far_offsets=int(round(valid_far[~routed].mean())), detail=True,
+        gqa_shared_reads=changes.gqa_shared_reads, **kw)))
+  return OpCost(tuple(parts))
+
+
+# -------------------------------------------------------------------- decode
+
+
+def _splits(shape: Shape, changes: Changes, hw: Hardware = H100) -> int:
+  return max(1, -(-hw.num_sms // (shape.batch * shape.kv_heads))) if changes.split_decode else 1
+
+
+def superlinear_decode(cache_len: int, config: attn.SuperlinearConfig, shape: Shape,
+                       changes: Changes = Changes()) -> OpCost:
+  """One token at the end of a `cache_len` cache (Pallas decode kernels)."""
+  s = shape
+  f = masks.superlinear_stripe_table(cache_len, config).astype(np.int64)
+  stripes = int((f <= cache_len).sum())       # first_stripe: f(j) <= q_offset + lq
+  splits = _splits(s, changes)
+  rows = 1 if changes.split_decode else None
+  lens = span_lengths(cache_len, config)[-1]
+  range_tiles = (s.batch * s.q_heads * config.num_spans
+                 * -(-int(lens) // cost.DECODE_TILE))
+  range_programs = s.batch * s.kv_heads * s.group * config.num_spans
+  range_splits = -(-H100.num_sms // range_programs) if changes.split_decode else 1
+  return OpCost((
+      ("decode_search", cost.decode_search(q_len=1, stripes=stripes, num_spans=config.num_spans,
+                                           rows_per_stripe=rows, num_splits=splits,
+                                           detail=True, **s.kw())),
+      ("decode_ranges", cost.decode_ranges(q_len=1, num_spans=config.num_spans,
+                                           range_tiles=range_tiles, num_splits=range_splits,
+                                           detail=True, **s.kw())),
+      ("decode_band", cost.decode_band(q_len=1, width=config.window, num_splits=1,
+                                       detail=True, **s.kw()))))
+
+
+def dense_decode_pallas(cache_len: int, shape: Shape, changes: Changes = Changes()) -> OpCost:
+  """Ours: `dense_attention(implementation="pallas")` with a traced offset.
+
+  Today: `with_any_offset` zeroes every key/value row past the query (a
+  read and write of the cache) and the band kernel's grid `(B, Hq, 1)`
+  walks the whole cache per query head. Planned: only the attended keys,
+  read once per kv head, split over the SMs.
+  """
+  s = shape
+  kv_b = s.batch * cache_len * s.kv_heads * s.head_dim * s.itemsize
+  if changes.split_decode:
+    return dense_decode_baseline(cache_len, shape)
+  layout = attn.BlockLayout.causal(1, kv_len=cache_len, block_q=16, block_k=128)
+  bs = block_sparse(layout, shape)
+  return OpCost((("zero rows past the query", _glue(4 * kv_b)),) + bs.parts)
+
+
+def main(argv=None):
+  from eval import roofline_table
+  roofline_table.main(argv)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,517 @@
+"""Cost model of every kernel: FLOPs, transcendentals and HBM bytes.
+
+Small pure functions of static ints (shapes, block sizes, table sizes), one
+per `pallas_call`, so a kernel can pass `cost_estimate=` and a CPU-only
+roofline (`eval/roofline.py`) can sum the kernels of an op. They count what
+each kernel body *really* loads and computes today:
+
+  * every tile / stripe a program visits, at its block size, with head_dim
+    padded as the platform pads it (GPU: a power of two >= 16, TPU: a
+    multiple of 128; `padded_head_dim`);
+  * HBM bytes as if nothing were cached (no L2/VMEM reuse across programs):
+    under GQA a query-head program re-reads its kv head's rows, so reads
+    scale with the query heads unless `gqa_shared_reads=True` (one program
+    per kv head serving its `G` query heads);
+  * stripe steps load `block_q` rows per stripe (TPU: one alignment unit
+    more when the stripe's residue is not 0, see `stripe/common.py`);
+  * decode stripe/search steps load a 16-row window to use `lq` rows.
+
+Switches for the planned changes (issue 15), default = today's code:
+`gqa_shared_reads` (stripe kernels per kv head), `search_once`
+(`selected_scores_*`: gate logits from the search, backward through the k
+selected anchors only), `num_splits` (decode: the cache split over more
+programs, partial states merged), `rows_per_stripe` (decode: rows loaded
+per stripe step).
+
+Every public function returns `jax.experimental.pallas.CostEstimate`; with
+`detail=True` it returns a `KernelCost` instead, which also says how many
+FLOPs are row-wise (vector units, not matmul units) and how many programs
+the grid launches (how much of the device it can fill).
+
+Counts that depend on data (the span kernels' key blocks, the decode range
+tiles, the gate-logit kernels' distinct anchor offsets) are traced inside a
+jitted call, but a `CostEstimate` needs Python ints: pass the expected count
+(`window_key_blocks`, `span_key_blocks` below; the stripe count for
+`offsets`), not a traced value.
+
+This is a model, not a measurement: it ignores caches, latency, pipelining,
+masking overhead and register spills.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from jax.experimental import pallas as pl
+
+F32_BYTES = 4
+I32_BYTES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCost:
+  """Cost of one kernel launch.
+
+  Attributes:
+    flops: matmul-unit FLOPs (tensor cores / MXU).
+    vector_flops: row-wise FLOPs (elementwise multiply + reduce on the vector
+      units: stripe row dots, decode range dots).
+    transcendentals: `exp` evaluations.
+    bytes_accessed: HBM bytes read plus written.
+    programs: grid programs launched (parallelism available).
+  """
+
+  flops: int = 0
+  vector_flops: int = 0
+  transcendentals: int = 0
+  bytes_accessed: int = 0
+  programs: int = 0
+
+  def __add__(self, other: "KernelCost") -> "KernelCost":
+    return KernelCost(*(int(a) + int(b) for a, b in zip(dataclasses.astuple(self),
+                                                        dataclasses.astuple(other))))
+
+  def estimate(self) -> pl.CostEstimate:
+    """The `pl.CostEstimate` (all FLOPs together) for `pallas_call`."""
+    return pl.CostEstimate(flops=int(self.flops + self.vector_flops),
+                           transcendentals=int(self.transcendentals),
+                           bytes_accessed=int(self.bytes_accessed))
+
+
+def _out(cost: KernelCost, detail: bool):
+  return cost if detail else cost.estimate()
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-int(a) // int(b))
+
+
+def next_pow2(x: int) -> int:
+  return 1 << max(0, int(x) - 1).bit_length()
+
+
+def padded_head_dim(head_dim: int, platform: str = "gpu") -> int:
+  """head_dim inside the kernels: GPU a power of two >= 16, TPU a multiple of 128."""
+  if platform == "tpu":
+    return _cdiv(head_dim, 128) * 128
+  return max(16, next_pow2(head_dim))
+
+
+def stripe_rows(block: int, platform: str = "gpu", unit: int = 16,
+                misaligned_fraction: float | None = None) -> float:
+  """Rows one stripe step loads: the block on GPU; on TPU one alignment
+  `unit` more for stripes whose residue is not 0 (`(unit - 1) / unit` of
+  them when residues are uniform)."""
+  if platform != "tpu":
+    return float(block)
+  frac = (unit - 1) / unit if misaligned_fraction is None else misaligned_fraction
+  return block + unit * frac
+
+
+def _group(q_heads: int, kv_heads: int) -> int:
+  if q_heads % kv_heads:
+    raise ValueError(f"q_heads={q_heads} must be a multiple of kv_heads={kv_heads}.")
+  return q_heads // kv_heads
+
+
+# ------------------------------------------------------------ block-sparse
+
+
+def block_sparse_fwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
+                     num_q_blocks: int, tiles: int, block_q: int, block_k: int,
+                     itemsize: int = 2, platform: str = "gpu",
+                     gqa_shared_reads: bool = False, detail: bool = False):
+  """Block-sparse forward, grid `(B, Hq, nq)`.
+
+  `tiles`: non-empty tiles per (batch, head) (`BlockLayout.num_active_blocks`).
+  Each tile loads `block_k` rows of K and V and costs `4 bq bk Dp` FLOPs and
+  `bq bk` exps; each program loads its q block and writes o and lse.
+  """
+  dp = padded_head_dim(head_dim, platform)
+  reads_h = kv_heads if gqa_shared_reads else q_heads
+  kv = batch * reads_h * tiles * 2 * block_k * dp * itemsize
+  rows = batch * q_heads * num_q_blocks * block_q
+  own = rows * (2 * dp * itemsize + F32_BYTES)
+  work = batch * q_heads * tiles * block_q * block_k
+  return _out(KernelCost(flops=4 * work * dp, transcendentals=work, bytes_accessed=kv + own,
+                         programs=batch * q_heads * num_q_blocks), detail)
+
+
+def block_sparse_dq(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
+                    num_q_blocks: int, tiles: int, block_q: int, block_k: int,
+                    itemsize: int = 2, platform: str = "gpu",
+                    gqa_shared_reads: bool = False, detail: bool = False):
+  """Block-sparse dq, grid `(B, Hq, nq)`: per tile K, V (`6 bq bk Dp` FLOPs);
+  per program q, do, lse, delta in and dq out."""
+  dp = padded_head_dim(head_dim, platform)
+  reads_h = kv_heads if gqa_shared_reads else q_heads
+  kv = batch * reads_h * tiles * 2 * block_k * dp * itemsize
+  rows = batch * q_heads * num_q_blocks * block_q
+  own = rows * (3 * dp * itemsize + 2 * F32_BYTES)
+  work = batch * q_heads * tiles * block_q * block_k
+  return _out(KernelCost(flops=6 * work * dp, transcendentals=work, bytes_accessed=kv + own,
+                         programs=batch * q_heads * num_q_blocks), detail)
+
+
+def block_sparse_dkv(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
+                     num_k_blocks: int, tiles: int, block_q: int, block_k: int,
+                     itemsize: int = 2, platform: str = "gpu", detail: bool = False):
+  """Block-sparse dk/dv, grid `(B, Hk, nk)`: for each of the `G` query heads
+  of its group and each tile listing the key block, q, do (`bq` rows) and
+  lse, delta; `8 bq bk Dp` FLOPs per tile; k, v in and dk, dv out once."""
+  dp = padded_head_dim(head_dim, platform)
+  _group(q_heads, kv_heads)
+  per_tile = block_q * (2 * dp * itemsize + 2 * F32_BYTES)
+  rows = batch * q_heads * tiles * per_tile
+  own = batch * kv_heads * num_k_blocks * block_k * 4 * dp * itemsize
+  work = batch * q_heads * tiles * block_q * block_k
+  return _out(KernelCost(flops=8 * work * dp, transcendentals=work, bytes_accessed=rows + own,
+                         programs=batch * kv_heads * num_k_blocks), detail)
+
+
+# ----------------------------------------------------------------- stripes
+
+
+def stripe_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
+                  stripes: int, num_spans: int, block_q: int = 64, itemsize: int = 2,
+                  platform: str = "gpu", unit: int = 16, gqa_shared_reads: bool = False,
+                  detail: bool = False):
+  """Span-search (`stripe.search_topk`), grid `(B, Hq, nq)`.
+
+  Every program loops over *all* `stripes` of the table (invalid anchors
+  are loaded and masked), loading `block_q` rows of the search keys per
+  stripe and scoring them row-wise (`2 Dp` FLOPs a row, vector units).
+  """
+  dp = padded_head_dim(head_dim, platform)
+  nq = _cdiv(q_len, block_q)
+  reads_h = kv_heads if gqa_shared_reads else q_heads
+  rows = stripe_rows(block_q, platform, unit)
+  ks = batch * reads_h * nq * stripes * rows * dp * itemsize
+  kp = next_pow2(num_spans)
+  own = batch * q_heads * nq * block_q * (dp * itemsize + 2 * kp * 4)
+  vec = batch * q_heads * nq * stripes * block_q * 2 * dp
+  return _out(KernelCost(vector_flops=int(vec), bytes_accessed=int(ks + own),
+                         programs=batch * q_heads * nq), detail)
+
+
+def selected_scores_fwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
+                        q_len: int, offsets: int, num_spans: int, block_q: int = 64,
+                        itemsize: int = 2, platform: str = "gpu", unit: int = 16,
+                        gqa_shared_reads: bool = False, search_once: bool = False,
+                        detail: bool = False):
+  """Gate logits of the chosen anchors (`stripe.selected_scores` forward).
+
+  Today a second stripe loop: grid `(B, Hq, nq)`, one step per distinct
+  anchor offset (`offsets`: the stripe count for superlinear anchors),
+  `block_q` rows of the search keys each. `search_once=True`: the search
+  returns the scores, no kernel (zero cost).
+  """
+  if search_once:
+    return _out(KernelCost(), detail)
+  dp = padded_head_dim(head_dim, platform)
+  nq = _cdiv(q_len, block_q)
+  reads_h = kv_heads if gqa_shared_reads else q_heads
+  ks = batch * reads_h * nq * offsets * stripe_rows(block_q, platform, unit) * dp * itemsize
+  kp = next_pow2(num_spans)
+  own = batch * q_heads * nq * block_q * (dp * itemsize + kp * (I32_BYTES + F32_BYTES))
+  vec = batch * q_heads * nq * offsets * block_q * 2 * dp
+  return _out(KernelCost(vector_flops=int(vec), bytes_accessed=int(ks + own),
+                         programs=batch * q_heads * nq), detail)
+
+
+def selected_scores_bwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
+                        q_len: int, kv_len: int, offsets: int, num_spans: int,
+                        block_q: int = 64, block_k: int = 64, itemsize: int = 2,
+                        platform: str = "gpu", unit: int = 16,
+                        gqa_shared_reads: bool = False, search_once: bool = False,
+                        detail: bool = False):
+  """Backward of the gate logits: the dq and dk kernels together.
+
+  dq: grid `(B, Hq, nq)`, per offset `block_q` key rows, float32 dq out.
+  dk: grid `(B, Hk, nk)`, per query head of the group and per offset the
+  transposed stripe: `block_k` rows of anchors, gate cotangents and search
+  queries; float32 dk out. `search_once=True`: a gather of the `k`
+  selected key rows per query for dq and a scatter-add of `k` query rows
+  for dk (read-modify-write of a float32 row), no stripe loop.
+  """
+  dp = padded_head_dim(head_dim, platform)
+  kp = next_pow2(num_spans)
+  if search_once:
+    pairs = batch * q_heads * q_len * num_spans
+    dq = pairs * dp * itemsize + batch * q_heads * q_len * dp * F32_BYTES
+    dk = pairs * (dp * itemsize + 2 * dp * F32_BYTES)
+    return _out(KernelCost(vector_flops=4 * pairs * dp,
+                           bytes_accessed=dq + dk + 2 * pairs * (I32_BYTES + F32_BYTES),
+                           programs=batch * q_heads * _cdiv(q_len, block_q)), detail)
+  nq, nk = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
+  reads_h = kv_heads if gqa_shared_reads else q_heads
+  rq = stripe_rows(block_q, platform, unit)
+  rk = stripe_rows(block_k, platform, unit)
+  dq = (batch * reads_h * nq * offsets * rq * dp * itemsize
+        + batch * q_heads * nq * block_q * (2 * kp * 4 + dp * F32_BYTES))
+  dk = (batch * q_heads * nk * offsets * rk * (dp * itemsize + 2 * kp * 4)
+        + batch * kv_heads * nk * block_k * dp * F32_BYTES)
+  vec = (batch * q_heads * nq * offsets * block_q * 2 * dp
+         + batch * q_heads * nk * offsets * block_k * 2 * dp)
+  return _out(KernelCost(vector_flops=int(vec), bytes_accessed=int(dq + dk),
+                         programs=batch * (q_heads * nq + kv_heads * nk)), detail)
+
+
+def band_chunks(q_len: int, kv_len: int, q_offset: int, lo: int, hi: int, block: int,
+                block_other: int, unit: int = 1, transposed: bool = False) -> int:
+  """Tiles the PPA kernels visit for one dense run of offsets `[lo, hi]`,
+  summed over the blocks of the grid (per batch and head).
+
+  Forward/dq (`transposed=False`): query blocks of `block_other` rows,
+  key tiles of `block` rows covering `[qoff + i0 - hi, qoff + i0 + bq - 1 -
+  lo]` clipped to the visible keys, started at a multiple of `unit`.
+  dkv (`transposed=True`): key blocks of `block_other`, query chunks of
+  `block` rows covering `[x0 + lo - qoff, x0 + bk - 1 + hi - qoff]` clipped
+  to `[0, q_len - 1]`.
+  """
+  total = 0
+  n_blocks = _cdiv(kv_len if transposed else q_len, block_other)
+  last_key = min(kv_len - 1, q_offset + q_len - 1)
+  for b in range(n_blocks):
+    r0 = b * block_other
+    if transposed:
+      first, last = r0 + lo - q_offset, r0 + block_other - 1 + hi - q_offset
+      first, last = max(first, 0), min(last, q_len - 1)
+    else:
+      first, last = q_offset + r0 - hi, q_offset + r0 + block_other - 1 - lo
+      first, last = max(first, 0), min(last, last_key)
+    base = first - first % unit
+    total += max(0, (last - base + block) // block)
+  return total
+
+
+def ppa_fwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
+            band_tiles: int, far_offsets: int, block_q: int = 64, block_k: int = 64,
+            itemsize: int = 2, platform: str = "gpu", unit: int = 16,
+            gqa_shared_reads: bool = False, detail: bool = False):
+  """PPA forward (`stripe.ppa_attention`), grid `(B, Hq, nq)`.
+
+  `band_tiles`: key tiles of the dense runs summed over the query blocks
+  (`band_chunks`); each loads K, V `block_k` rows (`4 bq bk Dp` matmul
+  FLOPs). Every program then loops over *all* `far_offsets` stripes, K and
+  V `block_q` rows each (`4 Dp` row-wise FLOPs a row).
+  """
+  dp = padded_head_dim(head_dim, platform)
+  nq = _cdiv(q_len, block_q)
+  reads_h = kv_heads if gqa_shared_reads else q_heads
+  band = batch * reads_h * band_tiles * 2 * block_k * dp * itemsize
+  stripes = (batch * reads_h * nq * far_offsets * 2 * stripe_rows(block_q, platform, unit)
+             * dp * itemsize)
+  own = batch * q_heads * nq * block_q * (2 * dp * itemsize + F32_BYTES)
+  mm = batch * q_heads * band_tiles * block_q * block_k
+  rw = batch * q_heads * nq * far_offsets * block_q
+  return _out(KernelCost(flops=4 * mm * dp, vector_flops=4 * rw * dp,
+                         transcendentals=mm + rw, bytes_accessed=int(band + stripes + own),
+                         programs=batch * q_heads * nq), detail)
+
+
+def ppa_dq(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
+           band_tiles: int, far_offsets: int, block_q: int = 64, block_k: int = 64,
+           itemsize: int = 2, platform: str = "gpu", unit: int = 16,
+           gqa_shared_reads: bool = False, detail: bool = False):
+  """PPA dq, grid `(B, Hq, nq)`: the forward's loads plus do, lse, delta;
+  6 FLOPs per entry and head_dim element; float32 dq out."""
+  dp = padded_head_dim(head_dim, platform)
+  nq = _cdiv(q_len, block_q)
+  reads_h = kv_heads if gqa_shared_reads else q_heads
+  band = batch * reads_h * band_tiles * 2 * block_k * dp * itemsize
+  stripes = (batch * reads_h * nq * far_offsets * 2 * stripe_rows(block_q, platform, unit)
+             * dp * itemsize)
+  own = batch * q_heads * nq * block_q * (2 * dp * itemsize + dp * F32_BYTES + 2 * F32_BYTES)
+  mm = batch * q_heads * band_tiles * block_q * block_k
+  rw = batch * q_heads * nq * far_offsets * block_q
+  return _out(KernelCost(flops=6 * mm * dp, vector_flops=6 * rw * dp,
+                         transcendentals=mm + rw, bytes_accessed=int(band + stripes + own),
+                         programs=batch * q_heads * nq), detail)
+
+
+def ppa_dkv(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, kv_len: int,
+            band_chunks_t: int, far_offsets: int, block_q: int = 64, block_k: int = 64,
+            itemsize: int = 2, platform: str = "gpu", unit: int = 16, detail: bool = False):
+  """PPA dk/dv, grid `(B, Hk, nk)`: per query head of the group, the band's
+  query chunks (`band_chunks_t`, `block_q` rows of q, do, lse, delta each;
+  8 FLOPs per entry and head_dim element) and every far stripe (`block_k`
+  query rows); k, v in, float32 dk, dv out."""
+  dp = padded_head_dim(head_dim, platform)
+  nk = _cdiv(kv_len, block_k)
+  row_b = 2 * dp * itemsize + 2 * F32_BYTES
+  band = batch * q_heads * band_chunks_t * block_q * row_b
+  stripes = batch * q_heads * nk * far_offsets * stripe_rows(block_k, platform, unit) * row_b
+  own = batch * kv_heads * nk * block_k * (2 * dp * itemsize + 2 * dp * F32_BYTES)
+  mm = batch * q_heads * band_chunks_t * block_q * block_k
+  rw = batch * q_heads * nk * far_offsets * block_k
+  return _out(KernelCost(flops=8 * mm * dp, vector_flops=8 * rw * dp,
+                         transcendentals=mm + rw, bytes_accessed=int(band + stripes + own),
+                         programs=batch * kv_heads * nk), detail)
+
+
+# -------------------------------------------------------------------- span
+
+
+def span_fwd(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: int,
+             block_q: int = 64, block_k: int = 64, itemsize: int = 2,
+             platform: str = "gpu", detail: bool = False):
+  """Interval attention forward (`span.interval_attention`), grid
+  `(B, H, rows / bq)` with `H` the kv heads.
+
+  `key_blocks`: key blocks visited, summed over every row tile of the grid
+  (all batches and heads; each tile visits the blocks covering its rows'
+  union, a data-dependent count);
+  K, V `block_k` rows each. Rows in: q, lo, hi; out: float32 o, lse.
+  """
+  dp = padded_head_dim(head_dim, platform)
+  rp = _cdiv(rows, block_q) * block_q
+  kv = key_blocks * 2 * block_k * dp * itemsize
+  own = batch * heads * rp * (dp * itemsize + 2 * I32_BYTES + dp * F32_BYTES + F32_BYTES)
+  work = key_blocks * block_q * block_k
+  return _out(KernelCost(flops=4 * work * dp, transcendentals=work, bytes_accessed=kv + own,
+                         programs=batch * heads * (rp // block_q)), detail)
+
+
+def window_key_blocks(seq_len: int, window: int, group: int, block_q: int = 64,
+                      block_k: int = 64) -> int:
+  """Key blocks the span forward visits for superlinear's window call, per
+  (batch, kv head): rows are query-major with `group` heads interleaved, so
+  a tile holds `block_q / group` consecutive queries, whose window union is
+  `[p0 - window + 1, p1]`."""
+  if window <= 0:
+    return 0
+  per = max(1, block_q // group)
+  p0 = np.arange(0, seq_len, per, dtype=np.int64)
+  p1 = np.minimum(p0 + per, seq_len) - 1
+  lo = np.maximum(p0 - window + 1, 0)
+  return int((p1 // block_k - lo // block_k + 1).sum())
+
+
+def span_key_blocks(rows: int, span_keys: int, kv_len: int, block_q: int = 64,
+                    block_k: int = 64) -> int:
+  """Expected key blocks of the span call, per (batch, kv head).
+
+  `rows`: (query, head, slot) pairs, sorted by span start; `span_keys`: the
+  sum of their span lengths. A tile of `block_q` rows with nearly equal
+  starts visits about one span's blocks plus one, and the start spreads of
+  all tiles add at most the key blocks (`span/blocks.py`):
+  `span_keys / (bq bk) + tiles + kv_len / bk`.
+  """
+  return (_cdiv(span_keys, block_q * block_k) + _cdiv(rows, block_q)
+          + _cdiv(kv_len, block_k))
+
+
+def span_bwd(*, batch: int, heads: int, head_dim: int, rows: int, kv_len: int,
+             key_blocks: int, tile_visits_t: int | None = None, block_q: int = 64,
+             block_k: int = 64, itemsize: int = 2, platform: str = "gpu",
+             detail: bool = False):
+  """Interval attention backward: the dq kernel (same visits as the forward,
+  6 FLOPs per entry and element) plus the dkv kernel, grid `(B, H, nkb)`,
+  looping over `tile_visits_t` row tiles (default: the forward's visits)
+  with q, do, lse, delta, lo, hi each (8 FLOPs); float32 gradients out.
+  `key_blocks`, `tile_visits_t`: totals over the grid (all batches, heads)."""
+  dp = padded_head_dim(head_dim, platform)
+  rp = _cdiv(rows, block_q) * block_q
+  nkb = _cdiv(kv_len, block_k)
+  tv = key_blocks if tile_visits_t is None else tile_visits_t
+  kv = key_blocks * 2 * block_k * dp * itemsize
+  dq_own = batch * heads * rp * (2 * dp * itemsize + 4 * F32_BYTES + dp * F32_BYTES)
+  dkv_rows = tv * block_q * (2 * dp * itemsize + 4 * F32_BYTES)
+  dkv_own = batch * heads * nkb * block_k * (2 * dp * itemsize + 2 * dp * F32_BYTES)
+  work_q = key_blocks * block_q * block_k
+  work_k = tv * block_q * block_k
+  return _out(KernelCost(flops=6 * work_q * dp + 8 * work_k * dp,
+                         transcendentals=work_q + work_k,
+                         bytes_accessed=kv + dq_own + dkv_rows + dkv_own,
+                         programs=batch * heads * (rp // block_q + nkb)), detail)
+
+
+# ------------------------------------------------------------------ decode
+
+
+DECODE_WINDOW = 16      # rows a decode stripe/search step loads today (>= 16 for tl.dot)
+DECODE_TILE = 64        # key rows per decode band / range tile
+
+
+def _decode_rows(q_heads: int, kv_heads: int, q_len: int) -> int:
+  """Padded query rows per kv head (`G * lq`, a power of two >= 16)."""
+  return max(16, next_pow2(_group(q_heads, kv_heads) * q_len))
+
+
+def _split_overhead(batch, kv_heads, rp, dp, num_splits):
+  """Partial `(m, l, o)` states written and read back by a split merge."""
+  if num_splits <= 1:
+    return 0
+  return 2 * batch * kv_heads * num_splits * rp * (dp + 2) * F32_BYTES
+
+
+def decode_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
+                  stripes: int, num_spans: int, itemsize: int = 2, platform: str = "gpu",
+                  rows_per_stripe: int | None = None, num_splits: int = 1,
+                  detail: bool = False):
+  """Decode span-search, grid `(B, Hk)` (`x num_splits`): per visited stripe
+  a window of `rows_per_stripe` cache rows (today 16, to use `lq`) scored
+  against all `G lq` query rows as one padded matmul."""
+  dp = padded_head_dim(head_dim, platform)
+  rp = _decode_rows(q_heads, kv_heads, q_len)
+  win = DECODE_WINDOW if rows_per_stripe is None else rows_per_stripe
+  ks = batch * kv_heads * stripes * win * dp * itemsize
+  own = batch * kv_heads * (rp * dp * itemsize + num_splits * 2 * num_spans * rp * 4)
+  flops = batch * kv_heads * stripes * 2 * rp * max(win, 16) * dp
+  return _out(KernelCost(flops=flops, bytes_accessed=ks + own,
+                         programs=batch * kv_heads * num_splits), detail)
+
+
+def decode_band(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
+                width: int, itemsize: int = 2, platform: str = "gpu", num_splits: int = 1,
+                detail: bool = False):
+  """Decode band (window), grid `(B, Hk)`: `ceil((width + lq - 1) / 64)`
+  tiles of K, V; all `G lq` rows per tile as a matmul."""
+  dp = padded_head_dim(head_dim, platform)
+  rp = _decode_rows(q_heads, kv_heads, q_len)
+  tiles = _cdiv(width + q_len - 1, DECODE_TILE)
+  kv = batch * kv_heads * tiles * 2 * DECODE_TILE * dp * itemsize
+  own = batch * kv_heads * rp * (dp * itemsize + (dp + 2) * F32_BYTES)
+  work = batch * kv_heads * tiles * rp * DECODE_TILE
+  return _out(KernelCost(flops=4 * work * dp, transcendentals=work,
+                         bytes_accessed=kv + own + _split_overhead(batch, kv_heads, rp, dp,
+                                                                   num_splits),
+                         programs=batch * kv_heads * num_splits), detail)
+
+
+def decode_stripes(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
+                   stripes: int, itemsize: int = 2, platform: str = "gpu",
+                   rows_per_stripe: int | None = None, num_splits: int = 1,
+                   detail: bool = False):
+  """Decode PPA stripes, grid `(B, Hk)`: per visited far offset a window of
+  `rows_per_stripe` rows (today 16) of K and V."""
+  dp = padded_head_dim(head_dim, platform)
+  rp = _decode_rows(q_heads, kv_heads, q_len)
+  win = DECODE_WINDOW if rows_per_stripe is None else rows_per_stripe
+  kv = batch * kv_heads * stripes * 2 * win * dp * itemsize
+  own = batch * kv_heads * rp * (dp * itemsize + (dp + 2) * F32_BYTES)
+  work = batch * kv_heads * stripes * rp * max(win, 16)
+  return _out(KernelCost(flops=4 * work * dp, transcendentals=work,
+                         bytes_accessed=kv + own + _split_overhead(batch, kv_heads, rp, dp,
+                                                                   num_splits),
+                         programs=batch * kv_heads * num_splits), detail)
+
+
+def decode_ranges(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
+                  num_spans: int, range_tiles: int, itemsize: int = 2,
+                  platform: str = "gpu", num_splits: int = 1, detail: bool = False):
+  """Decode span ranges, grid `(B, Hk, G lq K)` (`x num_splits`): one
+  program per (row, slot); `range_tiles` 64-row tiles of K, V summed over
+  every program of the grid (a data-dependent count); row-wise dots
+  (`4 Dp` FLOPs per key)."""
+  dp = padded_head_dim(head_dim, platform)
+  rows = _group(q_heads, kv_heads) * q_len * num_spans
+  kv = range_tiles * 2 * DECODE_TILE * dp * itemsize
+  own = batch * kv_heads * rows * (dp * itemsize + 2 * I32_BYTES + (dp + 2) * F32_BYTES)
+  work = range_tiles * DECODE_TILE
+  split = 0 if num_splits <= 1 else 2 * batch * kv_heads * rows * num_splits * (dp + 2) * 4
+  return _out(KernelCost(vector_flops=4 * work * dp, transcendentals=work,
+                         bytes_accessed=kv + own + split,
+                         programs=batch * kv_heads * rows * num_splits), detail)
