@@ -1,0 +1,146 @@
+"""Every kernel family compiled for real chips on a CPU-only machine (`aot`).
+
+The CI subset (`eval.compile.cases.ci_cases`): each family forward and
+`jax.value_and_grad` once, compiled by XLA + ptxas for an H100 (sm_90a) and
+by libtpu for TPU v5e and v6e, through the public ops with
+`implementation="pallas"`. A case passes when it compiles, its compiled HLO
+holds the platform's kernel custom call (no silent XLA fallback) and, on the
+GPU, every kernel's shared memory fits the device; a grad case must also
+compile kernels of its own beyond the forward's (decode calls excepted: their
+backward is the xla path). Skipped, naming the package, without the `[aot]`
+extra. The full matrix is `python -m eval.compile_check --cases sweep`.
+
+"Compiled for" is not "ran on": no numerics and no speed are checked here.
+"""
+
+import pytest
+
+from eval.compile import cases, driver, gpu
+
+TARGETS = ("gpu", "tpu:v5e", "tpu:v6e")
+
+
+def _compile_all(target):
+  why = driver.missing_packages(target.split(":")[0])
+  if why:
+    pytest.skip(f"cannot compile for {target}: {why}")
+  results = {}
+  driver.run_target(target, cases.ci_cases(target), timeout_s=300,
+                    on_result=lambda case, rec: results.__setitem__(case, rec))
+  return results
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("target", TARGETS)
+def test_ci_subset_compiles_with_kernels(target):
+  results = _compile_all(target)
+  assert len(results) == len(cases.ci_cases(target))
+  bad = [f"{c.key}: {driver.summary(r)}" for c, r in results.items() if r["status"] != "ok"]
+  assert not bad, "\n".join(bad)
+  for case, rec in results.items():
+    assert rec["kernel_calls"] >= 1, case.key
+    if case.mode == "grad" and case.q_len is None:
+      fwd = results[cases.dataclasses.replace(case, mode="fwd")]
+      assert rec["kernel_calls"] > fwd["kernel_calls"], (
+          f"{case.key}: no backward kernel ({rec['kernel_calls']} custom calls, "
+          f"forward alone has {fwd['kernel_calls']})")
+    if target == "gpu":
+      for k in rec["kernels"]:
+        assert 0 < k["registers"] <= 255, (case.key, k)
+        assert 0 < k["smem"] <= 232448, (case.key, k)
+
+
+# The parsers, on hand-written excerpts of the formats (no compiler needed).
+
+_PTXAS_LOG = """\
+I1204 17:26:13.454601    5644 subprocess_compilation.cc:349] ptxas warning : Registers are \
+spilled to local memory in function 'kernel_b', 1128 bytes spill stores, 1160 bytes spill loads
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'kernel_b' for 'sm_90a'
+ptxas info    : Function properties for kernel_b
+    664 bytes stack frame, 1128 bytes spill stores, 1160 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 664 bytes cumulative stack size
+I1204 17:26:13.468804    5643 subprocess_compilation.cc:313] /x/ptxas /tmp/f -arch=sm_90a -v
+I1204 17:26:13.743823    5643 subprocess_compilation.cc:356] ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'kernel_a' for 'sm_90a'
+ptxas info    : Function properties for kernel_a
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers
+"""
+
+
+def test_parse_ptxas_reads_each_entry_function():
+  got = gpu.parse_ptxas(_PTXAS_LOG)
+  assert got == {
+      "kernel_b": {"registers": 255, "spill_stores": 1128, "spill_loads": 1160, "stack": 664},
+      "kernel_a": {"registers": 40, "spill_stores": 0, "spill_loads": 0, "stack": 0}}
+
+
+def test_parse_thunks_reads_grid_threads_and_shared_memory():
+  text = ("006: kCustomKernel [prev=004 (2) | next=007 (1)] kernel_b grid: [1, 8, 32] "
+          "threads: [256, 1, 1]  shared_memory: 98304 bytes\n"
+          "007: kCustomKernel [prev=006 (1) | sink        ] fusion_3 grid: [1024, 1, 1] "
+          "threads: [128, 1, 1]  shared_memory: 0 bytes\n")
+  assert gpu.parse_thunks(text) == {
+      "kernel_b": {"grid": [1, 8, 32], "threads": [256, 1, 1], "smem": 98304},
+      "fusion_3": {"grid": [1024, 1, 1], "threads": [128, 1, 1], "smem": 0}}
+
+
+def test_triton_kernel_names_only_counts_triton_custom_calls():
+  hlo = ('%a = f32[2] custom-call(%x), custom_call_target="__gpu$xla.gpu.triton", '
+         'backend_config={debug = false, name = "kernel_b", num_stages = 2}\n'
+         '%b = f32[2] custom-call(%x), custom_call_target="cublas$gemm"\n'
+         '%c = f32[2] custom-call(%x), custom_call_target="__gpu$xla.gpu.triton", '
+         'backend_config={name = "kernel_a"}\n')
+  assert gpu.triton_kernel_names(hlo) == ["kernel_b", "kernel_a"]
+
+
+def test_ci_subset_reaches_every_kernel_family_forward_and_grad():
+  for target in TARGETS:
+    got = {(cases.FAMILY[c.op], c.mode) for c in cases.ci_cases(target)}
+    families = set(cases.FAMILY.values()) - {"stripe+span"} | {"span"}
+    want = {(f, m) for f in families for m in ("fwd", "grad")}
+    have = {(f, m) for fam, m in got for f in fam.split("+")}
+    assert want <= have, (target, want - have)
+
+
+def test_report_lists_failures_and_not_run_cases():
+  from eval.compile import report
+  matrix = [cases.Case("dense"), cases.Case("dense", mode="grad"),
+            cases.Case("dense", seq_len=32768)]
+  ok = {"status": "ok", "lower_s": 0.5, "compile_s": 1.5, "kernel_calls": 1, "problems": [],
+        "kernels": [{"name": "k_fwd", "registers": 200, "spill_stores": 8, "spill_loads": 8,
+                     "stack": 0, "smem": 1000, "grid": [1, 2, 3], "threads": [128, 1, 1]}]}
+  bad = {"status": "error", "error": "ValueError: too big", "where": ["pallas_kernels/x.py:7"]}
+  results = {("gpu", matrix[0].key): dict(ok, key=matrix[0].key, target="gpu"),
+             ("gpu", matrix[1].key): dict(bad, key=matrix[1].key, target="gpu")}
+  text = report.render([], results, matrix)
+  assert "| gpu | `dense/grad/d128/L4096/bf16/8:2` | error | ValueError: too big | " \
+         "pallas_kernels/x.py:7 |" in text
+  assert "| ?: k_fwd | 1 | 200 (`dense/fwd/d128/L4096/bf16/8:2`) |" in text
+  assert "| dense | fwd | 2.0 / 2.0 |" not in text        # no TPU result: "not run"
+  assert "| dense | fwd | not run / 2.0 | not run / not run |" in text
+  assert "- gpu: dense/fwd (1: L 32K)" in text
+
+
+def test_sweep_matrix_covers_the_issue_axes_with_unique_keys():
+  sweep = cases.sweep_cases()
+  assert len({c.key for c in sweep}) == len(sweep)
+  assert {c.head_dim for c in sweep} == {64, 80, 128, 256}
+  assert {c.seq_len for c in sweep} == {4096, 32768, 131072, 1 << 20}
+  assert {c.dtype for c in sweep} == {"bfloat16", "float32"}
+  assert {c.heads for c in sweep} == {(8, 2), (32, 8), (8, 8)}
+  assert {c.config for c in sweep if c.op.startswith("superlinear")} == {"default", "released"}
+  assert {c.p for c in sweep if c.op == "ppa"} == {0.5, 0.75}
+  assert {c.q_len for c in sweep if c.op.endswith("decode")} == {1, 16}
+  assert set(cases.OPS) == {c.op for c in sweep}
+
+
+def test_compiled_entries_follow_xlas_renaming_of_shared_names():
+  names = {"kernel", "kernel__1", "kernel__2", "kernel_x", "loop_fusion", "_fwd_kernel"}
+  assert gpu.compiled_entries("kernel", names) == ["kernel", "kernel__1", "kernel__2"]
+  assert gpu.compiled_entries("_fwd_kernel", names) == ["_fwd_kernel"]
+  hlo = ('%a = f32[2] custom-call(%x), custom_call_target="__gpu$xla.gpu.triton", '
+         'backend_config={name = "kernel"}, metadata={op_name="jit(loss)/transpose('
+         'jvp(jit(op)))/pallas_call" stack_frame_id=3}\n')
+  assert gpu.triton_kernels(hlo) == [("kernel", "transpose(jvp(jit(op)))/pallas_call")]
