@@ -39,6 +39,8 @@ from pallas_kernels.common import F32, LANES
 CAUSAL = 1 << 30          # band window meaning "no lower limit"
 FULL = 1                  # mask id of a tile without masking
 NEG = -0.7 * float(np.finfo(np.float32).max)   # finite "minus infinity"
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,9 @@ class Spec:
   scale: float
   window: int = CAUSAL
   count_visits: bool = False
+  sub_q: int = 1     # table mode, GPU: kernel query blocks per layout query block
+  sub_k: int = 1     # table mode, GPU: kernel key blocks per layout key block
+  gpu_blocks: object = None   # GPU: `gpu.GpuBlocks` per pass (None: `gpu.default_blocks`)
 
 
 class Tables(NamedTuple):
@@ -74,6 +79,12 @@ class Tables(NamedTuple):
   mask_ids_t: jax.Array       # table: [nk * width_t]; band: [1]
   block_masks: jax.Array      # table: [num_masks, bq, bk] 0/1; band: [1, 1, 1]
   q_offset: jax.Array   # [1] absolute position of query row 0
+  # Slots needing no mask per row: `full_start[i] .. full_start[i] + num_full[i] - 1`
+  # (table layouts list full tiles first, so `full_start` is 0 there).
+  full_start: jax.Array       # [nq]
+  num_full: jax.Array         # [nq]
+  full_start_t: jax.Array     # [nk]
+  num_full_t: jax.Array       # [nk]
 
 
 # ------------------------------------------------------------ static choices
@@ -115,6 +126,11 @@ def band_tables(q_offset, spec: Spec) -> Tables:
   kmin = jnp.maximum(qo + r0 - (w - 1), 0) if w < CAUSAL else jnp.zeros_like(r0)
   kmax = jnp.minimum(qo + r1, spec.kv_len - 1)
   lo, counts = _run(kmin, kmax, bk, spec.width)
+  counts = jnp.where(r0 < spec.q_len, counts, 0)       # blocks of padding rows only
+  # Full key blocks: every real row sees every key (and no key is past kv_len).
+  fmin = ((qo + r1 - w) // bk + 1) if w < CAUSAL else jnp.zeros_like(r0)
+  fmax = jnp.minimum((qo + r0 + 1) // bk - 1, spec.kv_len // bk - 1)
+  fs, nf = _clip_run(fmin, fmax, lo, counts)
   # Key block j: keys [c0, c1] -> rows [c0 - qo, c1 + w - 1 - qo] within [0, q_len - 1].
   c0 = jnp.arange(spec.num_k_blocks, dtype=jnp.int32) * bk
   c1 = jnp.minimum(c0 + bk, spec.kv_len) - 1
@@ -122,9 +138,24 @@ def band_tables(q_offset, spec: Spec) -> Tables:
   rmax = jnp.minimum(c1 + (w - 1) - qo, spec.q_len - 1) if w < CAUSAL else jnp.full_like(
       c0, spec.q_len - 1)
   lo_t, counts_t = _run(rmin, rmax, bq, spec.width_t)
+  counts_t = jnp.where(c0 < spec.kv_len, counts_t, 0)  # blocks of padding keys only
+  # Full query blocks of key block j (rows bounded by the padded block end).
+  tmin = -((c0 + bk - 1 - qo) // -bq)
+  tmax = ((w - bq + c0 - qo) // bq) if w < CAUSAL else jnp.full_like(c0, spec.num_q_blocks)
+  tmax = jnp.where(c0 + bk <= spec.kv_len, tmax, -1)
+  fs_t, nf_t = _clip_run(tmin, tmax, lo_t, counts_t)
   dummy = jnp.zeros((1,), jnp.int32)
   return Tables(lo, counts, dummy, lo_t, counts_t, dummy,
-                jnp.zeros((1, 1, 1), jnp.int32), qo.reshape(1))
+                jnp.zeros((1, 1, 1), jnp.int32), qo.reshape(1), fs, nf, fs_t, nf_t)
+
+
+def _clip_run(first, last, lo, count):
+  """`(start slot, length)` of blocks `[first, last]` within the run
+  `lo .. lo + count - 1` (length 0 and start 0 when they do not meet)."""
+  a = jnp.maximum(first, lo)
+  b = jnp.minimum(last, lo + count - 1)
+  n = jnp.maximum(b - a + 1, 0)
+  return jnp.where(n > 0, a - lo, 0).astype(jnp.int32), n.astype(jnp.int32)
 
 
 def _run(first, last, block, width):
@@ -221,7 +252,7 @@ def dot(a, b, contract=(1, 0)):
                              preferred_element_type=F32, precision=_precision(a.dtype))
 
 
-def online_step(s, visible, m_prev, l_prev):
+def online_step(s, visible, m_prev, l_prev, exp=jnp.exp):
   """One key tile of the online softmax.
 
   Args:
@@ -230,27 +261,30 @@ def online_step(s, visible, m_prev, l_prev):
 
   Returns `(m_new, l_new, p, alpha)`: `p [bq, bk]` unnormalised
   probabilities (exactly 0 where not visible), `alpha` rescales the old sum.
+  `exp=jnp.exp2` runs the same step on scores in base-2 units (`s * log2(e)`).
   """
   if visible is not None:
     s_max = jnp.where(visible, s, NEG)
   else:
     s_max = s
   m_new = jnp.maximum(m_prev, jnp.max(s_max, axis=1, keepdims=True))
-  p = jnp.exp(s - m_new)
+  p = exp(s - m_new)
   if visible is not None:
     p = jnp.where(visible, p, 0.0)
-  alpha = jnp.exp(m_prev - m_new)
+  alpha = exp(m_prev - m_new)
   l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
   return m_new, l_new, p, alpha
 
 
-def finish(acc, m, l):
+def finish(acc, m, l, base2: bool = False):
   """`(out, lse)`: `acc / l` (0 where nothing is visible) and `m + log l`
-  (`+inf` where nothing is visible, so the backward's `exp(s - lse)` is 0)."""
+  (`+inf` where nothing is visible, so the backward's `exp(s - lse)` is 0).
+  `base2`: `m` is in base-2 units; `lse` is returned in natural units."""
   seen = l > 0
   out = jnp.where(seen, acc / jnp.where(seen, l, 1.0), 0.0)
-  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
-  return out, lse
+  safe_l = jnp.where(seen, l, 1.0)
+  lse = (m + jnp.log2(safe_l)) * LN2 if base2 else m + jnp.log(safe_l)
+  return out, jnp.where(seen, lse, jnp.inf)
 
 
 def bwd_probs(s, visible, lse, dp, delta):
