@@ -169,6 +169,34 @@ def test_from_fn_document_mask_matches_reference():
                            variant="gpu_interpret"), mask, args, jnp.float32)
 
 
+# GPU passes on their own, smaller tiles: band tables recomputed per pass, a
+# table layout's 32 x 32 tiles split into sub-tiles (masks sliced per sub-tile).
+SUB_BLOCKS = kernels.GpuBlocks(fwd=kernels.PassBlocks(16, 32), dq=kernels.PassBlocks(32, 16),
+                               dkv=kernels.PassBlocks(16, 16))
+
+
+@pytest.mark.parametrize("window,q_offset", [(None, 0), (21, 7)])
+def test_gpu_pass_tiles_band_matches_reference(window, q_offset):
+  lq, lk = 41, 48
+  args = _qkv(jax.random.key(5), 1, lq, lk, 2, 1, 16, jnp.float32)
+  fn = functools.partial(kernels.band_attention, q_offset=q_offset, window=window, scale=0.25,
+                         block_q=32, block_k=32, variant="gpu_interpret", gpu_blocks=SUB_BLOCKS)
+  _check(lambda q, k, v: fn(q, k, v), _band_mask(lq, lk, q_offset, window), args,
+         jnp.float32, scale=0.25)
+
+
+def test_gpu_pass_tiles_split_table_layout():
+  rng = np.random.default_rng(3)
+  lq, lk = 57, 70
+  mask = _random_mask(rng, lq, lk, 32, 32)
+  mask[:32, 32:64] = True                              # one full layout tile
+  layout = attn.BlockLayout.from_mask(mask, block_q=32, block_k=32)
+  args = _qkv(jax.random.key(3), 1, lq, lk, 2, 1, 16, jnp.float32)
+  fn = functools.partial(kernels.table_attention, tables=glue.host_tables(layout), scale=0.25,
+                         variant="gpu_interpret", gpu_blocks=SUB_BLOCKS)
+  _check(lambda q, k, v: fn(q, k, v), mask, args, jnp.float32, scale=0.25)
+
+
 # ------------------------------------------------------------------ garbage
 
 
