@@ -63,20 +63,20 @@ class GpuBlocks:
 
 
 def default_blocks(dp: int, dtype) -> GpuBlocks:
-  """Tiles per padded head_dim `dp` and dtype, sized from the deviceless
-  H100 compile report (no spills at bf16 d64/d128, shared memory <= 227 KiB)."""
-  wide = jnp.dtype(dtype).itemsize >= 4
+  """Tiles per padded head_dim `dp` and dtype, chosen from the deviceless H100
+  compile report (docs/kernels.md): at 16-bit and `dp <= 256` no pass spills
+  registers and each stays within 227 KiB of shared memory. float32 (dots at
+  HIGHEST precision, several MMA passes) takes small tiles; it compiles but
+  still spills."""
+  if jnp.dtype(dtype).itemsize >= 4:
+    if dp <= 128:
+      return GpuBlocks(PassBlocks(64, 32, 8), PassBlocks(64, 16, 8), PassBlocks(32, 32, 8))
+    return GpuBlocks(PassBlocks(32, 32, 8), PassBlocks(32, 16, 8), PassBlocks(16, 32, 8))
   if dp <= 64:
-    return GpuBlocks(PassBlocks(128, 64, 4, 3), PassBlocks(128, 32, 8, 2),
-                     PassBlocks(32, 128, 8, 2))
-  if dp <= 128 and not wide:
-    return GpuBlocks(PassBlocks(128, 64, 8, 2), PassBlocks(128, 32, 8, 2),
-                     PassBlocks(32, 128, 8, 2))
+    return GpuBlocks(PassBlocks(128, 64, 4, 3), PassBlocks(128, 32, 8), PassBlocks(32, 128, 8))
   if dp <= 128:
-    return GpuBlocks(PassBlocks(64, 32, 4, 2), PassBlocks(64, 32, 4, 2),
-                     PassBlocks(32, 64, 4, 2))
-  return GpuBlocks(PassBlocks(64, 64, 8, 2), PassBlocks(64, 32, 8, 2),
-                   PassBlocks(32, 64, 8, 2))
+    return GpuBlocks(PassBlocks(128, 64, 8), PassBlocks(128, 32, 8), PassBlocks(32, 64, 8))
+  return GpuBlocks(PassBlocks(64, 64, 8), PassBlocks(32, 32, 8), PassBlocks(32, 64, 8))
 
 
 def pass_spec(spec: Spec, blocks: PassBlocks) -> Spec:
@@ -112,8 +112,12 @@ def _load_rows(ref, start, size):
 
 
 def _split(t, r):
-  """`(t // r, t % r)` for a static `r` (free when `r == 1`)."""
-  return (t, 0) if r == 1 else (t // r, t % r)
+  """`(t // r, t % r)` for `t >= 0` and a static `r` (free when `r == 1`;
+  `lax.div`/`lax.rem`: jnp's sign-fixing floor division does not lower)."""
+  if r == 1:
+    return t, 0
+  r = jnp.int32(r)
+  return lax.div(t, r), lax.rem(t, r)
 
 
 def _sub_tile(ps: Spec, tiles_ref, mid, a, c):
