@@ -63,6 +63,10 @@ class Spec:
   sub_q: int = 1     # table mode, GPU: kernel query blocks per layout query block
   sub_k: int = 1     # table mode, GPU: kernel key blocks per layout key block
   gpu_blocks: object = None   # GPU: `gpu.GpuBlocks` per pass (None: `gpu.default_blocks`)
+  # Cost estimates only: table mode, the layout's non-empty tiles; band mode,
+  # the q_offset to count tiles at (the real one when static).
+  tiles: int = 0
+  offset_hint: int = 0
 
 
 class Tables(NamedTuple):
@@ -111,6 +115,20 @@ def pad_last(x, size: int):
   """Zero pads the last dim of `x` to `size` (no copy when already there)."""
   extra = size - x.shape[-1]
   return x if extra == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+
+def tile_count(spec: Spec) -> int:
+  """Static non-empty (sub-)tiles per (batch, head) of `spec`, for cost
+  estimates: band mode counted at `spec.offset_hint` (host arithmetic)."""
+  if spec.mode == "table":
+    return spec.tiles * spec.sub_q * spec.sub_k
+  bq, bk, w, qo = spec.block_q, spec.block_k, spec.window, spec.offset_hint
+  r0 = np.arange(-(-spec.q_len // bq)) * bq
+  r1 = np.minimum(r0 + bq, spec.q_len) - 1
+  kmin = np.maximum(qo + r0 - (w - 1), 0) if w < CAUSAL else np.zeros_like(r0)
+  kmax = np.minimum(qo + r1, spec.kv_len - 1)
+  n = np.where(kmin <= kmax, np.maximum(kmax, 0) // bk - kmin // bk + 1, 0)
+  return int(np.minimum(n, spec.width).sum())
 
 
 # ------------------------------------------------------ device band tables

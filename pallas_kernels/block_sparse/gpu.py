@@ -40,6 +40,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import F32, LANES, LOG2E, Spec, Tables
+from pallas_kernels import cost
 from pallas_kernels.common import pad_head_dim
 
 
@@ -96,6 +97,17 @@ def pass_spec(spec: Spec, blocks: PassBlocks) -> Spec:
 def pass_tables(ps: Spec, tabs: Tables) -> Tables:
   """Band tables recomputed at the pass's tile; table layouts keep theirs."""
   return common.band_tables(tabs.q_offset[0], ps) if ps.mode == "band" else tabs
+
+
+def _cost(kind: str, ps: Spec, x, hk: int):
+  """`pl.CostEstimate` of one pass (`pallas_kernels.cost`, static tile count)."""
+  b, hq, _, d = x.shape
+  kw = dict(batch=b, q_heads=hq, kv_heads=hk, head_dim=d, tiles=common.tile_count(ps),
+            block_q=ps.block_q, block_k=ps.block_k, itemsize=x.dtype.itemsize)
+  if kind == "dkv":
+    return cost.block_sparse_dkv(num_k_blocks=ps.num_k_blocks, **kw)
+  fn = cost.block_sparse_fwd if kind == "fwd" else cost.block_sparse_dq
+  return fn(num_q_blocks=ps.num_q_blocks, **kw)
 
 
 def _params(b: PassBlocks):
@@ -229,6 +241,7 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
           pl.BlockSpec((None, None, bq, dp), lambda b, h, i: (b, h, nq - 1 - i, 0)),
           kv_spec, kv_spec],
       out_specs=out_specs, out_shape=out_shape, compiler_params=_params(pb),
+      cost_estimate=_cost("fwd", ps, q, k.shape[1]),
       interpret=interpret, name="block_sparse_fwd")(*tables, q, k, v)
   o = outs[0][..., :d]
   if spec.count_visits:
@@ -330,7 +343,8 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
       functools.partial(_dq_kernel, spec=ps), grid=(b, hq, nq),
       in_specs=[_full(t) for t in tables] + [row, kv_all, kv_all, row, vec, vec],
       out_specs=row, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_params(blocks.dq), interpret=interpret,
+      compiler_params=_params(blocks.dq), cost_estimate=_cost("dq", ps, q, hk),
+      interpret=interpret,
       name="block_sparse_dq")(*tables, q, k, v, do, lse, delta)
   ps = pass_spec(spec, blocks.dkv)
   bk = ps.block_k
@@ -344,6 +358,7 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
                                                group_vec, group_vec],
       out_specs=[kv_blk, kv_blk],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_params(blocks.dkv), interpret=interpret,
+      compiler_params=_params(blocks.dkv), cost_estimate=_cost("dkv", ps, q, hk),
+      interpret=interpret,
       name="block_sparse_dkv")(*t_tables, q, k, v, do, lse, delta)
   return dq[..., :d], dk[..., :d], dv[..., :d]

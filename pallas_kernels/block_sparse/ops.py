@@ -96,14 +96,15 @@ def _run(q, k, v, tabs: Tables, spec: Spec, variant):
 
 
 def _base_spec(q, k, *, mode, block_q, block_k, scale, window, width, width_t, count_visits,
-               gpu_blocks=None):
+               gpu_blocks=None, tiles=0, offset_hint=0):
   check_blocks(block_q, block_k)
   lq, hq = q.shape[1], q.shape[2]
   lk, hk = k.shape[1], k.shape[2]
   return Spec(mode=mode, q_len=lq, kv_len=lk, block_q=block_q, block_k=block_k,
               num_q_blocks=-(-lq // block_q), num_k_blocks=-(-lk // block_k),
               width=width, width_t=width_t, groups=hq // hk, scale=float(scale),
-              window=window, count_visits=count_visits, gpu_blocks=gpu_blocks)
+              window=window, count_visits=count_visits, gpu_blocks=gpu_blocks, tiles=tiles,
+              offset_hint=offset_hint)
 
 
 # -------------------------------------------------------------- entry points
@@ -128,7 +129,8 @@ def band_attention(q, k, v, q_offset, *, window: int | None, scale: float,
   spec = _base_spec(q, k, mode="band", block_q=block_q, block_k=block_k, scale=scale,
                     window=w, width=common.band_width(lq, lk, w, block_q, block_k),
                     width_t=common.band_width_t(lq, lk, w, block_q, block_k),
-                    count_visits=count_visits, gpu_blocks=gpu_blocks)
+                    count_visits=count_visits, gpu_blocks=gpu_blocks,
+                    offset_hint=q_offset if isinstance(q_offset, int) else lk - lq)
   q_offset = lk - lq if q_offset is None else q_offset
   return _run(q, k, v, common.band_tables(q_offset, spec), spec, variant)
 
@@ -187,7 +189,7 @@ def table_attention(q, k, v, tables: HostTables, *, scale: float, variant=None,
   spec = _base_spec(q, k, mode="table", block_q=t.block_q, block_k=t.block_k, scale=scale,
                     window=common.CAUSAL, width=int(t.kv_blocks.shape[1]),
                     width_t=int(t.kv_blocks_t.shape[1]), count_visits=count_visits,
-                    gpu_blocks=gpu_blocks)
+                    gpu_blocks=gpu_blocks, tiles=int(np.sum(t.num_kv_blocks)))
   nk = spec.num_k_blocks
   unclipped = (np.arange(nk) + 1) * t.block_k <= t.kv_len          # [nk]: no key past kv_len
   kvb, mids, nf = _full_first(t.kv_blocks, t.mask_ids, t.num_kv_blocks,

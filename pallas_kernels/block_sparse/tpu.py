@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import cost
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import F32, LANES, Spec, Tables
 from pallas_kernels.common import pad_head_dim
@@ -33,6 +34,18 @@ NUM_PREFETCH = 4  # kv_blocks, num_kv_blocks, mask_ids, q_offset
 def _lanes(x):
   """`[B, H, L] -> [B, H, L, 128]` lane-replicated."""
   return jnp.broadcast_to(x[..., None], x.shape + (LANES,))
+
+
+def _cost(kind: str, spec: Spec, x, hk: int):
+  """`pl.CostEstimate` of one pass (`pallas_kernels.cost`, static tile count)."""
+  b, hq, _, d = x.shape
+  kw = dict(batch=b, q_heads=hq, kv_heads=hk, head_dim=d, tiles=common.tile_count(spec),
+            block_q=spec.block_q, block_k=spec.block_k, itemsize=x.dtype.itemsize,
+            platform="tpu")
+  if kind == "dkv":
+    return cost.block_sparse_dkv(num_k_blocks=spec.num_k_blocks, **kw)
+  fn = cost.block_sparse_fwd if kind == "fwd" else cost.block_sparse_dq
+  return fn(num_q_blocks=spec.num_q_blocks, **kw)
 
 
 def _cast_in(*xs):
@@ -190,6 +203,7 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
       _optional_refs(_fwd_kernel, [True] * 7 + [table, True, True, spec.count_visits]
                      + [True] * 3, spec=spec), grid_spec=grid_spec, out_shape=out_shape,
       compiler_params=_compiler(3, 1), interpret=interpret,
+      cost_estimate=_cost("fwd", spec, q, k.shape[1]),
       name="block_sparse_fwd")(*_prefetch(tabs, False), *args)
   o = outs[0][..., :d]
   if spec.count_visits:
@@ -302,6 +316,7 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
           scratch_shapes=[pltpu.VMEM((bq, dp), F32)]),
       out_shape=jax.ShapeDtypeStruct((b, hq, lqp, dp), dtypes[0]),
       compiler_params=_compiler(3, 1), interpret=interpret,
+      cost_estimate=_cost("dq", spec, q, hk),
       name="block_sparse_dq")(*_prefetch(tabs, False), *args)
   kv_out = pl.BlockSpec((None, None, bk, dp), lambda b, hk, j, g, t, *_: (b, hk, j, 0))
   dk, dv = pl.pallas_call(
@@ -314,5 +329,6 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
       out_shape=[jax.ShapeDtypeStruct((b, hk, lkp, dp), dtypes[1]),
                  jax.ShapeDtypeStruct((b, hk, lkp, dp), dtypes[2])],
       compiler_params=_compiler(3, 2), interpret=interpret,
+      cost_estimate=_cost("dkv", spec, q, hk),
       name="block_sparse_dkv")(*_prefetch(tabs, True), *args)
   return dq[..., :d], dk[..., :d], dv[..., :d]
