@@ -109,6 +109,36 @@ def test_traced_q_offset_decode_matches_reference(variant):
          reference.dense_attention(q, k, v, jnp.int32(off), scale=0.25)), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("variant", ["tpu_interpret", "gpu_interpret"])
+def test_traced_q_offset_ignores_nan_in_cache_past_the_queries(variant):
+  """Cache slots past the last valid query position hold NaN (never written):
+  values and gradients equal the reference on a clean cache (no key zeroing
+  pass: the kernels mask those keys themselves)."""
+  q, k, v = _qkv(jax.random.key(6), 1, 3, 40, 2, 1, 16, jnp.float32)
+
+  def loss(fn, q, k, v, off):
+    out = (fn(q, k, v, off, window=6, scale=0.25) if fn.__name__.startswith("sliding")
+           else fn(q, k, v, off, scale=0.25))
+    return jnp.sum(out * jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape) / out.size)
+
+  for off in (20, -2):
+    last = off + q.shape[1] - 1
+    dirty = (jnp.arange(40) > last)[None, :, None, None]
+    kn, vn = jnp.where(dirty, jnp.nan, k), jnp.where(dirty, jnp.nan, v)
+    for name in ("sliding_window_attention", "dense_attention"):
+      ours = functools.partial(getattr(glue, name), variant=variant)
+      ours.__name__ = name
+      ref = getattr(reference, name)
+      got = jax.jit(jax.value_and_grad(functools.partial(loss, ours), argnums=(0, 1, 2)))(
+          q, kn, vn, jnp.int32(off))
+      want = jax.value_and_grad(functools.partial(loss, ref), argnums=(0, 1, 2))(
+          q, k, v, jnp.int32(off))
+      want = (want[0], (want[1][0], jnp.where(dirty, 0, want[1][1]),
+                        jnp.where(dirty, 0, want[1][2])))
+      chex.assert_tree_all_finite(got)
+      chex.assert_trees_all_close(got, want, atol=5e-5, rtol=5e-5)
+
+
 def test_head_dims_pad_inside_the_op():
   """head_dim 128 and a non-power-of-two value: the op pads, the user does not."""
   for d, variant in ((128, "tpu_interpret"), (40, "gpu_interpret")):

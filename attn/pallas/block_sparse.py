@@ -40,22 +40,22 @@ def supported(backend: str, q_len: int | None = None) -> bool:
   return platform.verified_on(HARDWARE_CHECKS, backend)
 
 
-def _band(q, k, v, q_offset, *, window, scale, variant):
+def _band(q, k, v, q_offset, *, window, scale, variant, kv_limit=None):
   bq, bk = blocks_for(q.shape[1], k.shape[1])
   return kernels.band_attention(q, k, v, q_offset, window=window, scale=scale, block_q=bq,
-                                block_k=bk, variant=variant)
+                                block_k=bk, variant=variant, kv_limit=kv_limit)
 
 
 def dense_attention(q, k, v, q_offset=None, *, scale, variant=None):
   """Causal attention (`attn.dense_attention` semantics, any traced `q_offset`)."""
   return call_any_offset(_band, q, k, v, q_offset, query_args=(0,), fills=(0,),
-                         window=None, scale=scale, variant=variant)
+                         key_limit=True, window=None, scale=scale, variant=variant)
 
 
 def sliding_window_attention(q, k, v, q_offset=None, *, window, scale, variant=None):
   """Sliding-window attention (`attn.sliding_window_attention` semantics)."""
   return call_any_offset(_band, q, k, v, q_offset, query_args=(0,), fills=(0,),
-                         window=window, scale=scale, variant=variant)
+                         key_limit=True, window=window, scale=scale, variant=variant)
 
 
 def kernel_blocks_ok(layout: BlockLayout) -> bool:

@@ -96,7 +96,9 @@ def pass_spec(spec: Spec, blocks: PassBlocks) -> Spec:
 
 def pass_tables(ps: Spec, tabs: Tables) -> Tables:
   """Band tables recomputed at the pass's tile; table layouts keep theirs."""
-  return common.band_tables(tabs.q_offset[0], ps) if ps.mode == "band" else tabs
+  if ps.mode != "band":
+    return tabs
+  return common.band_tables(tabs.q_offset[0], ps, tabs.q_offset[1])
 
 
 def _cost(kind: str, ps: Spec, x, hk: int):
@@ -166,7 +168,7 @@ def _fwd_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, 
   bq, bk = spec.block_q, spec.block_k
   i = spec.num_q_blocks - 1 - pl.program_id(2)
   row, a = _split(i, spec.sub_q)
-  qo = qo_ref[0]
+  qo, lim = qo_ref[0], qo_ref[1]
   q = q_ref[...]
   dp = q.shape[-1]
   c2 = spec.scale * LOG2E
@@ -180,8 +182,8 @@ def _fwd_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, 
     if masked:
       tile = (_sub_tile(spec, tiles_ref, masks[row * spec.width + slot], a, sub)
               if spec.mode == "table" else None)
-      vis = common.tile_visible(spec, i, kb, qo, tile)
-      (v,) = common.zero_unseen(spec, kb, qo, v)
+      vis = common.tile_visible(spec, i, kb, qo, tile, lim)
+      (v,) = common.zero_unseen(spec, kb, qo, v, kv_limit=lim)
     s = common.dot(q, k, (1, 1)) * c2
     m_new, l_new, p, alpha = common.online_step(s, vis, m, l, exp=jnp.exp2)
     return alpha * acc + common.dot(p.astype(v.dtype), v), m_new, l_new
@@ -266,7 +268,7 @@ def _dq_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, k
   bk = spec.block_k
   i = spec.num_q_blocks - 1 - pl.program_id(2)
   row, a = _split(i, spec.sub_q)
-  qo = qo_ref[0]
+  qo, lim = qo_ref[0], qo_ref[1]
   q, do = q_ref[...], do_ref[...]
   lse2, delta = lse_ref[...][:, None] * LOG2E, delta_ref[...][:, None]
 
@@ -278,8 +280,8 @@ def _dq_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, k
     if masked:
       tile = (_sub_tile(spec, tiles_ref, masks[row * spec.width + slot], a, sub)
               if spec.mode == "table" else None)
-      vis = common.tile_visible(spec, i, kb, qo, tile)
-      k, v = common.zero_unseen(spec, kb, qo, k, v)
+      vis = common.tile_visible(spec, i, kb, qo, tile, lim)
+      k, v = common.zero_unseen(spec, kb, qo, k, v, kv_limit=lim)
     _, ds = _bwd_tile(spec, q, k, v, do, lse2, delta, vis)
     return acc + common.dot(ds.astype(k.dtype), k)
 
@@ -293,8 +295,8 @@ def _dkv_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, 
   bq = spec.block_q
   j = pl.program_id(2)
   col, c = _split(j, spec.sub_k)
-  qo = qo_ref[0]
-  k, v = common.zero_unseen(spec, j, qo, k_ref[...], v_ref[...])
+  qo, lim = qo_ref[0], qo_ref[1]
+  k, v = common.zero_unseen(spec, j, qo, k_ref[...], v_ref[...], kv_limit=lim)
   n, fs, nf = counts[col], fstart[col], nfull[col]
 
   def head(g, carry):
@@ -312,7 +314,7 @@ def _dkv_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, 
       if masked:
         tile = (_sub_tile(spec, tiles_ref, masks[col * spec.width_t + slot], sub, c)
                 if spec.mode == "table" else None)
-        vis = common.tile_visible(spec, qb, j, qo, tile)
+        vis = common.tile_visible(spec, qb, j, qo, tile, lim)
       p, ds = _bwd_tile(spec, q, k, v, do, lse2, delta, vis)
       return (dk + common.dot(ds.astype(q.dtype).T, q),
               dv + common.dot(p.astype(do.dtype).T, do))

@@ -112,7 +112,8 @@ def _base_spec(q, k, *, mode, block_q, block_k, scale, window, width, width_t, c
 
 def band_attention(q, k, v, q_offset, *, window: int | None, scale: float,
                    block_q: int = 128, block_k: int = 128, variant=None,
-                   count_visits: bool = False, gpu_blocks: gpu.GpuBlocks | None = None):
+                   count_visits: bool = False, gpu_blocks: gpu.GpuBlocks | None = None,
+                   kv_limit=None):
   """Causal (`window=None`) or sliding-window attention.
 
   Query `i` sits at position `q_offset + i` (int or traced int32 scalar) and
@@ -132,7 +133,7 @@ def band_attention(q, k, v, q_offset, *, window: int | None, scale: float,
                     count_visits=count_visits, gpu_blocks=gpu_blocks,
                     offset_hint=q_offset if isinstance(q_offset, int) else lk - lq)
   q_offset = lk - lq if q_offset is None else q_offset
-  return _run(q, k, v, common.band_tables(q_offset, spec), spec, variant)
+  return _run(q, k, v, common.band_tables(q_offset, spec, kv_limit), spec, variant)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +179,8 @@ def _full_first(blocks, mids, counts, full):
 
 
 def table_attention(q, k, v, tables: HostTables, *, scale: float, variant=None,
-                    count_visits: bool = False, gpu_blocks: gpu.GpuBlocks | None = None):
+                    count_visits: bool = False, gpu_blocks: gpu.GpuBlocks | None = None,
+                   kv_limit=None):
   """Attention over an arbitrary block layout given as `HostTables`.
 
   The GPU kernels split each layout tile into their own (smaller) tiles
@@ -200,7 +202,7 @@ def table_attention(q, k, v, tables: HostTables, *, scale: float, variant=None,
   tabs = Tables(i32(kvb).reshape(-1), i32(t.num_kv_blocks),
                 i32(mids).reshape(-1), i32(kvb_t).reshape(-1),
                 i32(t.num_kv_blocks_t), i32(mids_t).reshape(-1),
-                i32(t.block_masks), jnp.zeros((1,), jnp.int32),
+                i32(t.block_masks), jnp.array([0, t.kv_len], jnp.int32),
                 jnp.zeros((spec.num_q_blocks,), jnp.int32), i32(nf),
                 jnp.zeros((nk,), jnp.int32), i32(nf_t))
   if not bool(t.keys_seen.all()):

@@ -112,13 +112,13 @@ def _tile_spec(spec: Spec, transposed: bool):
   return pl.BlockSpec((None, spec.block_q, spec.block_k), index)
 
 
-def _tile_state(spec, qb, kb, qo, mask_id, tile_ref):
+def _tile_state(spec, qb, kb, qo, mask_id, tile_ref, lim):
   """`(needs_mask, visible)`: a scalar, and a thunk building the tile mask."""
-  masked = common.needs_mask(spec, qb, kb, qo, mask_id)
+  masked = common.needs_mask(spec, qb, kb, qo, mask_id, lim)
 
   def visible():  # read the tile only in the masked branch
     tile = tile_ref[...] if tile_ref is not None else None
-    return common.tile_visible(spec, qb, kb, qo, tile)
+    return common.tile_visible(spec, qb, kb, qo, tile, lim)
   return masked, visible
 
 
@@ -136,7 +136,7 @@ def _fwd_kernel(
     m_ref, l_ref, acc_ref,
     *, spec: Spec):
   i, j = pl.program_id(2), pl.program_id(3)
-  qo = qo_ref[0]
+  qo, lim = qo_ref[0], qo_ref[1]
 
   @pl.when(j == 0)
   def _init():
@@ -149,12 +149,12 @@ def _fwd_kernel(
   kb = common.slot_block(spec, blocks, counts, i, j, spec.width)
   mid = common.slot_mask_id(spec, masks, i, j, spec.width)
   active = j < counts[i]
-  masked, visible = _tile_state(spec, i, kb, qo, mid, tile_ref)
+  masked, visible = _tile_state(spec, i, kb, qo, mid, tile_ref, lim)
 
   def step(use_mask):
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
     if use_mask:
-      (v,) = common.zero_unseen(spec, kb, qo, v)
+      (v,) = common.zero_unseen(spec, kb, qo, v, kv_limit=lim)
     s = common.dot(q, k, (1, 1)) * spec.scale
     vis = visible() if use_mask else None
     m_prev, l_prev = m_ref[...][:, :1], l_ref[...][:, :1]
@@ -225,7 +225,7 @@ def _dq_kernel(
     acc_ref,
     *, spec: Spec):
   i, j = pl.program_id(2), pl.program_id(3)
-  qo = qo_ref[0]
+  qo, lim = qo_ref[0], qo_ref[1]
 
   @pl.when(j == 0)
   def _init():
@@ -234,12 +234,12 @@ def _dq_kernel(
   kb = common.slot_block(spec, blocks, counts, i, j, spec.width)
   mid = common.slot_mask_id(spec, masks, i, j, spec.width)
   active = j < counts[i]
-  masked, visible = _tile_state(spec, i, kb, qo, mid, tile_ref)
+  masked, visible = _tile_state(spec, i, kb, qo, mid, tile_ref, lim)
 
   def step(use_mask):
     k, _, ds = common.bwd_tile(spec, kb, qo, q_ref[...], k_ref[...], v_ref[...],
                                do_ref[...], lse_ref[...][:, :1], delta_ref[...][:, :1],
-                               visible() if use_mask else None)
+                               visible() if use_mask else None, kv_limit=lim)
     acc_ref[...] += common.dot(ds.astype(k.dtype), k) * spec.scale
 
   pl.when(active & jnp.logical_not(masked))(lambda: step(False))
@@ -261,7 +261,7 @@ def _dkv_kernel(
     dk_acc, dv_acc,
     *, spec: Spec):
   j, g, t = pl.program_id(2), pl.program_id(3), pl.program_id(4)
-  qo = qo_ref[0]
+  qo, lim = qo_ref[0], qo_ref[1]
 
   @pl.when((g == 0) & (t == 0))
   def _init():
@@ -271,13 +271,13 @@ def _dkv_kernel(
   qb = common.slot_block(spec, blocks, counts, j, t, spec.width_t)
   mid = common.slot_mask_id(spec, masks, j, t, spec.width_t)
   active = t < counts[j]
-  masked, visible = _tile_state(spec, qb, j, qo, mid, tile_ref)
+  masked, visible = _tile_state(spec, qb, j, qo, mid, tile_ref, lim)
 
   def step(use_mask):
     q, do = q_ref[...], do_ref[...]
     _, p, ds = common.bwd_tile(spec, j, qo, q, k_ref[...], v_ref[...], do,
                                lse_ref[...][:, :1], delta_ref[...][:, :1],
-                               visible() if use_mask else None)     # [bq, bk]
+                               visible() if use_mask else None, kv_limit=lim)  # [bq, bk]
     dv_acc[...] += common.dot(p.astype(do.dtype).T, do)   # [bk, Dp]
     dk_acc[...] += common.dot(ds.astype(q.dtype).T, q) * spec.scale
 
