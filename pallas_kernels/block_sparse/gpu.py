@@ -74,7 +74,7 @@ def default_blocks(dp: int, dtype) -> GpuBlocks:
       return GpuBlocks(PassBlocks(64, 32, 8), PassBlocks(64, 16, 8), PassBlocks(32, 32, 8))
     return GpuBlocks(PassBlocks(32, 32, 8), PassBlocks(32, 16, 8), PassBlocks(16, 32, 8))
   if dp <= 64:
-    return GpuBlocks(PassBlocks(128, 64, 4, 3), PassBlocks(128, 32, 8), PassBlocks(32, 128, 8))
+    return GpuBlocks(PassBlocks(128, 64, 8), PassBlocks(128, 32, 8), PassBlocks(32, 128, 8))
   if dp <= 128:
     return GpuBlocks(PassBlocks(128, 64, 8), PassBlocks(128, 32, 8), PassBlocks(32, 64, 8))
   return GpuBlocks(PassBlocks(64, 64, 8), PassBlocks(32, 32, 8), PassBlocks(32, 64, 8))
