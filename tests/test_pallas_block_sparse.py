@@ -215,6 +215,23 @@ def test_gpu_pass_tiles_band_matches_reference(window, q_offset):
          jnp.float32, scale=0.25)
 
 
+@pytest.mark.parametrize("window", [None, 100])
+def test_gpu_decode_splits_the_cache_and_merges(window):
+  """q_len <= 16: each row's key blocks are split over several programs
+  (`gpu.num_splits` > 1 here) and their softmax states merged."""
+  lq, lk, off = 3, 150, 140
+  spec = kernels.ops._base_spec(
+      jnp.zeros((1, lq, 2, 8)), jnp.zeros((1, lk, 1, 8)), mode="band", block_q=16, block_k=16,
+      scale=0.25, window=window or (1 << 30), count_visits=False,
+      width=kernels.ops.common.band_width(lq, lk, window or (1 << 30), 16, 16), width_t=1)
+  assert kernels.gpu.num_splits(spec, programs=2) > 1
+  args = _qkv(jax.random.key(8), 1, lq, lk, 2, 1, 16, jnp.float32)
+  fn = functools.partial(kernels.band_attention, q_offset=off, window=window, scale=0.25,
+                         block_q=16, block_k=16, variant="gpu_interpret")
+  _check(lambda q, k, v: fn(q, k, v), _band_mask(lq, lk, off, window), args, jnp.float32,
+         scale=0.25)
+
+
 def test_gpu_pass_tiles_split_table_layout():
   rng = np.random.default_rng(3)
   lq, lk = 57, 70

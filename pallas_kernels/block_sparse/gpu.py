@@ -163,14 +163,24 @@ def _two_loops(n, fs, nf, r, step, carry):
 # ------------------------------------------------------------------ forward
 
 
-def _fwd_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, k_ref, v_ref,
-                o_ref, lse_ref, *vis, spec: Spec):
-  bq, bk = spec.block_q, spec.block_k
-  i = spec.num_q_blocks - 1 - pl.program_id(2)
+def _range_loops(lo, hi, fs, nf, r, step, carry):
+  """`_two_loops` restricted to the slots `[lo, hi)`: masked slots before the
+  full run, the full run unmasked, masked slots after it."""
+  def loop(first, last, masked, carry):
+    def body(t, c):
+      slot, sub = _split(t, r)
+      return step(slot, sub, masked, c)
+    return lax.fori_loop(first * r, last * r, body, carry)
+
+  carry = loop(lo, jnp.minimum(fs, hi), True, carry)
+  carry = loop(jnp.maximum(fs, lo), jnp.minimum(fs + nf, hi), False, carry)
+  return loop(jnp.maximum(fs + nf, lo), hi, True, carry)
+
+
+def _fwd_step(spec: Spec, blocks, counts, masks, tiles_ref, k_ref, v_ref, q, i, qo, lim):
+  """Online-softmax step over one (sub-)tile of query block `i` (base 2)."""
+  bk = spec.block_k
   row, a = _split(i, spec.sub_q)
-  qo, lim = qo_ref[0], qo_ref[1]
-  q = q_ref[...]
-  dp = q.shape[-1]
   c2 = spec.scale * LOG2E
 
   def step(slot, sub, masked, carry):
@@ -188,15 +198,69 @@ def _fwd_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, 
     m_new, l_new, p, alpha = common.online_step(s, vis, m, l, exp=jnp.exp2)
     return alpha * acc + common.dot(p.astype(v.dtype), v), m_new, l_new
 
-  init = (jnp.zeros((bq, dp), F32), jnp.full((bq, 1), common.NEG, F32),
+  return row, step
+
+
+def _init_state(bq, dp):
+  return (jnp.zeros((bq, dp), F32), jnp.full((bq, 1), common.NEG, F32),
           jnp.zeros((bq, 1), F32))
+
+
+def _fwd_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, k_ref, v_ref,
+                o_ref, lse_ref, *vis, spec: Spec):
+  i = spec.num_q_blocks - 1 - pl.program_id(2)
+  q = q_ref[...]
+  row, step = _fwd_step(spec, blocks, counts, masks, tiles_ref, k_ref, v_ref, q, i,
+                        qo_ref[0], qo_ref[1])
   n = counts[row]
-  acc, m, l = _two_loops(n, fstart[row], nfull[row], spec.sub_k, step, init)
+  acc, m, l = _two_loops(n, fstart[row], nfull[row], spec.sub_k, step,
+                         _init_state(spec.block_q, q.shape[-1]))
   out, lse = common.finish(acc, m, l, base2=True)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse[:, 0]
   if vis:
     vis[0][...] = jnp.full(vis[0].shape, n * spec.sub_k, jnp.int32)
+
+
+def _split_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, k_ref, v_ref,
+                  acc_ref, m_ref, l_ref, *, spec: Spec, chunk: int):
+  """Decode: program `s` of a row walks slots `[s * chunk, (s + 1) * chunk)`
+  and writes its unnormalised state (merged by `_merge_splits`)."""
+  i = spec.num_q_blocks - 1 - pl.program_id(2)
+  q = q_ref[...]
+  row, step = _fwd_step(spec, blocks, counts, masks, tiles_ref, k_ref, v_ref, q, i,
+                        qo_ref[0], qo_ref[1])
+  lo = pl.program_id(3) * chunk
+  hi = jnp.minimum(lo + chunk, counts[row])
+  acc, m, l = _range_loops(lo, hi, fstart[row], nfull[row], spec.sub_k, step,
+                           _init_state(spec.block_q, q.shape[-1]))
+  acc_ref[...] = acc
+  m_ref[...] = m[:, 0]
+  l_ref[...] = l[:, 0]
+
+
+def _merge_splits(acc, m, l):
+  """`(out, lse)` from per-split states `acc: [B, H, S, L, D]`, `m, l: [B, H,
+  S, L]` (base 2; `lse` natural, `+inf` where no key was visible)."""
+  mm = jnp.max(m, axis=2, keepdims=True)
+  w = jnp.exp2(m - mm)
+  acc = jnp.sum(w[..., None] * acc, axis=2)
+  l = jnp.sum(w * l, axis=2)
+  out, lse = common.finish(acc, mm[:, :, 0, :, None], l[..., None], base2=True)
+  return out, lse[..., 0]
+
+
+MAX_SPLIT_QUERIES = 16
+TARGET_PROGRAMS = 2 * 132    # two waves of an H100's SMs
+
+
+def num_splits(spec: Spec, programs: int) -> int:
+  """Splits per row for decode (`q_len <= 16`): enough programs to fill the
+  device, at least 4 slots per split; 1 otherwise."""
+  if spec.q_len > MAX_SPLIT_QUERIES or spec.count_visits:
+    return 1
+  want = -(-TARGET_PROGRAMS // programs)
+  return max(1, min(want, spec.width // 4))
 
 
 def _row_tables(tabs: Tables):
@@ -237,6 +301,25 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
     out_shape.append(jax.ShapeDtypeStruct((b, hq, nq * 8, LANES), jnp.int32))
     out_specs.append(pl.BlockSpec((None, None, 8, LANES),
                                   lambda b, h, i: (b, h, nq - 1 - i, 0)))
+  splits = num_splits(ps, b * hq * nq)
+  if splits > 1:
+    chunk = -(-ps.width // splits)
+    sp = lambda *blk: pl.BlockSpec((None, None, None) + blk,  # noqa: E731
+                                   lambda b, h, i, s: (b, h, s, nq - 1 - i) + (0,) * (len(blk) - 1))
+    acc, m, l = pl.pallas_call(
+        functools.partial(_split_kernel, spec=ps, chunk=chunk), grid=(b, hq, nq, splits),
+        in_specs=[_full(t) for t in tables] + [
+            pl.BlockSpec((None, None, bq, dp), lambda b, h, i, s: (b, h, nq - 1 - i, 0)),
+            pl.BlockSpec((None, None, lkp, dp), lambda b, h, i, s: (b, h // g, 0, 0)),
+            pl.BlockSpec((None, None, lkp, dp), lambda b, h, i, s: (b, h // g, 0, 0))],
+        out_specs=[sp(bq, dp), sp(bq), sp(bq)],
+        out_shape=[jax.ShapeDtypeStruct((b, hq, splits, lqp, dp), F32),
+                   jax.ShapeDtypeStruct((b, hq, splits, lqp), F32),
+                   jax.ShapeDtypeStruct((b, hq, splits, lqp), F32)],
+        compiler_params=_params(pb), cost_estimate=_cost("fwd", ps, q, k.shape[1]),
+        interpret=interpret, name="block_sparse_fwd_split")(*tables, q, k, v)
+    out, lse = _merge_splits(acc, m, l)
+    return out[..., :d].astype(q.dtype), lse
   outs = pl.pallas_call(
       functools.partial(_fwd_kernel, spec=ps), grid=(b, hq, nq),
       in_specs=[_full(t) for t in tables] + [
