@@ -47,7 +47,8 @@ def any_offset(run, xs, q_offset, q_len, kv_len, fills):
   return outs[0] if single else outs
 
 
-def call_any_offset(fn, *args, query_args: tuple[int, ...], fills: tuple, **statics):
+def call_any_offset(fn, *args, query_args: tuple[int, ...], fills: tuple,
+                    key_limit: bool = False, **statics):
   """`fn(*arrays, q_offset, **statics)` for any traced `q_offset`.
 
   `args` is `(*arrays, q_offset)`: `arrays[0]` is `q: [B, Lq, ...]`,
@@ -57,7 +58,11 @@ def call_any_offset(fn, *args, query_args: tuple[int, ...], fills: tuple, **stat
   query position are zeroed before `fn` sees them: no valid query may see
   them, and the filler rows of a shifted frame must not read garbage there
   (NaN in a cache slot would reach the gradients). `fills`: one value per
-  output for rows with no position.
+  output for rows with no position. `key_limit=True`: nothing is zeroed;
+  `fn` gets `kv_limit=` (int32, the last valid query position + 1) and must
+  itself never let a key at or past it reach an output or a gradient (the
+  block-sparse kernels mask and zero such keys in their edge tiles), so a
+  call costs what its attended keys cost, not a pass over the whole cache.
   """
   *arrays, q_offset = args
   if q_offset is None:
@@ -65,6 +70,11 @@ def call_any_offset(fn, *args, query_args: tuple[int, ...], fills: tuple, **stat
   q_len, kv_len = arrays[0].shape[1], arrays[1].shape[1]
 
   def run(xs, offset, bounds):
+    if key_limit:
+      full = list(arrays)
+      for i in query_args:
+        full[i] = xs[query_args.index(i)]
+      return fn(*full, offset, kv_limit=bounds[1] + 1, **statics)
     seen = jnp.arange(kv_len, dtype=jnp.int32) <= bounds[1]
     full = list(arrays)
     for i in range(len(full)):

@@ -114,11 +114,11 @@ def _full_tile_tables(blocks, l, bs):
   w, wt = max(map(len, rows)), max(max(map(len, cols)), 1)
   tiles = np.stack([np.zeros((bs, bs), np.int32), np.ones((bs, bs), np.int32)])
   return block_sparse.HostTables(
-      blocks=_padded(rows, w), counts=np.array([len(r) for r in rows], np.int32),
-      masks=np.where(_padded([np.ones(len(r)) for r in rows], w) > 0, 1, 0).astype(np.int32),
-      blocks_t=_padded(cols, wt), counts_t=np.array([len(c) for c in cols], np.int32),
-      masks_t=np.where(_padded([np.ones(len(c)) for c in cols], wt) > 0, 1, 0).astype(np.int32),
-      tiles=tiles, keys_seen=np.ones((l,), bool), q_len=l, kv_len=l, block_q=bs, block_k=bs)
+      kv_blocks=_padded(rows, w), num_kv_blocks=np.array([len(r) for r in rows], np.int32),
+      mask_ids=np.where(_padded([np.ones(len(r)) for r in rows], w) > 0, 1, 0).astype(np.int32),
+      kv_blocks_t=_padded(cols, wt), num_kv_blocks_t=np.array([len(c) for c in cols], np.int32),
+      mask_ids_t=np.where(_padded([np.ones(len(c)) for c in cols], wt) > 0, 1, 0).astype(np.int32),
+      block_masks=tiles, keys_seen=np.ones((l,), bool), q_len=l, kv_len=l, block_q=bs, block_k=bs)
 
 
 def _cases(l):

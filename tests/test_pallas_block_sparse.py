@@ -109,6 +109,36 @@ def test_traced_q_offset_decode_matches_reference(variant):
          reference.dense_attention(q, k, v, jnp.int32(off), scale=0.25)), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("variant", ["tpu_interpret", "gpu_interpret"])
+def test_traced_q_offset_ignores_nan_in_cache_past_the_queries(variant):
+  """Cache slots past the last valid query position hold NaN (never written):
+  values and gradients equal the reference on a clean cache (no key zeroing
+  pass: the kernels mask those keys themselves)."""
+  q, k, v = _qkv(jax.random.key(6), 1, 3, 40, 2, 1, 16, jnp.float32)
+
+  def loss(fn, q, k, v, off):
+    out = (fn(q, k, v, off, window=6, scale=0.25) if fn.__name__.startswith("sliding")
+           else fn(q, k, v, off, scale=0.25))
+    return jnp.sum(out * jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape) / out.size)
+
+  for off in (20, -2):
+    last = off + q.shape[1] - 1
+    dirty = (jnp.arange(40) > last)[None, :, None, None]
+    kn, vn = jnp.where(dirty, jnp.nan, k), jnp.where(dirty, jnp.nan, v)
+    for name in ("sliding_window_attention", "dense_attention"):
+      ours = functools.partial(getattr(glue, name), variant=variant)
+      ours.__name__ = name
+      ref = getattr(reference, name)
+      got = jax.jit(jax.value_and_grad(functools.partial(loss, ours), argnums=(0, 1, 2)))(
+          q, kn, vn, jnp.int32(off))
+      want = jax.value_and_grad(functools.partial(loss, ref), argnums=(0, 1, 2))(
+          q, k, v, jnp.int32(off))
+      want = (want[0], (want[1][0], jnp.where(dirty, 0, want[1][1]),
+                        jnp.where(dirty, 0, want[1][2])))
+      chex.assert_tree_all_finite(got)
+      chex.assert_trees_all_close(got, want, atol=5e-5, rtol=5e-5)
+
+
 def test_head_dims_pad_inside_the_op():
   """head_dim 128 and a non-power-of-two value: the op pads, the user does not."""
   for d, variant in ((128, "tpu_interpret"), (40, "gpu_interpret")):
@@ -167,6 +197,51 @@ def test_from_fn_document_mask_matches_reference():
   args = _qkv(jax.random.key(11), 1, lq, lq, 2, 1, 16, jnp.float32)
   _check(functools.partial(glue.block_sparse_attention, layout=layout, scale=0.25,
                            variant="gpu_interpret"), mask, args, jnp.float32)
+
+
+# GPU passes on their own, smaller tiles: band tables recomputed per pass, a
+# table layout's 32 x 32 tiles split into sub-tiles (masks sliced per sub-tile).
+SUB_BLOCKS = kernels.GpuBlocks(fwd=kernels.PassBlocks(16, 32), dq=kernels.PassBlocks(32, 16),
+                               dkv=kernels.PassBlocks(16, 16))
+
+
+@pytest.mark.parametrize("window,q_offset", [(None, 0), (21, 7)])
+def test_gpu_pass_tiles_band_matches_reference(window, q_offset):
+  lq, lk = 41, 48
+  args = _qkv(jax.random.key(5), 1, lq, lk, 2, 1, 16, jnp.float32)
+  fn = functools.partial(kernels.band_attention, q_offset=q_offset, window=window, scale=0.25,
+                         block_q=32, block_k=32, variant="gpu_interpret", gpu_blocks=SUB_BLOCKS)
+  _check(lambda q, k, v: fn(q, k, v), _band_mask(lq, lk, q_offset, window), args,
+         jnp.float32, scale=0.25)
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_gpu_decode_splits_the_cache_and_merges(window):
+  """q_len <= 16: each row's key blocks are split over several programs
+  (`gpu.num_splits` > 1 here) and their softmax states merged."""
+  lq, lk, off = 3, 150, 140
+  spec = kernels.ops._base_spec(
+      jnp.zeros((1, lq, 2, 8)), jnp.zeros((1, lk, 1, 8)), mode="band", block_q=16, block_k=16,
+      scale=0.25, window=window or (1 << 30), count_visits=False,
+      width=kernels.ops.common.band_width(lq, lk, window or (1 << 30), 16, 16), width_t=1)
+  assert kernels.gpu.num_splits(spec, programs=2) > 1
+  args = _qkv(jax.random.key(8), 1, lq, lk, 2, 1, 16, jnp.float32)
+  fn = functools.partial(kernels.band_attention, q_offset=off, window=window, scale=0.25,
+                         block_q=16, block_k=16, variant="gpu_interpret")
+  _check(lambda q, k, v: fn(q, k, v), _band_mask(lq, lk, off, window), args, jnp.float32,
+         scale=0.25)
+
+
+def test_gpu_pass_tiles_split_table_layout():
+  rng = np.random.default_rng(3)
+  lq, lk = 57, 70
+  mask = _random_mask(rng, lq, lk, 32, 32)
+  mask[:32, 32:64] = True                              # one full layout tile
+  layout = attn.BlockLayout.from_mask(mask, block_q=32, block_k=32)
+  args = _qkv(jax.random.key(3), 1, lq, lk, 2, 1, 16, jnp.float32)
+  fn = functools.partial(kernels.table_attention, tables=glue.host_tables(layout), scale=0.25,
+                         variant="gpu_interpret", gpu_blocks=SUB_BLOCKS)
+  _check(lambda q, k, v: fn(q, k, v), mask, args, jnp.float32, scale=0.25)
 
 
 # ------------------------------------------------------------------ garbage

@@ -26,12 +26,17 @@ from pallas_kernels.common import next_pow2
 
 OPS = ("dense_attention", "sliding_window_attention", "block_sparse_attention")
 
-MAX_BLOCK = 128
+MAX_BLOCK = 512      # splash-sized TPU tiles (per-step overhead dominates at 128)
+MIN_WINDOW_BLOCK = 128
 
 
-def blocks_for(q_len: int, kv_len: int) -> tuple[int, int]:
-  """Block sizes of the band kernels (same for TPU and GPU)."""
-  return min(MAX_BLOCK, next_pow2(q_len, 16)), min(MAX_BLOCK, next_pow2(kv_len, 16))
+def blocks_for(q_len: int, kv_len: int, window: int | None = None) -> tuple[int, int]:
+  """Layout blocks of the band kernels: the TPU kernels run these tiles (up to
+  512 x 512; a sliding window caps them near the window so edge tiles stay
+  few); the GPU kernels split them into their own per-pass tiles
+  (`pallas_kernels.block_sparse.default_blocks`)."""
+  cap = MAX_BLOCK if window is None else min(MAX_BLOCK, max(MIN_WINDOW_BLOCK, next_pow2(window)))
+  return min(cap, next_pow2(q_len, 16)), min(cap, next_pow2(kv_len, 16))
 
 
 def supported(backend: str, q_len: int | None = None) -> bool:
@@ -40,22 +45,22 @@ def supported(backend: str, q_len: int | None = None) -> bool:
   return platform.verified_on(HARDWARE_CHECKS, backend)
 
 
-def _band(q, k, v, q_offset, *, window, scale, variant):
-  bq, bk = blocks_for(q.shape[1], k.shape[1])
+def _band(q, k, v, q_offset, *, window, scale, variant, kv_limit=None):
+  bq, bk = blocks_for(q.shape[1], k.shape[1], window)
   return kernels.band_attention(q, k, v, q_offset, window=window, scale=scale, block_q=bq,
-                                block_k=bk, variant=variant)
+                                block_k=bk, variant=variant, kv_limit=kv_limit)
 
 
 def dense_attention(q, k, v, q_offset=None, *, scale, variant=None):
   """Causal attention (`attn.dense_attention` semantics, any traced `q_offset`)."""
   return call_any_offset(_band, q, k, v, q_offset, query_args=(0,), fills=(0,),
-                         window=None, scale=scale, variant=variant)
+                         key_limit=True, window=None, scale=scale, variant=variant)
 
 
 def sliding_window_attention(q, k, v, q_offset=None, *, window, scale, variant=None):
   """Sliding-window attention (`attn.sliding_window_attention` semantics)."""
   return call_any_offset(_band, q, k, v, q_offset, query_args=(0,), fills=(0,),
-                         window=window, scale=scale, variant=variant)
+                         key_limit=True, window=window, scale=scale, variant=variant)
 
 
 def kernel_blocks_ok(layout: BlockLayout) -> bool:
@@ -76,7 +81,7 @@ def block_sparse_attention(q, k, v, *, layout: BlockLayout, scale, variant=None,
   """
   if layout.band is not None:
     bq, bk = ((layout.block_q, layout.block_k) if kernel_blocks_ok(layout)
-              else blocks_for(layout.q_len, layout.kv_len))
+              else blocks_for(layout.q_len, layout.kv_len, layout.band.window))
     return kernels.band_attention(q, k, v, layout.band.q_offset, window=layout.band.window,
                                   scale=scale, block_q=bq, block_k=bk, variant=variant,
                                   count_visits=count_visits)

@@ -10,6 +10,7 @@ Kernels take plain arrays, int32 tables and static ints; `attn` builds the
 tables (`attn/pallas/block_sparse.py`). Design: docs/kernels.md.
 """
 
+from pallas_kernels.block_sparse.gpu import GpuBlocks, PassBlocks, default_blocks
 from pallas_kernels.block_sparse.ops import (
     HARDWARE_CHECKS,
     HostTables,
@@ -18,5 +19,5 @@ from pallas_kernels.block_sparse.ops import (
     table_attention,
 )
 
-__all__ = ["HARDWARE_CHECKS", "HostTables", "band_attention", "check_blocks",
-           "table_attention"]
+__all__ = ["GpuBlocks", "HARDWARE_CHECKS", "HostTables", "PassBlocks", "band_attention",
+           "check_blocks", "default_blocks", "table_attention"]

@@ -39,6 +39,8 @@ from pallas_kernels.common import F32, LANES
 CAUSAL = 1 << 30          # band window meaning "no lower limit"
 FULL = 1                  # mask id of a tile without masking
 NEG = -0.7 * float(np.finfo(np.float32).max)   # finite "minus infinity"
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,13 @@ class Spec:
   scale: float
   window: int = CAUSAL
   count_visits: bool = False
+  sub_q: int = 1     # table mode, GPU: kernel query blocks per layout query block
+  sub_k: int = 1     # table mode, GPU: kernel key blocks per layout key block
+  gpu_blocks: object = None   # GPU: `gpu.GpuBlocks` per pass (None: `gpu.default_blocks`)
+  # Cost estimates only: table mode, the layout's non-empty tiles; band mode,
+  # the q_offset to count tiles at (the real one when static).
+  tiles: int = 0
+  offset_hint: int = 0
 
 
 class Tables(NamedTuple):
@@ -73,7 +82,14 @@ class Tables(NamedTuple):
   num_kv_blocks_t: jax.Array  # [nk]
   mask_ids_t: jax.Array       # table: [nk * width_t]; band: [1]
   block_masks: jax.Array      # table: [num_masks, bq, bk] 0/1; band: [1, 1, 1]
-  q_offset: jax.Array   # [1] absolute position of query row 0
+  q_offset: jax.Array   # [2]: absolute position of query row 0, and the key
+                        # limit (keys at or past it are never visible; band)
+  # Slots needing no mask per row: `full_start[i] .. full_start[i] + num_full[i] - 1`
+  # (table layouts list full tiles first, so `full_start` is 0 there).
+  full_start: jax.Array       # [nq]
+  num_full: jax.Array         # [nq]
+  full_start_t: jax.Array     # [nk]
+  num_full_t: jax.Array       # [nk]
 
 
 # ------------------------------------------------------------ static choices
@@ -102,19 +118,48 @@ def pad_last(x, size: int):
   return x if extra == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
 
 
+def tile_count(spec: Spec) -> int:
+  """Static non-empty (sub-)tiles per (batch, head) of `spec`, for cost
+  estimates: band mode counted at `spec.offset_hint` (host arithmetic)."""
+  if spec.mode == "table":
+    return spec.tiles * spec.sub_q * spec.sub_k
+  bq, bk, w, qo = spec.block_q, spec.block_k, spec.window, spec.offset_hint
+  r0 = np.arange(-(-spec.q_len // bq)) * bq
+  r1 = np.minimum(r0 + bq, spec.q_len) - 1
+  kmin = np.maximum(qo + r0 - (w - 1), 0) if w < CAUSAL else np.zeros_like(r0)
+  kmax = np.minimum(qo + r1, spec.kv_len - 1)
+  n = np.where(kmin <= kmax, np.maximum(kmax, 0) // bk - kmin // bk + 1, 0)
+  return int(np.minimum(n, spec.width).sum())
+
+
 # ------------------------------------------------------ device band tables
 
 
-def band_tables(q_offset, spec: Spec) -> Tables:
-  """Band tables from a (possibly traced) int32 `q_offset`, on the device."""
+def _limit(spec: Spec, kv_limit):
+  """Keys `>= limit` are never visible: `kv_len`, or a traced smaller bound."""
+  return spec.kv_len if kv_limit is None else jnp.minimum(kv_limit, spec.kv_len)
+
+
+def band_tables(q_offset, spec: Spec, kv_limit=None) -> Tables:
+  """Band tables from a (possibly traced) int32 `q_offset`, on the device.
+
+  `kv_limit` (int32 scalar, may be traced): keys at or past it are seen by no
+  query (a decode frame's last valid position + 1); default `kv_len`.
+  """
   bq, bk, w = spec.block_q, spec.block_k, spec.window
   qo = jnp.asarray(q_offset, jnp.int32).reshape(())
+  lim = jnp.asarray(_limit(spec, kv_limit), jnp.int32).reshape(())
   # Query block i: rows [r0, r1] -> keys [max(qo + r0 - w + 1, 0), min(qo + r1, kv_len - 1)].
   r0 = jnp.arange(spec.num_q_blocks, dtype=jnp.int32) * bq
   r1 = jnp.minimum(r0 + bq, spec.q_len) - 1
   kmin = jnp.maximum(qo + r0 - (w - 1), 0) if w < CAUSAL else jnp.zeros_like(r0)
-  kmax = jnp.minimum(qo + r1, spec.kv_len - 1)
+  kmax = jnp.minimum(qo + r1, lim - 1)
   lo, counts = _run(kmin, kmax, bk, spec.width)
+  counts = jnp.where(r0 < spec.q_len, counts, 0)       # blocks of padding rows only
+  # Full key blocks: every real row sees every key (and no key is past kv_len).
+  fmin = ((qo + r1 - w) // bk + 1) if w < CAUSAL else jnp.zeros_like(r0)
+  fmax = jnp.minimum((qo + r0 + 1) // bk - 1, lim // bk - 1)
+  fs, nf = _clip_run(fmin, fmax, lo, counts)
   # Key block j: keys [c0, c1] -> rows [c0 - qo, c1 + w - 1 - qo] within [0, q_len - 1].
   c0 = jnp.arange(spec.num_k_blocks, dtype=jnp.int32) * bk
   c1 = jnp.minimum(c0 + bk, spec.kv_len) - 1
@@ -122,9 +167,24 @@ def band_tables(q_offset, spec: Spec) -> Tables:
   rmax = jnp.minimum(c1 + (w - 1) - qo, spec.q_len - 1) if w < CAUSAL else jnp.full_like(
       c0, spec.q_len - 1)
   lo_t, counts_t = _run(rmin, rmax, bq, spec.width_t)
+  counts_t = jnp.where(c0 < lim, counts_t, 0)          # blocks of padding keys only
+  # Full query blocks of key block j (rows bounded by the padded block end).
+  tmin = -((c0 + bk - 1 - qo) // -bq)
+  tmax = ((w - bq + c0 - qo) // bq) if w < CAUSAL else jnp.full_like(c0, spec.num_q_blocks)
+  tmax = jnp.where(c0 + bk <= lim, tmax, -1)
+  fs_t, nf_t = _clip_run(tmin, tmax, lo_t, counts_t)
   dummy = jnp.zeros((1,), jnp.int32)
   return Tables(lo, counts, dummy, lo_t, counts_t, dummy,
-                jnp.zeros((1, 1, 1), jnp.int32), qo.reshape(1))
+                jnp.zeros((1, 1, 1), jnp.int32), jnp.stack([qo, lim]), fs, nf, fs_t, nf_t)
+
+
+def _clip_run(first, last, lo, count):
+  """`(start slot, length)` of blocks `[first, last]` within the run
+  `lo .. lo + count - 1` (length 0 and start 0 when they do not meet)."""
+  a = jnp.maximum(first, lo)
+  b = jnp.minimum(last, lo + count - 1)
+  n = jnp.maximum(b - a + 1, 0)
+  return jnp.where(n > 0, a - lo, 0).astype(jnp.int32), n.astype(jnp.int32)
 
 
 def _run(first, last, block, width):
@@ -151,14 +211,14 @@ def slot_mask_id(spec: Spec, masks, row, slot, width):
   return masks[row * width + slot]
 
 
-def needs_mask(spec: Spec, qb, kb, q_offset, mask_id):
+def needs_mask(spec: Spec, qb, kb, q_offset, mask_id, kv_limit=None):
   """Scalar: whether tile (query block `qb`, key block `kb`) must be masked.
 
   False only when every entry of the tile whose query row is real
   (`< q_len`) is visible and the key block has no padding past `kv_len`.
   """
   bq, bk = spec.block_q, spec.block_k
-  edge = (kb + 1) * bk > spec.kv_len
+  edge = (kb + 1) * bk > _limit(spec, kv_limit)
   if spec.mode == "table":
     return (mask_id != FULL) | edge
   r0 = qb * bq
@@ -168,12 +228,12 @@ def needs_mask(spec: Spec, qb, kb, q_offset, mask_id):
   return (dmin < 0) | (dmax >= spec.window) | edge
 
 
-def tile_visible(spec: Spec, qb, kb, q_offset, tile=None):
+def tile_visible(spec: Spec, qb, kb, q_offset, tile=None, kv_limit=None):
   """Bool `[bq, bk]`: which entries of the tile are visible."""
   bq, bk = spec.block_q, spec.block_k
   r = qb * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
   c = kb * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-  ok = (r < spec.q_len) & (c < spec.kv_len)
+  ok = (r < spec.q_len) & (c < _limit(spec, kv_limit))
   if spec.mode == "table":
     return ok & (tile != 0)
   d = q_offset + r - c
@@ -183,7 +243,7 @@ def tile_visible(spec: Spec, qb, kb, q_offset, tile=None):
   return ok
 
 
-def keys_seen(spec: Spec, kb, q_offset, shape):
+def keys_seen(spec: Spec, kb, q_offset, shape, kv_limit=None):
   """Bool `shape = [bk, Dp]`: key rows of block `kb` that some query sees.
 
   Band mode only (table layouts zero unseen keys before the kernel). Rows no
@@ -192,19 +252,19 @@ def keys_seen(spec: Spec, kb, q_offset, shape):
   """
   c = kb * spec.block_k + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
   last = q_offset + spec.q_len - 1
-  ok = (c <= last) & (c < spec.kv_len)
+  ok = (c <= last) & (c < _limit(spec, kv_limit))
   if spec.window < CAUSAL:
     ok = ok & (c > q_offset - spec.window)
   return ok
 
 
-def zero_unseen(spec: Spec, kb, q_offset, *tiles):
+def zero_unseen(spec: Spec, kb, q_offset, *tiles, kv_limit=None):
   """`tiles` (key-aligned `[bk, Dp]` blocks of key block `kb`) with the rows
   no query may see zeroed (`keys_seen`); table layouts are returned as they
   are (their unseen keys are zeroed before the kernel)."""
   if spec.mode != "band":
     return tiles
-  seen = keys_seen(spec, kb, q_offset, tiles[0].shape)
+  seen = keys_seen(spec, kb, q_offset, tiles[0].shape, kv_limit)
   return tuple(jnp.where(seen, x, 0) for x in tiles)
 
 
@@ -221,7 +281,7 @@ def dot(a, b, contract=(1, 0)):
                              preferred_element_type=F32, precision=_precision(a.dtype))
 
 
-def online_step(s, visible, m_prev, l_prev):
+def online_step(s, visible, m_prev, l_prev, exp=jnp.exp):
   """One key tile of the online softmax.
 
   Args:
@@ -230,27 +290,30 @@ def online_step(s, visible, m_prev, l_prev):
 
   Returns `(m_new, l_new, p, alpha)`: `p [bq, bk]` unnormalised
   probabilities (exactly 0 where not visible), `alpha` rescales the old sum.
+  `exp=jnp.exp2` runs the same step on scores in base-2 units (`s * log2(e)`).
   """
   if visible is not None:
     s_max = jnp.where(visible, s, NEG)
   else:
     s_max = s
   m_new = jnp.maximum(m_prev, jnp.max(s_max, axis=1, keepdims=True))
-  p = jnp.exp(s - m_new)
+  p = exp(s - m_new)
   if visible is not None:
     p = jnp.where(visible, p, 0.0)
-  alpha = jnp.exp(m_prev - m_new)
+  alpha = exp(m_prev - m_new)
   l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
   return m_new, l_new, p, alpha
 
 
-def finish(acc, m, l):
+def finish(acc, m, l, base2: bool = False):
   """`(out, lse)`: `acc / l` (0 where nothing is visible) and `m + log l`
-  (`+inf` where nothing is visible, so the backward's `exp(s - lse)` is 0)."""
+  (`+inf` where nothing is visible, so the backward's `exp(s - lse)` is 0).
+  `base2`: `m` is in base-2 units; `lse` is returned in natural units."""
   seen = l > 0
   out = jnp.where(seen, acc / jnp.where(seen, l, 1.0), 0.0)
-  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
-  return out, lse
+  safe_l = jnp.where(seen, l, 1.0)
+  lse = (m + jnp.log2(safe_l)) * LN2 if base2 else m + jnp.log(safe_l)
+  return out, jnp.where(seen, lse, jnp.inf)
 
 
 def bwd_probs(s, visible, lse, dp, delta):
@@ -262,13 +325,13 @@ def bwd_probs(s, visible, lse, dp, delta):
   return p, p * (dp - delta)
 
 
-def bwd_tile(spec: Spec, kb, q_offset, q, k, v, do, lse, delta, visible=None):
+def bwd_tile(spec: Spec, kb, q_offset, q, k, v, do, lse, delta, visible=None, kv_limit=None):
   """One backward tile: `(k, p, ds)` for `q, do: [bq, D]`, `k, v: [bk, D]`,
   `lse, delta: [bq, 1]`. `visible` (`[bq, bk]` bool) marks a masked tile:
   its keys no query may see are zeroed first (`zero_unseen`) and the returned
   `k` is the zeroed one; None is an interior tile, used as it is."""
   if visible is not None:
-    k, v = zero_unseen(spec, kb, q_offset, k, v)
+    k, v = zero_unseen(spec, kb, q_offset, k, v, kv_limit=kv_limit)
   s = dot(q, k, (1, 1)) * spec.scale
   p, ds = bwd_probs(s, visible, lse, dot(do, v, (1, 1)), delta)
   return k, p, ds

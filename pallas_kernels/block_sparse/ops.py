@@ -95,14 +95,16 @@ def _run(q, k, v, tabs: Tables, spec: Spec, variant):
   return _from_kernel(_attention(*args, tabs, spec, variant), lq)
 
 
-def _base_spec(q, k, *, mode, block_q, block_k, scale, window, width, width_t, count_visits):
+def _base_spec(q, k, *, mode, block_q, block_k, scale, window, width, width_t, count_visits,
+               gpu_blocks=None, tiles=0, offset_hint=0):
   check_blocks(block_q, block_k)
   lq, hq = q.shape[1], q.shape[2]
   lk, hk = k.shape[1], k.shape[2]
   return Spec(mode=mode, q_len=lq, kv_len=lk, block_q=block_q, block_k=block_k,
               num_q_blocks=-(-lq // block_q), num_k_blocks=-(-lk // block_k),
               width=width, width_t=width_t, groups=hq // hk, scale=float(scale),
-              window=window, count_visits=count_visits)
+              window=window, count_visits=count_visits, gpu_blocks=gpu_blocks, tiles=tiles,
+              offset_hint=offset_hint)
 
 
 # -------------------------------------------------------------- entry points
@@ -110,7 +112,8 @@ def _base_spec(q, k, *, mode, block_q, block_k, scale, window, width, width_t, c
 
 def band_attention(q, k, v, q_offset, *, window: int | None, scale: float,
                    block_q: int = 128, block_k: int = 128, variant=None,
-                   count_visits: bool = False):
+                   count_visits: bool = False, gpu_blocks: gpu.GpuBlocks | None = None,
+                   kv_limit=None):
   """Causal (`window=None`) or sliding-window attention.
 
   Query `i` sits at position `q_offset + i` (int or traced int32 scalar) and
@@ -118,16 +121,19 @@ def band_attention(q, k, v, q_offset, *, window: int | None, scale: float,
   visited per query block from tables computed on the device from
   `q_offset` (static grid bound); partial tiles are masked from positions.
   `count_visits=True` (forward only, no gradient) also returns int32
-  `[B, Hq, nq]`: key blocks each grid row computed.
+  `[B, Hq, nq]`: key blocks each grid row computed. `gpu_blocks`: the GPU
+  kernels' own tiles per pass (default `gpu.default_blocks`); each is capped
+  at `block_q x block_k`.
   """
   lq, lk = q.shape[1], k.shape[1]
   w = common.CAUSAL if window is None else int(window)
   spec = _base_spec(q, k, mode="band", block_q=block_q, block_k=block_k, scale=scale,
                     window=w, width=common.band_width(lq, lk, w, block_q, block_k),
                     width_t=common.band_width_t(lq, lk, w, block_q, block_k),
-                    count_visits=count_visits)
+                    count_visits=count_visits, gpu_blocks=gpu_blocks,
+                    offset_hint=q_offset if isinstance(q_offset, int) else lk - lq)
   q_offset = lk - lq if q_offset is None else q_offset
-  return _run(q, k, v, common.band_tables(q_offset, spec), spec, variant)
+  return _run(q, k, v, common.band_tables(q_offset, spec, kv_limit), spec, variant)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,18 +162,49 @@ class HostTables:
   block_k: int
 
 
+def _full_first(blocks, mids, counts, full):
+  """Each row's listed slots reordered full tiles first (stable), padding
+  slots repeating the new last entry; returns `(blocks, mids, num_full)`.
+
+  `blocks, mids: [rows, width]`, `counts: [rows]`, `full: [rows, width]`
+  bool (the slot's tile needs no mask). Host numpy, O(rows * width).
+  """
+  active = np.arange(blocks.shape[1])[None, :] < counts[:, None]
+  full = full & active
+  order = np.argsort(np.where(full, 0, np.where(active, 1, 2)), axis=1, kind="stable")
+  blocks, mids = (np.take_along_axis(x, order, 1) for x in (blocks, mids))
+  last = np.maximum(counts - 1, 0)[:, None]
+  blocks, mids = (np.where(active, x, np.take_along_axis(x, last, 1)) for x in (blocks, mids))
+  return blocks, mids, full.sum(axis=1)
+
+
 def table_attention(q, k, v, tables: HostTables, *, scale: float, variant=None,
-                    count_visits: bool = False):
-  """Attention over an arbitrary block layout given as `HostTables`."""
+                    count_visits: bool = False, gpu_blocks: gpu.GpuBlocks | None = None,
+                   kv_limit=None):
+  """Attention over an arbitrary block layout given as `HostTables`.
+
+  The GPU kernels split each layout tile into their own (smaller) tiles
+  (`gpu_blocks`, default `gpu.default_blocks`); the TPU kernels use the
+  layout's tiles.
+  """
   t = tables
   spec = _base_spec(q, k, mode="table", block_q=t.block_q, block_k=t.block_k, scale=scale,
                     window=common.CAUSAL, width=int(t.kv_blocks.shape[1]),
-                    width_t=int(t.kv_blocks_t.shape[1]), count_visits=count_visits)
+                    width_t=int(t.kv_blocks_t.shape[1]), count_visits=count_visits,
+                    gpu_blocks=gpu_blocks, tiles=int(np.sum(t.num_kv_blocks)))
+  nk = spec.num_k_blocks
+  unclipped = (np.arange(nk) + 1) * t.block_k <= t.kv_len          # [nk]: no key past kv_len
+  kvb, mids, nf = _full_first(t.kv_blocks, t.mask_ids, t.num_kv_blocks,
+                              (t.mask_ids == common.FULL) & unclipped[t.kv_blocks])
+  kvb_t, mids_t, nf_t = _full_first(t.kv_blocks_t, t.mask_ids_t, t.num_kv_blocks_t,
+                                    (t.mask_ids_t == common.FULL) & unclipped[:, None])
   i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
-  tabs = Tables(i32(t.kv_blocks).reshape(-1), i32(t.num_kv_blocks),
-                i32(t.mask_ids).reshape(-1), i32(t.kv_blocks_t).reshape(-1),
-                i32(t.num_kv_blocks_t), i32(t.mask_ids_t).reshape(-1),
-                i32(t.block_masks), jnp.zeros((1,), jnp.int32))
+  tabs = Tables(i32(kvb).reshape(-1), i32(t.num_kv_blocks),
+                i32(mids).reshape(-1), i32(kvb_t).reshape(-1),
+                i32(t.num_kv_blocks_t), i32(mids_t).reshape(-1),
+                i32(t.block_masks), jnp.array([0, t.kv_len], jnp.int32),
+                jnp.zeros((spec.num_q_blocks,), jnp.int32), i32(nf),
+                jnp.zeros((nk,), jnp.int32), i32(nf_t))
   if not bool(t.keys_seen.all()):
     seen = jnp.asarray(t.keys_seen)[None, :, None, None]
     k = jnp.where(seen, k, jnp.zeros((), k.dtype))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import cost
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import F32, LANES, Spec, Tables
 from pallas_kernels.common import pad_head_dim
@@ -33,6 +34,18 @@ NUM_PREFETCH = 4  # kv_blocks, num_kv_blocks, mask_ids, q_offset
 def _lanes(x):
   """`[B, H, L] -> [B, H, L, 128]` lane-replicated."""
   return jnp.broadcast_to(x[..., None], x.shape + (LANES,))
+
+
+def _cost(kind: str, spec: Spec, x, hk: int):
+  """`pl.CostEstimate` of one pass (`pallas_kernels.cost`, static tile count)."""
+  b, hq, _, d = x.shape
+  kw = dict(batch=b, q_heads=hq, kv_heads=hk, head_dim=d, tiles=common.tile_count(spec),
+            block_q=spec.block_q, block_k=spec.block_k, itemsize=x.dtype.itemsize,
+            platform="tpu")
+  if kind == "dkv":
+    return cost.block_sparse_dkv(num_k_blocks=spec.num_k_blocks, **kw)
+  fn = cost.block_sparse_fwd if kind == "fwd" else cost.block_sparse_dq
+  return fn(num_q_blocks=spec.num_q_blocks, **kw)
 
 
 def _cast_in(*xs):
@@ -99,13 +112,13 @@ def _tile_spec(spec: Spec, transposed: bool):
   return pl.BlockSpec((None, spec.block_q, spec.block_k), index)
 
 
-def _tile_state(spec, qb, kb, qo, mask_id, tile_ref):
+def _tile_state(spec, qb, kb, qo, mask_id, tile_ref, lim):
   """`(needs_mask, visible)`: a scalar, and a thunk building the tile mask."""
-  masked = common.needs_mask(spec, qb, kb, qo, mask_id)
+  masked = common.needs_mask(spec, qb, kb, qo, mask_id, lim)
 
   def visible():  # read the tile only in the masked branch
     tile = tile_ref[...] if tile_ref is not None else None
-    return common.tile_visible(spec, qb, kb, qo, tile)
+    return common.tile_visible(spec, qb, kb, qo, tile, lim)
   return masked, visible
 
 
@@ -123,7 +136,7 @@ def _fwd_kernel(
     m_ref, l_ref, acc_ref,
     *, spec: Spec):
   i, j = pl.program_id(2), pl.program_id(3)
-  qo = qo_ref[0]
+  qo, lim = qo_ref[0], qo_ref[1]
 
   @pl.when(j == 0)
   def _init():
@@ -136,12 +149,12 @@ def _fwd_kernel(
   kb = common.slot_block(spec, blocks, counts, i, j, spec.width)
   mid = common.slot_mask_id(spec, masks, i, j, spec.width)
   active = j < counts[i]
-  masked, visible = _tile_state(spec, i, kb, qo, mid, tile_ref)
+  masked, visible = _tile_state(spec, i, kb, qo, mid, tile_ref, lim)
 
   def step(use_mask):
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
     if use_mask:
-      (v,) = common.zero_unseen(spec, kb, qo, v)
+      (v,) = common.zero_unseen(spec, kb, qo, v, kv_limit=lim)
     s = common.dot(q, k, (1, 1)) * spec.scale
     vis = visible() if use_mask else None
     m_prev, l_prev = m_ref[...][:, :1], l_ref[...][:, :1]
@@ -190,6 +203,7 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
       _optional_refs(_fwd_kernel, [True] * 7 + [table, True, True, spec.count_visits]
                      + [True] * 3, spec=spec), grid_spec=grid_spec, out_shape=out_shape,
       compiler_params=_compiler(3, 1), interpret=interpret,
+      cost_estimate=_cost("fwd", spec, q, k.shape[1]),
       name="block_sparse_fwd")(*_prefetch(tabs, False), *args)
   o = outs[0][..., :d]
   if spec.count_visits:
@@ -211,7 +225,7 @@ def _dq_kernel(
     acc_ref,
     *, spec: Spec):
   i, j = pl.program_id(2), pl.program_id(3)
-  qo = qo_ref[0]
+  qo, lim = qo_ref[0], qo_ref[1]
 
   @pl.when(j == 0)
   def _init():
@@ -220,12 +234,12 @@ def _dq_kernel(
   kb = common.slot_block(spec, blocks, counts, i, j, spec.width)
   mid = common.slot_mask_id(spec, masks, i, j, spec.width)
   active = j < counts[i]
-  masked, visible = _tile_state(spec, i, kb, qo, mid, tile_ref)
+  masked, visible = _tile_state(spec, i, kb, qo, mid, tile_ref, lim)
 
   def step(use_mask):
     k, _, ds = common.bwd_tile(spec, kb, qo, q_ref[...], k_ref[...], v_ref[...],
                                do_ref[...], lse_ref[...][:, :1], delta_ref[...][:, :1],
-                               visible() if use_mask else None)
+                               visible() if use_mask else None, kv_limit=lim)
     acc_ref[...] += common.dot(ds.astype(k.dtype), k) * spec.scale
 
   pl.when(active & jnp.logical_not(masked))(lambda: step(False))
@@ -247,7 +261,7 @@ def _dkv_kernel(
     dk_acc, dv_acc,
     *, spec: Spec):
   j, g, t = pl.program_id(2), pl.program_id(3), pl.program_id(4)
-  qo = qo_ref[0]
+  qo, lim = qo_ref[0], qo_ref[1]
 
   @pl.when((g == 0) & (t == 0))
   def _init():
@@ -257,13 +271,13 @@ def _dkv_kernel(
   qb = common.slot_block(spec, blocks, counts, j, t, spec.width_t)
   mid = common.slot_mask_id(spec, masks, j, t, spec.width_t)
   active = t < counts[j]
-  masked, visible = _tile_state(spec, qb, j, qo, mid, tile_ref)
+  masked, visible = _tile_state(spec, qb, j, qo, mid, tile_ref, lim)
 
   def step(use_mask):
     q, do = q_ref[...], do_ref[...]
     _, p, ds = common.bwd_tile(spec, j, qo, q, k_ref[...], v_ref[...], do,
                                lse_ref[...][:, :1], delta_ref[...][:, :1],
-                               visible() if use_mask else None)     # [bq, bk]
+                               visible() if use_mask else None, kv_limit=lim)  # [bq, bk]
     dv_acc[...] += common.dot(p.astype(do.dtype).T, do)   # [bk, Dp]
     dk_acc[...] += common.dot(ds.astype(q.dtype).T, q) * spec.scale
 
@@ -302,6 +316,7 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
           scratch_shapes=[pltpu.VMEM((bq, dp), F32)]),
       out_shape=jax.ShapeDtypeStruct((b, hq, lqp, dp), dtypes[0]),
       compiler_params=_compiler(3, 1), interpret=interpret,
+      cost_estimate=_cost("dq", spec, q, hk),
       name="block_sparse_dq")(*_prefetch(tabs, False), *args)
   kv_out = pl.BlockSpec((None, None, bk, dp), lambda b, hk, j, g, t, *_: (b, hk, j, 0))
   dk, dv = pl.pallas_call(
@@ -314,5 +329,6 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
       out_shape=[jax.ShapeDtypeStruct((b, hk, lkp, dp), dtypes[1]),
                  jax.ShapeDtypeStruct((b, hk, lkp, dp), dtypes[2])],
       compiler_params=_compiler(3, 2), interpret=interpret,
+      cost_estimate=_cost("dkv", spec, q, hk),
       name="block_sparse_dkv")(*_prefetch(tabs, True), *args)
   return dq[..., :d], dk[..., :d], dv[..., :d]
