@@ -124,6 +124,13 @@ def sort_rows_by_start(lo, hi):
   return jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
 
 
+def inverse_permutation(perm):
+  """int32 `[..., N]` inverse of a permutation along the last axis, by one
+  scatter (`inv[perm[i]] = i`), not a second sort."""
+  idx = jnp.broadcast_to(jnp.arange(perm.shape[-1], dtype=jnp.int32), perm.shape)
+  return jnp.put_along_axis(jnp.zeros_like(perm), perm, idx, axis=-1, inplace=False)
+
+
 def visited_keys_mask(lo, hi, block_q: int, block_k: int, kv_len: int):
   """bool `[B, H, R, kv_len]`: the keys the kernels load for each row's tile.
 

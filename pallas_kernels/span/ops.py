@@ -182,8 +182,10 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
 
   Args:
     q: `[B, Lq, Hq, D]`; k, v: `[B, Lk, Hk, D]` (`Hq % Hk == 0`).
-    anchors: int32 `[B, Lq, Hq, K]` selected anchors (-1 = invalid slot).
-    gates: float32 `[B, Lq, Hq, K]` mixing weights (differentiable).
+    anchors: int32 `[B, Hq, K, Lq]` selected anchors (-1 = invalid slot),
+      query axis last (the layout `stripe.search_topk(heads_first=True)`
+      returns).
+    gates: float32 `[B, Hq, K, Lq]` mixing weights (differentiable).
     span_table: int32 `[Lk + 1, 2]`: `(back, fwd)` span lengths per
       `t = pos + 1` (the shared integer table).
     window: `W` (static); the window is `[pos - W + 1, pos]`, spans end at
@@ -195,42 +197,50 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
 
   Returns:
     `[B, Lq, Hq, D]` in q's dtype. Gradients flow to q, k, v and gates.
+
+  Layout: every row table keeps the query axis last (rows ordered head,
+  slot, query). XLA:TPU compiles a reshape that merges or splits a tiny
+  minor axis (G heads, K slots) after the query axis into code linear in
+  `Lq`; with the query axis last every reshape here only merges major axes.
   """
   b, lq, hq, d = q.shape
   lk, hk = k.shape[1], k.shape[2]
-  g, num = hq // hk, anchors.shape[-1]
+  g, num = hq // hk, anchors.shape[2]
+  if anchors.shape != (b, hq, num, lq) or gates.shape != anchors.shape:
+    raise ValueError(f"anchors {anchors.shape} / gates {gates.shape}: both must be "
+                     f"[B, Hq, K, Lq] = [{b}, {hq}, K, {lq}] (query axis last).")
   kw = dict(scale=scale, block_q=block_q, block_k=block_k, variant=variant)
   q_offset = lk - lq if q_offset is None else q_offset
   pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(lq, dtype=jnp.int32)
-  qr = q.reshape(b, lq, hk, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, lq * g, d)
+  qh = q.transpose(0, 2, 1, 3).reshape(b, hk, g * lq, d)         # rows (head, query)
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-  # Window: rows query-major (the G heads of a kv head interleaved).
+  # Window: rows (head, query).
   if window > 0:
     wlo, whi = common.window_bounds(pos, window, lk)
-    rows = lambda x: jnp.broadcast_to(x[None, None, :, None], (b, hk, lq, g)).reshape(  # noqa: E731
-        b, hk, lq * g)
-    o_w, lse_w = interval_attention(qr, kt, vt, rows(wlo), rows(whi), **kw)
-    o_w, lse_w = o_w.reshape(b, hk, lq, g, d), lse_w.reshape(b, hk, lq, g)
+    rows = lambda x: jnp.broadcast_to(x, (b, hk, g, lq)).reshape(b, hk, g * lq)  # noqa: E731
+    o_w, lse_w = interval_attention(qh, kt, vt, rows(wlo), rows(whi), **kw)
+    o_w, lse_w = o_w.reshape(b, hk, g, 1, lq, d), lse_w.reshape(b, hk, g, 1, lq)
   else:
-    o_w = jnp.zeros((b, hk, lq, g, d), F32)
-    lse_w = jnp.full((b, hk, lq, g), -jnp.inf, F32)
+    o_w = jnp.zeros((b, hk, g, 1, lq, d), F32)
+    lse_w = jnp.full((b, hk, g, 1, lq), -jnp.inf, F32)
 
-  # Spans: (query, head, slot) rows sorted by start.
-  back, fwd = span_lengths(span_table, pos[:, None, None])
-  a = anchors.astype(jnp.int32).reshape(b, lq, hk, g, num).transpose(0, 2, 1, 3, 4)
-  slo, shi = span_bounds(a, pos[:, None, None], back, fwd, window)
-  n = lq * g * num
+  # Spans: (head, slot, query) rows, sorted by start for the kernel.
+  back, fwd = span_lengths(span_table, pos)                       # [Lq]
+  a = anchors.astype(jnp.int32).reshape(b, hk, g, num, lq)
+  slo, shi = span_bounds(a, pos, back, fwd, window)
+  n = g * num * lq
   slo, shi = slo.reshape(b, hk, n), shi.reshape(b, hk, n)
   perm = common.sort_rows_by_start(slo, shi)                     # [B, Hk, N]
-  q_pairs = jnp.take_along_axis(qr, (perm // num)[..., None], axis=2)
+  q_rows = (perm // (num * lq)) * lq + perm % lq                  # row of qh
+  q_pairs = jnp.take_along_axis(qh, q_rows[..., None], axis=2)
   o_p, lse_p = interval_attention(q_pairs, kt, vt, jnp.take_along_axis(slo, perm, -1),
                                   jnp.take_along_axis(shi, perm, -1), **kw)
-  inv = jnp.argsort(perm, axis=-1)
-  o_s = jnp.take_along_axis(o_p, inv[..., None], axis=2).reshape(b, hk, lq, g, num, d)
-  lse_s = jnp.take_along_axis(lse_p, inv, axis=-1).reshape(b, hk, lq, g, num)
+  inv = common.inverse_permutation(perm)
+  o_s = jnp.take_along_axis(o_p, inv[..., None], axis=2).reshape(b, hk, g, num, lq, d)
+  lse_s = jnp.take_along_axis(lse_p, inv, axis=-1).reshape(b, hk, g, num, lq)
 
-  o_k, _ = merge_softmax(o_s, lse_s, o_w[..., None, :], lse_w[..., None])
-  gk = gates.astype(F32).reshape(b, lq, hk, g, num).transpose(0, 2, 1, 3, 4)
-  out = jnp.sum(gk[..., None] * o_k, axis=-2)                     # [B, Hk, Lq, G, D]
-  return out.transpose(0, 2, 1, 3, 4).reshape(b, lq, hq, d).astype(q.dtype)
+  o_k, _ = merge_softmax(o_s, lse_s, o_w, lse_w)
+  gk = gates.astype(F32).reshape(b, hk, g, num, lq)
+  out = jnp.sum(gk[..., None] * o_k, axis=3)                      # [B, Hk, G, Lq, D]
+  return out.reshape(b, hq, lq, d).transpose(0, 2, 1, 3).astype(q.dtype)
