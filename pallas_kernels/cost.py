@@ -17,11 +17,10 @@ each kernel body *really* loads and computes today:
   * decode stripe/search steps load a 16-row window to use `lq` rows.
 
 Switches for the planned changes (issue 15), default = today's code:
-`gqa_shared_reads` (stripe kernels per kv head), `search_once`
-(`selected_scores_*`: gate logits from the search, backward through the k
-selected anchors only), `num_splits` (decode: the cache split over more
-programs, partial states merged), `rows_per_stripe` (decode: rows loaded
-per stripe step).
+`gqa_shared_reads` (stripe kernels per kv head), `num_splits` (decode:
+the cache split over more programs, partial states merged),
+`rows_per_stripe` (decode: rows loaded per stripe step). Search once
+(issue 15 item 1) is in: `gate_logits_bwd` models its backward.
 
 Every public function returns `jax.experimental.pallas.CostEstimate`; with
 `detail=True` it returns a `KernelCost` instead, which also says how many
@@ -29,10 +28,9 @@ FLOPs are row-wise (vector units, not matmul units) and how many programs
 the grid launches (how much of the device it can fill).
 
 Counts that depend on data (the span kernels' key blocks, the decode range
-tiles, the gate-logit kernels' distinct anchor offsets) are traced inside a
-jitted call, but a `CostEstimate` needs Python ints: pass the expected count
-(`window_key_blocks`, `span_key_blocks` below; the stripe count for
-`offsets`), not a traced value.
+tiles) are traced inside a jitted call, but a `CostEstimate` needs Python
+ints: pass the expected count (`window_key_blocks`, `span_key_blocks`
+below), not a traced value.
 
 This is a model, not a measurement: it ignores caches, latency, pipelining,
 masking overhead and register spills.
@@ -195,67 +193,25 @@ def stripe_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_l
                          programs=batch * q_heads * nq), detail)
 
 
-def selected_scores_fwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
-                        q_len: int, offsets: int, num_spans: int, block_q: int = 64,
-                        itemsize: int = 2, platform: str = "gpu", unit: int = 16,
-                        gqa_shared_reads: bool = False, search_once: bool = False,
-                        detail: bool = False):
-  """Gate logits of the chosen anchors (`stripe.selected_scores` forward).
+def gate_logits_bwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
+                    q_len: int, num_spans: int, itemsize: int = 2, platform: str = "gpu",
+                    detail: bool = False):
+  """Backward of the gate logits (`attn.pallas.superlinear.gate_logits`; XLA).
 
-  Today a second stripe loop: grid `(B, Hq, nq)`, one step per distinct
-  anchor offset (`offsets`: the stripe count for superlinear anchors),
-  `block_q` rows of the search keys each. `search_once=True`: the search
-  returns the scores, no kernel (zero cost).
+  The forward is free (the search's own top-k scores, search once). The
+  backward gathers the `k` selected search-key rows per query into a
+  float32 dq_search and scatter-adds `k` query rows per query into a
+  float32 dk_search (read-modify-write of a row), one slot at a time: no
+  stripe loop. `kv_heads` is unused (the scatter targets are per pair).
   """
-  if search_once:
-    return _out(KernelCost(), detail)
+  del kv_heads
   dp = padded_head_dim(head_dim, platform)
-  nq = _cdiv(q_len, block_q)
-  reads_h = kv_heads if gqa_shared_reads else q_heads
-  ks = batch * reads_h * nq * offsets * stripe_rows(block_q, platform, unit) * dp * itemsize
-  kp = next_pow2(num_spans)
-  own = batch * q_heads * nq * block_q * (dp * itemsize + kp * (I32_BYTES + F32_BYTES))
-  vec = batch * q_heads * nq * offsets * block_q * 2 * dp
-  return _out(KernelCost(vector_flops=int(vec), bytes_accessed=int(ks + own),
-                         programs=batch * q_heads * nq), detail)
-
-
-def selected_scores_bwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
-                        q_len: int, kv_len: int, offsets: int, num_spans: int,
-                        block_q: int = 64, block_k: int = 64, itemsize: int = 2,
-                        platform: str = "gpu", unit: int = 16,
-                        gqa_shared_reads: bool = False, search_once: bool = False,
-                        detail: bool = False):
-  """Backward of the gate logits: the dq and dk kernels together.
-
-  dq: grid `(B, Hq, nq)`, per offset `block_q` key rows, float32 dq out.
-  dk: grid `(B, Hk, nk)`, per query head of the group and per offset the
-  transposed stripe: `block_k` rows of anchors, gate cotangents and search
-  queries; float32 dk out. `search_once=True`: a gather of the `k`
-  selected key rows per query for dq and a scatter-add of `k` query rows
-  for dk (read-modify-write of a float32 row), no stripe loop.
-  """
-  dp = padded_head_dim(head_dim, platform)
-  kp = next_pow2(num_spans)
-  if search_once:
-    pairs = batch * q_heads * q_len * num_spans
-    dq = pairs * dp * itemsize + batch * q_heads * q_len * dp * F32_BYTES
-    dk = pairs * (dp * itemsize + 2 * dp * F32_BYTES)
-    return _out(KernelCost(vector_flops=4 * pairs * dp,
-                           bytes_accessed=dq + dk + 2 * pairs * (I32_BYTES + F32_BYTES),
-                           programs=batch * q_heads * _cdiv(q_len, block_q)), detail)
-  nq, nk = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
-  reads_h = kv_heads if gqa_shared_reads else q_heads
-  rq = stripe_rows(block_q, platform, unit)
-  rk = stripe_rows(block_k, platform, unit)
-  dq = (batch * reads_h * nq * offsets * rq * dp * itemsize
-        + batch * q_heads * nq * block_q * (2 * kp * 4 + dp * F32_BYTES))
-  dk = (batch * q_heads * nk * offsets * rk * (dp * itemsize + 2 * kp * 4)
-        + batch * kv_heads * nk * block_k * dp * F32_BYTES)
-  vec = (batch * q_heads * nq * offsets * block_q * 2 * dp
-         + batch * q_heads * nk * offsets * block_k * 2 * dp)
-  return _out(KernelCost(vector_flops=int(vec), bytes_accessed=int(dq + dk),
-                         programs=batch * (q_heads * nq + kv_heads * nk)), detail)
+  pairs = batch * q_heads * q_len * num_spans
+  dq = pairs * dp * itemsize + batch * q_heads * q_len * dp * F32_BYTES
+  dk = pairs * (dp * itemsize + 2 * dp * F32_BYTES)
+  return _out(KernelCost(vector_flops=4 * pairs * dp,
+                         bytes_accessed=dq + dk + 2 * pairs * (I32_BYTES + F32_BYTES),
+                         programs=batch * q_heads * q_len), detail)
 
 
 def band_chunks(q_len: int, kv_len: int, q_offset: int, lo: int, hi: int, block: int,
