@@ -319,12 +319,13 @@ def span_fwd(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: in
   `key_blocks`: key blocks visited, summed over every row tile of the grid
   (all batches and heads; each tile visits the blocks covering its rows'
   union, a data-dependent count);
-  K, V `block_k` rows each. Rows in: q, lo, hi; out: float32 o, lse.
+  K, V `block_k` rows each. Rows in: q, lo, hi; out: o (input dtype),
+  float32 lse.
   """
   dp = padded_head_dim(head_dim, platform)
   rp = _cdiv(rows, block_q) * block_q
   kv = key_blocks * 2 * block_k * dp * itemsize
-  own = batch * heads * rp * (dp * itemsize + 2 * I32_BYTES + dp * F32_BYTES + F32_BYTES)
+  own = batch * heads * rp * (2 * dp * itemsize + 2 * I32_BYTES + F32_BYTES)
   work = key_blocks * block_q * block_k
   return _out(KernelCost(flops=4 * work * dp, transcendentals=work, bytes_accessed=kv + own,
                          programs=batch * heads * (rp // block_q)), detail)
@@ -333,16 +334,16 @@ def span_fwd(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: in
 def window_key_blocks(seq_len: int, window: int, group: int, block_q: int = 64,
                       block_k: int = 64) -> int:
   """Key blocks the span forward visits for superlinear's window call, per
-  (batch, kv head): rows are query-major with `group` heads interleaved, so
-  a tile holds `block_q / group` consecutive queries, whose window union is
-  `[p0 - window + 1, p1]`."""
+  (batch, kv head): rows are ordered (head, query), so a tile holds
+  `block_q` consecutive queries of one of the `group` heads, whose window
+  union is `[p0 - window + 1, p1]` (tiles do not straddle heads when
+  `seq_len % block_q == 0`)."""
   if window <= 0:
     return 0
-  per = max(1, block_q // group)
-  p0 = np.arange(0, seq_len, per, dtype=np.int64)
-  p1 = np.minimum(p0 + per, seq_len) - 1
+  p0 = np.arange(0, seq_len, block_q, dtype=np.int64)
+  p1 = np.minimum(p0 + block_q, seq_len) - 1
   lo = np.maximum(p0 - window + 1, 0)
-  return int((p1 // block_k - lo // block_k + 1).sum())
+  return group * int((p1 // block_k - lo // block_k + 1).sum())
 
 
 def span_key_blocks(rows: int, span_keys: int, kv_len: int, block_q: int = 64,
@@ -359,29 +360,49 @@ def span_key_blocks(rows: int, span_keys: int, kv_len: int, block_q: int = 64,
           + _cdiv(kv_len, block_k))
 
 
+def span_dq(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: int,
+            block_q: int = 64, block_k: int = 64, itemsize: int = 2,
+            platform: str = "gpu", detail: bool = False):
+  """Interval attention dq kernel: the forward's visits, 6 FLOPs per entry
+  and element; q, do, lse, delta, lo, hi in, float32 dq out."""
+  dp = padded_head_dim(head_dim, platform)
+  rp = _cdiv(rows, block_q) * block_q
+  kv = key_blocks * 2 * block_k * dp * itemsize
+  own = batch * heads * rp * (2 * dp * itemsize + 4 * F32_BYTES + dp * F32_BYTES)
+  work = key_blocks * block_q * block_k
+  return _out(KernelCost(flops=6 * work * dp, transcendentals=work,
+                         bytes_accessed=kv + own,
+                         programs=batch * heads * (rp // block_q)), detail)
+
+
+def span_dkv(*, batch: int, heads: int, head_dim: int, kv_len: int, tile_visits_t: int,
+             block_q: int = 64, block_k: int = 64, itemsize: int = 2,
+             platform: str = "gpu", detail: bool = False):
+  """Interval attention dk/dv kernel, grid `(B, H, nkb)`, looping over
+  `tile_visits_t` row tiles (total over the grid) with q, do, lse, delta,
+  lo, hi each (8 FLOPs per entry and element); float32 dk, dv out."""
+  dp = padded_head_dim(head_dim, platform)
+  nkb = _cdiv(kv_len, block_k)
+  rows = tile_visits_t * block_q * (2 * dp * itemsize + 4 * F32_BYTES)
+  own = batch * heads * nkb * block_k * (2 * dp * itemsize + 2 * dp * F32_BYTES)
+  work = tile_visits_t * block_q * block_k
+  return _out(KernelCost(flops=8 * work * dp, transcendentals=work,
+                         bytes_accessed=rows + own, programs=batch * heads * nkb), detail)
+
+
 def span_bwd(*, batch: int, heads: int, head_dim: int, rows: int, kv_len: int,
              key_blocks: int, tile_visits_t: int | None = None, block_q: int = 64,
              block_k: int = 64, itemsize: int = 2, platform: str = "gpu",
              detail: bool = False):
-  """Interval attention backward: the dq kernel (same visits as the forward,
-  6 FLOPs per entry and element) plus the dkv kernel, grid `(B, H, nkb)`,
-  looping over `tile_visits_t` row tiles (default: the forward's visits)
-  with q, do, lse, delta, lo, hi each (8 FLOPs); float32 gradients out.
-  `key_blocks`, `tile_visits_t`: totals over the grid (all batches, heads)."""
-  dp = padded_head_dim(head_dim, platform)
-  rp = _cdiv(rows, block_q) * block_q
-  nkb = _cdiv(kv_len, block_k)
+  """Interval attention backward: `span_dq` plus `span_dkv` (`tile_visits_t`
+  default: the forward's visits). `key_blocks`, `tile_visits_t`: totals over
+  the grid (all batches, heads)."""
+  kw = dict(batch=batch, heads=heads, head_dim=head_dim, block_q=block_q, block_k=block_k,
+            itemsize=itemsize, platform=platform, detail=True)
   tv = key_blocks if tile_visits_t is None else tile_visits_t
-  kv = key_blocks * 2 * block_k * dp * itemsize
-  dq_own = batch * heads * rp * (2 * dp * itemsize + 4 * F32_BYTES + dp * F32_BYTES)
-  dkv_rows = tv * block_q * (2 * dp * itemsize + 4 * F32_BYTES)
-  dkv_own = batch * heads * nkb * block_k * (2 * dp * itemsize + 2 * dp * F32_BYTES)
-  work_q = key_blocks * block_q * block_k
-  work_k = tv * block_q * block_k
-  return _out(KernelCost(flops=6 * work_q * dp + 8 * work_k * dp,
-                         transcendentals=work_q + work_k,
-                         bytes_accessed=kv + dq_own + dkv_rows + dkv_own,
-                         programs=batch * heads * (rp // block_q + nkb)), detail)
+  total = (span_dq(rows=rows, key_blocks=key_blocks, **kw)
+           + span_dkv(kv_len=kv_len, tile_visits_t=tv, **kw))
+  return _out(total, detail)
 
 
 # ------------------------------------------------------------------ decode

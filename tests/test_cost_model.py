@@ -358,11 +358,11 @@ def test_estimate_is_a_pallas_cost_estimate_and_changes_only_lower_cost():
 
 def test_roofline_tile_counts_match_plain_loops():
   from eval import roofline
-  # Window call of span attention: query-major rows, G heads interleaved.
-  l, w, g, bq, bk = 200, 30, 4, 16, 16
+  # Window call of span attention: rows (head, query), query axis last.
+  l, w, g, bq, bk = 208, 30, 4, 16, 16
   want = 0
   for r0 in range(0, l * g, bq):
-    pos = [r // g for r in range(r0, min(r0 + bq, l * g))]
+    pos = [r % l for r in range(r0, min(r0 + bq, l * g))]
     lo, hi = max(min(pos) - w + 1, 0), max(pos)
     want += hi // bk - lo // bk + 1
   assert cost.window_key_blocks(l, w, g, bq, bk) == want

@@ -137,7 +137,7 @@ def _prefill(q, k, v, q_search, k_search, q_offset, *, config: SuperlinearConfig
   anchors, scores = jax.lax.stop_gradient(anchors), jax.lax.stop_gradient(scores)
   logits = gate_logits(q_search, k_search, anchors, scores)
   gates = jax.nn.softmax(jnp.where(anchors >= 0, logits, -1e9), axis=2)
-  span_table = jnp.asarray(masks.superlinear_span_table(lk, config))
+  span_table = masks.superlinear_span_table(lk, config)   # numpy: static cost estimates
   out = span.span_attention(
       q, k, v, anchors, gates, span_table=span_table, window=config.window, scale=scale,
       q_offset=q_offset, block_q=block_q, block_k=block_k, variant=variant)
