@@ -244,7 +244,8 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
   kv_b = s.batch * seq_len * s.kv_heads * s.head_dim * s.itemsize
   span_glue = (4 * kv_b + 2 * q_rows * s.head_dim * s.itemsize      # kt, vt, qr
                + 2 * pairs * dp * s.itemsize                           # q_pairs gather
-               + pairs * dp * 4 * 5)                                   # inverse, merge, gate
+               + pairs * dp * s.itemsize                               # merge-and-gate reads o
+               + pairs * 4 * 6)                                        # bounds, sort, inverse
   parts += [("span window fwd", cost.span_fwd(rows=seq_len * s.group, key_blocks=w_blocks,
                                               detail=True, **hk)),
             ("span spans fwd", cost.span_fwd(rows=rows, key_blocks=sp_blocks, detail=True,
