@@ -54,8 +54,10 @@ def _span(config_name: str):
     table = jnp.asarray(masks.superlinear_span_table(seq_len, cfg))
 
     def fn(q, k, v, gates, anchors, table):
-      return span_kernels.span_attention(q, k, v, anchors, gates, span_table=table,
-                                         window=cfg.window, scale=q.shape[-1] ** -0.5)
+      heads_first = lambda x: jnp.transpose(x, (0, 2, 3, 1))  # noqa: E731  [B, Hq, K, L]
+      return span_kernels.span_attention(q, k, v, heads_first(anchors), heads_first(gates),
+                                         span_table=table, window=cfg.window,
+                                         scale=q.shape[-1] ** -0.5)
     return built(fn, (q, k, v, gates, anchors, table),
                  superlinear_entries(seq_len, cfg, config.batch, config.q_heads))
   return make

@@ -70,7 +70,6 @@ class Shape:
 class Changes:
   """Planned kernel changes (issue 15), off = today's kernels."""
 
-  search_once: bool = False       # 1: gate logits from the search, no second stripe pass
   gqa_shared_reads: bool = False  # 2: stripe kernels serve a kv head's G query heads
   split_decode: bool = False      # 4: decode split over >= SMs programs, 1 row per stripe,
                                   #    dense decode reads only attended keys
@@ -81,8 +80,8 @@ class Changes:
     return "today" if not on else " + ".join(on)
 
 
-ALL = Changes(True, True, True, True)
-SCENARIOS = (Changes(), Changes(search_once=True), Changes(gqa_shared_reads=True),
+ALL = Changes(True, True, True)
+SCENARIOS = (Changes(), Changes(gqa_shared_reads=True),
              Changes(split_decode=True), Changes(ppa_routing=True), ALL)
 RELEASED = attn.SuperlinearConfig(sw_index=65, num_spans=3, search_power=0.55,
                                   span_power=0.55, backward_factor=3.0, forward_factor=1.0)
@@ -233,12 +232,8 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
   frame = 2 * s.batch * s.kv_heads * seq_len * dp * s.itemsize + 2 * q_rows * dp * s.itemsize
   parts = [("search frames", _glue(frame)),
            ("stripe_search", cost.stripe_search(q_len=seq_len, stripes=stripes,
-                                                num_spans=num, detail=True, **sk)),
-           ("selected_scores_fwd", cost.selected_scores_fwd(
-               q_len=seq_len, offsets=stripes, num_spans=num, search_once=changes.search_once,
-               detail=True, **sk))]
-  if not changes.search_once:
-    parts.append(("selected frames", _glue(frame)))
+                                                num_spans=num, detail=True, **sk))]
+  # Gate logits: the search's own scores (search once), no forward kernel.
   heads = s.batch * s.kv_heads           # span grid: (batch, kv head) pairs
   w_blocks = heads * cost.window_key_blocks(seq_len, config.window, s.group)
   rows, sp_blocks = span_key_blocks(seq_len, config, s.group)
@@ -249,7 +244,8 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
   kv_b = s.batch * seq_len * s.kv_heads * s.head_dim * s.itemsize
   span_glue = (4 * kv_b + 2 * q_rows * s.head_dim * s.itemsize      # kt, vt, qr
                + 2 * pairs * dp * s.itemsize                           # q_pairs gather
-               + pairs * dp * 4 * 5)                                   # inverse, merge, gate
+               + pairs * dp * s.itemsize                               # merge-and-gate reads o
+               + pairs * 4 * 6)                                        # bounds, sort, inverse
   parts += [("span window fwd", cost.span_fwd(rows=seq_len * s.group, key_blocks=w_blocks,
                                               detail=True, **hk)),
             ("span spans fwd", cost.span_fwd(rows=rows, key_blocks=sp_blocks, detail=True,
@@ -261,9 +257,8 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
               ("span spans bwd", cost.span_bwd(rows=rows, kv_len=seq_len, key_blocks=sp_blocks,
                                                detail=True, **hk)),
               ("span bwd glue", _glue(2 * span_glue)),
-              ("selected_scores_bwd", cost.selected_scores_bwd(
-                  q_len=seq_len, kv_len=seq_len, offsets=stripes, num_spans=num,
-                  search_once=changes.search_once, detail=True, **sk))]
+              ("gate_logits_bwd", cost.gate_logits_bwd(
+                  q_len=seq_len, num_spans=num, detail=True, **s.kw()))]
   return OpCost(tuple(parts))
 
 

@@ -17,11 +17,10 @@ each kernel body *really* loads and computes today:
   * decode stripe/search steps load a 16-row window to use `lq` rows.
 
 Switches for the planned changes (issue 15), default = today's code:
-`gqa_shared_reads` (stripe kernels per kv head), `search_once`
-(`selected_scores_*`: gate logits from the search, backward through the k
-selected anchors only), `num_splits` (decode: the cache split over more
-programs, partial states merged), `rows_per_stripe` (decode: rows loaded
-per stripe step).
+`gqa_shared_reads` (stripe kernels per kv head), `num_splits` (decode:
+the cache split over more programs, partial states merged),
+`rows_per_stripe` (decode: rows loaded per stripe step). Search once
+(issue 15 item 1) is in: `gate_logits_bwd` models its backward.
 
 Every public function returns `jax.experimental.pallas.CostEstimate`; with
 `detail=True` it returns a `KernelCost` instead, which also says how many
@@ -29,10 +28,9 @@ FLOPs are row-wise (vector units, not matmul units) and how many programs
 the grid launches (how much of the device it can fill).
 
 Counts that depend on data (the span kernels' key blocks, the decode range
-tiles, the gate-logit kernels' distinct anchor offsets) are traced inside a
-jitted call, but a `CostEstimate` needs Python ints: pass the expected count
-(`window_key_blocks`, `span_key_blocks` below; the stripe count for
-`offsets`), not a traced value.
+tiles) are traced inside a jitted call, but a `CostEstimate` needs Python
+ints: pass the expected count (`window_key_blocks`, `span_key_blocks`
+below), not a traced value.
 
 This is a model, not a measurement: it ignores caches, latency, pipelining,
 masking overhead and register spills.
@@ -195,67 +193,25 @@ def stripe_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_l
                          programs=batch * q_heads * nq), detail)
 
 
-def selected_scores_fwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
-                        q_len: int, offsets: int, num_spans: int, block_q: int = 64,
-                        itemsize: int = 2, platform: str = "gpu", unit: int = 16,
-                        gqa_shared_reads: bool = False, search_once: bool = False,
-                        detail: bool = False):
-  """Gate logits of the chosen anchors (`stripe.selected_scores` forward).
+def gate_logits_bwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
+                    q_len: int, num_spans: int, itemsize: int = 2, platform: str = "gpu",
+                    detail: bool = False):
+  """Backward of the gate logits (`attn.pallas.superlinear.gate_logits`; XLA).
 
-  Today a second stripe loop: grid `(B, Hq, nq)`, one step per distinct
-  anchor offset (`offsets`: the stripe count for superlinear anchors),
-  `block_q` rows of the search keys each. `search_once=True`: the search
-  returns the scores, no kernel (zero cost).
+  The forward is free (the search's own top-k scores, search once). The
+  backward gathers the `k` selected search-key rows per query into a
+  float32 dq_search and scatter-adds `k` query rows per query into a
+  float32 dk_search (read-modify-write of a row), one slot at a time: no
+  stripe loop. `kv_heads` is unused (the scatter targets are per pair).
   """
-  if search_once:
-    return _out(KernelCost(), detail)
+  del kv_heads
   dp = padded_head_dim(head_dim, platform)
-  nq = _cdiv(q_len, block_q)
-  reads_h = kv_heads if gqa_shared_reads else q_heads
-  ks = batch * reads_h * nq * offsets * stripe_rows(block_q, platform, unit) * dp * itemsize
-  kp = next_pow2(num_spans)
-  own = batch * q_heads * nq * block_q * (dp * itemsize + kp * (I32_BYTES + F32_BYTES))
-  vec = batch * q_heads * nq * offsets * block_q * 2 * dp
-  return _out(KernelCost(vector_flops=int(vec), bytes_accessed=int(ks + own),
-                         programs=batch * q_heads * nq), detail)
-
-
-def selected_scores_bwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
-                        q_len: int, kv_len: int, offsets: int, num_spans: int,
-                        block_q: int = 64, block_k: int = 64, itemsize: int = 2,
-                        platform: str = "gpu", unit: int = 16,
-                        gqa_shared_reads: bool = False, search_once: bool = False,
-                        detail: bool = False):
-  """Backward of the gate logits: the dq and dk kernels together.
-
-  dq: grid `(B, Hq, nq)`, per offset `block_q` key rows, float32 dq out.
-  dk: grid `(B, Hk, nk)`, per query head of the group and per offset the
-  transposed stripe: `block_k` rows of anchors, gate cotangents and search
-  queries; float32 dk out. `search_once=True`: a gather of the `k`
-  selected key rows per query for dq and a scatter-add of `k` query rows
-  for dk (read-modify-write of a float32 row), no stripe loop.
-  """
-  dp = padded_head_dim(head_dim, platform)
-  kp = next_pow2(num_spans)
-  if search_once:
-    pairs = batch * q_heads * q_len * num_spans
-    dq = pairs * dp * itemsize + batch * q_heads * q_len * dp * F32_BYTES
-    dk = pairs * (dp * itemsize + 2 * dp * F32_BYTES)
-    return _out(KernelCost(vector_flops=4 * pairs * dp,
-                           bytes_accessed=dq + dk + 2 * pairs * (I32_BYTES + F32_BYTES),
-                           programs=batch * q_heads * _cdiv(q_len, block_q)), detail)
-  nq, nk = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
-  reads_h = kv_heads if gqa_shared_reads else q_heads
-  rq = stripe_rows(block_q, platform, unit)
-  rk = stripe_rows(block_k, platform, unit)
-  dq = (batch * reads_h * nq * offsets * rq * dp * itemsize
-        + batch * q_heads * nq * block_q * (2 * kp * 4 + dp * F32_BYTES))
-  dk = (batch * q_heads * nk * offsets * rk * (dp * itemsize + 2 * kp * 4)
-        + batch * kv_heads * nk * block_k * dp * F32_BYTES)
-  vec = (batch * q_heads * nq * offsets * block_q * 2 * dp
-         + batch * q_heads * nk * offsets * block_k * 2 * dp)
-  return _out(KernelCost(vector_flops=int(vec), bytes_accessed=int(dq + dk),
-                         programs=batch * (q_heads * nq + kv_heads * nk)), detail)
+  pairs = batch * q_heads * q_len * num_spans
+  dq = pairs * dp * itemsize + batch * q_heads * q_len * dp * F32_BYTES
+  dk = pairs * (dp * itemsize + 2 * dp * F32_BYTES)
+  return _out(KernelCost(vector_flops=4 * pairs * dp,
+                         bytes_accessed=dq + dk + 2 * pairs * (I32_BYTES + F32_BYTES),
+                         programs=batch * q_heads * q_len), detail)
 
 
 def band_chunks(q_len: int, kv_len: int, q_offset: int, lo: int, hi: int, block: int,
@@ -363,12 +319,13 @@ def span_fwd(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: in
   `key_blocks`: key blocks visited, summed over every row tile of the grid
   (all batches and heads; each tile visits the blocks covering its rows'
   union, a data-dependent count);
-  K, V `block_k` rows each. Rows in: q, lo, hi; out: float32 o, lse.
+  K, V `block_k` rows each. Rows in: q, lo, hi; out: o (input dtype),
+  float32 lse.
   """
   dp = padded_head_dim(head_dim, platform)
   rp = _cdiv(rows, block_q) * block_q
   kv = key_blocks * 2 * block_k * dp * itemsize
-  own = batch * heads * rp * (dp * itemsize + 2 * I32_BYTES + dp * F32_BYTES + F32_BYTES)
+  own = batch * heads * rp * (2 * dp * itemsize + 2 * I32_BYTES + F32_BYTES)
   work = key_blocks * block_q * block_k
   return _out(KernelCost(flops=4 * work * dp, transcendentals=work, bytes_accessed=kv + own,
                          programs=batch * heads * (rp // block_q)), detail)
@@ -377,16 +334,16 @@ def span_fwd(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: in
 def window_key_blocks(seq_len: int, window: int, group: int, block_q: int = 64,
                       block_k: int = 64) -> int:
   """Key blocks the span forward visits for superlinear's window call, per
-  (batch, kv head): rows are query-major with `group` heads interleaved, so
-  a tile holds `block_q / group` consecutive queries, whose window union is
-  `[p0 - window + 1, p1]`."""
+  (batch, kv head): rows are ordered (head, query), so a tile holds
+  `block_q` consecutive queries of one of the `group` heads, whose window
+  union is `[p0 - window + 1, p1]` (tiles do not straddle heads when
+  `seq_len % block_q == 0`)."""
   if window <= 0:
     return 0
-  per = max(1, block_q // group)
-  p0 = np.arange(0, seq_len, per, dtype=np.int64)
-  p1 = np.minimum(p0 + per, seq_len) - 1
+  p0 = np.arange(0, seq_len, block_q, dtype=np.int64)
+  p1 = np.minimum(p0 + block_q, seq_len) - 1
   lo = np.maximum(p0 - window + 1, 0)
-  return int((p1 // block_k - lo // block_k + 1).sum())
+  return group * int((p1 // block_k - lo // block_k + 1).sum())
 
 
 def span_key_blocks(rows: int, span_keys: int, kv_len: int, block_q: int = 64,
@@ -403,29 +360,49 @@ def span_key_blocks(rows: int, span_keys: int, kv_len: int, block_q: int = 64,
           + _cdiv(kv_len, block_k))
 
 
+def span_dq(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: int,
+            block_q: int = 64, block_k: int = 64, itemsize: int = 2,
+            platform: str = "gpu", detail: bool = False):
+  """Interval attention dq kernel: the forward's visits, 6 FLOPs per entry
+  and element; q, do, lse, delta, lo, hi in, float32 dq out."""
+  dp = padded_head_dim(head_dim, platform)
+  rp = _cdiv(rows, block_q) * block_q
+  kv = key_blocks * 2 * block_k * dp * itemsize
+  own = batch * heads * rp * (2 * dp * itemsize + 4 * F32_BYTES + dp * F32_BYTES)
+  work = key_blocks * block_q * block_k
+  return _out(KernelCost(flops=6 * work * dp, transcendentals=work,
+                         bytes_accessed=kv + own,
+                         programs=batch * heads * (rp // block_q)), detail)
+
+
+def span_dkv(*, batch: int, heads: int, head_dim: int, kv_len: int, tile_visits_t: int,
+             block_q: int = 64, block_k: int = 64, itemsize: int = 2,
+             platform: str = "gpu", detail: bool = False):
+  """Interval attention dk/dv kernel, grid `(B, H, nkb)`, looping over
+  `tile_visits_t` row tiles (total over the grid) with q, do, lse, delta,
+  lo, hi each (8 FLOPs per entry and element); float32 dk, dv out."""
+  dp = padded_head_dim(head_dim, platform)
+  nkb = _cdiv(kv_len, block_k)
+  rows = tile_visits_t * block_q * (2 * dp * itemsize + 4 * F32_BYTES)
+  own = batch * heads * nkb * block_k * (2 * dp * itemsize + 2 * dp * F32_BYTES)
+  work = tile_visits_t * block_q * block_k
+  return _out(KernelCost(flops=8 * work * dp, transcendentals=work,
+                         bytes_accessed=rows + own, programs=batch * heads * nkb), detail)
+
+
 def span_bwd(*, batch: int, heads: int, head_dim: int, rows: int, kv_len: int,
              key_blocks: int, tile_visits_t: int | None = None, block_q: int = 64,
              block_k: int = 64, itemsize: int = 2, platform: str = "gpu",
              detail: bool = False):
-  """Interval attention backward: the dq kernel (same visits as the forward,
-  6 FLOPs per entry and element) plus the dkv kernel, grid `(B, H, nkb)`,
-  looping over `tile_visits_t` row tiles (default: the forward's visits)
-  with q, do, lse, delta, lo, hi each (8 FLOPs); float32 gradients out.
-  `key_blocks`, `tile_visits_t`: totals over the grid (all batches, heads)."""
-  dp = padded_head_dim(head_dim, platform)
-  rp = _cdiv(rows, block_q) * block_q
-  nkb = _cdiv(kv_len, block_k)
+  """Interval attention backward: `span_dq` plus `span_dkv` (`tile_visits_t`
+  default: the forward's visits). `key_blocks`, `tile_visits_t`: totals over
+  the grid (all batches, heads)."""
+  kw = dict(batch=batch, heads=heads, head_dim=head_dim, block_q=block_q, block_k=block_k,
+            itemsize=itemsize, platform=platform, detail=True)
   tv = key_blocks if tile_visits_t is None else tile_visits_t
-  kv = key_blocks * 2 * block_k * dp * itemsize
-  dq_own = batch * heads * rp * (2 * dp * itemsize + 4 * F32_BYTES + dp * F32_BYTES)
-  dkv_rows = tv * block_q * (2 * dp * itemsize + 4 * F32_BYTES)
-  dkv_own = batch * heads * nkb * block_k * (2 * dp * itemsize + 2 * dp * F32_BYTES)
-  work_q = key_blocks * block_q * block_k
-  work_k = tv * block_q * block_k
-  return _out(KernelCost(flops=6 * work_q * dp + 8 * work_k * dp,
-                         transcendentals=work_q + work_k,
-                         bytes_accessed=kv + dq_own + dkv_rows + dkv_own,
-                         programs=batch * heads * (rp // block_q + nkb)), detail)
+  total = (span_dq(rows=rows, key_blocks=key_blocks, **kw)
+           + span_dkv(kv_len=kv_len, tile_visits_t=tv, **kw))
+  return _out(total, detail)
 
 
 # ------------------------------------------------------------------ decode

@@ -177,7 +177,7 @@ def _num_stripes(l, config):
   return max(n, config.num_spans)
 
 
-def test_stripe_search_and_selected_scores_bytes(loads):
+def test_stripe_search_bytes(loads):
   b, l, hq, hk, ds, bq = 1, 48, 4, 2, 8, 16
   config = attn.SuperlinearConfig(sw_index=1, num_spans=2)
   s = _num_stripes(l, config)
@@ -192,29 +192,6 @@ def test_stripe_search_and_selected_scores_bytes(loads):
                              stripes=s, num_spans=2, block_q=bq, itemsize=4)
   own = b * hq * l * (dp * 4 + 2 * 2 * 4)             # q rows in, scores + anchors out
   assert model.bytes_accessed == loads.rows("ks") * dp * 4 + own
-
-  # Gate logits: one step per distinct anchor offset (plain set of a - i).
-  a = np.asarray(anchors)
-  offsets = len({int(a[0, i, h, k]) - i for i in range(l) for h in range(hq)
-                 for k in range(2) if a[0, i, h, k] >= 0})
-  loads.log.clear()
-  sel = lambda qs, ks: stripe.selected_scores(qs, ks, anchors, variant=V,  # noqa: E731
-                                              block_q=bq, block_k=bq)
-  _flush(jax.grad(lambda qs, ks: sel(qs, ks).sum(), argnums=(0, 1))(qs, ks))
-  nk = l // bq
-  fwd_loads = b * hq * nq * offsets
-  assert loads.count("ks", bq) == 2 * fwd_loads       # forward pass + dq pass
-  for name in ("anc", "g", "qs"):                     # dk: per query head of the group
-    assert loads.count(name, bq) == b * hq * nk * offsets
-  kw = dict(batch=b, q_heads=hq, kv_heads=hk, head_dim=ds, q_len=l, offsets=offsets,
-            num_spans=2, block_q=bq, itemsize=4)
-  fwd = cost.selected_scores_fwd(**kw)
-  assert fwd.bytes_accessed == fwd_loads * bq * dp * 4 + b * hq * l * (dp * 4 + 2 * 8)
-  bwd = cost.selected_scores_bwd(kv_len=l, block_k=bq, **kw)
-  dk_rows = loads.count("qs", bq) * bq
-  assert bwd.bytes_accessed == (fwd_loads * bq * dp * 4 + b * hq * l * (2 * 2 * 4 + dp * 4)
-                                + dk_rows * (dp * 4 + 2 * 2 * 4) + b * hk * l * dp * 4)
-  assert cost.selected_scores_fwd(search_once=True, **kw).bytes_accessed == 0
 
 
 def _ppa_far(max_offset, p, window):
@@ -381,11 +358,11 @@ def test_estimate_is_a_pallas_cost_estimate_and_changes_only_lower_cost():
 
 def test_roofline_tile_counts_match_plain_loops():
   from eval import roofline
-  # Window call of span attention: query-major rows, G heads interleaved.
-  l, w, g, bq, bk = 200, 30, 4, 16, 16
+  # Window call of span attention: rows (head, query), query axis last.
+  l, w, g, bq, bk = 208, 30, 4, 16, 16
   want = 0
   for r0 in range(0, l * g, bq):
-    pos = [r // g for r in range(r0, min(r0 + bq, l * g))]
+    pos = [r % l for r in range(r0, min(r0 + bq, l * g))]
     lo, hi = max(min(pos) - w + 1, 0), max(pos)
     want += hi // bk - lo // bk + 1
   assert cost.window_key_blocks(l, w, g, bq, bk) == want
@@ -403,14 +380,12 @@ def test_roofline_changes_only_remove_work():
   shape, cfg = roofline.Shape(), roofline.CONFIGS["default"]
   today = roofline.superlinear(4096, cfg, shape, backward=True)
   names = [n for n, _ in today.parts]
-  assert "selected_scores_fwd" in names and "stripe_search" in names
+  assert "gate_logits_bwd" in names and "stripe_search" in names
+  assert not any("selected" in n for n in names)     # search once: no second pass
   for ch in roofline.SCENARIOS[1:]:
     op = roofline.superlinear(4096, cfg, shape, backward=True, changes=ch)
     assert op.total.bytes_accessed <= today.total.bytes_accessed
     assert op.time() <= today.time()
-  once = roofline.superlinear(4096, cfg, shape, changes=roofline.Changes(search_once=True))
-  once = dict(once.parts)
-  assert once["selected_scores_fwd"].bytes_accessed == 0
   dec = roofline.superlinear_decode(1 << 16, cfg, shape)
   split = roofline.superlinear_decode(1 << 16, cfg, shape, roofline.Changes(split_decode=True))
   assert min(c.programs for _, c in split.parts if c.programs) >= 8

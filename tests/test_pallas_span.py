@@ -152,6 +152,11 @@ SPAN_CASES += [pytest.param(*SPAN_CASES[0][:-1], "gpu", marks=pytest.mark.gpu),
                pytest.param(*SPAN_CASES[0][:-1], "tpu", marks=pytest.mark.tpu)]
 
 
+def _heads_first(x):
+  """`[B, Lq, Hq, K]` (public) -> `[B, Hq, K, Lq]` (the span kernels' layout)."""
+  return jnp.transpose(x, (0, 2, 3, 1))
+
+
 @pytest.mark.parametrize("config,dtype,lq,lk,hq,hk,d,variant", SPAN_CASES)
 def test_span_kernel_given_reference_anchors(config, dtype, lq, lk, hq, hk, d, variant):
   """The kernel itself: anchors and gates from the reference op; grads to q, k,
@@ -164,9 +169,9 @@ def test_span_kernel_given_reference_anchors(config, dtype, lq, lk, hq, hk, d, v
   assert (np.asarray(anchors) < 0).any()       # early queries have invalid slots
   scale = d ** -0.5
   tbl = jnp.asarray(masks.superlinear_span_table(lk, config))
-  fn = jax.jit(lambda q, k, v, g: span_attention(
-      q, k, v, anchors, g, span_table=tbl, window=config.window, scale=scale,
-      block_q=16, block_k=16, variant=variant))
+  fn = jax.jit(lambda q, k, v, g: span_attention(   # kernel layout [B, Hq, K, Lq]
+      q, k, v, _heads_first(anchors), _heads_first(g), span_table=tbl,
+      window=config.window, scale=scale, block_q=16, block_k=16, variant=variant))
   ref = lambda q, k, v, g: span_oracle(q, k, v, anchors, g, config=config,  # noqa: E731
                                        q_offset=lk - lq, scale=scale)
   ph.vjp_check(fn, ref, (q, k, v, gates), jax.random.PRNGKey(2), argnums=(0, 1, 2, 3),
@@ -184,7 +189,7 @@ def test_span_kernel_given_reference_anchors(config, dtype, lq, lk, hq, hk, d, v
 def _span_specs(dtype, b=1, l=300, hq=4, hk=2, d=40, num=3):
   f = lambda s, t: jax.ShapeDtypeStruct(s, t)  # noqa: E731
   return [f((b, l, hq, d), dtype), f((b, l, hk, d), dtype), f((b, l, hk, d), dtype),
-          f((b, l, hq, num), jnp.int32), f((b, l, hq, num), jnp.float32)]
+          f((b, hq, num, l), jnp.int32), f((b, hq, num, l), jnp.float32)]
 
 
 @pytest.mark.parametrize("target", ["tpu", "cuda"])
@@ -308,3 +313,58 @@ def test_kernel_tables_visit_every_key(seq_len, case, blocks_qk, chunk):
     covered |= inside.reshape(pos.size, -1, _PROP_LEN).any(axis=1)
   causal = kpos[None, :] <= pos[:, None]
   np.testing.assert_array_equal(covered, causal)
+
+
+# ---------------------------------------------------------------- gate logits
+
+
+def _gate_oracle(qs, ks, anchors):
+  """`<qs[b, i, h], ks[b, anchors[b, i, h, k], h // G]>` by a plain loop,
+  0 in empty slots; float32 `[B, Lq, Hq, K]` (public layout)."""
+  qs, ks, anchors = (np.asarray(x, np.float64) for x in (qs, ks, anchors))
+  b, lq, hq, num = anchors.shape
+  g = hq // ks.shape[2]
+  out = np.zeros(anchors.shape)
+  for bi in range(b):
+    for i in range(lq):
+      for h in range(hq):
+        for s in range(num):
+          a = int(anchors[bi, i, h, s])
+          if a >= 0:
+            out[bi, i, h, s] = qs[bi, i, h] @ ks[bi, a, h // g]
+  return out.astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype,heads", [(jnp.float32, (4, 1)), (jnp.bfloat16, (2, 2))])
+def test_gate_logits_are_the_search_scores_and_differentiate_through_the_anchors(
+    dtype, heads):
+  """Search once: the gate logits equal the search's scores (and the plain
+  dot-product oracle), and their VJP (gather of K search-key rows into
+  dq_search, scatter-add of K query rows into dk_search) matches autodiff of
+  a plain gather."""
+  from attn.pallas import superlinear as pallas_superlinear
+  hq, hk = heads
+  lq = lk = 27
+  key = jax.random.split(jax.random.PRNGKey(3), 3)
+  qs = _normal(key[0], (1, lq, hq, 8), dtype)
+  ks = _normal(key[1], (1, lk, hk, 8), dtype)
+  config = attn.SuperlinearConfig(sw_index=1, num_spans=3)
+  anchors, scores = pallas_superlinear.search(qs, ks, None, config=config,
+                                              variant="gpu_interpret", heads_first=True)
+  public = lambda x: jnp.transpose(x, (0, 3, 1, 2))  # noqa: E731
+  assert (np.asarray(anchors) < 0).any() and (np.asarray(anchors) >= 0).any()
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  logits = pallas_superlinear.gate_logits(qs, ks, anchors, scores)
+  np.testing.assert_allclose(public(logits), _gate_oracle(qs, ks, public(anchors)),
+                             atol=tol, rtol=tol)
+
+  def gather_ref(a, b):   # plain autodiff of a gather
+    kh = jnp.repeat(b.astype(jnp.float32), hq // hk, axis=2)          # [B, Lk, Hq, D]
+    pa = public(anchors)
+    rows = kh[0][jnp.maximum(pa[0], 0), jnp.arange(hq)[None, :, None]]  # [Lq, Hq, K, D]
+    s = jnp.sum(a.astype(jnp.float32)[0][:, :, None, :] * rows, axis=-1)
+    return jnp.transpose(jnp.where(pa[0] >= 0, s, 0.0), (1, 2, 0))[None]
+
+  fn = lambda a, b: pallas_superlinear.gate_logits(a, b, anchors, scores)  # noqa: E731
+  ph.vjp_check(fn, gather_ref, (qs, ks), key[2], argnums=(0, 1), atol=tol, rtol=tol,
+               zero_rows=anchors < 0)

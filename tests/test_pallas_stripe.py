@@ -76,9 +76,11 @@ def test_search_anchors_equal_reference(case):
   # Scores: the selected stripes' dots (independent gather oracle), -inf if empty.
   want = jnp.where(ref_anchors >= 0, _gather_scores(qs, ks, ref_anchors), -jnp.inf)
   chex.assert_trees_all_close(scores, want, atol=1e-5, rtol=1e-5)
-  # Gates = softmax of the differentiable gate logits at the chosen anchors.
-  logits = pallas_superlinear.gate_logits(qs, ks, anchors, variant=variant)
-  gates = jax.nn.softmax(jnp.where(anchors >= 0, logits, -1e9), axis=-1)
+  # Gates = softmax of the gate logits (the search's scores) at the chosen anchors.
+  heads_first = lambda x: jnp.transpose(x, (0, 2, 3, 1))  # noqa: E731
+  logits = pallas_superlinear.gate_logits(qs, ks, heads_first(anchors), heads_first(scores))
+  gates = jax.nn.softmax(jnp.where(anchors >= 0, jnp.transpose(logits, (0, 3, 1, 2)), -1e9),
+                         axis=-1)
   chex.assert_trees_all_close(gates, ref_gates, atol=1e-5, rtol=1e-5)
 
 
@@ -103,30 +105,6 @@ def test_search_rejects_bad_num_spans():
   qs, ks = _search_inputs(jax.random.PRNGKey(0), 2, 1, 8, 8)
   with pytest.raises(ValueError, match="num_spans"):
     stripe.search_topk(qs, ks, np.array([4, 1], np.int32), num_spans=0, q_offset=0)
-
-
-# -------------------------------------------------------- selected scores
-
-
-@pytest.mark.parametrize("dtype,heads,variant", [
-    (jnp.float32, (4, 1), "gpu_interpret"),
-    (jnp.bfloat16, (2, 2), "gpu_interpret"),
-    (jnp.float32, (2, 1), "tpu_checked"),
-])
-def test_selected_scores_values_and_vjp(dtype, heads, variant):
-  hq, hk = heads
-  lq = lk = 27
-  key = jax.random.split(jax.random.PRNGKey(3), 3)
-  qs, ks = _search_inputs(key[0], hq, hk, lq, lk, dtype=dtype)
-  # Causal anchors anywhere (not only stripes), some slots empty (-1).
-  i = np.arange(lq)[None, :, None, None]
-  raw = jax.random.randint(key[1], (1, lq, hq, 3), 0, lk)
-  anchors = jnp.where((raw <= i) & (raw % 5 != 0), raw, -1).astype(jnp.int32)
-  fn = lambda a, b: stripe.selected_scores(a, b, anchors, variant=variant, **BLOCKS)  # noqa: E731
-  ref = lambda a, b: _gather_scores(a, b, anchors)  # noqa: E731
-  tol = 1e-5 if dtype == jnp.float32 else 2e-2
-  ph.vjp_check(fn, ref, (qs, ks), key[2], argnums=(0, 1), atol=tol, rtol=tol,
-               zero_rows=anchors < 0)
 
 
 # -------------------------------------------------------------------- PPA
@@ -216,16 +194,9 @@ def test_ppa_ignores_nan_junk_beyond_the_cache_end():
 def test_forward_and_backward_lower_with_the_platform_kernel(target):
   s = jax.ShapeDtypeStruct
   q, k = s((1, 64, 4, 40), jnp.bfloat16), s((1, 64, 2, 40), jnp.bfloat16)
-  anchors = s((1, 64, 4, 3), jnp.int32)
   table = masks.superlinear_stripe_table(64, attn.SuperlinearConfig())
   search = lambda a, b: stripe.search_topk(a, b, table, num_spans=3, q_offset=0)  # noqa: E731
   ph.assert_kernel_in(ph.export_text(search, target, q, k), target)
-
-  def selected_vjp(a, b, c):
-    out, pull = jax.vjp(lambda x, y: stripe.selected_scores(x, y, c), a, b)
-    return out, pull(jnp.ones(out.shape, out.dtype))
-  ph.assert_kernel_in(ph.export_text(selected_vjp, target, q, k, anchors), target,
-                      at_least=3)
 
   runs, far = masks.ppa_dense_runs(masks.ppa_offsets(63, p=0.5, window=8))
   ppa = functools.partial(stripe.ppa_attention, dense_runs=runs, far_offsets=far,

@@ -6,13 +6,18 @@
 a longer one builds the shared integer tables from the `SuperlinearConfig`
 (stripe and span tables of `attn.masks`) and runs:
 
-1. `search` (stripe kernel): the top `num_spans` anchors per query head, best
-   first;
-2. `gate_logits` of the chosen anchors (differentiable: the only path into
-   q_search / k_search), softmax over the valid slots (invalid slots -1e9,
-   as the reference);
+1. `search` (stripe kernel): the top `num_spans` anchors per query head and
+   their scores, best first;
+2. `gate_logits`: the search's scores, differentiable through the chosen
+   anchors (the only path into q_search / k_search; no second stripe pass),
+   softmax over the valid slots (invalid slots -1e9, as the reference);
 3. span attention (`pallas_kernels.span.span_attention`): window + spans,
    merged by log-sum-exp, mixed by the gates; gradients to q, k, v, gates.
+
+Anchors, scores and gates travel as `[B, Hq, K, Lq]` (query axis last) from
+the search to the span kernels and are transposed to the public
+`[B, Lq, Hq, K]` only on return: on TPU, reshapes of tables whose tiny axes
+(G heads, K slots) follow the query axis compile to code linear in `Lq`.
 """
 
 from __future__ import annotations
@@ -41,43 +46,103 @@ def supported(backend: str, q_len: int | None = None) -> bool:
           and platform.verified_on(stripe.HARDWARE_CHECKS, backend))
 
 
-def search(q_search, k_search, q_offset, *, config: SuperlinearConfig, variant=None):
+def search(q_search, k_search, q_offset, *, config: SuperlinearConfig, variant=None,
+           heads_first: bool = False):
   """Top-`num_spans` anchors and scores per query head (stripe kernels).
 
   Scores the stripe anchors of `attn.masks.superlinear_stripe_table` (far to
   near). q_search: `[B, Lq, Hq, Ds]`; k_search: `[B, Lk, Hk, Ds]`; q_offset:
   None (`Lk - Lq`), an int or a traced int32 scalar. Returns `(anchors int32
-  [B, Lq, Hq, K], scores float32 [B, Lq, Hq, K])`, best first, `-1`/`-inf`
-  in empty slots; equal to the reference op's anchors.
+  [B, Lq, Hq, K], scores float32 [B, Lq, Hq, K])` (`[B, Hq, K, Lq]` with
+  `heads_first`), best first, `-1`/`-inf` in empty slots; equal to the
+  reference op's anchors.
   """
   lq, lk = q_search.shape[1], k_search.shape[1]
   table = masks.superlinear_stripe_table(lk, config)
   return stripe.search_topk(q_search, k_search, table, num_spans=config.num_spans,
                             q_offset=lk - lq if q_offset is None else q_offset,
-                            variant=variant)
+                            variant=variant, heads_first=heads_first)
 
 
-def gate_logits(q_search, k_search, anchors, variant=None):
-  """float32 `[B, Lq, Hq, K]`: `<q_search, k_search[anchor]>`, 0 in empty slots.
+def _gather_rows(kt, idx):
+  """`kt [B, Hk, Lk, Ds]`, `idx int32 [B, Hk, G, Lq]` -> `[B, Hk, G, Lq, Ds]`."""
+  b, hk, g, lq = idx.shape
+  rows = jnp.take_along_axis(kt, idx.reshape(b, hk, g * lq)[..., None], axis=2)
+  return rows.reshape(b, hk, g, lq, kt.shape[-1])
 
-  Differentiable w.r.t. `q_search` and `k_search` (Pallas backward)."""
-  return stripe.selected_scores(q_search, k_search, anchors, variant=variant)
+
+def _scatter_add_rows(dk, idx, upd):
+  """`dk [B, Hk, Lk, Ds] += upd [B, Hk, G, Lq, Ds]` at rows `idx [B, Hk, G, Lq]`."""
+  b, hk, g, lq = idx.shape
+  add = lambda z, i, u: z.at[i].add(u)  # noqa: E731
+  return jax.vmap(jax.vmap(add))(dk, idx.reshape(b, hk, g * lq),
+                                 upd.reshape(b, hk, g * lq, upd.shape[-1]))
+
+
+@jax.custom_vjp
+def gate_logits(q_search, k_search, anchors, scores):
+  """float32 `[B, Hq, K, Lq]`: `<q_search, k_search[anchor]>`, 0 in empty slots.
+
+  Search once: the forward returns the search's own top-k `scores` (the same
+  dots), no second pass over the stripes. The backward differentiates
+  through the `K` chosen anchors only: `dq_search` sums the `K` gathered
+  search-key rows, `dk_search` scatter-adds `K` query rows per query (one
+  slot at a time, so the temporaries are `[B, Hq, Lq, Ds]`).
+
+  q_search: `[B, Lq, Hq, Ds]`; k_search: `[B, Lk, Hk, Ds]`; anchors int32 and
+  scores float32 `[B, Hq, K, Lq]` (from `search(..., heads_first=True)`).
+  """
+  return jnp.where(anchors >= 0, scores, 0.0).astype(jnp.float32)
+
+
+def _gate_fwd(q_search, k_search, anchors, scores):
+  return gate_logits(q_search, k_search, anchors, scores), (q_search, k_search, anchors)
+
+
+def _gate_bwd(res, ct):
+  qs, ks, anchors = res
+  b, lq, hq, ds = qs.shape
+  lk, hk = ks.shape[1], ks.shape[2]
+  g, num = hq // hk, anchors.shape[2]
+  f32 = jnp.float32
+  ct = jnp.where(anchors >= 0, ct, 0.0).astype(f32).reshape(b, hk, g, num, lq)
+  idx = jnp.clip(anchors, 0, lk - 1).reshape(b, hk, g, num, lq)
+  qh = qs.transpose(0, 2, 1, 3).reshape(b, hk, g, lq, ds).astype(f32)
+  kt = ks.transpose(0, 2, 1, 3)
+
+  def slot(j, acc):
+    dq, dk = acc
+    i_j = jax.lax.dynamic_index_in_dim(idx, j, axis=3, keepdims=False)
+    c_j = jax.lax.dynamic_index_in_dim(ct, j, axis=3, keepdims=False)[..., None]
+    dq = dq + c_j * _gather_rows(kt, i_j).astype(f32)
+    return dq, _scatter_add_rows(dk, i_j, c_j * qh)
+
+  zeros = (jnp.zeros((b, hk, g, lq, ds), f32), jnp.zeros((b, hk, lk, ds), f32))
+  dq, dk = jax.lax.fori_loop(0, num, slot, zeros)
+  dq = dq.reshape(b, hq, lq, ds).transpose(0, 2, 1, 3).astype(qs.dtype)
+  dk = dk.transpose(0, 2, 1, 3).astype(ks.dtype)
+  return dq, dk, None, None
+
+
+gate_logits.defvjp(_gate_fwd, _gate_bwd)
 
 
 def _prefill(q, k, v, q_search, k_search, q_offset, *, config: SuperlinearConfig, scale,
              variant, block_q, block_k):
   lq, lk = q.shape[1], k.shape[1]
   q_offset = lk - lq if q_offset is None else q_offset
-  anchors, _ = search(jax.lax.stop_gradient(q_search), jax.lax.stop_gradient(k_search),
-                      q_offset, config=config, variant=variant)
-  anchors = jax.lax.stop_gradient(anchors)
-  logits = gate_logits(q_search, k_search, anchors, variant=variant)
-  gates = jax.nn.softmax(jnp.where(anchors >= 0, logits, -1e9), axis=-1)
-  span_table = jnp.asarray(masks.superlinear_span_table(lk, config))
+  # [B, Hq, K, Lq] from the search to the span kernels (query axis last).
+  anchors, scores = search(jax.lax.stop_gradient(q_search), jax.lax.stop_gradient(k_search),
+                           q_offset, config=config, variant=variant, heads_first=True)
+  anchors, scores = jax.lax.stop_gradient(anchors), jax.lax.stop_gradient(scores)
+  logits = gate_logits(q_search, k_search, anchors, scores)
+  gates = jax.nn.softmax(jnp.where(anchors >= 0, logits, -1e9), axis=2)
+  span_table = masks.superlinear_span_table(lk, config)   # numpy: static cost estimates
   out = span.span_attention(
       q, k, v, anchors, gates, span_table=span_table, window=config.window, scale=scale,
       q_offset=q_offset, block_q=block_q, block_k=block_k, variant=variant)
-  return out, anchors.astype(jnp.int32), gates.astype(jnp.float32)
+  public = lambda x: x.transpose(0, 3, 1, 2)  # noqa: E731  [B, Hq, K, Lq] -> [B, Lq, Hq, K]
+  return out, public(anchors).astype(jnp.int32), public(gates).astype(jnp.float32)
 
 
 def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,

@@ -124,6 +124,56 @@ def sort_rows_by_start(lo, hi):
   return jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
 
 
+def inverse_permutation(perm):
+  """int32 `[..., N]` inverse of a permutation along the last axis, by one
+  scatter (`inv[perm[i]] = i`), not a second sort."""
+  idx = jnp.broadcast_to(jnp.arange(perm.shape[-1], dtype=jnp.int32), perm.shape)
+  return jnp.put_along_axis(jnp.zeros_like(perm), perm, idx, axis=-1, inplace=False)
+
+
+def gate_merge_weights(lse_s, lse_w, gates):
+  """Per-row weights of the merged, gated output `sum_k c_k O_k + c_w O_w`.
+
+  Slot `k`'s softmax over `span_k U window` is `(w_k O_k + v_k O_w) /
+  (w_k + v_k)` with `w_k = exp(lse_k - m_k)`, `v_k = exp(lse_w - m_k)`, so
+  `c_k = g_k w_k / (w_k + v_k)` and `c_w = sum_k g_k v_k / (w_k + v_k)`.
+
+  Args:
+    lse_s: float32 `[..., K, L]` span log-sum-exps (-inf = empty);
+    lse_w: float32 `[..., 1, L]` window log-sum-exps;
+    gates: float32 `[..., K, L]`.
+
+  Returns:
+    `(c_s [..., K, L], c_w [..., L])` float32; both parts empty gives 0
+    (no NaN in values or gradients).
+  """
+  m = jax.lax.stop_gradient(jnp.maximum(lse_s, lse_w))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  ws, ww = jnp.exp(lse_s - m), jnp.exp(lse_w - m)
+  tot = ws + ww
+  tot = jnp.where(tot > 0, tot, 1.0)
+  return gates * ws / tot, jnp.sum(gates * ww / tot, axis=-2)
+
+
+@jax.custom_vjp
+def permute_rows(x, idx, inv):
+  """`x[..., idx[r], :]` along axis -2 for a permutation `idx` with inverse
+  `inv`; the VJP is the gather by `inv` (no scatter, no float32 copy)."""
+  return jnp.take_along_axis(x, idx[..., None], axis=-2)
+
+
+def _permute_fwd(x, idx, inv):
+  return permute_rows(x, idx, inv), (idx, inv)
+
+
+def _permute_bwd(res, ct):
+  idx, inv = res
+  return jnp.take_along_axis(ct, inv[..., None], axis=-2), None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
 def visited_keys_mask(lo, hi, block_q: int, block_k: int, kv_len: int):
   """bool `[B, H, R, kv_len]`: the keys the kernels load for each row's tile.
 

@@ -106,8 +106,9 @@ def _tbl(n):
   return pl.BlockSpec((None, None, n, 2), lambda bb, hh, tt: (bb, hh, 0, 0))
 
 
-def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret):
-  """Forward: `(o [B, H, R, Dp] f32, lse [B, H, R, 1] f32)`."""
+def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
+        cost_estimate=None):
+  """Forward: `(o [B, H, R, Dp] in q's dtype, lse [B, H, R, 1] f32)`."""
   b, h, r, dp = q.shape
   nt, lk = r // block_q, k.shape[2]
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
@@ -119,13 +120,15 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret):
                 pl.BlockSpec((None, None, block_q, 1), row), _seq(lk, dp), _seq(lk, dp)],
       out_specs=[pl.BlockSpec((None, None, block_q, dp), row),
                  pl.BlockSpec((None, None, block_q, 1), row)],
-      out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), F32),
+      out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), q.dtype),
                  jax.ShapeDtypeStruct((b, h, r, 1), F32)],
-      compiler_params=_params(dp), interpret=interpret)(
+      compiler_params=_params(dp), interpret=interpret,
+      cost_estimate=cost_estimate)(
           tile_tbl.reshape(b, h, nt, 2), q, lo, hi, k, v)
 
 
-def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret):
+def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
+       cost_estimate=None):
   """dq `[B, H, R, Dp]` float32."""
   b, h, r, dp = q.shape
   nt, lk = r // block_q, k.shape[2]
@@ -139,12 +142,13 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
                 _seq(lk, dp), _seq(lk, dp)],
       out_specs=pl.BlockSpec((None, None, block_q, dp), row),
       out_shape=jax.ShapeDtypeStruct((b, h, r, dp), F32),
-      compiler_params=_params(dp), interpret=interpret)(
+      compiler_params=_params(dp), interpret=interpret,
+      cost_estimate=cost_estimate)(
           tile_tbl.reshape(b, h, nt, 2), q, do, lse, delta, lo, hi, k, v)
 
 
 def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, block_k,
-        interpret):
+        interpret, cost_estimate=None):
   """`(dk, dv)` `[B, H, Lk, Dp]` float32."""
   del tile_tbl  # the kv table's tile ranges suffice; row masks do the rest.
   b, h, r, dp = q.shape
@@ -161,5 +165,6 @@ def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, bl
                  pl.BlockSpec((None, None, block_k, dp), blk)],
       out_shape=[jax.ShapeDtypeStruct((b, h, lk, dp), F32),
                  jax.ShapeDtypeStruct((b, h, lk, dp), F32)],
-      compiler_params=_params(dp), interpret=interpret)(
+      compiler_params=_params(dp), interpret=interpret,
+      cost_estimate=cost_estimate)(
           kv_tbl.reshape(b, h, nkb, 2), k, v, q, do, lse, delta, lo, hi)

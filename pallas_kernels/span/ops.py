@@ -22,10 +22,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import platform
+import numpy as np
+
+from pallas_kernels import cost, platform
 from pallas_kernels.span import common, gpu, tpu
-from pallas_kernels.common import (F32, merge_softmax, next_pow2, pad_head_dim, round_up,
-                                   span_bounds, span_lengths)
+from pallas_kernels.common import (F32, next_pow2, pad_head_dim, round_up, span_bounds,
+                                   span_lengths)
 
 # Records of runs compiled and tested on real hardware (`pytest -m gpu` /
 # `-m tpu` on tests/test_pallas_span.py plus the benchmark). Empty: none
@@ -45,6 +47,7 @@ class _Cfg:
   block_q: int | None
   block_k: int | None
   variant: str | None
+  expected_keys: int | None = None   # sum of interval lengths per (batch, head)
 
 
 def block_sizes(cfg: _Cfg, platform_name: str, rows: int, kv_len: int):
@@ -92,11 +95,23 @@ def _prepare(platform_name, cfg, q, k, v, lo, hi, *rows_extra):
 _MODULES = {"tpu": tpu, "gpu": gpu}
 
 
+def _cost_kw(platform_name, cfg, p):
+  """Static arguments of the `pallas_kernels.cost` span functions; key
+  blocks from `cfg.expected_keys` (`cost.span_key_blocks`: the tiles'
+  spread plus one block per tile; a lower bound when None)."""
+  b, h, rp, _ = p["q"].shape
+  blocks = cost.span_key_blocks(rp, cfg.expected_keys or 0, p["lk"], p["bq"], p["bk"])
+  return dict(batch=b, heads=h, head_dim=p["d"], block_q=p["bq"], block_k=p["bk"],
+              itemsize=jnp.dtype(p["q"].dtype).itemsize, platform=platform_name), b * h * blocks
+
+
 def _fwd_variant(platform_name, cfg, q, k, v, lo, hi, *, interpret):
   p = _prepare(platform_name, cfg, q, k, v, lo, hi)
+  kw, blocks = _cost_kw(platform_name, cfg, p)
   o, lse = _MODULES[platform_name].fwd(
       p["q"], p["k"], p["v"], p["lo"], p["hi"], p["tile_tbl"],
-      scale=cfg.scale, block_q=p["bq"], block_k=p["bk"], interpret=interpret)
+      scale=cfg.scale, block_q=p["bq"], block_k=p["bk"], interpret=interpret,
+      cost_estimate=cost.span_fwd(rows=p["q"].shape[2], key_blocks=blocks, **kw))
   return o[:, :, :p["r"], :p["d"]], lse[:, :, :p["r"], 0]
 
 
@@ -111,11 +126,13 @@ def _bwd_variant(platform_name, cfg, q, k, v, lo, hi, do, lse, delta, *, interpr
   t0, cnt = common.key_block_tiles(p["tlo"], p["thi"], nkb, p["bk"])
   kv_tbl = jnp.stack([t0, cnt], axis=-1)                      # [B, H, nkb, 2]
   mod = _MODULES[platform_name]
+  ckw, blocks = _cost_kw(platform_name, cfg, p)
   kw = dict(scale=cfg.scale, block_q=p["bq"], block_k=p["bk"], interpret=interpret)
   args = (p["q"], p["k"], p["v"], do_p, lse_p, delta_p, p["lo"], p["hi"],
           p["tile_tbl"])
-  dq = mod.dq(*args, **kw)
-  dk, dv = mod.dkv(*args, kv_tbl, **kw)
+  dq = mod.dq(*args, **kw, cost_estimate=cost.span_dq(rows=rp, key_blocks=blocks, **ckw))
+  dk, dv = mod.dkv(*args, kv_tbl, **kw, cost_estimate=cost.span_dkv(
+      kv_len=p["k"].shape[2], tile_visits_t=blocks, **ckw))
   r, lk, d = p["r"], p["lk"], p["d"]
   return dq[:, :, :r, :d], dk[:, :, :lk, :d], dv[:, :, :lk, :d]
 
@@ -150,7 +167,8 @@ _interval.defvjp(_interval_fwd, _interval_bwd)
 
 
 def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = None,
-                       block_k: int | None = None, variant=None):
+                       block_k: int | None = None, variant=None,
+                       expected_keys: int | None = None):
   """Row `r` attends keys `[lo[r], hi[r]]` (inclusive) with one softmax.
 
   Args:
@@ -162,13 +180,17 @@ def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = N
     block_q, block_k: tile sizes (powers of two >= 16); None: per-platform
       defaults (TPU 128 x 128, GPU 64 x 64) shrunk for short inputs.
     variant: see `pallas_kernels.platform`.
+    expected_keys: the expected sum of the rows' interval lengths per
+      (batch, head), a Python int for the kernels' `cost_estimate` only
+      (None: a lower bound).
 
   Returns:
-    `(o [B, H, R, D] float32, lse [B, H, R] float32)`, differentiable in
-    q, k, v (both outputs).
+    `(o [B, H, R, D] in q's dtype, lse [B, H, R] float32)`, differentiable
+    in q, k, v (both outputs).
   """
   platform.check_variant(variant)
-  cfg = _Cfg(float(scale), block_q, block_k, variant)
+  cfg = _Cfg(float(scale), block_q, block_k, variant,
+             None if expected_keys is None else int(expected_keys))
   return _interval(cfg, q, k, v, lo.astype(jnp.int32), hi.astype(jnp.int32))
 
 
@@ -182,8 +204,10 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
 
   Args:
     q: `[B, Lq, Hq, D]`; k, v: `[B, Lk, Hk, D]` (`Hq % Hk == 0`).
-    anchors: int32 `[B, Lq, Hq, K]` selected anchors (-1 = invalid slot).
-    gates: float32 `[B, Lq, Hq, K]` mixing weights (differentiable).
+    anchors: int32 `[B, Hq, K, Lq]` selected anchors (-1 = invalid slot),
+      query axis last (the layout `stripe.search_topk(heads_first=True)`
+      returns).
+    gates: float32 `[B, Hq, K, Lq]` mixing weights (differentiable).
     span_table: int32 `[Lk + 1, 2]`: `(back, fwd)` span lengths per
       `t = pos + 1` (the shared integer table).
     window: `W` (static); the window is `[pos - W + 1, pos]`, spans end at
@@ -195,42 +219,72 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
 
   Returns:
     `[B, Lq, Hq, D]` in q's dtype. Gradients flow to q, k, v and gates.
+
+  Layout: every row table keeps the query axis last (rows ordered head,
+  slot, query). XLA:TPU compiles a reshape that merges or splits a tiny
+  minor axis (G heads, K slots) after the query axis into code linear in
+  `Lq`; with the query axis last every reshape here only merges major axes.
   """
   b, lq, hq, d = q.shape
   lk, hk = k.shape[1], k.shape[2]
-  g, num = hq // hk, anchors.shape[-1]
+  g, num = hq // hk, anchors.shape[2]
+  if anchors.shape != (b, hq, num, lq) or gates.shape != anchors.shape:
+    raise ValueError(f"anchors {anchors.shape} / gates {gates.shape}: both must be "
+                     f"[B, Hq, K, Lq] = [{b}, {hq}, K, {lq}] (query axis last).")
   kw = dict(scale=scale, block_q=block_q, block_k=block_k, variant=variant)
   q_offset = lk - lq if q_offset is None else q_offset
   pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(lq, dtype=jnp.int32)
-  qr = q.reshape(b, lq, hk, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, lq * g, d)
+  qh = q.transpose(0, 2, 1, 3).reshape(b, hk, g * lq, d)         # rows (head, query)
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-  # Window: rows query-major (the G heads of a kv head interleaved).
+  static_off = q_offset if isinstance(q_offset, int) else lk - lq
+  keys_w, keys_s = _expected_keys(span_table, static_off, lq, window, g, num)
+
+  # Window: rows (head, query).
   if window > 0:
     wlo, whi = common.window_bounds(pos, window, lk)
-    rows = lambda x: jnp.broadcast_to(x[None, None, :, None], (b, hk, lq, g)).reshape(  # noqa: E731
-        b, hk, lq * g)
-    o_w, lse_w = interval_attention(qr, kt, vt, rows(wlo), rows(whi), **kw)
-    o_w, lse_w = o_w.reshape(b, hk, lq, g, d), lse_w.reshape(b, hk, lq, g)
+    rows = lambda x: jnp.broadcast_to(x, (b, hk, g, lq)).reshape(b, hk, g * lq)  # noqa: E731
+    o_w, lse_w = interval_attention(qh, kt, vt, rows(wlo), rows(whi), expected_keys=keys_w,
+                                    **kw)
+    o_w, lse_w = o_w.reshape(b, hk, g, lq, d), lse_w.reshape(b, hk, g, 1, lq)
   else:
-    o_w = jnp.zeros((b, hk, lq, g, d), F32)
-    lse_w = jnp.full((b, hk, lq, g), -jnp.inf, F32)
+    o_w = jnp.zeros((b, hk, g, lq, d), q.dtype)
+    lse_w = jnp.full((b, hk, g, 1, lq), -jnp.inf, F32)
 
-  # Spans: (query, head, slot) rows sorted by start.
-  back, fwd = span_lengths(span_table, pos[:, None, None])
-  a = anchors.astype(jnp.int32).reshape(b, lq, hk, g, num).transpose(0, 2, 1, 3, 4)
-  slo, shi = span_bounds(a, pos[:, None, None], back, fwd, window)
-  n = lq * g * num
+  # Spans: (head, slot, query) rows, sorted by start for the kernel.
+  back, fwd = span_lengths(span_table, pos)                       # [Lq]
+  a = anchors.astype(jnp.int32).reshape(b, hk, g, num, lq)
+  slo, shi = span_bounds(a, pos, back, fwd, window)
+  n = g * num * lq
   slo, shi = slo.reshape(b, hk, n), shi.reshape(b, hk, n)
   perm = common.sort_rows_by_start(slo, shi)                     # [B, Hk, N]
-  q_pairs = jnp.take_along_axis(qr, (perm // num)[..., None], axis=2)
+  q_rows = (perm // (num * lq)) * lq + perm % lq                  # row of qh
+  q_pairs = jnp.take_along_axis(qh, q_rows[..., None], axis=2)
   o_p, lse_p = interval_attention(q_pairs, kt, vt, jnp.take_along_axis(slo, perm, -1),
-                                  jnp.take_along_axis(shi, perm, -1), **kw)
-  inv = jnp.argsort(perm, axis=-1)
-  o_s = jnp.take_along_axis(o_p, inv[..., None], axis=2).reshape(b, hk, lq, g, num, d)
-  lse_s = jnp.take_along_axis(lse_p, inv, axis=-1).reshape(b, hk, lq, g, num)
+                                  jnp.take_along_axis(shi, perm, -1), expected_keys=keys_s,
+                                  **kw)
+  inv = common.inverse_permutation(perm)
+  lse_s = jnp.take_along_axis(lse_p, inv, axis=-1).reshape(b, hk, g, num, lq)
 
-  o_k, _ = merge_softmax(o_s, lse_s, o_w[..., None, :], lse_w[..., None])
-  gk = gates.astype(F32).reshape(b, lq, hk, g, num).transpose(0, 2, 1, 3, 4)
-  out = jnp.sum(gk[..., None] * o_k, axis=-2)                     # [B, Hk, Lq, G, D]
-  return out.transpose(0, 2, 1, 3, 4).reshape(b, lq, hq, d).astype(q.dtype)
+  # Merge-and-gate epilogue on per-row weights: out = sum_k c_k O_k + c_w O_w,
+  # so no float32 [pairs, D] array is formed (O_k stay in q's dtype).
+  c_s, c_w = common.gate_merge_weights(lse_s, lse_w, gates.astype(F32).reshape(lse_s.shape))
+  o_s = common.permute_rows(o_p, inv, perm).reshape(b, hk, g, num, lq, d)
+  out = (jnp.einsum("bhgkl,bhgkld->bhgld", c_s, o_s, preferred_element_type=F32)
+         + c_w[..., None] * o_w)                                  # [B, Hk, G, Lq, D]
+  return out.reshape(b, hq, lq, d).transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+def _expected_keys(span_table, q_offset: int, lq: int, window: int, group: int, num: int):
+  """`(window keys, span keys)` summed over the rows of one (batch, kv head)
+  (for the kernels' cost estimates only): exact from a concrete span table,
+  the span keys None when it is traced."""
+  pos = q_offset + np.arange(lq, dtype=np.int64)
+  keys_w = group * int(np.minimum(pos + 1, window).sum()) if window > 0 else 0
+  try:
+    table = np.asarray(span_table, np.int64)
+  except (TypeError, jax.errors.TracerArrayConversionError):
+    return keys_w, None
+  t = np.clip(pos + 1, 0, table.shape[0] - 1)
+  per = np.clip(table[t, 0] + table[t, 1] + 1, 0, np.maximum(pos + 1 - window, 0))
+  return keys_w, group * num * int(per.sum())

@@ -179,8 +179,9 @@ def _params():
   return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret):
-  """Forward: `(o [B, H, R, Dp] f32, lse [B, H, R, 1] f32)`.
+def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
+        cost_estimate=None):
+  """Forward: `(o [B, H, R, Dp] in q's dtype, lse [B, H, R, 1] f32)`.
 
   `tile_tbl`: int32 `[B, H, R / block_q, 2]` (tile key bounds).
   """
@@ -196,12 +197,14 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret):
       out_specs=[pl.BlockSpec((None, None, block_q, dp), row),
                  pl.BlockSpec((None, None, block_q, 1), row)],
       scratch_shapes=_kv_scratch(block_k, dp, k.dtype),
-      out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), F32),
+      out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), q.dtype),
                  jax.ShapeDtypeStruct((b, h, r, 1), F32)],
-      compiler_params=_params(), interpret=interpret)(table_blocks(tile_tbl), q, lo, hi, k, v)
+      compiler_params=_params(), interpret=interpret,
+      cost_estimate=cost_estimate)(table_blocks(tile_tbl), q, lo, hi, k, v)
 
 
-def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret):
+def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
+       cost_estimate=None):
   """dq `[B, H, R, Dp]` float32."""
   b, h, r, dp = q.shape
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
@@ -215,12 +218,13 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
       out_specs=pl.BlockSpec((None, None, block_q, dp), row),
       scratch_shapes=_kv_scratch(block_k, dp, k.dtype),
       out_shape=jax.ShapeDtypeStruct((b, h, r, dp), F32),
-      compiler_params=_params(), interpret=interpret)(
+      compiler_params=_params(), interpret=interpret,
+      cost_estimate=cost_estimate)(
           table_blocks(tile_tbl), q, do, lse, delta, lo, hi, k, v)
 
 
 def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, block_k,
-        interpret):
+        interpret, cost_estimate=None):
   """`(dk, dv)` `[B, H, Lk, Dp]` float32.
 
   `kv_tbl`: int32 `[B, H, Lk / block_k, 2]`: first tile and tile count per
@@ -246,5 +250,6 @@ def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, bl
                       pltpu.SemaphoreType.DMA((6, 2))],
       out_shape=[jax.ShapeDtypeStruct((b, h, lk, dp), F32),
                  jax.ShapeDtypeStruct((b, h, lk, dp), F32)],
-      compiler_params=_params(), interpret=interpret)(
+      compiler_params=_params(), interpret=interpret,
+      cost_estimate=cost_estimate)(
           table_blocks(kv_tbl), k, v, q, do, lse, delta, lo, hi)

@@ -136,23 +136,6 @@ def pad_table(x):
   return jnp.pad(x, (0, next_pow2(max(x.shape[0], 1)) - x.shape[0]))
 
 
-def distinct_offsets(anchors, size: int, lo: int):
-  """Distinct values of `anchor - row` over valid anchors (`>= 0`).
-
-  anchors: int32 `[B, L, H, K]` (row = axis 1). The offsets lie in
-  `[lo, lo + size)`. Returns `(offsets int32 [size], count)`: the distinct
-  offsets first (ascending), then zeros.
-  """
-  rows = jnp.arange(anchors.shape[1], dtype=jnp.int32)[None, :, None, None]
-  off = anchors - rows - lo
-  ok = anchors >= 0
-  present = jnp.zeros((size,), jnp.bool_).at[jnp.where(ok, off, size)].set(
-      True, mode="drop")
-  idx = jnp.nonzero(present, size=size, fill_value=0)[0].astype(jnp.int32)
-  count = jnp.sum(present).astype(jnp.int32)
-  return jnp.where(jnp.arange(size) < count, idx + lo, 0).astype(jnp.int32), count
-
-
 def topk_insert(state, s, a):
   """Inserts candidate `(score s, anchor a)` (columns `[n, 1]`) into a sorted list.
 
@@ -248,75 +231,6 @@ def search_body(ctx, deltas_ref, bounds_ref, q_ref, anc_ref, sc_ref, *, bq, num,
   width = sc_ref.shape[-1]
   sc_ref[...] = columns_to_tile(scores, width, -jnp.inf)
   anc_ref[...] = columns_to_tile(anchors, width, -1)
-
-
-# -------------------------------------------------------- selected scores
-
-
-def _match(anc, pos):
-  return (anc == pos) & (anc >= 0)
-
-
-def selected_fwd_body(ctx, deltas_ref, bounds_ref, q_ref, anc_ref, out_ref, *, bq,
-                      front, unit):
-  """`out[r, k] = <q[r], ks[anc[r, k]]>`, one stripe loop over anchor offsets."""
-  i0 = pl.program_id(2) * bq
-  q = q_ref[...].astype(F32)
-  anc = anc_ref[...]
-  r = _col(bq, i0)
-
-  def body(j, u, out):
-    dl = ctx.scalar(deltas_ref, j)
-    m = _match(anc, r + dl)
-    kw = ctx.rows("ks", front + i0 + dl, bq, u)
-    hit = jnp.max(m.astype(jnp.int32), axis=1, keepdims=True) > 0   # no reduce_or in Triton
-    s = _rowdot(q, jnp.where(hit, kw, 0))
-    return jnp.where(m, s, out)
-
-  out_ref[...] = _stripe_loops(ctx, bounds_ref, unit, body, jnp.zeros(anc.shape, F32))
-
-
-def selected_dq_body(ctx, deltas_ref, bounds_ref, anc_ref, g_ref, dq_ref, *, bq, front,
-                     unit):
-  """`dq[r] = sum_k g[r, k] ks[anc[r, k]]`."""
-  i0 = pl.program_id(2) * bq
-  anc, g = anc_ref[...], g_ref[...].astype(F32)
-  r = _col(bq, i0)
-
-  def body(j, u, dq):
-    dl = ctx.scalar(deltas_ref, j)
-    c = jnp.sum(jnp.where(_match(anc, r + dl), g, 0.0), axis=1, keepdims=True)
-    kw = ctx.rows("ks", front + i0 + dl, bq, u).astype(F32)
-    return dq + c * jnp.where(c != 0, kw, 0.0)
-
-  dq_ref[...] = _stripe_loops(ctx, bounds_ref, unit, body,
-                              jnp.zeros(dq_ref.shape, F32)).astype(dq_ref.dtype)
-
-
-def selected_dk_body(ctx, deltas_ref, bounds_ref, dk_ref, *, bk, group, front_q, unit):
-  """`dk[x] = sum over (i, k) with anc[i, k] = x of g[i, k] q[i]` (transposed stripes).
-
-  For a stripe `delta` the queries that may select key `x` as their anchor
-  are the contiguous rows `x - delta`; accumulated over the query heads of
-  the group. No scatter, no atomics.
-  """
-  x0 = pl.program_id(2) * bk
-  x = _col(bk, x0)
-
-  def body(j, u, dk, g):
-    dl = ctx.scalar(deltas_ref, j)
-    start = front_q + x0 - dl
-    anc = ctx.rows("anc", start, bk, u, g)
-    gw = ctx.rows("g", start, bk, u, g).astype(F32)
-    c = jnp.sum(jnp.where(_match(anc, x), gw, 0.0), axis=1, keepdims=True)
-    qw = ctx.rows("qs", start, bk, u, g).astype(F32)
-    return dk + c * jnp.where(c != 0, qw, 0.0)
-
-  dk = jax.lax.fori_loop(
-      0, group, lambda g, dk: _stripe_loops(
-          ctx, bounds_ref, unit, lambda j, u, c: body(j, u, c, g), dk),
-      jnp.zeros(dk_ref.shape, F32))
-  dk_ref[...] = dk.astype(dk_ref.dtype)
 
 
 # -------------------------------------------------------------------- PPA

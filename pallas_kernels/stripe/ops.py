@@ -66,7 +66,7 @@ def _launch(plat, body, *, interpret, **kw):
 # ----------------------------------------------------------------- search
 
 
-def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, interpret):
+def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, heads_first, interpret):
   b, lq, hq, ds = qs.shape
   lk, hk = ks.shape[1], ks.shape[2]
   unit = _unit(plat, ks.dtype)
@@ -87,12 +87,15 @@ def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, interpret):
       outs=[(jax.ShapeDtypeStruct((b, hq, lq_pad, kp), jnp.int32), bq),
             (jax.ShapeDtypeStruct((b, hq, lq_pad, kp), F32), bq)],
       group=hq // hk, unit=unit, buf_rows=bq)
-  back = lambda x: jnp.moveaxis(x[:, :, :lq, :num], 1, 2)  # noqa: E731
+  if heads_first:   # [B, Hq, K, Lq]: query axis last (see `search_topk`)
+    back = lambda x: jnp.swapaxes(x[:, :, :lq, :num], 2, 3)  # noqa: E731
+  else:
+    back = lambda x: jnp.moveaxis(x[:, :, :lq, :num], 1, 2)  # noqa: E731
   return back(anc), back(sc)
 
 
 def search_topk(q_search, k_search, stripe_offsets, *, num_spans, q_offset, variant=None,
-                block_q=None):
+                block_q=None, heads_first=False):
   """Superlinear span-search: top-`num_spans` stripe anchors per query head.
 
   Args:
@@ -105,6 +108,10 @@ def search_topk(q_search, k_search, stripe_offsets, *, num_spans, q_offset, vari
     q_offset: int or traced int32 scalar, absolute position of query 0.
     variant: see `pallas_kernels.platform`.
     block_q: query rows per program (default 128 TPU / 64 GPU).
+    heads_first: return `[B, Hq, K, Lq]` (query axis last) instead, the
+      layout the superlinear glue carries to span attention (XLA:TPU
+      compiles reshapes of tables whose tiny K axis follows the query axis
+      into code linear in `Lq`).
 
   Returns:
     `(anchors int32 [B, Lq, Hq, K], scores float32 [B, Lq, Hq, K])`, best
@@ -124,137 +131,10 @@ def search_topk(q_search, k_search, stripe_offsets, *, num_spans, q_offset, vari
   qoff = _clip_offset(q_offset, lq, lk)
   qs, ks = jax.lax.stop_gradient(q_search), jax.lax.stop_gradient(k_search)
   run = lambda plat: functools.partial(  # noqa: E731
-      _search_variant, plat, num=num_spans, fmax=fmax, block_q=block_q)
+      _search_variant, plat, num=num_spans, fmax=fmax, block_q=block_q,
+      heads_first=heads_first)
   return _platform.dispatch((qs, ks, f, qoff), tpu=run("tpu"), gpu=run("gpu"),
                             variant=variant)
-
-
-# -------------------------------------------------------- selected scores
-
-
-class _SelCfg(NamedTuple):
-  variant: object
-  block_q: int | None
-  block_k: int | None
-
-
-def _sel_tables(anchors, lq, lk, unit, sign):
-  deltas, count = common.distinct_offsets(anchors, lq + lk, -(lq - 1))
-  return common.group_by_residue(deltas, count, unit, sign=sign)
-
-
-def _sel_fwd_variant(plat, qs, ks, anchors, *, cfg, interpret):
-  b, lq, hq, ds = qs.shape
-  lk, hk = ks.shape[1], ks.shape[2]
-  num = anchors.shape[-1]
-  unit = _unit(plat, ks.dtype)
-  bq = _block(plat, lq, cfg.block_q, unit)
-  dp = pad_head_dim(ds, plat)
-  lq_pad = round_up(lq, bq)
-  front = round_up(lq, max(unit, 8))
-  rows = round_up(front + lq_pad + lk + 2 * max(unit, 8), max(unit, 8))
-  kp = next_pow2(num)
-  deltas, bounds = _sel_tables(anchors, lq, lk, unit, 1)
-  body = functools.partial(common.selected_fwd_body, bq=bq, front=front, unit=unit)
-  (out,) = _launch(
-      plat, body, interpret=interpret, grid=(b, hq, lq_pad // bq), tables=[deltas, bounds],
-      blocks=[(_heads_first(qs, lq_pad, dp), bq, "same"),
-              (_heads_first(anchors, lq_pad, kp, fill=-1), bq, "same")],
-      frames={"ks": (common.to_frame(ks, front, rows, dp), "kv")},
-      outs=[(jax.ShapeDtypeStruct((b, hq, lq_pad, kp), F32), bq)],
-      group=hq // hk, unit=unit, buf_rows=bq)
-  return jnp.moveaxis(out[:, :, :lq, :num], 1, 2)
-
-
-def _sel_bwd_variant(plat, qs, ks, anchors, g, *, cfg, interpret):
-  b, lq, hq, ds = qs.shape
-  lk, hk = ks.shape[1], ks.shape[2]
-  grp = hq // hk
-  num = anchors.shape[-1]
-  unit = _unit(plat, ks.dtype)
-  bq = _block(plat, lq, cfg.block_q, unit)
-  bk = _block(plat, lk, cfg.block_k, unit)
-  dp = pad_head_dim(ds, plat)
-  lq_pad, lk_pad = round_up(lq, bq), round_up(lk, bk)
-  kp = next_pow2(num)
-  al = max(unit, 8)
-  g = g.astype(F32)
-  # dq: query blocks, key rows at front + i + delta.
-  front = round_up(lq, al)
-  rows = round_up(front + lq_pad + lk + 2 * al, al)
-  deltas, bounds = _sel_tables(anchors, lq, lk, unit, 1)
-  (dq,) = _launch(
-      plat, functools.partial(common.selected_dq_body, bq=bq, front=front, unit=unit),
-      interpret=interpret, grid=(b, hq, lq_pad // bq), tables=[deltas, bounds],
-      blocks=[(_heads_first(anchors, lq_pad, kp, fill=-1), bq, "same"),
-              (_heads_first(g, lq_pad, kp), bq, "same")],
-      frames={"ks": (common.to_frame(ks, front, rows, dp), "kv")},
-      outs=[(jax.ShapeDtypeStruct((b, hq, lq_pad, dp), F32), bq)],
-      group=grp, unit=unit, buf_rows=bq)
-  # dk: key blocks, query rows at front_q + x - delta.
-  front_q = round_up(lk, al)
-  rows_q = round_up(front_q + lk_pad + lq + 2 * al, al)
-  deltas_t, bounds_t = _sel_tables(anchors, lq, lk, unit, -1)
-  frame = lambda x, fill=0: common.to_frame(x - fill, front_q, rows_q, x.shape[-1]) + fill  # noqa: E731
-  (dk,) = _launch(
-      plat, functools.partial(common.selected_dk_body, bk=bk, group=grp, front_q=front_q,
-                              unit=unit),
-      interpret=interpret, grid=(b, hk, lk_pad // bk), tables=[deltas_t, bounds_t],
-      blocks=[],
-      frames={"anc": (frame(jnp.pad(anchors, ((0, 0),) * 3 + ((0, kp - num),),
-                                    constant_values=-1), -1), "group"),
-              "g": (frame(jnp.pad(g, ((0, 0),) * 3 + ((0, kp - num),))), "group"),
-              "qs": (common.to_frame(qs, front_q, rows_q, dp), "group")},
-      outs=[(jax.ShapeDtypeStruct((b, hk, lk_pad, dp), F32), bk)],
-      group=grp, unit=unit, buf_rows=bk)
-  to_seq = lambda x, n: jnp.moveaxis(x[:, :, :n, :ds], 1, 2)  # noqa: E731
-  return to_seq(dq, lq).astype(qs.dtype), to_seq(dk, lk).astype(ks.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _selected(qs, ks, anchors, cfg):
-  run = lambda plat: functools.partial(_sel_fwd_variant, plat, cfg=cfg)  # noqa: E731
-  return _platform.dispatch((qs, ks, anchors), tpu=run("tpu"), gpu=run("gpu"),
-                            variant=cfg.variant)
-
-
-def _selected_fwd(qs, ks, anchors, cfg):
-  return _selected(qs, ks, anchors, cfg), (qs, ks, anchors)
-
-
-def _selected_bwd(cfg, res, g):
-  qs, ks, anchors = res
-  run = lambda plat: functools.partial(_sel_bwd_variant, plat, cfg=cfg)  # noqa: E731
-  dq, dk = _platform.dispatch((qs, ks, anchors, g), tpu=run("tpu"), gpu=run("gpu"),
-                              variant=cfg.variant)
-  return dq, dk, None
-
-
-_selected.defvjp(_selected_fwd, _selected_bwd)
-
-
-def selected_scores(q_search, k_search, anchors, *, variant=None, block_q=None,
-                    block_k=None):
-  """Gate logits `<q_search[b, i, h], k_search[b, anchors[b, i, h, k], h // G]>`.
-
-  Args:
-    q_search: `[B, Lq, Hq, Ds]`; k_search: `[B, Lk, Hk, Ds]`.
-    anchors: int32 `[B, Lq, Hq, K]` key positions (`-1`: empty slot).
-
-  Returns:
-    float32 `[B, Lq, Hq, K]`, 0 in empty slots. Differentiable w.r.t.
-    `q_search` and `k_search` by Pallas kernels: the distinct offsets
-    `anchor - query row` (for superlinear anchors: the stripes) are collected
-    in XLA, then `dq_search` loops over them per query block and
-    `dk_search` per key block (the transposed stripe: the queries that can
-    pick key `x` at offset `delta` are the rows `x - delta`), with no scatter
-    and no atomics. Cost per block is proportional to the number of distinct
-    offsets (the stripe count for superlinear anchors).
-  """
-  anchors = jnp.asarray(anchors, jnp.int32)
-  anchors = jnp.where((anchors >= 0) & (anchors < k_search.shape[1]), anchors, -1)
-  return _selected(q_search, k_search, jax.lax.stop_gradient(anchors),
-                   _SelCfg(variant, block_q, block_k))
 
 
 # -------------------------------------------------------------------- PPA
