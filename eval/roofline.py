@@ -68,20 +68,22 @@ class Shape:
 
 @dataclasses.dataclass(frozen=True)
 class Changes:
-  """Planned kernel changes (issue 15), off = today's kernels."""
+  """Planned kernel changes (issue 15); the defaults are today's kernels."""
 
-  gqa_shared_reads: bool = False  # 2: stripe kernels serve a kv head's G query heads
+  gqa_shared_reads: bool = True   # 2 (done): stripe search / PPA fwd, dq serve a kv head's
+                                  #    G query heads (False: one program per query head)
   split_decode: bool = False      # 4: decode split over >= SMs programs, 1 row per stripe,
                                   #    dense decode reads only attended keys
   ppa_routing: bool = False       # 3: dense-ish PPA query blocks go to block-sparse tiles
 
   def label(self) -> str:
-    on = [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
-    return "today" if not on else " + ".join(on)
+    diff = [(f.name if getattr(self, f.name) else f"no {f.name}")
+            for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+    return "today" if not diff else " + ".join(diff)
 
 
 ALL = Changes(True, True, True)
-SCENARIOS = (Changes(), Changes(gqa_shared_reads=True),
+SCENARIOS = (Changes(), Changes(gqa_shared_reads=False),
              Changes(split_decode=True), Changes(ppa_routing=True), ALL)
 RELEASED = attn.SuperlinearConfig(sw_index=65, num_spans=3, search_power=0.55,
                                   span_power=0.55, backward_factor=3.0, forward_factor=1.0)
@@ -308,10 +310,14 @@ def ppa(seq_len: int, p: float, window: int, shape: Shape,
   band = sum(cost.band_chunks(seq_len, seq_len, 0, lo, hi, block, block) for lo, hi in runs)
   kw = dict(s.kw(), block_q=block, block_k=block)
   if not changes.ppa_routing:
-    return OpCost((("ppa_fwd", cost.ppa_fwd(q_len=seq_len, band_tiles=band,
+    # The GQA-folded kernel's tile holds `G` heads: `block / G` rows per head
+    # (at least 16), as `stripe.ops._head_block_q` picks on GPU.
+    bq = max(16, block // s.group) if changes.gqa_shared_reads else block
+    band_g = sum(cost.band_chunks(seq_len, seq_len, 0, lo, hi, block, bq) for lo, hi in runs)
+    return OpCost((("ppa_fwd", cost.ppa_fwd(q_len=seq_len, band_tiles=band_g,
                                             far_offsets=far.size, detail=True,
                                             gqa_shared_reads=changes.gqa_shared_reads,
-                                            **kw)),))
+                                            **dict(kw, block_q=bq))),))
   n = -(-seq_len // block)
   tiles = ppa_tiles_per_block(offsets, seq_len, block)
   last_row = np.minimum(np.arange(n) * block + block - 1, seq_len - 1)

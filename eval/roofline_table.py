@@ -198,7 +198,9 @@ def markdown(hw: Hardware = H100) -> str:
          "### Today's kernels", ""] + today_table(hw) + [
          "", "### With each planned change (time, baseline / ours)", "",
          "Columns switch on one change of issue 15 at a time, then all together: "
-         "`gqa_shared_reads` (item 2: stripe kernels per kv head), "
+         "`no gqa_shared_reads` (item 2 is in: the stripe search and "
+         "PPA forward/dq serve a kv head's query heads; this column switches it off, "
+         "one program per query head as before), "
          "`split_decode` (item 4: decode split over >= 132 programs, one row per stripe, "
          "dense decode reading only the attended keys), `ppa_routing` (item 3: each PPA "
          "query block takes the cheaper of its valid stripes and its mask's block-sparse "

@@ -17,8 +17,9 @@ each kernel body *really* loads and computes today:
   * decode stripe/search steps load a 16-row window to use `lq` rows.
 
 Switches for the planned changes (issue 15), default = today's code:
-`gqa_shared_reads` (stripe kernels per kv head), `num_splits` (decode:
-the cache split over more programs, partial states merged),
+`gqa_shared_reads` (stripe kernels per kv head: on by default for the
+search and PPA kernels, which share; off for block-sparse), `num_splits`
+(decode: the cache split over more programs, partial states merged),
 `rows_per_stripe` (decode: rows loaded per stripe step). Search once
 (issue 15 item 1) is in: `gate_logits_bwd` models its backward.
 
@@ -173,13 +174,16 @@ def block_sparse_dkv(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
 
 def stripe_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
                   stripes: int, num_spans: int, block_q: int = 64, itemsize: int = 2,
-                  platform: str = "gpu", unit: int = 16, gqa_shared_reads: bool = False,
+                  platform: str = "gpu", unit: int = 16, gqa_shared_reads: bool = True,
                   detail: bool = False):
-  """Span-search (`stripe.search_topk`), grid `(B, Hq, nq)`.
+  """Span-search (`stripe.search_topk`), grid `(B, Hk, nq)` (`block_q`: query
+  rows per head; a program serves the `G` query heads of a kv head).
 
   Every program loops over *all* `stripes` of the table (invalid anchors
   are loaded and masked), loading `block_q` rows of the search keys per
-  stripe and scoring them row-wise (`2 Dp` FLOPs a row, vector units).
+  stripe once for its `G` heads and scoring them row-wise (`2 Dp` FLOPs a
+  row, vector units). `gqa_shared_reads=False`: the former grid `(B, Hq,
+  nq)`, each query head re-reading the rows.
   """
   dp = padded_head_dim(head_dim, platform)
   nq = _cdiv(q_len, block_q)
@@ -190,7 +194,7 @@ def stripe_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_l
   own = batch * q_heads * nq * block_q * (dp * itemsize + 2 * kp * 4)
   vec = batch * q_heads * nq * stripes * block_q * 2 * dp
   return _out(KernelCost(vector_flops=int(vec), bytes_accessed=int(ks + own),
-                         programs=batch * q_heads * nq), detail)
+                         programs=batch * reads_h * nq), detail)
 
 
 def gate_logits_bwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
@@ -245,13 +249,15 @@ def band_chunks(q_len: int, kv_len: int, q_offset: int, lo: int, hi: int, block:
 def ppa_fwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
             band_tiles: int, far_offsets: int, block_q: int = 64, block_k: int = 64,
             itemsize: int = 2, platform: str = "gpu", unit: int = 16,
-            gqa_shared_reads: bool = False, detail: bool = False):
-  """PPA forward (`stripe.ppa_attention`), grid `(B, Hq, nq)`.
+            gqa_shared_reads: bool = True, detail: bool = False):
+  """PPA forward (`stripe.ppa_attention`), grid `(B, Hk, nq)`: a program
+  serves the `G` query heads of a kv head (`block_q` rows per head).
 
   `band_tiles`: key tiles of the dense runs summed over the query blocks
-  (`band_chunks`); each loads K, V `block_k` rows (`4 bq bk Dp` matmul
-  FLOPs). Every program then loops over *all* `far_offsets` stripes, K and
-  V `block_q` rows each (`4 Dp` row-wise FLOPs a row).
+  (`band_chunks`); each loads K, V `block_k` rows once for the group (`4 bq
+  bk Dp` matmul FLOPs per head). Every program then loops over *all*
+  `far_offsets` stripes, K and V `block_q` rows each (`4 Dp` row-wise FLOPs
+  a row and head). `gqa_shared_reads=False`: the former grid `(B, Hq, nq)`.
   """
   dp = padded_head_dim(head_dim, platform)
   nq = _cdiv(q_len, block_q)
@@ -264,15 +270,15 @@ def ppa_fwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: in
   rw = batch * q_heads * nq * far_offsets * block_q
   return _out(KernelCost(flops=4 * mm * dp, vector_flops=4 * rw * dp,
                          transcendentals=mm + rw, bytes_accessed=int(band + stripes + own),
-                         programs=batch * q_heads * nq), detail)
+                         programs=batch * reads_h * nq), detail)
 
 
 def ppa_dq(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
            band_tiles: int, far_offsets: int, block_q: int = 64, block_k: int = 64,
            itemsize: int = 2, platform: str = "gpu", unit: int = 16,
-           gqa_shared_reads: bool = False, detail: bool = False):
-  """PPA dq, grid `(B, Hq, nq)`: the forward's loads plus do, lse, delta;
-  6 FLOPs per entry and head_dim element; float32 dq out."""
+           gqa_shared_reads: bool = True, detail: bool = False):
+  """PPA dq, grid `(B, Hk, nq)` (as `ppa_fwd`): the forward's loads plus do,
+  lse, delta; 6 FLOPs per entry and head_dim element; float32 dq out."""
   dp = padded_head_dim(head_dim, platform)
   nq = _cdiv(q_len, block_q)
   reads_h = kv_heads if gqa_shared_reads else q_heads
@@ -284,7 +290,7 @@ def ppa_dq(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int
   rw = batch * q_heads * nq * far_offsets * block_q
   return _out(KernelCost(flops=6 * mm * dp, vector_flops=6 * rw * dp,
                          transcendentals=mm + rw, bytes_accessed=int(band + stripes + own),
-                         programs=batch * q_heads * nq), detail)
+                         programs=batch * reads_h * nq), detail)
 
 
 def ppa_dkv(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, kv_len: int,

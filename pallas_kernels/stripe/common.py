@@ -31,7 +31,8 @@ anchors); kernels read them as scalars.
 **Kernel bodies** are written once for both platforms. Each body receives a
 context (`ctx.scalar`, `ctx.rows`, below) and its refs. Layout conventions:
 
-  * query-block kernels: grid `(B, Hq, q_blocks)`, query row `i = i0 + r`;
+  * query-block kernels: grid `(B, Hk, q_blocks)`, folded row `r` of the
+    tile is query head `r // block_q` of the group, query row `i = i0 + r mod block_q`;
     a stripe `delta` puts the key of row `i` at key position `i + delta`,
     i.e. at key-frame row `front + i + delta`;
   * key-block kernels: grid `(B, Hk, k_blocks)`, key position `x = x0 + c`;
@@ -58,16 +59,29 @@ passes frames as whole per-head blocks and loads the exact rows with
 `pltriton.load`; tables are ordinary int32 inputs.
 
 Both take the same description of a kernel:
-  grid: `(B, H, n)` (H = query heads for query-block kernels, kv heads for
-    key-block kernels);
+  grid: `(B, H, n)` (H = kv heads, except the gate-logit query-block
+    kernels: query heads);
   tables: 1-D int32 arrays (power-of-two length);
   blocks: `(array [B, H', L, W], block_rows, kind)` read as the block
     `[block_rows, W]` at grid position `(b, head, i)`;
   frames: `{name: (array [B, H', rows, W], kind)}` read through `ctx.rows`;
-  outs: `(ShapeDtypeStruct [B, H, L, W], block_rows)`, block `(b, h, i)`.
+  outs: `(ShapeDtypeStruct [B, H', L, W], block_rows[, kind])`, block
+    `(b, h, i)` (kind `"same"` unless given);
+  cost: optional `pl.CostEstimate` (from `pallas_kernels.cost`).
 `kind` maps the grid's head index to the array's head: `"same"`, `"kv"`
-(query head `h` reads kv head `h // group`) or `"group"` (kv head `h` reads
-the `group` query heads `h * group + g`; frames only).
+(query head `h` reads kv head `h // group`), `"heads"` (blocks and outs: kv
+head `h` reads/writes the block `[group, block_rows, W]` of its `group` query
+heads `h * group .. h * group + group - 1`; bodies fold it into `group *
+block_rows` rows with `load_heads` / `store_heads`) or `"group"` (kv head
+`h` reads the `group` query heads `h * group + g`; frames only).
+
+**GQA sharing.** The search and the PPA forward / dq kernels run one
+program per kv head (grid `(B, Hk, q_blocks)`) and fold its `G` query heads
+into the rows of the tile: a stripe's `block_q` key rows (or a band's key
+tile) are loaded once and serve `G * block_q` query rows, so K/V reads are
+`G` times fewer than with one program per query head. The PPA dk/dv kernel
+is per kv head already (it loops over the group's query heads, loading
+their query rows, which differ per head).
 """
 
 from __future__ import annotations
@@ -168,6 +182,33 @@ def head_block(kind: str, group: int):
   return {"same": lambda h: h, "kv": lambda h: h // group}[kind]
 
 
+def load_heads(ref):
+  """A `"heads"` block `[G, n, W]` (the group's query heads) -> rows `[G * n, W]`."""
+  x = ref[...]
+  return x.reshape(x.shape[0] * x.shape[1], x.shape[2])
+
+
+def store_heads(ref, x):
+  """Inverse of `load_heads`: rows `[G * n, W]` into the block `[G, n, W]`."""
+  ref[...] = x.reshape(ref.shape).astype(ref.dtype)
+
+
+def repeat_rows(x, group: int):
+  """`[n, W]` -> `[group * n, W]`, `x` once per query head of the group."""
+  if group == 1:
+    return x
+  n, w = x.shape
+  return jnp.broadcast_to(x[None], (group, n, w)).reshape(group * n, w)
+
+
+def fold_col(rows: int, block: int, offset=0):
+  """Query position of each folded row: `offset + (row mod block)`, `[rows, 1]`."""
+  r = jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+  if rows == block:
+    return offset + r
+  return offset + jax.lax.rem(r, jnp.int32(block))
+
+
 # ------------------------------------------------------------- kernel bodies
 
 
@@ -207,30 +248,34 @@ def _align_down(x, unit):
 # ----------------------------------------------------------------- search
 
 
-def search_body(ctx, deltas_ref, bounds_ref, q_ref, anc_ref, sc_ref, *, bq, num, lk,
-                front, unit):
-  """Running top-`num` over the stripes `deltas` (anchor = row + delta)."""
+def search_body(ctx, deltas_ref, bounds_ref, q_ref, anc_ref, sc_ref, *, bq, group, num,
+                lk, front, unit):
+  """Running top-`num` over the stripes `deltas` (anchor = row + delta).
+
+  One program serves the `group` query heads of a kv head: their query
+  blocks are folded into `group * bq` rows (`load_heads`), and each stripe's
+  `bq` key rows are loaded once and repeated for every head."""
   i0 = pl.program_id(2) * bq
-  q = q_ref[...].astype(F32)
-  r = _col(bq, i0)
-  state = tuple((jnp.full((bq, 1), -jnp.inf, F32), jnp.full((bq, 1), INT_MAX,
-                                                             jnp.int32))
+  q = load_heads(q_ref).astype(F32)
+  n = q.shape[0]
+  r = fold_col(n, bq, i0)
+  state = tuple((jnp.full((n, 1), -jnp.inf, F32), jnp.full((n, 1), INT_MAX, jnp.int32))
                 for _ in range(num))
 
   def body(j, u, st):
     dl = ctx.scalar(deltas_ref, j)
-    kw = ctx.rows("ks", front + i0 + dl, bq, u)
+    kw = repeat_rows(ctx.rows("ks", front + i0 + dl, bq, u).astype(F32), group)
     a = r + dl
     ok = (a >= 0) & (a < lk)
-    s = jnp.where(ok, _rowdot(q, jnp.where(ok, kw, 0)), -jnp.inf)
+    s = jnp.where(ok, _rowdot(q, jnp.where(ok, kw, 0.0)), -jnp.inf)
     return topk_insert(st, s, a)
 
   state = _stripe_loops(ctx, bounds_ref, unit, body, state)
   scores = [s for s, _ in state]
   anchors = [jnp.where(jnp.isfinite(s), a, -1) for s, a in state]
   width = sc_ref.shape[-1]
-  sc_ref[...] = columns_to_tile(scores, width, -jnp.inf)
-  anc_ref[...] = columns_to_tile(anchors, width, -1)
+  store_heads(sc_ref, columns_to_tile(scores, width, -jnp.inf))
+  store_heads(anc_ref, columns_to_tile(anchors, width, -1))
 
 
 # -------------------------------------------------------------------- PPA
@@ -254,34 +299,36 @@ def _online(m, l, acc, s, ok, pv):
 
 
 def ppa_fwd_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, o_ref, lse_ref, *, bq,
-                 bk, bands, lq, lk, front, unit, scale):
-  """PPA forward for one query block: band tiles, then stripes (online softmax)."""
+                 bk, bands, group, lq, lk, front, unit, scale):
+  """PPA forward for one query block of the `group` query heads of a kv head
+  (folded into `group * bq` rows): band tiles, then stripes (online softmax).
+  Each key tile and stripe is loaded once for the whole group."""
   i0 = pl.program_id(2) * bq
   qoff = ctx.scalar(meta_ref, 0)
   qmax = qoff + lq - 1
-  q = q_ref[...]
+  q = load_heads(q_ref)
   q32 = q.astype(F32)
-  d_pad = q.shape[1]
-  carry = (jnp.full((bq, 1), -jnp.inf, F32), jnp.zeros((bq, 1), F32),
-           jnp.zeros((bq, d_pad), F32))
+  n, d_pad = q.shape
+  carry = (jnp.full((n, 1), -jnp.inf, F32), jnp.zeros((n, 1), F32),
+           jnp.zeros((n, d_pad), F32))
 
   def band_step(st, kw, vw, ok):
     s = _dot(q, kw, _NT) * scale
     return _online(*st, s, ok, lambda p: _dot(p.astype(vw.dtype), vw, _NN))
 
   carry = _band_loop(ctx, bands, band_step, carry, i0=i0, qoff=qoff, qmax=qmax, bq=bq,
-                     bk=bk, lk=lk, front=front, unit=unit)
+                     rows=n, bk=bk, lk=lk, front=front, unit=unit)
 
   def stripe(j, u, st):
-    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, u, i0=i0, bq=bq, lk=lk, qmax=qmax,
-                              front=front)
+    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, u, i0=i0, bq=bq, group=group, lk=lk,
+                              qmax=qmax, front=front)
     s = _rowdot(q32, kw) * scale
-    return _online(*st, s, ok, lambda p: p * vw.astype(F32))
+    return _online(*st, s, ok, lambda p: p * vw)
 
   m, l, acc = _stripe_loops(ctx, bounds_ref, unit, stripe, carry)
   has = l > 0
-  o_ref[...] = (acc / jnp.where(has, l, 1.0)).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf)
+  store_heads(o_ref, acc / jnp.where(has, l, 1.0))
+  store_heads(lse_ref, jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf))
 
 
 def _band_tile(ctx, base, c, qpos, *, lo, hi, bk, unit, front, lk, qmax):
@@ -298,10 +345,11 @@ def _band_tile(ctx, base, c, qpos, *, lo, hi, bk, unit, front, lk, qmax):
   return kw, vw, ok
 
 
-def _band_loop(ctx, bands, step, carry, *, i0, qoff, qmax, bq, bk, lk, front, unit):
+def _band_loop(ctx, bands, step, carry, *, i0, qoff, qmax, bq, rows, bk, lk, front, unit):
   """`carry = step(carry, k, v, ok)` over every key tile (`_band_tile`) of
-  every band `(lo, hi)` of the query block starting at row `i0`."""
-  qpos = _col(bq, qoff + i0)
+  every band `(lo, hi)` of the query block starting at row `i0` (`rows`
+  folded rows: `rows / bq` query heads)."""
+  qpos = fold_col(rows, bq, qoff + i0)
   for lo, hi in bands:
     base, n = _band_range(front + qoff + i0 - hi, front + qoff + i0 + bq - 1 - lo,
                           front, front + jnp.minimum(lk - 1, qmax), unit, bk)
@@ -315,17 +363,20 @@ def _band_loop(ctx, bands, step, carry, *, i0, qoff, qmax, bq, bk, lk, front, un
   return carry
 
 
-def _stripe_tile(ctx, deltas_ref, j, u, *, i0, bq, lk, qmax, front):
+def _stripe_tile(ctx, deltas_ref, j, u, *, i0, bq, group, lk, qmax, front):
   """The keys and values of stripe `j` for the query block at row `i0`:
-  `(k, v, ok)`, `[bq, D]` rows (query `i0 + r` meets key `i0 + r + delta`),
-  zeroed where the key is before 0, past `lk` or past the last query;
-  `ok [bq, 1]` marks the others."""
+  `(k, v, ok)`, float32 `[group * bq, D]` (query `i0 + r` of every head meets
+  key `i0 + r + delta`; `bq` rows loaded once, repeated per head), zeroed
+  where the key is before 0, past `lk` or past the last query; `ok
+  [group * bq, 1]` marks the others."""
   dl = ctx.scalar(deltas_ref, j)
   kc = _col(bq, i0 + dl)
-  ok = (kc >= 0) & (kc < lk) & (kc <= qmax)
+  vis = (kc >= 0) & (kc < lk) & (kc <= qmax)
   start = front + i0 + dl
-  return (jnp.where(ok, ctx.rows("k", start, bq, u), 0),
-          jnp.where(ok, ctx.rows("v", start, bq, u), 0), ok)
+  kw = repeat_rows(jnp.where(vis, ctx.rows("k", start, bq, u).astype(F32), 0.0), group)
+  vw = repeat_rows(jnp.where(vis, ctx.rows("v", start, bq, u).astype(F32), 0.0), group)
+  kf = fold_col(group * bq, bq, i0 + dl)
+  return kw, vw, (kf >= 0) & (kf < lk) & (kf <= qmax)
 
 
 def _probs(s, lse, ok):
@@ -334,14 +385,15 @@ def _probs(s, lse, ok):
 
 
 def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, dl_ref,
-                dq_ref, *, bq, bk, bands, lq, lk, front, unit, scale):
-  """dq for one query block (probabilities recomputed from the saved lse)."""
+                dq_ref, *, bq, bk, bands, group, lq, lk, front, unit, scale):
+  """dq for one query block of the `group` query heads of a kv head (folded
+  rows as in `ppa_fwd_body`; probabilities recomputed from the saved lse)."""
   i0 = pl.program_id(2) * bq
   qoff = ctx.scalar(meta_ref, 0)
   qmax = qoff + lq - 1
-  q, do = q_ref[...], do_ref[...]
+  q, do = load_heads(q_ref), load_heads(do_ref)
   q32, do32 = q.astype(F32), do.astype(F32)
-  lse, delta = lse_ref[...], dl_ref[...]
+  lse, delta = load_heads(lse_ref), load_heads(dl_ref)
   dq = jnp.zeros(q.shape, F32)
 
   def band_step(dq, kw, vw, ok):
@@ -349,19 +401,18 @@ def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, d
     ds = p * (_dot(do, vw, _NT) - delta)
     return dq + _dot(ds.astype(kw.dtype), kw, _NN) * scale
 
-  dq = _band_loop(ctx, bands, band_step, dq, i0=i0, qoff=qoff, qmax=qmax, bq=bq, bk=bk,
-                  lk=lk, front=front, unit=unit)
+  dq = _band_loop(ctx, bands, band_step, dq, i0=i0, qoff=qoff, qmax=qmax, bq=bq,
+                  rows=q.shape[0], bk=bk, lk=lk, front=front, unit=unit)
 
   def stripe(j, u, dq):
-    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, u, i0=i0, bq=bq, lk=lk, qmax=qmax,
-                              front=front)
-    kw = kw.astype(F32)
+    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, u, i0=i0, bq=bq, group=group, lk=lk,
+                              qmax=qmax, front=front)
     p = _probs(_rowdot(q32, kw) * scale, lse, ok)
     ds = p * (_rowdot(do32, vw) - delta)
     return dq + ds * kw * scale
 
   dq = _stripe_loops(ctx, bounds_ref, unit, stripe, dq)
-  dq_ref[...] = dq.astype(dq_ref.dtype)
+  store_heads(dq_ref, dq)
 
 
 def ppa_dkv_body(ctx, meta_ref, deltas_ref, bounds_ref, k_ref, v_ref, dk_ref, dv_ref, *,

@@ -24,7 +24,7 @@ class _GpuCtx:
 
 
 def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_rows,
-               interpret, num_warps=4):
+               interpret, num_warps=4, cost=None):
   """Runs `body(ctx, *table_refs, *block_refs, *out_refs)` as a Triton kernel."""
   del unit, buf_rows
   names = list(frames)
@@ -32,6 +32,8 @@ def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_row
   nt, nb, nf = len(tables), len(blocks), len(names)
 
   def block_spec(shape_w, rows, kind):
+    if kind == "heads":
+      return pl.BlockSpec((None, group, rows, shape_w), lambda b, h, i: (b, h, i, 0))
     hb = _head_block(kind, group)
     return pl.BlockSpec((None, None, rows, shape_w), lambda b, h, i: (b, hb(h), i, 0))
 
@@ -45,7 +47,8 @@ def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_row
   in_specs = [pl.BlockSpec(t.shape, lambda b, h, i: (0,)) for t in tables]
   in_specs += [block_spec(a.shape[-1], r, kind) for a, r, kind in blocks]
   in_specs += [frame_spec(frames[k][0], kinds[k]) for k in names]
-  out_specs = [block_spec(s.shape[-1], r, "same") for s, r in outs]
+  out_specs = [block_spec(o[0].shape[-1], o[1], o[2] if len(o) > 2 else "same")
+               for o in outs]
 
   def kernel(*refs):
     t = refs[:nt]
@@ -55,8 +58,8 @@ def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_row
     body(_GpuCtx(fr, kinds), *t, *bl, *o)
 
   return pl.pallas_call(
-      kernel, out_shape=[s for s, _ in outs], grid=grid, in_specs=in_specs,
-      out_specs=out_specs, interpret=interpret,
+      kernel, out_shape=[o[0] for o in outs], grid=grid, in_specs=in_specs,
+      out_specs=out_specs, interpret=interpret, cost_estimate=cost,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
   )(*tables, *(a for a, _, _ in blocks), *(frames[k][0] for k in names))
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import cost
 from pallas_kernels import platform as _platform
 from pallas_kernels.stripe import common, gpu, tpu
 from pallas_kernels.common import F32, next_pow2, pad_head_dim, round_up
@@ -44,6 +45,17 @@ def _block(plat: str, length: int, requested: int | None, unit: int) -> int:
   return max(16, min(next_pow2(want), next_pow2(length)))
 
 
+def _head_block_q(plat: str, length: int, requested: int | None, unit: int,
+                  group: int) -> int:
+  """Query rows per head of a GQA-folded kernel (search, PPA forward / dq):
+  a program's tile holds `group` times as many rows. Default: TPU 128 per
+  head; GPU 64 rows in all (`64 // group` per head, at least 16) so the
+  tile's registers do not grow with the group."""
+  if requested is None and plat != "tpu":
+    requested = max(16, 64 // group)
+  return _block(plat, length, requested, unit)
+
+
 def _clip_offset(q_offset, q_len: int, kv_len: int):
   """None -> `kv_len - q_len`; otherwise clipped into `[0, kv_len - q_len]`."""
   if q_offset is None:
@@ -58,9 +70,11 @@ def _heads_first(x, rows: int, dp: int, fill=0):
                  constant_values=fill)
 
 
-def _launch(plat, body, *, interpret, **kw):
-  launch = tpu.launch_tpu if plat == "tpu" else gpu.launch_gpu
-  return launch(body, interpret=interpret, **kw)
+def _launch(plat, body, *, interpret, num_warps=4, **kw):
+  """Runs a kernel body on `plat`; `num_warps` (GPU only) per program."""
+  if plat == "tpu":
+    return tpu.launch_tpu(body, interpret=interpret, **kw)
+  return gpu.launch_gpu(body, interpret=interpret, num_warps=num_warps, **kw)
 
 
 # ----------------------------------------------------------------- search
@@ -69,24 +83,28 @@ def _launch(plat, body, *, interpret, **kw):
 def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, heads_first, interpret):
   b, lq, hq, ds = qs.shape
   lk, hk = ks.shape[1], ks.shape[2]
+  grp = hq // hk
   unit = _unit(plat, ks.dtype)
-  bq = _block(plat, lq, block_q, unit)
+  bq = _head_block_q(plat, lq, block_q, unit, grp)
   dp = pad_head_dim(ds, plat)
   lq_pad = round_up(lq, bq)
   front = round_up(max(fmax - 1, 0), max(unit, 8))
   rows = round_up(front + lk + lq_pad + 2 * max(unit, 8), max(unit, 8))
   kp = next_pow2(num)
   deltas, bounds = common.group_by_residue(qoff + 1 - f, f.shape[0], unit)
-  body = functools.partial(common.search_body, num=num, bq=bq, lk=lk, front=front,
-                           unit=unit)
+  body = functools.partial(common.search_body, num=num, bq=bq, group=grp, lk=lk,
+                           front=front, unit=unit)
+  est = cost.stripe_search(batch=b, q_heads=hq, kv_heads=hk, head_dim=ds, q_len=lq_pad,
+                           stripes=int(f.shape[0]), num_spans=num, block_q=bq,
+                           itemsize=ks.dtype.itemsize, platform=plat, unit=max(unit, 1))
   anc, sc = _launch(
-      plat, body, interpret=interpret, grid=(b, hq, lq_pad // bq),
+      plat, body, interpret=interpret, grid=(b, hk, lq_pad // bq),
       tables=[deltas, bounds],
-      blocks=[(_heads_first(qs, lq_pad, dp), bq, "same")],
-      frames={"ks": (common.to_frame(ks, front, rows, dp), "kv")},
-      outs=[(jax.ShapeDtypeStruct((b, hq, lq_pad, kp), jnp.int32), bq),
-            (jax.ShapeDtypeStruct((b, hq, lq_pad, kp), F32), bq)],
-      group=hq // hk, unit=unit, buf_rows=bq)
+      blocks=[(_heads_first(qs, lq_pad, dp), bq, "heads")],
+      frames={"ks": (common.to_frame(ks, front, rows, dp), "same")},
+      outs=[(jax.ShapeDtypeStruct((b, hq, lq_pad, kp), jnp.int32), bq, "heads"),
+            (jax.ShapeDtypeStruct((b, hq, lq_pad, kp), F32), bq, "heads")],
+      group=grp, unit=unit, buf_rows=bq, cost=est)
   if heads_first:   # [B, Hq, K, Lq]: query axis last (see `search_topk`)
     back = lambda x: jnp.swapaxes(x[:, :, :lq, :num], 2, 3)  # noqa: E731
   else:
@@ -107,7 +125,9 @@ def search_topk(q_search, k_search, stripe_offsets, *, num_spans, q_offset, vari
     num_spans: `K >= 1`.
     q_offset: int or traced int32 scalar, absolute position of query 0.
     variant: see `pallas_kernels.platform`.
-    block_q: query rows per program (default 128 TPU / 64 GPU).
+    block_q: query rows per head in a program (the program serves the `G`
+      query heads of a kv head: `G * block_q` rows; default 128 TPU, GPU
+      `max(16, 64 // G)`).
     heads_first: return `[B, Hq, K, Lq]` (query axis last) instead, the
       layout the superlinear glue carries to span attention (XLA:TPU
       compiles reshapes of tables whose tiny K axis follows the query axis
@@ -140,6 +160,12 @@ def search_topk(q_search, k_search, stripe_offsets, *, num_spans, q_offset, vari
 # -------------------------------------------------------------------- PPA
 
 
+# GPU warps of the PPA dq and dk/dv kernels: their float32 accumulators
+# (dq; dk and dv) and `[bq, bk]` probability tiles spill at 4 warps and
+# head_dim 128 (docs/kernels_stripe.md, compile report).
+_BWD_WARPS = 8
+
+
 class _PpaCfg(NamedTuple):
   dense_runs: tuple
   far_offsets: tuple
@@ -153,13 +179,31 @@ def _ppa_geometry(plat, q, k, cfg):
   b, lq, hq, d = q.shape
   lk, hk = k.shape[1], k.shape[2]
   unit = _unit(plat, k.dtype)
-  bq = _block(plat, lq, cfg.block_q, unit)
+  bq = _head_block_q(plat, lq, cfg.block_q, unit, hq // hk)   # forward / dq, per head
+  bq_t = _block(plat, lq, cfg.block_q, unit)                   # dk/dv query chunks
   bk = _block(plat, lk, cfg.block_k, unit)
   al = max(unit, 8)
   dmax = max([hi for _, hi in cfg.dense_runs] + list(cfg.far_offsets) + [0])
-  return dict(b=b, lq=lq, hq=hq, d=d, lk=lk, hk=hk, unit=unit, bq=bq, bk=bk, al=al,
-              dp=pad_head_dim(d, plat), lq_pad=round_up(lq, bq),
-              lk_pad=round_up(lk, bk), front=round_up(dmax, al), dmax=dmax)
+  return dict(b=b, lq=lq, hq=hq, d=d, lk=lk, hk=hk, unit=unit, bq=bq, bq_t=bq_t, bk=bk,
+              al=al, dp=pad_head_dim(d, plat), lq_pad=round_up(lq, bq),
+              lq_pad_t=round_up(lq, bq_t), lk_pad=round_up(lk, bk),
+              front=round_up(dmax, al), dmax=dmax)
+
+
+def _ppa_costs(plat, q, cfg, g):
+  """`pl.CostEstimate`s of the forward, dq and dk/dv kernels (the band
+  tiles counted for the default `q_offset = kv_len - q_len`)."""
+  qoff = g["lk"] - g["lq"]
+  kw = dict(batch=g["b"], q_heads=g["hq"], kv_heads=g["hk"], head_dim=g["d"],
+            far_offsets=len(cfg.far_offsets), block_k=g["bk"], itemsize=q.dtype.itemsize,
+            platform=plat, unit=max(g["unit"], 1))
+  band = sum(cost.band_chunks(g["lq"], g["lk"], qoff, lo, hi, g["bk"], g["bq"], g["unit"])
+             for lo, hi in cfg.dense_runs)
+  band_t = sum(cost.band_chunks(g["lq"], g["lk"], qoff, lo, hi, g["bq_t"], g["bk"],
+                                g["unit"], transposed=True) for lo, hi in cfg.dense_runs)
+  return (cost.ppa_fwd(q_len=g["lq"], band_tiles=band, block_q=g["bq"], **kw),
+          cost.ppa_dq(q_len=g["lq"], band_tiles=band, block_q=g["bq"], **kw),
+          cost.ppa_dkv(kv_len=g["lk"], band_chunks_t=band_t, block_q=g["bq_t"], **kw))
 
 
 def _ppa_tables(cfg, qoff, unit, sign):
@@ -173,18 +217,21 @@ def _ppa_fwd_variant(plat, q, k, v, qoff, *, cfg, interpret):
   g = _ppa_geometry(plat, q, k, cfg)
   rows = round_up(g["front"] + g["lk"] + g["lq_pad"] + g["bk"] + 2 * g["al"], g["al"])
   deltas, bounds = _ppa_tables(cfg, qoff, g["unit"], 1)
+  grp = g["hq"] // g["hk"]
   body = functools.partial(
-      common.ppa_fwd_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
-      lk=g["lk"], front=g["front"], unit=g["unit"], scale=cfg.scale)
+      common.ppa_fwd_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, group=grp,
+      lq=g["lq"], lk=g["lk"], front=g["front"], unit=g["unit"], scale=cfg.scale)
   frame = lambda x: common.to_frame(x, g["front"], rows, g["dp"])  # noqa: E731
   o, lse = _launch(
-      plat, body, interpret=interpret, grid=(g["b"], g["hq"], g["lq_pad"] // g["bq"]),
+      plat, body, interpret=interpret, grid=(g["b"], g["hk"], g["lq_pad"] // g["bq"]),
       tables=[common.pad_table(qoff[None]), deltas, bounds],
-      blocks=[(_heads_first(q, g["lq_pad"], g["dp"]), g["bq"], "same")],
-      frames={"k": (frame(k), "kv"), "v": (frame(v), "kv")},
-      outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), q.dtype), g["bq"]),
-            (jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], 1), F32), g["bq"])],
-      group=g["hq"] // g["hk"], unit=g["unit"], buf_rows=max(g["bq"], g["bk"]))
+      blocks=[(_heads_first(q, g["lq_pad"], g["dp"]), g["bq"], "heads")],
+      frames={"k": (frame(k), "same"), "v": (frame(v), "same")},
+      outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), q.dtype), g["bq"],
+             "heads"),
+            (jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], 1), F32), g["bq"], "heads")],
+      group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]),
+      cost=_ppa_costs(plat, q, cfg, g)[0])
   out = jnp.moveaxis(o[:, :, :g["lq"], :g["d"]], 1, 2)
   return out, lse[:, :, :g["lq"], 0]
 
@@ -198,29 +245,33 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
   deltas, bounds = _ppa_tables(cfg, qoff, g["unit"], 1)
   kframe = lambda x: common.to_frame(x, g["front"], rows, g["dp"])  # noqa: E731
   col = lambda x, n: jnp.pad(x[..., None], ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))  # noqa: E731
+  est_fwd, est_dq, est_dkv = _ppa_costs(plat, q, cfg, g)
+  del est_fwd
   body = functools.partial(
-      common.ppa_dq_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
-      lk=g["lk"], front=g["front"], unit=g["unit"], scale=cfg.scale)
+      common.ppa_dq_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, group=grp,
+      lq=g["lq"], lk=g["lk"], front=g["front"], unit=g["unit"], scale=cfg.scale)
   (dq,) = _launch(
-      plat, body, interpret=interpret, grid=(g["b"], g["hq"], g["lq_pad"] // g["bq"]),
+      plat, body, interpret=interpret, grid=(g["b"], g["hk"], g["lq_pad"] // g["bq"]),
       tables=[meta, deltas, bounds],
-      blocks=[(_heads_first(q, g["lq_pad"], g["dp"]), g["bq"], "same"),
-              (_heads_first(do, g["lq_pad"], g["dp"]), g["bq"], "same"),
-              (col(lse, g["lq_pad"]), g["bq"], "same"),
-              (col(delta, g["lq_pad"]), g["bq"], "same")],
-      frames={"k": (kframe(k), "kv"), "v": (kframe(v), "kv")},
-      outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), F32), g["bq"])],
-      group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]))
+      blocks=[(_heads_first(q, g["lq_pad"], g["dp"]), g["bq"], "heads"),
+              (_heads_first(do, g["lq_pad"], g["dp"]), g["bq"], "heads"),
+              (col(lse, g["lq_pad"]), g["bq"], "heads"),
+              (col(delta, g["lq_pad"]), g["bq"], "heads")],
+      frames={"k": (kframe(k), "same"), "v": (kframe(v), "same")},
+      outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), F32), g["bq"],
+             "heads")],
+      group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]), cost=est_dq,
+      num_warps=_BWD_WARPS)
   # dk, dv: key blocks against the query frame (rows front_q + i).
   front_q = round_up(g["lk"] - g["lq"], g["al"])
-  rows_q = round_up(front_q + g["lk_pad"] + g["dmax"] + g["bq"] + g["lq_pad"]
+  rows_q = round_up(front_q + g["lk_pad"] + g["dmax"] + g["bq_t"] + g["lq_pad_t"]
                            + 2 * g["al"], g["al"])
   qframe = lambda x: common.to_frame(x, front_q, rows_q, x.shape[-1] if x.shape[-1] == 1  # noqa: E731
                                      else g["dp"])
   seq_col = lambda x: jnp.moveaxis(x, 1, 2)[..., None]  # [B, Hq, Lq] -> [B, Lq, Hq, 1]  # noqa: E731
   deltas_t, bounds_t = _ppa_tables(cfg, qoff, g["unit"], -1)
   body = functools.partial(
-      common.ppa_dkv_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
+      common.ppa_dkv_body, bq=g["bq_t"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
       lk=g["lk"], group=grp, front_q=front_q, unit=g["unit"], scale=cfg.scale)
   dk, dv = _launch(
       plat, body, interpret=interpret, grid=(g["b"], g["hk"], g["lk_pad"] // g["bk"]),
@@ -232,7 +283,8 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
               "delta": (qframe(seq_col(delta)), "group")},
       outs=[(jax.ShapeDtypeStruct((g["b"], g["hk"], g["lk_pad"], g["dp"]), F32), g["bk"]),
             (jax.ShapeDtypeStruct((g["b"], g["hk"], g["lk_pad"], g["dp"]), F32), g["bk"])],
-      group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]))
+      group=grp, unit=g["unit"], buf_rows=max(g["bq_t"], g["bk"]), cost=est_dkv,
+      num_warps=_BWD_WARPS)
   to_seq = lambda x, n: jnp.moveaxis(x[:, :, :n, :g["d"]], 1, 2)  # noqa: E731
   return (to_seq(dq, g["lq"]).astype(q.dtype), to_seq(dk, g["lk"]).astype(k.dtype),
           to_seq(dv, g["lk"]).astype(v.dtype))

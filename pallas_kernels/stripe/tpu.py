@@ -34,20 +34,23 @@ class _TpuCtx:
 
 
 def launch_tpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_rows,
-               interpret):
+               interpret, cost=None):
   """Runs `body(ctx, *table_refs, *block_refs, *out_refs)` as a Mosaic kernel."""
   names = list(frames)
   kinds = {k: frames[k][1] for k in names}
   nt, nb, nf, no = len(tables), len(blocks), len(names), len(outs)
 
   def block_spec(shape_w, rows, kind):
+    if kind == "heads":
+      return pl.BlockSpec((None, group, rows, shape_w), lambda b, h, i, *_: (b, h, i, 0))
     hb = _head_block(kind, group)
     return pl.BlockSpec((None, None, rows, shape_w),
                         lambda b, h, i, *_: (b, hb(h), i, 0))
 
   in_specs = [block_spec(a.shape[-1], r, kind) for a, r, kind in blocks]
   in_specs += [pl.BlockSpec(memory_space=pl.ANY) for _ in names]
-  out_specs = [block_spec(s.shape[-1], r, "same") for s, r in outs]
+  out_specs = [block_spec(o[0].shape[-1], o[1], o[2] if len(o) > 2 else "same")
+               for o in outs]
   scratch = [pltpu.VMEM((buf_rows + unit, frames[k][0].shape[-1]), frames[k][0].dtype)
              for k in names]
   scratch.append(pltpu.SemaphoreType.DMA(()))
@@ -65,10 +68,10 @@ def launch_tpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_row
       num_scalar_prefetch=nt, grid=grid, in_specs=in_specs, out_specs=out_specs,
       scratch_shapes=scratch)
   return pl.pallas_call(
-      kernel, out_shape=[s for s, _ in outs], grid_spec=grid_spec,
+      kernel, out_shape=[o[0] for o in outs], grid_spec=grid_spec,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel")),
-      interpret=interpret,
+      interpret=interpret, cost_estimate=cost,
   )(*tables, *(a for a, _, _ in blocks), *(frames[k][0] for k in names))
 
 
