@@ -34,6 +34,7 @@ import numpy as np
 import attn
 from attn import masks
 from pallas_kernels import cost
+from pallas_kernels.decode import common as dec_common
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
@@ -339,18 +340,21 @@ def ppa(seq_len: int, p: float, window: int, shape: Shape,
 # -------------------------------------------------------------------- decode
 
 
-def _splits(shape: Shape, changes: Changes, hw: Hardware = H100) -> int:
-  return max(1, -(-hw.num_sms // (shape.batch * shape.kv_heads))) if changes.split_decode else 1
-
-
 def superlinear_decode(cache_len: int, config: attn.SuperlinearConfig, shape: Shape,
                        changes: Changes = Changes()) -> OpCost:
-  """One token at the end of a `cache_len` cache (Pallas decode kernels)."""
+  """One token at the end of a `cache_len` cache (Pallas decode kernels).
+
+  Search and band as the kernels run them: the stripe walk cut into the
+  splits of `decode.common.stripe_splits` (one gathered row per stripe),
+  the band into those of `band_splits`. `split_decode` adds what is still
+  planned: the span ranges split over the SMs.
+  """
   s = shape
   f = masks.superlinear_stripe_table(cache_len, config).astype(np.int64)
   stripes = int((f <= cache_len).sum())       # first_stripe: f(j) <= q_offset + lq
-  splits = _splits(s, changes)
-  rows = 1 if changes.split_decode else None
+  programs = s.batch * s.kv_heads
+  splits = dec_common.stripe_splits(f.size, programs=programs)
+  band_splits = dec_common.band_splits(config.window, lq=1, programs=programs)
   lens = span_lengths(cache_len, config)[-1]
   range_tiles = (s.batch * s.q_heads * config.num_spans
                  * -(-int(lens) // cost.DECODE_TILE))
@@ -358,12 +362,11 @@ def superlinear_decode(cache_len: int, config: attn.SuperlinearConfig, shape: Sh
   range_splits = -(-H100.num_sms // range_programs) if changes.split_decode else 1
   return OpCost((
       ("decode_search", cost.decode_search(q_len=1, stripes=stripes, num_spans=config.num_spans,
-                                           rows_per_stripe=rows, num_splits=splits,
-                                           detail=True, **s.kw())),
+                                           num_splits=splits, detail=True, **s.kw())),
       ("decode_ranges", cost.decode_ranges(q_len=1, num_spans=config.num_spans,
                                            range_tiles=range_tiles, num_splits=range_splits,
                                            detail=True, **s.kw())),
-      ("decode_band", cost.decode_band(q_len=1, width=config.window, num_splits=1,
+      ("decode_band", cost.decode_band(q_len=1, width=config.window, num_splits=band_splits,
                                        detail=True, **s.kw()))))
 
 

@@ -25,6 +25,7 @@ from attn import masks
 from pallas_kernels import block_sparse, cost, span, stripe
 from pallas_kernels.block_sparse import gpu as bs_gpu
 from pallas_kernels.decode import common as dec_common
+from pallas_kernels.decode import gpu as dec_gpu
 from pallas_kernels.decode import ops as dec_ops
 from pallas_kernels.span import gpu as span_gpu
 from pallas_kernels.stripe import gpu as stripe_gpu
@@ -79,6 +80,13 @@ def loads(monkeypatch):
     return orig_ws(start, align=align, n_buf=n_buf, kv_len=kv_len)
 
   monkeypatch.setattr(dec_common, "window_start", window_start)
+  orig_gather = dec_gpu._gather_rows
+
+  def gather_rows(ref, b, keys, h, ok):
+    jax.debug.callback(lambda n: rec.log.append(("gather", int(n))), jnp.sum(ok))
+    return orig_gather(ref, b, keys, h, ok)
+
+  monkeypatch.setattr(dec_gpu, "_gather_rows", gather_rows)
   return rec
 
 
@@ -316,13 +324,14 @@ def test_decode_kernels_bytes(loads):
   qs = _normal(11, (b, hk, hq // hk, d))
   ks = _normal(12, (b, lk, hk, d))
   first = dec_common.first_stripe(jnp.asarray(f_desc), q_offset, lq=1)
+  splits = dec_common.stripe_splits(f_desc.size, programs=b * hk)
   _flush(dec_ops.search(q_offset, first, jnp.asarray(f_desc), qs, ks, lq=1, num=num,
                         variant=V))
-  assert loads.count("window", 16) == b * hk * visited
+  assert loads.rows("gather") == b * hk * visited               # one row per stripe
   kw = dict(batch=b, q_heads=hq, kv_heads=hk, head_dim=d, q_len=1, itemsize=4)
-  search = cost.decode_search(stripes=visited, num_spans=num, **kw)
-  assert search.bytes_accessed == (loads.rows("window") * d * 4
-                                   + b * hk * (16 * d * 4 + 2 * num * 16 * 4))
+  search = cost.decode_search(stripes=visited, num_spans=num, num_splits=splits, **kw)
+  assert search.bytes_accessed == (loads.rows("gather") * d * 4
+                                   + b * hk * (16 * d * 4 + splits * 2 * num * 16 * 4))
   loads.log.clear()
   v = _normal(13, (b, lk, hk, d))
   width = 10
@@ -336,9 +345,9 @@ def test_decode_kernels_bytes(loads):
   near = sum(1 for x in far.tolist() if x <= q_offset)
   _flush(dec_ops.stripes(q_offset, near, jnp.asarray(far), qs, ks, v, lq=1, scale=0.25,
                          variant=V))
-  assert loads.count("window", 16) == b * hk * near
+  assert loads.rows("gather") == 2 * b * hk * near              # K and V, one row each
   st = cost.decode_stripes(stripes=near, **kw)
-  assert st.bytes_accessed == (2 * loads.rows("window") * d * 4
+  assert st.bytes_accessed == (loads.rows("gather") * d * 4
                                + b * hk * 16 * (d * 4 + (d + 2) * 4))
   loads.log.clear()
   rng = np.random.default_rng(2)
