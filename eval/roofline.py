@@ -344,11 +344,12 @@ def superlinear_decode(cache_len: int, config: attn.SuperlinearConfig, shape: Sh
                        changes: Changes = Changes()) -> OpCost:
   """One token at the end of a `cache_len` cache (Pallas decode kernels).
 
-  Search and band as the kernels run them: the stripe walk cut into the
-  splits of `decode.common.stripe_splits` (one gathered row per stripe),
-  the band into those of `band_splits`. `split_decode` adds what is still
-  planned: the span ranges split over the SMs.
+  As the kernels run them: the stripe walk cut into the splits of
+  `decode.common.stripe_splits` (one gathered row per stripe), the band
+  into those of `band_splits`, each span into `range_splits` parts
+  (`changes` does not change decode any more: item 4 is in).
   """
+  del changes
   s = shape
   f = masks.superlinear_stripe_table(cache_len, config).astype(np.int64)
   stripes = int((f <= cache_len).sum())       # first_stripe: f(j) <= q_offset + lq
@@ -356,10 +357,12 @@ def superlinear_decode(cache_len: int, config: attn.SuperlinearConfig, shape: Sh
   splits = dec_common.stripe_splits(f.size, programs=programs)
   band_splits = dec_common.band_splits(config.window, lq=1, programs=programs)
   lens = span_lengths(cache_len, config)[-1]
-  range_tiles = (s.batch * s.q_heads * config.num_spans
-                 * -(-int(lens) // cost.DECODE_TILE))
   range_programs = s.batch * s.kv_heads * s.group * config.num_spans
-  range_splits = -(-H100.num_sms // range_programs) if changes.split_decode else 1
+  spans = masks.superlinear_span_table(cache_len, config).astype(np.int64)
+  range_splits = dec_common.range_splits(int(spans.sum(axis=1).max()) + 1,
+                                         programs=range_programs)
+  range_tiles = (s.batch * s.q_heads * config.num_spans * range_splits
+                 * -(-int(lens) // (range_splits * cost.DECODE_TILE)))
   return OpCost((
       ("decode_search", cost.decode_search(q_len=1, stripes=stripes, num_spans=config.num_spans,
                                            num_splits=splits, detail=True, **s.kw())),

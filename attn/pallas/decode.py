@@ -114,7 +114,9 @@ def _superlinear_forward(q, k, v, q_search, k_search, q_offset, config, scale, v
   qr = _to_rows(q, hk)
   pos = _row_positions(q_offset, qr.shape[2], lq)
   lo, hi = superlinear_span_bounds(anchors, pos, spans, config)
-  part = kernels.ranges(lo, hi, qr, k, v, scale=scale, variant=variant)
+  max_len = int(np.max(spans.astype(np.int64).sum(axis=1))) + 1  # longest span, static
+  part = kernels.ranges(lo, hi, qr, k, v, scale=scale, variant=variant, max_len=max_len,
+                        num_splits=num_splits)
   if w > 0:
     win = kernels.band(q_offset, qr, k, v, lq=lq, width=w, scale=scale, variant=variant,
                        num_splits=num_splits)

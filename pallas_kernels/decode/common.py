@@ -160,6 +160,24 @@ def band_splits(width: int, *, lq: int, programs: int, num_splits=None) -> int:
   return max(1, min(int(s), max(units, 1)))
 
 
+def range_splits(max_len: int | None, *, programs: int, num_splits=None) -> int:
+  """Split count of the span ranges: each (row, slot) range of at most
+  `max_len` keys (None: unknown, no split) is cut into that many equal parts
+  (`range_part`), at least `BAND_UNIT` keys each by the rule."""
+  if num_splits:
+    return max(1, int(num_splits))
+  if not max_len:
+    return 1
+  return split_count(cdiv(max_len, BAND_UNIT), per_step=1, programs=programs)
+
+
+def range_part(lo, hi, split, splits: int):
+  """Part `split` of `splits` of the inclusive range `[lo, hi]` (inclusive;
+  empty, `hi < lo`, when the range is)."""
+  n = jnp.maximum(hi - lo + 1, 0)
+  return lo + split * n // splits, lo + (split + 1) * n // splits - 1
+
+
 def split_range(split, splits: int, items: int):
   """Items `[split * items // splits, (split + 1) * items // splits)`: the
   balanced chunk of split `split` (non-empty when `items >= splits`)."""

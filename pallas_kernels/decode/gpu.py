@@ -314,9 +314,10 @@ def stripes(scal, d_asc, q, k, v, *, lq, scale, interpret, num_splits=None):
 
 
 def _ranges_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref, l_ref, o_ref, *,
-                   num, scale, bk, kv_len):
-  b, h, pr = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  lo, hi = lo_ref[b, h, pr], hi_ref[b, h, pr]                 # inclusive range
+                   num, splits, scale, bk, kv_len):
+  b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  pr = i // splits                                            # (row, slot)
+  lo, hi = cm.range_part(lo_ref[b, h, pr], hi_ref[b, h, pr], i % splits, splits)
   q = q_ref[b, h, pr // num].astype(F32)                      # [Dp]
   cols = jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
 
@@ -335,30 +336,32 @@ def _ranges_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref, l_ref, o_ref, *,
   init = (jnp.full((1,), cm.NEG_INF, F32), jnp.zeros((1,), F32),
           jnp.zeros(q.shape, F32))
   m, l, o = jax.lax.fori_loop(0, cm.num_tiles(lo, hi + 1, bk), body, init)
-  m_ref[b, h, pl.ds(pr, 1)] = m
-  l_ref[b, h, pl.ds(pr, 1)] = l
-  o_ref[b, h, pr] = o
+  m_ref[b, h, pl.ds(i, 1)] = m
+  l_ref[b, h, pl.ds(i, 1)] = l
+  o_ref[b, h, i] = o
 
 
-def ranges(lo, hi, q, k, v, *, scale, interpret):
-  """See `ops.ranges`."""
+def ranges(lo, hi, q, k, v, *, scale, interpret, max_len=None, num_splits=None):
+  """See `ops.ranges`. Returns per-split states `[B, Hk, R, K, S(, D)]`."""
   bsz, hk, r, num = lo.shape
   d = q.shape[-1]
   q, k, v, _, _, dp = _prep(q, k, v)
   k, v = _pad_rows(k, _BK), _pad_rows(v, _BK)
+  splits = cm.range_splits(max_len, programs=bsz * hk * r * num, num_splits=num_splits)
+  n = r * num * splits
   flat = lambda x: x.reshape(bsz, hk, r * num)  # noqa: E731
-  kernel = functools.partial(_ranges_kernel, num=num, scale=scale, bk=_BK,
+  kernel = functools.partial(_ranges_kernel, num=num, splits=splits, scale=scale, bk=_BK,
                              kv_len=k.shape[1])
   m, l, o = pl.pallas_call(
-      kernel, grid=(bsz, hk, r * num), out_shape=(
-          jax.ShapeDtypeStruct((bsz, hk, r * num), F32),
-          jax.ShapeDtypeStruct((bsz, hk, r * num), F32),
-          jax.ShapeDtypeStruct((bsz, hk, r * num, dp), F32)),
+      kernel, grid=(bsz, hk, n), out_shape=(
+          jax.ShapeDtypeStruct((bsz, hk, n), F32),
+          jax.ShapeDtypeStruct((bsz, hk, n), F32),
+          jax.ShapeDtypeStruct((bsz, hk, n, dp), F32)),
       compiler_params=_params(), interpret=interpret, name="decode_ranges",
-      # Span lengths are data: the estimate counts one tile per (row, slot).
+      # Span lengths are data: the estimate counts one tile per program.
       cost_estimate=cost.decode_ranges(
           batch=bsz, q_heads=hk * r, kv_heads=hk, head_dim=dp, q_len=1, num_spans=num,
-          range_tiles=bsz * hk * r * num, itemsize=k.dtype.itemsize),
+          range_tiles=bsz * hk * n, itemsize=k.dtype.itemsize, num_splits=splits),
   )(flat(lo), flat(hi), q, k, v)
-  shape = (bsz, hk, r, num)
+  shape = (bsz, hk, r, num, splits)
   return m.reshape(shape), l.reshape(shape), o[..., :d].reshape(*shape, d)

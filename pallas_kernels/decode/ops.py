@@ -96,13 +96,18 @@ def stripes(q_offset, count, d_asc, q, k, v, *, lq: int, scale: float, variant=N
                                    gpu=fn(gpu), variant=variant))
 
 
-def ranges(lo, hi, q, k, v, *, scale: float, variant=None):
+def ranges(lo, hi, q, k, v, *, scale: float, variant=None, max_len: int | None = None,
+           num_splits: int | None = None):
   """Partial softmax of row `r` over the keys `[lo, hi]` of each of its slots.
 
   lo, hi: int32 `[B, Hk, R, K]` (inclusive; `hi < lo` is empty). Cost is
-  the summed range lengths. Returns `(m, l, o)` over `[B, Hk, R, K]`.
+  the summed range lengths. Each range is cut into `num_splits` equal parts,
+  one program each (None: `common.range_splits` from `max_len`, the longest
+  range possible, a static int; no split when it is None), merged here.
+  Returns `(m, l, o)` over `[B, Hk, R, K]`.
   """
   fn = lambda v_: lambda *a, interpret: v_.ranges(  # noqa: E731
-      *a, scale=scale, interpret=interpret)
-  return platform.dispatch((_i32(lo), _i32(hi), q, k, v), tpu=fn(tpu), gpu=fn(gpu),
-                           variant=variant)
+      *a, scale=scale, interpret=interpret, max_len=max_len, num_splits=num_splits)
+  parts = platform.dispatch((_i32(lo), _i32(hi), q, k, v), tpu=fn(tpu), gpu=fn(gpu),
+                            variant=variant)
+  return common.merge_split_states(*parts, axis=4)

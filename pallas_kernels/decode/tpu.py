@@ -317,10 +317,11 @@ def stripes(scal, d_asc, q, k, v, *, lq, scale, interpret, num_splits=None):
 
 
 def _ranges_kernel(lo_ref, hi_ref, q_ref, k_hbm, v_hbm, m_ref, l_ref, o_ref, kbuf, vbuf,
-                   sem, *, num, hk, rk, scale, n, align, n_buf, kv_len):
-  b, h, pr = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+                   sem, *, num, hk, rk, splits, scale, n, align, n_buf, kv_len):
+  b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  pr = i // splits                                              # (row, slot)
   idx = (b * hk + h) * rk + pr
-  lo, hi = lo_ref[idx], hi_ref[idx]                             # inclusive range
+  lo, hi = cm.range_part(lo_ref[idx], hi_ref[idx], i % splits, splits)  # inclusive
   plane = jax.lax.broadcasted_iota(jnp.int32, (hk, 1), 0) == h  # this kv head
   q = jnp.where(plane, q_ref[pr // num].astype(F32), 0.0)       # [Hk, D]
   m_ref[...] = jnp.full(m_ref.shape, cm.NEG_INF, F32)
@@ -347,19 +348,21 @@ def _ranges_kernel(lo_ref, hi_ref, q_ref, k_hbm, v_hbm, m_ref, l_ref, o_ref, kbu
   o_ref[...] = jnp.sum(o_acc, axis=0, keepdims=True)
 
 
-def ranges(lo, hi, q, k, v, *, scale, interpret):
-  """See `ops.ranges`."""
+def ranges(lo, hi, q, k, v, *, scale, interpret, max_len=None, num_splits=None):
+  """See `ops.ranges`. Returns per-split states `[B, Hk, R, K, S(, D)]`."""
   bsz, hk, r, num = lo.shape
   d = q.shape[-1]
   kv_len = k.shape[1]
   n, align, n_buf = _window(_BK, k.dtype, kv_len)
   rk = r * num
-  kernel = functools.partial(_ranges_kernel, num=num, hk=hk, rk=rk, scale=scale, n=n,
+  splits = cm.range_splits(max_len, programs=bsz * hk * rk, num_splits=num_splits)
+  kernel = functools.partial(_ranges_kernel, num=num, hk=hk, rk=rk, splits=splits,
+                             scale=scale, n=n,
                              align=align, n_buf=n_buf, kv_len=kv_len)
   m, l, o = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(bsz, hk, rk),
+          num_scalar_prefetch=2, grid=(bsz, hk, rk * splits),
           in_specs=[pl.BlockSpec((None, r, hk, d), lambda b, h, i, *_: (b, 0, 0, 0)),
                     _any(), _any()],
           out_specs=[pl.BlockSpec((None, None, None, 1, 1),
@@ -368,16 +371,16 @@ def ranges(lo, hi, q, k, v, *, scale, interpret):
           scratch_shapes=[pltpu.VMEM((n_buf, hk, d), k.dtype),
                           pltpu.VMEM((n_buf, hk, d), v.dtype),
                           pltpu.SemaphoreType.DMA((2,))]),
-      out_shape=(jax.ShapeDtypeStruct((bsz, hk, rk, 1, 1), F32),
-                 jax.ShapeDtypeStruct((bsz, hk, rk, 1, 1), F32),
-                 jax.ShapeDtypeStruct((bsz, hk, rk, 1, d), F32)),
+      out_shape=(jax.ShapeDtypeStruct((bsz, hk, rk * splits, 1, 1), F32),
+                 jax.ShapeDtypeStruct((bsz, hk, rk * splits, 1, 1), F32),
+                 jax.ShapeDtypeStruct((bsz, hk, rk * splits, 1, d), F32)),
       compiler_params=_params("parallel", "parallel", "parallel"),
       interpret=interpret, name="decode_ranges",
-      # Span lengths are data: the estimate counts one tile per (row, slot).
+      # Span lengths are data: the estimate counts one tile per program.
       cost_estimate=cost.decode_ranges(
           batch=bsz, q_heads=hk * r, kv_heads=hk, head_dim=d, q_len=1, num_spans=num,
-          range_tiles=bsz * hk * rk, itemsize=k.dtype.itemsize, platform="tpu",
-          tile=n_buf),
+          range_tiles=bsz * hk * rk * splits, itemsize=k.dtype.itemsize, platform="tpu",
+          num_splits=splits, tile=n_buf),
   )(lo.reshape(-1), hi.reshape(-1), _planes(q), k, v)
-  shape = (bsz, hk, r, num)
+  shape = (bsz, hk, r, num, splits)
   return m.reshape(shape), l.reshape(shape), o.reshape(*shape, d)
