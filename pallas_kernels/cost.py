@@ -22,8 +22,10 @@ Switches for the planned changes (issue 15), default = today's code:
 (`selected_scores_*`: gate logits from the search, backward through the k
 selected anchors only), `num_splits` (decode: the cache split over more
 programs, partial states merged; the kernels pass the split count of
-`decode.common.num_splits`), `rows_per_stripe` (decode: rows loaded per
-stripe; default `q_len`, what the gathers read).
+`decode.common.stripe_splits` / `band_splits`, also the default when
+`num_splits=None`; the span ranges need the span length, default 1 split),
+`rows_per_stripe` (decode: rows loaded per stripe; default `q_len`, what
+the gathers read).
 
 Every public function returns `jax.experimental.pallas.CostEstimate`; with
 `detail=True` it returns a `KernelCost` instead, which also says how many
@@ -441,6 +443,16 @@ def _decode_rows(q_heads: int, kv_heads: int, q_len: int) -> int:
   return max(16, next_pow2(_group(q_heads, kv_heads) * q_len))
 
 
+def _decode_splits(num_splits, rule, *args, **kw) -> int:
+  """`num_splits`, or (None) the split count the decode kernels choose
+  (`pallas_kernels.decode.common`, imported here to keep this module free of
+  kernel imports at load time)."""
+  if num_splits is not None:
+    return int(num_splits)
+  from pallas_kernels.decode import common as dec_common
+  return getattr(dec_common, rule)(*args, **kw)
+
+
 def _split_overhead(batch, kv_heads, rp, dp, num_splits):
   """Partial `(m, l, o)` states written and read back by a split merge."""
   if num_splits <= 1:
@@ -450,13 +462,15 @@ def _split_overhead(batch, kv_heads, rp, dp, num_splits):
 
 def decode_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
                   stripes: int, num_spans: int, itemsize: int = 2, platform: str = "gpu",
-                  rows_per_stripe: int | None = None, num_splits: int = 1,
+                  rows_per_stripe: int | None = None, num_splits: int | None = None,
                   detail: bool = False):
   """Decode span-search, grid `(B, Hk, num_splits)`: per visited stripe
   `rows_per_stripe` cache rows (default `q_len`: the rows its queries use,
   gathered many stripes per step) scored against all `G lq` query rows as
   one padded matmul; per split a top-`num_spans` list written."""
   dp = padded_head_dim(head_dim, platform)
+  num_splits = _decode_splits(num_splits, "stripe_splits", stripes,
+                              programs=batch * kv_heads)
   rp = _decode_rows(q_heads, kv_heads, q_len)
   win = q_len if rows_per_stripe is None else rows_per_stripe
   ks = batch * kv_heads * stripes * win * dp * itemsize
@@ -467,12 +481,15 @@ def decode_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_l
 
 
 def decode_band(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
-                width: int, itemsize: int = 2, platform: str = "gpu", num_splits: int = 1,
+                width: int, itemsize: int = 2, platform: str = "gpu",
+                num_splits: int | None = None,
                 tile: int = DECODE_TILE, detail: bool = False):
   """Decode band (window), grid `(B, Hk, num_splits)`: `ceil((width + lq -
   1) / tile)` tiles of K, V shared by the splits; all `G lq` rows per tile
   as a matmul."""
   dp = padded_head_dim(head_dim, platform)
+  num_splits = _decode_splits(num_splits, "band_splits", width, lq=q_len,
+                              programs=batch * kv_heads)
   rp = _decode_rows(q_heads, kv_heads, q_len)
   tiles = _cdiv(width + q_len - 1, tile)
   kv = batch * kv_heads * tiles * 2 * tile * dp * itemsize
@@ -486,11 +503,13 @@ def decode_band(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len
 
 def decode_stripes(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
                    stripes: int, itemsize: int = 2, platform: str = "gpu",
-                   rows_per_stripe: int | None = None, num_splits: int = 1,
+                   rows_per_stripe: int | None = None, num_splits: int | None = None,
                    detail: bool = False):
   """Decode PPA stripes, grid `(B, Hk, num_splits)`: per visited far offset
   `rows_per_stripe` rows (default `q_len`, gathered) of K and V."""
   dp = padded_head_dim(head_dim, platform)
+  num_splits = _decode_splits(num_splits, "stripe_splits", stripes,
+                              programs=batch * kv_heads)
   rp = _decode_rows(q_heads, kv_heads, q_len)
   win = q_len if rows_per_stripe is None else rows_per_stripe
   kv = batch * kv_heads * stripes * 2 * win * dp * itemsize

@@ -377,9 +377,10 @@ def test_estimate_is_a_pallas_cost_estimate_and_changes_only_lower_cost():
   # The old decode search (a 16-row window per stripe, one program per kv
   # head) against the split, gathered one (one row per stripe, 17 splits).
   full = cost.decode_search(batch=1, q_heads=32, kv_heads=8, head_dim=128, q_len=1,
-                            stripes=1000, num_spans=2, rows_per_stripe=16, detail=True)
+                            stripes=1000, num_spans=2, rows_per_stripe=16, num_splits=1,
+                            detail=True)
   split = cost.decode_search(batch=1, q_heads=32, kv_heads=8, head_dim=128, q_len=1,
-                             stripes=1000, num_spans=2, num_splits=17, detail=True)
+                             stripes=1000, num_spans=2, detail=True)      # the rule: 17
   assert split.programs == 17 * full.programs >= 132
   assert split.bytes_accessed < full.bytes_accessed
   assert cost.padded_head_dim(80, "gpu") == 128 and cost.padded_head_dim(80, "tpu") == 128

@@ -123,7 +123,8 @@ def split_count(items: int, *, per_step: int, programs: int,
 
   The rule: enough splits for `programs * splits >= target` (`programs` =
   batch * kv_heads), but never fewer than `per_step` items per split:
-  `min(ceil(target / programs), ceil(items / per_step))`, at least 1. Only the static table size enters, so the split count is fixed
+  `min(ceil(target / programs), ceil(items / per_step))`, at least 1.
+  Only the static table size enters, so the split count is fixed
   per cache length; the work inside each split follows the traced bounds.
   """
   if items <= 0:

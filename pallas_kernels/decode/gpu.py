@@ -6,8 +6,8 @@ own chunk of stripes / band keys (`common.split_range`). Band and range
 tiles are `pltriton.load`s of `ref.at[b, pl.ds(row0, n), h, :]` straight
 from the cache in its `[batch, kv_len, kv_heads, head_dim]` layout (no copy
 of the cache); search and stripes gather 16 rows of many stripes per step
-(`_gather_rows`, a masked load of only the valid rows). Triton block dims must be powers of two: the rows
-and head_dim of the (small) query arrays are padded here; the cache is padded
+(`_gather_rows`, a masked load of only the valid rows). Triton block dims
+must be powers of two: the rows and head_dim of the (small) query arrays are padded here; the cache is padded
 only when head_dim is not a power of two >= 16 (an O(kv_len) copy; 64 and
 128 need none). Window starts are clamped into the cache (never negative:
 the interpreter reads NaN, not `other`, there) and every row outside the
