@@ -34,6 +34,7 @@ import numpy as np
 import attn
 from attn import masks
 from pallas_kernels import cost
+from pallas_kernels.decode import common as dec_common
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
@@ -340,49 +341,51 @@ def ppa(seq_len: int, p: float, window: int, shape: Shape,
 # -------------------------------------------------------------------- decode
 
 
-def _splits(shape: Shape, changes: Changes, hw: Hardware = H100) -> int:
-  return max(1, -(-hw.num_sms // (shape.batch * shape.kv_heads))) if changes.split_decode else 1
-
-
 def superlinear_decode(cache_len: int, config: attn.SuperlinearConfig, shape: Shape,
                        changes: Changes = Changes()) -> OpCost:
-  """One token at the end of a `cache_len` cache (Pallas decode kernels)."""
+  """One token at the end of a `cache_len` cache (Pallas decode kernels).
+
+  As the kernels run them: the stripe walk cut into the splits of
+  `decode.common.stripe_splits` (one gathered row per stripe), the band
+  into those of `band_splits`, each span into `range_splits` parts
+  (`changes` does not change decode any more: item 4 is in).
+  """
+  del changes
   s = shape
   f = masks.superlinear_stripe_table(cache_len, config).astype(np.int64)
   stripes = int((f <= cache_len).sum())       # first_stripe: f(j) <= q_offset + lq
-  splits = _splits(s, changes)
-  rows = 1 if changes.split_decode else None
+  programs = s.batch * s.kv_heads
+  splits = dec_common.stripe_splits(f.size, programs=programs)
+  band_splits = dec_common.band_splits(config.window, lq=1, programs=programs)
   lens = span_lengths(cache_len, config)[-1]
-  range_tiles = (s.batch * s.q_heads * config.num_spans
-                 * -(-int(lens) // cost.DECODE_TILE))
   range_programs = s.batch * s.kv_heads * s.group * config.num_spans
-  range_splits = -(-H100.num_sms // range_programs) if changes.split_decode else 1
+  spans = masks.superlinear_span_table(cache_len, config).astype(np.int64)
+  range_splits = dec_common.range_splits(int(spans.sum(axis=1).max()) + 1,
+                                         programs=range_programs)
+  range_tiles = (s.batch * s.q_heads * config.num_spans * range_splits
+                 * -(-int(lens) // (range_splits * cost.DECODE_TILE)))
   return OpCost((
       ("decode_search", cost.decode_search(q_len=1, stripes=stripes, num_spans=config.num_spans,
-                                           rows_per_stripe=rows, num_splits=splits,
-                                           detail=True, **s.kw())),
+                                           num_splits=splits, detail=True, **s.kw())),
       ("decode_ranges", cost.decode_ranges(q_len=1, num_spans=config.num_spans,
                                            range_tiles=range_tiles, num_splits=range_splits,
                                            detail=True, **s.kw())),
-      ("decode_band", cost.decode_band(q_len=1, width=config.window, num_splits=1,
+      ("decode_band", cost.decode_band(q_len=1, width=config.window, num_splits=band_splits,
                                        detail=True, **s.kw()))))
 
 
 def dense_decode_pallas(cache_len: int, shape: Shape, changes: Changes = Changes()) -> OpCost:
   """Ours: `dense_attention(implementation="pallas")` with a traced offset.
 
-  Today: `with_any_offset` zeroes every key/value row past the query (a
-  read and write of the cache) and the band kernel's grid `(B, Hq, 1)`
-  walks the whole cache per query head. Planned: only the attended keys,
-  read once per kv head, split over the SMs.
+  Today: the band kernel with a traced key limit (no zeroing pass over the
+  cache; key blocks past the query are skipped), one program per query
+  head walking the attended keys. Planned: read once per kv head, split
+  over the SMs (modelled as the baseline's cost).
   """
-  s = shape
-  kv_b = s.batch * cache_len * s.kv_heads * s.head_dim * s.itemsize
   if changes.split_decode:
     return dense_decode_baseline(cache_len, shape)
   layout = attn.BlockLayout.causal(1, kv_len=cache_len, block_q=16, block_k=128)
-  bs = block_sparse(layout, shape)
-  return OpCost((("zero rows past the query", _glue(4 * kv_b)),) + bs.parts)
+  return block_sparse(layout, shape)
 
 
 def main(argv=None):

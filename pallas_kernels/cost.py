@@ -14,13 +14,17 @@ each kernel body *really* loads and computes today:
     per kv head serving its `G` query heads);
   * stripe steps load `block_q` rows per stripe (TPU: one alignment unit
     more when the stripe's residue is not 0, see `stripe/common.py`);
-  * decode stripe/search steps load a 16-row window to use `lq` rows.
+  * decode stripe/search steps (GPU) gather the `lq` rows each stripe uses,
+    many stripes per step (TPU: one DMA of the `lq`-row window per stripe).
 
 Switches for the planned changes (issue 15), default = today's code:
 `gqa_shared_reads` (stripe kernels per kv head: on by default for the
 search and PPA kernels, which share; off for block-sparse), `num_splits`
-(decode: the cache split over more programs, partial states merged),
-`rows_per_stripe` (decode: rows loaded per stripe step). Search once
+(decode: the cache split over more programs, partial states merged; the
+kernels pass the split count of `decode.common.stripe_splits` /
+`band_splits`, also the default when `num_splits=None`; the span ranges
+need the span length, default 1 split), `rows_per_stripe` (decode: rows
+loaded per stripe; default `q_len`, what the gathers read). Search once
 (issue 15 item 1) is in: `gate_logits_bwd` models its backward.
 
 Every public function returns `jax.experimental.pallas.CostEstimate`; with
@@ -414,13 +418,22 @@ def span_bwd(*, batch: int, heads: int, head_dim: int, rows: int, kv_len: int,
 # ------------------------------------------------------------------ decode
 
 
-DECODE_WINDOW = 16      # rows a decode stripe/search step loads today (>= 16 for tl.dot)
-DECODE_TILE = 64        # key rows per decode band / range tile
+DECODE_TILE = 64        # key rows per decode band / range tile (GPU)
 
 
 def _decode_rows(q_heads: int, kv_heads: int, q_len: int) -> int:
   """Padded query rows per kv head (`G * lq`, a power of two >= 16)."""
   return max(16, next_pow2(_group(q_heads, kv_heads) * q_len))
+
+
+def _decode_splits(num_splits, rule, *args, **kw) -> int:
+  """`num_splits`, or (None) the split count the decode kernels choose
+  (`pallas_kernels.decode.common`, imported here to keep this module free of
+  kernel imports at load time)."""
+  if num_splits is not None:
+    return int(num_splits)
+  from pallas_kernels.decode import common as dec_common
+  return getattr(dec_common, rule)(*args, **kw)
 
 
 def _split_overhead(batch, kv_heads, rp, dp, num_splits):
@@ -432,32 +445,39 @@ def _split_overhead(batch, kv_heads, rp, dp, num_splits):
 
 def decode_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
                   stripes: int, num_spans: int, itemsize: int = 2, platform: str = "gpu",
-                  rows_per_stripe: int | None = None, num_splits: int = 1,
+                  rows_per_stripe: int | None = None, num_splits: int | None = None,
                   detail: bool = False):
-  """Decode span-search, grid `(B, Hk)` (`x num_splits`): per visited stripe
-  a window of `rows_per_stripe` cache rows (today 16, to use `lq`) scored
-  against all `G lq` query rows as one padded matmul."""
+  """Decode span-search, grid `(B, Hk, num_splits)`: per visited stripe
+  `rows_per_stripe` cache rows (default `q_len`: the rows its queries use,
+  gathered many stripes per step) scored against all `G lq` query rows as
+  one padded matmul; per split a top-`num_spans` list written."""
   dp = padded_head_dim(head_dim, platform)
+  num_splits = _decode_splits(num_splits, "stripe_splits", stripes,
+                              programs=batch * kv_heads)
   rp = _decode_rows(q_heads, kv_heads, q_len)
-  win = DECODE_WINDOW if rows_per_stripe is None else rows_per_stripe
+  win = q_len if rows_per_stripe is None else rows_per_stripe
   ks = batch * kv_heads * stripes * win * dp * itemsize
   own = batch * kv_heads * (rp * dp * itemsize + num_splits * 2 * num_spans * rp * 4)
-  flops = batch * kv_heads * stripes * 2 * rp * max(win, 16) * dp
+  flops = batch * kv_heads * stripes * 2 * rp * win * dp
   return _out(KernelCost(flops=flops, bytes_accessed=ks + own,
                          programs=batch * kv_heads * num_splits), detail)
 
 
 def decode_band(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
-                width: int, itemsize: int = 2, platform: str = "gpu", num_splits: int = 1,
-                detail: bool = False):
-  """Decode band (window), grid `(B, Hk)`: `ceil((width + lq - 1) / 64)`
-  tiles of K, V; all `G lq` rows per tile as a matmul."""
+                width: int, itemsize: int = 2, platform: str = "gpu",
+                num_splits: int | None = None,
+                tile: int = DECODE_TILE, detail: bool = False):
+  """Decode band (window), grid `(B, Hk, num_splits)`: `ceil((width + lq -
+  1) / tile)` tiles of K, V shared by the splits; all `G lq` rows per tile
+  as a matmul."""
   dp = padded_head_dim(head_dim, platform)
+  num_splits = _decode_splits(num_splits, "band_splits", width, lq=q_len,
+                              programs=batch * kv_heads)
   rp = _decode_rows(q_heads, kv_heads, q_len)
-  tiles = _cdiv(width + q_len - 1, DECODE_TILE)
-  kv = batch * kv_heads * tiles * 2 * DECODE_TILE * dp * itemsize
+  tiles = _cdiv(width + q_len - 1, tile)
+  kv = batch * kv_heads * tiles * 2 * tile * dp * itemsize
   own = batch * kv_heads * rp * (dp * itemsize + (dp + 2) * F32_BYTES)
-  work = batch * kv_heads * tiles * rp * DECODE_TILE
+  work = batch * kv_heads * tiles * rp * tile
   return _out(KernelCost(flops=4 * work * dp, transcendentals=work,
                          bytes_accessed=kv + own + _split_overhead(batch, kv_heads, rp, dp,
                                                                    num_splits),
@@ -466,16 +486,18 @@ def decode_band(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len
 
 def decode_stripes(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
                    stripes: int, itemsize: int = 2, platform: str = "gpu",
-                   rows_per_stripe: int | None = None, num_splits: int = 1,
+                   rows_per_stripe: int | None = None, num_splits: int | None = None,
                    detail: bool = False):
-  """Decode PPA stripes, grid `(B, Hk)`: per visited far offset a window of
-  `rows_per_stripe` rows (today 16) of K and V."""
+  """Decode PPA stripes, grid `(B, Hk, num_splits)`: per visited far offset
+  `rows_per_stripe` rows (default `q_len`, gathered) of K and V."""
   dp = padded_head_dim(head_dim, platform)
+  num_splits = _decode_splits(num_splits, "stripe_splits", stripes,
+                              programs=batch * kv_heads)
   rp = _decode_rows(q_heads, kv_heads, q_len)
-  win = DECODE_WINDOW if rows_per_stripe is None else rows_per_stripe
+  win = q_len if rows_per_stripe is None else rows_per_stripe
   kv = batch * kv_heads * stripes * 2 * win * dp * itemsize
   own = batch * kv_heads * rp * (dp * itemsize + (dp + 2) * F32_BYTES)
-  work = batch * kv_heads * stripes * rp * max(win, 16)
+  work = batch * kv_heads * stripes * rp * win
   return _out(KernelCost(flops=4 * work * dp, transcendentals=work,
                          bytes_accessed=kv + own + _split_overhead(batch, kv_heads, rp, dp,
                                                                    num_splits),
@@ -484,16 +506,17 @@ def decode_stripes(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_
 
 def decode_ranges(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
                   num_spans: int, range_tiles: int, itemsize: int = 2,
-                  platform: str = "gpu", num_splits: int = 1, detail: bool = False):
+                  platform: str = "gpu", num_splits: int = 1, tile: int = DECODE_TILE,
+                  detail: bool = False):
   """Decode span ranges, grid `(B, Hk, G lq K)` (`x num_splits`): one
-  program per (row, slot); `range_tiles` 64-row tiles of K, V summed over
+  program per (row, slot); `range_tiles` `tile`-row tiles of K, V summed over
   every program of the grid (a data-dependent count); row-wise dots
   (`4 Dp` FLOPs per key)."""
   dp = padded_head_dim(head_dim, platform)
   rows = _group(q_heads, kv_heads) * q_len * num_spans
-  kv = range_tiles * 2 * DECODE_TILE * dp * itemsize
+  kv = range_tiles * 2 * tile * dp * itemsize
   own = batch * kv_heads * rows * (dp * itemsize + 2 * I32_BYTES + (dp + 2) * F32_BYTES)
-  work = range_tiles * DECODE_TILE
+  work = range_tiles * tile
   split = 0 if num_splits <= 1 else 2 * batch * kv_heads * rows * num_splits * (dp + 2) * 4
   return _out(KernelCost(vector_flops=4 * work * dp, transcendentals=work,
                          bytes_accessed=kv + own + split,

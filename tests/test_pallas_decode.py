@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import attn
+from attn import masks
 from attn.pallas import decode as pd
 from pallas_kernels.decode import common
 from tests import pallas_harness as ph
@@ -152,6 +153,109 @@ def test_ppa_decode_bf16_16_queries_and_nan_garbage(variant):
   chex.assert_type(out, jnp.bfloat16)
   chex.assert_trees_all_close(out.astype(jnp.float32), ref.astype(jnp.float32),
                               atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------- split (flash-decoding)
+
+
+@pytest.mark.parametrize("variant", [None, "gpu_interpret"])
+def test_split_decode_matches_reference(variant):
+  """Forced split counts (more splits than the rule picks at this size):
+  per-split states and top-k lists merge to the reference's numbers."""
+  config = attn.SuperlinearConfig(sw_index=1, num_spans=3)
+  lq, lk = 3, 211
+  q, k, v, qs, ks = _inputs(jax.random.key(21), b=1, lq=lq, lk=lk, hq=4, hk=2, d=16,
+                            dtype=jnp.float32)
+  run = jax.jit(functools.partial(pd.superlinear_attention, config=config, scale=0.25,
+                                  variant=variant, num_splits=3))
+  for off in (60, lk - lq):
+    out, anchors, gates = run(q, k, v, qs, ks, jnp.int32(off))
+    ref = attn.superlinear_attention_with_anchors(
+        q, k, v, qs, ks, config=config, scale=0.25, q_offset=off,
+        implementation="reference")
+    chex.assert_trees_all_equal(anchors, ref.anchors)
+    chex.assert_trees_all_close(gates, ref.gates, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(out, ref.out, atol=1e-5, rtol=1e-5)
+  lq = 2
+  q, k, v, _, _ = _inputs(jax.random.key(22), b=1, lq=lq, lk=lk, hq=2, hk=1, d=8,
+                          dtype=jnp.float32)
+  run = jax.jit(functools.partial(pd.ppa_attention, p=0.5, window=140, scale=0.3,
+                                  variant=variant, num_splits=3))
+  for off in (40, lk - lq):
+    ref = attn.ppa_attention(q, k, v, p=0.5, window=140, scale=0.3, q_offset=off,
+                             implementation="reference")
+    chex.assert_trees_all_close(run(q, k, v, jnp.int32(off)), ref, atol=1e-5, rtol=1e-5)
+
+
+def _plain_search(f_desc, qs, ks, q_offset, lq, num):
+  """Oracle: every stripe far to near, scored by a plain dot, sorted stably
+  by descending score (ties keep the farther stripe), top `num`."""
+  b, hk, r, _ = qs.shape
+  scores = np.full((b, hk, r, num), -np.inf, np.float32)
+  anchors = np.full((b, hk, r, num), -1, np.int32)
+  for bi in range(b):
+    for h in range(hk):
+      for row in range(r):
+        cand = []
+        for f in f_desc.tolist():
+          a = q_offset + row % lq + 1 - f
+          if a >= 0:
+            cand.append((float(np.dot(qs[bi, h, row], ks[bi, a, h])), a))
+        cand = sorted(cand, key=lambda c: -c[0])[:num]
+        for slot, (sc, a) in enumerate(cand):
+          scores[bi, h, row, slot], anchors[bi, h, row, slot] = sc, a
+  return scores, anchors
+
+
+@pytest.mark.parametrize("variant", [None, "gpu_interpret"])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_split_search_ties_keep_the_farther_stripe(variant, num_splits):
+  """Scores in {-1, 0, 1}: ties everywhere, inside and across splits; the
+  merged top-k equals a plain stable sort over the far-to-near stripes."""
+  from pallas_kernels.decode import ops as dec_ops
+  lk, lq, num = 160, 2, 3
+  config = attn.SuperlinearConfig(sw_index=1, num_spans=num)
+  f_desc = np.asarray(masks.superlinear_stripe_table(lk, config))
+  rng = np.random.default_rng(4)
+  ks = rng.integers(-1, 2, size=(1, lk, 2, 16)).astype(np.float32)
+  qs = np.zeros((1, 2, 2 * lq, 16), np.float32)
+  qs[..., 0] = 1.0                                        # score = ks[..., 0]
+  for off in (30, lk - lq):
+    first = common.first_stripe(jnp.asarray(f_desc), off, lq=lq)
+    s, a = dec_ops.search(off, first, jnp.asarray(f_desc), jnp.asarray(qs),
+                          jnp.asarray(ks), lq=lq, num=num, variant=variant,
+                          num_splits=num_splits)
+    want_s, want_a = _plain_search(f_desc, qs, ks, off, lq, num)
+    chex.assert_trees_all_equal(a, jnp.asarray(want_a))
+    chex.assert_trees_all_equal(s, jnp.asarray(want_s))
+
+
+def test_merge_topk_keeps_the_lower_position_among_ties():
+  rng = np.random.default_rng(1)
+  scores = rng.integers(-2, 3, size=(32, 12)).astype(np.float32)
+  scores[rng.random(scores.shape) < 0.2] = -np.inf
+  pos = np.broadcast_to(np.arange(12, dtype=np.int32), scores.shape)
+  s, a = common.merge_topk(jnp.asarray(scores), jnp.asarray(pos), 4)
+  for row in range(32):
+    want = sorted(range(12), key=lambda j: -scores[row, j])[:4]   # stable
+    np.testing.assert_array_equal(np.asarray(a[row]), want)
+    np.testing.assert_array_equal(np.asarray(s[row]), scores[row, want])
+
+
+@pytest.mark.parametrize("kv_len", [1 << 18, 1 << 20])
+def test_decode_grids_fill_the_device(kv_len):
+  """Batch 1, 8 kv heads: the search (superlinear) and far-offset (PPA p =
+  0.5) grids launch >= 132 programs, and every split gets stripes."""
+  programs = 8
+  tables = [masks.superlinear_stripe_table(kv_len, cfg).size
+            for cfg in (attn.SuperlinearConfig(),
+                        attn.SuperlinearConfig(**{**SL_RELEASED, "sw_index": 65}))]
+  tables.append(pd.ppa_tables(kv_len, p=0.5, window=64)[1].size)
+  for n in tables:
+    splits = common.stripe_splits(n, programs=programs)
+    assert programs * splits >= common.TARGET_PROGRAMS
+    sizes = [hi - lo for lo, hi in (common.split_range(s, splits, n) for s in range(splits))]
+    assert sum(sizes) == n and min(sizes) >= common.MIN_STRIPES_PER_SPLIT
 
 
 # -------------------------------------------------------- structure and cost

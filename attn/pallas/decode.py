@@ -100,22 +100,26 @@ def superlinear_span_bounds(anchors, pos, spans, config: SuperlinearConfig):
   return pk_common.span_bounds(anchors, pos[:, None], back, fwd, config.window)
 
 
-def _superlinear_forward(q, k, v, q_search, k_search, q_offset, config, scale, variant):
+def _superlinear_forward(q, k, v, q_search, k_search, q_offset, config, scale, variant,
+                         num_splits):
   lq, hk = q.shape[1], k.shape[2]
   num, w = config.num_spans, config.window
   f_desc, spans = superlinear_tables(k.shape[1], config)
   first = common.first_stripe(jnp.asarray(f_desc), q_offset, lq=lq)
   top_s, top_a = kernels.search(q_offset, first, f_desc, _to_rows(q_search, hk), k_search,
-                                lq=lq, num=num, variant=variant)
+                                lq=lq, num=num, variant=variant, num_splits=num_splits)
   valid = jnp.isfinite(top_s)
   anchors = jnp.where(valid, top_a, -1)                        # [B, Hk, R, K]
   gates = jax.nn.softmax(jnp.where(valid, top_s, -1e9), axis=-1)
   qr = _to_rows(q, hk)
   pos = _row_positions(q_offset, qr.shape[2], lq)
   lo, hi = superlinear_span_bounds(anchors, pos, spans, config)
-  part = kernels.ranges(lo, hi, qr, k, v, scale=scale, variant=variant)
+  max_len = int(np.max(spans.astype(np.int64).sum(axis=1))) + 1  # longest span, static
+  part = kernels.ranges(lo, hi, qr, k, v, scale=scale, variant=variant, max_len=max_len,
+                        num_splits=num_splits)
   if w > 0:
-    win = kernels.band(q_offset, qr, k, v, lq=lq, width=w, scale=scale, variant=variant)
+    win = kernels.band(q_offset, qr, k, v, lq=lq, width=w, scale=scale, variant=variant,
+                       num_splits=num_splits)
     part = pk_common.merge_states(part, jax.tree.map(lambda x: x[:, :, :, None], win))
   out, _ = pk_common.finish_state(part)                          # [B, Hk, R, K, D]
   out = jnp.sum(gates[..., None] * out, axis=-2)                 # [B, Hk, R, D]
@@ -123,19 +127,21 @@ def _superlinear_forward(q, k, v, q_search, k_search, q_offset, config, scale, v
           _from_rows(gates, lq))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _superlinear(q, k, v, q_search, k_search, q_offset, config, scale, variant):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _superlinear(q, k, v, q_search, k_search, q_offset, config, scale, variant, num_splits):
   return _superlinear_forward(q, k, v, q_search, k_search, q_offset, config, scale,
-                              variant)
+                              variant, num_splits)
 
 
-def _superlinear_fwd(q, k, v, q_search, k_search, q_offset, config, scale, variant):
+def _superlinear_fwd(q, k, v, q_search, k_search, q_offset, config, scale, variant,
+                     num_splits):
   out = _superlinear_forward(q, k, v, q_search, k_search, q_offset, config, scale,
-                             variant)
+                             variant, num_splits)
   return out, (q, k, v, q_search, k_search, q_offset)
 
 
-def _superlinear_bwd(config, scale, variant, res, cts):
+def _superlinear_bwd(config, scale, variant, num_splits, res, cts):
+  del num_splits
   q, k, v, q_search, k_search, q_offset = res
   fn = lambda *a: xla.superlinear_attention(*a, q_offset, config=config, scale=scale)  # noqa: E731
   _, pull = jax.vjp(fn, q, k, v, q_search, k_search)
@@ -146,7 +152,8 @@ _superlinear.defvjp(_superlinear_fwd, _superlinear_bwd)
 
 
 def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
-                          config: SuperlinearConfig, scale: float, variant=None):
+                          config: SuperlinearConfig, scale: float, variant=None,
+                          num_splits: int | None = None):
   """Superlinear attention for a few decode queries with the Pallas kernels.
 
   Args:
@@ -156,6 +163,9 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
       (int or traced int32 scalar; None = `Lk - Lq`).
     config, scale: as in `attn.superlinear_attention`.
     variant: `pallas_kernels.platform` variant (None = per platform).
+    num_splits: programs per (batch, kv head) that the stripe walk and the
+      band tiles are cut into (None = `pallas_kernels.decode.common.split_count`,
+      the rule; an int overrides it, e.g. in tests).
 
   Returns:
     `(out [B, Lq, Hq, D] q.dtype, anchors int32 [B, Lq, Hq, K], gates float32
@@ -163,7 +173,7 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
   """
   q_offset = _check(q, k, q_offset)
   return _superlinear(q, k, v, q_search, k_search, q_offset, config, float(scale),
-                      variant)
+                      variant, None if num_splits is None else int(num_splits))
 
 
 # ----------------------------------------------------------------------- PPA
@@ -182,31 +192,33 @@ def ppa_tables(kv_len: int, *, p: float, window: int):
   return width, far.astype(np.int32)
 
 
-def _ppa_forward(q, k, v, q_offset, p, window, scale, variant):
+def _ppa_forward(q, k, v, q_offset, p, window, scale, variant, num_splits):
   lq, hk = q.shape[1], k.shape[2]
   width, far = ppa_tables(k.shape[1], p=p, window=window)
   qr = _to_rows(q, hk)
   part = kernels.band(q_offset, qr, k, v, lq=lq, width=width, scale=scale,
-                      variant=variant)
+                      variant=variant, num_splits=num_splits)
   if far.size:
     count = common.num_near_offsets(jnp.asarray(far), q_offset, lq=lq)
     far_part = kernels.stripes(q_offset, count, far, qr, k, v, lq=lq, scale=scale,
-                               variant=variant)
+                               variant=variant, num_splits=num_splits)
     part = pk_common.merge_states(part, far_part)
   out, _ = pk_common.finish_state(part)
   return _from_rows(out, lq).astype(q.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _ppa(q, k, v, q_offset, p, window, scale, variant):
-  return _ppa_forward(q, k, v, q_offset, p, window, scale, variant)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _ppa(q, k, v, q_offset, p, window, scale, variant, num_splits):
+  return _ppa_forward(q, k, v, q_offset, p, window, scale, variant, num_splits)
 
 
-def _ppa_fwd(q, k, v, q_offset, p, window, scale, variant):
-  return _ppa_forward(q, k, v, q_offset, p, window, scale, variant), (q, k, v, q_offset)
+def _ppa_fwd(q, k, v, q_offset, p, window, scale, variant, num_splits):
+  return (_ppa_forward(q, k, v, q_offset, p, window, scale, variant, num_splits),
+          (q, k, v, q_offset))
 
 
-def _ppa_bwd(p, window, scale, variant, res, ct):
+def _ppa_bwd(p, window, scale, variant, num_splits, res, ct):
+  del num_splits
   q, k, v, q_offset = res
   fn = lambda *a: xla.ppa_attention(*a, q_offset, p=p, window=window, scale=scale)  # noqa: E731
   _, pull = jax.vjp(fn, q, k, v)
@@ -217,11 +229,13 @@ _ppa.defvjp(_ppa_fwd, _ppa_bwd)
 
 
 def ppa_attention(q, k, v, q_offset=None, *, p: float, window: int, scale: float,
-                  variant=None):
+                  variant=None, num_splits: int | None = None):
   """PPA for a few decode queries with the Pallas kernels.
 
-  Args as `superlinear_attention` (no search arrays); `p`, `window` as in
+  Args as `superlinear_attention` (no search arrays; `num_splits` cuts the
+  band tiles and the far-offset walk); `p`, `window` as in
   `attn.ppa_attention`. Returns `[B, Lq, Hq, D]` in `q.dtype`.
   """
   q_offset = _check(q, k, q_offset)
-  return _ppa(q, k, v, q_offset, float(p), int(window), float(scale), variant)
+  return _ppa(q, k, v, q_offset, float(p), int(window), float(scale), variant,
+              None if num_splits is None else int(num_splits))

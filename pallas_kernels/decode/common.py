@@ -101,3 +101,113 @@ def softmax_step(m, l, s, axis: int):
   alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - safe), 0.0)
   p = jnp.where(jnp.isfinite(s), jnp.exp(s - safe), 0.0)
   return m_new, alpha * l + jnp.sum(p, axis=axis, keepdims=True), p, alpha
+
+
+# ------------------------------------------------------------------ splits
+#
+# Flash-decoding: a decode call has few rows (`G * lq` per kv head) and a
+# long serial walk (stripes, band tiles), so a `(batch, kv_heads)` grid
+# leaves most of a GPU idle. Each walk is cut into `num_splits` contiguous
+# chunks, one program each; the partial softmax states (or per-split top-k
+# lists) are merged afterwards in the glue.
+
+TARGET_PROGRAMS = 132   # H100 SMs: a decode grid aims at >= one program per SM
+GATHER_ROWS = 16        # cache rows one GPU search / stripes step gathers
+BAND_UNIT = 128         # band keys per split are a multiple of this (every tile size)
+MIN_STRIPES_PER_SPLIT = 8
+
+
+def split_count(items: int, *, per_step: int, programs: int,
+                target: int = TARGET_PROGRAMS) -> int:
+  """Static split count of a walk of `items` (stripes or tiles).
+
+  The rule: enough splits for `programs * splits >= target` (`programs` =
+  batch * kv_heads), but never fewer than `per_step` items per split:
+  `min(ceil(target / programs), ceil(items / per_step))`, at least 1.
+  Only the static table size enters, so the split count is fixed
+  per cache length; the work inside each split follows the traced bounds.
+  """
+  if items <= 0:
+    return 1
+  return max(1, min(cdiv(target, max(programs, 1)), cdiv(items, per_step)))
+
+
+def stripes_per_step(lq: int) -> int:
+  """Stripes one GPU step gathers (`GATHER_ROWS` rows, `next_pow2(lq)`
+  per stripe)."""
+  return max(1, GATHER_ROWS // (1 << max(0, lq - 1).bit_length()))
+
+
+def stripe_splits(n_stripes: int, *, programs: int, num_splits=None) -> int:
+  """Split count of a stripe walk over a table of `n_stripes` (both
+  variants use it, so they return the same shapes): at least
+  `MIN_STRIPES_PER_SPLIT` stripes per split; `num_splits` overrides the
+  rule (clipped to `[1, n_stripes]`)."""
+  s = num_splits or split_count(n_stripes, per_step=MIN_STRIPES_PER_SPLIT,
+                                programs=programs)
+  return max(1, min(int(s), max(n_stripes, 1)))
+
+
+def band_units(width: int, lq: int) -> int:
+  """`BAND_UNIT`-key units covering the longest band `width + lq - 1`."""
+  return cdiv(width + lq - 1, BAND_UNIT)
+
+
+def band_splits(width: int, *, lq: int, programs: int, num_splits=None) -> int:
+  """Split count of a band: split `s` takes whole `BAND_UNIT`-key units of
+  the band's keys (`split_range` over `band_units`)."""
+  units = band_units(width, lq)
+  s = num_splits or split_count(units, per_step=1, programs=programs)
+  return max(1, min(int(s), max(units, 1)))
+
+
+def range_splits(max_len: int | None, *, programs: int, num_splits=None) -> int:
+  """Split count of the span ranges: each (row, slot) range of at most
+  `max_len` keys (None: unknown, no split) is cut into that many equal parts
+  (`range_part`), at least `BAND_UNIT` keys each by the rule."""
+  if num_splits:
+    return max(1, int(num_splits))
+  if not max_len:
+    return 1
+  return split_count(cdiv(max_len, BAND_UNIT), per_step=1, programs=programs)
+
+
+def range_part(lo, hi, split, splits: int):
+  """Part `split` of `splits` of the inclusive range `[lo, hi]` (inclusive;
+  empty, `hi < lo`, when the range is)."""
+  n = jnp.maximum(hi - lo + 1, 0)
+  return lo + split * n // splits, lo + (split + 1) * n // splits - 1
+
+
+def split_range(split, splits: int, items: int):
+  """Items `[split * items // splits, (split + 1) * items // splits)`: the
+  balanced chunk of split `split` (non-empty when `items >= splits`)."""
+  return split * items // splits, (split + 1) * items // splits
+
+
+def merge_split_states(m, l, o, axis: int):
+  """Merges partial softmax states along a split axis.
+
+  m, l: `[..., S, ...]` (split axis `axis`), o: the same with a trailing D.
+  Returns `(m, l, o)` without that axis; all-empty splits give
+  `(-inf, 0, 0)`.
+  """
+  m_max = jnp.max(m, axis=axis, keepdims=True)
+  safe = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
+  w = jnp.where(jnp.isfinite(m), jnp.exp(m - safe), 0.0)
+  return (jnp.squeeze(m_max, axis), jnp.sum(w * l, axis=axis),
+          jnp.sum(w[..., None] * o, axis=axis))
+
+
+def merge_topk(scores, anchors, num: int):
+  """Merges per-split top-k lists into one top-`num` list.
+
+  scores, anchors: `[..., S * K]`, the split lists concatenated in split
+  order (split 0 holds the farthest stripes, each list best first, ties
+  farther first). A stable sort by descending score keeps, among equal
+  scores, the lower position, which is the farther stripe: the tie rule of
+  `topk_insert` and of `lax.top_k` over the far-to-near table.
+  """
+  order = jnp.argsort(-scores, axis=-1, stable=True)[..., :num]
+  return (jnp.take_along_axis(scores, order, axis=-1),
+          jnp.take_along_axis(anchors, order, axis=-1))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels import platform
-from pallas_kernels.decode import gpu, tpu
+from pallas_kernels.decode import common, gpu, tpu
 
 # Hardware runs of these kernels (compiled tests + benchmark). Empty: they
 # have run only in the CPU interpreters and been lowered by `jax.export`, so
@@ -35,7 +35,8 @@ def _i32(x):
   return jnp.asarray(x, jnp.int32)
 
 
-def search(q_offset, first, f_desc, qs, ks, *, lq: int, num: int, variant=None):
+def search(q_offset, first, f_desc, qs, ks, *, lq: int, num: int, variant=None,
+           num_splits: int | None = None):
   """Superlinear span-search for `lq` queries at `q_offset + i`.
 
   For every stripe `j >= first` of the far-to-near table `f_desc` (int32
@@ -44,49 +45,69 @@ def search(q_offset, first, f_desc, qs, ks, *, lq: int, num: int, variant=None):
   float32 scores `<qs_r, ks[anchor]>` (`-inf` for a negative anchor) feed a
   running top-`num` per row, ties keeping the farther stripe.
 
+  The table is cut into `num_splits` contiguous chunks (None: the rule
+  `common.split_count`), one program each per (batch, kv head); their
+  top-`num` lists are merged by `common.merge_topk` (same tie rule).
+
   Returns `(scores f32 [B, Hk, R, num], anchors int32 [B, Hk, R, num])`,
   best first, `(-inf, -1)` in slots without a valid anchor.
   """
   scal = _i32(jnp.stack([_i32(q_offset), _i32(first)]))
   fn = lambda v_: lambda *a, interpret: v_.search(  # noqa: E731
-      *a, lq=lq, num=num, interpret=interpret)
-  return platform.dispatch((scal, _i32(f_desc), qs, ks), tpu=fn(tpu), gpu=fn(gpu),
+      *a, lq=lq, num=num, interpret=interpret, num_splits=num_splits)
+  s, a = platform.dispatch((scal, _i32(f_desc), qs, ks), tpu=fn(tpu), gpu=fn(gpu),
                            variant=variant)
+  return common.merge_topk(s, a, num)
 
 
-def band(q_offset, q, k, v, *, lq: int, width: int, scale: float, variant=None):
+def _merged(parts):
+  """Per-split states `[B, Hk, S, R(, D)]` -> merged `[B, Hk, R(, D)]`."""
+  return common.merge_split_states(*parts, axis=2)
+
+
+def band(q_offset, q, k, v, *, lq: int, width: int, scale: float, variant=None,
+         num_splits: int | None = None):
   """Partial softmax of every row over the keys at offsets `[0, width)`.
 
   Reads the `width + lq - 1` keys `[q_offset - width + 1, q_offset + lq)`
-  in tiles. Returns `(m, l, o)` over `[B, Hk, R]`.
+  in tiles, cut into `num_splits` chunks of tiles (None: `common.split_count`)
+  whose states are merged. Returns `(m, l, o)` over `[B, Hk, R]`.
   """
   scal = _i32(q_offset)[None]
   fn = lambda v_: lambda *a, interpret: v_.band(  # noqa: E731
-      *a, lq=lq, width=width, scale=scale, interpret=interpret)
-  return platform.dispatch((scal, q, k, v), tpu=fn(tpu), gpu=fn(gpu), variant=variant)
+      *a, lq=lq, width=width, scale=scale, interpret=interpret, num_splits=num_splits)
+  return _merged(platform.dispatch((scal, q, k, v), tpu=fn(tpu), gpu=fn(gpu),
+                                   variant=variant))
 
 
-def stripes(q_offset, count, d_asc, q, k, v, *, lq: int, scale: float, variant=None):
+def stripes(q_offset, count, d_asc, q, k, v, *, lq: int, scale: float, variant=None,
+            num_splits: int | None = None):
   """Partial softmax of every row over the keys at the stripe offsets.
 
   `d_asc`: int32 `[S]` ascending offsets `>= 1`; the first `count` of them
   are visited (those `<= q_offset + lq - 1`), each one contiguous read of
-  `lq` rows. Returns `(m, l, o)` over `[B, Hk, R]`.
+  `lq` rows, cut into `num_splits` chunks (None: `common.split_count`) whose
+  states are merged. Returns `(m, l, o)` over `[B, Hk, R]`.
   """
   scal = _i32(jnp.stack([_i32(q_offset), _i32(count)]))
   fn = lambda v_: lambda *a, interpret: v_.stripes(  # noqa: E731
-      *a, lq=lq, scale=scale, interpret=interpret)
-  return platform.dispatch((scal, _i32(d_asc), q, k, v), tpu=fn(tpu), gpu=fn(gpu),
-                           variant=variant)
+      *a, lq=lq, scale=scale, interpret=interpret, num_splits=num_splits)
+  return _merged(platform.dispatch((scal, _i32(d_asc), q, k, v), tpu=fn(tpu),
+                                   gpu=fn(gpu), variant=variant))
 
 
-def ranges(lo, hi, q, k, v, *, scale: float, variant=None):
+def ranges(lo, hi, q, k, v, *, scale: float, variant=None, max_len: int | None = None,
+           num_splits: int | None = None):
   """Partial softmax of row `r` over the keys `[lo, hi]` of each of its slots.
 
   lo, hi: int32 `[B, Hk, R, K]` (inclusive; `hi < lo` is empty). Cost is
-  the summed range lengths. Returns `(m, l, o)` over `[B, Hk, R, K]`.
+  the summed range lengths. Each range is cut into `num_splits` equal parts,
+  one program each (None: `common.range_splits` from `max_len`, the longest
+  range possible, a static int; no split when it is None), merged here.
+  Returns `(m, l, o)` over `[B, Hk, R, K]`.
   """
   fn = lambda v_: lambda *a, interpret: v_.ranges(  # noqa: E731
-      *a, scale=scale, interpret=interpret)
-  return platform.dispatch((_i32(lo), _i32(hi), q, k, v), tpu=fn(tpu), gpu=fn(gpu),
-                           variant=variant)
+      *a, scale=scale, interpret=interpret, max_len=max_len, num_splits=num_splits)
+  parts = platform.dispatch((_i32(lo), _i32(hi), q, k, v), tpu=fn(tpu), gpu=fn(gpu),
+                            variant=variant)
+  return common.merge_split_states(*parts, axis=4)
