@@ -109,7 +109,8 @@ def main(impls, groups):
           sm = jax.shard_map(lambda *a: value_and_grads(f, a, cot_local(a)), mesh=mesh,
                              in_specs=bh, out_specs=bh)
           close(jax.jit(sm)(*put(mesh, args, bh)), want, "shard_map")
-        report(f"{impl}/{op}/shard_map", shmap_case)
+        if "no_user_shard_map" not in groups:
+          report(f"{impl}/{op}/shard_map", shmap_case)
 
         def mqa_case(f=f, n=n):
           a1 = [x1[k] for k in names[:n]]
@@ -136,7 +137,72 @@ def main(impls, groups):
           sm = jax.shard_map(lambda *a: value_and_grads(fs, a, cot_local(a, sq)), mesh=mesh,
                              in_specs=sq, out_specs=sq)
           close(jax.jit(sm)(*put(mesh, args, sq)), want, "seq shard_map")
-        report(f"{impl}/{op}/seq-shard_map", seq_shmap)
+        if "no_user_shard_map" not in groups:
+          report(f"{impl}/{op}/seq-shard_map", seq_shmap)
+  if "extra" in groups:
+    extra_checks()
+
+
+def extra_checks():
+  """Needle across shards and bad input (xla path)."""
+  mesh = jax.make_mesh((1, 4), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
+  sq = P(None, "seq", None, None)
+
+  def needle():
+    # One key in shard 0 (position 2) whose search key matches the last
+    # query's routing query far better than any other; its value is large.
+    b, n, h, d = 1, 64, 1, 8
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
+    k = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
+    v = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
+    qs = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
+    ks = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
+    qs[0, -1, 0] = ks[0, 2, 0] = 10.0
+    q[0, -1, 0] = k[0, 2, 0] = 3.0
+    v[0, 2, 0] = 5.0
+    cfg = attn.SuperlinearConfig(sw_index=2, num_spans=2, backward_factor=2.0,
+                                 forward_factor=1.0)
+    args = [jnp.asarray(a) for a in (q, k, v, qs, ks)]
+    want = attn.superlinear_attention_with_anchors(*args, config=cfg, implementation="xla")
+    with jax.set_mesh(mesh):
+      got = jax.jit(lambda *a: tuple(attn.superlinear_attention_with_anchors(
+          *a, config=cfg, implementation="xla", seq_axis="seq")))(*put(mesh, args, sq))
+    anchors = np.asarray(got[1])[0, -1, 0]
+    span = [a for a in anchors if a >= 0 and abs(int(a) - 2) <= 4]
+    assert span, f"the last shard's last query picked no anchor near the needle: {anchors}"
+    assert float(np.asarray(got[0])[0, -1, 0].mean()) > 2.0, "needle value not read"
+    close(got, tuple(want)[:3], "needle")
+
+  def bad_input():
+    x = oc.inputs(batch=1, q_len=L, hq=2, hk=2, d=8, ds=8)
+    with jax.set_mesh(mesh):
+      qs = put(mesh, [x["q"], x["k"], x["v"]], sq)
+      for kw, word in (({"seq_axis": "sequence"}, "'sequence'"),):
+        try:
+          attn.dense_attention(*qs, implementation="xla", **kw)
+          raise AssertionError("no error for an axis not in the mesh")
+        except ValueError as e:
+          assert word in str(e) and "not an axis of the mesh" in str(e), str(e)
+      un = put(mesh, [x["q"], x["k"], x["v"]], P())
+      try:
+        attn.dense_attention(*un, implementation="xla", seq_axis="seq")
+        raise AssertionError("no error for unsharded inputs")
+      except ValueError as e:
+        assert "seq_axis='seq'" in str(e) and "sharded" in str(e), str(e)
+    auto = jax.make_mesh((1, 4), ("data", "seq"), axis_types=(AxisType.Auto,) * 2)
+    with jax.set_mesh(auto):
+      y = oc.inputs(batch=1, q_len=L + 2, hq=2, hk=2, d=8, ds=8)
+      odd = [y["q"], y["k"], y["v"]]
+      try:
+        jax.jit(lambda *a: attn.dense_attention(*a, implementation="xla",
+                                                seq_axis="seq"))(*odd)
+        raise AssertionError("no error for a sequence not divisible by the axis")
+      except ValueError as e:
+        assert "not divisible" in str(e) and "seq_axis='seq'" in str(e), str(e)
+
+  report("xla/superlinear/seq-needle", needle)
+  report("xla/bad-input", bad_input)
 
 
 def cot_local(a, spec=P("data", None, "model", None)):
