@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import jax
 
-from attn import _checks, pallas, reference, xla
+from attn import _checks, context_parallel, pallas, reference, sharding, xla
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
 
@@ -64,14 +64,39 @@ def resolve_implementation(op: str, implementation, q_len: int | None = None) ->
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(fn, statics: tuple):
-  """`jax.jit` of `fn` with the hashable static keyword arguments bound."""
-  return jax.jit(functools.partial(fn, **dict(statics)))
+def _jitted(fn, op: str, statics: tuple, roles: tuple, plan, n_out: int):
+  """`jax.jit` of `fn` with the hashable static keyword arguments bound, run
+  per shard of `plan` (`attn.sharding`)."""
+  statics = dict(statics)
+  if plan is not None and plan.seq:
+    local = context_parallel.local_fn(op, fn, roles, plan.seq[0], statics)
+  else:
+    local = functools.partial(fn, **statics)
+  return jax.jit(lambda *args: sharding.run(local, args, roles, plan, n_out))
 
 
-def _call(fn, *args, **statics):
-  """Runs `fn(*args, **statics)` jitted (static arguments are hashable)."""
-  return _jitted(fn, tuple(sorted(statics.items())))(*args)
+def _roles(n_arrays: int, op: str) -> tuple:
+  """Roles of `(q, k, v[, q_search, k_search][, q_offset])`."""
+  roles = (sharding.Q, sharding.KV, sharding.KV)
+  if n_arrays == 5:
+    roles += (sharding.Q, sharding.KV)
+  return roles + (() if op == "block_sparse_attention" else (sharding.SCALAR,))
+
+
+def _call(op, *args, seq_axis=None, n_out=1, **statics):
+  """Runs `IMPLEMENTATIONS[op][impl](*args, **statics)` jitted (static
+  arguments are hashable), per shard where the inputs are sharded."""
+  fn = statics.pop("fn")
+  roles = _roles(len(args) - (op != "block_sparse_attention"), op)
+  plan = sharding.plan(args[0], args[1], seq_axis)
+  if plan is not None and plan.seq and not plan.manual:
+    n = plan.mesh.shape[seq_axis]
+    for name, x in (("q", args[0]), ("k", args[1])):
+      if x.shape[1] % n:
+        raise ValueError(f"seq_axis={seq_axis!r}: {name}'s sequence length {x.shape[1]} "
+                         f"is not divisible by the axis size {n}; pad the sequence to a "
+                         "multiple of it.")
+  return _jitted(fn, op, tuple(sorted(statics.items())), roles, plan, n_out)(*args)
 
 
 def _prologue(q, k, v, scale, q_offset, implementation, op):
@@ -82,7 +107,8 @@ def _prologue(q, k, v, scale, q_offset, implementation, op):
   return impl, _checks.check_scale(scale, d)
 
 
-def dense_attention(q, k, v, *, scale=None, q_offset=None, implementation=None):
+def dense_attention(q, k, v, *, scale=None, q_offset=None, implementation=None,
+                    seq_axis=None):
   """Causal softmax attention over every earlier key.
 
   Args:
@@ -91,17 +117,22 @@ def dense_attention(q, k, v, *, scale=None, q_offset=None, implementation=None):
     scale: score scale, default `1 / sqrt(head_dim)`.
     q_offset: absolute position of `q[:, 0]` (default `kv_len - q_len`).
     implementation: see the module docstring.
+    seq_axis: a mesh axis over which q, k, v are sharded along the sequence
+      (context parallelism, `attn.context_parallel`; every op takes it), or
+      None. Inputs sharded over batch and/or heads need nothing: the op runs
+      per shard (`attn.sharding`).
 
   Returns:
     `[batch, q_len, num_q_heads, head_dim]`, dtype of `q`.
   """
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "dense_attention")
-  return _call(IMPLEMENTATIONS["dense_attention"][impl], q, k, v, q_offset,
+  return _call("dense_attention", q, k, v, q_offset, fn=IMPLEMENTATIONS["dense_attention"][impl],
+               seq_axis=seq_axis,
                scale=scale)
 
 
 def sliding_window_attention(q, k, v, *, window, scale=None, q_offset=None,
-                             implementation=None):
+                             implementation=None, seq_axis=None):
   """Causal sliding-window attention: query at `i` sees keys `[i - window + 1, i]`.
 
   `window` counts the query's own key (`window = 1`: only itself). Shapes and
@@ -112,12 +143,13 @@ def sliding_window_attention(q, k, v, *, window, scale=None, q_offset=None,
   window = _checks.check_window(window)
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation,
                           "sliding_window_attention")
-  return _call(IMPLEMENTATIONS["sliding_window_attention"][impl], q, k, v, q_offset,
+  return _call("sliding_window_attention", q, k, v, q_offset, fn=IMPLEMENTATIONS["sliding_window_attention"][impl],
+               seq_axis=seq_axis,
                window=window, scale=scale)
 
 
 def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
-                  implementation=None):
+                  implementation=None, seq_axis=None):
   """Power-based partial attention (PPA): cost `O(L^(1+p))`.
 
   A static, content-independent mask shared by every query, head and layer:
@@ -141,12 +173,13 @@ def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
   p = _checks.check_p(p)
   window = _checks.check_window(window)
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "ppa_attention")
-  return _call(IMPLEMENTATIONS["ppa_attention"][impl], q, k, v, q_offset, p=p,
+  return _call("ppa_attention", q, k, v, q_offset, fn=IMPLEMENTATIONS["ppa_attention"][impl],
+               seq_axis=seq_axis, p=p,
                window=window, scale=scale)
 
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None,
-                           implementation=None):
+                           implementation=None, seq_axis=None):
   """Attention restricted to a static block-sparse `layout`.
 
   The general op behind causal, sliding-window and any user block mask
@@ -168,6 +201,8 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None,
     raise ValueError(f"layout must be an attn.BlockLayout, got {type(layout).__name__}.")
   impl = resolve_implementation("block_sparse_attention", implementation)
   _, lq, lk, _, _, d = _checks.check_qkv(q, k, v)
+  if seq_axis is not None and sharding.inside_shard_map():
+    lq, lk = lq * jax.lax.axis_size(seq_axis), lk * jax.lax.axis_size(seq_axis)
   if (lq, lk) != (layout.q_len, layout.kv_len):
     raise ValueError(f"layout was built for q_len={layout.q_len}, kv_len="
                      f"{layout.kv_len} but q has {lq} and k has {lk} positions; "
@@ -179,7 +214,8 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None,
     else:
       # ValueError early if the layout's blocks do not suit the kernels.
       pallas.block_sparse.host_tables(layout)
-  return _call(IMPLEMENTATIONS["block_sparse_attention"][impl], q, k, v, layout=layout,
+  return _call("block_sparse_attention", q, k, v, fn=IMPLEMENTATIONS["block_sparse_attention"][impl],
+               seq_axis=seq_axis, layout=layout,
                scale=scale)
 
 
@@ -199,7 +235,8 @@ class SuperlinearOutput(NamedTuple):
 def superlinear_attention_with_anchors(q, k, v, q_search, k_search=None, *,
                                        config: SuperlinearConfig = SuperlinearConfig(),
                                        scale=None, q_offset=None,
-                                       implementation=None) -> SuperlinearOutput:
+                                       implementation=None,
+                                       seq_axis=None) -> SuperlinearOutput:
   """`superlinear_attention` that also returns the selected anchors and gates."""
   if not isinstance(config, SuperlinearConfig):
     raise ValueError(f"config must be an attn.SuperlinearConfig, got "
@@ -207,14 +244,14 @@ def superlinear_attention_with_anchors(q, k, v, q_search, k_search=None, *,
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation,
                           "superlinear_attention")
   k_search = _checks.check_search(q, k, q_search, k_search)
-  return SuperlinearOutput(*_call(IMPLEMENTATIONS["superlinear_attention"][impl], q, k, v,
-                                  q_search, k_search, q_offset, config=config,
-                                  scale=scale))
+  return SuperlinearOutput(*_call("superlinear_attention", q, k, v, q_search, k_search,
+                                  q_offset, fn=IMPLEMENTATIONS["superlinear_attention"][impl],
+                                  seq_axis=seq_axis, n_out=3, config=config, scale=scale))
 
 
 def superlinear_attention(q, k, v, q_search, k_search=None, *,
                           config: SuperlinearConfig = SuperlinearConfig(),
-                          scale=None, q_offset=None, implementation=None):
+                          scale=None, q_offset=None, implementation=None, seq_axis=None):
   """Superlinear multi-step attention (N = 2): `O(L^1.5)` at the defaults.
 
   For the query at absolute position `i` (`t = i + 1` visible keys), with
@@ -249,4 +286,4 @@ def superlinear_attention(q, k, v, q_search, k_search=None, *,
   """
   return superlinear_attention_with_anchors(
       q, k, v, q_search, k_search, config=config, scale=scale, q_offset=q_offset,
-      implementation=implementation).out
+      implementation=implementation, seq_axis=seq_axis).out

@@ -273,7 +273,7 @@ def _stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripes, *, pad_left, scale
     vs = jax.lax.dynamic_slice_in_dim(v_pad, qpos[0] - d + pad_left, c, axis=1)
     return o + e_d[..., None] * _zero_unseen(vs, ok_rows(d))[:, :, :, None], None
 
-  o, _ = jax.lax.scan(accumulate, jnp.zeros(qg.shape, F32), (stripes, e))
+  o, _ = jax.lax.scan(accumulate, jnp.zeros_like(qg), (stripes, e))  # (vma of qg)
   to_heads = lambda x: jnp.moveaxis(x, 1, 3)  # noqa: E731
   return SoftmaxState(to_heads(m), to_heads(jnp.sum(e, axis=0)), to_heads(o))
 

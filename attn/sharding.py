@@ -1,0 +1,192 @@
+"""Running an op's implementation per shard of a mesh.
+
+Attention is independent per batch row and per head, so an op whose inputs
+are sharded over batch and/or heads runs its implementation on each shard's
+block through `jax.shard_map` over exactly those mesh axes: the
+implementation never sees a sharded array and the compiled program holds no
+collective. GQA: kv heads are sharded with their q-head groups; if the kv
+heads do not divide over the head axes (e.g. one kv head), each shard keeps
+the whole kv head axis and slices the kv heads its q heads read.
+
+With `seq_axis` (context parallelism, `attn.context_parallel`) the sequence
+dimension of every array is sharded over that axis too and the per-shard
+function exchanges keys over it.
+
+Where the sharding comes from (the "plan"):
+  * inside a user's `jax.shard_map` (the context mesh has manual axes): the
+    arrays already are local blocks; the op runs on them (with `seq_axis`,
+    the collectives run over the user's manual axis);
+  * concrete arrays with a `NamedSharding` (an eager call): their specs;
+  * traced arrays on an Explicit-axis mesh: the specs of their types;
+  * traced arrays on an Auto-axis mesh carry no spec while tracing: batch and
+    heads are left to the XLA partitioner; `seq_axis` uses the context mesh
+    (`jax.set_mesh`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+Q, KV, SCALAR = "q", "kv", "scalar"   # roles of an op's positional arguments
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How an op call is split over a mesh.
+
+  mesh: the mesh (`Mesh` or `AbstractMesh`), or None inside a user's
+    shard_map (`manual`) where the arrays already are local.
+  batch, heads, seq: mesh axis names over which the batch, head and sequence
+    dimensions are sharded (seq: `()` or `(seq_axis,)`).
+  kv_heads_sharded: False when q heads are sharded but kv heads are not
+    (each shard then slices the kv heads of its q-head groups).
+  manual: True inside a user's shard_map.
+  explicit: the mesh axes are Explicit (inputs are resharded to the plan's
+    specs with `jax.sharding.reshard` before the shard_map).
+  """
+  mesh: object
+  batch: tuple = ()
+  heads: tuple = ()
+  seq: tuple = ()
+  kv_heads_sharded: bool = True
+  manual: bool = False
+  explicit: bool = False
+
+  def spec(self, role):
+    if role == SCALAR:
+      return P()
+    heads = self.heads if (role == Q or self.kv_heads_sharded) else ()
+    return P(self.batch or None, self.seq or None, heads or None, None)
+
+  @property
+  def axes(self) -> tuple:
+    return self.batch + self.heads + self.seq
+
+
+def _axes(entry) -> tuple:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _named_sharding(x):
+  """`(mesh, spec)` of `x` when it has a visible NamedSharding, else None."""
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    sh = x.sharding
+  else:
+    sh = getattr(jax.typeof(x), "sharding", None)
+    if isinstance(sh, NamedSharding) and not all(
+        t == AxisType.Explicit for t in sh.mesh.axis_types):
+      return None                 # Auto axes: the spec is not known while tracing
+  if not isinstance(sh, NamedSharding) or sh.mesh.empty:
+    return None
+  spec = tuple(sh.spec) + (None,) * (x.ndim - len(sh.spec))
+  return sh.mesh, spec
+
+
+def _mesh_size(mesh, axes) -> int:
+  n = 1
+  for a in axes:
+    n *= mesh.shape[a]
+  return n
+
+
+def context_mesh():
+  """The mesh of `jax.set_mesh` / the enclosing shard_map, or None."""
+  m = jax.sharding.get_abstract_mesh()
+  return None if m.empty else m
+
+
+def inside_shard_map() -> bool:
+  m = context_mesh()
+  return m is not None and any(t == AxisType.Manual for t in m.axis_types)
+
+
+def plan(q, k, seq_axis=None) -> Plan | None:
+  """The plan of a call on `q: [B, Lq, Hq, D]`, `k: [B, Lk, Hk, D]`; None:
+  run the implementation as is (nothing sharded, or Auto-axis tracers)."""
+  if inside_shard_map():
+    m = context_mesh()
+    if seq_axis is not None:
+      _check_axis(seq_axis, m)
+      if m.axis_types[m.axis_names.index(seq_axis)] != AxisType.Manual:
+        raise ValueError(f"seq_axis={seq_axis!r} is not a manual axis of the enclosing "
+                         "shard_map; map the sequence dimension over it (in_specs "
+                         f"P(None, {seq_axis!r}, ...)) or call the op outside shard_map.")
+    return Plan(None, seq=(seq_axis,) if seq_axis else (), manual=True)
+  found = _named_sharding(q)
+  if found is None:
+    if seq_axis is None:
+      return None
+    m = context_mesh()
+    if m is None:
+      raise ValueError(f"seq_axis={seq_axis!r} needs a mesh: call the op under "
+                       "jax.set_mesh(mesh) (or inside shard_map) with inputs sharded "
+                       "along the sequence over that axis.")
+    _check_axis(seq_axis, m)
+    return Plan(m, seq=(seq_axis,))
+  mesh, spec = found
+  explicit = all(t == AxisType.Explicit for t in mesh.axis_types)
+  batch, heads, seq_spec = _axes(spec[0]), _axes(spec[2]), _axes(spec[1])
+  seq = ()
+  if seq_axis is not None:
+    _check_axis(seq_axis, mesh)
+    if seq_spec != (seq_axis,):
+      raise ValueError(f"seq_axis={seq_axis!r} but q's sequence dimension is sharded as "
+                       f"{spec[1]!r}: shard q, k, v along the sequence with "
+                       f"P(None, {seq_axis!r}, None, None) or drop seq_axis.")
+    seq = (seq_axis,)
+  hk = k.shape[2]
+  n_heads = _mesh_size(mesh, heads)
+  kv_sharded = hk % n_heads == 0
+  if not kv_sharded and (q.shape[2] // n_heads) and (q.shape[2] // hk) % (
+      q.shape[2] // n_heads):
+    heads = ()                    # q-head shards straddle kv groups: keep heads whole
+    kv_sharded = True
+  if not (batch or heads or seq):
+    return None
+  return Plan(mesh, batch, heads, seq, kv_sharded, explicit=explicit)
+
+
+def _check_axis(seq_axis, mesh):
+  if not isinstance(seq_axis, str) or seq_axis not in mesh.axis_names:
+    raise ValueError(f"seq_axis={seq_axis!r} is not an axis of the mesh (axes "
+                     f"{tuple(mesh.axis_names)}); pass one of them or None.")
+
+
+def _local_kv_heads(plan: Plan, args, roles, hq_global, hk_global):
+  """Inside the shard_map: slices the kv heads of this shard's q heads when
+  the kv heads are replicated over the head axes."""
+  if plan.kv_heads_sharded or not plan.heads:
+    return args
+  n = 1
+  for a in plan.heads:
+    n *= jax.lax.axis_size(a)
+  hq_loc, group = hq_global // n, hq_global // hk_global
+  size = max(hq_loc // group, 1)
+  start = jax.lax.axis_index(plan.heads) * hq_loc // group
+  return [jax.lax.dynamic_slice_in_dim(a, start, size, axis=2) if r == KV else a
+          for a, r in zip(args, roles)]
+
+
+def run(fn, args, roles, plan_: Plan | None, n_out: int):
+  """`fn(*args)` per shard of `plan_` (None: as is). `roles[i]` in
+  (`Q`, `KV`, `SCALAR`); the `n_out` outputs are q-shaped in their first
+  three dimensions."""
+  if plan_ is None or plan_.manual:
+    return fn(*args)
+  hq, hk = args[roles.index(Q)].shape[2], args[roles.index(KV)].shape[2]
+  specs = tuple(None if a is None else plan_.spec(r) for a, r in zip(args, roles))
+  if plan_.explicit:
+    args = [a if s is None else jax.sharding.reshard(a, s) for a, s in zip(args, specs)]
+
+  def local(*a):
+    return fn(*_local_kv_heads(plan_, list(a), roles, hq, hk))
+
+  out_spec = plan_.spec(Q)
+  return jax.shard_map(local, mesh=plan_.mesh, in_specs=specs,
+                       out_specs=out_spec if n_out == 1 else (out_spec,) * n_out,
+                       axis_names=set(plan_.axes), check_vma=False)(*args)
