@@ -84,6 +84,41 @@ def ppa_dense_runs(offsets: np.ndarray, min_run: int = PPA_MIN_RUN):
   return tuple(runs), far
 
 
+# The `xla` path's rule: offsets are cut into bins of `PPA_BIN` keys; a bin
+# dense enough that one masked matmul over it beats row-wise dots (a row-wise
+# dot costs about `PPA_ROWWISE_COST` matmul score entries on CPU, measured)
+# becomes (part of) a band.
+PPA_BIN = 64
+PPA_ROWWISE_COST = 16
+
+
+def ppa_masked_bands(offsets: np.ndarray, block_q: int = 128):
+  """Kept PPA offsets -> `(bands, far_offsets)` for masked banded matmuls.
+
+  The `xla` path's split (the Pallas kernels use `ppa_dense_runs`, exact runs
+  without masks). `bands` is a list of `(lo, hi, keep)` with `keep` a bool
+  `[hi - lo + 1]` (None when every offset of the band is kept), one masked
+  matmul per query block of `block_q` rows; `far_offsets` the remaining
+  offsets, one row-wise slice each.
+  """
+  offsets = np.asarray(offsets)
+  bins = offsets // PPA_BIN
+  dense = np.bincount(bins) * PPA_ROWWISE_COST >= block_q + PPA_BIN
+  in_band = dense[bins]
+  bands = []
+  for b in np.nonzero(dense)[0]:
+    lo, hi = int(offsets[bins == b].min()), int(offsets[bins == b].max())
+    if bands and b > 0 and dense[b - 1]:   # extend the previous band
+      lo = bands.pop()[0]
+    bands.append((lo, hi))
+  kept = set(offsets[in_band].tolist())
+  out = []
+  for lo, hi in bands:
+    keep = np.array([d in kept for d in range(lo, hi + 1)])
+    out.append((lo, hi, None if keep.all() else keep))
+  return out, offsets[~in_band]
+
+
 def causal_mask(q_len: int, kv_len: int | None = None, *, q_offset: int | None = None):
   """`[q_len, kv_len]` bool: key `k` visible to query `i` iff `k <= q_offset + i`.
 

@@ -278,40 +278,8 @@ def _stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripes, *, pad_left, scale
   return SoftmaxState(to_heads(m), to_heads(jnp.sum(e, axis=0)), to_heads(o))
 
 
-# PPA offsets are cut into bins of this width; a bin dense enough that a
-# masked matmul over it beats row-wise dots becomes (part of) a band.
-_PPA_BIN = 64
-# A row-wise dot costs about this many matmul score entries (CPU, measured).
-_ROWWISE_COST = 16
 # Largest query chunk of the stripe scans (keeps a chunk's rows in cache).
 _PPA_MAX_CHUNK = 2048
-
-
-def ppa_split_offsets(offsets: np.ndarray, bq: int = 128):
-  """Splits kept offsets into dense bands and sparse stripes (host side).
-
-  Returns `(bands, stripes)`: `bands` is a list of `(lo, hi, keep)` with
-  `keep` a bool `[hi - lo + 1]` (None when every offset of the band is
-  kept), computed by one masked matmul per query block; `stripes` the
-  remaining offsets, one row-wise slice each.
-  """
-  offsets = np.asarray(offsets)
-  bins = offsets // _PPA_BIN
-  counts = np.bincount(bins)
-  dense = counts * _ROWWISE_COST >= bq + _PPA_BIN
-  in_band = dense[bins]
-  bands = []
-  for b in np.nonzero(dense)[0]:
-    lo, hi = int(offsets[bins == b].min()), int(offsets[bins == b].max())
-    if bands and b > 0 and dense[b - 1]:   # extend the previous band
-      lo = bands.pop()[0]
-    bands.append((lo, hi))
-  kept = set(offsets[in_band].tolist())
-  out = []
-  for lo, hi in bands:
-    keep = np.array([d in kept for d in range(lo, hi + 1)])
-    out.append((lo, hi, None if keep.all() else keep))
-  return out, offsets[~in_band]
 
 
 def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
@@ -330,7 +298,7 @@ def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
     return _window_only(q, k, v, window=window, scale=scale, q_offset=q_offset)
   if offsets.size == lk:  # every offset kept (p = 1): plain causal attention.
     return dense_attention(q, k, v, q_offset, scale=scale)
-  bands, stripes = ppa_split_offsets(offsets)
+  bands, stripes = masks.ppa_masked_bands(offsets)
   band_cols = sum(128 + hi - lo for lo, hi, _ in bands)
   bq = _block_size(lq, max(band_cols, 1), hq, 1, b)
   # Query chunk of the stripe scans: scores [S, B, C, Hq] (no head_dim) may
