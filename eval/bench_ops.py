@@ -238,7 +238,7 @@ def _predict(cells, name, mode, seq_len):
   t = _extrapolate(_history(cells, name, mode, "time_s"), seq_len)
   if mode == "fwdbwd":
     # Better: this length's forward time times the previous fwd+bwd/fwd ratio.
-    fwd = cells.get(_key(name, seq_len, "fwd"), {})
+    fwd = cells.get(cell_key(name, seq_len, "fwd"), {})
     tf = fwd.get("time_s") or fwd.get("est_time_s")
     h_b = dict(_history(cells, name, "fwdbwd", "time_s"))
     h_f = dict(_history(cells, name, "fwd", "time_s"))
@@ -250,7 +250,7 @@ def _predict(cells, name, mode, seq_len):
   return t, m
 
 
-def _key(name, seq_len, mode):
+def cell_key(name, seq_len, mode):
   return f"{name}|{seq_len}|{mode}"
 
 
@@ -365,8 +365,8 @@ def analyse(data) -> dict:
                   if not known else f"over {_lens(lengths)}: " +
                   f"worst {known[worst]:.2f}x ({worst}); " +
                   ", ".join(f"{n}: {r:.2f}x" for n, r in known.items())))
-  c_sl = cells.get(_key("superlinear", 16384, "fwd"), {})
-  c_dn = cells.get(_key("dense_reference", 16384, "fwd"), {})
+  c_sl = cells.get(cell_key("superlinear", 16384, "fwd"), {})
+  c_dn = cells.get(cell_key("dense_reference", 16384, "fwd"), {})
   if c_sl.get("status") == "ok" and c_dn.get("status") == "ok":
     speed = c_dn["time_s"] / c_sl["time_s"]
     less_mem = c_sl["mem_bytes"] < c_dn["mem_bytes"]
@@ -410,8 +410,8 @@ def _target_64k(cells, meta):
   """At 64K superlinear runs and dense cannot (fails or does not fit in memory)."""
   text = ("at 64K superlinear runs where dense attention cannot (dense fails or its "
           f"compiled temporaries exceed the {meta.get('max_mem_gb', 12):g} GB cap)")
-  sl = cells.get(_key("superlinear", 65536, "fwd"))
-  dense = {n: cells.get(_key(n, 65536, "fwd")) for n in ("dense_reference", "dense_xla")}
+  sl = cells.get(cell_key("superlinear", 65536, "fwd"))
+  dense = {n: cells.get(cell_key(n, 65536, "fwd")) for n in ("dense_reference", "dense_xla")}
   detail = f"superlinear: {_cell_state(sl)}; " + "; ".join(
       f"{n}: {_cell_state(c)}" for n, c in dense.items())
   if sl is None and all(c is None for c in dense.values()):
@@ -497,7 +497,7 @@ def write_markdown(data, path):
     add("| op | " + " | ".join(_len_label(l) for l in lengths) + " |")
     add("|---|" + "---|" * len(lengths))
     for n in names:
-      row = [_cell_text(cells.get(_key(n, l, mode)), kind) for l in lengths]
+      row = [_cell_text(cells.get(cell_key(n, l, mode)), kind) for l in lengths]
       add(f"| `{n}` | " + " | ".join(row) + " |")
     add("")
 
@@ -698,7 +698,7 @@ def main(argv=None) -> dict:
   todo = [(n, l, m) for l in lengths for n in names for m in modes]
   start = time.perf_counter()
   for idx, (name, seq_len, mode) in enumerate(todo):
-    key = _key(name, seq_len, mode)
+    key = cell_key(name, seq_len, mode)
     if key in cells and cells[key]["status"] == "ok":
       continue
     op = OPS_BY_NAME[name]

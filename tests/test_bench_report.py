@@ -20,7 +20,7 @@ def _ok(op, L, t, mem=1e6, mode="fwd"):
 
 
 def _data(cells):
-  return {"meta": dict(META), "cells": {bench_ops._key(c["op"], c["L"], c["mode"]): c
+  return {"meta": dict(META), "cells": {bench_ops.cell_key(c["op"], c["L"], c["mode"]): c
                                         for c in cells}}
 
 

@@ -220,7 +220,7 @@ def test_gpu_decode_splits_the_cache_and_merges(window):
   """q_len <= 16: each row's key blocks are split over several programs
   (`gpu.num_splits` > 1 here) and their softmax states merged."""
   lq, lk, off = 3, 150, 140
-  spec = kernels.ops._base_spec(
+  spec = kernels.ops.base_spec(
       jnp.zeros((1, lq, 2, 8)), jnp.zeros((1, lk, 1, 8)), mode="band", block_q=16, block_k=16,
       scale=0.25, window=window or (1 << 30), count_visits=False,
       width=kernels.ops.common.band_width(lq, lk, window or (1 << 30), 16, 16), width_t=1)

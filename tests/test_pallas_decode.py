@@ -286,8 +286,8 @@ def _superlinear_rows(kv_len, config, t):
   f_desc, spans = pd.superlinear_tables(kv_len, config)
   q_offset = t - 1
   first = int(common.first_stripe(f_desc, q_offset, lq=1))
-  _, _, search_buf = tpu._window(1, jnp.bfloat16, kv_len, aligned=False)
-  n, _, n_buf = tpu._window(tpu._BK, jnp.bfloat16, kv_len)
+  _, _, search_buf = tpu.dma_window(1, jnp.bfloat16, kv_len, aligned=False)
+  n, _, n_buf = tpu.dma_window(tpu.BLOCK_K, jnp.bfloat16, kv_len)
   lo, hi = common.band_bounds(q_offset, lq=1, width=config.window)
   band = int(common.num_tiles(lo, hi, n)) * n_buf
   span_len = int(spans[t].sum()) + 1
@@ -299,8 +299,8 @@ def test_superlinear_decode_reads_sqrt_t_rows():
   """Search ~t^p rows, spans ~t^sigma, window W: O(sqrt(t)), not O(t)."""
   from pallas_kernels.decode import tpu
   kv_len = 1 << 20
-  n, _, n_buf = tpu._window(tpu._BK, jnp.bfloat16, kv_len)
-  _, _, search_buf = tpu._window(1, jnp.bfloat16, kv_len, aligned=False)
+  n, _, n_buf = tpu.dma_window(tpu.BLOCK_K, jnp.bfloat16, kv_len)
+  _, _, search_buf = tpu.dma_window(1, jnp.bfloat16, kv_len, aligned=False)
   for cfg in (attn.SuperlinearConfig(), attn.SuperlinearConfig(**{**SL_RELEASED,
                                                                  "sw_index": 65})):
     grow = cfg.backward_factor + cfg.forward_factor

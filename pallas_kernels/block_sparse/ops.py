@@ -95,7 +95,7 @@ def _run(q, k, v, tabs: Tables, spec: Spec, variant):
   return _from_kernel(_attention(*args, tabs, spec, variant), lq)
 
 
-def _base_spec(q, k, *, mode, block_q, block_k, scale, window, width, width_t, count_visits,
+def base_spec(q, k, *, mode, block_q, block_k, scale, window, width, width_t, count_visits,
                gpu_blocks=None, tiles=0, offset_hint=0):
   check_blocks(block_q, block_k)
   lq, hq = q.shape[1], q.shape[2]
@@ -127,7 +127,7 @@ def band_attention(q, k, v, q_offset, *, window: int | None, scale: float,
   """
   lq, lk = q.shape[1], k.shape[1]
   w = common.CAUSAL if window is None else int(window)
-  spec = _base_spec(q, k, mode="band", block_q=block_q, block_k=block_k, scale=scale,
+  spec = base_spec(q, k, mode="band", block_q=block_q, block_k=block_k, scale=scale,
                     window=w, width=common.band_width(lq, lk, w, block_q, block_k),
                     width_t=common.band_width_t(lq, lk, w, block_q, block_k),
                     count_visits=count_visits, gpu_blocks=gpu_blocks,
@@ -188,7 +188,7 @@ def table_attention(q, k, v, tables: HostTables, *, scale: float, variant=None,
   layout's tiles.
   """
   t = tables
-  spec = _base_spec(q, k, mode="table", block_q=t.block_q, block_k=t.block_k, scale=scale,
+  spec = base_spec(q, k, mode="table", block_q=t.block_q, block_k=t.block_k, scale=scale,
                     window=common.CAUSAL, width=int(t.kv_blocks.shape[1]),
                     width_t=int(t.kv_blocks_t.shape[1]), count_visits=count_visits,
                     gpu_blocks=gpu_blocks, tiles=int(np.sum(t.num_kv_blocks)))

@@ -31,14 +31,14 @@ from pallas_kernels import cost
 from pallas_kernels.decode import common as cm
 from pallas_kernels.common import F32, cdiv
 
-_BK = 128         # key rows per tile (band, ranges)
+BLOCK_K = 128         # key rows per tile (band, ranges)
 
 
 def _align(dtype) -> int:
   return 8 if jnp.dtype(dtype).itemsize >= 4 else 16
 
 
-def _window(n: int, dtype, kv_len: int, *, aligned: bool = True):
+def dma_window(n: int, dtype, kv_len: int, *, aligned: bool = True):
   """`(n, align, n_buf)`: piece size, start alignment, DMA window rows.
 
   `aligned=False` (the `lq`-row windows of search and stripes) reads exactly
@@ -149,7 +149,7 @@ def search(scal, f_desc, qs, ks, *, lq, num, interpret, num_splits=None):
   """See `ops.search`. Returns per-split lists `[B, Hk, R, S * K]`."""
   bsz, hk, r, ds = qs.shape
   kv_len = ks.shape[1]
-  _, align, n_buf = _window(lq, ks.dtype, kv_len, aligned=False)
+  _, align, n_buf = dma_window(lq, ks.dtype, kv_len, aligned=False)
   n_stripes = f_desc.shape[0]
   splits = cm.stripe_splits(n_stripes, programs=bsz * hk, num_splits=num_splits)
   kernel = functools.partial(_search_kernel, lq=lq, r=r, num=num, n_stripes=n_stripes,
@@ -259,7 +259,7 @@ def band(scal, q, k, v, *, lq, width, scale, interpret, num_splits=None):
   """See `ops.band`. Returns per-split states `[B, Hk, S, R(, D)]`."""
   bsz, hk, r, d = q.shape
   kv_len = k.shape[1]
-  n, align, n_buf = _window(_BK, k.dtype, kv_len)
+  n, align, n_buf = dma_window(BLOCK_K, k.dtype, kv_len)
   splits = cm.band_splits(width, lq=lq, programs=bsz * hk, num_splits=num_splits)
   kernel = functools.partial(_band_kernel, lq=lq, r=r, width=width, scale=scale, n=n,
                              splits=splits, align=align, n_buf=n_buf, kv_len=kv_len)
@@ -300,7 +300,7 @@ def stripes(scal, d_asc, q, k, v, *, lq, scale, interpret, num_splits=None):
   """See `ops.stripes`. Returns per-split states `[B, Hk, S, R(, D)]`."""
   bsz, hk, r, d = q.shape
   kv_len = k.shape[1]
-  _, align, n_buf = _window(lq, k.dtype, kv_len, aligned=False)
+  _, align, n_buf = dma_window(lq, k.dtype, kv_len, aligned=False)
   splits = cm.stripe_splits(d_asc.shape[0], programs=bsz * hk, num_splits=num_splits)
   kernel = functools.partial(_stripes_kernel, lq=lq, r=r, scale=scale,
                              n_tab=d_asc.shape[0], splits=splits,
@@ -353,7 +353,7 @@ def ranges(lo, hi, q, k, v, *, scale, interpret, max_len=None, num_splits=None):
   bsz, hk, r, num = lo.shape
   d = q.shape[-1]
   kv_len = k.shape[1]
-  n, align, n_buf = _window(_BK, k.dtype, kv_len)
+  n, align, n_buf = dma_window(BLOCK_K, k.dtype, kv_len)
   rk = r * num
   splits = cm.range_splits(max_len, programs=bsz * hk * rk, num_splits=num_splits)
   kernel = functools.partial(_ranges_kernel, num=num, hk=hk, rk=rk, splits=splits,
