@@ -57,25 +57,11 @@ def evaluate_run(workdir: str, *, lengths=None, windows: int = 16,
   """
   import jax
   import jax.numpy as jnp
-  from flax import nnx
-
-  from train import checkpoint as ckpt_lib
   from train import data as data_lib
   from train import evaluate as ev
-  from train import loop
   from train.config import to_dict
 
-  config = load_run_config(workdir)
-  trainer = loop.Trainer(config)
-  ck = ckpt_lib.Checkpointer(os.path.abspath(workdir), keep=config.keep_checkpoints,
-                             async_save=False)
-  try:
-    restored = ck.restore_latest(trainer.abstract_state)
-  finally:
-    ck.close()
-  if restored is None:
-    raise ValueError(f"--workdir {workdir}: no readable checkpoint")
-  step, state, _ = restored
+  config, trainer, step, state = generate.restore_latest(workdir)
   nll_fn = ev.make_nll_fn(trainer.graphdef)
   params, rest = state["params"], trainer.init_rest()
   held = data_lib.corpus(config, "heldout")

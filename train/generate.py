@@ -67,11 +67,10 @@ def load_run_config(workdir: str):
   return Config(**top)
 
 
-def restore_model(workdir: str):
-  """`(step, model)`: the `train.model.Transformer` of the workdir's latest
-  readable checkpoint. ValueError when there is none."""
-  from flax import nnx
-
+def restore_latest(workdir: str):
+  """`(config, trainer, step, state)`: the run config, a `train.loop.Trainer`
+  for it and the workdir's latest readable checkpoint (`state["params"]`
+  etc.). ValueError when there is none."""
   from train import checkpoint as ckpt_lib
   from train import loop, paths
 
@@ -86,6 +85,15 @@ def restore_model(workdir: str):
   if restored is None:
     raise ValueError(f"--workdir {workdir}: no readable checkpoint")
   step, state, _ = restored
+  return config, trainer, step, state
+
+
+def restore_model(workdir: str):
+  """`(step, model)`: the `train.model.Transformer` of the workdir's latest
+  readable checkpoint. ValueError when there is none."""
+  from flax import nnx
+
+  _, trainer, step, state = restore_latest(workdir)
   return step, nnx.merge(trainer.graphdef, state["params"], trainer.init_rest())
 
 
