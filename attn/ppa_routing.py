@@ -1,0 +1,200 @@
+"""PPA prefill routing: per query block, stripes or masked block-sparse tiles.
+
+The stripe kernels (`pallas_kernels.stripe.ppa_attention`) load, per query
+block and kv head, the key tiles of the dense runs of kept offsets plus one
+`block_q`-row window of K and V per far offset. At large `p` the far offsets
+are so many that this reads more than the tiles of the block's causal PPA
+mask would. This module decides, for static sizes, which query blocks go
+to the block-sparse kernels instead (with the PPA mask as per-tile masks)
+and builds their `attn.BlockLayout`.
+
+The rule (rows of K loaded per query block and kv head; V the same):
+
+    stripe_rows = band_rows + valid_far * block_q
+    tile_rows   = group * nonempty_tiles * block_k
+    routed      = tile_rows <= stripe_rows
+
+* `valid_far`: far offsets (`attn.masks.ppa_dense_runs`) at most the
+  block's last query position (the others see no key from the block);
+* `band_rows`: per dense run `(lo, hi)`, the block's key range
+  `[first_pos - hi, last_pos - lo]` (clipped to `>= 0`) in whole `block_k`
+  tiles;
+* `nonempty_tiles`: `block_q x block_k` tiles of the block's PPA mask that
+  hold a kept offset;
+* `group = q_heads // kv_heads`: the stripe kernels load a row once for the
+  group, the block-sparse kernels once per query head (grid `(B, Hq, nq)`);
+  the same accounting as `pallas_kernels.cost.ppa_fwd` (stripes) and
+  `cost.block_sparse_fwd` (tiles).
+
+Ties go to the tiles (matmuls rather than row-wise dots). The tile path
+never loads more rows than dense causal tiles at the same blocks, and the
+stripe path is kept only where it loads fewer than the tile path, so by
+this count a routed op never reads more than dense attention. Not counted:
+the block-sparse kernels' partial-tile mask loads (`[block_q, block_k]`
+each) and TPU alignment rows of misaligned stripes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from attn import _checks, masks
+from attn.layout import FULL, BlockLayout
+
+# Routing blocks: powers of two >= 16 (the block-sparse kernels' layouts).
+ROUTE_BLOCK = 128
+
+
+def _pow2_block(name: str, value: int) -> int:
+  if not _checks.is_int(value) or value < 16 or value & (value - 1):
+    raise ValueError(f"{name}={value!r}: must be a power of two >= 16 (block-sparse "
+                     "kernel tiles).")
+  return int(value)
+
+
+def default_block(length: int) -> int:
+  """`ROUTE_BLOCK`, or the next power of two >= 16 above a shorter `length`."""
+  return min(ROUTE_BLOCK, max(16, 1 << max(int(length) - 1, 0).bit_length()))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PpaRouting:
+  """Per query block row counts of the two paths and the decision.
+
+  Attributes:
+    q_len, kv_len: the call's lengths (queries at positions
+      `kv_len - q_len + i`).
+    block_q, block_k: routing tiles.
+    stripe_rows, tile_rows: int64 `[num_q_blocks]` (see the module doc).
+  """
+
+  q_len: int
+  kv_len: int
+  block_q: int
+  block_k: int
+  stripe_rows: np.ndarray
+  tile_rows: np.ndarray
+
+  @property
+  def routed(self) -> np.ndarray:
+    """bool `[num_q_blocks]`: the block runs the block-sparse tiles."""
+    return self.tile_rows <= self.stripe_rows
+
+  def segments(self) -> tuple[tuple[int, int, bool], ...]:
+    """Maximal runs of query blocks with one decision: `(row0, row1, routed)`,
+    rows `[row0, row1)` ascending and covering `[0, q_len)`."""
+    r = self.routed
+    cuts = np.concatenate([[0], np.nonzero(np.diff(r))[0] + 1, [r.size]])
+    return tuple((int(a) * self.block_q, min(int(b) * self.block_q, self.q_len), bool(r[a]))
+                 for a, b in zip(cuts[:-1], cuts[1:]))
+
+
+def _block_positions(q_len, kv_len, block_q):
+  """First and last absolute query position of each query block, int64 `[nq]`."""
+  r0 = np.arange(-(-q_len // block_q), dtype=np.int64) * block_q
+  r1 = np.minimum(r0 + block_q, q_len) - 1
+  return kv_len - q_len + r0, kv_len - q_len + r1
+
+
+def _nonempty(offsets, p0, p1, kv_len, block_k):
+  """bool `[nq, nk]`: tile (query block, key block) holds a kept offset.
+
+  Rows at positions `[p0, p1]` and keys `[c0, c1]` meet every offset of
+  `[p0 - c1, p1 - c0]`, so the tile is non-empty iff a kept offset lies in
+  that range (clipped to `>= 0`).
+  """
+  c0 = np.arange(-(-kv_len // block_k), dtype=np.int64) * block_k
+  c1 = np.minimum(c0 + block_k, kv_len) - 1
+  lo = np.maximum(p0[:, None] - c1[None, :], 0)
+  hi = p1[:, None] - c0[None, :]
+  n = np.searchsorted(offsets, hi, side="right") - np.searchsorted(offsets, lo, side="left")
+  return (hi >= 0) & (n > 0)
+
+
+def _split(kv_len, p, window):
+  offsets = masks.ppa_offsets(kv_len - 1, p=p, window=min(window, kv_len))
+  runs, far = masks.ppa_dense_runs(offsets)
+  return offsets, runs, far
+
+
+@functools.lru_cache(maxsize=64)
+def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
+                block_k: int, group: int = 1) -> PpaRouting:
+  """The routing of a PPA prefill (queries = the last `q_len` of `kv_len`).
+
+  Args:
+    q_len, kv_len: `1 <= q_len <= kv_len`.
+    p, window: as in `attn.ppa_attention`.
+    block_q, block_k: routing tiles, powers of two >= 16.
+    group: query heads per kv head.
+
+  Returns:
+    `PpaRouting`, one decision per `block_q` query rows. Host numpy,
+    O(num_q_blocks * num_k_blocks).
+  """
+  q_len = _checks.check_seq_len(q_len, "q_len")
+  kv_len = _checks.check_seq_len(kv_len, "kv_len")
+  if not 1 <= q_len <= kv_len:
+    raise ValueError(f"q_len={q_len}, kv_len={kv_len}: need 1 <= q_len <= kv_len.")
+  bq, bk = _pow2_block("block_q", block_q), _pow2_block("block_k", block_k)
+  if not _checks.is_int(group) or group < 1:
+    raise ValueError(f"group={group!r}: must be a positive int (q_heads // kv_heads).")
+  offsets, runs, far = _split(kv_len, _checks.check_p(p), _checks.check_window(window))
+  p0, p1 = _block_positions(q_len, kv_len, bq)
+  band = np.zeros_like(p0)
+  for lo, hi in runs:
+    first, last = np.maximum(p0 - hi, 0), p1 - lo
+    band += np.where(last >= first, -(-(last - first + 1) // bk) * bk, 0)
+  valid_far = np.searchsorted(far, p1, side="right")
+  stripe_rows = band + valid_far.astype(np.int64) * bq
+  tile_rows = group * _nonempty(offsets, p0, p1, kv_len, bk).sum(axis=1) * bk
+  return PpaRouting(q_len, kv_len, bq, bk, stripe_rows.astype(np.int64),
+                    tile_rows.astype(np.int64))
+
+
+@functools.lru_cache(maxsize=64)
+def ppa_layout(q_len: int, kv_len: int, *, q_offset: int, p: float, window: int,
+               block_q: int, block_k: int) -> BlockLayout:
+  """Block-sparse layout of the PPA mask of `q_len` queries at positions
+  `q_offset + i` against `kv_len` keys (`q_offset + q_len <= kv_len`).
+
+  A tile's mask depends only on its diagonal `q_offset + r0 - c0` and its
+  in-range rows and columns, so each distinct mask is built once:
+  O(num_q_blocks * num_k_blocks + distinct masks * block_q * block_k), never
+  an `[L, L]` array.
+  """
+  q_len = _checks.check_seq_len(q_len, "q_len")
+  kv_len = _checks.check_seq_len(kv_len, "kv_len")
+  if not _checks.is_int(q_offset) or not 0 <= q_offset <= kv_len - q_len:
+    raise ValueError(f"q_offset={q_offset!r}: must be an int in [0, kv_len - q_len].")
+  bq, bk = _pow2_block("block_q", block_q), _pow2_block("block_k", block_k)
+  offsets, _, _ = _split(kv_len, _checks.check_p(p), _checks.check_window(window))
+  keep = np.zeros((kv_len,), bool)
+  keep[offsets] = True
+  p0, p1 = _block_positions(q_len, q_offset + q_len, bq)
+  nonempty = _nonempty(offsets, p0, p1, kv_len, bk)
+  rows, cols = np.nonzero(nonempty)
+  c0 = cols.astype(np.int64) * bk
+  keys = np.stack([p0[rows] - c0, p1[rows] - p0[rows] + 1,
+                   np.minimum(c0 + bk, kv_len) - c0], axis=-1)   # (diagonal, rows, cols)
+  uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+  rr, cc = np.arange(bq)[:, None], np.arange(bk)[None, :]
+  tiles, ids = [np.zeros((bq, bk), bool), np.ones((bq, bk), bool)], []
+  for delta, nrows, ncols in uniq:
+    d = delta + rr - cc
+    in_range = (rr < nrows) & (cc < ncols)
+    m = in_range & (d >= 0) & keep[np.clip(d, 0, kv_len - 1)]
+    if np.array_equal(m, in_range):
+      ids.append(FULL)
+    else:
+      ids.append(len(tiles))
+      tiles.append(m)
+  tile_id = np.asarray(ids, np.int32)[inv.reshape(-1)]
+  starts = np.searchsorted(rows, np.arange(p0.size + 1))
+  kv_rows = [cols[a:b] for a, b in zip(starts[:-1], starts[1:])]
+  id_rows = [tile_id[a:b] for a, b in zip(starts[:-1], starts[1:])]
+  return BlockLayout.from_tiles(q_len, kv_len, block_q=bq, block_k=bk, kv_rows=kv_rows,
+                                id_rows=id_rows, block_masks=np.stack(tiles))
