@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 import attn
-from attn import masks
+from attn import masks, ppa_routing
+from attn.pallas import ppa as pallas_ppa
 from attn.pallas import superlinear as pallas_superlinear
 from pallas_kernels import stripe
+from tests import attn_oracles
 from tests import pallas_harness as ph
 
 BLOCKS = dict(block_q=16, block_k=16)
@@ -187,6 +189,118 @@ def test_ppa_ignores_nan_junk_beyond_the_cache_end():
 
 # `attn.ppa_attention(implementation="pallas")` (prefill and decode kernels):
 # tests/test_op_suite.py.
+
+
+# ------------------------------------------------------------ PPA routing
+
+
+def _plain_kept(max_offset, p, window):
+  return attn_oracles.ppa_kept_offsets(max_offset, p, window)
+
+
+def _plain_split(kept):
+  """Runs of consecutive kept offsets: the one holding 0 and those of at
+  least `PPA_MIN_RUN` offsets are dense runs, the rest far offsets."""
+  runs, far, cur = [], [], []
+  for d in sorted(kept) + [None]:
+    if cur and (d is None or d != cur[-1] + 1):
+      if cur[0] == 0 or len(cur) >= masks.PPA_MIN_RUN:
+        runs.append((cur[0], cur[-1]))
+      else:
+        far += cur
+      cur = []
+    if d is not None:
+      cur.append(d)
+  return runs, far
+
+
+def _plain_rows(lq, lk, p, window, bq, bk, group):
+  """Per query block, K rows each path loads, counted by plain loops:
+  stripes = dense-run key tiles + `bq` rows per far offset the block can
+  use; tiles = `group` x `bk` rows per tile holding a kept (query, key)."""
+  kept = _plain_kept(lk - 1, p, min(window, lk))
+  runs, far = _plain_split(kept)
+  stripe_rows, tile_rows = [], []
+  for r0 in range(0, lq, bq):
+    pos = [lk - lq + r for r in range(r0, min(r0 + bq, lq))]
+    rows = bq * sum(1 for d in far if d <= pos[-1])
+    for lo, hi in runs:
+      first, last, c = max(pos[0] - hi, 0), pos[-1] - lo, None
+      c = first
+      while c <= last:
+        rows += bk
+        c += bk
+    stripe_rows.append(rows)
+    tiles = 0
+    for c0 in range(0, lk, bk):
+      tiles += any(t - c in kept for t in pos for c in range(c0, min(c0 + bk, lk)))
+    tile_rows.append(group * tiles * bk)
+  return np.array(stripe_rows), np.array(tile_rows)
+
+
+@pytest.mark.parametrize("lq, lk, p, window, bq, bk, group", [
+    (96, 96, 0.5, 8, 16, 16, 2), (90, 96, 0.75, 16, 16, 32, 2), (70, 70, 0.9, 4, 32, 16, 3),
+    (64, 64, 1.0, 8, 16, 16, 1), (50, 80, 0.3, 1, 16, 16, 1)])
+def test_ppa_routing_rule_counts_the_rows_each_path_loads(lq, lk, p, window, bq, bk, group):
+  plan = ppa_routing.ppa_routing(lq, lk, p=p, window=window, block_q=bq, block_k=bk,
+                                 group=group)
+  stripe_rows, tile_rows = _plain_rows(lq, lk, p, window, bq, bk, group)
+  np.testing.assert_array_equal(plan.stripe_rows, stripe_rows)
+  np.testing.assert_array_equal(plan.tile_rows, tile_rows)
+  np.testing.assert_array_equal(plan.routed, tile_rows <= stripe_rows)
+  # Segments: maximal runs of one decision covering every query row.
+  segs = plan.segments()
+  assert segs[0][0] == 0 and segs[-1][1] == lq
+  assert all(a[1] == b[0] and a[2] != b[2] for a, b in zip(segs, segs[1:]))
+  for r0, r1, routed in segs:
+    assert all(plan.routed[r0 // bq:-(-r1 // bq)] == routed)
+
+
+def test_ppa_routing_rejects_bad_blocks():
+  with pytest.raises(ValueError, match="block_q"):
+    ppa_routing.ppa_routing(64, 64, p=0.5, window=4, block_q=24, block_k=16)
+  with pytest.raises(ValueError, match="group"):
+    ppa_routing.ppa_routing(64, 64, p=0.5, window=4, block_q=16, block_k=16, group=0)
+
+
+@pytest.mark.parametrize("lq, lk, q_offset, p, window, bq, bk", [
+    (40, 90, 35, 0.75, 4, 16, 32), (37, 37, 0, 0.5, 8, 16, 16), (48, 64, 16, 0.9, 2, 32, 16)])
+def test_ppa_layout_is_the_ppa_mask(lq, lk, q_offset, p, window, bq, bk):
+  layout = ppa_routing.ppa_layout(lq, lk, q_offset=q_offset, p=p, window=window,
+                                  block_q=bq, block_k=bk)
+  kept = _plain_kept(lk - 1, p, min(window, lk))
+  want = np.array([[q_offset + i - j in kept for j in range(lk)] for i in range(lq)])
+  np.testing.assert_array_equal(layout.to_mask(), want)
+  tiles = sum(bool(want[i:i + bq, j:j + bk].any())
+              for i in range(0, lq, bq) for j in range(0, lk, bk))
+  assert layout.num_active_blocks == tiles
+
+
+# name: (p, window, (hq, hk), q_len, kv_len, blocks, dtype, which paths run)
+ROUTED_CASES = {
+    "p05_mixed_gqa": (0.5, 8, (2, 1), 64, 64, 16, jnp.float32, {True, False}),
+    "p075_mixed_chunk": (0.75, 16, (2, 1), 44, 48, 16, jnp.float32, {True, False}),
+    "p09_tiles_bf16": (0.9, 4, (1, 1), 48, 48, 16, jnp.bfloat16, {True}),
+    "p1_all_tiles": (1.0, 8, (1, 1), 32, 32, 16, jnp.float32, {True}),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUTED_CASES))
+def test_routed_prefill_values_and_vjp_match_reference(case):
+  p, window, (hq, hk), lq, lk, blk, dtype, paths = ROUTED_CASES[case]
+  plan = ppa_routing.ppa_routing(lq, lk, p=p, window=window, block_q=blk, block_k=blk,
+                                 group=hq // hk)
+  assert {routed for _, _, routed in plan.segments()} == paths
+  (q, k, v), cot_key = _ppa_inputs(dtype, hq, hk, 16, lq, lk)
+  fn = functools.partial(pallas_ppa.routed_prefill, p=p, window=window, scale=0.25,
+                         variant="gpu_interpret", block_q=blk, block_k=blk)
+  if p == 1.0:   # every block on the tiles: dense causal attention
+    ref = functools.partial(attn.dense_attention, scale=0.25, implementation="reference")
+  else:
+    ref = functools.partial(attn.ppa_attention, p=p, window=window, scale=0.25,
+                            implementation="reference")
+  tol = dict(atol=1e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=3e-2, rtol=3e-2)
+  ph.vjp_check(fn, ref, (q, k, v), cot_key, argnums=(0, 1, 2), **tol)
 
 
 # --------------------------------------------------------------- lowering
