@@ -8,30 +8,39 @@ mask would. This module decides, for static sizes, which query blocks go
 to the block-sparse kernels instead (with the PPA mask as per-tile masks)
 and builds their `attn.BlockLayout`.
 
-The rule (rows of K loaded per query block and kv head; V the same):
+The rule counts rows of K loaded per query block and kv head (V the same):
 
-    stripe_rows = band_rows + valid_far * block_q
     tile_rows   = group * nonempty_tiles * block_k
-    routed      = tile_rows <= stripe_rows
+    stripe_rows = band_rows + far(call_end) * block_q
 
-* `valid_far`: far offsets (`attn.masks.ppa_dense_runs`) at most the
-  block's last query position (the others see no key from the block);
-* `band_rows`: per dense run `(lo, hi)`, the block's key range
+* `nonempty_tiles`: `block_q x block_k` tiles of the block's PPA mask that
+  hold a kept offset (the block-sparse kernels visit exactly these);
+* `band_rows`: per dense run `(lo, hi)` of kept offsets
+  (`attn.masks.ppa_dense_runs`), the block's key range
   `[first_pos - hi, last_pos - lo]` (clipped to `>= 0`) in whole `block_k`
   tiles;
-* `nonempty_tiles`: `block_q x block_k` tiles of the block's PPA mask that
-  hold a kept offset;
+* `far(call_end)`: far offsets up to the last query position of the stripe
+  call the block is in. A stripe call loops every query block over every
+  far offset it is given, valid for the block or not, so a block pays for
+  the far offsets of the call's last query;
 * `group = q_heads // kv_heads`: the stripe kernels load a row once for the
   group, the block-sparse kernels once per query head (grid `(B, Hq, nq)`);
-  the same accounting as `pallas_kernels.cost.ppa_fwd` (stripes) and
+  the accounting of `pallas_kernels.cost.ppa_fwd` (stripes) and
   `cost.block_sparse_fwd` (tiles).
 
-Ties go to the tiles (matmuls rather than row-wise dots). The tile path
-never loads more rows than dense causal tiles at the same blocks, and the
-stripe path is kept only where it loads fewer than the tile path, so by
-this count a routed op never reads more than dense attention. Not counted:
-the block-sparse kernels' partial-tile mask loads (`[block_q, block_k]`
-each) and TPU alignment rows of misaligned stripes.
+Blocks are decided last to first. A block joins the stripe call of the
+block after it if that loads fewer rows than its tiles; otherwise it opens
+its own stripe call (`call_end` its own last position) if that loads fewer;
+otherwise it takes the tiles (ties go to the tiles: matmuls, not row-wise
+dots). So every block loads at most its tiles' rows, and those are at most
+the rows of dense causal tiles at the same blocks: by this count a routed
+op never reads more than dense attention. Calls split where the far count
+would make a long call too expensive for its first blocks (at `p = 0.5` the
+calls' lengths shrink about geometrically toward the start).
+
+Not counted: the block-sparse kernels' partial-tile mask loads (`[block_q,
+block_k]` each), TPU alignment rows of misaligned stripes, and the stripe
+kernels' own block sizes (the count uses the routing blocks).
 """
 
 from __future__ import annotations
@@ -68,7 +77,11 @@ class PpaRouting:
     q_len, kv_len: the call's lengths (queries at positions
       `kv_len - q_len + i`).
     block_q, block_k: routing tiles.
-    stripe_rows, tile_rows: int64 `[num_q_blocks]` (see the module doc).
+    stripe_rows: int64 `[num_q_blocks]`: rows the block loads in its stripe
+      call (a routed block: in a stripe call of its own).
+    tile_rows: int64 `[num_q_blocks]`: rows its block-sparse tiles load.
+    call_end: int64 `[num_q_blocks]`: last query position of the block's
+      stripe call, -1 for a routed block.
   """
 
   q_len: int
@@ -77,19 +90,21 @@ class PpaRouting:
   block_k: int
   stripe_rows: np.ndarray
   tile_rows: np.ndarray
+  call_end: np.ndarray
 
   @property
   def routed(self) -> np.ndarray:
     """bool `[num_q_blocks]`: the block runs the block-sparse tiles."""
-    return self.tile_rows <= self.stripe_rows
+    return self.call_end < 0
 
   def segments(self) -> tuple[tuple[int, int, bool], ...]:
-    """Maximal runs of query blocks with one decision: `(row0, row1, routed)`,
-    rows `[row0, row1)` ascending and covering `[0, q_len)`."""
-    r = self.routed
-    cuts = np.concatenate([[0], np.nonzero(np.diff(r))[0] + 1, [r.size]])
-    return tuple((int(a) * self.block_q, min(int(b) * self.block_q, self.q_len), bool(r[a]))
-                 for a, b in zip(cuts[:-1], cuts[1:]))
+    """One entry per kernel call: `(row0, row1, routed)`, query rows `[row0,
+    row1)` ascending and covering `[0, q_len)`; adjacent routed blocks share
+    a call, stripe blocks share one when they share `call_end`."""
+    e = self.call_end
+    cuts = np.concatenate([[0], np.nonzero(np.diff(e))[0] + 1, [e.size]])
+    return tuple((int(a) * self.block_q, min(int(b) * self.block_q, self.q_len),
+                  bool(e[a] < 0)) for a, b in zip(cuts[:-1], cuts[1:]))
 
 
 def _block_positions(q_len, kv_len, block_q):
@@ -148,11 +163,21 @@ def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
   for lo, hi in runs:
     first, last = np.maximum(p0 - hi, 0), p1 - lo
     band += np.where(last >= first, -(-(last - first + 1) // bk) * bk, 0)
-  valid_far = np.searchsorted(far, p1, side="right")
-  stripe_rows = band + valid_far.astype(np.int64) * bq
-  tile_rows = group * _nonempty(offsets, p0, p1, kv_len, bk).sum(axis=1) * bk
-  return PpaRouting(q_len, kv_len, bq, bk, stripe_rows.astype(np.int64),
-                    tile_rows.astype(np.int64))
+  tile_rows = group * _nonempty(offsets, p0, p1, kv_len, bk).sum(axis=1).astype(np.int64) * bk
+  far_rows = lambda end: bq * int(np.searchsorted(far, end, side="right"))  # noqa: E731
+  stripe_rows = np.zeros_like(tile_rows)
+  call_end = np.full_like(tile_rows, -1)
+  end = -1                            # call_end of the next block (-1: routed)
+  for i in range(p0.size - 1, -1, -1):
+    rows = int(band[i]) + far_rows(end) if end >= 0 else None
+    if rows is None or rows >= tile_rows[i]:
+      end, rows = int(p1[i]), int(band[i]) + far_rows(p1[i])
+      if rows >= tile_rows[i]:
+        end = -1
+    stripe_rows[i], call_end[i] = rows, end
+  for a in (stripe_rows, tile_rows, call_end):
+    a.flags.writeable = False
+  return PpaRouting(q_len, kv_len, bq, bk, stripe_rows, tile_rows, call_end)
 
 
 @functools.lru_cache(maxsize=64)

@@ -32,7 +32,7 @@ import sys
 import numpy as np
 
 import attn
-from attn import masks
+from attn import masks, ppa_routing
 from pallas_kernels import cost
 from pallas_kernels.decode import common as dec_common
 
@@ -75,7 +75,9 @@ class Changes:
                                   #    G query heads (False: one program per query head)
   split_decode: bool = False      # 4: decode split over >= SMs programs, 1 row per stripe,
                                   #    dense decode reads only attended keys
-  ppa_routing: bool = False       # 3: dense-ish PPA query blocks go to block-sparse tiles
+  ppa_routing: bool = True        # 3 (done): PPA query blocks whose stripes would load more
+                                  #    rows go to PPA-masked block-sparse tiles
+                                  #    (`attn.ppa_routing`; False: stripes everywhere)
 
   def label(self) -> str:
     diff = [(f.name if getattr(self, f.name) else f"no {f.name}")
@@ -85,7 +87,7 @@ class Changes:
 
 ALL = Changes(True, True, True)
 SCENARIOS = (Changes(), Changes(gqa_shared_reads=False),
-             Changes(split_decode=True), Changes(ppa_routing=True), ALL)
+             Changes(split_decode=True), Changes(ppa_routing=False), ALL)
 RELEASED = attn.SuperlinearConfig(sw_index=65, num_spans=3, search_power=0.55,
                                   span_power=0.55, backward_factor=3.0, forward_factor=1.0)
 CONFIGS = {"default": attn.SuperlinearConfig(), "released": RELEASED}
@@ -286,55 +288,50 @@ def ppa_runs(offsets: np.ndarray, min_run: int = PPA_MIN_RUN):
   return runs, (np.concatenate(far) if far else np.zeros((0,), np.int64))
 
 
-def ppa_tiles_per_block(offsets: np.ndarray, seq_len: int, block: int) -> np.ndarray:
-  """Non-empty `block x block` tiles of the causal PPA mask per query block:
-  tile (i, j) holds a kept offset in `[(i-j-1) block + 1, (i-j+1) block - 1]`."""
-  n = -(-seq_len // block)
-  delta = np.arange(n)
-  lo = np.maximum((delta - 1) * block + 1, 0)
-  hi = (delta + 1) * block - 1
-  nonempty = np.searchsorted(offsets, hi, side="right") > np.searchsorted(offsets, lo)
-  return np.cumsum(nonempty)          # block i sees deltas 0..i
+def _ppa_stripes(q_len: int, kv_len: int, offsets: np.ndarray, shape: Shape,
+                 changes: Changes, block: int) -> cost.KernelCost:
+  """The stripe kernels' forward on the last `q_len` of `kv_len` positions:
+  every program loops over every far offset of `offsets` (cut at `kv_len - 1`)."""
+  s = shape
+  runs, far = ppa_runs(offsets[offsets < kv_len])
+  # The GQA-folded kernel's tile holds `G` heads: `block / G` rows per head
+  # (at least 16), as `stripe.ops._head_block_q` picks on GPU.
+  bq = max(16, block // s.group) if changes.gqa_shared_reads else block
+  band = sum(cost.band_chunks(q_len, kv_len, kv_len - q_len, lo, hi, block, bq)
+             for lo, hi in runs)
+  return cost.ppa_fwd(q_len=q_len, band_tiles=band, far_offsets=far.size, detail=True,
+                      gqa_shared_reads=changes.gqa_shared_reads,
+                      **dict(s.kw(), block_q=bq, block_k=block))
 
 
 def ppa(seq_len: int, p: float, window: int, shape: Shape,
         changes: Changes = Changes(), block: int = 64) -> OpCost:
-  """`ppa_attention(implementation="pallas")` forward at `L` queries = keys.
+  """`ppa_attention(implementation="pallas")` prefill forward at `L` queries = keys.
 
-  Today every query block loops over every far stripe. `ppa_routing`: each
-  query block takes the cheaper of its valid stripes (K, V rows loaded) and
-  the block-sparse tiles of its PPA mask (computed in the kernel).
+  `ppa_routing` (today's code, `attn.pallas.ppa.routed_prefill`): the
+  routing of `attn.ppa_routing.ppa_routing` at its default blocks; each run
+  of routed query blocks is one block-sparse call over its PPA mask's
+  non-empty tiles, each other run one stripe call (`block`-row key tiles)
+  over the far offsets up to its last query. Without it, one stripe call
+  over every query block and far offset.
   """
   s = shape
   offsets = masks.ppa_offsets(seq_len - 1, p=p, window=min(window, seq_len))
-  runs, far = ppa_runs(offsets)
-  band = sum(cost.band_chunks(seq_len, seq_len, 0, lo, hi, block, block) for lo, hi in runs)
-  kw = dict(s.kw(), block_q=block, block_k=block)
   if not changes.ppa_routing:
-    # The GQA-folded kernel's tile holds `G` heads: `block / G` rows per head
-    # (at least 16), as `stripe.ops._head_block_q` picks on GPU.
-    bq = max(16, block // s.group) if changes.gqa_shared_reads else block
-    band_g = sum(cost.band_chunks(seq_len, seq_len, 0, lo, hi, block, bq) for lo, hi in runs)
-    return OpCost((("ppa_fwd", cost.ppa_fwd(q_len=seq_len, band_tiles=band_g,
-                                            far_offsets=far.size, detail=True,
-                                            gqa_shared_reads=changes.gqa_shared_reads,
-                                            **dict(kw, block_q=bq))),))
-  n = -(-seq_len // block)
-  tiles = ppa_tiles_per_block(offsets, seq_len, block)
-  last_row = np.minimum(np.arange(n) * block + block - 1, seq_len - 1)
-  valid_far = np.searchsorted(far, last_row, side="right")
-  band_per = band / n
-  routed = tiles < valid_far + band_per          # rows loaded: tiles vs stripes + band
+    return OpCost((("ppa_fwd", _ppa_stripes(seq_len, seq_len, offsets, s, changes, block)),))
+  rb = ppa_routing.default_block(seq_len)
+  plan = ppa_routing.ppa_routing(seq_len, seq_len, p=p, window=window, block_q=rb,
+                                 block_k=rb, group=s.group)
+  tiles = plan.tile_rows // (s.group * rb)             # non-empty tiles per query block
   parts = []
-  if routed.any():
-    parts.append(("block-sparse (routed)", cost.block_sparse_fwd(
-        num_q_blocks=int(routed.sum()), tiles=int(tiles[routed].sum()), detail=True, **kw)))
-  if (~routed).any():
-    m = int((~routed).sum())
-    parts.append(("ppa_fwd (stripes)", cost.ppa_fwd(
-        q_len=m * block, band_tiles=int(round(band_per * m)),
-        far_offsets=int(round(valid_far[~routed].mean())), detail=True,
-        gqa_shared_reads=changes.gqa_shared_reads, **kw)))
+  for r0, r1, routed in plan.segments():
+    if routed:
+      blocks = slice(r0 // rb, -(-r1 // rb))
+      parts.append(("block-sparse (routed)", cost.block_sparse_fwd(
+          num_q_blocks=blocks.stop - blocks.start, tiles=int(tiles[blocks].sum()),
+          block_q=rb, block_k=rb, detail=True, **s.kw())))
+    else:
+      parts.append(("ppa_fwd (stripes)", _ppa_stripes(r1 - r0, r1, offsets, s, changes, block)))
   return OpCost(tuple(parts))
 
 

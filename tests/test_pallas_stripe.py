@@ -214,46 +214,63 @@ def _plain_split(kept):
   return runs, far
 
 
-def _plain_rows(lq, lk, p, window, bq, bk, group):
-  """Per query block, K rows each path loads, counted by plain loops:
-  stripes = dense-run key tiles + `bq` rows per far offset the block can
-  use; tiles = `group` x `bk` rows per tile holding a kept (query, key)."""
+def _plain_routing(lq, lk, p, window, bq, bk, group):
+  """Plain loops: per query block, `(band rows, tile rows, last position)`,
+  then the decision last block to first: join the next block's stripe
+  call, else open one, if it loads fewer K rows than the tiles."""
   kept = _plain_kept(lk - 1, p, min(window, lk))
   runs, far = _plain_split(kept)
-  stripe_rows, tile_rows = [], []
+  blocks = []
   for r0 in range(0, lq, bq):
     pos = [lk - lq + r for r in range(r0, min(r0 + bq, lq))]
-    rows = bq * sum(1 for d in far if d <= pos[-1])
+    band = 0
     for lo, hi in runs:
-      first, last, c = max(pos[0] - hi, 0), pos[-1] - lo, None
-      c = first
-      while c <= last:
-        rows += bk
+      c = max(pos[0] - hi, 0)
+      while c <= pos[-1] - lo:      # key tiles from the run's first key of the block
+        band += bk
         c += bk
-    stripe_rows.append(rows)
     tiles = 0
     for c0 in range(0, lk, bk):
       tiles += any(t - c in kept for t in pos for c in range(c0, min(c0 + bk, lk)))
-    tile_rows.append(group * tiles * bk)
-  return np.array(stripe_rows), np.array(tile_rows)
+    blocks.append((band, group * tiles * bk, pos[-1]))
+  stripe_rows, call_end, end = [], [], -1
+  for band, tile_rows, last in reversed(blocks):
+    join = band + bq * sum(1 for d in far if d <= end) if end >= 0 else None
+    own = band + bq * sum(1 for d in far if d <= last)
+    if join is not None and join < tile_rows:
+      stripe_rows.append(join)
+    elif own < tile_rows:
+      stripe_rows.append(own)
+      end = last
+    else:
+      stripe_rows.append(own)
+      end = -1
+    call_end.append(end)
+  return (np.array(stripe_rows[::-1]), np.array([t for _, t, _ in blocks]),
+          np.array(call_end[::-1]))
 
 
 @pytest.mark.parametrize("lq, lk, p, window, bq, bk, group", [
     (96, 96, 0.5, 8, 16, 16, 2), (90, 96, 0.75, 16, 16, 32, 2), (70, 70, 0.9, 4, 32, 16, 3),
-    (64, 64, 1.0, 8, 16, 16, 1), (50, 80, 0.3, 1, 16, 16, 1)])
+    (64, 64, 1.0, 8, 16, 16, 1), (50, 80, 0.3, 1, 16, 16, 1), (128, 128, 0.5, 4, 16, 16, 2)])
 def test_ppa_routing_rule_counts_the_rows_each_path_loads(lq, lk, p, window, bq, bk, group):
   plan = ppa_routing.ppa_routing(lq, lk, p=p, window=window, block_q=bq, block_k=bk,
                                  group=group)
-  stripe_rows, tile_rows = _plain_rows(lq, lk, p, window, bq, bk, group)
-  np.testing.assert_array_equal(plan.stripe_rows, stripe_rows)
+  stripe_rows, tile_rows, call_end = _plain_routing(lq, lk, p, window, bq, bk, group)
   np.testing.assert_array_equal(plan.tile_rows, tile_rows)
-  np.testing.assert_array_equal(plan.routed, tile_rows <= stripe_rows)
-  # Segments: maximal runs of one decision covering every query row.
+  np.testing.assert_array_equal(plan.stripe_rows, stripe_rows)
+  np.testing.assert_array_equal(plan.call_end, call_end)
+  # No block loads more rows than its tiles, nor than dense causal tiles.
+  causal = [group * bk * -(-(lk - lq + min(r0 + bq, lq)) // bk) for r0 in range(0, lq, bq)]
+  loads = np.where(plan.routed, tile_rows, stripe_rows)
+  assert np.all(loads <= tile_rows) and np.all(loads <= np.array(causal))
+  # Segments: one per call, in order, covering every query row.
   segs = plan.segments()
   assert segs[0][0] == 0 and segs[-1][1] == lq
-  assert all(a[1] == b[0] and a[2] != b[2] for a, b in zip(segs, segs[1:]))
+  assert all(a[1] == b[0] for a, b in zip(segs, segs[1:]))
   for r0, r1, routed in segs:
-    assert all(plan.routed[r0 // bq:-(-r1 // bq)] == routed)
+    ends = set(call_end[r0 // bq:-(-r1 // bq)].tolist())
+    assert len(ends) == 1 and (ends.pop() < 0) == routed
 
 
 def test_ppa_routing_rejects_bad_blocks():
@@ -276,24 +293,32 @@ def test_ppa_layout_is_the_ppa_mask(lq, lk, q_offset, p, window, bq, bk):
   assert layout.num_active_blocks == tiles
 
 
-# name: (p, window, (hq, hk), q_len, kv_len, blocks, dtype, which paths run)
+# name: (p, window, (hq, hk), q_len, kv_len, blocks, dtype, which paths run);
+# blocks None: through `attn.ppa_attention(implementation="pallas")` (default
+# blocks, the default variant: TPU interpret on CPU).
 ROUTED_CASES = {
     "p05_mixed_gqa": (0.5, 8, (2, 1), 64, 64, 16, jnp.float32, {True, False}),
     "p075_mixed_chunk": (0.75, 16, (2, 1), 44, 48, 16, jnp.float32, {True, False}),
     "p09_tiles_bf16": (0.9, 4, (1, 1), 48, 48, 16, jnp.bfloat16, {True}),
-    "p1_all_tiles": (1.0, 8, (1, 1), 32, 32, 16, jnp.float32, {True}),
+    "p1_op_all_tiles": (1.0, 8, (1, 1), 32, 32, None, jnp.float32, {True}),
 }
 
 
 @pytest.mark.parametrize("case", list(ROUTED_CASES))
 def test_routed_prefill_values_and_vjp_match_reference(case):
   p, window, (hq, hk), lq, lk, blk, dtype, paths = ROUTED_CASES[case]
-  plan = ppa_routing.ppa_routing(lq, lk, p=p, window=window, block_q=blk, block_k=blk,
-                                 group=hq // hk)
+  blocks = ((ppa_routing.default_block(lq), ppa_routing.default_block(lk)) if blk is None
+            else (blk, blk))
+  plan = ppa_routing.ppa_routing(lq, lk, p=p, window=window, block_q=blocks[0],
+                                 block_k=blocks[1], group=hq // hk)
   assert {routed for _, _, routed in plan.segments()} == paths
   (q, k, v), cot_key = _ppa_inputs(dtype, hq, hk, 16, lq, lk)
-  fn = functools.partial(pallas_ppa.routed_prefill, p=p, window=window, scale=0.25,
-                         variant="gpu_interpret", block_q=blk, block_k=blk)
+  if blk is None:
+    fn = functools.partial(attn.ppa_attention, p=p, window=window, scale=0.25,
+                           implementation="pallas")
+  else:
+    fn = functools.partial(pallas_ppa.routed_prefill, p=p, window=window, scale=0.25,
+                           variant="gpu_interpret", block_q=blk, block_k=blk)
   if p == 1.0:   # every block on the tiles: dense causal attention
     ref = functools.partial(attn.dense_attention, scale=0.25, implementation="reference")
   else:

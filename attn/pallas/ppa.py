@@ -17,8 +17,8 @@
 
 The stripe kernels get the kept offsets of `attn.masks.ppa_offsets` split by
 `attn.masks.ppa_dense_runs` into dense runs (matmul tiles: the window, and
-everything at `p = 1`) and sparse far offsets (one stripe each), cut to the
-positions of the queries they serve.
+everything at `p = 1`) and sparse far offsets (one stripe each), cut at the
+last query position of the call (its keys stop there).
 """
 
 from __future__ import annotations
@@ -42,12 +42,19 @@ def supported(backend: str, q_len: int | None = None) -> bool:
           and block_sparse.supported(backend))
 
 
-def _stripes(q, k, v, q_offset, *, p, window, scale, variant):
-  """Stripe kernels for queries at `q_offset + i` (None: `kv_len - q_len`)."""
-  lq, lk = q.shape[1], k.shape[1]
-  runs, far = masks.ppa_dense_runs(masks.ppa_offsets(lk - 1, p=p, window=min(window, lk)))
-  return stripe.ppa_attention(q, k, v, dense_runs=runs, far_offsets=far, scale=scale,
-                              q_offset=lk - lq if q_offset is None else q_offset,
+def _split(kv_len, p, window):
+  """`(dense_runs, far_offsets)` of the kept offsets in `[0, kv_len - 1]`."""
+  return masks.ppa_dense_runs(masks.ppa_offsets(kv_len - 1, p=p, window=min(window, kv_len)))
+
+
+def _stripes(q, k, v, q_offset, *, runs, far, scale, variant):
+  """Stripe kernels for queries at `q_offset + i` (None: `kv_len - q_len`);
+  `runs`, `far` are cut at the last key."""
+  last = k.shape[1] - 1
+  runs = tuple((lo, min(hi, last)) for lo, hi in runs if lo <= last)
+  return stripe.ppa_attention(q, k, v, dense_runs=runs, far_offsets=far[far <= last],
+                              scale=scale,
+                              q_offset=k.shape[1] - q.shape[1] if q_offset is None else q_offset,
                               variant=variant)
 
 
@@ -71,6 +78,7 @@ def routed_prefill(q, k, v, *, p, window, scale, variant=None, block_q=None, blo
   plan = ppa_routing.ppa_routing(lq, lk, p=p, window=window, block_q=bq, block_k=bk,
                                  group=hq // hk)
   qoff = lk - lq
+  runs, far = _split(lk, p, window)
   outs = []
   for r0, r1, routed in plan.segments():
     end = qoff + r1                       # keys past the segment's last query: unseen
@@ -81,7 +89,7 @@ def routed_prefill(q, k, v, *, p, window, scale, variant=None, block_q=None, blo
       outs.append(block_sparse.block_sparse_attention(qs, ks, vs, layout=layout, scale=scale,
                                                       variant=variant))
     else:
-      outs.append(_stripes(qs, ks, vs, qoff + r0, p=p, window=window, scale=scale,
+      outs.append(_stripes(qs, ks, vs, qoff + r0, runs=runs, far=far, scale=scale,
                            variant=variant))
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
@@ -89,7 +97,8 @@ def routed_prefill(q, k, v, *, p, window, scale, variant=None, block_q=None, blo
 def _prefill(q, k, v, q_offset, *, p, window, scale, variant):
   if q_offset is None:
     return routed_prefill(q, k, v, p=p, window=window, scale=scale, variant=variant)
-  return _stripes(q, k, v, q_offset, p=p, window=window, scale=scale, variant=variant)
+  runs, far = _split(k.shape[1], p, window)
+  return _stripes(q, k, v, q_offset, runs=runs, far=far, scale=scale, variant=variant)
 
 
 def ppa_attention(q, k, v, q_offset=None, *, p, window, scale, variant=None):
