@@ -86,8 +86,7 @@ class Changes:
 
 
 ALL = Changes(True, True, True)
-SCENARIOS = (Changes(), Changes(gqa_shared_reads=False),
-             Changes(split_decode=True), Changes(ppa_routing=False), ALL)
+SCENARIOS = (Changes(), Changes(gqa_shared_reads=False), Changes(ppa_routing=False), ALL)
 RELEASED = attn.SuperlinearConfig(sw_index=65, num_spans=3, search_power=0.55,
                                   span_power=0.55, backward_factor=3.0, forward_factor=1.0)
 CONFIGS = {"default": attn.SuperlinearConfig(), "released": RELEASED}
