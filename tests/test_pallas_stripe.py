@@ -215,62 +215,52 @@ def _plain_split(kept):
 
 
 def _plain_routing(lq, lk, p, window, bq, bk, group):
-  """Plain loops: per query block, `(band rows, tile rows, last position)`,
-  then the decision last block to first: join the next block's stripe
-  call, else open one, if it loads fewer K rows than the tiles."""
+  """Plain loops: per query block, K rows of its stripes (dense-run key
+  tiles + `bq` rows per far offset up to the last query) and of its tiles
+  (`group` x `bk` per tile holding a kept (query, key) pair); then the
+  longest run of final blocks whose stripes load fewer rows takes them."""
   kept = _plain_kept(lk - 1, p, min(window, lk))
   runs, far = _plain_split(kept)
-  blocks = []
+  stripe_rows, tile_rows = [], []
   for r0 in range(0, lq, bq):
     pos = [lk - lq + r for r in range(r0, min(r0 + bq, lq))]
-    band = 0
+    rows = bq * sum(1 for d in far if d <= lk - 1)
     for lo, hi in runs:
       c = max(pos[0] - hi, 0)
       while c <= pos[-1] - lo:      # key tiles from the run's first key of the block
-        band += bk
+        rows += bk
         c += bk
+    stripe_rows.append(rows)
     tiles = 0
     for c0 in range(0, lk, bk):
       tiles += any(t - c in kept for t in pos for c in range(c0, min(c0 + bk, lk)))
-    blocks.append((band, group * tiles * bk, pos[-1]))
-  stripe_rows, call_end, end = [], [], -1
-  for band, tile_rows, last in reversed(blocks):
-    join = band + bq * sum(1 for d in far if d <= end) if end >= 0 else None
-    own = band + bq * sum(1 for d in far if d <= last)
-    if join is not None and join < tile_rows:
-      stripe_rows.append(join)
-    elif own < tile_rows:
-      stripe_rows.append(own)
-      end = last
-    else:
-      stripe_rows.append(own)
-      end = -1
-    call_end.append(end)
-  return (np.array(stripe_rows[::-1]), np.array([t for _, t, _ in blocks]),
-          np.array(call_end[::-1]))
+    tile_rows.append(group * tiles * bk)
+  num_stripes = 0
+  while (num_stripes < len(tile_rows)
+         and stripe_rows[-1 - num_stripes] < tile_rows[-1 - num_stripes]):
+    num_stripes += 1
+  return np.array(stripe_rows), np.array(tile_rows), len(tile_rows) - num_stripes
 
 
 @pytest.mark.parametrize("lq, lk, p, window, bq, bk, group", [
-    (96, 96, 0.5, 8, 16, 16, 2), (90, 96, 0.75, 16, 16, 32, 2), (70, 70, 0.9, 4, 32, 16, 3),
-    (64, 64, 1.0, 8, 16, 16, 1), (50, 80, 0.3, 1, 16, 16, 1), (128, 128, 0.5, 4, 16, 16, 2)])
+    (96, 96, 0.5, 8, 16, 16, 2), (90, 96, 0.75, 16, 16, 32, 4), (70, 70, 0.9, 4, 32, 16, 3),
+    (64, 64, 1.0, 8, 16, 16, 1), (64, 64, 1.0, 8, 16, 16, 2), (50, 80, 0.3, 1, 16, 16, 1),
+    (128, 128, 0.5, 4, 16, 16, 2)])
 def test_ppa_routing_rule_counts_the_rows_each_path_loads(lq, lk, p, window, bq, bk, group):
   plan = ppa_routing.ppa_routing(lq, lk, p=p, window=window, block_q=bq, block_k=bk,
                                  group=group)
-  stripe_rows, tile_rows, call_end = _plain_routing(lq, lk, p, window, bq, bk, group)
+  stripe_rows, tile_rows, num_routed = _plain_routing(lq, lk, p, window, bq, bk, group)
   np.testing.assert_array_equal(plan.tile_rows, tile_rows)
   np.testing.assert_array_equal(plan.stripe_rows, stripe_rows)
-  np.testing.assert_array_equal(plan.call_end, call_end)
+  assert plan.num_routed == num_routed
   # No block loads more rows than its tiles, nor than dense causal tiles.
   causal = [group * bk * -(-(lk - lq + min(r0 + bq, lq)) // bk) for r0 in range(0, lq, bq)]
   loads = np.where(plan.routed, tile_rows, stripe_rows)
   assert np.all(loads <= tile_rows) and np.all(loads <= np.array(causal))
-  # Segments: one per call, in order, covering every query row.
-  segs = plan.segments()
-  assert segs[0][0] == 0 and segs[-1][1] == lq
-  assert all(a[1] == b[0] for a, b in zip(segs, segs[1:]))
-  for r0, r1, routed in segs:
-    ends = set(call_end[r0 // bq:-(-r1 // bq)].tolist())
-    assert len(ends) == 1 and (ends.pop() < 0) == routed
+  # Segments: tiles then stripes, covering every query row.
+  cut = min(num_routed * bq, lq)
+  want = [(0, cut, True), (cut, lq, False)]
+  assert plan.segments() == tuple(seg for seg in want if seg[1] > seg[0])
 
 
 def test_ppa_routing_rejects_bad_blocks():
@@ -298,7 +288,7 @@ def test_ppa_layout_is_the_ppa_mask(lq, lk, q_offset, p, window, bq, bk):
 # blocks, the default variant: TPU interpret on CPU).
 ROUTED_CASES = {
     "p05_mixed_gqa": (0.5, 8, (2, 1), 64, 64, 16, jnp.float32, {True, False}),
-    "p075_mixed_chunk": (0.75, 16, (2, 1), 44, 48, 16, jnp.float32, {True, False}),
+    "p075_mixed_chunk": (0.75, 16, (4, 1), 44, 48, 16, jnp.float32, {True, False}),
     "p09_tiles_bf16": (0.9, 4, (1, 1), 48, 48, 16, jnp.bfloat16, {True}),
     "p1_op_all_tiles": (1.0, 8, (1, 1), 32, 32, None, jnp.float32, {True}),
 }
@@ -347,6 +337,22 @@ def test_forward_and_backward_lower_with_the_platform_kernel(target):
     out, pull = jax.vjp(ppa, a, b, c)
     return out, pull(jnp.ones(out.shape, out.dtype))
   ph.assert_kernel_in(ph.export_text(ppa_vjp, target, q, k, k), target, at_least=3)
+
+
+@pytest.mark.parametrize("target", ["tpu", "cuda"])
+def test_routed_prefill_lowers_both_paths_with_the_platform_kernels(target):
+  s = jax.ShapeDtypeStruct
+  q, k = s((1, 64, 2, 32), jnp.bfloat16), s((1, 64, 1, 32), jnp.bfloat16)
+  kw = dict(p=0.5, window=8, block_q=16, block_k=16)
+  plan = ppa_routing.ppa_routing(64, 64, group=2, **kw)
+  assert {routed for _, _, routed in plan.segments()} == {True, False}
+  fn = functools.partial(pallas_ppa.routed_prefill, scale=0.2, **kw)
+
+  def fn_vjp(a, b, c):
+    out, pull = jax.vjp(fn, a, b, c)
+    return out, pull(jnp.ones(out.shape, out.dtype))
+  # Forward, dq and dk/dv kernels of each path.
+  ph.assert_kernel_in(ph.export_text(fn_vjp, target, q, k, k), target, at_least=6)
 
 
 # ------------------------------------------------------ compiled (GPU only)

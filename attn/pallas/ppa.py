@@ -9,9 +9,9 @@
   positions) runs `routed_prefill`: each query block takes the path
   `attn.ppa_routing.ppa_routing` picks (fewer K/V rows loaded): the stripe
   kernels, or the block-sparse kernels with the block's PPA mask as
-  per-tile masks (`attn.ppa_routing.ppa_layout`). One kernel call per
-  maximal run of blocks with the same decision; outputs are concatenated in
-  query order, so gradients flow through both.
+  per-tile masks (`attn.ppa_routing.ppa_layout`). At most two kernel
+  calls (tiles for the first blocks, stripes for the last); their outputs
+  are concatenated in query order, so gradients flow through both.
 * Prefill at a traced `q_offset` runs the stripe kernels on every block
   (the routing and the tile masks depend on the positions).
 
