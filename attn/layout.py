@@ -256,8 +256,8 @@ class BlockLayout:
       if (cols.shape != ids.shape or np.any(np.diff(cols) <= 0)
           or (cols.size and (cols[0] < 0 or cols[-1] >= nk))
           or np.any(ids < FULL) or np.any(ids >= tiles.shape[0])):
-        raise ValueError(f"query block {i}: key blocks must ascend in [0, {nk}) with one "
-                         f"mask id in [1, {tiles.shape[0]}) each.")
+        raise ValueError(f"kv_rows[{i}] / id_rows[{i}]: key blocks must ascend in [0, {nk}) "
+                         f"with one mask id in [1, {tiles.shape[0]}) each.")
     counts = np.array([r.size for r in kv_rows], np.int32)
     kv_blocks, mask_ids = _pad_rows(kv_rows, id_rows, counts)
     return cls(q_len, kv_len, int(block_q), int(block_k), counts,
