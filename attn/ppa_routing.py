@@ -41,6 +41,10 @@ each paying only the far offsets up to its own last query, would load
 Not counted: the block-sparse kernels' partial-tile mask loads (`[block_q,
 block_k]` each), TPU alignment rows of misaligned stripes, and the stripe
 kernels' own block sizes (the count uses the routing blocks).
+
+Limit: the routed tiles are host tables (`MAX_ROUTED_TILES`, about every
+causal tile of L = 128K at 128-row blocks); past that budget the remaining
+blocks run the stripes even where the tiles would load less.
 """
 
 from __future__ import annotations
@@ -55,6 +59,12 @@ from attn.layout import FULL, BlockLayout
 
 # Routing blocks: powers of two >= 16 (the block-sparse kernels' layouts).
 ROUTE_BLOCK = 128
+# Table budget: the routed blocks' tiles are listed in host tables (int32
+# `[num_q_blocks, width]` and the transposed ones) and their distinct masks
+# (one `[block_q, block_k]` int32 tile per diagonal) become constants of the
+# program; at most this many tiles are routed (PPA at p >= 0.75 routes
+# every causal tile: 525K at L = 128K with 128-row blocks).
+MAX_ROUTED_TILES = 1 << 20
 
 
 def _pow2_block(name: str, value: int) -> int:
@@ -132,7 +142,8 @@ def _split(kv_len, p, window):
 
 @functools.lru_cache(maxsize=64)
 def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
-                block_k: int, group: int = 1) -> PpaRouting:
+                block_k: int, group: int = 1,
+                max_tiles: int = MAX_ROUTED_TILES) -> PpaRouting:
   """The routing of a PPA prefill (queries = the last `q_len` of `kv_len`).
 
   Args:
@@ -140,6 +151,9 @@ def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
     p, window: as in `attn.ppa_attention`.
     block_q, block_k: routing tiles, powers of two >= 16.
     group: query heads per kv head.
+    max_tiles: table budget: the routed blocks hold at most this many tiles
+      (beyond it, the first blocks that fit are routed and the rest run the
+      stripes, cheaper or not).
 
   Returns:
     `PpaRouting`, one decision per `block_q` query rows. Host numpy,
@@ -152,6 +166,8 @@ def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
   bq, bk = _pow2_block("block_q", block_q), _pow2_block("block_k", block_k)
   if not _checks.is_int(group) or group < 1:
     raise ValueError(f"group={group!r}: must be a positive int (q_heads // kv_heads).")
+  if not _checks.is_int(max_tiles) or max_tiles < 0:
+    raise ValueError(f"max_tiles={max_tiles!r}: must be an int >= 0.")
   offsets, runs, far = _split(kv_len, _checks.check_p(p), _checks.check_window(window))
   p0, p1 = _block_positions(q_len, kv_len, bq)
   band = np.zeros_like(p0)
@@ -162,9 +178,11 @@ def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
   stripe_rows = band + bq * int(np.searchsorted(far, p1[-1], side="right"))
   cheaper = stripe_rows < tile_rows
   num_stripes = int(np.argmin(cheaper[::-1])) if not cheaper.all() else cheaper.size
+  fits = int(np.searchsorted(np.cumsum(tile_rows // (group * bk)), max_tiles, side="right"))
   for a in (stripe_rows, tile_rows):
     a.flags.writeable = False
-  return PpaRouting(q_len, kv_len, bq, bk, stripe_rows, tile_rows, p0.size - num_stripes)
+  return PpaRouting(q_len, kv_len, bq, bk, stripe_rows, tile_rows,
+                    min(p0.size - num_stripes, fits))
 
 
 @functools.lru_cache(maxsize=64)

@@ -263,11 +263,25 @@ def test_ppa_routing_rule_counts_the_rows_each_path_loads(lq, lk, p, window, bq,
   assert plan.segments() == tuple(seg for seg in want if seg[1] > seg[0])
 
 
+def test_ppa_routing_table_budget_routes_the_first_blocks_that_fit():
+  kw = dict(p=0.9, window=4, block_q=16, block_k=16)
+  full = ppa_routing.ppa_routing(96, 96, **kw)
+  assert full.num_routed == 6                       # every block on the tiles
+  tiles = full.tile_rows // 16                      # tiles per block, group 1
+  budget = int(tiles[:3].sum()) + 1                 # room for three blocks, not four
+  capped = ppa_routing.ppa_routing(96, 96, max_tiles=budget, **kw)
+  assert capped.num_routed == 3
+  assert capped.segments() == ((0, 48, True), (48, 96, False))
+  assert ppa_routing.ppa_routing(96, 96, max_tiles=0, **kw).segments() == ((0, 96, False),)
+
+
 def test_ppa_routing_rejects_bad_blocks():
   with pytest.raises(ValueError, match="block_q"):
     ppa_routing.ppa_routing(64, 64, p=0.5, window=4, block_q=24, block_k=16)
   with pytest.raises(ValueError, match="group"):
     ppa_routing.ppa_routing(64, 64, p=0.5, window=4, block_q=16, block_k=16, group=0)
+  with pytest.raises(ValueError, match="max_tiles"):
+    ppa_routing.ppa_routing(64, 64, p=0.5, window=4, block_q=16, block_k=16, max_tiles=-1)
 
 
 @pytest.mark.parametrize("lq, lk, q_offset, p, window, bq, bk", [
