@@ -119,19 +119,58 @@ def _block_positions(q_len, kv_len, block_q):
   return kv_len - q_len + r0, kv_len - q_len + r1
 
 
-def _nonempty(offsets, p0, p1, kv_len, block_k):
-  """bool `[nq, nk]`: tile (query block, key block) holds a kept offset.
-
-  Rows at positions `[p0, p1]` and keys `[c0, c1]` meet every offset of
-  `[p0 - c1, p1 - c0]`, so the tile is non-empty iff a kept offset lies in
-  that range (clipped to `>= 0`).
+def _nonempty(offsets, p0, p1, kv_len, block_k, chunk_entries=1 << 22):
+  """`(rows, cols)`, int64: the (query block, key block) tiles holding a kept
+  offset (`_tile_nonempty`), row-major. Query blocks go in chunks of about
+  `chunk_entries` tiles: memory O(chunk_entries + result), not O(nq * nk).
   """
   c0 = np.arange(-(-kv_len // block_k), dtype=np.int64) * block_k
   c1 = np.minimum(c0 + block_k, kv_len) - 1
-  lo = np.maximum(p0[:, None] - c1[None, :], 0)
-  hi = p1[:, None] - c0[None, :]
+  step = max(1, chunk_entries // max(c0.size, 1))
+  rows, cols = [], []
+  for s in range(0, p0.size, step):
+    r, c = np.nonzero(_tile_nonempty(offsets, p0[s:s + step, None], p1[s:s + step, None],
+                                     c0[None, :], c1[None, :]))
+    rows.append(r + s)
+    cols.append(c)
+  return np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64)
+
+
+def _tile_nonempty(offsets, p0, p1, c0, c1):
+  """Broadcast bool: rows at positions `[p0, p1]` and keys `[c0, c1]` meet
+  every offset of `[p0 - c1, p1 - c0]`, so the tile is non-empty iff a kept
+  offset lies in that range (clipped to `>= 0`)."""
+  lo, hi = np.maximum(p0 - c1, 0), p1 - c0
   n = np.searchsorted(offsets, hi, side="right") - np.searchsorted(offsets, lo, side="left")
   return (hi >= 0) & (n > 0)
+
+
+def _nonempty_counts(offsets, p0, p1, kv_len, block_q, block_k):
+  """int64 `[nq]`: non-empty tiles per query block.
+
+  With `block_q == block_k = b`, a tile with full rows and columns covers the
+  offsets `qoff + (i - j) b + (-b, b)`, a function of the diagonal `i - j`:
+  one lookup per diagonal, prefix sums over them, and the partial last key
+  block and query block recounted: O(nq + nk). Otherwise tile by tile.
+  """
+  nq, nk = p0.size, -(-kv_len // block_k)
+  c0 = np.arange(nk, dtype=np.int64) * block_k
+  c1 = np.minimum(c0 + block_k, kv_len) - 1
+  if block_q != block_k:
+    rows, _ = _nonempty(offsets, p0, p1, kv_len, block_k)
+    return np.bincount(rows, minlength=nq).astype(np.int64)
+  b = block_q
+  diag = np.arange(-(nk - 1), nq, dtype=np.int64)             # i - j
+  full = _tile_nonempty(offsets, p0[0] + diag * b, p0[0] + diag * b + b - 1, 0, b - 1)
+  sums = np.concatenate([[0], np.cumsum(full)])
+  i = np.arange(nq)
+  counts = sums[i + nk] - sums[i]                              # j = 0 .. nk - 1
+  # The last key block (maybe partial) of every row, exactly.
+  counts += (_tile_nonempty(offsets, p0, p1, c0[-1], c1[-1]).astype(np.int64)
+             - full[i])                                 # diagonal i - (nk - 1)
+  # The last query block (maybe partial), exactly.
+  counts[-1] = _tile_nonempty(offsets, p0[-1], p1[-1], c0, c1).sum()
+  return counts.astype(np.int64)
 
 
 def _split(kv_len, p, window):
@@ -156,8 +195,9 @@ def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
       stripes, cheaper or not).
 
   Returns:
-    `PpaRouting`, one decision per `block_q` query rows. Host numpy,
-    O(num_q_blocks * num_k_blocks).
+    `PpaRouting`, one decision per `block_q` query rows. Host numpy:
+    O(num_q_blocks + num_k_blocks) at `block_q == block_k`, else
+    O(num_q_blocks * num_k_blocks) time in chunks of bounded memory.
   """
   q_len = _checks.check_seq_len(q_len, "q_len")
   kv_len = _checks.check_seq_len(kv_len, "kv_len")
@@ -174,7 +214,7 @@ def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
   for lo, hi in runs:
     first, last = np.maximum(p0 - hi, 0), p1 - lo
     band += np.where(last >= first, -(-(last - first + 1) // bk) * bk, 0)
-  tile_rows = group * _nonempty(offsets, p0, p1, kv_len, bk).sum(axis=1).astype(np.int64) * bk
+  tile_rows = group * _nonempty_counts(offsets, p0, p1, kv_len, bq, bk) * bk
   stripe_rows = band + bq * int(np.searchsorted(far, p1[-1], side="right"))
   cheaper = stripe_rows < tile_rows
   num_stripes = int(np.argmin(cheaper[::-1])) if not cheaper.all() else cheaper.size
@@ -205,8 +245,7 @@ def ppa_layout(q_len: int, kv_len: int, *, q_offset: int, p: float, window: int,
   keep = np.zeros((kv_len,), bool)
   keep[offsets] = True
   p0, p1 = _block_positions(q_len, q_offset + q_len, bq)
-  nonempty = _nonempty(offsets, p0, p1, kv_len, bk)
-  rows, cols = np.nonzero(nonempty)
+  rows, cols = _nonempty(offsets, p0, p1, kv_len, bk)
   c0 = cols.astype(np.int64) * bk
   keys = np.stack([p0[rows] - c0, p1[rows] - p0[rows] + 1,
                    np.minimum(c0 + bk, kv_len) - c0], axis=-1)   # (diagonal, rows, cols)

@@ -245,7 +245,7 @@ def _plain_routing(lq, lk, p, window, bq, bk, group):
 @pytest.mark.parametrize("lq, lk, p, window, bq, bk, group", [
     (96, 96, 0.5, 8, 16, 16, 2), (90, 96, 0.75, 16, 16, 32, 4), (70, 70, 0.9, 4, 32, 16, 3),
     (64, 64, 1.0, 8, 16, 16, 1), (64, 64, 1.0, 8, 16, 16, 2), (50, 80, 0.3, 1, 16, 16, 1),
-    (128, 128, 0.5, 4, 16, 16, 2)])
+    (128, 128, 0.5, 4, 16, 16, 2), (45, 75, 0.6, 3, 16, 16, 1)])
 def test_ppa_routing_rule_counts_the_rows_each_path_loads(lq, lk, p, window, bq, bk, group):
   plan = ppa_routing.ppa_routing(lq, lk, p=p, window=window, block_q=bq, block_k=bk,
                                  group=group)
