@@ -292,7 +292,9 @@ def _ppa_stripes(q_len: int, kv_len: int, offsets: np.ndarray, shape: Shape,
   """The stripe kernels' forward on the last `q_len` of `kv_len` positions:
   every program loops over every far offset of `offsets` (cut at `kv_len - 1`)."""
   s = shape
-  runs, far = ppa_runs(offsets[offsets < kv_len])
+  runs, far = ppa_runs(offsets)
+  runs = [(lo, min(hi, kv_len - 1)) for lo, hi in runs if lo < kv_len]
+  far = far[far < kv_len]
   # The GQA-folded kernel's tile holds `G` heads: `block / G` rows per head
   # (at least 16), as `stripe.ops._head_block_q` picks on GPU.
   bq = max(16, block // s.group) if changes.gqa_shared_reads else block

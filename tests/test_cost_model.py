@@ -369,7 +369,6 @@ def test_estimate_is_a_pallas_cost_estimate_and_changes_only_lower_cost():
 
 
 def test_roofline_tile_counts_match_plain_loops():
-  from eval import roofline
   # Window call of span attention: rows (head, query), query axis last.
   l, w, g, bq, bk = 208, 30, 4, 16, 16
   want = 0

@@ -24,7 +24,6 @@ last query position of the call (its keys stop there).
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 from attn import masks, ppa_routing
 from attn._offsets import call_any_offset
@@ -108,4 +107,3 @@ def ppa_attention(q, k, v, q_offset=None, *, p, window, scale, variant=None):
                                 variant=variant)
   return call_any_offset(_prefill, q, k, v, q_offset, query_args=(0,), fills=(0,), p=p,
                          window=window, scale=scale, variant=variant)
-
