@@ -8,13 +8,18 @@ mask would. This module decides, for static sizes, which query blocks go
 to the block-sparse kernels instead (with the PPA mask as per-tile masks)
 and builds their `attn.BlockLayout`.
 
-The rule counts rows of K loaded per query block and kv head (V the same):
+The rule counts the bytes of K, V and masks each path loads per query
+block and kv head (`row = 2 * head_dim * itemsize`, a K row and a V row):
 
-    tile_rows   = group * nonempty_tiles * block_k
-    stripe_rows = band_rows + far_offsets * block_q
+    tile_bytes   = group * (nonempty_tiles * block_k * row
+                            + mask_tiles * block_q * block_k * 4)
+    stripe_bytes = (band_rows + far_offsets * block_q) * row
 
 * `nonempty_tiles`: `block_q x block_k` tiles of the block's PPA mask that
   hold a kept offset (the block-sparse kernels visit exactly these);
+  `mask_tiles`: those not entirely kept, whose int32 mask tile the
+  block-sparse kernels read (table mode, one per tile and query head; none
+  when the mask is a band, `ppa_layout`);
 * `band_rows`: per dense run `(lo, hi)` of kept offsets
   (`attn.masks.ppa_dense_runs`), the block's key range
   `[first_pos - hi, last_pos - lo]` (clipped to `>= 0`) in whole `block_k`
@@ -25,22 +30,23 @@ The rule counts rows of K loaded per query block and kv head (V the same):
 * `group = q_heads // kv_heads`: the stripe kernels load a row once for the
   group, the block-sparse kernels once per query head (grid `(B, Hq, nq)`);
   the accounting of `pallas_kernels.cost.ppa_fwd` (stripes) and
-  `cost.block_sparse_fwd` (tiles).
+  `cost.block_sparse_fwd` (tiles) plus the mask tiles.
 
 The stripes take the longest run of final query blocks whose every block
-has `stripe_rows < tile_rows`; every other block takes the tiles (ties go
+has `stripe_bytes < tile_bytes`; every other block takes the tiles (ties go
 to the tiles: matmuls, not row-wise dots). So a prefill is at most two
-kernel calls (tiles for the first blocks, stripes for the last), and every
-block loads at most its tiles' rows, which are at most the rows of dense
-causal tiles at the same blocks: by this count a routed PPA never reads
-more than dense attention. (Splitting the stripe blocks into several calls,
-each paying only the far offsets up to its own last query, would load
-2-6% fewer rows at `p` 0.5-0.6 and `L` 4K-128K, by this count, for up to
-12 calls' compiles and launches.)
+kernel calls (tiles for the first blocks, stripes for the last). The K and
+V rows of the tile path are at most those of dense causal tiles at the
+same blocks, but its mask tiles come on top: with masks stored as tables
+(not computed in the kernel) a routed block can read more than dense
+attention would (at `p = 0.75` nearly every tile is masked, which about
+doubles the tile path's bytes at head_dim 128, bf16, 128 x 128 tiles).
+Splitting the stripe blocks into several calls, each paying only the far
+offsets up to its own last query, would load 2-6% fewer K/V rows at `p`
+0.5-0.6 and `L` 4K-128K, for up to 12 calls' compiles and launches.
 
-Not counted: the block-sparse kernels' partial-tile mask loads (`[block_q,
-block_k]` each), TPU alignment rows of misaligned stripes, and the stripe
-kernels' own block sizes (the count uses the routing blocks).
+Not counted: TPU alignment rows of misaligned stripes, and the kernels' own
+block sizes (the count uses the routing blocks).
 
 Limit: the routed tiles are host tables (`MAX_ROUTED_TILES`, about every
 causal tile of L = 128K at 128-row blocks); past that budget the remaining
@@ -65,6 +71,8 @@ ROUTE_BLOCK = 128
 # program; at most this many tiles are routed (PPA at p >= 0.75 routes
 # every causal tile: 525K at L = 128K with 128-row blocks).
 MAX_ROUTED_TILES = 1 << 20
+# Bytes per entry of the block-sparse kernels' tile masks (int32 0/1).
+MASK_ITEMSIZE = 4
 
 
 def _pow2_block(name: str, value: int) -> int:
@@ -81,13 +89,17 @@ def default_block(length: int) -> int:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PpaRouting:
-  """Per query block row counts of the two paths and the decision.
+  """Per query block costs of the two paths and the decision.
 
   Attributes:
     q_len, kv_len: the call's lengths (queries at positions
       `kv_len - q_len + i`).
     block_q, block_k: routing tiles.
-    stripe_rows, tile_rows: int64 `[num_q_blocks]`, rows each path loads.
+    stripe_bytes, tile_bytes: int64 `[num_q_blocks]`, bytes each path loads
+      per kv head (see the module doc).
+    tiles, mask_tiles: int64 `[num_q_blocks]`, non-empty tiles of the
+      block's PPA mask, and the mask tiles the block-sparse kernels read
+      for them (the tiles not entirely kept; none for a band layout).
     num_routed: query blocks `[0, num_routed)` take the tiles, the others
       the stripes.
   """
@@ -96,14 +108,16 @@ class PpaRouting:
   kv_len: int
   block_q: int
   block_k: int
-  stripe_rows: np.ndarray
-  tile_rows: np.ndarray
+  stripe_bytes: np.ndarray
+  tile_bytes: np.ndarray
+  tiles: np.ndarray
+  mask_tiles: np.ndarray
   num_routed: int
 
   @property
   def routed(self) -> np.ndarray:
     """bool `[num_q_blocks]`: the block runs the block-sparse tiles."""
-    return np.arange(self.tile_rows.size) < self.num_routed
+    return np.arange(self.tile_bytes.size) < self.num_routed
 
   def segments(self) -> tuple[tuple[int, int, bool], ...]:
     """One entry per kernel call, `(row0, row1, routed)`: query rows `[row0,
@@ -119,58 +133,75 @@ def _block_positions(q_len, kv_len, block_q):
   return kv_len - q_len + r0, kv_len - q_len + r1
 
 
-def _nonempty(offsets, p0, p1, kv_len, block_k, chunk_entries=1 << 22):
-  """`(rows, cols)`, int64: the (query block, key block) tiles holding a kept
-  offset (`_tile_nonempty`), row-major. Query blocks go in chunks of about
-  `chunk_entries` tiles: memory O(chunk_entries + result), not O(nq * nk).
+def _tile_states(offsets, p0, p1, c0, c1):
+  """Broadcast bools `(nonempty, masked)` of tiles with rows at positions
+  `[p0, p1]` and keys `[c0, c1]`.
+
+  Such a tile meets every offset of `[p0 - c1, p1 - c0]`: it is non-empty iff
+  a kept offset lies in that range (clipped to `>= 0`), and needs no mask iff
+  the range has no negative offset and every offset in it is kept.
   """
+  lo, hi = np.maximum(p0 - c1, 0), p1 - c0
+  n = np.searchsorted(offsets, hi, side="right") - np.searchsorted(offsets, lo, side="left")
+  nonempty = (hi >= 0) & (n > 0)
+  full = (p0 - c1 >= 0) & (n == hi - lo + 1)
+  return nonempty, nonempty & ~full
+
+
+def _tiles(offsets, p0, p1, kv_len, block_k, chunk_entries=1 << 22):
+  """`(rows, cols, masked)`: the non-empty (query block, key block) tiles,
+  row-major, and whether each needs a mask. Query blocks go in chunks of
+  about `chunk_entries` tiles: memory O(chunk_entries + result)."""
   c0 = np.arange(-(-kv_len // block_k), dtype=np.int64) * block_k
   c1 = np.minimum(c0 + block_k, kv_len) - 1
   step = max(1, chunk_entries // max(c0.size, 1))
-  rows, cols = [], []
+  rows, cols, masked = [], [], []
   for s in range(0, p0.size, step):
-    r, c = np.nonzero(_tile_nonempty(offsets, p0[s:s + step, None], p1[s:s + step, None],
-                                     c0[None, :], c1[None, :]))
+    ne, mk = _tile_states(offsets, p0[s:s + step, None], p1[s:s + step, None],
+                          c0[None, :], c1[None, :])
+    r, c = np.nonzero(ne)
     rows.append(r + s)
     cols.append(c)
-  return np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64)
+    masked.append(mk[r, c])
+  return (np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64),
+          np.concatenate(masked))
 
 
-def _tile_nonempty(offsets, p0, p1, c0, c1):
-  """Broadcast bool: rows at positions `[p0, p1]` and keys `[c0, c1]` meet
-  every offset of `[p0 - c1, p1 - c0]`, so the tile is non-empty iff a kept
-  offset lies in that range (clipped to `>= 0`)."""
-  lo, hi = np.maximum(p0 - c1, 0), p1 - c0
-  n = np.searchsorted(offsets, hi, side="right") - np.searchsorted(offsets, lo, side="left")
-  return (hi >= 0) & (n > 0)
-
-
-def _nonempty_counts(offsets, p0, p1, kv_len, block_q, block_k):
-  """int64 `[nq]`: non-empty tiles per query block.
+def _tile_counts(offsets, p0, p1, kv_len, block_q, block_k):
+  """int64 `([nq], [nq])`: non-empty tiles and masked tiles per query block.
 
   With `block_q == block_k = b`, a tile with full rows and columns covers the
-  offsets `qoff + (i - j) b + (-b, b)`, a function of the diagonal `i - j`:
-  one lookup per diagonal, prefix sums over them, and the partial last key
-  block and query block recounted: O(nq + nk). Otherwise tile by tile.
+  offsets `p0[0] + (i - j) b + (-b, b)`, a function of the diagonal `i - j`:
+  one lookup per diagonal, prefix sums over them, and the last key block and
+  query block (maybe partial) recounted: O(nq + nk). Otherwise tile by tile.
   """
   nq, nk = p0.size, -(-kv_len // block_k)
-  c0 = np.arange(nk, dtype=np.int64) * block_k
-  c1 = np.minimum(c0 + block_k, kv_len) - 1
   if block_q != block_k:
-    rows, _ = _nonempty(offsets, p0, p1, kv_len, block_k)
-    return np.bincount(rows, minlength=nq).astype(np.int64)
+    rows, _, masked = _tiles(offsets, p0, p1, kv_len, block_k)
+    return (np.bincount(rows, minlength=nq).astype(np.int64),
+            np.bincount(rows[masked], minlength=nq).astype(np.int64))
   b = block_q
-  diag = np.arange(-(nk - 1), nq, dtype=np.int64)             # i - j
-  full = _tile_nonempty(offsets, p0[0] + diag * b, p0[0] + diag * b + b - 1, 0, b - 1)
-  sums = np.concatenate([[0], np.cumsum(full)])
+  c0 = np.arange(nk, dtype=np.int64) * b
+  c1 = np.minimum(c0 + b, kv_len) - 1
+  diag = p0[0] + np.arange(-(nk - 1), nq, dtype=np.int64) * b     # p0 - c0 by i - j
   i = np.arange(nq)
-  counts = sums[i + nk] - sums[i]                              # j = 0 .. nk - 1
-  # The last key block (maybe partial) of every row, exactly.
-  counts += (_tile_nonempty(offsets, p0, p1, c0[-1], c1[-1]).astype(np.int64)
-             - full[i])                                 # diagonal i - (nk - 1)
-  # The last query block (maybe partial), exactly.
-  counts[-1] = _tile_nonempty(offsets, p0[-1], p1[-1], c0, c1).sum()
-  return counts.astype(np.int64)
+  out = []
+  for per_diag, last_col, last_row in zip(_tile_states(offsets, diag, diag + b - 1, 0, b - 1),
+                                          _tile_states(offsets, p0, p1, c0[-1], c1[-1]),
+                                          _tile_states(offsets, p0[-1], p1[-1], c0, c1)):
+    sums = np.concatenate([[0], np.cumsum(per_diag)])
+    counts = sums[i + nk] - sums[i]                  # key blocks j = 0 .. nk - 1
+    counts += last_col.astype(np.int64) - per_diag[i]   # j = nk - 1 (diagonal index i)
+    counts[-1] = last_row.sum()
+    out.append(counts.astype(np.int64))
+  return tuple(out)
+
+
+def _band_window(offsets, kv_len) -> int | None:
+  """The window `w` when the kept offsets are exactly `[0, w)` (a band mask:
+  sliding window, or causal when `w >= kv_len`), else None."""
+  n = offsets.size
+  return n if n and offsets[-1] == n - 1 else None
 
 
 def _split(kv_len, p, window):
@@ -181,7 +212,7 @@ def _split(kv_len, p, window):
 
 @functools.lru_cache(maxsize=64)
 def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
-                block_k: int, group: int = 1,
+                block_k: int, group: int = 1, head_dim: int = 128, itemsize: int = 2,
                 max_tiles: int = MAX_ROUTED_TILES) -> PpaRouting:
   """The routing of a PPA prefill (queries = the last `q_len` of `kv_len`).
 
@@ -190,6 +221,8 @@ def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
     p, window: as in `attn.ppa_attention`.
     block_q, block_k: routing tiles, powers of two >= 16.
     group: query heads per kv head.
+    head_dim, itemsize: of K and V (a row of each is `head_dim * itemsize`
+      bytes).
     max_tiles: table budget: the routed blocks hold at most this many tiles
       (beyond it, the first blocks that fit are routed and the rest run the
       stripes, cheaper or not).
@@ -204,24 +237,28 @@ def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
   if not 1 <= q_len <= kv_len:
     raise ValueError(f"q_len={q_len}, kv_len={kv_len}: need 1 <= q_len <= kv_len.")
   bq, bk = _pow2_block("block_q", block_q), _pow2_block("block_k", block_k)
-  if not _checks.is_int(group) or group < 1:
-    raise ValueError(f"group={group!r}: must be a positive int (q_heads // kv_heads).")
-  if not _checks.is_int(max_tiles) or max_tiles < 0:
-    raise ValueError(f"max_tiles={max_tiles!r}: must be an int >= 0.")
+  for name, val, least in (("group", group, 1), ("head_dim", head_dim, 1),
+                           ("itemsize", itemsize, 1), ("max_tiles", max_tiles, 0)):
+    if not _checks.is_int(val) or val < least:
+      raise ValueError(f"{name}={val!r}: must be an int >= {least}.")
   offsets, runs, far = _split(kv_len, _checks.check_p(p), _checks.check_window(window))
   p0, p1 = _block_positions(q_len, kv_len, bq)
   band = np.zeros_like(p0)
   for lo, hi in runs:
     first, last = np.maximum(p0 - hi, 0), p1 - lo
     band += np.where(last >= first, -(-(last - first + 1) // bk) * bk, 0)
-  tile_rows = group * _nonempty_counts(offsets, p0, p1, kv_len, bq, bk) * bk
-  stripe_rows = band + bq * int(np.searchsorted(far, p1[-1], side="right"))
-  cheaper = stripe_rows < tile_rows
+  row = 2 * head_dim * itemsize                                # a K row and a V row
+  nonempty, masked = _tile_counts(offsets, p0, p1, kv_len, bq, bk)
+  if _band_window(offsets, kv_len) is not None:
+    masked = np.zeros_like(masked)          # a band layout: masks from positions
+  tile_bytes = group * (nonempty * bk * row + masked * bq * bk * MASK_ITEMSIZE)
+  stripe_bytes = (band + bq * int(np.searchsorted(far, p1[-1], side="right"))) * row
+  cheaper = stripe_bytes < tile_bytes
   num_stripes = int(np.argmin(cheaper[::-1])) if not cheaper.all() else cheaper.size
-  fits = int(np.searchsorted(np.cumsum(tile_rows // (group * bk)), max_tiles, side="right"))
-  for a in (stripe_rows, tile_rows):
+  fits = int(np.searchsorted(np.cumsum(nonempty), max_tiles, side="right"))
+  for a in (stripe_bytes, tile_bytes, nonempty, masked):
     a.flags.writeable = False
-  return PpaRouting(q_len, kv_len, bq, bk, stripe_rows, tile_rows,
+  return PpaRouting(q_len, kv_len, bq, bk, stripe_bytes, tile_bytes, nonempty, masked,
                     min(p0.size - num_stripes, fits))
 
 
@@ -231,10 +268,13 @@ def ppa_layout(q_len: int, kv_len: int, *, q_offset: int, p: float, window: int,
   """Block-sparse layout of the PPA mask of `q_len` queries at positions
   `q_offset + i` against `kv_len` keys (`q_offset + q_len <= kv_len`).
 
-  A tile's mask depends only on its diagonal `q_offset + r0 - c0` and its
-  in-range rows and columns, so each distinct mask is built once:
-  O(num_q_blocks * num_k_blocks + distinct masks * block_q * block_k), never
-  an `[L, L]` array.
+  When the kept offsets are exactly `[0, w)` (`p = 1`, `p = 0`, or a
+  sequence within the window) the mask is a band: a band layout (causal or
+  sliding window), whose kernels mask from positions and read no mask
+  tiles. Otherwise a table layout; a tile's mask depends only on its
+  diagonal `q_offset + r0 - c0` and its in-range rows and columns, so each
+  distinct mask is built once: O(num_q_blocks * num_k_blocks + distinct
+  masks * block_q * block_k), never an `[L, L]` array.
   """
   q_len = _checks.check_seq_len(q_len, "q_len")
   kv_len = _checks.check_seq_len(kv_len, "kv_len")
@@ -242,10 +282,14 @@ def ppa_layout(q_len: int, kv_len: int, *, q_offset: int, p: float, window: int,
     raise ValueError(f"q_offset={q_offset!r}: must be an int in [0, kv_len - q_len].")
   bq, bk = _pow2_block("block_q", block_q), _pow2_block("block_k", block_k)
   offsets, _, _ = _split(kv_len, _checks.check_p(p), _checks.check_window(window))
+  w = _band_window(offsets, kv_len)
+  if w is not None:
+    return BlockLayout.band_layout(q_len, kv_len, window=None if w >= kv_len else w,
+                                   q_offset=q_offset, block_q=bq, block_k=bk)
   keep = np.zeros((kv_len,), bool)
   keep[offsets] = True
   p0, p1 = _block_positions(q_len, q_offset + q_len, bq)
-  rows, cols = _nonempty(offsets, p0, p1, kv_len, bk)
+  rows, cols, _ = _tiles(offsets, p0, p1, kv_len, bk)
   c0 = cols.astype(np.int64) * bk
   keys = np.stack([p0[rows] - c0, p1[rows] - p0[rows] + 1,
                    np.minimum(c0 + bk, kv_len) - c0], axis=-1)   # (diagonal, rows, cols)

@@ -305,16 +305,27 @@ def _ppa_stripes(q_len: int, kv_len: int, offsets: np.ndarray, shape: Shape,
                       **dict(s.kw(), block_q=bq, block_k=block))
 
 
+def _mask_tiles(layout: attn.BlockLayout) -> int:
+  """Mask tiles the kernels read: a table layout's listed tiles with a mask
+  (id >= 2); none for a band layout (masked from positions)."""
+  if layout.band is not None:
+    return 0
+  listed = np.arange(layout.max_kv_blocks)[None, :] < layout.num_kv_blocks[:, None]
+  return int((layout.mask_ids[listed] >= 2).sum())
+
+
 def ppa(seq_len: int, p: float, window: int, shape: Shape,
         changes: Changes = Changes(), block: int = 64) -> OpCost:
   """`ppa_attention(implementation="pallas")` prefill forward at `L` queries = keys.
 
   `ppa_routing` (today's code, `attn.pallas.ppa.routed_prefill`): the
-  routing of `attn.ppa_routing.ppa_routing` at its default blocks; each run
-  of routed query blocks is one block-sparse call over its PPA mask's
-  non-empty tiles, each other run one stripe call (`block`-row key tiles)
-  over the far offsets up to its last query. Without it, one stripe call
-  over every query block and far offset.
+  routing of `attn.ppa_routing.ppa_routing` at its default blocks; the
+  routed query blocks are one block-sparse call over their PPA mask's
+  non-empty tiles plus, per masked tile and query head, its int32
+  `[block_q, block_k]` mask tile (table layouts); the other
+  blocks one stripe call (`block`-row
+  key tiles) over the far offsets up to the last query. Without it, one
+  stripe call over every query block and far offset.
   """
   s = shape
   offsets = masks.ppa_offsets(seq_len - 1, p=p, window=min(window, seq_len))
@@ -322,15 +333,17 @@ def ppa(seq_len: int, p: float, window: int, shape: Shape,
     return OpCost((("ppa_fwd", _ppa_stripes(seq_len, seq_len, offsets, s, changes, block)),))
   rb = ppa_routing.default_block(seq_len)
   plan = ppa_routing.ppa_routing(seq_len, seq_len, p=p, window=window, block_q=rb,
-                                 block_k=rb, group=s.group)
-  tiles = plan.tile_rows // (s.group * rb)             # non-empty tiles per query block
+                                 block_k=rb, group=s.group, head_dim=s.head_dim,
+                                 itemsize=s.itemsize)
   parts = []
   for r0, r1, routed in plan.segments():
     if routed:
-      blocks = slice(r0 // rb, -(-r1 // rb))
-      parts.append(("block-sparse (routed)", cost.block_sparse_fwd(
-          num_q_blocks=blocks.stop - blocks.start, tiles=int(tiles[blocks].sum()),
-          block_q=rb, block_k=rb, detail=True, **s.kw())))
+      layout = ppa_routing.ppa_layout(r1 - r0, r1, q_offset=r0, p=p, window=window,
+                                      block_q=rb, block_k=rb)
+      mask_bytes = s.batch * s.q_heads * _mask_tiles(layout) * rb * rb * 4
+      parts.append(("block-sparse (routed, with mask tiles)", cost.block_sparse_fwd(
+          num_q_blocks=layout.num_q_blocks, tiles=layout.num_active_blocks, block_q=rb,
+          block_k=rb, detail=True, **s.kw()) + cost.KernelCost(bytes_accessed=mask_bytes)))
     else:
       parts.append(("ppa_fwd (stripes)", _ppa_stripes(r1 - r0, r1, offsets, s, changes, block)))
   return OpCost(tuple(parts))

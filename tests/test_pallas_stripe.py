@@ -214,14 +214,18 @@ def _plain_split(kept):
   return runs, far
 
 
-def _plain_routing(lq, lk, p, window, bq, bk, group):
-  """Plain loops: per query block, K rows of its stripes (dense-run key
-  tiles + `bq` rows per far offset up to the last query) and of its tiles
-  (`group` x `bk` per tile holding a kept (query, key) pair); then the
-  longest run of final blocks whose stripes load fewer rows takes them."""
+def _plain_routing(lq, lk, p, window, bq, bk, group, head_dim, itemsize):
+  """Plain loops, per query block and kv head: the stripes' bytes (dense-run
+  key tiles + `bq` rows per far offset up to the last query, K and V) and
+  the tiles' (`group` x (`bk` K and V rows per tile holding a kept (query,
+  key) pair + an int32 mask per such tile not entirely kept, none when the
+  kept offsets are 0 .. w - 1: a band layout)); then the longest run of
+  final blocks whose stripes load less takes them."""
   kept = _plain_kept(lk - 1, p, min(window, lk))
   runs, far = _plain_split(kept)
-  stripe_rows, tile_rows = [], []
+  band = kept == set(range(len(kept)))
+  row = 2 * head_dim * itemsize
+  stripe_bytes, tile_bytes, tiles, masked = [], [], [], []
   for r0 in range(0, lq, bq):
     pos = [lk - lq + r for r in range(r0, min(r0 + bq, lq))]
     rows = bq * sum(1 for d in far if d <= lk - 1)
@@ -230,33 +234,45 @@ def _plain_routing(lq, lk, p, window, bq, bk, group):
       while c <= pos[-1] - lo:      # key tiles from the run's first key of the block
         rows += bk
         c += bk
-    stripe_rows.append(rows)
-    tiles = 0
+    stripe_bytes.append(rows * row)
+    n = m = 0
     for c0 in range(0, lk, bk):
-      tiles += any(t - c in kept for t in pos for c in range(c0, min(c0 + bk, lk)))
-    tile_rows.append(group * tiles * bk)
+      seen = [t - c in kept for t in pos for c in range(c0, min(c0 + bk, lk))]
+      n += any(seen)
+      m += any(seen) and not all(seen) and not band
+    tiles.append(n)
+    masked.append(m)
+    tile_bytes.append(group * (n * bk * row + m * bq * bk * 4))
   num_stripes = 0
-  while (num_stripes < len(tile_rows)
-         and stripe_rows[-1 - num_stripes] < tile_rows[-1 - num_stripes]):
+  while (num_stripes < len(tiles)
+         and stripe_bytes[-1 - num_stripes] < tile_bytes[-1 - num_stripes]):
     num_stripes += 1
-  return np.array(stripe_rows), np.array(tile_rows), len(tile_rows) - num_stripes
+  return (np.array(stripe_bytes), np.array(tile_bytes), np.array(tiles), np.array(masked),
+          len(tiles) - num_stripes)
 
 
-@pytest.mark.parametrize("lq, lk, p, window, bq, bk, group", [
-    (96, 96, 0.5, 8, 16, 16, 2), (90, 96, 0.75, 16, 16, 32, 4), (70, 70, 0.9, 4, 32, 16, 3),
-    (64, 64, 1.0, 8, 16, 16, 1), (64, 64, 1.0, 8, 16, 16, 2), (50, 80, 0.3, 1, 16, 16, 1),
-    (128, 128, 0.5, 4, 16, 16, 2), (45, 75, 0.6, 3, 16, 16, 1)])
-def test_ppa_routing_rule_counts_the_rows_each_path_loads(lq, lk, p, window, bq, bk, group):
+@pytest.mark.parametrize("lq, lk, p, window, bq, bk, group, head_dim", [
+    (96, 96, 0.5, 8, 16, 16, 2, 16), (90, 96, 0.75, 16, 16, 32, 4, 8),
+    (70, 70, 0.9, 4, 32, 16, 3, 64), (64, 64, 1.0, 8, 16, 16, 1, 16),
+    (64, 64, 1.0, 8, 16, 16, 2, 16), (50, 80, 0.3, 1, 16, 16, 1, 32),
+    (128, 128, 0.5, 4, 16, 16, 2, 16), (45, 75, 0.6, 3, 16, 16, 1, 16)])
+def test_ppa_routing_rule_counts_the_bytes_each_path_loads(lq, lk, p, window, bq, bk, group,
+                                                           head_dim):
   plan = ppa_routing.ppa_routing(lq, lk, p=p, window=window, block_q=bq, block_k=bk,
-                                 group=group)
-  stripe_rows, tile_rows, num_routed = _plain_routing(lq, lk, p, window, bq, bk, group)
-  np.testing.assert_array_equal(plan.tile_rows, tile_rows)
-  np.testing.assert_array_equal(plan.stripe_rows, stripe_rows)
+                                 group=group, head_dim=head_dim, itemsize=2)
+  stripe_bytes, tile_bytes, tiles, masked, num_routed = _plain_routing(
+      lq, lk, p, window, bq, bk, group, head_dim, 2)
+  np.testing.assert_array_equal(plan.tiles, tiles)
+  np.testing.assert_array_equal(plan.mask_tiles, masked)
+  np.testing.assert_array_equal(plan.tile_bytes, tile_bytes)
+  np.testing.assert_array_equal(plan.stripe_bytes, stripe_bytes)
   assert plan.num_routed == num_routed
-  # No block loads more rows than its tiles, nor than dense causal tiles.
-  causal = [group * bk * -(-(lk - lq + min(r0 + bq, lq)) // bk) for r0 in range(0, lq, bq)]
-  loads = np.where(plan.routed, tile_rows, stripe_rows)
-  assert np.all(loads <= tile_rows) and np.all(loads <= np.array(causal))
+  # Every block loads at most its tiles' bytes; their K/V rows are at most
+  # dense causal tiles'.
+  loads = np.where(plan.routed, tile_bytes, stripe_bytes)
+  assert np.all(loads <= tile_bytes)
+  causal = [-(-(lk - lq + min(r0 + bq, lq)) // bk) for r0 in range(0, lq, bq)]
+  assert np.all(tiles <= np.array(causal))
   # Segments: tiles then stripes, covering every query row.
   cut = min(num_routed * bq, lq)
   want = [(0, cut, True), (cut, lq, False)]
@@ -267,7 +283,7 @@ def test_ppa_routing_table_budget_routes_the_first_blocks_that_fit():
   kw = dict(p=0.9, window=4, block_q=16, block_k=16)
   full = ppa_routing.ppa_routing(96, 96, **kw)
   assert full.num_routed == 6                       # every block on the tiles
-  tiles = full.tile_rows // 16                      # tiles per block, group 1
+  tiles = full.tiles
   budget = int(tiles[:3].sum()) + 1                 # room for three blocks, not four
   capped = ppa_routing.ppa_routing(96, 96, max_tiles=budget, **kw)
   assert capped.num_routed == 3
@@ -285,10 +301,12 @@ def test_ppa_routing_rejects_bad_blocks():
 
 
 @pytest.mark.parametrize("lq, lk, q_offset, p, window, bq, bk", [
-    (40, 90, 35, 0.75, 4, 16, 32), (37, 37, 0, 0.5, 8, 16, 16), (48, 64, 16, 0.9, 2, 32, 16)])
+    (40, 90, 35, 0.75, 4, 16, 32), (37, 37, 0, 0.5, 8, 16, 16), (48, 64, 16, 0.9, 2, 32, 16),
+    (40, 64, 24, 1.0, 8, 16, 16), (33, 50, 10, 0.0, 6, 16, 32)])
 def test_ppa_layout_is_the_ppa_mask(lq, lk, q_offset, p, window, bq, bk):
   layout = ppa_routing.ppa_layout(lq, lk, q_offset=q_offset, p=p, window=window,
                                   block_q=bq, block_k=bk)
+  assert (layout.band is not None) == (p in (0.0, 1.0))   # causal / window: no mask tiles
   kept = _plain_kept(lk - 1, p, min(window, lk))
   want = np.array([[q_offset + i - j in kept for j in range(lk)] for i in range(lq)])
   np.testing.assert_array_equal(layout.to_mask(), want)
@@ -302,7 +320,7 @@ def test_ppa_layout_is_the_ppa_mask(lq, lk, q_offset, p, window, bq, bk):
 # blocks, the default variant: TPU interpret on CPU).
 ROUTED_CASES = {
     "p05_mixed_gqa": (0.5, 8, (2, 1), 64, 64, 16, jnp.float32, {True, False}),
-    "p075_mixed_chunk": (0.75, 16, (4, 1), 44, 48, 16, jnp.float32, {True, False}),
+    "p075_mixed_chunk": (0.75, 4, (4, 1), 44, 48, 16, jnp.float32, {True, False}),
     "p09_tiles_bf16": (0.9, 4, (1, 1), 48, 48, 16, jnp.bfloat16, {True}),
     "p1_op_all_tiles": (1.0, 8, (1, 1), 32, 32, None, jnp.float32, {True}),
 }
@@ -314,7 +332,8 @@ def test_routed_prefill_values_and_vjp_match_reference(case):
   blocks = ((ppa_routing.default_block(lq), ppa_routing.default_block(lk)) if blk is None
             else (blk, blk))
   plan = ppa_routing.ppa_routing(lq, lk, p=p, window=window, block_q=blocks[0],
-                                 block_k=blocks[1], group=hq // hk)
+                                 block_k=blocks[1], group=hq // hk, head_dim=16,
+                                 itemsize=jnp.dtype(dtype).itemsize)
   assert {routed for _, _, routed in plan.segments()} == paths
   (q, k, v), cot_key = _ppa_inputs(dtype, hq, hk, 16, lq, lk)
   if blk is None:
@@ -323,7 +342,7 @@ def test_routed_prefill_values_and_vjp_match_reference(case):
   else:
     fn = functools.partial(pallas_ppa.routed_prefill, p=p, window=window, scale=0.25,
                            variant="gpu_interpret", block_q=blk, block_k=blk)
-  if p == 1.0:   # every block on the tiles: dense causal attention
+  if p == 1.0:   # every block on the tiles of a causal band layout: dense attention
     ref = functools.partial(attn.dense_attention, scale=0.25, implementation="reference")
   else:
     ref = functools.partial(attn.ppa_attention, p=p, window=window, scale=0.25,
@@ -358,7 +377,7 @@ def test_routed_prefill_lowers_both_paths_with_the_platform_kernels(target):
   s = jax.ShapeDtypeStruct
   q, k = s((1, 64, 2, 32), jnp.bfloat16), s((1, 64, 1, 32), jnp.bfloat16)
   kw = dict(p=0.5, window=8, block_q=16, block_k=16)
-  plan = ppa_routing.ppa_routing(64, 64, group=2, **kw)
+  plan = ppa_routing.ppa_routing(64, 64, group=2, head_dim=32, itemsize=2, **kw)
   assert {routed for _, _, routed in plan.segments()} == {True, False}
   fn = functools.partial(pallas_ppa.routed_prefill, scale=0.2, **kw)
 

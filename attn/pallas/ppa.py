@@ -7,7 +7,7 @@
   `attn.pallas.decode.ppa_attention`.
 * Prefill at the default `q_offset` (None: the queries are the last
   positions) runs `routed_prefill`: each query block takes the path
-  `attn.ppa_routing.ppa_routing` picks (fewer K/V rows loaded): the stripe
+  `attn.ppa_routing.ppa_routing` picks (fewer bytes loaded): the stripe
   kernels, or the block-sparse kernels with the block's PPA mask as
   per-tile masks (`attn.ppa_routing.ppa_layout`). At most two kernel
   calls (tiles for the first blocks, stripes for the last); their outputs
@@ -75,7 +75,8 @@ def routed_prefill(q, k, v, *, p, window, scale, variant=None, block_q=None, blo
   bq = ppa_routing.default_block(lq) if block_q is None else block_q
   bk = ppa_routing.default_block(lk) if block_k is None else block_k
   plan = ppa_routing.ppa_routing(lq, lk, p=p, window=window, block_q=bq, block_k=bk,
-                                 group=hq // hk)
+                                 group=hq // hk, head_dim=k.shape[-1],
+                                 itemsize=jnp.dtype(k.dtype).itemsize)
   qoff = lk - lq
   runs, far = _split(lk, p, window)
   outs = []
