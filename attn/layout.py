@@ -227,6 +227,42 @@ class BlockLayout:
     return cls(q_len, kv_len, int(block_q), int(block_k), counts,
                _tables=(kv_blocks, mask_ids, tiles))
 
+  @classmethod
+  def from_tiles(cls, q_len: int, kv_len: int, *, block_q: int, block_k: int,
+                 kv_rows, id_rows, block_masks: np.ndarray) -> "BlockLayout":
+    """Layout from per-query-block tile lists, for builders that know their
+    tiles by arithmetic (e.g. `attn.ppa_routing`, whose tile masks depend
+    only on the tile's diagonal).
+
+    `kv_rows[i]`, `id_rows[i]`: int sequences of query block `i`'s key blocks
+    (ascending) and their ids into `block_masks` (`FULL = 1` or a partial
+    tile >= 2); `block_masks`: bool `[num_masks, block_q, block_k]` with
+    entry 0 all False and entry 1 all True.
+    """
+    q_len, kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
+    _check_blocks(block_q, block_k)
+    nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
+    tiles = np.asarray(block_masks)
+    if (tiles.ndim != 3 or tiles.shape[1:] != (block_q, block_k) or tiles.dtype != bool
+        or tiles.shape[0] < 2 or tiles[0].any() or not tiles[1].all()):
+      raise ValueError("block_masks must be bool [num_masks, block_q, block_k] with "
+                       "entry 0 all False and entry 1 all True.")
+    kv_rows = [np.asarray(r, np.int32).reshape(-1) for r in kv_rows]
+    id_rows = [np.asarray(r, np.int32).reshape(-1) for r in id_rows]
+    if len(kv_rows) != nq or len(id_rows) != nq:
+      raise ValueError(f"kv_rows and id_rows need one entry per query block ({nq}), got "
+                       f"{len(kv_rows)} and {len(id_rows)}.")
+    for i, (cols, ids) in enumerate(zip(kv_rows, id_rows)):
+      if (cols.shape != ids.shape or np.any(np.diff(cols) <= 0)
+          or (cols.size and (cols[0] < 0 or cols[-1] >= nk))
+          or np.any(ids < FULL) or np.any(ids >= tiles.shape[0])):
+        raise ValueError(f"kv_rows[{i}] / id_rows[{i}]: key blocks must ascend in [0, {nk}) "
+                         f"with one mask id in [1, {tiles.shape[0]}) each.")
+    counts = np.array([r.size for r in kv_rows], np.int32)
+    kv_blocks, mask_ids = _pad_rows(kv_rows, id_rows, counts)
+    return cls(q_len, kv_len, int(block_q), int(block_k), counts,
+               _tables=(kv_blocks, mask_ids, tiles))
+
   # -- construction: band layouts --------------------------------------------
 
   @classmethod

@@ -32,7 +32,7 @@ import sys
 import numpy as np
 
 import attn
-from attn import masks
+from attn import masks, ppa_routing
 from pallas_kernels import cost
 from pallas_kernels.decode import common as dec_common
 
@@ -75,7 +75,9 @@ class Changes:
                                   #    G query heads (False: one program per query head)
   split_decode: bool = False      # 4: decode split over >= SMs programs, 1 row per stripe,
                                   #    dense decode reads only attended keys
-  ppa_routing: bool = False       # 3: dense-ish PPA query blocks go to block-sparse tiles
+  ppa_routing: bool = True        # 3 (done): PPA query blocks whose stripes would load more
+                                  #    rows go to PPA-masked block-sparse tiles
+                                  #    (`attn.ppa_routing`; False: stripes everywhere)
 
   def label(self) -> str:
     diff = [(f.name if getattr(self, f.name) else f"no {f.name}")
@@ -84,8 +86,7 @@ class Changes:
 
 
 ALL = Changes(True, True, True)
-SCENARIOS = (Changes(), Changes(gqa_shared_reads=False),
-             Changes(split_decode=True), Changes(ppa_routing=True), ALL)
+SCENARIOS = (Changes(), Changes(gqa_shared_reads=False), Changes(ppa_routing=False), ALL)
 RELEASED = attn.SuperlinearConfig(sw_index=65, num_spans=3, search_power=0.55,
                                   span_power=0.55, backward_factor=3.0, forward_factor=1.0)
 CONFIGS = {"default": attn.SuperlinearConfig(), "released": RELEASED}
@@ -286,55 +287,65 @@ def ppa_runs(offsets: np.ndarray, min_run: int = PPA_MIN_RUN):
   return runs, (np.concatenate(far) if far else np.zeros((0,), np.int64))
 
 
-def ppa_tiles_per_block(offsets: np.ndarray, seq_len: int, block: int) -> np.ndarray:
-  """Non-empty `block x block` tiles of the causal PPA mask per query block:
-  tile (i, j) holds a kept offset in `[(i-j-1) block + 1, (i-j+1) block - 1]`."""
-  n = -(-seq_len // block)
-  delta = np.arange(n)
-  lo = np.maximum((delta - 1) * block + 1, 0)
-  hi = (delta + 1) * block - 1
-  nonempty = np.searchsorted(offsets, hi, side="right") > np.searchsorted(offsets, lo)
-  return np.cumsum(nonempty)          # block i sees deltas 0..i
+def _ppa_stripes(q_len: int, kv_len: int, offsets: np.ndarray, shape: Shape,
+                 changes: Changes, block: int) -> cost.KernelCost:
+  """The stripe kernels' forward on the last `q_len` of `kv_len` positions:
+  every program loops over every far offset of `offsets` (cut at `kv_len - 1`)."""
+  s = shape
+  runs, far = ppa_runs(offsets)
+  runs = [(lo, min(hi, kv_len - 1)) for lo, hi in runs if lo < kv_len]
+  far = far[far < kv_len]
+  # The GQA-folded kernel's tile holds `G` heads: `block / G` rows per head
+  # (at least 16), as `stripe.ops._head_block_q` picks on GPU.
+  bq = max(16, block // s.group) if changes.gqa_shared_reads else block
+  band = sum(cost.band_chunks(q_len, kv_len, kv_len - q_len, lo, hi, block, bq)
+             for lo, hi in runs)
+  return cost.ppa_fwd(q_len=q_len, band_tiles=band, far_offsets=far.size, detail=True,
+                      gqa_shared_reads=changes.gqa_shared_reads,
+                      **dict(s.kw(), block_q=bq, block_k=block))
+
+
+def _mask_tiles(layout: attn.BlockLayout) -> int:
+  """Mask tiles the kernels read: a table layout's listed tiles with a mask
+  (id >= 2); none for a band layout (masked from positions)."""
+  if layout.band is not None:
+    return 0
+  listed = np.arange(layout.max_kv_blocks)[None, :] < layout.num_kv_blocks[:, None]
+  return int((layout.mask_ids[listed] >= 2).sum())
 
 
 def ppa(seq_len: int, p: float, window: int, shape: Shape,
         changes: Changes = Changes(), block: int = 64) -> OpCost:
-  """`ppa_attention(implementation="pallas")` forward at `L` queries = keys.
+  """`ppa_attention(implementation="pallas")` prefill forward at `L` queries = keys.
 
-  Today every query block loops over every far stripe. `ppa_routing`: each
-  query block takes the cheaper of its valid stripes (K, V rows loaded) and
-  the block-sparse tiles of its PPA mask (computed in the kernel).
+  `ppa_routing` (today's code, `attn.pallas.ppa.routed_prefill`): the
+  routing of `attn.ppa_routing.ppa_routing` at its default blocks; the
+  routed query blocks are one block-sparse call over their PPA mask's
+  non-empty tiles plus, per masked tile and query head, its int32
+  `[block_q, block_k]` mask tile (table layouts); the other
+  blocks one stripe call (`block`-row
+  key tiles) over the far offsets up to the last query. Without it, one
+  stripe call over every query block and far offset.
   """
   s = shape
   offsets = masks.ppa_offsets(seq_len - 1, p=p, window=min(window, seq_len))
-  runs, far = ppa_runs(offsets)
-  band = sum(cost.band_chunks(seq_len, seq_len, 0, lo, hi, block, block) for lo, hi in runs)
-  kw = dict(s.kw(), block_q=block, block_k=block)
   if not changes.ppa_routing:
-    # The GQA-folded kernel's tile holds `G` heads: `block / G` rows per head
-    # (at least 16), as `stripe.ops._head_block_q` picks on GPU.
-    bq = max(16, block // s.group) if changes.gqa_shared_reads else block
-    band_g = sum(cost.band_chunks(seq_len, seq_len, 0, lo, hi, block, bq) for lo, hi in runs)
-    return OpCost((("ppa_fwd", cost.ppa_fwd(q_len=seq_len, band_tiles=band_g,
-                                            far_offsets=far.size, detail=True,
-                                            gqa_shared_reads=changes.gqa_shared_reads,
-                                            **dict(kw, block_q=bq))),))
-  n = -(-seq_len // block)
-  tiles = ppa_tiles_per_block(offsets, seq_len, block)
-  last_row = np.minimum(np.arange(n) * block + block - 1, seq_len - 1)
-  valid_far = np.searchsorted(far, last_row, side="right")
-  band_per = band / n
-  routed = tiles < valid_far + band_per          # rows loaded: tiles vs stripes + band
+    return OpCost((("ppa_fwd", _ppa_stripes(seq_len, seq_len, offsets, s, changes, block)),))
+  rb = ppa_routing.default_block(seq_len)
+  plan = ppa_routing.ppa_routing(seq_len, seq_len, p=p, window=window, block_q=rb,
+                                 block_k=rb, group=s.group, head_dim=s.head_dim,
+                                 itemsize=s.itemsize)
   parts = []
-  if routed.any():
-    parts.append(("block-sparse (routed)", cost.block_sparse_fwd(
-        num_q_blocks=int(routed.sum()), tiles=int(tiles[routed].sum()), detail=True, **kw)))
-  if (~routed).any():
-    m = int((~routed).sum())
-    parts.append(("ppa_fwd (stripes)", cost.ppa_fwd(
-        q_len=m * block, band_tiles=int(round(band_per * m)),
-        far_offsets=int(round(valid_far[~routed].mean())), detail=True,
-        gqa_shared_reads=changes.gqa_shared_reads, **kw)))
+  for r0, r1, routed in plan.segments():
+    if routed:
+      layout = ppa_routing.ppa_layout(r1 - r0, r1, q_offset=r0, p=p, window=window,
+                                      block_q=rb, block_k=rb)
+      mask_bytes = s.batch * s.q_heads * _mask_tiles(layout) * rb * rb * 4
+      parts.append(("block-sparse (routed, with mask tiles)", cost.block_sparse_fwd(
+          num_q_blocks=layout.num_q_blocks, tiles=layout.num_active_blocks, block_q=rb,
+          block_k=rb, detail=True, **s.kw()) + cost.KernelCost(bytes_accessed=mask_bytes)))
+    else:
+      parts.append(("ppa_fwd (stripes)", _ppa_stripes(r1 - r0, r1, offsets, s, changes, block)))
   return OpCost(tuple(parts))
 
 

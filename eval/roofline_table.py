@@ -61,9 +61,10 @@ def cells(changes: Changes = Changes(), shape: Shape = Shape(), window: int = 40
       out.append(Cell(f"decode {name} vs dense decode", f"decode superlinear {name}", l,
                       superlinear_decode(l, cfg, shape, changes), dense_decode_baseline(l, shape),
                       need))
-  for l in (32768, 131072):
-    out.append(Cell("PPA p=0.75 vs cuDNN (info)", "PPA p=0.75 window 64", l,
-                    ppa(l, 0.75, 64, shape, changes), dense_cudnn(l, shape), 0.0))
+  for p in (0.5, 0.75):
+    for l in (32768, 131072):
+      out.append(Cell(f"PPA p={p} vs cuDNN (info)", f"PPA p={p} window 64", l,
+                      ppa(l, p, 64, shape, changes), dense_cudnn(l, shape), 0.0))
   for l in (131072, 1 << 20):
     out.append(Cell("dense decode, ours (info)", "decode dense (Pallas)", l,
                     dense_decode_pallas(l, shape, changes), dense_decode_baseline(l, shape),
@@ -197,14 +198,16 @@ def markdown(hw: Hardware = H100) -> str:
          "baseline time with ours against the issue's targets.", "",
          "### Today's kernels", ""] + today_table(hw) + [
          "", "### With each planned change (time, baseline / ours)", "",
-         "Columns switch on one change of issue 15 at a time, then all together: "
+         "Columns switch one change of issue 15 at a time (a done change off, a planned "
+         "one on); the last column has every change on: "
          "`no gqa_shared_reads` (item 2 is in: the stripe search and "
          "PPA forward/dq serve a kv head's query heads; this column switches it off, "
          "one program per query head as before), "
          "`split_decode` (item 4: decode split over >= 132 programs, one row per stripe, "
-         "dense decode reading only the attended keys), `ppa_routing` (item 3: each PPA "
-         "query block takes the cheaper of its valid stripes and its mask's block-sparse "
-         "tiles; no target reads PPA, the PPA rows are for information). "
+         "dense decode reading only the attended keys), `no ppa_routing` (item 3 is in: "
+         "each PPA query block runs the stripe kernels or its PPA mask's block-sparse tiles, "
+         "whichever loads fewer K/V rows, `attn.ppa_routing`; this column runs stripes "
+         "everywhere as before; no target reads PPA, the PPA rows are for information). "
          "Item 5 (unmasked interior loops) "
          "and item 6 change compute efficiency, which this model does not see.", ""]
   out += scenario_table(hw)

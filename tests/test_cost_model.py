@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import attn
-from attn import masks
+from attn import masks, ppa_routing
 from pallas_kernels import block_sparse, cost, span, stripe
 from pallas_kernels.block_sparse import gpu as bs_gpu
 from pallas_kernels.decode import common as dec_common
@@ -369,7 +369,6 @@ def test_estimate_is_a_pallas_cost_estimate_and_changes_only_lower_cost():
 
 
 def test_roofline_tile_counts_match_plain_loops():
-  from eval import roofline
   # Window call of span attention: rows (head, query), query axis last.
   l, w, g, bq, bk = 208, 30, 4, 16, 16
   want = 0
@@ -383,8 +382,27 @@ def test_roofline_tile_counts_match_plain_loops():
   kept = {d for d in range(l) if d < win or d in _ppa_far(l - 1, p, win)}
   dense_mask = np.array([[i - j in kept for j in range(l)] for i in range(l)])
   per_block = [_nonempty_tiles(dense_mask[i:i + b], b, b) for i in range(0, l, b)]
-  offsets = np.array(sorted(kept))
-  np.testing.assert_array_equal(roofline.ppa_tiles_per_block(offsets, l, b), per_block)
+  plan = ppa_routing.ppa_routing(l, l, p=p, window=win, block_q=b, block_k=b)
+  np.testing.assert_array_equal(plan.tiles, per_block)   # what the roofline reads
+
+
+def test_roofline_ppa_follows_the_routing():
+  from eval import roofline
+  shape = roofline.Shape()
+  for l, p in ((4096, 0.5), (32768, 0.75), (16384, 0.9)):
+    routed = roofline.ppa(l, p, 64, shape)
+    stripes = roofline.ppa(l, p, 64, shape, roofline.Changes(ppa_routing=False))
+    dense = roofline.dense_pallas(l, shape)
+    plan = ppa_routing.ppa_routing(l, l, p=p, window=64, block_q=128, block_k=128,
+                                   group=shape.group, head_dim=shape.head_dim,
+                                   itemsize=shape.itemsize)
+    names = [n for n, _ in routed.parts]
+    assert len(names) == len(plan.segments())
+    assert sum("block-sparse" in n for n in names) == sum(r for _, _, r in plan.segments())
+    assert routed.total.bytes_accessed < stripes.total.bytes_accessed
+    # The routed tiles' FLOPs are a subset of dense causal tiles' (same blocks).
+    tiles_routed = sum(c.flops for n, c in routed.parts if "block-sparse" in n)
+    assert tiles_routed <= dict(dense.parts)["block_sparse_fwd"].flops
 
 
 def test_roofline_changes_only_remove_work():

@@ -99,6 +99,44 @@ def test_from_block_mask_lists_full_tiles():
   assert (layout.mask_ids[layout.num_kv_blocks[:, None] > np.arange(2)] == FULL).all()
 
 
+def test_from_tiles_equals_from_mask():
+  rng = np.random.default_rng(4)
+  lq, lk, b = 40, 45, 16
+  mask = rng.random((lq, lk)) < 0.2
+  mask[:16, 16:32] = True                  # one full tile
+  mask[16:32] = False                      # a query block without tiles
+  ref = BlockLayout.from_mask(mask, block_q=b, block_k=b)
+  tiles = [np.zeros((b, b), bool), np.ones((b, b), bool)]
+  kv_rows, id_rows = [], []
+  for i in range(3):
+    cols, ids = [], []
+    for j in range(3):
+      tile = np.zeros((b, b), bool)
+      part = mask[i * b:(i + 1) * b, j * b:(j + 1) * b]
+      tile[:part.shape[0], :part.shape[1]] = part
+      if tile.any():
+        cols.append(j)
+        ids.append(FULL if tile.all() else len(tiles))
+        if not tile.all():
+          tiles.append(tile)
+    kv_rows.append(cols)
+    id_rows.append(ids)
+  layout = BlockLayout.from_tiles(lq, lk, block_q=b, block_k=b, kv_rows=kv_rows,
+                                  id_rows=id_rows, block_masks=np.stack(tiles))
+  np.testing.assert_array_equal(layout.to_mask(), mask)
+  np.testing.assert_array_equal(layout.num_kv_blocks, ref.num_kv_blocks)
+  np.testing.assert_array_equal(layout.kv_blocks, ref.kv_blocks)
+  with pytest.raises(ValueError, match="block_masks"):
+    BlockLayout.from_tiles(lq, lk, block_q=b, block_k=b, kv_rows=kv_rows, id_rows=id_rows,
+                           block_masks=np.stack(tiles[1:]))
+  with pytest.raises(ValueError, match="kv_rows"):
+    BlockLayout.from_tiles(lq, lk, block_q=b, block_k=b, kv_rows=kv_rows[:2],
+                           id_rows=id_rows[:2], block_masks=np.stack(tiles))
+  with pytest.raises(ValueError, match=r"kv_rows\[0\]"):
+    BlockLayout.from_tiles(lq, lk, block_q=b, block_k=b, kv_rows=[[1, 0]] + kv_rows[1:],
+                           id_rows=[[FULL, FULL]] + id_rows[1:], block_masks=np.stack(tiles))
+
+
 def test_band_hash_and_equality():
   a = BlockLayout.sliding_window(100, window=9, block_q=16, block_k=16)
   assert a == BlockLayout.sliding_window(100, window=9, block_q=16, block_k=16)

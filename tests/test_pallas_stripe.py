@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 import attn
-from attn import masks
+from attn import masks, ppa_routing
+from attn.pallas import ppa as pallas_ppa
 from attn.pallas import superlinear as pallas_superlinear
 from pallas_kernels import stripe
+from tests import attn_oracles
 from tests import pallas_harness as ph
 
 BLOCKS = dict(block_q=16, block_k=16)
@@ -189,6 +191,166 @@ def test_ppa_ignores_nan_junk_beyond_the_cache_end():
 # tests/test_op_suite.py.
 
 
+# ------------------------------------------------------------ PPA routing
+
+
+def _plain_kept(max_offset, p, window):
+  return attn_oracles.ppa_kept_offsets(max_offset, p, window)
+
+
+def _plain_split(kept):
+  """Runs of consecutive kept offsets: the one holding 0 and those of at
+  least `PPA_MIN_RUN` offsets are dense runs, the rest far offsets."""
+  runs, far, cur = [], [], []
+  for d in sorted(kept) + [None]:
+    if cur and (d is None or d != cur[-1] + 1):
+      if cur[0] == 0 or len(cur) >= masks.PPA_MIN_RUN:
+        runs.append((cur[0], cur[-1]))
+      else:
+        far += cur
+      cur = []
+    if d is not None:
+      cur.append(d)
+  return runs, far
+
+
+def _plain_routing(lq, lk, p, window, bq, bk, group, head_dim, itemsize):
+  """Plain loops, per query block and kv head: the stripes' bytes (dense-run
+  key tiles + `bq` rows per far offset up to the last query, K and V) and
+  the tiles' (`group` x (`bk` K and V rows per tile holding a kept (query,
+  key) pair + an int32 mask per such tile not entirely kept, none when the
+  kept offsets are 0 .. w - 1: a band layout)); then the longest run of
+  final blocks whose stripes load less takes them."""
+  kept = _plain_kept(lk - 1, p, min(window, lk))
+  runs, far = _plain_split(kept)
+  band = kept == set(range(len(kept)))
+  row = 2 * head_dim * itemsize
+  stripe_bytes, tile_bytes, tiles, masked = [], [], [], []
+  for r0 in range(0, lq, bq):
+    pos = [lk - lq + r for r in range(r0, min(r0 + bq, lq))]
+    rows = bq * sum(1 for d in far if d <= lk - 1)
+    for lo, hi in runs:
+      c = max(pos[0] - hi, 0)
+      while c <= pos[-1] - lo:      # key tiles from the run's first key of the block
+        rows += bk
+        c += bk
+    stripe_bytes.append(rows * row)
+    n = m = 0
+    for c0 in range(0, lk, bk):
+      seen = [t - c in kept for t in pos for c in range(c0, min(c0 + bk, lk))]
+      n += any(seen)
+      m += any(seen) and not all(seen) and not band
+    tiles.append(n)
+    masked.append(m)
+    tile_bytes.append(group * (n * bk * row + m * bq * bk * 4))
+  num_stripes = 0
+  while (num_stripes < len(tiles)
+         and stripe_bytes[-1 - num_stripes] < tile_bytes[-1 - num_stripes]):
+    num_stripes += 1
+  return (np.array(stripe_bytes), np.array(tile_bytes), np.array(tiles), np.array(masked),
+          len(tiles) - num_stripes)
+
+
+@pytest.mark.parametrize("lq, lk, p, window, bq, bk, group, head_dim", [
+    (96, 96, 0.5, 8, 16, 16, 2, 16), (90, 96, 0.75, 16, 16, 32, 4, 8),
+    (70, 70, 0.9, 4, 32, 16, 3, 64), (64, 64, 1.0, 8, 16, 16, 1, 16),
+    (64, 64, 1.0, 8, 16, 16, 2, 16), (50, 80, 0.3, 1, 16, 16, 1, 32),
+    (128, 128, 0.5, 4, 16, 16, 2, 16), (45, 75, 0.6, 3, 16, 16, 1, 16)])
+def test_ppa_routing_rule_counts_the_bytes_each_path_loads(lq, lk, p, window, bq, bk, group,
+                                                           head_dim):
+  plan = ppa_routing.ppa_routing(lq, lk, p=p, window=window, block_q=bq, block_k=bk,
+                                 group=group, head_dim=head_dim, itemsize=2)
+  stripe_bytes, tile_bytes, tiles, masked, num_routed = _plain_routing(
+      lq, lk, p, window, bq, bk, group, head_dim, 2)
+  np.testing.assert_array_equal(plan.tiles, tiles)
+  np.testing.assert_array_equal(plan.mask_tiles, masked)
+  np.testing.assert_array_equal(plan.tile_bytes, tile_bytes)
+  np.testing.assert_array_equal(plan.stripe_bytes, stripe_bytes)
+  assert plan.num_routed == num_routed
+  # Every block loads at most its tiles' bytes; their K/V rows are at most
+  # dense causal tiles'.
+  loads = np.where(plan.routed, tile_bytes, stripe_bytes)
+  assert np.all(loads <= tile_bytes)
+  causal = [-(-(lk - lq + min(r0 + bq, lq)) // bk) for r0 in range(0, lq, bq)]
+  assert np.all(tiles <= np.array(causal))
+  # Segments: tiles then stripes, covering every query row.
+  cut = min(num_routed * bq, lq)
+  want = [(0, cut, True), (cut, lq, False)]
+  assert plan.segments() == tuple(seg for seg in want if seg[1] > seg[0])
+
+
+def test_ppa_routing_table_budget_routes_the_first_blocks_that_fit():
+  kw = dict(p=0.9, window=4, block_q=16, block_k=16)
+  full = ppa_routing.ppa_routing(96, 96, **kw)
+  assert full.num_routed == 6                       # every block on the tiles
+  tiles = full.tiles
+  budget = int(tiles[:3].sum()) + 1                 # room for three blocks, not four
+  capped = ppa_routing.ppa_routing(96, 96, max_tiles=budget, **kw)
+  assert capped.num_routed == 3
+  assert capped.segments() == ((0, 48, True), (48, 96, False))
+  assert ppa_routing.ppa_routing(96, 96, max_tiles=0, **kw).segments() == ((0, 96, False),)
+
+
+def test_ppa_routing_rejects_bad_blocks():
+  with pytest.raises(ValueError, match="block_q"):
+    ppa_routing.ppa_routing(64, 64, p=0.5, window=4, block_q=24, block_k=16)
+  with pytest.raises(ValueError, match="group"):
+    ppa_routing.ppa_routing(64, 64, p=0.5, window=4, block_q=16, block_k=16, group=0)
+  with pytest.raises(ValueError, match="max_tiles"):
+    ppa_routing.ppa_routing(64, 64, p=0.5, window=4, block_q=16, block_k=16, max_tiles=-1)
+
+
+@pytest.mark.parametrize("lq, lk, q_offset, p, window, bq, bk", [
+    (40, 90, 35, 0.75, 4, 16, 32), (37, 37, 0, 0.5, 8, 16, 16), (48, 64, 16, 0.9, 2, 32, 16),
+    (40, 64, 24, 1.0, 8, 16, 16), (33, 50, 10, 0.0, 6, 16, 32)])
+def test_ppa_layout_is_the_ppa_mask(lq, lk, q_offset, p, window, bq, bk):
+  layout = ppa_routing.ppa_layout(lq, lk, q_offset=q_offset, p=p, window=window,
+                                  block_q=bq, block_k=bk)
+  assert (layout.band is not None) == (p in (0.0, 1.0))   # causal / window: no mask tiles
+  kept = _plain_kept(lk - 1, p, min(window, lk))
+  want = np.array([[q_offset + i - j in kept for j in range(lk)] for i in range(lq)])
+  np.testing.assert_array_equal(layout.to_mask(), want)
+  tiles = sum(bool(want[i:i + bq, j:j + bk].any())
+              for i in range(0, lq, bq) for j in range(0, lk, bk))
+  assert layout.num_active_blocks == tiles
+
+
+# name: (p, window, (hq, hk), q_len, kv_len, blocks, dtype, which paths run);
+# blocks None: through `attn.ppa_attention(implementation="pallas")` (default
+# blocks, the default variant: TPU interpret on CPU).
+ROUTED_CASES = {
+    "p05_mixed_gqa": (0.5, 8, (2, 1), 64, 64, 16, jnp.float32, {True, False}),
+    "p075_mixed_chunk": (0.75, 4, (4, 1), 44, 48, 16, jnp.float32, {True, False}),
+    "p09_tiles_bf16": (0.9, 4, (1, 1), 48, 48, 16, jnp.bfloat16, {True}),
+    "p1_op_all_tiles": (1.0, 8, (1, 1), 32, 32, None, jnp.float32, {True}),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUTED_CASES))
+def test_routed_prefill_values_and_vjp_match_reference(case):
+  p, window, (hq, hk), lq, lk, blk, dtype, paths = ROUTED_CASES[case]
+  blocks = ((ppa_routing.default_block(lq), ppa_routing.default_block(lk)) if blk is None
+            else (blk, blk))
+  plan = ppa_routing.ppa_routing(lq, lk, p=p, window=window, block_q=blocks[0],
+                                 block_k=blocks[1], group=hq // hk, head_dim=16,
+                                 itemsize=jnp.dtype(dtype).itemsize)
+  assert {routed for _, _, routed in plan.segments()} == paths
+  (q, k, v), cot_key = _ppa_inputs(dtype, hq, hk, 16, lq, lk)
+  if blk is None:
+    fn = functools.partial(attn.ppa_attention, p=p, window=window, scale=0.25,
+                           implementation="pallas")
+  else:
+    fn = functools.partial(pallas_ppa.routed_prefill, p=p, window=window, scale=0.25,
+                           variant="gpu_interpret", block_q=blk, block_k=blk)
+  if p == 1.0:   # every block on the tiles of a causal band layout: dense attention
+    ref = functools.partial(attn.dense_attention, scale=0.25, implementation="reference")
+  else:
+    ref = functools.partial(attn.ppa_attention, p=p, window=window, scale=0.25,
+                            implementation="reference")
+  tol = dict(atol=1e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=3e-2, rtol=3e-2)
+  ph.vjp_check(fn, ref, (q, k, v), cot_key, argnums=(0, 1, 2), **tol)
+
+
 # --------------------------------------------------------------- lowering
 
 
@@ -208,6 +370,22 @@ def test_forward_and_backward_lower_with_the_platform_kernel(target):
     out, pull = jax.vjp(ppa, a, b, c)
     return out, pull(jnp.ones(out.shape, out.dtype))
   ph.assert_kernel_in(ph.export_text(ppa_vjp, target, q, k, k), target, at_least=3)
+
+
+@pytest.mark.parametrize("target", ["tpu", "cuda"])
+def test_routed_prefill_lowers_both_paths_with_the_platform_kernels(target):
+  s = jax.ShapeDtypeStruct
+  q, k = s((1, 64, 2, 32), jnp.bfloat16), s((1, 64, 1, 32), jnp.bfloat16)
+  kw = dict(p=0.5, window=8, block_q=16, block_k=16)
+  plan = ppa_routing.ppa_routing(64, 64, group=2, head_dim=32, itemsize=2, **kw)
+  assert {routed for _, _, routed in plan.segments()} == {True, False}
+  fn = functools.partial(pallas_ppa.routed_prefill, scale=0.2, **kw)
+
+  def fn_vjp(a, b, c):
+    out, pull = jax.vjp(fn, a, b, c)
+    return out, pull(jnp.ones(out.shape, out.dtype))
+  # Forward, dq and dk/dv kernels of each path.
+  ph.assert_kernel_in(ph.export_text(fn_vjp, target, q, k, k), target, at_least=6)
 
 
 # ------------------------------------------------------ compiled (GPU only)
