@@ -269,30 +269,12 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
 # ----------------------------------------------------------------------- PPA
 
 
-PPA_MIN_RUN = 16   # runs of kept offsets at least this long are band tiles (attn glue)
-
-
-def ppa_runs(offsets: np.ndarray, min_run: int = PPA_MIN_RUN):
-  """Kept offsets -> `(runs [(lo, hi)], far offsets)`: the run holding 0 and
-  every run of `>= min_run` consecutive offsets are bands, the rest stripes."""
-  offsets = np.asarray(offsets, np.int64)
-  breaks = np.nonzero(np.diff(offsets) != 1)[0]
-  starts, ends = np.r_[0, breaks + 1], np.r_[breaks, offsets.size - 1]
-  runs, far = [], []
-  for a, b in zip(starts, ends):
-    if b - a + 1 >= min_run or offsets[a] == 0:
-      runs.append((int(offsets[a]), int(offsets[b])))
-    else:
-      far.append(offsets[a:b + 1])
-  return runs, (np.concatenate(far) if far else np.zeros((0,), np.int64))
-
-
 def _ppa_stripes(q_len: int, kv_len: int, offsets: np.ndarray, shape: Shape,
                  changes: Changes, block: int) -> cost.KernelCost:
   """The stripe kernels' forward on the last `q_len` of `kv_len` positions:
   every program loops over every far offset of `offsets` (cut at `kv_len - 1`)."""
   s = shape
-  runs, far = ppa_runs(offsets)
+  runs, far = masks.ppa_dense_runs(offsets)
   runs = [(lo, min(hi, kv_len - 1)) for lo, hi in runs if lo < kv_len]
   far = far[far < kv_len]
   # The GQA-folded kernel's tile holds `G` heads: `block / G` rows per head
