@@ -121,10 +121,15 @@ def sort_rows_by_start(lo, hi):
   """Permutation `[B, H, N]` ordering rows by start, empty rows last.
 
   Sorting makes the rows of a tile start close together, so a tile's key
-  union is about one span long (see the module docstring).
+  union is about one span long (see the module docstring). Rows with equal
+  starts come in an unspecified (deterministic) order: the kernels accept
+  any order, and XLA:TPU compiles an unstable two-operand sort in about two
+  thirds of the time of `jnp.argsort(stable=True)`.
   """
   key = jnp.where(hi >= lo, lo, _BIG)
-  return jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+  iota = jax.lax.broadcasted_iota(jnp.int32, key.shape, key.ndim - 1)
+  _, perm = jax.lax.sort((key, iota), dimension=key.ndim - 1, num_keys=1, is_stable=False)
+  return perm
 
 
 def inverse_permutation(perm):
