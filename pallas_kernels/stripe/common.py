@@ -22,7 +22,10 @@ residue `u`: it DMAs the aligned window that starts `u` rows early (one unit
 longer) and reads rows `[u, u + n)` of it with a static slice. Bands (dense
 runs of offsets, scored as masked matmul tiles) start at aligned rows and
 mask the extra rows instead. The GPU variant runs the same loops and loads
-at the exact row.
+at the exact row. The search instead runs one loop over all stripes and
+reads each window with `ctx.rows_f32` (TPU: the aligned window one unit
+longer, rotated by the traced residue in float32), which keeps its Mosaic
+compile about `unit` times smaller.
 
 **Tables** are int32 vectors computed in XLA by the entry functions
 (dynamic: they may depend on a traced `q_offset` or on data such as
@@ -51,6 +54,8 @@ context:
     framed array `name` (`[B, H, rows, W]`) for this program's batch row and
     head (`g`: the query head within the group, for key-block kernels);
     `start - u` is a multiple of the alignment unit, `u` a Python int.
+  * `ctx.rows_f32(name, start, n)`: the same rows as float32 for any traced
+    `start` (kinds "same" / "kv" only).
 
 `tpu.launch_tpu` serves `rows` by a DMA of the aligned window that starts `u`
 rows early (frames stay in HBM, `memory_space=ANY`; tables are scalar-
