@@ -228,6 +228,25 @@ def test_key_block_tiles_hold_every_visiting_tile_in_any_row_order():
           assert t0[b, h, c] <= t < t0[b, h, c] + cnt[b, h, c], (b, h, t, c)
 
 
+@pytest.mark.parametrize("op", ["add", "max", "min"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chunked_scan_equals_a_plain_running_loop(op, reverse):
+  """`span.scan.scan` (chunks of 4, three levels of chunk totals at N = 70)
+  against a running accumulator in a Python loop."""
+  from pallas_kernels.span.scan import scan
+  x = np.random.default_rng(1).integers(-50, 50, (2, 3, 70)).astype(np.int32)
+  got = np.asarray(scan(jnp.asarray(x), op, reverse=reverse, chunk=4))
+  fold = {"add": lambda a, b: a + b, "max": max, "min": min}[op]
+  want = np.empty_like(x)
+  for idx in np.ndindex(*x.shape[:-1]):
+    order = range(69, -1, -1) if reverse else range(70)
+    acc = None
+    for i in order:
+      acc = x[idx + (i,)] if acc is None else fold(acc, x[idx + (i,)])
+      want[idx + (i,)] = acc
+  np.testing.assert_array_equal(got, want)
+
+
 def test_benchmark_random_anchors_are_stripe_anchors():
   """The span benchmark's synthetic anchors are valid stripe anchors of their
   query (or -1 exactly where the query has none), checked by a set lookup."""

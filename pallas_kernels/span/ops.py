@@ -258,20 +258,25 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
   n = g * num * lq
   slo, shi = slo.reshape(b, hk, n), shi.reshape(b, hk, n)
   perm = common.sort_rows_by_start(slo, shi)                     # [B, Hk, N]
-  q_rows = (perm // (num * lq)) * lq + perm % lq                  # row of qh
-  q_pairs = jnp.take_along_axis(qh, q_rows[..., None], axis=2)
-  o_p, lse_p = interval_attention(q_pairs, kt, vt, jnp.take_along_axis(slo, perm, -1),
-                                  jnp.take_along_axis(shi, perm, -1), expected_keys=keys_s,
-                                  **kw)
   inv = common.inverse_permutation(perm)
-  lse_s = jnp.take_along_axis(lse_p, inv, axis=-1).reshape(b, hk, g, num, lq)
+  # q rows per pair: q broadcast over the slots, then permuted; the VJP is a
+  # sum over slots and a gather by `inv` (no scatter-add of [N, D] rows).
+  q_rep = jnp.broadcast_to(qh.reshape(b, hk, g, 1, lq, d), (b, hk, g, num, lq, d))
+  q_pairs = common.permute_rows(q_rep.reshape(b, hk, n, d), perm, inv, -2)
+  take = lambda x: jnp.take_along_axis(x, perm, -1, mode="promise_in_bounds")  # noqa: E731
+  o_p, lse_p = interval_attention(q_pairs, kt, vt, take(slo), take(shi), expected_keys=keys_s,
+                                  **kw)
+  lse_s = common.permute_rows(lse_p, inv, perm, -1).reshape(b, hk, g, num, lq)
 
   # Merge-and-gate epilogue on per-row weights: out = sum_k c_k O_k + c_w O_w,
-  # so no float32 [pairs, D] array is formed (O_k stay in q's dtype).
+  # so no float32 [pairs, D] array is formed (O_k stay in q's dtype). A sum
+  # over slots, not an einsum: the einsum's dot wants the slot axis minor
+  # ([.., Lq, K]), a transpose XLA:TPU compiles into code linear in Lq.
   c_s, c_w = common.gate_merge_weights(lse_s, lse_w, gates.astype(F32).reshape(lse_s.shape))
-  o_s = common.permute_rows(o_p, inv, perm).reshape(b, hk, g, num, lq, d)
-  out = (jnp.einsum("bhgkl,bhgkld->bhgld", c_s, o_s, preferred_element_type=F32)
-         + c_w[..., None] * o_w)                                  # [B, Hk, G, Lq, D]
+  o_s = common.permute_rows(o_p, inv, perm, -2).reshape(b, hk, g, num, lq, d)
+  out = c_w[..., None] * o_w
+  for j in range(num):
+    out = out + c_s[:, :, :, j, :, None] * o_s[:, :, :, j]        # [B, Hk, G, Lq, D]
   return out.reshape(b, hq, lq, d).transpose(0, 2, 1, 3).astype(q.dtype)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -21,6 +22,10 @@ class _GpuCtx:
     if self._kinds[name] == "group":   # one indexer (Triton takes no chains)
       return pltriton.load(ref.at[g, pl.ds(start, n), :])
     return pltriton.load(ref.at[pl.ds(start, n), :])
+
+  def rows_f32(self, name, start, n):
+    """Rows `[start, start + n)` of frame `name` as float32 (any start)."""
+    return self.rows(name, start, n, 0).astype(jnp.float32)
 
 
 def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_rows,

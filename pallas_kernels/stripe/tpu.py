@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -31,6 +33,23 @@ class _TpuCtx:
     copy.start()
     copy.wait()
     return buf[pl.ds(u, n), :]
+
+  def rows_f32(self, name, start, n):
+    """Rows `[start, start + n)` of frame `name` as float32, for any (traced)
+    `start`: one DMA of the aligned `n + unit` rows from `start` rounded down,
+    then a dynamic sublane rotate by the residue. One code path for every
+    residue (the `rows` path needs a static one: a loop per residue)."""
+    hbm, buf = self._frames[name], self._bufs[name]
+    head = _head_block(self._kinds[name], self._group)(self._h)
+    m = n + self._unit
+    u = jax.lax.rem(start, self._unit)
+    base = pl.multiple_of(start - u, self._unit)
+    copy = pltpu.make_async_copy(hbm.at[self._b, head, pl.ds(base, m), :],
+                                 buf.at[pl.ds(0, m), :], self._sem)
+    copy.start()
+    copy.wait()
+    w = buf[pl.ds(0, m), :].astype(jnp.float32)
+    return pltpu.roll(w, jax.lax.rem(m - u, m), 0)[:n]
 
 
 def launch_tpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_rows,
