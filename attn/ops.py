@@ -68,6 +68,8 @@ def _jitted(fn, op: str, statics: tuple, roles: tuple, plan, n_out: int):
   """`jax.jit` of `fn` with the hashable static keyword arguments bound, run
   per shard of `plan` (`attn.sharding`)."""
   statics = dict(statics)
+  if fn.__module__.startswith("attn.pallas"):
+    fn = sharding.vma_typed(fn)
   if plan is not None and plan.seq:
     local = context_parallel.local_fn(op, fn, roles, plan.seq[0], statics)
   else:

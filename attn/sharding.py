@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 Q, KV, SCALAR = "q", "kv", "scalar"   # roles of an op's positional arguments
@@ -170,6 +171,67 @@ def _local_kv_heads(plan: Plan, args, roles, hq_global, hk_global):
   start = jax.lax.axis_index(plan.heads) * hq_loc // group
   return [jax.lax.dynamic_slice_in_dim(a, start, size, axis=2) if r == KV else a
           for a, r in zip(args, roles)]
+
+
+def _vma(x) -> frozenset:
+  """The manual mesh axes `x` varies over (empty outside a check_vma shard_map)."""
+  mat = getattr(jax.typeof(x), "manual_axis_type", None) if x is not None else None
+  return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def vma_typed(fn):
+  """`fn(*args)` for a kernel implementation inside a `jax.shard_map` with
+  `check_vma=True`: every array argument is cast to vary over the union of the
+  axes any argument varies over (`jax.lax.pcast`; its transpose sums the
+  gradient of an invariant input over those axes), and the cotangent reaching
+  the kernels' custom VJP rules is cast the same way (a cotangent may arrive
+  invariant, e.g. from `jnp.sum`). Outside such a shard_map this is `fn`.
+  """
+
+  def call(*args, **statics):
+    axes = frozenset().union(*(_vma(a) for a in jax.tree.leaves(args)))
+    if not axes:
+      return fn(*args, **statics)
+    order = tuple(sorted(axes))
+
+    def vary(x):
+      missing = tuple(a for a in order if a not in _vma(x))
+      return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    args = [None if a is None else jax.tree.map(vary, a) for a in args]
+    live = [i for i, a in enumerate(args) if a is not None]
+    diff = [jnp.issubdtype(args[i].dtype, jnp.floating) for i in live]
+
+    def full(xs):
+      out = list(args)
+      for i, x in zip(live, xs):
+        out[i] = x
+      return out
+
+    @jax.custom_vjp
+    def kernel(*xs):
+      return fn(*full(xs), **statics)
+
+    def kernel_fwd(*xs):
+      floats = [x for x, d in zip(xs, diff) if d]
+      ints = [x for x, d in zip(xs, diff) if not d]
+
+      def on_floats(*fs):
+        it_f, it_i = iter(fs), iter(ints)
+        return fn(*full([next(it_f) if d else next(it_i) for d in diff]), **statics)
+
+      return jax.vjp(on_floats, *floats)
+
+    def kernel_bwd(pull, ct):
+      ct = jax.tree.map(lambda c: vary(c) if jnp.issubdtype(c.dtype, jnp.floating)
+                        else c, ct)
+      grads = iter(pull(ct))
+      return tuple(next(grads) if d else None for d in diff)
+
+    kernel.defvjp(kernel_fwd, kernel_bwd)
+    return kernel(*[args[i] for i in live])
+
+  return call
 
 
 def run(fn, args, roles, plan_: Plan | None, n_out: int):
