@@ -45,6 +45,9 @@ class Plan:
   kv_heads_sharded: False when q heads are sharded but kv heads are not
     (each shard then slices the kv heads of its q-head groups).
   manual: True inside a user's shard_map.
+  q_seq: False when only k, v (a cache) are sharded along the sequence and q
+    is replicated over `seq` (decode; `attn.context_parallel`).
+  seq_order: `"contiguous"` or `"zigzag"` (`attn.context_parallel`).
   explicit: the mesh axes are Explicit (inputs are resharded to the plan's
     specs with `jax.sharding.reshard` before the shard_map).
   """
@@ -55,12 +58,15 @@ class Plan:
   kv_heads_sharded: bool = True
   manual: bool = False
   explicit: bool = False
+  q_seq: bool = True
+  seq_order: str = "contiguous"
 
   def spec(self, role):
     if role == SCALAR:
       return P()
     heads = self.heads if (role == Q or self.kv_heads_sharded) else ()
-    return P(self.batch or None, self.seq or None, heads or None, None)
+    seq = self.seq if (role == KV or self.q_seq) else ()
+    return P(self.batch or None, seq or None, heads or None, None)
 
   @property
   def axes(self) -> tuple:
@@ -106,19 +112,32 @@ def inside_shard_map() -> bool:
   return m is not None and any(t == AxisType.Manual for t in m.axis_types)
 
 
-def plan(q, k, seq_axis=None) -> Plan | None:
+def plan(q, k, seq_axis=None, seq_order="contiguous") -> Plan | None:
   """The plan of a call on `q: [B, Lq, Hq, D]`, `k: [B, Lk, Hk, D]`; None:
   run the implementation as is (nothing sharded, or Auto-axis tracers)."""
+  if seq_order not in ("contiguous", "zigzag"):
+    raise ValueError(f"seq_order must be 'contiguous' or 'zigzag', got {seq_order!r}.")
+  if seq_axis is None and seq_order != "contiguous":
+    raise ValueError(f"seq_order={seq_order!r} needs seq_axis (the mesh axis the "
+                     "sequence is sharded over).")
   if inside_shard_map():
     m = context_mesh()
+    q_seq = True
     if seq_axis is not None:
       _check_axis(seq_axis, m)
       if m.axis_types[m.axis_names.index(seq_axis)] != AxisType.Manual:
         raise ValueError(f"seq_axis={seq_axis!r} is not a manual axis of the enclosing "
                          "shard_map; map the sequence dimension over it (in_specs "
                          f"P(None, {seq_axis!r}, ...)) or call the op outside shard_map.")
-    return Plan(None, seq=(seq_axis,) if seq_axis else (), manual=True)
-  found = _named_sharding(q)
+      if _vma(q) or _vma(k):        # check_vma=True: the types say what varies
+        if seq_axis not in _vma(k):
+          raise ValueError(f"seq_axis={seq_axis!r} but k is not sharded over it (its "
+                           f"type varies over {sorted(_vma(k))}): map k, v along the "
+                           f"sequence with P(None, {seq_axis!r}, ...) or drop seq_axis.")
+        q_seq = seq_axis in _vma(q)
+    return Plan(None, seq=(seq_axis,) if seq_axis else (), manual=True, q_seq=q_seq,
+                seq_order=seq_order)
+  found, found_k = _named_sharding(q), _named_sharding(k)
   if found is None:
     if seq_axis is None:
       return None
@@ -128,18 +147,23 @@ def plan(q, k, seq_axis=None) -> Plan | None:
                        "jax.set_mesh(mesh) (or inside shard_map) with inputs sharded "
                        "along the sequence over that axis.")
     _check_axis(seq_axis, m)
-    return Plan(m, seq=(seq_axis,))
+    return Plan(m, seq=(seq_axis,), seq_order=seq_order)
   mesh, spec = found
   explicit = all(t == AxisType.Explicit for t in mesh.axis_types)
   batch, heads, seq_spec = _axes(spec[0]), _axes(spec[2]), _axes(spec[1])
-  seq = ()
+  seq, q_seq = (), True
   if seq_axis is not None:
     _check_axis(seq_axis, mesh)
-    if seq_spec != (seq_axis,):
-      raise ValueError(f"seq_axis={seq_axis!r} but q's sequence dimension is sharded as "
-                       f"{spec[1]!r}: shard q, k, v along the sequence with "
+    k_seq = _axes(found_k[1][1]) if found_k is not None else ()
+    if k_seq != (seq_axis,):
+      raise ValueError(f"seq_axis={seq_axis!r} but k's sequence dimension is sharded as "
+                       f"{k_seq or None!r}: shard q, k, v along the sequence with "
                        f"P(None, {seq_axis!r}, None, None) or drop seq_axis.")
-    seq = (seq_axis,)
+    if seq_spec not in ((seq_axis,), ()):
+      raise ValueError(f"seq_axis={seq_axis!r} but q's sequence dimension is sharded as "
+                       f"{spec[1]!r}: shard it over {seq_axis!r} (or replicate q to "
+                       "decode against a sharded cache).")
+    seq, q_seq = (seq_axis,), seq_spec == (seq_axis,)
   hk = k.shape[2]
   n_heads = _mesh_size(mesh, heads)
   kv_sharded = hk % n_heads == 0
@@ -149,7 +173,8 @@ def plan(q, k, seq_axis=None) -> Plan | None:
     kv_sharded = True
   if not (batch or heads or seq):
     return None
-  return Plan(mesh, batch, heads, seq, kv_sharded, explicit=explicit)
+  return Plan(mesh, batch, heads, seq, kv_sharded, explicit=explicit, q_seq=q_seq,
+              seq_order=seq_order)
 
 
 def _check_axis(seq_axis, mesh):
@@ -251,4 +276,4 @@ def run(fn, args, roles, plan_: Plan | None, n_out: int):
   out_spec = plan_.spec(Q)
   return jax.shard_map(local, mesh=plan_.mesh, in_specs=specs,
                        out_specs=out_spec if n_out == 1 else (out_spec,) * n_out,
-                       axis_names=set(plan_.axes), check_vma=False)(*args)
+                       axis_names=set(plan_.axes))(*args)

@@ -1,19 +1,29 @@
-"""Run by tests/test_sharded_ops.py in a subprocess with 8 forced CPU devices.
+"""Run by tests/test_sharded_ops.py in ONE subprocess with 8 forced CPU devices.
 
-For every op and implementation named on the command line, compares values
-and gradients (q, k, v, q_search, k_search) of sharded calls with the same
-call on unsharded inputs:
-  * batch/head sharding: jit on an Explicit and an Auto mesh (`jax.set_mesh`),
-    and inside `jax.shard_map` (default check_vma); plus MQA (one kv head)
-    with heads sharded. The compiled forward+backward HLO of the
-    Explicit-mesh call must hold no all-gather, all-to-all or reduce-scatter.
-  * `seq_axis=` (context parallelism): sequence sharded 4 ways on Explicit
-    and Auto meshes and inside a user's shard_map.
-Prints one JSON line per case: {"case": ..., "ok": bool, "err": ...}.
+For every op (dense, sliding window, PPA, block sparse, superlinear with and
+without k_search, PPA and superlinear decode calls with a traced q_offset)
+and every implementation named on the command line (reference, xla, pallas
+in interpret mode), compares out and the gradients (q, k, v, q_search,
+k_search) of sharded calls with the same op on unsharded inputs:
+
+  * batch/heads (mesh data=4 x model=2): jit on an Explicit and on an Auto
+    mesh under `jax.set_mesh`, and inside `jax.shard_map` with the default
+    `check_vma=True`. The compiled forward+backward HLO of the jit calls
+    holds no all-gather, all-to-all or reduce-scatter.
+  * seq (mesh data=2 x seq=4, `seq_axis="seq"`): Explicit, Auto and inside a
+    user's shard_map; `seq_order="zigzag"` (inputs permuted, outputs and
+    gradients un-permuted before comparing) on Explicit and in shard_map;
+    decode calls against a sequence-sharded cache (q replicated).
+
+Every sharded call of one (op, implementation) is compared with one
+unsharded call; each jitted function is compiled once (`lower().compile()`,
+whose executable both runs and gives the HLO). Prints one JSON line per
+case: {"case", "ok", "err", "s"} (s: seconds, for the record).
 """
 
 import json
 import sys
+import time
 import traceback
 
 import jax
@@ -22,37 +32,63 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import attn
+from attn.context_parallel import zigzag_order
 from tests import op_cases as oc
 
 CFG = oc.SMALL_CFG
-L = 32
+B, L, HQ, HK, D, DS = 4, 32, 4, 2, 16, 8
+DECODE_Q, DECODE_OFF = 2, 19          # decode: 2 queries at positions 19, 20
 COLLECTIVES = ("all-gather", "all-to-all", "reduce-scatter")
+BH = P("data", None, "model", None)
+SEQ = P("data", "seq", None, None)
+SEQ_CACHE_Q = P("data", None, None, None)   # decode: q replicated over seq
+NAMES = ("q", "k", "v", "q_search", "k_search")
 
 
-def ops(impl, seq_axis=None):
-  kw = dict(implementation=impl, seq_axis=seq_axis)
+def ops(impl, **kw):
+  """name -> (number of arrays, decode?, f(arrays, q_offset) -> out | tuple)."""
+  kw = dict(implementation=impl, **kw)
   layout = attn.BlockLayout.from_fn(lambda qi, ki: (ki <= qi) & ((qi - ki < 6) | (ki % 7 == 0)),
                                     L, L, block_q=16, block_k=16)
+  sl = lambda a, off: tuple(attn.superlinear_attention_with_anchors(  # noqa: E731
+      *a, config=CFG, q_offset=off, **kw))[:2]
   return {
-      "dense": (3, lambda a: attn.dense_attention(*a, **kw)),
-      "sliding": (3, lambda a: attn.sliding_window_attention(*a, window=6, **kw)),
-      "ppa": (3, lambda a: attn.ppa_attention(*a, p=0.5, window=3, **kw)),
-      "block_sparse": (3, lambda a: attn.block_sparse_attention(*a, layout, **kw)),
-      "superlinear": (5, lambda a: tuple(attn.superlinear_attention_with_anchors(
-          *a, config=CFG, **kw))[:2]),
-      "superlinear_k_as_search": (3, lambda a: attn.superlinear_attention(
+      "dense": (3, False, lambda a, off: attn.dense_attention(*a, **kw)),
+      "sliding": (3, False, lambda a, off: attn.sliding_window_attention(*a, window=6, **kw)),
+      "ppa": (3, False, lambda a, off: attn.ppa_attention(*a, p=0.5, window=3, **kw)),
+      "block_sparse": (3, False, lambda a, off: attn.block_sparse_attention(*a, layout, **kw)),
+      "superlinear": (5, False, sl),
+      "superlinear_k_as_search": (3, False, lambda a, off: attn.superlinear_attention(
           a[0], a[1], a[2], a[0], None, config=CFG, **kw)),
+      "ppa_decode": (3, True, lambda a, off: attn.ppa_attention(
+          *a, p=0.5, window=3, q_offset=off, **kw)),
+      "superlinear_decode": (5, True, sl),
   }
 
 
-def value_and_grads(f, args, cot):
-  def loss(*a):
-    out = f(list(a))
-    o = out[0] if isinstance(out, tuple) else out
-    return jnp.sum(o.astype(jnp.float32) * cot), out
-  (_, out), grads = jax.value_and_grad(loss, argnums=tuple(range(len(args))),
-                                       has_aux=True)(*args)
-  return out, grads
+def inputs(n, decode):
+  x = oc.inputs(batch=B, q_len=L, hq=HQ, hk=HK, d=D, ds=DS)
+  arrays = [x[k] for k in NAMES[:n]]
+  if decode:      # the queries at DECODE_OFF.. of a cache of L positions
+    arrays = [a[:, DECODE_OFF:DECODE_OFF + DECODE_Q] if i in (0, 3) else a
+              for i, a in enumerate(arrays)]
+  cot = jax.random.normal(jax.random.PRNGKey(7), arrays[0].shape, jnp.float32)
+  return arrays, cot
+
+
+def value_and_grads(f, n_arr):
+  """`(out, grads)` of `sum(out[0] * cot)`; args `(*arrays, q_offset, cot)`."""
+  def run(*args):
+    arrays, off, cot = args[:n_arr], args[n_arr], args[n_arr + 1]
+
+    def loss(*a):
+      out = f(list(a), off)
+      o = out[0] if isinstance(out, tuple) else out
+      return jnp.sum(o.astype(jnp.float32) * cot), out
+    (_, out), grads = jax.value_and_grad(loss, argnums=tuple(range(n_arr)),
+                                         has_aux=True)(*arrays)
+    return out, grads
+  return run
 
 
 def close(got, want, name):
@@ -70,94 +106,145 @@ def put(mesh, arrays, spec):
   return [jax.device_put(a, NamedSharding(mesh, spec)) for a in arrays]
 
 
+def compile_and_run(fn, args, check_hlo):
+  compiled = jax.jit(fn).lower(*args).compile()
+  if check_hlo:
+    hlo = compiled.as_text()
+    found = [c for c in COLLECTIVES if c in hlo]
+    assert not found, f"collectives in the compiled HLO: {found}"
+  return compiled(*args)
+
+
 def report(case, fn):
+  t0 = time.perf_counter()
   try:
     fn()
-    print(json.dumps({"case": case, "ok": True}), flush=True)
+    row = {"case": case, "ok": True}
   except Exception as e:  # noqa: BLE001 - reported to the test
-    print(json.dumps({"case": case, "ok": False,
-                      "err": "".join(traceback.format_exception(e))[-3000:]}), flush=True)
+    row = {"case": case, "ok": False, "err": "".join(traceback.format_exception(e))[-3000:]}
+  row["s"] = round(time.perf_counter() - t0, 2)
+  print(json.dumps(row), flush=True)
+
+
+def mesh_of(shape, names, axis_type):
+  return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
+
+
+def array_specs(n, spec, q_spec=None):
+  """Specs of `(*arrays, q_offset, cot)`: q-like arrays (q, q_search, cot)
+  get `q_spec`, the others `spec`."""
+  q_spec = spec if q_spec is None else q_spec
+  return tuple(q_spec if i in (0, 3) else spec for i in range(n)) + (P(), q_spec)
+
+
+def batch_head_cases(impl, op, n, decode, f, args, off, cot, want):
+  g = value_and_grads(f, n)
+  for at in (AxisType.Explicit, AxisType.Auto):
+    def jit_case(at=at):
+      mesh = mesh_of((4, 2), ("data", "model"), at)
+      with jax.set_mesh(mesh):
+        got = compile_and_run(g, put(mesh, args, BH) + [off] + put(mesh, [cot], BH), True)
+      close(got, want, "values/grads")
+    report(f"{impl}/{op}/jit-{at.name}", jit_case)
+
+  def shmap_case():
+    mesh = mesh_of((4, 2), ("data", "model"), AxisType.Explicit)
+    specs = array_specs(n, BH)
+    sm = jax.shard_map(g, mesh=mesh, in_specs=specs, out_specs=BH)
+    close(jax.jit(sm)(*put(mesh, args, BH), off, *put(mesh, [cot], BH)), want, "shard_map")
+  report(f"{impl}/{op}/shard_map", shmap_case)
+
+
+def seq_cases(impl, op, n, decode, args, off, cot, want):
+  mesh_shape, names = (2, 4), ("data", "seq")
+  q_spec = SEQ_CACHE_Q if decode else SEQ
+  specs = array_specs(n, SEQ, q_spec)
+
+  def sharded(mesh, arrays, c):
+    return [jax.device_put(a, NamedSharding(mesh, s)) for a, s in
+            zip(list(arrays) + [off, c], specs)]
+
+  _, _, fs = ops(impl, seq_axis="seq")[op]
+  g = value_and_grads(fs, n)
+  for at in (AxisType.Explicit, AxisType.Auto):
+    if decode and at == AxisType.Auto:
+      continue      # Auto types carry no spec: a replicated q is not visible
+    def jit_case(at=at):
+      mesh = mesh_of(mesh_shape, names, at)
+      with jax.set_mesh(mesh):
+        got = compile_and_run(g, sharded(mesh, args, cot), False)
+      close(got, want, "seq")
+    report(f"{impl}/{op}/{'decode-cache' if decode else 'seq'}-{at.name}", jit_case)
+
+  def shmap_case():
+    mesh = mesh_of(mesh_shape, names, AxisType.Explicit)
+    sm = jax.shard_map(g, mesh=mesh, in_specs=specs, out_specs=(q_spec, specs[:n]))
+    close(jax.jit(sm)(*sharded(mesh, args, cot)), want, "seq shard_map")
+  report(f"{impl}/{op}/{'decode-cache' if decode else 'seq'}-shard_map", shmap_case)
+  if decode:
+    return
+
+  perm = zigzag_order(L, 4)
+  inv = np.argsort(perm)
+  _, _, fz = ops(impl, seq_axis="seq", seq_order="zigzag")[op]
+  gz = value_and_grads(fz, n)
+  zargs, zcot = [a[:, perm] for a in args], cot[:, perm]
+
+  def natural(got):
+    return jax.tree.map(lambda x: np.asarray(x)[:, inv], got)
+
+  def zig_jit():
+    mesh = mesh_of(mesh_shape, names, AxisType.Explicit)
+    with jax.set_mesh(mesh):
+      got = compile_and_run(gz, sharded(mesh, zargs, zcot), False)
+    close(natural(got), want, "zigzag")
+  report(f"{impl}/{op}/zigzag-Explicit", zig_jit)
+
+  def zig_shmap():
+    mesh = mesh_of(mesh_shape, names, AxisType.Explicit)
+    sm = jax.shard_map(gz, mesh=mesh, in_specs=specs, out_specs=(SEQ, specs[:n]))
+    close(natural(jax.jit(sm)(*sharded(mesh, zargs, zcot))), want, "zigzag shard_map")
+  report(f"{impl}/{op}/zigzag-shard_map", zig_shmap)
 
 
 def main(impls, groups):
   assert jax.device_count() == 8
-  x = oc.inputs(batch=4, q_len=L, hq=4, hk=2, d=16, ds=8)
-  x1 = oc.inputs(batch=4, q_len=L, hq=4, hk=1, d=16, ds=8)   # MQA
-  names = ["q", "k", "v", "q_search", "k_search"]
-  cot = jax.random.normal(jax.random.PRNGKey(7), x["q"].shape, jnp.float32)
-  bh = P("data", None, "model", None)
   for impl in impls:
-    for op, (n, f) in ops(impl).items():
-      args = [x[k] for k in names[:n]]
-      want = jax.jit(lambda *a, f=f: value_and_grads(f, a, cot))(*args)
+    for op, (n, decode, f) in ops(impl).items():
+      args, cot = inputs(n, decode)
+      off = jnp.int32(DECODE_OFF) if decode else None
+      want = jax.jit(value_and_grads(f, n))(*args, off, cot)
       if "batch_heads" in groups:
-        for at in (AxisType.Explicit, AxisType.Auto):
-          def jit_case(at=at, f=f, args=args, want=want):
-            mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(at, at))
-            with jax.set_mesh(mesh):
-              run = jax.jit(lambda *a: value_and_grads(f, a, cot))
-              sharded = put(mesh, args, bh)
-              close(run(*sharded), want, "values/grads")
-              if at == AxisType.Explicit:
-                hlo = run.lower(*sharded).compile().as_text()
-                found = [c for c in COLLECTIVES if c in hlo]
-                assert not found, f"collectives in the compiled HLO: {found}"
-          report(f"{impl}/{op}/jit-{at.name}", jit_case)
-
-        def shmap_case(f=f, args=args, want=want):
-          mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
-          sm = jax.shard_map(lambda *a: value_and_grads(f, a, cot_local(a)), mesh=mesh,
-                             in_specs=bh, out_specs=bh)
-          close(jax.jit(sm)(*put(mesh, args, bh)), want, "shard_map")
-        if "no_user_shard_map" not in groups:
-          report(f"{impl}/{op}/shard_map", shmap_case)
-
-        def mqa_case(f=f, n=n):
-          a1 = [x1[k] for k in names[:n]]
-          want1 = jax.jit(lambda *a: value_and_grads(f, a, cot))(*a1)
-          mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
-          with jax.set_mesh(mesh):
-            sh = [jax.device_put(a, NamedSharding(mesh, bh if a.shape[2] == 4 else
-                                                  P("data", None, None, None))) for a in a1]
-            close(jax.jit(lambda *a: value_and_grads(f, a, cot))(*sh), want1, "mqa")
-        report(f"{impl}/{op}/mqa-heads", mqa_case)
+        batch_head_cases(impl, op, n, decode, f, args, off, cot, want)
       if "seq" in groups:
-        _, fs = ops(impl, "seq")[op]
-        sq = P("data", "seq", None, None)
-        for at in (AxisType.Explicit, AxisType.Auto):
-          def seq_case(at=at, fs=fs, args=args, want=want):
-            mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(at, at))
-            with jax.set_mesh(mesh):
-              got = jax.jit(lambda *a: value_and_grads(fs, a, cot))(*put(mesh, args, sq))
-            close(got, want, "seq")
-          report(f"{impl}/{op}/seq-{at.name}", seq_case)
-
-        def seq_shmap(fs=fs, args=args, want=want):
-          mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
-          sm = jax.shard_map(lambda *a: value_and_grads(fs, a, cot_local(a, sq)), mesh=mesh,
-                             in_specs=sq, out_specs=sq)
-          close(jax.jit(sm)(*put(mesh, args, sq)), want, "seq shard_map")
-        if "no_user_shard_map" not in groups:
-          report(f"{impl}/{op}/seq-shard_map", seq_shmap)
+        seq_cases(impl, op, n, decode, args, off, cot, want)
   if "extra" in groups:
     extra_checks()
 
 
 def extra_checks():
-  """Needle across shards and bad input (xla path)."""
-  mesh = jax.make_mesh((1, 4), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
+  """MQA with heads sharded, needle across shards and bad input (xla path)."""
+  mesh = mesh_of((1, 4), ("data", "seq"), AxisType.Explicit)
   sq = P(None, "seq", None, None)
+
+  def mqa():
+    x = oc.inputs(batch=B, q_len=L, hq=HQ, hk=1, d=D, ds=DS)
+    a = [x["q"], x["k"], x["v"]]
+    f = lambda a: attn.ppa_attention(*a, p=0.5, window=3, implementation="xla")  # noqa: E731
+    g = lambda *a: jax.grad(lambda *a: jnp.sum(f(a) ** 2), argnums=(0, 1, 2))(*a)  # noqa: E731
+    want = jax.jit(g)(*a)
+    m = mesh_of((4, 2), ("data", "model"), AxisType.Explicit)
+    with jax.set_mesh(m):
+      sh = put(m, a[:1], BH) + put(m, a[1:], P("data", None, None, None))
+      close(compile_and_run(g, sh, True), want, "mqa")
 
   def needle():
     # One key in shard 0 (position 2) whose search key matches the last
     # query's routing query far better than any other; its value is large.
     b, n, h, d = 1, 64, 1, 8
     rng = np.random.default_rng(0)
-    q = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
-    k = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
-    v = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
-    qs = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
-    ks = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
+    q, k, v, qs, ks = (rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
+                       for _ in range(5))
     qs[0, -1, 0] = ks[0, 2, 0] = 10.0
     q[0, -1, 0] = k[0, 2, 0] = 3.0
     v[0, 2, 0] = 5.0
@@ -174,47 +261,44 @@ def extra_checks():
     assert float(np.asarray(got[0])[0, -1, 0].mean()) > 2.0, "needle value not read"
     close(got, tuple(want)[:3], "needle")
 
+  def expect(fn, *words):
+    try:
+      fn()
+    except ValueError as e:
+      assert all(w in str(e) for w in words), str(e)
+      return
+    raise AssertionError(f"no ValueError naming {words}")
+
   def bad_input():
     x = oc.inputs(batch=1, q_len=L, hq=2, hk=2, d=8, ds=8)
+    qkv = [x["q"], x["k"], x["v"]]
+    dense = lambda *a, **kw: attn.dense_attention(*a, implementation="xla", **kw)  # noqa: E731
     with jax.set_mesh(mesh):
-      qs = put(mesh, [x["q"], x["k"], x["v"]], sq)
-      for kw, word in (({"seq_axis": "sequence"}, "'sequence'"),):
-        try:
-          attn.dense_attention(*qs, implementation="xla", **kw)
-          raise AssertionError("no error for an axis not in the mesh")
-        except ValueError as e:
-          assert word in str(e) and "not an axis of the mesh" in str(e), str(e)
-      un = put(mesh, [x["q"], x["k"], x["v"]], P())
-      try:
-        attn.dense_attention(*un, implementation="xla", seq_axis="seq")
-        raise AssertionError("no error for unsharded inputs")
-      except ValueError as e:
-        assert "seq_axis='seq'" in str(e) and "sharded" in str(e), str(e)
-    auto = jax.make_mesh((1, 4), ("data", "seq"), axis_types=(AxisType.Auto,) * 2)
+      sh = put(mesh, qkv, sq)
+      expect(lambda: dense(*sh, seq_axis="sequence"), "seq_axis='sequence'",
+             "not an axis of the mesh")
+      expect(lambda: dense(*put(mesh, qkv, P()), seq_axis="seq"), "seq_axis='seq'",
+             "sharded")
+      expect(lambda: dense(*sh, seq_axis="seq", seq_order="spiral"), "seq_order")
+      odd = put(mesh, [oc.inputs(batch=1, q_len=L + 4, hq=2, hk=2, d=8)[k]
+                       for k in ("q", "k", "v")], sq)
+      expect(lambda: dense(*odd, seq_axis="seq", seq_order="zigzag"), "not divisible",
+             "2 * axis size")
+    auto = mesh_of((1, 4), ("data", "seq"), AxisType.Auto)
     with jax.set_mesh(auto):
       y = oc.inputs(batch=1, q_len=L + 2, hq=2, hk=2, d=8, ds=8)
       odd = [y["q"], y["k"], y["v"]]
-      try:
-        jax.jit(lambda *a: attn.dense_attention(*a, implementation="xla",
-                                                seq_axis="seq"))(*odd)
-        raise AssertionError("no error for a sequence not divisible by the axis")
-      except ValueError as e:
-        assert "not divisible" in str(e) and "seq_axis='seq'" in str(e), str(e)
+      expect(lambda: jax.jit(lambda *a: dense(*a, seq_axis="seq"))(*odd), "not divisible",
+             "seq_axis='seq'")
+    # Inside a user's shard_map (check_vma): k not mapped over the axis.
+    sm = jax.shard_map(lambda q, k, v: dense(q, k, v, seq_axis="seq"), mesh=mesh,
+                       in_specs=(sq, P(), P()), out_specs=sq)
+    expect(lambda: jax.jit(sm)(*put(mesh, qkv[:1], sq), *put(mesh, qkv[1:], P())),
+           "seq_axis='seq'", "k is not sharded")
 
+  report("xla/mqa-heads", mqa)
   report("xla/superlinear/seq-needle", needle)
   report("xla/bad-input", bad_input)
-
-
-def cot_local(a, spec=P("data", None, "model", None)):
-  """The block of the global cotangent this shard holds (same `cot` as main)."""
-  cot = jax.random.normal(jax.random.PRNGKey(7), (4, L, 4, 16), jnp.float32)
-  idx = []
-  for dim, axis in enumerate(spec):
-    if axis is None:
-      idx.append(0)
-    else:
-      idx.append(jax.lax.axis_index(axis) * a[0].shape[dim])
-  return jax.lax.dynamic_slice(cot, idx, a[0].shape)
 
 
 if __name__ == "__main__":
