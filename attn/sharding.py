@@ -48,6 +48,9 @@ class Plan:
   q_seq: False when only k, v (a cache) are sharded along the sequence and q
     is replicated over `seq` (decode; `attn.context_parallel`).
   seq_order: `"contiguous"` or `"zigzag"` (`attn.context_parallel`).
+  gather_seq: decode against a sequence-sharded cache outside shard_map:
+    k, v are resharded to whole sequences (an all-gather XLA inserts, whose
+    transpose hands each shard its slice of dK, dV) and `seq` is empty.
   explicit: the mesh axes are Explicit (inputs are resharded to the plan's
     specs with `jax.sharding.reshard` before the shard_map).
   """
@@ -60,6 +63,7 @@ class Plan:
   explicit: bool = False
   q_seq: bool = True
   seq_order: str = "contiguous"
+  gather_seq: bool = False
 
   def spec(self, role):
     if role == SCALAR:
@@ -129,12 +133,12 @@ def plan(q, k, seq_axis=None, seq_order="contiguous") -> Plan | None:
         raise ValueError(f"seq_axis={seq_axis!r} is not a manual axis of the enclosing "
                          "shard_map; map the sequence dimension over it (in_specs "
                          f"P(None, {seq_axis!r}, ...)) or call the op outside shard_map.")
-      if _vma(q) or _vma(k):        # check_vma=True: the types say what varies
-        if seq_axis not in _vma(k):
+      if varying_axes(q) or varying_axes(k):        # check_vma=True: the types say what varies
+        if seq_axis not in varying_axes(k):
           raise ValueError(f"seq_axis={seq_axis!r} but k is not sharded over it (its "
-                           f"type varies over {sorted(_vma(k))}): map k, v along the "
+                           f"type varies over {sorted(varying_axes(k))}): map k, v along the "
                            f"sequence with P(None, {seq_axis!r}, ...) or drop seq_axis.")
-        q_seq = seq_axis in _vma(q)
+        q_seq = seq_axis in varying_axes(q)
     return Plan(None, seq=(seq_axis,) if seq_axis else (), manual=True, q_seq=q_seq,
                 seq_order=seq_order)
   found, found_k = _named_sharding(q), _named_sharding(k)
@@ -164,6 +168,10 @@ def plan(q, k, seq_axis=None, seq_order="contiguous") -> Plan | None:
                        f"{spec[1]!r}: shard it over {seq_axis!r} (or replicate q to "
                        "decode against a sharded cache).")
     seq, q_seq = (seq_axis,), seq_spec == (seq_axis,)
+    if not q_seq and seq_order != "contiguous":
+      raise ValueError(f"seq_order={seq_order!r} with q not sharded over {seq_axis!r} "
+                       "(decode against a sharded cache): keep the cache in the "
+                       "contiguous order.")
   hk = k.shape[2]
   n_heads = _mesh_size(mesh, heads)
   kv_sharded = hk % n_heads == 0
@@ -173,6 +181,8 @@ def plan(q, k, seq_axis=None, seq_order="contiguous") -> Plan | None:
     kv_sharded = True
   if not (batch or heads or seq):
     return None
+  if seq and not q_seq:           # decode: whole cache per shard, no seq plan
+    return Plan(mesh, batch, heads, (), kv_sharded, explicit=explicit, gather_seq=True)
   return Plan(mesh, batch, heads, seq, kv_sharded, explicit=explicit, q_seq=q_seq,
               seq_order=seq_order)
 
@@ -198,7 +208,7 @@ def _local_kv_heads(plan: Plan, args, roles, hq_global, hk_global):
           for a, r in zip(args, roles)]
 
 
-def _vma(x) -> frozenset:
+def varying_axes(x) -> frozenset:
   """The manual mesh axes `x` varies over (empty outside a check_vma shard_map)."""
   mat = getattr(jax.typeof(x), "manual_axis_type", None) if x is not None else None
   return frozenset(mat.varying) if mat is not None else frozenset()
@@ -214,13 +224,13 @@ def vma_typed(fn):
   """
 
   def call(*args, **statics):
-    axes = frozenset().union(*(_vma(a) for a in jax.tree.leaves(args)))
+    axes = frozenset().union(*(varying_axes(a) for a in jax.tree.leaves(args)))
     if not axes:
       return fn(*args, **statics)
     order = tuple(sorted(axes))
 
     def vary(x):
-      missing = tuple(a for a in order if a not in _vma(x))
+      missing = tuple(a for a in order if a not in varying_axes(x))
       return jax.lax.pcast(x, missing, to="varying") if missing else x
 
     args = [None if a is None else jax.tree.map(vary, a) for a in args]
@@ -269,6 +279,11 @@ def run(fn, args, roles, plan_: Plan | None, n_out: int):
   specs = tuple(None if a is None else plan_.spec(r) for a, r in zip(args, roles))
   if plan_.explicit:
     args = [a if s is None else jax.sharding.reshard(a, s) for a, s in zip(args, specs)]
+  elif plan_.gather_seq:
+    args = [a if s is None else jax.lax.with_sharding_constraint(
+        a, NamedSharding(plan_.mesh, s)) for a, s in zip(args, specs)]
+  if not plan_.axes:
+    return fn(*args)
 
   def local(*a):
     return fn(*_local_kv_heads(plan_, list(a), roles, hq, hk))
@@ -276,4 +291,4 @@ def run(fn, args, roles, plan_: Plan | None, n_out: int):
   out_spec = plan_.spec(Q)
   return jax.shard_map(local, mesh=plan_.mesh, in_specs=specs,
                        out_specs=out_spec if n_out == 1 else (out_spec,) * n_out,
-                       axis_names=set(plan_.axes))(*args)
+                       axis_names=set(plan_.axes), check_vma=False)(*args)

@@ -36,13 +36,17 @@ from attn.context_parallel import zigzag_order
 from tests import op_cases as oc
 
 CFG = oc.SMALL_CFG
-B, L, HQ, HK, D, DS = 4, 32, 4, 2, 16, 8
+B, L, HQ, HK, D, DS = 2, 32, 4, 2, 16, 8
 DECODE_Q, DECODE_OFF = 2, 19          # decode: 2 queries at positions 19, 20
 COLLECTIVES = ("all-gather", "all-to-all", "reduce-scatter")
+AXES = ("data", "model", "seq")       # one 2 x 2 x 2 mesh for every case
 BH = P("data", None, "model", None)
-SEQ = P("data", "seq", None, None)
-SEQ_CACHE_Q = P("data", None, None, None)   # decode: q replicated over seq
+BSH = P("data", "seq", "model", None)
 NAMES = ("q", "k", "v", "q_search", "k_search")
+# Pallas interpret mode inside a user's check_vma shard_map: JAX's HLO
+# interpreter fails while lowering these kernels ("dynamic_slice requires
+# varying manual axes to match"); the compiled kernels do not go through it.
+PALLAS_SHARD_MAP = ("dense", "sliding", "block_sparse")
 
 
 def ops(impl, **kw):
@@ -52,18 +56,20 @@ def ops(impl, **kw):
                                     L, L, block_q=16, block_k=16)
   sl = lambda a, off: tuple(attn.superlinear_attention_with_anchors(  # noqa: E731
       *a, config=CFG, q_offset=off, **kw))[:2]
-  return {
+  table = {
       "dense": (3, False, lambda a, off: attn.dense_attention(*a, **kw)),
       "sliding": (3, False, lambda a, off: attn.sliding_window_attention(*a, window=6, **kw)),
       "ppa": (3, False, lambda a, off: attn.ppa_attention(*a, p=0.5, window=3, **kw)),
       "block_sparse": (3, False, lambda a, off: attn.block_sparse_attention(*a, layout, **kw)),
       "superlinear": (5, False, sl),
-      "superlinear_k_as_search": (3, False, lambda a, off: attn.superlinear_attention(
-          a[0], a[1], a[2], a[0], None, config=CFG, **kw)),
       "ppa_decode": (3, True, lambda a, off: attn.ppa_attention(
           *a, p=0.5, window=3, q_offset=off, **kw)),
       "superlinear_decode": (5, True, sl),
   }
+  if impl == "xla":     # k_search=None (search against k): one path, once
+    table["superlinear_k_as_search"] = (3, False, lambda a, off: attn.superlinear_attention(
+        a[0], a[1], a[2], a[0], None, config=CFG, **kw))
+  return table
 
 
 def inputs(n, decode):
@@ -102,11 +108,13 @@ def close(got, want, name):
       np.testing.assert_allclose(g, w, atol=3e-5, rtol=3e-4, err_msg=name)
 
 
-def put(mesh, arrays, spec):
-  return [jax.device_put(a, NamedSharding(mesh, spec)) for a in arrays]
+def put(mesh, arrays, specs):
+  return [a if a is None else jax.device_put(a, NamedSharding(mesh, s))
+          for a, s in zip(arrays, specs)]
 
 
 def compile_and_run(fn, args, check_hlo):
+  """One compile: the executable both runs and gives the HLO."""
   compiled = jax.jit(fn).lower(*args).compile()
   if check_hlo:
     hlo = compiled.as_text()
@@ -126,105 +134,109 @@ def report(case, fn):
   print(json.dumps(row), flush=True)
 
 
-def mesh_of(shape, names, axis_type):
-  return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
+def mesh_of(axis_type):
+  return jax.make_mesh((2, 2, 2), AXES, axis_types=(axis_type,) * 3)
 
 
-def array_specs(n, spec, q_spec=None):
+def call_specs(n, spec, q_spec=None):
   """Specs of `(*arrays, q_offset, cot)`: q-like arrays (q, q_search, cot)
-  get `q_spec`, the others `spec`."""
+  get `q_spec`, k-like ones `spec`."""
   q_spec = spec if q_spec is None else q_spec
   return tuple(q_spec if i in (0, 3) else spec for i in range(n)) + (P(), q_spec)
 
 
-def batch_head_cases(impl, op, n, decode, f, args, off, cot, want):
-  g = value_and_grads(f, n)
-  for at in (AxisType.Explicit, AxisType.Auto):
-    def jit_case(at=at):
-      mesh = mesh_of((4, 2), ("data", "model"), at)
-      with jax.set_mesh(mesh):
-        got = compile_and_run(g, put(mesh, args, BH) + [off] + put(mesh, [cot], BH), True)
-      close(got, want, "values/grads")
-    report(f"{impl}/{op}/jit-{at.name}", jit_case)
+def cases(impl, op, n, decode, args, off, cot, want):
+  """Every sharding mode of one (impl, op); each a single compile."""
+  call = list(args) + [off, cot]
+  g = value_and_grads(ops(impl)[op][2], n)
+  gs = value_and_grads(ops(impl, seq_axis="seq")[op][2], n)
+  seq_specs = call_specs(n, BSH, BH if decode else BSH)   # decode: q replicated over seq
+  seq = "decode-cache" if decode else "seq"
 
-  def shmap_case():
-    mesh = mesh_of((4, 2), ("data", "model"), AxisType.Explicit)
-    specs = array_specs(n, BH)
-    sm = jax.shard_map(g, mesh=mesh, in_specs=specs, out_specs=BH)
-    close(jax.jit(sm)(*put(mesh, args, BH), off, *put(mesh, [cot], BH)), want, "shard_map")
-  report(f"{impl}/{op}/shard_map", shmap_case)
-
-
-def seq_cases(impl, op, n, decode, args, off, cot, want):
-  mesh_shape, names = (2, 4), ("data", "seq")
-  q_spec = SEQ_CACHE_Q if decode else SEQ
-  specs = array_specs(n, SEQ, q_spec)
-
-  def sharded(mesh, arrays, c):
-    return [jax.device_put(a, NamedSharding(mesh, s)) for a, s in
-            zip(list(arrays) + [off, c], specs)]
-
-  _, _, fs = ops(impl, seq_axis="seq")[op]
-  g = value_and_grads(fs, n)
-  for at in (AxisType.Explicit, AxisType.Auto):
-    if decode and at == AxisType.Auto:
-      continue      # Auto types carry no spec: a replicated q is not visible
-    def jit_case(at=at):
-      mesh = mesh_of(mesh_shape, names, at)
-      with jax.set_mesh(mesh):
-        got = compile_and_run(g, sharded(mesh, args, cot), False)
-      close(got, want, "seq")
-    report(f"{impl}/{op}/{'decode-cache' if decode else 'seq'}-{at.name}", jit_case)
-
-  def shmap_case():
-    mesh = mesh_of(mesh_shape, names, AxisType.Explicit)
-    sm = jax.shard_map(g, mesh=mesh, in_specs=specs, out_specs=(q_spec, specs[:n]))
-    close(jax.jit(sm)(*sharded(mesh, args, cot)), want, "seq shard_map")
-  report(f"{impl}/{op}/{'decode-cache' if decode else 'seq'}-shard_map", shmap_case)
-  if decode:
-    return
-
-  perm = zigzag_order(L, 4)
-  inv = np.argsort(perm)
-  _, _, fz = ops(impl, seq_axis="seq", seq_order="zigzag")[op]
-  gz = value_and_grads(fz, n)
-  zargs, zcot = [a[:, perm] for a in args], cot[:, perm]
-
-  def natural(got):
-    return jax.tree.map(lambda x: np.asarray(x)[:, inv], got)
-
-  def zig_jit():
-    mesh = mesh_of(mesh_shape, names, AxisType.Explicit)
+  def explicit_batch_heads():
+    mesh = mesh_of(AxisType.Explicit)
     with jax.set_mesh(mesh):
-      got = compile_and_run(gz, sharded(mesh, zargs, zcot), False)
-    close(natural(got), want, "zigzag")
-  report(f"{impl}/{op}/zigzag-Explicit", zig_jit)
+      close(compile_and_run(g, put(mesh, call, call_specs(n, BH)), True), want, "bh")
+  report(f"{impl}/{op}/jit-Explicit-batch-heads", explicit_batch_heads)
 
-  def zig_shmap():
-    mesh = mesh_of(mesh_shape, names, AxisType.Explicit)
-    sm = jax.shard_map(gz, mesh=mesh, in_specs=specs, out_specs=(SEQ, specs[:n]))
-    close(natural(jax.jit(sm)(*sharded(mesh, zargs, zcot))), want, "zigzag shard_map")
-  report(f"{impl}/{op}/zigzag-shard_map", zig_shmap)
+  def explicit_seq():
+    mesh = mesh_of(AxisType.Explicit)
+    with jax.set_mesh(mesh):
+      close(compile_and_run(gs, put(mesh, call, seq_specs), False), want, "seq")
+  report(f"{impl}/{op}/jit-Explicit-batch-heads-{seq}", explicit_seq)
+
+  def auto():
+    # Auto types carry no spec: decode's replicated q is not visible, so the
+    # decode ops run batch/head-sharded here; the others are sequence-sharded.
+    mesh = mesh_of(AxisType.Auto)
+    specs = call_specs(n, BH) if decode else seq_specs
+    with jax.set_mesh(mesh):
+      close(compile_and_run(g if decode else gs, put(mesh, call, specs), False), want,
+            "auto")
+  report(f"{impl}/{op}/jit-Auto-batch-heads" + ("" if decode else "-seq"), auto)
+
+  if impl == "pallas" and op not in PALLAS_SHARD_MAP:
+    return
+  use_seq = not (impl == "pallas")        # see PALLAS_SHARD_MAP
+
+  def user_shard_map():
+    mesh = mesh_of(AxisType.Explicit)
+    specs = seq_specs if use_seq else call_specs(n, BH)
+    out = (specs[0], specs[:n])
+    sm = jax.shard_map(gs if use_seq else g, mesh=mesh, in_specs=specs, out_specs=out)
+    close(jax.jit(sm)(*put(mesh, call, specs)), want, "shard_map")
+  report(f"{impl}/{op}/shard_map-batch-heads" + (f"-{seq}" if use_seq else ""),
+         user_shard_map)
 
 
-def main(impls, groups):
+def zigzag_case(impl, op, n, args, cot, want, in_shard_map):
+  perm = zigzag_order(L, 2)
+  inv = np.argsort(perm)
+  gz = value_and_grads(ops(impl, seq_axis="seq", seq_order="zigzag")[op][2], n)
+  call = [a[:, perm] for a in args] + [None, cot[:, perm]]
+  specs = call_specs(n, BSH)
+
+  def run():
+    mesh = mesh_of(AxisType.Explicit)
+    if in_shard_map:
+      sm = jax.shard_map(gz, mesh=mesh, in_specs=specs, out_specs=(BSH, specs[:n]))
+      got = jax.jit(sm)(*put(mesh, call, specs))
+    else:
+      with jax.set_mesh(mesh):
+        got = compile_and_run(gz, put(mesh, call, specs), False)
+    close(jax.tree.map(lambda x: np.asarray(x)[:, inv], got), want, "zigzag")
+  report(f"{impl}/{op}/zigzag-" + ("shard_map" if in_shard_map else "Explicit"), run)
+
+
+def main(impls):
   assert jax.device_count() == 8
-  for impl in impls:
-    for op, (n, decode, f) in ops(impl).items():
-      args, cot = inputs(n, decode)
-      off = jnp.int32(DECODE_OFF) if decode else None
-      want = jax.jit(value_and_grads(f, n))(*args, off, cot)
-      if "batch_heads" in groups:
-        batch_head_cases(impl, op, n, decode, f, args, off, cot, want)
-      if "seq" in groups:
-        seq_cases(impl, op, n, decode, args, off, cot, want)
-  if "extra" in groups:
+  for op, (n, decode, f_ref) in ops("reference").items():
+    args, cot = inputs(n, decode)
+    off = jnp.int32(DECODE_OFF) if decode else None
+    # The oracle: the unsharded reference call (dense masked; tested against
+    # its own oracles in tests/test_op_suite.py).
+    want = jax.jit(value_and_grads(f_ref, n))(*args, off, cot)
+    for impl in impls:
+      if op not in ops(impl):
+        continue
+      cases(impl, op, n, decode, args, off, cot, want)
+      if decode or (impl == "pallas" and op == "block_sparse"):
+        continue    # pallas block sparse: 8-row zigzag chunks < its 16-row blocks
+      zigzag_case(impl, op, n, args, cot, want, False)
+      if impl == "xla":
+        zigzag_case(impl, op, n, args, cot, want, True)
+  if "xla" in impls:
+    args, cot = inputs(3, False)
+    ref = lambda a, off: attn.superlinear_attention(  # noqa: E731
+        a[0], a[1], a[2], a[0], None, config=CFG, implementation="reference")
+    want = jax.jit(value_and_grads(ref, 3))(*args, None, cot)
+    cases("xla", "superlinear_k_as_search", 3, False, args, None, cot, want)
     extra_checks()
 
 
 def extra_checks():
   """MQA with heads sharded, needle across shards and bad input (xla path)."""
-  mesh = mesh_of((1, 4), ("data", "seq"), AxisType.Explicit)
+  mesh = jax.make_mesh((1, 4), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
   sq = P(None, "seq", None, None)
 
   def mqa():
@@ -233,9 +245,9 @@ def extra_checks():
     f = lambda a: attn.ppa_attention(*a, p=0.5, window=3, implementation="xla")  # noqa: E731
     g = lambda *a: jax.grad(lambda *a: jnp.sum(f(a) ** 2), argnums=(0, 1, 2))(*a)  # noqa: E731
     want = jax.jit(g)(*a)
-    m = mesh_of((4, 2), ("data", "model"), AxisType.Explicit)
+    m = mesh_of(AxisType.Explicit)
     with jax.set_mesh(m):
-      sh = put(m, a[:1], BH) + put(m, a[1:], P("data", None, None, None))
+      sh = put(m, a, (BH,) + (P("data", None, None, None),) * 2)
       close(compile_and_run(g, sh, True), want, "mqa")
 
   def needle():
@@ -254,7 +266,7 @@ def extra_checks():
     want = attn.superlinear_attention_with_anchors(*args, config=cfg, implementation="xla")
     with jax.set_mesh(mesh):
       got = jax.jit(lambda *a: tuple(attn.superlinear_attention_with_anchors(
-          *a, config=cfg, implementation="xla", seq_axis="seq")))(*put(mesh, args, sq))
+          *a, config=cfg, implementation="xla", seq_axis="seq")))(*put(mesh, args, (sq,) * 5))
     anchors = np.asarray(got[1])[0, -1, 0]
     span = [a for a in anchors if a >= 0 and abs(int(a) - 2) <= 4]
     assert span, f"the last shard's last query picked no anchor near the needle: {anchors}"
@@ -274,17 +286,17 @@ def extra_checks():
     qkv = [x["q"], x["k"], x["v"]]
     dense = lambda *a, **kw: attn.dense_attention(*a, implementation="xla", **kw)  # noqa: E731
     with jax.set_mesh(mesh):
-      sh = put(mesh, qkv, sq)
+      sh = put(mesh, qkv, (sq,) * 3)
       expect(lambda: dense(*sh, seq_axis="sequence"), "seq_axis='sequence'",
              "not an axis of the mesh")
-      expect(lambda: dense(*put(mesh, qkv, P()), seq_axis="seq"), "seq_axis='seq'",
+      expect(lambda: dense(*put(mesh, qkv, (P(),) * 3), seq_axis="seq"), "seq_axis='seq'",
              "sharded")
       expect(lambda: dense(*sh, seq_axis="seq", seq_order="spiral"), "seq_order")
       odd = put(mesh, [oc.inputs(batch=1, q_len=L + 4, hq=2, hk=2, d=8)[k]
-                       for k in ("q", "k", "v")], sq)
+                       for k in ("q", "k", "v")], (sq,) * 3)
       expect(lambda: dense(*odd, seq_axis="seq", seq_order="zigzag"), "not divisible",
              "2 * axis size")
-    auto = mesh_of((1, 4), ("data", "seq"), AxisType.Auto)
+    auto = jax.make_mesh((1, 4), ("data", "seq"), axis_types=(AxisType.Auto,) * 2)
     with jax.set_mesh(auto):
       y = oc.inputs(batch=1, q_len=L + 2, hq=2, hk=2, d=8, ds=8)
       odd = [y["q"], y["k"], y["v"]]
@@ -293,7 +305,7 @@ def extra_checks():
     # Inside a user's shard_map (check_vma): k not mapped over the axis.
     sm = jax.shard_map(lambda q, k, v: dense(q, k, v, seq_axis="seq"), mesh=mesh,
                        in_specs=(sq, P(), P()), out_specs=sq)
-    expect(lambda: jax.jit(sm)(*put(mesh, qkv[:1], sq), *put(mesh, qkv[1:], P())),
+    expect(lambda: jax.jit(sm)(*put(mesh, qkv, (sq, P(), P()))),
            "seq_axis='seq'", "k is not sharded")
 
   report("xla/mqa-heads", mqa)
@@ -302,4 +314,4 @@ def extra_checks():
 
 
 if __name__ == "__main__":
-  main(sys.argv[1].split(","), sys.argv[2].split(","))
+  main(sys.argv[1].split(","))
