@@ -291,4 +291,7 @@ def run(fn, args, roles, plan_: Plan | None, n_out: int):
   out_spec = plan_.spec(Q)
   return jax.shard_map(local, mesh=plan_.mesh, in_specs=specs,
                        out_specs=out_spec if n_out == 1 else (out_spec,) * n_out,
-                       axis_names=set(plan_.axes), check_vma=False)(*args)
+                       # Manual over every mesh axis (replicated over the unused
+                       # ones): a Pallas kernel in interpret mode cannot lower
+                       # with axes left Explicit inside the shard_map.
+                       axis_names=set(plan_.mesh.axis_names), check_vma=False)(*args)
