@@ -262,7 +262,8 @@ def superlinear_attention_with_anchors(q, k, v, q_search, k_search=None, *,
   k_search = _checks.check_search(q, k, q_search, k_search)
   return SuperlinearOutput(*_call("superlinear_attention", q, k, v, q_search, k_search,
                                   q_offset, fn=IMPLEMENTATIONS["superlinear_attention"][impl],
-                                  seq_axis=seq_axis, seq_order=seq_order, n_out=3, config=config, scale=scale))
+                                  seq_axis=seq_axis, seq_order=seq_order, n_out=3,
+                                  config=config, scale=scale))
 
 
 def superlinear_attention(q, k, v, q_search, k_search=None, *,

@@ -21,6 +21,10 @@ Where the sharding comes from (the "plan"):
   * traced arrays on an Auto-axis mesh carry no spec while tracing: batch and
     heads are left to the XLA partitioner; `seq_axis` uses the context mesh
     (`jax.set_mesh`).
+
+Inside a user's shard_map with `check_vma=True` the Pallas implementations
+run through `vma_typed` (their kernels' outputs and custom VJPs need the
+inputs and cotangents to vary over the same manual axes).
 """
 
 from __future__ import annotations
