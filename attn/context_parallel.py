@@ -1,17 +1,30 @@
 """Context parallelism: an op over a sequence sharded across a mesh axis.
 
 Runs inside a shard_map whose manual axes include `seq_axis` (the ops'
-`seq_axis=` keyword sets one up, or the user's own). Shard `s` of `n` holds
-queries `[s * Lq/n, (s+1) * Lq/n)` and keys `[s * Lk/n, (s+1) * Lk/n)`
-(contiguous order). Each shard fetches the keys its queries may see and calls
-the single-device implementation with its own `q_offset`:
+`seq_axis=` keyword sets one up, or the user's own). With `n` shards:
 
-  * dense, PPA, superlinear (and block sparse): all-gather of k, v (and
-    k_search) over the axis, so every earlier shard's keys are candidates
-    (superlinear's random context access reaches shard 0 from the last).
-    Its autodiff is a reduce-scatter of dK, dV. PPA's far offsets reach
-    across the whole prefix, so it gathers the whole prefix too.
-  * sliding window with `Lq == Lk`, the default `q_offset` and
+  * `seq_order="contiguous"` (default): shard `s` holds queries
+    `[s * Lq/n, (s+1) * Lq/n)` and keys `[s * Lk/n, (s+1) * Lk/n)`. Causal
+    attention makes the last shard do the most work.
+  * `seq_order="zigzag"` (balanced): the sequence is cut into `2n` chunks and
+    shard `s` holds chunks `s` and `2n-1-s` (in that order), so every shard
+    holds one early and one late chunk. Arrays are passed and returned in
+    this order (`zigzag_order` gives the permutation); positions (the causal
+    mask, `q_offset`, superlinear anchors) are those of the natural order.
+  * decode: q not sharded over the axis (replicated, e.g. a few new tokens)
+    against a sequence-sharded cache: every shard gathers the cache and
+    computes the same output, replicated over the axis.
+
+Each shard fetches the keys its queries may see and calls the single-device
+implementation with its own `q_offset`:
+
+  * dense, PPA, superlinear, block sparse (and sliding window in zigzag
+    order or with a given `q_offset`): all-gather of k, v (and k_search)
+    over the axis, so every earlier shard's keys are candidates (superlinear's
+    random context access reaches shard 0 from the last). Its autodiff is a
+    reduce-scatter of dK, dV. PPA's far offsets reach across the whole
+    prefix, so it gathers the whole prefix too.
+  * sliding window, contiguous order, `Lq == Lk`, the default `q_offset` and
     `window - 1 <= Lk/n`: a neighbour exchange (`jax.lax.ppermute`) of the
     previous shard's last `window - 1` keys, no all-gather.
 """
@@ -20,12 +33,37 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from attn.sharding import KV, Q, SCALAR  # noqa: F401  (roles)
+from attn.sharding import KV, Q, SCALAR
+
+SEQ_ORDERS = ("contiguous", "zigzag")
 
 
-def _gather(x, axis):
-  return jax.lax.all_gather(x, axis, axis=1, tiled=True)
+def zigzag_order(length: int, num_shards: int) -> np.ndarray:
+  """Token indices in zigzag order: `x[:, zigzag_order(L, n)]` puts chunks
+  `s` and `2n-1-s` (chunks of `L / 2n` tokens) on shard `s` when the result is
+  sharded contiguously over `n` shards. `np.argsort` of it restores the
+  natural order. `length` must be a multiple of `2 * num_shards`."""
+  if length % (2 * num_shards):
+    raise ValueError(f"seq_order='zigzag': the sequence length {length} must be a "
+                     f"multiple of 2 * axis size = {2 * num_shards}; pad the sequence.")
+  c = length // (2 * num_shards)
+  chunks = [j for s in range(num_shards) for j in (s, 2 * num_shards - 1 - s)]
+  return np.concatenate([np.arange(j * c, (j + 1) * c) for j in chunks])
+
+
+def _gather(x, axis, to="varying"):
+  return jax.lax.all_gather(x, axis, axis=1, tiled=True, to=to)
+
+
+def _natural(x, n):
+  """Gathered `[B, L, ...]` in zigzag order -> natural order (static)."""
+  b, length = x.shape[:2]
+  c = length // (2 * n)
+  y = x.reshape((b, n, 2, c) + x.shape[2:])
+  first, second = y[:, :, 0], y[:, ::-1, 1]          # chunks 0..n-1, n..2n-1
+  return jnp.concatenate([first, second], axis=1).reshape(x.shape)
 
 
 def _neighbour_keys(x, axis, w, n, s):
@@ -36,9 +74,17 @@ def _neighbour_keys(x, axis, w, n, s):
                    jnp.concatenate([prev, x], axis=1))
 
 
-def local_fn(op: str, fn, roles: tuple, seq_axis: str, statics: dict):
+def _concat_outputs(a, b):
+  if isinstance(a, tuple):
+    return tuple(jnp.concatenate([x, y], axis=1) for x, y in zip(a, b))
+  return jnp.concatenate([a, b], axis=1)
+
+
+def local_fn(op: str, fn, roles: tuple, seq_axis: str, statics: dict,
+             seq_order: str = "contiguous", q_sharded: bool = True):
   """The per-shard function of `fn(*args, **statics)` (args in `roles`; the
-  last SCALAR is `q_offset`, absent for block sparse)."""
+  last SCALAR is `q_offset`, absent for block sparse). `q_sharded=False`:
+  decode against a sequence-sharded cache (q replicated over the axis)."""
 
   def run(*args):
     n = jax.lax.axis_size(seq_axis)
@@ -46,39 +92,72 @@ def local_fn(op: str, fn, roles: tuple, seq_axis: str, statics: dict):
     args = list(args)
     iq, ik = roles.index(Q), roles.index(KV)
     lq_loc, lk_loc = args[iq].shape[1], args[ik].shape[1]
-    lq, lk = lq_loc * n, lk_loc * n
+    lq, lk = (lq_loc * n if q_sharded else lq_loc), lk_loc * n
+    zig = seq_order == "zigzag"
     if op == "block_sparse_attention":
-      return _block_sparse(fn, args, roles, seq_axis, statics, n, s, lq_loc)
+      return _block_sparse(fn, args, roles, seq_axis, statics, n, s, lq_loc, zig)
     i_off = roles.index(SCALAR)
     given = args[i_off]
     off = (lk - lq) if given is None else given
     w = statics.get("window", 0) - 1
-    if (op == "sliding_window_attention" and given is None and lq == lk
-        and 0 <= w <= lk_loc):
+    if (op == "sliding_window_attention" and given is None and lq == lk and not zig
+        and q_sharded and 0 <= w <= lk_loc):
       if w == 0:
         return fn(*args, **statics)       # every query sees only itself
       args = [_neighbour_keys(a, seq_axis, w, n, s) if r == KV else a
               for a, r in zip(args, roles)]
       args[i_off] = jnp.where(s == 0, 0, w).astype(jnp.int32)
       return fn(*args, **statics)
-    args = [_gather(a, seq_axis) if (r == KV and a is not None) else a
+    # Decode (q replicated): gather keys typed invariant over the axis, so
+    # the output is replicated and dK, dV are this shard's slice.
+    to = "varying" if q_sharded else "invarying"
+    args = [_gather(a, seq_axis, to) if (r == KV and a is not None) else a
             for a, r in zip(args, roles)]
-    args[i_off] = (jnp.asarray(off, jnp.int32) + s * lq_loc).astype(jnp.int32)
-    return fn(*args, **statics)
+    if zig:
+      args = [_natural(a, n) if (r == KV and a is not None) else a
+              for a, r in zip(args, roles)]
+    off = jnp.asarray(off, jnp.int32)
+    if not q_sharded:
+      args[i_off] = off
+      return fn(*args, **statics)
+    if not zig:
+      args[i_off] = (off + s * lq_loc).astype(jnp.int32)
+      return fn(*args, **statics)
+    c = lq_loc // 2
+    halves = []
+    for h, chunk in enumerate((s, 2 * n - 1 - s)):
+      part = [a[:, h * c:(h + 1) * c] if (r == Q and a is not None) else a
+              for a, r in zip(args, roles)]
+      part[i_off] = (off + chunk * c).astype(jnp.int32)
+      halves.append(fn(*part, **statics))
+    return _concat_outputs(*halves)
 
   return run
 
 
-def _block_sparse(fn, args, roles, seq_axis, statics, n, s, lq_loc):
+def _block_sparse(fn, args, roles, seq_axis, statics, n, s, lq_loc, zig):
   """Block sparse: every shard runs its own rows of the global layout
   (`lax.switch` over the `n` static row slices) against the gathered keys."""
   layout = statics["layout"]
   rest = {k: v for k, v in statics.items() if k != "layout"}
   args = [_gather(a, seq_axis) if r == KV else a for a, r in zip(args, roles)]
-  branches = [
-      (lambda lay: lambda *a: fn(*a, layout=lay, **rest))(row_slice(layout, i * lq_loc, lq_loc))
-      for i in range(n)]
-  return jax.lax.switch(s, branches, *args)
+  if zig:
+    args = [_natural(a, n) if r == KV else a for a, r in zip(args, roles)]
+
+  def rows(i):
+    if not zig:
+      lay = row_slice(layout, i * lq_loc, lq_loc)
+      return lambda *a: fn(*a, layout=lay, **rest)
+    c = lq_loc // 2
+    lays = [row_slice(layout, j * c, c) for j in (i, 2 * n - 1 - i)]
+
+    def two(*a):
+      outs = [fn(*[x[:, h * c:(h + 1) * c] if r == Q else x for x, r in zip(a, roles)],
+                 layout=lay, **rest) for h, lay in enumerate(lays)]
+      return _concat_outputs(*outs)
+    return two
+
+  return jax.lax.switch(s, [rows(i) for i in range(n)], *args)
 
 
 def row_slice(layout, start: int, size: int):
@@ -91,7 +170,6 @@ def row_slice(layout, start: int, size: int):
 
 def layout_mask(layout):
   """The dense bool `[q_len, kv_len]` mask of a `BlockLayout` (host numpy)."""
-  import numpy as np
   mask = np.zeros((layout.q_len, layout.kv_len), bool)
   qi = np.arange(layout.q_len)[:, None]
   ki = np.arange(layout.kv_len)[None, :]

@@ -68,8 +68,11 @@ def _jitted(fn, op: str, statics: tuple, roles: tuple, plan, n_out: int):
   """`jax.jit` of `fn` with the hashable static keyword arguments bound, run
   per shard of `plan` (`attn.sharding`)."""
   statics = dict(statics)
+  if fn.__module__.startswith("attn.pallas"):
+    fn = sharding.vma_typed(fn)
   if plan is not None and plan.seq:
-    local = context_parallel.local_fn(op, fn, roles, plan.seq[0], statics)
+    local = context_parallel.local_fn(op, fn, roles, plan.seq[0], statics,
+                                      plan.seq_order, plan.q_seq)
   else:
     local = functools.partial(fn, **statics)
   return jax.jit(lambda *args: sharding.run(local, args, roles, plan, n_out))
@@ -83,19 +86,23 @@ def _roles(n_arrays: int, op: str) -> tuple:
   return roles + (() if op == "block_sparse_attention" else (sharding.SCALAR,))
 
 
-def _call(op, *args, seq_axis=None, n_out=1, **statics):
+def _call(op, *args, seq_axis=None, seq_order="contiguous", n_out=1, **statics):
   """Runs `IMPLEMENTATIONS[op][impl](*args, **statics)` jitted (static
   arguments are hashable), per shard where the inputs are sharded."""
   fn = statics.pop("fn")
   roles = _roles(len(args) - (op != "block_sparse_attention"), op)
-  plan = sharding.plan(args[0], args[1], seq_axis)
-  if plan is not None and plan.seq and not plan.manual:
-    n = plan.mesh.shape[seq_axis]
+  plan = sharding.plan(args[0], args[1], seq_axis, seq_order)
+  if plan is not None and plan.seq:
+    # Inside shard_map the arrays are local blocks: zigzag needs 2 chunks each.
+    n = 1 if plan.manual else plan.mesh.shape[seq_axis]
+    n = (2 * n) if seq_order == "zigzag" else n
+    what = ("2 * axis size" if seq_order == "zigzag" else "the axis size") + (
+        " per shard" if plan.manual else "")
     for name, x in (("q", args[0]), ("k", args[1])):
-      if x.shape[1] % n:
-        raise ValueError(f"seq_axis={seq_axis!r}: {name}'s sequence length {x.shape[1]} "
-                         f"is not divisible by the axis size {n}; pad the sequence to a "
-                         "multiple of it.")
+      if (name == "k" or plan.q_seq) and x.shape[1] % n:
+        raise ValueError(f"seq_axis={seq_axis!r}: {name}'s sequence length "
+                         f"{x.shape[1]} is not divisible by {what} ({n}); pad the "
+                         "sequence to a multiple of it.")
   return _jitted(fn, op, tuple(sorted(statics.items())), roles, plan, n_out)(*args)
 
 
@@ -108,7 +115,8 @@ def _prologue(q, k, v, scale, q_offset, implementation, op):
 
 
 def dense_attention(q, k, v, *, scale=None, q_offset=None, implementation=None,
-                    seq_axis=None):
+                    seq_axis=None,
+                    seq_order="contiguous"):
   """Causal softmax attention over every earlier key.
 
   Args:
@@ -120,19 +128,26 @@ def dense_attention(q, k, v, *, scale=None, q_offset=None, implementation=None,
     seq_axis: a mesh axis over which q, k, v are sharded along the sequence
       (context parallelism, `attn.context_parallel`; every op takes it), or
       None. Inputs sharded over batch and/or heads need nothing: the op runs
-      per shard (`attn.sharding`).
+      per shard (`attn.sharding`). With q replicated over the axis and k, v
+      sharded along the sequence (decode against a sharded cache), every
+      shard gathers the cache and the output is replicated.
+    seq_order: with `seq_axis`, the token order of the sharded sequence:
+      `"contiguous"` (shard `s` holds the `s`-th block) or `"zigzag"`
+      (balanced causal work: shard `s` holds chunks `s` and `2n-1-s` of `2n`;
+      pass q, k, v permuted by `attn.context_parallel.zigzag_order` and get the
+      output in that order; positions are those of the natural order).
 
   Returns:
     `[batch, q_len, num_q_heads, head_dim]`, dtype of `q`.
   """
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "dense_attention")
   return _call("dense_attention", q, k, v, q_offset, fn=IMPLEMENTATIONS["dense_attention"][impl],
-               seq_axis=seq_axis,
+               seq_axis=seq_axis, seq_order=seq_order,
                scale=scale)
 
 
 def sliding_window_attention(q, k, v, *, window, scale=None, q_offset=None,
-                             implementation=None, seq_axis=None):
+                             implementation=None, seq_axis=None, seq_order="contiguous"):
   """Causal sliding-window attention: query at `i` sees keys `[i - window + 1, i]`.
 
   `window` counts the query's own key (`window = 1`: only itself). Shapes and
@@ -144,12 +159,12 @@ def sliding_window_attention(q, k, v, *, window, scale=None, q_offset=None,
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation,
                           "sliding_window_attention")
   return _call("sliding_window_attention", q, k, v, q_offset, fn=IMPLEMENTATIONS["sliding_window_attention"][impl],
-               seq_axis=seq_axis,
+               seq_axis=seq_axis, seq_order=seq_order,
                window=window, scale=scale)
 
 
 def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
-                  implementation=None, seq_axis=None):
+                  implementation=None, seq_axis=None, seq_order="contiguous"):
   """Power-based partial attention (PPA): cost `O(L^(1+p))`.
 
   A static, content-independent mask shared by every query, head and layer:
@@ -174,12 +189,12 @@ def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
   window = _checks.check_window(window)
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation, "ppa_attention")
   return _call("ppa_attention", q, k, v, q_offset, fn=IMPLEMENTATIONS["ppa_attention"][impl],
-               seq_axis=seq_axis, p=p,
+               seq_axis=seq_axis, seq_order=seq_order, p=p,
                window=window, scale=scale)
 
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None,
-                           implementation=None, seq_axis=None):
+                           implementation=None, seq_axis=None, seq_order="contiguous"):
   """Attention restricted to a static block-sparse `layout`.
 
   The general op behind causal, sliding-window and any user block mask
@@ -215,7 +230,7 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None,
       # ValueError early if the layout's blocks do not suit the kernels.
       pallas.block_sparse.host_tables(layout)
   return _call("block_sparse_attention", q, k, v, fn=IMPLEMENTATIONS["block_sparse_attention"][impl],
-               seq_axis=seq_axis, layout=layout,
+               seq_axis=seq_axis, seq_order=seq_order, layout=layout,
                scale=scale)
 
 
@@ -236,7 +251,8 @@ def superlinear_attention_with_anchors(q, k, v, q_search, k_search=None, *,
                                        config: SuperlinearConfig = SuperlinearConfig(),
                                        scale=None, q_offset=None,
                                        implementation=None,
-                                       seq_axis=None) -> SuperlinearOutput:
+                                       seq_axis=None,
+                                       seq_order="contiguous") -> SuperlinearOutput:
   """`superlinear_attention` that also returns the selected anchors and gates."""
   if not isinstance(config, SuperlinearConfig):
     raise ValueError(f"config must be an attn.SuperlinearConfig, got "
@@ -246,12 +262,14 @@ def superlinear_attention_with_anchors(q, k, v, q_search, k_search=None, *,
   k_search = _checks.check_search(q, k, q_search, k_search)
   return SuperlinearOutput(*_call("superlinear_attention", q, k, v, q_search, k_search,
                                   q_offset, fn=IMPLEMENTATIONS["superlinear_attention"][impl],
-                                  seq_axis=seq_axis, n_out=3, config=config, scale=scale))
+                                  seq_axis=seq_axis, seq_order=seq_order, n_out=3,
+                                  config=config, scale=scale))
 
 
 def superlinear_attention(q, k, v, q_search, k_search=None, *,
                           config: SuperlinearConfig = SuperlinearConfig(),
-                          scale=None, q_offset=None, implementation=None, seq_axis=None):
+                          scale=None, q_offset=None, implementation=None, seq_axis=None,
+                          seq_order="contiguous"):
   """Superlinear multi-step attention (N = 2): `O(L^1.5)` at the defaults.
 
   For the query at absolute position `i` (`t = i + 1` visible keys), with
@@ -286,4 +304,4 @@ def superlinear_attention(q, k, v, q_search, k_search=None, *,
   """
   return superlinear_attention_with_anchors(
       q, k, v, q_search, k_search, config=config, scale=scale, q_offset=q_offset,
-      implementation=implementation, seq_axis=seq_axis).out
+      implementation=implementation, seq_axis=seq_axis, seq_order=seq_order).out

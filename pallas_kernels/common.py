@@ -117,3 +117,30 @@ def span_bounds(anchors, pos, back, fwd, window: int):
   empty = (anchors < 0) | (hi < lo)
   return (jnp.where(empty, 0, lo).astype(jnp.int32),
           jnp.where(empty, -1, hi).astype(jnp.int32))
+
+
+def pallas_call(kernel, *, out_shape, **kwargs):
+  """`pl.pallas_call` whose outputs are typed as varying over every manual
+  mesh axis any input varies over.
+
+  Inside a `jax.shard_map` with `check_vma=True`, `pl.pallas_call` needs each
+  `out_shape` to state its `manual_axis_type`; a kernel's output depends on
+  all of its inputs, so it varies over the union of their axes. Outside a
+  shard_map (or with `check_vma=False`) every input's set is empty and this
+  is `pl.pallas_call` itself.
+  """
+  from jax.experimental import pallas as pl
+
+  def varying(x) -> frozenset:
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+  def call(*args):
+    axes = frozenset().union(*(varying(a) for a in jax.tree.leaves(args)))
+    mat = jax.sharding.ManualAxisType(varying=axes)
+    shapes = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat)
+        if isinstance(s, jax.ShapeDtypeStruct) else s, out_shape)
+    return pl.pallas_call(kernel, out_shape=shapes, **kwargs)(*args)
+
+  return call

@@ -1,19 +1,29 @@
-"""Run by tests/test_sharded_ops.py in a subprocess with 8 forced CPU devices.
+"""Run by tests/test_sharded_ops.py in ONE subprocess with 8 forced CPU devices.
 
-For every op and implementation named on the command line, compares values
-and gradients (q, k, v, q_search, k_search) of sharded calls with the same
-call on unsharded inputs:
-  * batch/head sharding: jit on an Explicit and an Auto mesh (`jax.set_mesh`),
-    and inside `jax.shard_map` (default check_vma); plus MQA (one kv head)
-    with heads sharded. The compiled forward+backward HLO of the
-    Explicit-mesh call must hold no all-gather, all-to-all or reduce-scatter.
-  * `seq_axis=` (context parallelism): sequence sharded 4 ways on Explicit
-    and Auto meshes and inside a user's shard_map.
-Prints one JSON line per case: {"case": ..., "ok": bool, "err": ...}.
+For every op (dense, sliding window, PPA, block sparse, superlinear with and
+without k_search, PPA and superlinear decode calls with a traced q_offset)
+and every implementation named on the command line (reference, xla, pallas
+in interpret mode), compares out and the gradients (q, k, v, q_search,
+k_search) of sharded calls with the same op on unsharded inputs:
+
+  * batch/heads (mesh data=4 x model=2): jit on an Explicit and on an Auto
+    mesh under `jax.set_mesh`, and inside `jax.shard_map` with the default
+    `check_vma=True`. The compiled forward+backward HLO of the jit calls
+    holds no all-gather, all-to-all or reduce-scatter.
+  * seq (mesh data=2 x seq=4, `seq_axis="seq"`): Explicit, Auto and inside a
+    user's shard_map; `seq_order="zigzag"` (inputs permuted, outputs and
+    gradients un-permuted before comparing) on Explicit and in shard_map;
+    decode calls against a sequence-sharded cache (q replicated).
+
+Every sharded call of one (op, implementation) is compared with one
+unsharded call; each jitted function is compiled once (`lower().compile()`,
+whose executable both runs and gives the HLO). Prints one JSON line per
+case: {"case", "ok", "err", "s"} (s: seconds, for the record).
 """
 
 import json
 import sys
+import time
 import traceback
 
 import jax
@@ -22,37 +32,69 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import attn
+from attn.context_parallel import zigzag_order
 from tests import op_cases as oc
 
 CFG = oc.SMALL_CFG
-L = 32
+B, L, HQ, HK, D, DS = 2, 32, 4, 2, 16, 8
+DECODE_Q, DECODE_OFF = 2, 19          # decode: 2 queries at positions 19, 20
 COLLECTIVES = ("all-gather", "all-to-all", "reduce-scatter")
+AXES = ("data", "model", "seq")       # one 2 x 2 x 2 mesh for every case
+BH = P("data", None, "model", None)
+BSH = P("data", "seq", "model", None)
+NAMES = ("q", "k", "v", "q_search", "k_search")
+# Pallas interpret mode inside a user's check_vma shard_map: JAX's HLO
+# interpreter fails while lowering these kernels ("dynamic_slice requires
+# varying manual axes to match"); the compiled kernels do not go through it.
+PALLAS_SHARD_MAP = ("dense", "sliding", "block_sparse")
 
 
-def ops(impl, seq_axis=None):
-  kw = dict(implementation=impl, seq_axis=seq_axis)
+def ops(impl, **kw):
+  """name -> (number of arrays, decode?, f(arrays, q_offset) -> out | tuple)."""
+  kw = dict(implementation=impl, **kw)
   layout = attn.BlockLayout.from_fn(lambda qi, ki: (ki <= qi) & ((qi - ki < 6) | (ki % 7 == 0)),
                                     L, L, block_q=16, block_k=16)
-  return {
-      "dense": (3, lambda a: attn.dense_attention(*a, **kw)),
-      "sliding": (3, lambda a: attn.sliding_window_attention(*a, window=6, **kw)),
-      "ppa": (3, lambda a: attn.ppa_attention(*a, p=0.5, window=3, **kw)),
-      "block_sparse": (3, lambda a: attn.block_sparse_attention(*a, layout, **kw)),
-      "superlinear": (5, lambda a: tuple(attn.superlinear_attention_with_anchors(
-          *a, config=CFG, **kw))[:2]),
-      "superlinear_k_as_search": (3, lambda a: attn.superlinear_attention(
-          a[0], a[1], a[2], a[0], None, config=CFG, **kw)),
+  sl = lambda a, off: tuple(attn.superlinear_attention_with_anchors(  # noqa: E731
+      *a, config=CFG, q_offset=off, **kw))[:2]
+  table = {
+      "dense": (3, False, lambda a, off: attn.dense_attention(*a, **kw)),
+      "sliding": (3, False, lambda a, off: attn.sliding_window_attention(*a, window=6, **kw)),
+      "ppa": (3, False, lambda a, off: attn.ppa_attention(*a, p=0.5, window=3, **kw)),
+      "block_sparse": (3, False, lambda a, off: attn.block_sparse_attention(*a, layout, **kw)),
+      "superlinear": (5, False, sl),
+      "ppa_decode": (3, True, lambda a, off: attn.ppa_attention(
+          *a, p=0.5, window=3, q_offset=off, **kw)),
+      "superlinear_decode": (5, True, sl),
   }
+  if impl == "xla":     # k_search=None (search against k): one path, once
+    table["superlinear_k_as_search"] = (3, False, lambda a, off: attn.superlinear_attention(
+        a[0], a[1], a[2], a[0], None, config=CFG, **kw))
+  return table
 
 
-def value_and_grads(f, args, cot):
-  def loss(*a):
-    out = f(list(a))
-    o = out[0] if isinstance(out, tuple) else out
-    return jnp.sum(o.astype(jnp.float32) * cot), out
-  (_, out), grads = jax.value_and_grad(loss, argnums=tuple(range(len(args))),
-                                       has_aux=True)(*args)
-  return out, grads
+def inputs(n, decode):
+  x = oc.inputs(batch=B, q_len=L, hq=HQ, hk=HK, d=D, ds=DS)
+  arrays = [x[k] for k in NAMES[:n]]
+  if decode:      # the queries at DECODE_OFF.. of a cache of L positions
+    arrays = [a[:, DECODE_OFF:DECODE_OFF + DECODE_Q] if i in (0, 3) else a
+              for i, a in enumerate(arrays)]
+  cot = jax.random.normal(jax.random.PRNGKey(7), arrays[0].shape, jnp.float32)
+  return arrays, cot
+
+
+def value_and_grads(f, n_arr):
+  """`(out, grads)` of `sum(out[0] * cot)`; args `(*arrays, q_offset, cot)`."""
+  def run(*args):
+    arrays, off, cot = args[:n_arr], args[n_arr], args[n_arr + 1]
+
+    def loss(*a):
+      out = f(list(a), off)
+      o = out[0] if isinstance(out, tuple) else out
+      return jnp.sum(o.astype(jnp.float32) * cot), out
+    (_, out), grads = jax.value_and_grad(loss, argnums=tuple(range(n_arr)),
+                                         has_aux=True)(*arrays)
+    return out, grads
+  return run
 
 
 def close(got, want, name):
@@ -66,98 +108,155 @@ def close(got, want, name):
       np.testing.assert_allclose(g, w, atol=3e-5, rtol=3e-4, err_msg=name)
 
 
-def put(mesh, arrays, spec):
-  return [jax.device_put(a, NamedSharding(mesh, spec)) for a in arrays]
+def put(mesh, arrays, specs):
+  return [a if a is None else jax.device_put(a, NamedSharding(mesh, s))
+          for a, s in zip(arrays, specs)]
+
+
+def compile_and_run(fn, args, check_hlo):
+  """One compile: the executable both runs and gives the HLO."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  if check_hlo:
+    hlo = compiled.as_text()
+    found = [c for c in COLLECTIVES if c in hlo]
+    assert not found, f"collectives in the compiled HLO: {found}"
+  return compiled(*args)
 
 
 def report(case, fn):
+  t0 = time.perf_counter()
   try:
     fn()
-    print(json.dumps({"case": case, "ok": True}), flush=True)
+    row = {"case": case, "ok": True}
   except Exception as e:  # noqa: BLE001 - reported to the test
-    print(json.dumps({"case": case, "ok": False,
-                      "err": "".join(traceback.format_exception(e))[-3000:]}), flush=True)
+    row = {"case": case, "ok": False, "err": "".join(traceback.format_exception(e))[-3000:]}
+  row["s"] = round(time.perf_counter() - t0, 2)
+  print(json.dumps(row), flush=True)
 
 
-def main(impls, groups):
+def mesh_of(axis_type):
+  return jax.make_mesh((2, 2, 2), AXES, axis_types=(axis_type,) * 3)
+
+
+def call_specs(n, spec, q_spec=None):
+  """Specs of `(*arrays, q_offset, cot)`: q-like arrays (q, q_search, cot)
+  get `q_spec`, k-like ones `spec`."""
+  q_spec = spec if q_spec is None else q_spec
+  return tuple(q_spec if i in (0, 3) else spec for i in range(n)) + (P(), q_spec)
+
+
+def cases(impl, op, n, decode, args, off, cot, want):
+  """Every sharding mode of one (impl, op); each a single compile."""
+  call = list(args) + [off, cot]
+  g = value_and_grads(ops(impl)[op][2], n)
+  gs = value_and_grads(ops(impl, seq_axis="seq")[op][2], n)
+  seq_specs = call_specs(n, BSH, BH if decode else BSH)   # decode: q replicated over seq
+  seq = "decode-cache" if decode else "seq"
+
+  def explicit_batch_heads():
+    mesh = mesh_of(AxisType.Explicit)
+    with jax.set_mesh(mesh):
+      close(compile_and_run(g, put(mesh, call, call_specs(n, BH)), True), want, "bh")
+  report(f"{impl}/{op}/jit-Explicit-batch-heads", explicit_batch_heads)
+
+  def explicit_seq():
+    mesh = mesh_of(AxisType.Explicit)
+    with jax.set_mesh(mesh):
+      close(compile_and_run(gs, put(mesh, call, seq_specs), False), want, "seq")
+  report(f"{impl}/{op}/jit-Explicit-batch-heads-{seq}", explicit_seq)
+
+  def auto():
+    # Auto types carry no spec: decode's replicated q is not visible, so the
+    # decode ops run batch/head-sharded here; the others are sequence-sharded.
+    mesh = mesh_of(AxisType.Auto)
+    specs = call_specs(n, BH) if decode else seq_specs
+    with jax.set_mesh(mesh):
+      close(compile_and_run(g if decode else gs, put(mesh, call, specs), False), want,
+            "auto")
+  report(f"{impl}/{op}/jit-Auto-batch-heads" + ("" if decode else "-seq"), auto)
+
+  if impl == "pallas" and op not in PALLAS_SHARD_MAP:
+    return
+  use_seq = not (impl == "pallas")        # see PALLAS_SHARD_MAP
+
+  def user_shard_map():
+    mesh = mesh_of(AxisType.Explicit)
+    specs = seq_specs if use_seq else call_specs(n, BH)
+    out = (specs[0], specs[:n])
+    sm = jax.shard_map(gs if use_seq else g, mesh=mesh, in_specs=specs, out_specs=out)
+    close(jax.jit(sm)(*put(mesh, call, specs)), want, "shard_map")
+  report(f"{impl}/{op}/shard_map-batch-heads" + (f"-{seq}" if use_seq else ""),
+         user_shard_map)
+
+
+def zigzag_case(impl, op, n, args, cot, want, in_shard_map):
+  perm = zigzag_order(L, 2)
+  inv = np.argsort(perm)
+  gz = value_and_grads(ops(impl, seq_axis="seq", seq_order="zigzag")[op][2], n)
+  call = [a[:, perm] for a in args] + [None, cot[:, perm]]
+  specs = call_specs(n, BSH)
+
+  def run():
+    mesh = mesh_of(AxisType.Explicit)
+    if in_shard_map:
+      sm = jax.shard_map(gz, mesh=mesh, in_specs=specs, out_specs=(BSH, specs[:n]))
+      got = jax.jit(sm)(*put(mesh, call, specs))
+    else:
+      with jax.set_mesh(mesh):
+        got = compile_and_run(gz, put(mesh, call, specs), False)
+    close(jax.tree.map(lambda x: np.asarray(x)[:, inv], got), want, "zigzag")
+  report(f"{impl}/{op}/zigzag-" + ("shard_map" if in_shard_map else "Explicit"), run)
+
+
+def main(impls):
   assert jax.device_count() == 8
-  x = oc.inputs(batch=4, q_len=L, hq=4, hk=2, d=16, ds=8)
-  x1 = oc.inputs(batch=4, q_len=L, hq=4, hk=1, d=16, ds=8)   # MQA
-  names = ["q", "k", "v", "q_search", "k_search"]
-  cot = jax.random.normal(jax.random.PRNGKey(7), x["q"].shape, jnp.float32)
-  bh = P("data", None, "model", None)
-  for impl in impls:
-    for op, (n, f) in ops(impl).items():
-      args = [x[k] for k in names[:n]]
-      want = jax.jit(lambda *a, f=f: value_and_grads(f, a, cot))(*args)
-      if "batch_heads" in groups:
-        for at in (AxisType.Explicit, AxisType.Auto):
-          def jit_case(at=at, f=f, args=args, want=want):
-            mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(at, at))
-            with jax.set_mesh(mesh):
-              run = jax.jit(lambda *a: value_and_grads(f, a, cot))
-              sharded = put(mesh, args, bh)
-              close(run(*sharded), want, "values/grads")
-              if at == AxisType.Explicit:
-                hlo = run.lower(*sharded).compile().as_text()
-                found = [c for c in COLLECTIVES if c in hlo]
-                assert not found, f"collectives in the compiled HLO: {found}"
-          report(f"{impl}/{op}/jit-{at.name}", jit_case)
-
-        def shmap_case(f=f, args=args, want=want):
-          mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
-          sm = jax.shard_map(lambda *a: value_and_grads(f, a, cot_local(a)), mesh=mesh,
-                             in_specs=bh, out_specs=bh)
-          close(jax.jit(sm)(*put(mesh, args, bh)), want, "shard_map")
-        if "no_user_shard_map" not in groups:
-          report(f"{impl}/{op}/shard_map", shmap_case)
-
-        def mqa_case(f=f, n=n):
-          a1 = [x1[k] for k in names[:n]]
-          want1 = jax.jit(lambda *a: value_and_grads(f, a, cot))(*a1)
-          mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
-          with jax.set_mesh(mesh):
-            sh = [jax.device_put(a, NamedSharding(mesh, bh if a.shape[2] == 4 else
-                                                  P("data", None, None, None))) for a in a1]
-            close(jax.jit(lambda *a: value_and_grads(f, a, cot))(*sh), want1, "mqa")
-        report(f"{impl}/{op}/mqa-heads", mqa_case)
-      if "seq" in groups:
-        _, fs = ops(impl, "seq")[op]
-        sq = P("data", "seq", None, None)
-        for at in (AxisType.Explicit, AxisType.Auto):
-          def seq_case(at=at, fs=fs, args=args, want=want):
-            mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(at, at))
-            with jax.set_mesh(mesh):
-              got = jax.jit(lambda *a: value_and_grads(fs, a, cot))(*put(mesh, args, sq))
-            close(got, want, "seq")
-          report(f"{impl}/{op}/seq-{at.name}", seq_case)
-
-        def seq_shmap(fs=fs, args=args, want=want):
-          mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
-          sm = jax.shard_map(lambda *a: value_and_grads(fs, a, cot_local(a, sq)), mesh=mesh,
-                             in_specs=sq, out_specs=sq)
-          close(jax.jit(sm)(*put(mesh, args, sq)), want, "seq shard_map")
-        if "no_user_shard_map" not in groups:
-          report(f"{impl}/{op}/seq-shard_map", seq_shmap)
-  if "extra" in groups:
+  for op, (n, decode, f_ref) in ops("reference").items():
+    args, cot = inputs(n, decode)
+    off = jnp.int32(DECODE_OFF) if decode else None
+    # The oracle: the unsharded reference call (dense masked; tested against
+    # its own oracles in tests/test_op_suite.py).
+    want = jax.jit(value_and_grads(f_ref, n))(*args, off, cot)
+    for impl in impls:
+      if op not in ops(impl):
+        continue
+      cases(impl, op, n, decode, args, off, cot, want)
+      if decode or (impl == "pallas" and op == "block_sparse"):
+        continue    # pallas block sparse: 8-row zigzag chunks < its 16-row blocks
+      zigzag_case(impl, op, n, args, cot, want, False)
+      if impl == "xla":
+        zigzag_case(impl, op, n, args, cot, want, True)
+  if "xla" in impls:
+    args, cot = inputs(3, False)
+    ref = lambda a, off: attn.superlinear_attention(  # noqa: E731
+        a[0], a[1], a[2], a[0], None, config=CFG, implementation="reference")
+    want = jax.jit(value_and_grads(ref, 3))(*args, None, cot)
+    cases("xla", "superlinear_k_as_search", 3, False, args, None, cot, want)
     extra_checks()
 
 
 def extra_checks():
-  """Needle across shards and bad input (xla path)."""
+  """MQA with heads sharded, needle across shards and bad input (xla path)."""
   mesh = jax.make_mesh((1, 4), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
   sq = P(None, "seq", None, None)
+
+  def mqa():
+    x = oc.inputs(batch=B, q_len=L, hq=HQ, hk=1, d=D, ds=DS)
+    a = [x["q"], x["k"], x["v"]]
+    f = lambda a: attn.ppa_attention(*a, p=0.5, window=3, implementation="xla")  # noqa: E731
+    g = lambda *a: jax.grad(lambda *a: jnp.sum(f(a) ** 2), argnums=(0, 1, 2))(*a)  # noqa: E731
+    want = jax.jit(g)(*a)
+    m = mesh_of(AxisType.Explicit)
+    with jax.set_mesh(m):
+      sh = put(m, a, (BH,) + (P("data", None, None, None),) * 2)
+      close(compile_and_run(g, sh, True), want, "mqa")
 
   def needle():
     # One key in shard 0 (position 2) whose search key matches the last
     # query's routing query far better than any other; its value is large.
     b, n, h, d = 1, 64, 1, 8
     rng = np.random.default_rng(0)
-    q = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
-    k = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
-    v = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
-    qs = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
-    ks = rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
+    q, k, v, qs, ks = (rng.normal(size=(b, n, h, d)).astype(np.float32) * 0.1
+                       for _ in range(5))
     qs[0, -1, 0] = ks[0, 2, 0] = 10.0
     q[0, -1, 0] = k[0, 2, 0] = 3.0
     v[0, 2, 0] = 5.0
@@ -167,55 +266,52 @@ def extra_checks():
     want = attn.superlinear_attention_with_anchors(*args, config=cfg, implementation="xla")
     with jax.set_mesh(mesh):
       got = jax.jit(lambda *a: tuple(attn.superlinear_attention_with_anchors(
-          *a, config=cfg, implementation="xla", seq_axis="seq")))(*put(mesh, args, sq))
+          *a, config=cfg, implementation="xla", seq_axis="seq")))(*put(mesh, args, (sq,) * 5))
     anchors = np.asarray(got[1])[0, -1, 0]
     span = [a for a in anchors if a >= 0 and abs(int(a) - 2) <= 4]
     assert span, f"the last shard's last query picked no anchor near the needle: {anchors}"
     assert float(np.asarray(got[0])[0, -1, 0].mean()) > 2.0, "needle value not read"
     close(got, tuple(want)[:3], "needle")
 
+  def expect(fn, *words):
+    try:
+      fn()
+    except ValueError as e:
+      assert all(w in str(e) for w in words), str(e)
+      return
+    raise AssertionError(f"no ValueError naming {words}")
+
   def bad_input():
     x = oc.inputs(batch=1, q_len=L, hq=2, hk=2, d=8, ds=8)
+    qkv = [x["q"], x["k"], x["v"]]
+    dense = lambda *a, **kw: attn.dense_attention(*a, implementation="xla", **kw)  # noqa: E731
     with jax.set_mesh(mesh):
-      qs = put(mesh, [x["q"], x["k"], x["v"]], sq)
-      for kw, word in (({"seq_axis": "sequence"}, "'sequence'"),):
-        try:
-          attn.dense_attention(*qs, implementation="xla", **kw)
-          raise AssertionError("no error for an axis not in the mesh")
-        except ValueError as e:
-          assert word in str(e) and "not an axis of the mesh" in str(e), str(e)
-      un = put(mesh, [x["q"], x["k"], x["v"]], P())
-      try:
-        attn.dense_attention(*un, implementation="xla", seq_axis="seq")
-        raise AssertionError("no error for unsharded inputs")
-      except ValueError as e:
-        assert "seq_axis='seq'" in str(e) and "sharded" in str(e), str(e)
+      sh = put(mesh, qkv, (sq,) * 3)
+      expect(lambda: dense(*sh, seq_axis="sequence"), "seq_axis='sequence'",
+             "not an axis of the mesh")
+      expect(lambda: dense(*put(mesh, qkv, (P(),) * 3), seq_axis="seq"), "seq_axis='seq'",
+             "sharded")
+      expect(lambda: dense(*sh, seq_axis="seq", seq_order="spiral"), "seq_order")
+      odd = put(mesh, [oc.inputs(batch=1, q_len=L + 4, hq=2, hk=2, d=8)[k]
+                       for k in ("q", "k", "v")], (sq,) * 3)
+      expect(lambda: dense(*odd, seq_axis="seq", seq_order="zigzag"), "not divisible",
+             "2 * axis size")
     auto = jax.make_mesh((1, 4), ("data", "seq"), axis_types=(AxisType.Auto,) * 2)
     with jax.set_mesh(auto):
       y = oc.inputs(batch=1, q_len=L + 2, hq=2, hk=2, d=8, ds=8)
       odd = [y["q"], y["k"], y["v"]]
-      try:
-        jax.jit(lambda *a: attn.dense_attention(*a, implementation="xla",
-                                                seq_axis="seq"))(*odd)
-        raise AssertionError("no error for a sequence not divisible by the axis")
-      except ValueError as e:
-        assert "not divisible" in str(e) and "seq_axis='seq'" in str(e), str(e)
+      expect(lambda: jax.jit(lambda *a: dense(*a, seq_axis="seq"))(*odd), "not divisible",
+             "seq_axis='seq'")
+    # Inside a user's shard_map (check_vma): k not mapped over the axis.
+    sm = jax.shard_map(lambda q, k, v: dense(q, k, v, seq_axis="seq"), mesh=mesh,
+                       in_specs=(sq, P(), P()), out_specs=sq)
+    expect(lambda: jax.jit(sm)(*put(mesh, qkv, (sq, P(), P()))),
+           "seq_axis='seq'", "k is not sharded")
 
+  report("xla/mqa-heads", mqa)
   report("xla/superlinear/seq-needle", needle)
   report("xla/bad-input", bad_input)
 
 
-def cot_local(a, spec=P("data", None, "model", None)):
-  """The block of the global cotangent this shard holds (same `cot` as main)."""
-  cot = jax.random.normal(jax.random.PRNGKey(7), (4, L, 4, 16), jnp.float32)
-  idx = []
-  for dim, axis in enumerate(spec):
-    if axis is None:
-      idx.append(0)
-    else:
-      idx.append(jax.lax.axis_index(axis) * a[0].shape[dim])
-  return jax.lax.dynamic_slice(cot, idx, a[0].shape)
-
-
 if __name__ == "__main__":
-  main(sys.argv[1].split(","), sys.argv[2].split(","))
+  main(sys.argv[1].split(","))

@@ -1,17 +1,24 @@
-"""Every op on sharded inputs (8 CPU devices, one subprocess per group):
-batch/head sharding under jit (Explicit and Auto meshes), inside
-`jax.shard_map` with the default check_vma, MQA with heads sharded; and
-`seq_axis=` context parallelism (Explicit, Auto, inside a user's shard_map),
-a superlinear needle in shard 0 found by a query in the last shard, and bad
-input. Values and gradients equal the unsharded call
-(`tests/sharded_ops_check.py`); the compiled HLO of a batch/head-sharded call
-holds no all-gather, all-to-all or reduce-scatter.
+"""Every op on sharded inputs (8 CPU devices, `tests/sharded_ops_check.py`).
 
-The pallas (interpret mode) variant runs the same cases but takes minutes on
-a 2-core CPU: it runs when `ATTN_TEST_PALLAS_SHARDED=1`, without the cases
-inside a user's shard_map: with check_vma=True a `pallas_call` needs its
-`out_shape` to state how it varies over the manual axes, which the kernels
-(pallas_kernels/*) do not do yet (ValueError from pallas_call).
+For every op (dense, sliding window, PPA, block sparse, superlinear, and PPA
+and superlinear decode calls with a traced q_offset) and implementation
+(reference, xla, pallas in interpret mode), on one 2 x 2 x 2 mesh
+(data, model, seq): jit on an Explicit mesh with batch/heads sharded (the
+compiled HLO holds no all-gather, all-to-all or reduce-scatter), and with
+the sequence sharded too (`seq_axis=`; decode: a sequence-sharded cache);
+jit on an Auto mesh under `jax.set_mesh`; inside a user's `jax.shard_map`
+(default check_vma); the zigzag order (`seq_order="zigzag"`). Values and
+gradients equal the unsharded reference call. Plus MQA with heads sharded, a
+superlinear needle in shard 0 found from the last shard, and bad input.
+
+The cases run in two subprocesses at once (reference + xla, pallas), each
+compiling every jitted function once, at XLA backend optimisation level 0
+(compile time dominates; the values do not depend on it).
+
+Not covered (see the checker): Pallas interpret mode inside a user's
+check_vma shard_map for PPA and superlinear and with a sequence axis (JAX's
+HLO interpreter fails to lower them there), and Pallas block sparse in the
+zigzag order at this size (8-row chunks, the kernels need 16-row blocks).
 """
 
 import json
@@ -19,34 +26,68 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from attn.context_parallel import zigzag_order
 from tests.train_helpers import REPO, subprocess_env
 
-XLA_CASES = 6 * 4 + 6 * 3 + 2     # ops x (2 jit, shard_map, mqa) + ops x 3 seq + extra
+FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+# ops x modes (tests/sharded_ops_check.py): 5 prefill ops x 4 modes + zigzag,
+# 2 decode ops x 4 modes; xla adds zigzag in shard_map, k_search=None and 3 extra.
+EXPECTED = {"reference": 5 * 5 + 2 * 4, "xla": 5 * 6 + 2 * 4 + 4 + 3,
+            "pallas": 5 * 4 - 2 + 4 + 2 * 3}
 
 
-def _run(impl, groups):
-  r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharded_ops_check.py"),
-                      impl, groups], cwd=REPO, env=subprocess_env(num_devices=8),
-                     capture_output=True, text=True, timeout=1800)
-  assert r.returncode == 0, r.stderr[-5000:]
-  rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+def _start(impls):
+  env = subprocess_env()
+  env["XLA_FLAGS"] = FLAGS
+  return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "sharded_ops_check.py"),
+                           impls], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _rows(proc):
+  out, err = proc.communicate(timeout=1800)
+  assert proc.returncode == 0, err[-5000:]
+  return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_every_op_sharded_every_implementation():
+  procs = [_start("reference,xla"), _start("pallas")]
+  rows = _rows(procs[0]) + _rows(procs[1])
   failed = {row["case"]: row["err"] for row in rows if not row["ok"]}
   assert not failed, "\n\n".join(f"{c}:\n{e}" for c, e in failed.items())
-  return [row["case"] for row in rows]
+  counts = {impl: sum(r["case"].startswith(impl + "/") for r in rows) for impl in EXPECTED}
+  assert counts == EXPECTED, counts
 
 
-@pytest.mark.slow
-def test_every_op_sharded_xla_and_reference():
-  cases = _run("xla,reference", "batch_heads,seq,extra")
-  assert len(cases) == 2 * XLA_CASES - 2, cases
+def test_zigzag_order_puts_chunks_s_and_2n_minus_1_minus_s_on_shard_s():
+  n, length = 4, 32
+  perm = zigzag_order(length, n)
+  assert sorted(perm.tolist()) == list(range(length))
+  c = length // (2 * n)
+  for s, block in enumerate(perm.reshape(n, 2 * c)):
+    np.testing.assert_array_equal(block[:c], np.arange(s * c, (s + 1) * c))
+    np.testing.assert_array_equal(block[c:], np.arange((2 * n - 1 - s) * c, (2 * n - s) * c))
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("ATTN_TEST_PALLAS_SHARDED") != "1",
-                    reason="pallas interpret mode on 8 CPU devices takes minutes; "
-                           "set ATTN_TEST_PALLAS_SHARDED=1")
-def test_every_op_sharded_pallas_interpret():
-  cases = _run("pallas", "batch_heads,seq,no_user_shard_map")
-  assert len(cases) == XLA_CASES - 2 - 2 * 6, cases
+def test_zigzag_order_rejects_a_length_not_divisible_by_2n():
+  with pytest.raises(ValueError, match="2 \\* axis size"):
+    zigzag_order(36, 4)
+
+
+def test_zigzag_balances_causal_pairs():
+  """Causal pairs per shard, counted by hand: contiguous grows with the
+  shard index, zigzag is equal on every shard."""
+  import importlib
+  cp_memory = importlib.import_module("eval.cp_memory")
+  n, length = 4, 64
+  mask = np.tril(np.ones((length, length), bool))
+  contiguous = cp_memory.shard_pairs(mask, n, "contiguous")
+  zigzag = cp_memory.shard_pairs(mask, n, "zigzag")
+  per = length // n
+  want = [sum(i + 1 for i in range(s * per, (s + 1) * per)) for s in range(n)]
+  assert contiguous.tolist() == want
+  assert zigzag.tolist() == [sum(want) // n] * n

@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attn import masks
+from attn import masks, sharding
 from attn._offsets import call_any_offset
 from attn.config import SuperlinearConfig
 from attn.pallas import decode
@@ -118,6 +118,10 @@ def _gate_bwd(res, ct):
     return dq, _scatter_add_rows(dk, i_j, c_j * qh)
 
   zeros = (jnp.zeros((b, hk, g, lq, ds), f32), jnp.zeros((b, hk, lk, ds), f32))
+  # Inside a shard_map with check_vma the carry varies like the inputs.
+  axes = tuple(sorted(frozenset().union(*map(sharding.varying_axes, (qs, ks, anchors, ct)))))
+  if axes:
+    zeros = jax.lax.pcast(zeros, axes, to="varying")
   dq, dk = jax.lax.fori_loop(0, num, slot, zeros)
   dq = dq.reshape(b, hq, lq, ds).transpose(0, 2, 1, 3).astype(qs.dtype)
   dk = dk.transpose(0, 2, 1, 3).astype(ks.dtype)

@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import F32, LANES, LOG2E, Spec, Tables
 from pallas_kernels import cost
-from pallas_kernels.common import pad_head_dim
+from pallas_kernels.common import pad_head_dim, pallas_call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +306,7 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
     chunk = -(-ps.width // splits)
     sp = lambda *blk: pl.BlockSpec((None, None, None) + blk,  # noqa: E731
                                    lambda b, h, i, s: (b, h, s, nq - 1 - i) + (0,) * (len(blk) - 1))
-    acc, m, l = pl.pallas_call(
+    acc, m, l = pallas_call(
         functools.partial(_split_kernel, spec=ps, chunk=chunk), grid=(b, hq, nq, splits),
         in_specs=[_full(t) for t in tables] + [
             pl.BlockSpec((None, None, bq, dp), lambda b, h, i, s: (b, h, nq - 1 - i, 0)),
@@ -320,7 +320,7 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
         interpret=interpret, name="block_sparse_fwd_split")(*tables, q, k, v)
     out, lse = _merge_splits(acc, m, l)
     return out[..., :d].astype(q.dtype), lse
-  outs = pl.pallas_call(
+  outs = pallas_call(
       functools.partial(_fwd_kernel, spec=ps), grid=(b, hq, nq),
       in_specs=[_full(t) for t in tables] + [
           pl.BlockSpec((None, None, bq, dp), lambda b, h, i: (b, h, nq - 1 - i, 0)),
@@ -424,7 +424,7 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
   row = pl.BlockSpec((None, None, bq, dp), lambda b, h, i: (b, h, nq - 1 - i, 0))
   vec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, nq - 1 - i))
   kv_all = pl.BlockSpec((None, None, lkp, dp), lambda b, h, i: (b, h // g, 0, 0))
-  dq = pl.pallas_call(
+  dq = pallas_call(
       functools.partial(_dq_kernel, spec=ps), grid=(b, hq, nq),
       in_specs=[_full(t) for t in tables] + [row, kv_all, kv_all, row, vec, vec],
       out_specs=row, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -437,7 +437,7 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
   group_rows = pl.BlockSpec((None, g, lqp, dp), lambda b, h, j: (b, h, 0, 0))
   group_vec = pl.BlockSpec((None, g, lqp), lambda b, h, j: (b, h, 0))
   kv_blk = pl.BlockSpec((None, None, bk, dp), lambda b, h, j: (b, h, j, 0))
-  dk, dv = pl.pallas_call(
+  dk, dv = pallas_call(
       functools.partial(_dkv_kernel, spec=ps), grid=(b, hk, ps.num_k_blocks),
       in_specs=[_full(t) for t in t_tables] + [group_rows, kv_blk, kv_blk, group_rows,
                                                group_vec, group_vec],

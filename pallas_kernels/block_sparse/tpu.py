@@ -26,7 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import cost
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import F32, LANES, Spec, Tables
-from pallas_kernels.common import pad_head_dim
+from pallas_kernels.common import pad_head_dim, pallas_call
 
 NUM_PREFETCH = 4  # kv_blocks, num_kv_blocks, mask_ids, q_offset
 
@@ -199,7 +199,7 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
       in_specs=in_specs, out_specs=out_specs,
       scratch_shapes=[pltpu.VMEM((bq, LANES), F32), pltpu.VMEM((bq, LANES), F32),
                       pltpu.VMEM((bq, dp), F32)])
-  outs = pl.pallas_call(
+  outs = pallas_call(
       _optional_refs(_fwd_kernel, [True] * 7 + [table, True, True, spec.count_visits]
                      + [True] * 3, spec=spec), grid_spec=grid_spec, out_shape=out_shape,
       compiler_params=_compiler(3, 1), interpret=interpret,
@@ -308,7 +308,7 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
     return out + ([_tile_spec(spec, transposed)] if table else [])
 
   args = [q, k, v, do, lse, delta] + ([tabs.block_masks] if table else [])
-  dq = pl.pallas_call(
+  dq = pallas_call(
       _optional_refs(_dq_kernel, [True] * 10 + [table] + [True] * 2, spec=spec),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=NUM_PREFETCH, grid=(b, hq, spec.num_q_blocks, spec.width),
@@ -319,7 +319,7 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
       cost_estimate=_cost("dq", spec, q, hk),
       name="block_sparse_dq")(*_prefetch(tabs, False), *args)
   kv_out = pl.BlockSpec((None, None, bk, dp), lambda b, hk, j, g, t, *_: (b, hk, j, 0))
-  dk, dv = pl.pallas_call(
+  dk, dv = pallas_call(
       _optional_refs(_dkv_kernel, [True] * 10 + [table] + [True] * 4, spec=spec),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=NUM_PREFETCH,

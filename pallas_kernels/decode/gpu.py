@@ -27,7 +27,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import cost
 from pallas_kernels.decode import common as cm
-from pallas_kernels.common import F32, next_pow2
+from pallas_kernels.common import F32, next_pow2, pallas_call
 
 _BK = 64          # key rows per tile (band, ranges)
 _ROWS_MIN = 16    # tl.dot needs every dim >= 16
@@ -159,7 +159,7 @@ def search(scal, f_desc, qs, ks, *, lq, num, interpret, num_splits=None):
                              splits=splits, lq_p=lq_p, per_step=per_step, n=n,
                              kv_len=ks.shape[1])
   out = (bsz, hk, splits, num, rp)
-  s, a = pl.pallas_call(
+  s, a = pallas_call(
       kernel, grid=(bsz, hk, splits),
       out_shape=(jax.ShapeDtypeStruct(out, F32), jax.ShapeDtypeStruct(out, jnp.int32)),
       compiler_params=_params(), interpret=interpret, name="decode_search",
@@ -253,7 +253,7 @@ def band(scal, q, k, v, *, lq, width, scale, interpret, num_splits=None):
   splits = cm.band_splits(width, lq=lq, programs=bsz * hk, num_splits=num_splits)
   kernel = functools.partial(_band_kernel, lq=lq, r=r, width=width, scale=scale,
                              bk=bk, splits=splits, kv_len=k.shape[1])
-  out = pl.pallas_call(
+  out = pallas_call(
       kernel, grid=(bsz, hk, splits), out_shape=_rows_out(bsz, hk, splits, rp, dp),
       compiler_params=_params(), interpret=interpret, name="decode_band",
       cost_estimate=cost.decode_band(
@@ -299,7 +299,7 @@ def stripes(scal, d_asc, q, k, v, *, lq, scale, interpret, num_splits=None):
   kernel = functools.partial(_stripes_kernel, lq=lq, r=r, scale=scale, n_tab=n_tab,
                              splits=splits, lq_p=lq_p, per_step=per_step, n=n,
                              kv_len=k.shape[1])
-  out = pl.pallas_call(
+  out = pallas_call(
       kernel, grid=(bsz, hk, splits), out_shape=_rows_out(bsz, hk, splits, rp, dp),
       compiler_params=_params(), interpret=interpret, name="decode_stripes",
       cost_estimate=cost.decode_stripes(
@@ -352,7 +352,7 @@ def ranges(lo, hi, q, k, v, *, scale, interpret, max_len=None, num_splits=None):
   flat = lambda x: x.reshape(bsz, hk, r * num)  # noqa: E731
   kernel = functools.partial(_ranges_kernel, num=num, splits=splits, scale=scale, bk=_BK,
                              kv_len=k.shape[1])
-  m, l, o = pl.pallas_call(
+  m, l, o = pallas_call(
       kernel, grid=(bsz, hk, n), out_shape=(
           jax.ShapeDtypeStruct((bsz, hk, n), F32),
           jax.ShapeDtypeStruct((bsz, hk, n), F32),

@@ -29,7 +29,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import cost
 from pallas_kernels.decode import common as cm
-from pallas_kernels.common import F32, cdiv
+from pallas_kernels.common import F32, cdiv, pallas_call
 
 BLOCK_K = 128         # key rows per tile (band, ranges)
 
@@ -156,7 +156,7 @@ def search(scal, f_desc, qs, ks, *, lq, num, interpret, num_splits=None):
                              splits=splits, align=align, n_buf=n_buf, kv_len=kv_len)
   state = (r, num, hk, 1)
   out = pl.BlockSpec((None, None, *state), lambda b, sp, *_: (b, sp, 0, 0, 0, 0))
-  s, a = pl.pallas_call(
+  s, a = pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(bsz, splits),
@@ -190,7 +190,7 @@ def _rows_call(kernel, scal, tables, q, k, v, *, n_buf, splits, cost_estimate, i
   grid `(B, S)`; returns per-split states `[B, Hk, S, R(, D)]`."""
   bsz, hk, r, d = q.shape
   stat = (r, hk, 1)
-  m, l, o = pl.pallas_call(
+  m, l, o = pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1 + len(tables), grid=(bsz, splits),
@@ -359,7 +359,7 @@ def ranges(lo, hi, q, k, v, *, scale, interpret, max_len=None, num_splits=None):
   kernel = functools.partial(_ranges_kernel, num=num, hk=hk, rk=rk, splits=splits,
                              scale=scale, n=n,
                              align=align, n_buf=n_buf, kv_len=kv_len)
-  m, l, o = pl.pallas_call(
+  m, l, o = pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(bsz, hk, rk * splits),

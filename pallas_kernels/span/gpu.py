@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.span import common
-from pallas_kernels.common import F32
+from pallas_kernels.common import F32, pallas_call
 
 _I = jnp.int32
 
@@ -113,7 +113,7 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
   nt, lk = r // block_q, k.shape[2]
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
   kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k)
-  return pl.pallas_call(
+  return pallas_call(
       kernel, grid=(b, h, nt),
       in_specs=[_tbl(nt), pl.BlockSpec((None, None, block_q, dp), row),
                 pl.BlockSpec((None, None, block_q, 1), row),
@@ -135,7 +135,7 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
   vec = pl.BlockSpec((None, None, block_q, 1), row)
   kernel = functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k)
-  return pl.pallas_call(
+  return pallas_call(
       kernel, grid=(b, h, nt),
       in_specs=[_tbl(nt), pl.BlockSpec((None, None, block_q, dp), row),
                 pl.BlockSpec((None, None, block_q, dp), row), vec, vec, vec, vec,
@@ -156,7 +156,7 @@ def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, bl
   nkb = lk // block_k
   blk = lambda bb, hh, cc: (bb, hh, cc, 0)  # noqa: E731
   kernel = functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k)
-  return pl.pallas_call(
+  return pallas_call(
       kernel, grid=(b, h, nkb),
       in_specs=[_tbl(nkb), pl.BlockSpec((None, None, block_k, dp), blk),
                 pl.BlockSpec((None, None, block_k, dp), blk),

@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.span import common
-from pallas_kernels.common import F32
+from pallas_kernels.common import F32, pallas_call
 
 
 def _pipelined(count, copies, body, init):
@@ -188,7 +188,7 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
   b, h, r, dp = q.shape
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
   kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k)
-  return pl.pallas_call(
+  return pallas_call(
       kernel, grid=(b, h, r // block_q),
       in_specs=[_table_spec(), pl.BlockSpec((None, None, block_q, dp), row),
                 pl.BlockSpec((None, None, block_q, 1), row),
@@ -210,7 +210,7 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
   vec = pl.BlockSpec((None, None, block_q, 1), row)
   kernel = functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k)
-  return pl.pallas_call(
+  return pallas_call(
       kernel, grid=(b, h, r // block_q),
       in_specs=[_table_spec(), pl.BlockSpec((None, None, block_q, dp), row),
                 pl.BlockSpec((None, None, block_q, dp), row), vec, vec, vec, vec,
@@ -236,7 +236,7 @@ def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, bl
   blk = lambda bb, hh, cc: (bb, hh, cc, 0)  # noqa: E731
   kernel = functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k)
   hbm = pl.BlockSpec(memory_space=pl.ANY)
-  return pl.pallas_call(
+  return pallas_call(
       kernel, grid=(b, h, lk // block_k),
       in_specs=[_table_spec(), pl.BlockSpec((None, None, block_k, dp), blk),
                 pl.BlockSpec((None, None, block_k, dp), blk)] + [hbm] * 6,

@@ -7,6 +7,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.stripe.common import head_block as _head_block
+from pallas_kernels.common import pallas_call
 
 
 class _GpuCtx:
@@ -62,7 +63,7 @@ def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_row
     o = refs[nt + nb + nf:]
     body(_GpuCtx(fr, kinds), *t, *bl, *o)
 
-  return pl.pallas_call(
+  return pallas_call(
       kernel, out_shape=[o[0] for o in outs], grid=grid, in_specs=in_specs,
       out_specs=out_specs, interpret=interpret, cost_estimate=cost,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),

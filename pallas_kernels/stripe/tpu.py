@@ -8,6 +8,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.stripe.common import head_block as _head_block
+from pallas_kernels.common import pallas_call
 
 
 class _TpuCtx:
@@ -86,7 +87,7 @@ def launch_tpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_row
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=nt, grid=grid, in_specs=in_specs, out_specs=out_specs,
       scratch_shapes=scratch)
-  return pl.pallas_call(
+  return pallas_call(
       kernel, out_shape=[o[0] for o in outs], grid_spec=grid_spec,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel")),
