@@ -33,6 +33,7 @@ import functools
 from typing import NamedTuple
 
 import jax
+from jax.typing import ArrayLike
 
 from attn import _checks, context_parallel, pallas, reference, sharding, xla
 from attn.config import SuperlinearConfig
@@ -114,9 +115,10 @@ def _prologue(q, k, v, scale, q_offset, implementation, op):
   return impl, _checks.check_scale(scale, d)
 
 
-def dense_attention(q, k, v, *, scale=None, q_offset=None, implementation=None,
-                    seq_axis=None,
-                    seq_order="contiguous"):
+def dense_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *,
+                    scale: float | None = None, q_offset: int | ArrayLike | None = None,
+                    implementation: str | None = None, seq_axis: str | None = None,
+                    seq_order: str = "contiguous") -> jax.Array:
   """Causal softmax attention over every earlier key.
 
   Args:
@@ -146,8 +148,12 @@ def dense_attention(q, k, v, *, scale=None, q_offset=None, implementation=None,
                scale=scale)
 
 
-def sliding_window_attention(q, k, v, *, window, scale=None, q_offset=None,
-                             implementation=None, seq_axis=None, seq_order="contiguous"):
+def sliding_window_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, window: int,
+                             scale: float | None = None,
+                             q_offset: int | ArrayLike | None = None,
+                             implementation: str | None = None,
+                             seq_axis: str | None = None,
+                             seq_order: str = "contiguous") -> jax.Array:
   """Causal sliding-window attention: query at `i` sees keys `[i - window + 1, i]`.
 
   `window` counts the query's own key (`window = 1`: only itself). Shapes and
@@ -163,8 +169,10 @@ def sliding_window_attention(q, k, v, *, window, scale=None, q_offset=None,
                window=window, scale=scale)
 
 
-def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
-                  implementation=None, seq_axis=None, seq_order="contiguous"):
+def ppa_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, p: float, window: int = 64,
+                  scale: float | None = None, q_offset: int | ArrayLike | None = None,
+                  implementation: str | None = None, seq_axis: str | None = None,
+                  seq_order: str = "contiguous") -> jax.Array:
   """Power-based partial attention (PPA): cost `O(L^(1+p))`.
 
   A static, content-independent mask shared by every query, head and layer:
@@ -193,8 +201,10 @@ def ppa_attention(q, k, v, *, p, window=64, scale=None, q_offset=None,
                window=window, scale=scale)
 
 
-def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None,
-                           implementation=None, seq_axis=None, seq_order="contiguous"):
+def block_sparse_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, layout: BlockLayout,
+                           *, scale: float | None = None,
+                           implementation: str | None = None, seq_axis: str | None = None,
+                           seq_order: str = "contiguous") -> jax.Array:
   """Attention restricted to a static block-sparse `layout`.
 
   The general op behind causal, sliding-window and any user block mask
@@ -247,12 +257,15 @@ class SuperlinearOutput(NamedTuple):
   gates: jax.Array
 
 
-def superlinear_attention_with_anchors(q, k, v, q_search, k_search=None, *,
+def superlinear_attention_with_anchors(q: ArrayLike, k: ArrayLike, v: ArrayLike,
+                                       q_search: ArrayLike,
+                                       k_search: ArrayLike | None = None, *,
                                        config: SuperlinearConfig = SuperlinearConfig(),
-                                       scale=None, q_offset=None,
-                                       implementation=None,
-                                       seq_axis=None,
-                                       seq_order="contiguous") -> SuperlinearOutput:
+                                       scale: float | None = None,
+                                       q_offset: int | ArrayLike | None = None,
+                                       implementation: str | None = None,
+                                       seq_axis: str | None = None,
+                                       seq_order: str = "contiguous") -> SuperlinearOutput:
   """`superlinear_attention` that also returns the selected anchors and gates."""
   if not isinstance(config, SuperlinearConfig):
     raise ValueError(f"config must be an attn.SuperlinearConfig, got "
@@ -266,10 +279,13 @@ def superlinear_attention_with_anchors(q, k, v, q_search, k_search=None, *,
                                   config=config, scale=scale))
 
 
-def superlinear_attention(q, k, v, q_search, k_search=None, *,
+def superlinear_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, q_search: ArrayLike,
+                          k_search: ArrayLike | None = None, *,
                           config: SuperlinearConfig = SuperlinearConfig(),
-                          scale=None, q_offset=None, implementation=None, seq_axis=None,
-                          seq_order="contiguous"):
+                          scale: float | None = None,
+                          q_offset: int | ArrayLike | None = None,
+                          implementation: str | None = None, seq_axis: str | None = None,
+                          seq_order: str = "contiguous") -> jax.Array:
   """Superlinear multi-step attention (N = 2): `O(L^1.5)` at the defaults.
 
   For the query at absolute position `i` (`t = i + 1` visible keys), with

@@ -91,3 +91,22 @@ def test_built_wheel_holds_only_the_library(tmp_path):
   assert f"-{attn.__version__}-" in wheel.name
   assert {"attn/py.typed", "pallas_kernels/py.typed", "attn/layers.py"} <= set(names)
   assert any(n.endswith("LICENSE") for n in names)
+
+
+def test_public_ops_are_annotated():
+  """Every parameter and the return of each public op carries a type hint
+  (arrays as `jax.typing.ArrayLike`), so a type checker sees the API."""
+  import inspect
+  import typing
+
+  import attn
+  from jax.typing import ArrayLike
+
+  for name in attn.ops.OPS + ("superlinear_attention_with_anchors",):
+    fn = getattr(attn, name)
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn)
+    missing = [p for p in sig.parameters if p not in hints]
+    assert not missing, f"{name}: no annotation for {missing}"
+    assert "return" in hints, name
+    assert hints["q"] is ArrayLike and hints["k"] is ArrayLike, name
