@@ -26,6 +26,16 @@ one implementation. `Transformer.__call__(tokens)` is the full causal
 forward pass; after `Transformer.init_cache(batch, max_len)`,
 `Transformer.__call__(tokens, decode=True)` runs tokens that follow those in
 the layers' KV caches (prefill, then one token at a time).
+
+Context parallelism: `Transformer.__call__(tokens, activations=spec)` with a
+`PartitionSpec` `(batch axes, seq axis, None)`, under `jax.set_mesh(mesh)`
+inside `jax.jit`, constrains the hidden states `[batch, seq, d_model]` to
+that sharding between layers (norms, MLPs and projections are per token, so
+they run on each shard's tokens) and calls every layer's attention op with
+`seq_axis=<seq axis>`: queries stay sharded and the op gathers the keys it
+needs (`attn.context_parallel`). The layer's projections and output
+projection are those of `attn.layers.Attention`; only the op call differs
+(`attend(..., seq_axis=)`).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import attn
 from attn import layers
@@ -236,17 +247,50 @@ def layer_options(config: ModelConfig, kind: str) -> dict:
 
 
 def attend(kind: str, config: ModelConfig, q, k, v, q_search=None, k_search=None,
-           q_offset=None):
+           q_offset=None, seq_axis: str | None = None):
   """The `attn` op of layer type `kind` (`attn.layers.attend` with the
   config's options and implementation).
 
   q, q_search: `[batch, q_len, num_heads, head_dim]`; k, v, k_search:
   `[batch, kv_len, num_kv_heads, head_dim]` (k_search None = k).
+  `seq_axis`: the mesh axis their sequence dimension is sharded over
+  (context parallelism; the op's `seq_axis=`), or None.
   Returns `[batch, q_len, num_heads, head_dim]`.
   """
   options = layers.kind_options(kind, layer_options(config, kind))
-  return layers.attend(kind, options, q, k, v, q_search, k_search, q_offset=q_offset,
-                       implementation=config.attn_implementation)
+  if seq_axis is None:
+    return layers.attend(kind, options, q, k, v, q_search, k_search, q_offset=q_offset,
+                         implementation=config.attn_implementation)
+  kw = dict(q_offset=q_offset, implementation=config.attn_implementation,
+            seq_axis=seq_axis)
+  if kind == "dense":
+    return attn.dense_attention(q, k, v, **kw)
+  if kind == "sliding":
+    return attn.sliding_window_attention(q, k, v, window=options["window"], **kw)
+  if kind == "ppa":
+    return attn.ppa_attention(q, k, v, p=options["p"], window=options["window"], **kw)
+  if kind == "superlinear":
+    return attn.superlinear_attention(q, k, v, q_search, k_search,
+                                      config=options["config"], **kw)
+  raise ValueError(f"unknown attention type {kind!r}")
+
+
+def _constrain(x, activations: P | None):
+  """x: `[batch, seq, ...]` constrained to `activations` (None: as is)."""
+  if activations is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(*activations[:2], *([None] * (x.ndim - 2))))
+
+
+def _seq_axis(activations: P | None) -> str | None:
+  """The sequence entry of an activation spec: one mesh axis name or None."""
+  if activations is None or len(activations) < 2 or activations[1] is None:
+    return None
+  axis = activations[1]
+  if not isinstance(axis, str):
+    raise ValueError(f"activations={activations}: the sequence entry must be one mesh "
+                     "axis name (it is the attention ops' seq_axis) or None")
+  return axis
 
 
 # ----------------------------------------------------------------------------
@@ -289,19 +333,42 @@ class MLP(nnx.Module):
     return (jax.nn.silu(g) * u) @ self.w_down[...].astype(dt)
 
 
+def context_parallel_attention(layer: layers.Attention, config: ModelConfig, x,
+                               seq_axis: str):
+  """`layer(x)` with the op run context-parallel over `seq_axis`.
+
+  x: `[batch, seq, d_model]` whose sequence is sharded over `seq_axis`
+  (global shape, inside `jax.jit` under the mesh). The projections and the
+  output projection are the layer's own, per token; positions are global.
+  Returns `[batch, seq, d_model]` in x.dtype.
+  """
+  positions = jnp.arange(x.shape[1], dtype=jnp.int32)
+  q, k, v, q_search, k_search, _ = layer.project(x, positions)
+  out = attend(layer.kind, config, q, k, v, q_search, k_search, seq_axis=seq_axis)
+  return jnp.einsum("bshk,hkd->bsd", out.astype(x.dtype), layer.wo[...].astype(x.dtype))
+
+
 class Block(nnx.Module):
   """Pre-norm residual block: attention then SwiGLU MLP."""
 
   def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+    self.config = config
     self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
     self.attention = Attention(config, kind, rngs=rngs)
     self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, *, decode: bool = False):
-    """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
-    x = x + self.attention(self.attn_norm(x), decode=decode)
-    return x + self.mlp(self.mlp_norm(x))
+  def __call__(self, x, *, decode: bool = False, activations: P | None = None):
+    """x: [batch, seq, d_model] -> [batch, seq, d_model]; `activations`: see
+    `Transformer.__call__`."""
+    h = self.attn_norm(x)
+    seq_axis = _seq_axis(activations)
+    if seq_axis is not None and not decode:
+      x = x + context_parallel_attention(self.attention, self.config, h, seq_axis)
+    else:
+      x = x + self.attention(h, decode=decode)
+    x = _constrain(x, activations)
+    return _constrain(x + self.mlp(self.mlp_norm(x)), activations)
 
 
 class Transformer(nnx.Module):
@@ -334,20 +401,26 @@ class Transformer(nnx.Module):
     w = self.lm_head[...].astype(x.dtype)
     return jnp.einsum("bsd,dv->bsv", x, w, preferred_element_type=jnp.float32)
 
-  def __call__(self, tokens, *, decode: bool = False):
+  def __call__(self, tokens, *, decode: bool = False, activations: P | None = None):
     """tokens: int32 `[batch, seq]` -> float32 logits `[batch, seq, vocab]`.
 
     `decode=True` (after `init_cache`): the tokens follow those already in
     the layers' caches (their positions start at the cache index), which
     they are appended to; prefill with the prompt, then one token at a time.
+
+    `activations`: None, or the `PartitionSpec` `(batch axes, seq axis,
+    None)` of the hidden states (`train.sharding.activation_spec`; needs
+    `jax.set_mesh`): they are constrained to it after every layer, the
+    logits keep it, and a non-None seq axis runs every attention op
+    context-parallel over it (not with `decode=True`).
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-    x = self._embed(tokens)
+    x = _constrain(self._embed(tokens), activations)
     for block in self.blocks:
-      x = block(x, decode=decode)
-    return self._logits(x)
+      x = block(x, decode=decode, activations=activations)
+    return _constrain(self._logits(x), activations)
 
   def init_cache(self, batch: int, max_len: int):
     """Empty KV caches (`attn.layers.Attention.init_cache`) of `max_len`
