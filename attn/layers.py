@@ -47,6 +47,7 @@ from flax import nnx
 from attn import ops
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
+from attn.scan import gated_linear_scan
 
 __all__ = ["KINDS", "Attention", "apply_rope", "attend", "attention_fn",
            "gated_linear_scan"]
@@ -140,35 +141,6 @@ def apply_rope(x, positions, *, theta: float):
   return out.astype(x.dtype)
 
 
-def gated_linear_scan(gates, values, initial=None):
-  """Causal gated, decaying average: `h_t = a_t * h_{t-1} + (1 - a_t) * x_t`.
-
-  Computed with `jax.lax.associative_scan` over the sequence axis on the
-  affine maps `h -> a h + b` (composition `(a1, b1) then (a2, b2)` =
-  `(a1 a2, a2 b1 + b2)`), in float32.
-
-  Args:
-    gates: `a`, `[batch, seq, heads]`, values in [0, 1].
-    values: `x`, `[batch, seq, heads, dim]`.
-    initial: `h_{-1}`, `[batch, heads, dim]`, or None for zeros.
-
-  Returns:
-    `h`: `[batch, seq, heads, dim]` float32 (`h[:, -1]` is the state to carry).
-  """
-  a = gates.astype(jnp.float32)[..., None]                        # [b, s, h, 1]
-  b = (1.0 - a) * values.astype(jnp.float32)                      # [b, s, h, d]
-  if initial is not None:
-    b = b.at[:, 0].add(a[:, 0] * initial.astype(jnp.float32))
-
-  def combine(left, right):
-    a_l, b_l = left
-    a_r, b_r = right
-    return a_l * a_r, a_r * b_l + b_r
-
-  _, h = jax.lax.associative_scan(combine, (a, b), axis=1)
-  return h
-
-
 def _layout_rows(layout: BlockLayout, positions, max_len: int):
   """bool `[n, max_len]`: the keys a causal `layout` shows the queries at
   `positions` (int32 `[n]`, may be traced). Band layouts by arithmetic; a
@@ -206,31 +178,32 @@ def _masked_attention(q, k, v, visible, scale):
 
 
 def attend(kind: str, options: dict, q, k, v, q_search=None, k_search=None, *,
-           q_offset=None, implementation=None):
+           q_offset=None, implementation=None, seq_axis=None):
   """The `attn` op of `kind` with its `options` (see `kind_options`).
 
   q, q_search: `[batch, q_len, num_heads, head_dim]`; k, v, k_search:
   `[batch, kv_len, num_kv_heads, head_dim]` (k_search None = k). For
   `"block_sparse"`, `q_offset` must be None (the layout fixes the lengths).
-  Returns `[batch, q_len, num_heads, head_dim]`.
+  `seq_axis`: the mesh axis the sequence is sharded over (context
+  parallelism, see the ops), or None. Returns `[batch, q_len, num_heads,
+  head_dim]`.
   """
-  impl = implementation
+  common = dict(implementation=implementation, seq_axis=seq_axis)
   if kind == "dense":
-    return ops.dense_attention(q, k, v, q_offset=q_offset, implementation=impl)
+    return ops.dense_attention(q, k, v, q_offset=q_offset, **common)
   if kind == "sliding":
     return ops.sliding_window_attention(q, k, v, window=options["window"],
-                                        q_offset=q_offset, implementation=impl)
+                                        q_offset=q_offset, **common)
   if kind == "ppa":
     return ops.ppa_attention(q, k, v, p=options["p"], window=options["window"],
-                             q_offset=q_offset, implementation=impl)
+                             q_offset=q_offset, **common)
   if kind == "superlinear":
     return ops.superlinear_attention(q, k, v, q_search, k_search,
-                                     config=options["config"], q_offset=q_offset,
-                                     implementation=impl)
+                                     config=options["config"], q_offset=q_offset, **common)
   if kind == "block_sparse":
     if q_offset is not None:
       raise ValueError("kind='block_sparse' takes no q_offset: the layout fixes it.")
-    return ops.block_sparse_attention(q, k, v, options["layout"], implementation=impl)
+    return ops.block_sparse_attention(q, k, v, options["layout"], **common)
   raise ValueError(f"kind={kind!r}: must be one of {KINDS}.")
 
 
@@ -350,7 +323,7 @@ class Attention(nnx.Module):
     """x: [batch, seq, d_model], w: [d_model, heads, head_dim] -> [batch, seq, heads, head_dim]."""
     return jnp.einsum("bsd,dhk->bshk", x, w[...].astype(x.dtype))
 
-  def project(self, x, positions, state=None):
+  def project(self, x, positions, state=None, seq_axis=None):
     """The inputs of the attention op.
 
     Args:
@@ -358,13 +331,15 @@ class Attention(nnx.Module):
       positions: int32 `[seq]`, absolute positions of x.
       state: accumulated-key scan state before x, `[batch, kv_heads,
         head_dim]` float32, or None (zeros).
+      seq_axis: the mesh axis x is sharded over along `seq` (the
+        accumulated key's scan then runs context parallel), or None.
 
     Returns:
       `(q, k, v, q_search, k_search, state)`: q `[batch, seq, heads,
       head_dim]` and k, v `[batch, seq, kv_heads, head_dim]` (q, k RoPE'd);
       q_search (superlinear layers, else None), k_search and the new scan
-      state `[batch, kv_heads, head_dim]` (accumulated search key only, else
-      None).
+      state `[batch, kv_heads, head_dim]` (accumulated search key without
+      seq_axis only, else None).
     """
     q = self._rope(self._proj(x, self.wq), positions)
     k_raw = self._proj(x, self.wk)
@@ -378,8 +353,8 @@ class Attention(nnx.Module):
     if self.accumulates:
       gate_logits = (jnp.einsum("bsd,dh->bsh", x.astype(jnp.float32), self.w_gate[...])
                      + self.b_gate[...])
-      h = gated_linear_scan(jax.nn.sigmoid(gate_logits), k_raw, state)
-      state = h[:, -1]
+      h = gated_linear_scan(jax.nn.sigmoid(gate_logits), k_raw, state, seq_axis=seq_axis)
+      state = h[:, -1] if seq_axis is None else None   # sharded: no carry out
       k_search = h.astype(x.dtype)
       if self.options["search_rope"]:
         k_search = self._rope(k_search, positions)
@@ -409,20 +384,25 @@ class Attention(nnx.Module):
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(f"x must be [batch, seq, d_model={self.d_model}], got shape {x.shape}.")
 
-  def __call__(self, x, *, decode: bool = False):
+  def __call__(self, x, *, decode: bool = False, seq_axis: str | None = None):
     """Causal self-attention, `x: [batch, seq, d_model] -> [batch, seq, d_model]`.
 
     `decode=False`: over x alone (positions `0 .. seq-1`). `decode=True`:
     x holds the next `seq` tokens after those in the cache (`init_cache`).
+    `seq_axis`: a mesh axis x is sharded over along `seq` (context
+    parallelism, prefill only; see `attn.ops`).
     """
     x = jnp.asarray(x)
     self._check_x(x)
     if decode:
+      if seq_axis is not None:
+        raise ValueError("seq_axis= is for prefill: decode=True appends to a local cache; "
+                         "pass seq_axis=None.")
       return self._decode(x)
     positions = jnp.arange(x.shape[1], dtype=jnp.int32)
-    q, k, v, q_search, k_search, _ = self.project(x, positions)
+    q, k, v, q_search, k_search, _ = self.project(x, positions, seq_axis=seq_axis)
     out = attend(self.kind, self.options, q, k, v, q_search, k_search,
-                 implementation=self.implementation)
+                 implementation=self.implementation, seq_axis=seq_axis)
     return self._out(out, x.dtype)
 
   def _out(self, out, dtype):
