@@ -11,8 +11,9 @@ context parallelism of every kind is tested in tests/test_sharded_ops.py):
     and the train state after each step (parameters, and the AdamW moments,
     which hold the clipped gradients);
   * `train()` on (data 2, seq 4) for one step, checkpointed, resumed on
-    (data 4, seq 2) and on (data 8): the losses and gradient norms of steps
-    2 and 3 equal those of an uninterrupted run on (data 2, seq 4).
+    (data 8): the losses and gradient norms of steps 2 and 3 equal those of
+    an uninterrupted run on (data 2, seq 4). (Each further mesh is one more
+    compile; the test's time budget holds two.)
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ import attn
 
 from tests.train_helpers import MICRO_CONFIG, REPO, read_jsonl, subprocess_env
 
-MESHES = {"data8": (("data",), (8,)), "data2_seq4": (("data", "seq"), (2, 4)),
-          "data4_seq2": (("data", "seq"), (4, 2))}
+MESHES = {"data8": (("data",), (8,)), "data2_seq4": (("data", "seq"), (2, 4))}
 
 
 def _config(workdir="/tmp/unused", mesh="data8", **kw):
@@ -101,6 +101,35 @@ def test_index_block_of_a_sequence_split_across_processes():
     shd.index_block([dev(0, 0), dev(1, 1)], (4, 8))
 
 
+def test_remat_gives_the_same_loss_and_gradients():
+  """`model.remat` (recompute each block in the backward pass) changes
+  memory, not values: loss and gradients of the (dense) micro model on one
+  device."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from train.config import load_config
+  from train.loop import cross_entropy
+  from train.model import Transformer
+  config = load_config(MICRO_CONFIG)
+  tokens = jax.random.randint(jax.random.key(0), (2, 33), 0, 256)
+
+  def loss_and_grads(remat):
+    model = Transformer(dataclasses.replace(config.model, remat=remat), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p):
+      return cross_entropy(nnx.merge(graphdef, p)(tokens[:, :-1]), tokens[:, 1:])
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (l0, g0), (l1, g1) = loss_and_grads(False), loss_and_grads(True)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  assert jnp.isfinite(l0) and l0 > 1.0
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------
 # 8 CPU devices (one subprocess).
 
@@ -140,17 +169,16 @@ def _steps(out):
 
 
 def _resume(out):
-  """train() on data2_seq4 (3 steps; 1 step then resumed on data4_seq2 and on
-  data8): metrics of every run under out/<name>/."""
+  """train() on data2_seq4 (3 steps; 1 step then resumed on data8): metrics
+  of every run under out/<name>/."""
   from train import loop
   assert loop.train(_config(os.path.join(out, "ref"), "data2_seq4", steps=3)).status == "done"
   first = os.path.join(out, "first")
   assert loop.train(_config(first, "data2_seq4", steps=1)).status == "done"
-  for mesh in ("data4_seq2", "data8"):
-    workdir = os.path.join(out, mesh)
-    shutil.copytree(first, workdir)
-    result = loop.train(_config(workdir, mesh, steps=3), resume=True)
-    assert result.status == "done", result.message
+  workdir = os.path.join(out, "data8")
+  shutil.copytree(first, workdir)
+  result = loop.train(_config(workdir, "data8", steps=3), resume=True)
+  assert result.status == "done", result.message
 
 
 @pytest.fixture(scope="module")
@@ -188,14 +216,14 @@ def test_step_on_data2_seq4_equals_step_on_data8(eight_devices):
 
 
 @pytest.mark.slow
-def test_checkpoint_from_seq4_resumes_on_seq2_and_data8(eight_devices):
+def test_checkpoint_from_seq4_resumes_on_data8(eight_devices):
   def losses(name):
     rows = read_jsonl(eight_devices / name / "metrics.jsonl")
     return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows}
 
   ref = losses("ref")
   assert sorted(ref) == [1, 2, 3]
-  for mesh in ("data4_seq2", "data8"):
+  for mesh in ("data8",):
     got = losses(mesh)
     assert sorted(got) == [1, 2, 3], mesh
     for step in (1, 2, 3):

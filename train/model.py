@@ -110,6 +110,10 @@ class ModelConfig:
       Pallas interpret mode: slow, meant for tests. Training refuses that
       combination otherwise (`train.preflight`).
     norm_eps: RMSNorm epsilon.
+    remat: recompute each block's activations in the backward pass
+      (`nnx.remat` per block): only the blocks' inputs `[batch, seq,
+      d_model]` are kept between the forward and the backward pass, at the
+      cost of a second forward pass. Same values and gradients.
   """
 
   vocab_size: int = 256
@@ -133,6 +137,7 @@ class ModelConfig:
   attn_implementation: str | None = None
   allow_interpret: bool = False
   norm_eps: float = 1e-6
+  remat: bool = False
 
   def __post_init__(self):
     def bad(name, need):
@@ -186,6 +191,8 @@ class ModelConfig:
       bad("attn_implementation", f"must be one of {IMPLEMENTATIONS}")
     if not isinstance(self.allow_interpret, bool):
       bad("allow_interpret", "must be a bool")
+    if not isinstance(self.remat, bool):
+      bad("remat", "must be a bool")
 
   @property
   def layer_types(self) -> tuple[str, ...]:
@@ -418,8 +425,14 @@ class Transformer(nnx.Module):
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
     x = _constrain(self._embed(tokens), activations)
+
+    def run(block, x):
+      return block(x, decode=decode, activations=activations)
+
+    if self.config.remat and not decode:
+      run = nnx.remat(run)
     for block in self.blocks:
-      x = block(x, decode=decode, activations=activations)
+      x = run(block, x)
     return _constrain(self._logits(x), activations)
 
   def init_cache(self, batch: int, max_len: int):
