@@ -28,14 +28,15 @@ forward pass; after `Transformer.init_cache(batch, max_len)`,
 the layers' KV caches (prefill, then one token at a time).
 
 Context parallelism: `Transformer.__call__(tokens, activations=spec)` with a
-`PartitionSpec` `(batch axes, seq axis, None)`, under `jax.set_mesh(mesh)`
-inside `jax.jit`, constrains the hidden states `[batch, seq, d_model]` to
-that sharding between layers (norms, MLPs and projections are per token, so
-they run on each shard's tokens) and calls every layer's attention op with
+`PartitionSpec` `(batch axes, seq axis, None)`, under the mesh (e.g.
+`jax.sharding.use_abstract_mesh`) inside `jax.jit`, constrains the hidden
+states `[batch, seq, d_model]` to that sharding between layers (norms, MLPs
+and projections are per token, so they run on each shard's tokens) and runs
+every layer's attention op on its local blocks inside a `jax.shard_map` with
 `seq_axis=<seq axis>`: queries stay sharded and the op gathers the keys it
-needs (`attn.context_parallel`). The layer's projections and output
-projection are those of `attn.layers.Attention`; only the op call differs
-(`attend(..., seq_axis=)`).
+needs over that axis (`attn.context_parallel`). The layer's projections and
+output projection are those of `attn.layers.Attention`; only the op call
+differs (`context_parallel_attention`).
 """
 
 from __future__ import annotations
@@ -340,18 +341,43 @@ class MLP(nnx.Module):
     return (jax.nn.silu(g) * u) @ self.w_down[...].astype(dt)
 
 
-def context_parallel_attention(layer: layers.Attention, config: ModelConfig, x,
-                               seq_axis: str):
-  """`layer(x)` with the op run context-parallel over `seq_axis`.
+def _head_axis(mesh, num_heads: int, num_kv_heads: int) -> str | None:
+  """"tensor" when it divides both head counts (each shard keeps whole GQA
+  groups), else None (the heads stay whole on every tensor shard)."""
+  n = mesh.shape.get("tensor", 1)
+  return "tensor" if n > 1 and num_heads % n == 0 and num_kv_heads % n == 0 else None
 
-  x: `[batch, seq, d_model]` whose sequence is sharded over `seq_axis`
-  (global shape, inside `jax.jit` under the mesh). The projections and the
-  output projection are the layer's own, per token; positions are global.
-  Returns `[batch, seq, d_model]` in x.dtype.
+
+def context_parallel_attention(layer: layers.Attention, config: ModelConfig, x,
+                               activations: P):
+  """`layer(x)` with the op run context-parallel over the sequence axis of
+  `activations`.
+
+  x: `[batch, seq, d_model]` sharded as `activations` (global shape, inside
+  `jax.jit` under the mesh). The projections and the output projection are
+  the layer's own, per token; positions are global. The op runs inside a
+  `jax.shard_map` over every mesh axis (batch over the batch axes, sequence
+  over the seq axis, heads over "tensor" when it divides them), where it
+  takes its local blocks and gathers the keys it needs over the seq axis
+  itself (`attn.context_parallel`). Returns `[batch, seq, d_model]` in
+  x.dtype.
   """
   positions = jnp.arange(x.shape[1], dtype=jnp.int32)
   q, k, v, q_search, k_search, _ = layer.project(x, positions)
-  out = attend(layer.kind, config, q, k, v, q_search, k_search, seq_axis=seq_axis)
+  mesh = jax.sharding.get_abstract_mesh()
+  heads = _head_axis(mesh, q.shape[2], k.shape[2])
+  spec = P(activations[0], activations[1], heads, None)
+  seq_axis, kind = activations[1], layer.kind
+  has_search, has_k_search = q_search is not None, k_search is not None
+  arrays = [a for a in (q, k, v, q_search, k_search) if a is not None]
+
+  def local(*a):
+    qs = a[3] if has_search else None
+    ks = a[4] if has_k_search else None
+    return attend(kind, config, a[0], a[1], a[2], qs, ks, seq_axis=seq_axis)
+
+  out = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec,
+                      check_vma=False)(*arrays)
   return jnp.einsum("bshk,hkd->bsd", out.astype(x.dtype), layer.wo[...].astype(x.dtype))
 
 
@@ -371,7 +397,7 @@ class Block(nnx.Module):
     h = self.attn_norm(x)
     seq_axis = _seq_axis(activations)
     if seq_axis is not None and not decode:
-      x = x + context_parallel_attention(self.attention, self.config, h, seq_axis)
+      x = x + context_parallel_attention(self.attention, self.config, h, activations)
     else:
       x = x + self.attention(h, decode=decode)
     x = _constrain(x, activations)
