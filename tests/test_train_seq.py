@@ -45,7 +45,7 @@ def _config(workdir="/tmp/unused", mesh="data8", **kw):
   axes, shape = MESHES[mesh]
   return dataclasses.replace(base, workdir=str(workdir), seq_len=64, warmup_steps=1,
                              model=model, mesh_axes=axes, mesh_shape=shape,
-                             checkpoint_every=1, async_checkpoints=False, **kw)
+                             checkpoint_every=0, async_checkpoints=False, **kw)
 
 
 # ---------------------------------------------------------------------------

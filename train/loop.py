@@ -287,33 +287,16 @@ class Trainer:
 
   def data_shard(self) -> dict:
     """`{"shard_index", "shard_count"}` of this process's rows of every global
-    batch (`train.data.make_iterator(config, **trainer.data_shard())`).
-
-    Processes that hold the same rows (their devices split the sequence, or
-    a replicated axis spans them) read the same windows.
-    """
-    n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    rows = shd.process_block(self.batch_sharding, (n, self.config.seq_len))[0]
-    size = rows.stop - rows.start
-    return {"shard_index": rows.start // size, "shard_count": n // size}
-
-  def _columns(self, shape) -> slice:
-    return shd.process_block(self.batch_sharding, shape)[1]
+    batch (`train.data.make_iterator(config, **trainer.data_shard())`; see
+    `train.sharding.data_shard`)."""
+    return shd.data_shard(self.batch_sharding, self.config.seq_len)
 
   def global_batch(self, local_tokens: np.ndarray) -> dict:
-    """This process's windows `[rows, seq_len + 1]` (its rows of the global
-    batch, `data_shard`) -> `{"inputs", "targets"}`: global int32
-    `[batch, seq_len]` arrays laid out as `batch_sharding` (batch over
-    data+fsdp, sequence over `seq_axis`); each device gets its own tokens.
-    """
-    local_tokens = np.asarray(local_tokens)
-    length = local_tokens.shape[1] - 1
-    shape = (local_tokens.shape[0] * self.data_shard()["shard_count"], length)
-    cols = self._columns(shape)
-    parts = {"inputs": local_tokens[:, :-1], "targets": local_tokens[:, 1:]}
-    return {k: jax.make_array_from_process_local_data(
-        self.batch_sharding, np.ascontiguousarray(x[:, cols]), shape)
-        for k, x in parts.items()}
+    """This process's windows `[rows, seq_len + 1]` -> `{"inputs",
+    "targets"}`, global int32 `[batch, seq_len]` laid out as `batch_sharding`
+    (`train.sharding.global_inputs`)."""
+    return shd.global_inputs(local_tokens, self.batch_sharding,
+                             self.data_shard()["shard_count"])
 
 
 # ---------------------------------------------------------------------------

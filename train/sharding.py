@@ -2,11 +2,14 @@
 
 The mesh has four axes: `data` (pure data parallelism), `fsdp` (data
 parallelism whose parameters and optimizer state are also sharded), `seq`
-(context parallelism: the activations' sequence dimension is sharded over it,
-`activation_spec`) and `tensor` (model parallelism inside a layer). Parameters carry logical axis
-names (`nnx.with_partitioning(init, ("embed", "mlp"))`); the rules that map
-each logical name to mesh axes are data: `train.config.ShardingConfig`, the
-`sharding` section of the training config (`--set sharding.kv_heads=...`). A
+(context parallelism: the activations' sequence dimension is sharded over
+it, `activation_spec`) and `tensor` (model parallelism inside a layer).
+`process_block` / `index_block` find the block of a global batch that a
+process holds (its rows, and its part of the sequence). Parameters carry
+logical axis names (`nnx.with_partitioning(init, ("embed", "mlp"))`); the
+rules that map each logical name to mesh axes are data:
+`train.config.ShardingConfig`, the `sharding` section of the training config
+(`--set sharding.kv_heads=...`). A
 rule that does not divide a dimension, or names a mesh axis another dimension
 of the same array already uses, raises a ValueError naming the parameter, the
 mesh axis and the fix, unless the config allows that logical name to fall
@@ -201,6 +204,32 @@ def index_block(index: Sequence[tuple[slice, ...]], shape: Sequence[int]) -> tup
                      f"batch {tuple(shape)}: order the mesh devices so that each process's "
                      "devices are adjacent along data/fsdp and seq")
   return rect
+
+
+def data_shard(sharding: NamedSharding, seq_len: int) -> dict:
+  """`{"shard_index", "shard_count"}`: which rows of every global batch this
+  process holds under `sharding` (a `batch_sharding`), as a shard of the
+  row blocks of the batch axes. Processes that hold the same rows (their
+  devices split the sequence, or a replicated axis spans them) get the same
+  shard."""
+  n = _axes_size(sharding.mesh, BATCH_AXES)
+  rows = process_block(sharding, (n, seq_len))[0]
+  size = rows.stop - rows.start
+  return {"shard_index": rows.start // size, "shard_count": n // size}
+
+
+def global_inputs(local_tokens: np.ndarray, sharding: NamedSharding,
+                  shard_count: int) -> dict:
+  """This process's windows `[rows, seq_len + 1]` (its `data_shard` of the
+  batch) -> `{"inputs", "targets"}`: global int32 `[rows * shard_count,
+  seq_len]` arrays laid out as `sharding`; each device receives only its own
+  block (its rows, its part of the sequence)."""
+  local_tokens = np.asarray(local_tokens)
+  shape = (local_tokens.shape[0] * shard_count, local_tokens.shape[1] - 1)
+  cols = process_block(sharding, shape)[1]
+  parts = {"inputs": local_tokens[:, :-1], "targets": local_tokens[:, 1:]}
+  return {k: jax.make_array_from_process_local_data(
+      sharding, np.ascontiguousarray(x[:, cols]), shape) for k, x in parts.items()}
 
 
 def global_batch(local: np.ndarray, mesh) -> jax.Array:
