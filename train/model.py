@@ -266,21 +266,8 @@ def attend(kind: str, config: ModelConfig, q, k, v, q_search=None, k_search=None
   Returns `[batch, q_len, num_heads, head_dim]`.
   """
   options = layers.kind_options(kind, layer_options(config, kind))
-  if seq_axis is None:
-    return layers.attend(kind, options, q, k, v, q_search, k_search, q_offset=q_offset,
-                         implementation=config.attn_implementation)
-  kw = dict(q_offset=q_offset, implementation=config.attn_implementation,
-            seq_axis=seq_axis)
-  if kind == "dense":
-    return attn.dense_attention(q, k, v, **kw)
-  if kind == "sliding":
-    return attn.sliding_window_attention(q, k, v, window=options["window"], **kw)
-  if kind == "ppa":
-    return attn.ppa_attention(q, k, v, p=options["p"], window=options["window"], **kw)
-  if kind == "superlinear":
-    return attn.superlinear_attention(q, k, v, q_search, k_search,
-                                      config=options["config"], **kw)
-  raise ValueError(f"unknown attention type {kind!r}")
+  return layers.attend(kind, options, q, k, v, q_search, k_search, q_offset=q_offset,
+                       implementation=config.attn_implementation, seq_axis=seq_axis)
 
 
 def _constrain(x, activations: P | None):
@@ -359,15 +346,19 @@ def context_parallel_attention(layer: layers.Attention, config: ModelConfig, x,
   `jax.shard_map` over every mesh axis (batch over the batch axes, sequence
   over the seq axis, heads over "tensor" when it divides them), where it
   takes its local blocks and gathers the keys it needs over the seq axis
-  itself (`attn.context_parallel`). Returns `[batch, seq, d_model]` in
-  x.dtype.
+  itself (`attn.context_parallel`); the accumulated search key's scan runs
+  sequence-sharded (`attn.scan`). Fully manual because the op's own
+  shard_map over the seq axis alone, under an Auto mesh with further axes,
+  fails to compile its bf16 gradient on XLA CPU (docs/training.md).
+  Returns `[batch, seq, d_model]` in x.dtype.
   """
   positions = jnp.arange(x.shape[1], dtype=jnp.int32)
-  q, k, v, q_search, k_search, _ = layer.project(x, positions)
+  seq_axis, kind = activations[1], layer.kind
+  # The accumulated search key's scan runs sequence-sharded (attn.scan).
+  q, k, v, q_search, k_search, _ = layer.project(x, positions, seq_axis=seq_axis)
   mesh = jax.sharding.get_abstract_mesh()
   heads = _head_axis(mesh, q.shape[2], k.shape[2])
   spec = P(activations[0], activations[1], heads, None)
-  seq_axis, kind = activations[1], layer.kind
   has_search, has_k_search = q_search is not None, k_search is not None
   arrays = [a for a in (q, k, v, q_search, k_search) if a is not None]
 
