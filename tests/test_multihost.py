@@ -5,7 +5,6 @@ over them (`data`) and with the sequence split over them (`seq`)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 import subprocess
 
