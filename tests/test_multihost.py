@@ -1,10 +1,10 @@
 """Two processes on localhost (CPU, gloo collectives) train together through
-`train.distributed.initialize` and agree on the loss."""
+`train.distributed.initialize` and agree on the loss: with the batch split
+over them (`data`) and with the sequence split over them (`seq`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 import subprocess
 
@@ -42,10 +42,28 @@ def test_detect_environment(monkeypatch):
   assert distributed.detect() is None
 
 
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+  """The job as one process on one device: `(workdir, trace)`."""
+  base = load_config(MICRO_CONFIG)
+  workdir = tmp_path_factory.mktemp("single")
+  config = dataclasses.replace(base, workdir=str(workdir), steps=STEPS, checkpoint_every=3,
+                               debug_trace_data=True)
+  assert loop.train(config).status == "done"
+  return trace(workdir, 0)
+
+
+# data: each process holds half of the batch rows; seq: each holds half of
+# the sequence of every row (context parallelism across processes: the
+# attention's key all-gather runs over the two processes).
+MESHES = {"data": ("mesh_shape=-1,1,1",), "seq": ("mesh_axes=seq", "mesh_shape=-1")}
+
+
 @pytest.mark.slow
-def test_two_processes_train_together(tmp_path):
+@pytest.mark.parametrize("mesh", sorted(MESHES))
+def test_two_processes_train_together(tmp_path, single_run, mesh):
   workdir = tmp_path / "mp"
-  sets = (f"steps={STEPS}", "checkpoint_every=3", "debug_trace_data=true", "mesh_shape=-1,1,1")
+  sets = (f"steps={STEPS}", "checkpoint_every=3", "debug_trace_data=true") + MESHES[mesh]
   port = _free_port()
   procs = []
   for pid in range(2):
@@ -53,13 +71,6 @@ def test_two_processes_train_together(tmp_path):
                          TRAIN_NUM_PROCESSES=2, TRAIN_PROCESS_ID=pid)
     procs.append(subprocess.Popen(train_cmd(workdir, *sets), cwd=REPO, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  # Meanwhile: the same job as one process on one device.
-  base = load_config(MICRO_CONFIG)
-  single_dir = tmp_path / "single"
-  config = dataclasses.replace(base, workdir=str(single_dir), steps=STEPS, checkpoint_every=3,
-                               debug_trace_data=True)
-  result = loop.train(config)
-  assert result.status == "done"
   errs = []
   for p in procs:
     try:
@@ -73,13 +84,16 @@ def test_two_processes_train_together(tmp_path):
     assert p.returncode == 0, err[-4000:]
   assert "process 1 of 2" in errs[1] and "2 global devices" in errs[1]
 
-  t0, t1, ts = trace(workdir, 0), trace(workdir, 1), trace(single_dir, 0)
+  t0, t1, ts = trace(workdir, 0), trace(workdir, 1), single_run
   assert [r["step"] for r in t0] == [r["step"] for r in t1] == list(range(1, STEPS + 1))
   for a, b, s in zip(t0, t1, ts):
     assert a["loss"] == b["loss"]  # one global loss, the same on both processes
-    assert len(a["indices"]) == len(b["indices"]) == 4
-    assert not set(a["indices"]) & set(b["indices"])  # each process reads its own shard
-    assert sorted(a["indices"] + b["indices"]) == sorted(s["indices"])
+    if mesh == "data":
+      assert len(a["indices"]) == len(b["indices"]) == 4
+      assert not set(a["indices"]) & set(b["indices"])  # each process reads its own shard
+      assert sorted(a["indices"] + b["indices"]) == sorted(s["indices"])
+    else:  # both read every row (each keeps its half of the sequence)
+      assert a["indices"] == b["indices"] == s["indices"]
     np.testing.assert_allclose(a["loss"], s["loss"], rtol=2e-5)
   assert checkpoint_steps(workdir) == [3, 6]
   # Both processes' data-iterator states were gathered into the checkpoint.

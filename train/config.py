@@ -57,7 +57,12 @@ class DataConfig:
       raise ValueError("data.num_threads and data.prefetch must be >= 0")
 
 
+# The mesh always has these four axes, in this order (tensor innermost);
+# `Config.mesh_axes` names the ones `mesh_shape` gives sizes for, the others
+# have size 1. `MESH_AXES` is the default `mesh_axes` (no sequence sharding).
+ALL_MESH_AXES = ("data", "fsdp", "seq", "tensor")
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,13 +71,20 @@ class ShardingConfig:
   (`train.model.LOGICAL_AXES`) -> the mesh axis that shards it (see
   `train.sharding.logical_to_spec`).
 
-  A rule is a mesh axis of `MESH_AXES`, several joined by `+` (`data+fsdp`,
+  A rule is a mesh axis of `ALL_MESH_AXES`, several joined by `+` (`data+fsdp`,
   sharded over their product) or None (replicated). A rule must divide every
   dimension it shards and use a mesh axis at most once per array; otherwise
   building the shardings raises a ValueError naming the parameter, the mesh
   axis and the fix, unless the logical name is in `allow_replication` (`*`:
   every name), where that dimension falls back to the longest prefix of its
   axes that divides it, or to replication. Mesh axes of size 1 are ignored.
+
+  `sequence` is the rule of the activations' sequence dimension (context
+  parallelism, `train.sharding.activation_spec`): one mesh axis other than
+  the batch axes `data`, `fsdp`, or None. The hidden states between layers
+  are sharded `[batch over data+fsdp, sequence over it, d_model]` and every
+  attention layer runs its op with `seq_axis=<it>`. It must divide `seq_len`;
+  it never falls back to replication (`allow_replication` does not apply).
   """
 
   vocab: Optional[str] = "tensor"
@@ -82,6 +94,7 @@ class ShardingConfig:
   head_dim: Optional[str] = None
   mlp: Optional[str] = "tensor"
   norm: Optional[str] = None
+  sequence: Optional[str] = "seq"
   allow_replication: tuple[str, ...] = ()
 
   def rules(self) -> dict[str, tuple[str, ...]]:
@@ -94,16 +107,22 @@ class ShardingConfig:
     return "*" in self.allow_replication or name in self.allow_replication
 
   def __post_init__(self):
-    names = [f.name for f in dataclasses.fields(self) if f.name != "allow_replication"]
-    for name in names:
+    names = [f.name for f in dataclasses.fields(self)
+             if f.name not in ("allow_replication", "sequence")]
+    for name in names + ["sequence"]:
       rule = getattr(self, name)
       if rule is None:
         continue
       axes = rule.split("+") if isinstance(rule, str) else [rule]
-      if any(a not in MESH_AXES for a in axes) or len(set(axes)) != len(axes):
-        raise ValueError(f"sharding.{name}={rule!r}: must be a mesh axis of {MESH_AXES}, "
+      if any(a not in ALL_MESH_AXES for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"sharding.{name}={rule!r}: must be a mesh axis of {ALL_MESH_AXES}, "
                          "several distinct ones joined by '+' (e.g. 'data+fsdp'), or "
                          "None (replicated)")
+    if self.sequence is not None and (len(self.sequence.split("+")) > 1
+                                      or self.sequence in BATCH_AXES):
+      raise ValueError(f"sharding.sequence={self.sequence!r}: must be one mesh axis "
+                       f"other than the batch axes {BATCH_AXES} (e.g. 'seq'), or None "
+                       "(no sequence sharding)")
     if isinstance(self.allow_replication, str):
       raise ValueError(f"sharding.allow_replication={self.allow_replication!r}: must be a "
                        "tuple of logical axis names (or ('*',) for all)")
@@ -119,9 +138,12 @@ class Config:
   counts sequences per optimizer step; with `grad_accum = A` each step
   averages the gradients of `A` micro-batches of `batch_size / A`.
 
-  `mesh_shape` is `(data, fsdp, tensor)`; one entry may be -1 to take all the
-  remaining devices; `sharding` maps the parameters' logical axes onto it
-  (`ShardingConfig`). `checkpoint_every = 0` disables periodic saves (the final
+  `mesh_shape` gives the sizes of the mesh axes `mesh_axes` names (default
+  `(data, fsdp, tensor)`; any distinct ones of `ALL_MESH_AXES`, e.g.
+  `mesh_axes=data,seq,tensor` for context parallelism); axes not named have
+  size 1, and one entry may be -1 to take all the remaining devices.
+  `sharding` maps the parameters' logical axes and the activations' sequence
+  onto the mesh (`ShardingConfig`). `checkpoint_every = 0` disables periodic saves (the final
   step is still saved). `debug_*` fields exist for tests.
   """
 
@@ -150,7 +172,8 @@ class Config:
   eval_every: int = 0
   eval_batches: int = 4
   # Parallelism.
-  mesh_shape: tuple[int, int, int] = (-1, 1, 1)
+  mesh_shape: tuple[int, ...] = (-1, 1, 1)
+  mesh_axes: tuple[str, ...] = MESH_AXES
   sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   # A `train.model.ModelConfig` (typed `Any` so this module does not import
@@ -186,9 +209,15 @@ class Config:
         bad(key, "must be a finite number >= 0")
     if self.batch_size % self.grad_accum:
       bad("batch_size", f"must be divisible by grad_accum={self.grad_accum}")
-    if len(self.mesh_shape) != 3 or any(
-        not isinstance(d, int) or (d < 1 and d != -1) for d in self.mesh_shape):
-      bad("mesh_shape", "must be three ints (data, fsdp, tensor), each >= 1 or -1")
+    axes = self.mesh_axes
+    if (not isinstance(axes, tuple) or not axes or any(a not in ALL_MESH_AXES for a in axes)
+        or len(set(axes)) != len(axes)):
+      bad("mesh_axes", f"must be distinct mesh axes of {ALL_MESH_AXES}, comma-separated "
+          "(e.g. data,seq,tensor); mesh_shape gives their sizes")
+    if (not isinstance(self.mesh_shape, tuple) or len(self.mesh_shape) != len(axes) or any(
+        not isinstance(d, int) or (d < 1 and d != -1) for d in self.mesh_shape)):
+      bad("mesh_shape", f"must be {len(axes)} comma-separated ints, the sizes of "
+          f"mesh_axes={','.join(axes)}, each >= 1 or -1")
     if sum(d == -1 for d in self.mesh_shape) > 1:
       bad("mesh_shape", "at most one entry may be -1")
     if not isinstance(self.sharding, ShardingConfig):

@@ -33,8 +33,11 @@ stream (0 = all).
 Training reads the training stream cut into non-overlapping windows of
 `seq_len + 1` bytes (inputs `[:-1]`, targets `[1:]`); a grain `MapDataset`
 shuffles the windows (reshuffled each epoch, seeded), repeats forever, takes
-this process's shard (`grain.sharding.ShardByJaxProcess`: element `i` of the
-shuffled stream goes to process `i % process_count`), and batches. The
+this process's shard (element `i` of the shuffled stream goes to shard
+`i % shard_count`; by default one shard per process,
+`grain.sharding.ShardByJaxProcess`; training passes the trainer's
+`data_shard()`, under which processes that hold the same batch rows, e.g.
+different parts of the sequence, read the same shard), and batches. The
 iterator's state (`get_state()` / `set_state()`) is saved with every
 checkpoint, so a resumed run reads exactly the batches an uninterrupted one
 would have. Each batch is a dict: `tokens` int32 [local_batch, seq_len + 1]

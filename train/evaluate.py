@@ -62,14 +62,15 @@ class HeldoutEval:
 
   def __init__(self, trainer, config):
     self.trainer = trainer
-    local = data_lib.heldout_batches(config, config.eval_batches)
+    local = data_lib.heldout_batches(config, config.eval_batches, **trainer.data_shard())
     self.batches = [trainer.global_batch(b) for b in local]
-    self.count = sum(b.shape[0] * (b.shape[1] - 1) for b in local) * jax.process_count()
-    graphdef = trainer.graphdef
+    self.count = sum(math.prod(b["targets"].shape) for b in self.batches)
     rep = shd.replicated(trainer.mesh)
 
-    def nll_sum(params, rest, tokens):
-      return jnp.sum(token_nll(nnx.merge(graphdef, params, rest), tokens))
+    def nll_sum(params, rest, batch):
+      logits = trainer.logits(params, rest, batch["inputs"]).astype(jnp.float32)
+      return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                                     batch["targets"]))
 
     self._sum = jax.jit(
         nll_sum, in_shardings=(trainer.param_shardings, trainer.rest_shardings,

@@ -58,6 +58,8 @@ def load_run_config(workdir: str):
     model["layer_pattern"] = tuple(model["layer_pattern"])
   top = known(Config, raw)
   top["mesh_shape"] = tuple(top["mesh_shape"])
+  if "mesh_axes" in top:
+    top["mesh_axes"] = tuple(top["mesh_axes"])
   top["data"] = DataConfig(**known(DataConfig, raw.get("data", {})))
   if isinstance(raw.get("sharding"), dict):
     rules = known(ShardingConfig, raw["sharding"])

@@ -116,7 +116,8 @@ class Trainer:
   def __init__(self, config: Config, mesh: jax.sharding.Mesh | None = None,
                model_factory: ModelFactory | None = None):
     self.config = config
-    self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh_shape)
+    self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh_shape,
+                                                            axes=config.mesh_axes)
     self.model_factory = model_factory or default_model_factory
     if config.model is None and model_factory is None:
       raise ValueError("config.model is not set")
@@ -125,6 +126,11 @@ class Trainer:
     if micro % n_batch:
       raise ValueError(f"batch_size / grad_accum = {micro} is not divisible by the "
                        f"data x fsdp mesh size ({n_batch})")
+    # Context parallelism: the sequence axis (None: none) and the sharding of
+    # the hidden states; inputs and targets [batch, seq_len] are laid out so.
+    self.seq_axis = shd.seq_axis(self.mesh, config.sharding)
+    spec = shd.activation_spec(self.mesh, config.seq_len, config.sharding)
+    self.activations = spec if self.seq_axis is not None else None
     self.tx, self.schedule = make_optimizer(config)
 
     with nnx.use_eager_sharding(False):
@@ -144,7 +150,7 @@ class Trainer:
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abs_state, self.state_shardings)
-    self.batch_sharding = shd.batch_sharding(self.mesh)
+    self.batch_sharding = shd.batch_sharding(self.mesh, seq=self.seq_axis)
     self._step_fn = None
     self._grad_fn = None
     self._init_fn = None
@@ -156,7 +162,7 @@ class Trainer:
     differ only in workdir, logging, checkpointing or data options), so that
     repeated `train()` calls in one process compile once."""
     if mesh is None:
-      mesh = shd.make_mesh(config.mesh_shape)
+      mesh = shd.make_mesh(config.mesh_shape, axes=config.mesh_axes)
     key_config = dataclasses.replace(
         config, workdir="-", checkpoint_every=0, keep_checkpoints=1, async_checkpoints=True,
         log_every=1, tensorboard=False, debug_trace_data=False, debug_step_delay=0.0,
@@ -194,23 +200,30 @@ class Trainer:
     return self._rest_fn()
 
   # -- step -------------------------------------------------------------------
-  def _loss(self, params, rest, tokens):
+  def logits(self, params, rest, inputs):
+    """inputs: int32 `[batch, seq_len]` (traced, laid out as `batch_sharding`)
+    -> float32 `[batch, seq_len, vocab]`; the model runs context-parallel
+    over `seq_axis` when there is one."""
     model = nnx.merge(self.graphdef, params, rest)
-    logits = model(tokens[:, :-1])
-    return cross_entropy(logits, tokens[:, 1:])
+    if self.activations is None:
+      return model(inputs)
+    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+      return model(inputs, activations=self.activations)
 
-  def _loss_and_grads(self, params, rest, tokens):
+  def _loss(self, params, rest, batch):
+    return cross_entropy(self.logits(params, rest, batch["inputs"]), batch["targets"])
+
+  def _loss_and_grads(self, params, rest, batch):
     accum = self.config.grad_accum
     grad_fn = jax.value_and_grad(self._loss)
     if accum == 1:
-      return grad_fn(params, rest, tokens)
-    b, s = tokens.shape
+      return grad_fn(params, rest, batch)
     # Micro-batch a holds rows a, a + A, a + 2A, ...: every device keeps an
     # equal share of every micro-batch.
-    micro = tokens.reshape(b // accum, accum, s).swapaxes(0, 1)
-    micro = jax.lax.with_sharding_constraint(
-        micro, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
-            None, shd.BATCH_AXES, None)))
+    spec = jax.sharding.PartitionSpec(None, shd.BATCH_AXES, self.seq_axis)
+    micro = {k: jax.lax.with_sharding_constraint(
+        x.reshape(x.shape[0] // accum, accum, x.shape[1]).swapaxes(0, 1),
+        jax.sharding.NamedSharding(self.mesh, spec)) for k, x in batch.items()}
 
     def body(carry, x):
       loss_sum, grad_sum = carry
@@ -221,13 +234,14 @@ class Trainer:
     (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
     return loss / accum, jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
 
-  def _train_step(self, state, rest, tokens):
-    new_state, metrics, _ = self._train_step_with_grads(state, rest, tokens)
+  def _train_step(self, state, rest, batch):
+    new_state, metrics, _ = self._train_step_with_grads(state, rest, batch)
     return new_state, metrics
 
-  def _train_step_with_grads(self, state, rest, tokens):
+  def _train_step_with_grads(self, state, rest, batch):
+    """batch: `{"inputs", "targets"}` int32 `[batch, seq_len]` (`global_batch`)."""
     params = state["params"]
-    loss, grads = self._loss_and_grads(params, rest, tokens)
+    loss, grads = self._loss_and_grads(params, rest, batch)
     loss = loss.astype(jnp.float32)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                              for g in jax.tree.leaves(grads)))
@@ -253,7 +267,7 @@ class Trainer:
 
   @property
   def step_with_grads_fn(self):
-    """Jitted `(state, rest, tokens) -> (new_state, metrics, grads)` (for tests)."""
+    """Jitted `(state, rest, batch) -> (new_state, metrics, grads)` (for tests)."""
     rep = shd.replicated(self.mesh)
     return jax.jit(
         self._train_step_with_grads,
@@ -262,7 +276,7 @@ class Trainer:
 
   @property
   def grad_fn(self):
-    """Jitted `(params, rest, tokens) -> (loss, grads)` (for tests)."""
+    """Jitted `(params, rest, batch) -> (loss, grads)` (for tests)."""
     if self._grad_fn is None:
       rep = shd.replicated(self.mesh)
       self._grad_fn = jax.jit(
@@ -271,8 +285,18 @@ class Trainer:
           out_shardings=(rep, self.param_shardings))
     return self._grad_fn
 
-  def global_batch(self, local_tokens: np.ndarray) -> jax.Array:
-    return jax.make_array_from_process_local_data(self.batch_sharding, local_tokens)
+  def data_shard(self) -> dict:
+    """`{"shard_index", "shard_count"}` of this process's rows of every global
+    batch (`train.data.make_iterator(config, **trainer.data_shard())`; see
+    `train.sharding.data_shard`)."""
+    return shd.data_shard(self.batch_sharding, self.config.seq_len)
+
+  def global_batch(self, local_tokens: np.ndarray) -> dict:
+    """This process's windows `[rows, seq_len + 1]` -> `{"inputs",
+    "targets"}`, global int32 `[batch, seq_len]` laid out as `batch_sharding`
+    (`train.sharding.global_inputs`)."""
+    return shd.global_inputs(local_tokens, self.batch_sharding,
+                             self.data_shard()["shard_count"])
 
 
 # ---------------------------------------------------------------------------
@@ -387,7 +411,7 @@ def train(config: Config, *, resume: bool = False, allow_config_change: bool = F
   pid = jax.process_index()
 
   trainer = Trainer.cached(config, mesh=mesh, model_factory=model_factory)
-  iterator = data_lib.make_iterator(config)
+  iterator = data_lib.make_iterator(config, **trainer.data_shard())
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                        async_save=config.async_checkpoints)
   try:
@@ -421,8 +445,7 @@ def train(config: Config, *, resume: bool = False, allow_config_change: bool = F
   try:
     while step < config.steps:
       batch = next(iterator)
-      tokens = trainer.global_batch(batch["tokens"])
-      state, step_metrics = trainer.step_fn(state, rest, tokens)
+      state, step_metrics = trainer.step_fn(state, rest, trainer.global_batch(batch["tokens"]))
       step_metrics = jax.device_get(step_metrics)
       step += 1
       loss = float(step_metrics["loss"])

@@ -26,6 +26,17 @@ one implementation. `Transformer.__call__(tokens)` is the full causal
 forward pass; after `Transformer.init_cache(batch, max_len)`,
 `Transformer.__call__(tokens, decode=True)` runs tokens that follow those in
 the layers' KV caches (prefill, then one token at a time).
+
+Context parallelism: `Transformer.__call__(tokens, activations=spec)` with a
+`PartitionSpec` `(batch axes, seq axis, None)`, under the mesh (e.g.
+`jax.sharding.use_abstract_mesh`) inside `jax.jit`, constrains the hidden
+states `[batch, seq, d_model]` to that sharding between layers (norms, MLPs
+and projections are per token, so they run on each shard's tokens) and runs
+every layer's attention op on its local blocks inside a `jax.shard_map` with
+`seq_axis=<seq axis>`: queries stay sharded and the op gathers the keys it
+needs over that axis (`attn.context_parallel`). The layer's projections and
+output projection are those of `attn.layers.Attention`; only the op call
+differs (`context_parallel_attention`).
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import attn
 from attn import layers
@@ -99,6 +111,10 @@ class ModelConfig:
       Pallas interpret mode: slow, meant for tests. Training refuses that
       combination otherwise (`train.preflight`).
     norm_eps: RMSNorm epsilon.
+    remat: recompute each block's activations in the backward pass
+      (`nnx.remat` per block): only the blocks' inputs `[batch, seq,
+      d_model]` are kept between the forward and the backward pass, at the
+      cost of a second forward pass. Same values and gradients.
   """
 
   vocab_size: int = 256
@@ -122,6 +138,7 @@ class ModelConfig:
   attn_implementation: str | None = None
   allow_interpret: bool = False
   norm_eps: float = 1e-6
+  remat: bool = False
 
   def __post_init__(self):
     def bad(name, need):
@@ -175,6 +192,8 @@ class ModelConfig:
       bad("attn_implementation", f"must be one of {IMPLEMENTATIONS}")
     if not isinstance(self.allow_interpret, bool):
       bad("allow_interpret", "must be a bool")
+    if not isinstance(self.remat, bool):
+      bad("remat", "must be a bool")
 
   @property
   def layer_types(self) -> tuple[str, ...]:
@@ -236,17 +255,37 @@ def layer_options(config: ModelConfig, kind: str) -> dict:
 
 
 def attend(kind: str, config: ModelConfig, q, k, v, q_search=None, k_search=None,
-           q_offset=None):
+           q_offset=None, seq_axis: str | None = None):
   """The `attn` op of layer type `kind` (`attn.layers.attend` with the
   config's options and implementation).
 
   q, q_search: `[batch, q_len, num_heads, head_dim]`; k, v, k_search:
   `[batch, kv_len, num_kv_heads, head_dim]` (k_search None = k).
+  `seq_axis`: the mesh axis their sequence dimension is sharded over
+  (context parallelism; the op's `seq_axis=`), or None.
   Returns `[batch, q_len, num_heads, head_dim]`.
   """
   options = layers.kind_options(kind, layer_options(config, kind))
   return layers.attend(kind, options, q, k, v, q_search, k_search, q_offset=q_offset,
-                       implementation=config.attn_implementation)
+                       implementation=config.attn_implementation, seq_axis=seq_axis)
+
+
+def _constrain(x, activations: P | None):
+  """x: `[batch, seq, ...]` constrained to `activations` (None: as is)."""
+  if activations is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(*activations[:2], *([None] * (x.ndim - 2))))
+
+
+def _seq_axis(activations: P | None) -> str | None:
+  """The sequence entry of an activation spec: one mesh axis name or None."""
+  if activations is None or len(activations) < 2 or activations[1] is None:
+    return None
+  axis = activations[1]
+  if not isinstance(axis, str):
+    raise ValueError(f"activations={activations}: the sequence entry must be one mesh "
+                     "axis name (it is the attention ops' seq_axis) or None")
+  return axis
 
 
 # ----------------------------------------------------------------------------
@@ -289,19 +328,71 @@ class MLP(nnx.Module):
     return (jax.nn.silu(g) * u) @ self.w_down[...].astype(dt)
 
 
+def _head_axis(mesh, num_heads: int, num_kv_heads: int) -> str | None:
+  """"tensor" when it divides both head counts (each shard keeps whole GQA
+  groups), else None (the heads stay whole on every tensor shard)."""
+  n = mesh.shape.get("tensor", 1)
+  return "tensor" if n > 1 and num_heads % n == 0 and num_kv_heads % n == 0 else None
+
+
+def context_parallel_attention(layer: layers.Attention, config: ModelConfig, x,
+                               activations: P):
+  """`layer(x)` with the op run context-parallel over the sequence axis of
+  `activations`.
+
+  x: `[batch, seq, d_model]` sharded as `activations` (global shape, inside
+  `jax.jit` under the mesh). The projections and the output projection are
+  the layer's own, per token; positions are global. The op runs inside a
+  `jax.shard_map` over every mesh axis (batch over the batch axes, sequence
+  over the seq axis, heads over "tensor" when it divides them), where it
+  takes its local blocks and gathers the keys it needs over the seq axis
+  itself (`attn.context_parallel`); the accumulated search key's scan runs
+  sequence-sharded (`attn.scan`). Fully manual because the op's own
+  shard_map over the seq axis alone, under an Auto mesh with further axes,
+  fails to compile its bf16 gradient on XLA CPU (docs/training.md).
+  Returns `[batch, seq, d_model]` in x.dtype.
+  """
+  positions = jnp.arange(x.shape[1], dtype=jnp.int32)
+  seq_axis, kind = activations[1], layer.kind
+  # The accumulated search key's scan runs sequence-sharded (attn.scan).
+  q, k, v, q_search, k_search, _ = layer.project(x, positions, seq_axis=seq_axis)
+  mesh = jax.sharding.get_abstract_mesh()
+  heads = _head_axis(mesh, q.shape[2], k.shape[2])
+  spec = P(activations[0], activations[1], heads, None)
+  has_search, has_k_search = q_search is not None, k_search is not None
+  arrays = [a for a in (q, k, v, q_search, k_search) if a is not None]
+
+  def local(*a):
+    qs = a[3] if has_search else None
+    ks = a[4] if has_k_search else None
+    return attend(kind, config, a[0], a[1], a[2], qs, ks, seq_axis=seq_axis)
+
+  out = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec,
+                      check_vma=False)(*arrays)
+  return jnp.einsum("bshk,hkd->bsd", out.astype(x.dtype), layer.wo[...].astype(x.dtype))
+
+
 class Block(nnx.Module):
   """Pre-norm residual block: attention then SwiGLU MLP."""
 
   def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+    self.config = config
     self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
     self.attention = Attention(config, kind, rngs=rngs)
     self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, *, decode: bool = False):
-    """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
-    x = x + self.attention(self.attn_norm(x), decode=decode)
-    return x + self.mlp(self.mlp_norm(x))
+  def __call__(self, x, *, decode: bool = False, activations: P | None = None):
+    """x: [batch, seq, d_model] -> [batch, seq, d_model]; `activations`: see
+    `Transformer.__call__`."""
+    h = self.attn_norm(x)
+    seq_axis = _seq_axis(activations)
+    if seq_axis is not None and not decode:
+      x = x + context_parallel_attention(self.attention, self.config, h, activations)
+    else:
+      x = x + self.attention(h, decode=decode)
+    x = _constrain(x, activations)
+    return _constrain(x + self.mlp(self.mlp_norm(x)), activations)
 
 
 class Transformer(nnx.Module):
@@ -334,20 +425,32 @@ class Transformer(nnx.Module):
     w = self.lm_head[...].astype(x.dtype)
     return jnp.einsum("bsd,dv->bsv", x, w, preferred_element_type=jnp.float32)
 
-  def __call__(self, tokens, *, decode: bool = False):
+  def __call__(self, tokens, *, decode: bool = False, activations: P | None = None):
     """tokens: int32 `[batch, seq]` -> float32 logits `[batch, seq, vocab]`.
 
     `decode=True` (after `init_cache`): the tokens follow those already in
     the layers' caches (their positions start at the cache index), which
     they are appended to; prefill with the prompt, then one token at a time.
+
+    `activations`: None, or the `PartitionSpec` `(batch axes, seq axis,
+    None)` of the hidden states (`train.sharding.activation_spec`; needs
+    `jax.set_mesh`): they are constrained to it after every layer, the
+    logits keep it, and a non-None seq axis runs every attention op
+    context-parallel over it (not with `decode=True`).
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-    x = self._embed(tokens)
+    x = _constrain(self._embed(tokens), activations)
+
+    def run(block, x):
+      return block(x, decode=decode, activations=activations)
+
+    if self.config.remat and not decode:
+      run = nnx.remat(run)
     for block in self.blocks:
-      x = block(x, decode=decode)
-    return self._logits(x)
+      x = run(block, x)
+    return _constrain(self._logits(x), activations)
 
   def init_cache(self, batch: int, max_len: int):
     """Empty KV caches (`attn.layers.Attention.init_cache`) of `max_len`

@@ -51,13 +51,15 @@ CHANGES_FILE = "config_changes.jsonl"
 # extending a run stretches the remaining schedule (recorded like any change).
 RESUMABLE_KEYS = frozenset({
     "workdir", "steps", "checkpoint_every", "keep_checkpoints", "async_checkpoints",
-    "log_every", "eval_every", "eval_batches", "tensorboard", "mesh_shape", "grad_accum",
+    "log_every", "eval_every", "eval_batches", "tensorboard", "mesh_shape", "mesh_axes",
+    "grad_accum",
     "data.num_threads", "data.prefetch", "model.attn_implementation",
-    "model.allow_interpret",
+    "model.allow_interpret", "model.remat",
     # Sharding rules place the same arrays differently; checkpoints restore
     # onto any placement.
     "sharding.vocab", "sharding.embed", "sharding.q_heads", "sharding.kv_heads",
     "sharding.head_dim", "sharding.mlp", "sharding.norm", "sharding.allow_replication",
+    "sharding.sequence",
     "debug_nan_at_step", "debug_trace_data", "debug_step_delay",
 })
 
