@@ -48,6 +48,8 @@ import dataclasses
 import numpy as np
 from jax.experimental import pallas as pl
 
+from pallas_kernels.common import cdiv, next_pow2, pad_head_dim
+
 F32_BYTES = 4
 I32_BYTES = 4
 
@@ -86,19 +88,13 @@ def _out(cost: KernelCost, detail: bool):
   return cost if detail else cost.estimate()
 
 
-def _cdiv(a: int, b: int) -> int:
-  return -(-int(a) // int(b))
-
-
-def next_pow2(x: int) -> int:
-  return 1 << max(0, int(x) - 1).bit_length()
+def _cdiv(a, b) -> int:
+  return cdiv(int(a), int(b))
 
 
 def padded_head_dim(head_dim: int, platform: str = "gpu") -> int:
-  """head_dim inside the kernels: GPU a power of two >= 16, TPU a multiple of 128."""
-  if platform == "tpu":
-    return _cdiv(head_dim, 128) * 128
-  return max(16, next_pow2(head_dim))
+  """head_dim inside the kernels (`pallas_kernels.common.pad_head_dim`)."""
+  return pad_head_dim(head_dim, platform)
 
 
 def stripe_rows(block: int, platform: str = "gpu", unit: int = 16,
