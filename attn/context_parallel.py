@@ -74,6 +74,48 @@ def _neighbour_keys(x, axis, w, n, s):
                    jnp.concatenate([prev, x], axis=1))
 
 
+def _zigzag_neighbour_keys(x, axis, w, n, s):
+  """Keys for the two zigzag chunks of shard `s` of `n`, sliding window.
+
+  x: `[B, 2c, ...]` this shard's chunks `s` and `2n-1-s` (zigzag order),
+  `1 <= w <= c`. Returns `(first, second)`, each `[B, c + w, ...]`:
+    first:  `[last w keys of chunk s-1, chunk s]`; on shard 0 `[chunk 0,
+            zeros]` (trailing keys lie after every query: causally invisible).
+            Chunk s-1 is shard s-1's first chunk.
+    second: `[last w keys of chunk 2n-2-s, chunk 2n-1-s]`. Chunk 2n-2-s is
+            shard s+1's second chunk, or on shard n-1 chunk n-1: its own first.
+  Two `ppermute`s of `w` keys each (one per direction), no all-gather; the
+  queries of both chunks sit at `q_offset = w` (shard 0's first: 0).
+  """
+  c = x.shape[1] // 2
+  head, tail = x[:, :c], x[:, c:]
+  up = jax.lax.ppermute(head[:, -w:], axis, [(i, i + 1) for i in range(n - 1)])
+  down = jax.lax.ppermute(tail[:, -w:], axis, [(i + 1, i) for i in range(n - 1)])
+  first = jnp.where(s == 0, jnp.concatenate([head, up], axis=1),
+                    jnp.concatenate([up, head], axis=1))
+  second = jnp.concatenate([jnp.where(s == n - 1, head[:, -w:], down), tail], axis=1)
+  return first, second
+
+
+def _sliding_zigzag(fn, args, roles, seq_axis, statics, n, s, w):
+  """Sliding window in the zigzag order by neighbour exchange: the
+  single-device op once per chunk (q `[B, c, ...]` against `c + w` keys,
+  `_zigzag_neighbour_keys`), outputs concatenated back to `[B, 2c, ...]`."""
+  if w == 0:
+    return fn(*args, **statics)           # every query sees only itself
+  pairs = [_zigzag_neighbour_keys(a, seq_axis, w, n, s) if r == KV else None
+           for a, r in zip(args, roles)]
+  c = args[roles.index(Q)].shape[1] // 2
+  offsets = (jnp.where(s == 0, 0, w).astype(jnp.int32), jnp.int32(w))
+  halves = []
+  for h in (0, 1):
+    part = [a[:, h * c:(h + 1) * c] if r == Q else
+            pairs[i][h] if r == KV else a for i, (a, r) in enumerate(zip(args, roles))]
+    part[roles.index(SCALAR)] = offsets[h]
+    halves.append(fn(*part, **statics))
+  return _concat_outputs(*halves)
+
+
 def _concat_outputs(a, b):
   if isinstance(a, tuple):
     return tuple(jnp.concatenate([x, y], axis=1) for x, y in zip(a, b))
@@ -108,6 +150,9 @@ def local_fn(op: str, fn, roles: tuple, seq_axis: str, statics: dict,
               for a, r in zip(args, roles)]
       args[i_off] = jnp.where(s == 0, 0, w).astype(jnp.int32)
       return fn(*args, **statics)
+    if (op == "sliding_window_attention" and given is None and lq == lk and zig
+        and q_sharded and 0 <= w <= lk_loc // 2):
+      return _sliding_zigzag(fn, args, roles, seq_axis, statics, n, s, w)
     # Decode (q replicated): gather keys typed invariant over the axis, so
     # the output is replicated and dK, dV are this shard's slice.
     to = "varying" if q_sharded else "invarying"
