@@ -18,15 +18,20 @@ Runs inside a shard_map whose manual axes include `seq_axis` (the ops'
 Each shard fetches the keys its queries may see and calls the single-device
 implementation with its own `q_offset`:
 
-  * dense, PPA, superlinear, block sparse (and sliding window in zigzag
-    order or with a given `q_offset`): all-gather of k, v (and k_search)
-    over the axis, so every earlier shard's keys are candidates (superlinear's
-    random context access reaches shard 0 from the last). Its autodiff is a
-    reduce-scatter of dK, dV. PPA's far offsets reach across the whole
-    prefix, so it gathers the whole prefix too.
+  * dense, PPA, superlinear, block sparse (and sliding window outside the
+    two cases below): all-gather of k, v (and k_search) over the axis, so
+    every earlier shard's keys are candidates (superlinear's random context
+    access reaches shard 0 from the last). Its autodiff is a reduce-scatter
+    of dK, dV. PPA's far offsets reach across the whole prefix, so it
+    gathers the whole prefix too.
   * sliding window, contiguous order, `Lq == Lk`, the default `q_offset` and
     `window - 1 <= Lk/n`: a neighbour exchange (`jax.lax.ppermute`) of the
     previous shard's last `window - 1` keys, no all-gather.
+  * sliding window, zigzag order, `Lq == Lk`, the default `q_offset` and
+    `window - 1 <= Lk/2n` (one chunk): two neighbour exchanges of
+    `window - 1` keys (chunk `s` needs the end of chunk `s-1`, held by shard
+    `s-1`; chunk `2n-1-s` the end of chunk `2n-2-s`, held by shard `s+1`, or
+    by itself on the last shard), no all-gather.
 """
 
 from __future__ import annotations

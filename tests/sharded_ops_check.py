@@ -13,7 +13,11 @@ k_search) of sharded calls with the same op on unsharded inputs:
   * seq (mesh data=2 x seq=4, `seq_axis="seq"`): Explicit, Auto and inside a
     user's shard_map; `seq_order="zigzag"` (inputs permuted, outputs and
     gradients un-permuted before comparing) on Explicit and in shard_map;
-    decode calls against a sequence-sharded cache (q replicated).
+    decode calls against a sequence-sharded cache (q replicated). Sliding
+    window on Explicit (contiguous and zigzag): a neighbour exchange, so its
+    HLO holds no all-gather, all-to-all or reduce-scatter.
+  * Pallas block sparse in the zigzag order at L = 64 (the 8-row chunks of
+    L = 32 are below the kernels' 16-row blocks).
 
 Every sharded call of one (op, implementation) is compared with one
 unsharded call; each jitted function is compiled once (`lower().compile()`,
@@ -49,11 +53,16 @@ NAMES = ("q", "k", "v", "q_search", "k_search")
 PALLAS_SHARD_MAP = ("dense", "sliding", "block_sparse")
 
 
+def block_layout(length):
+  """Causal: a 6-key local band plus every 7th key; 16 x 16 blocks."""
+  return attn.BlockLayout.from_fn(lambda qi, ki: (ki <= qi) & ((qi - ki < 6) | (ki % 7 == 0)),
+                                  length, length, block_q=16, block_k=16)
+
+
 def ops(impl, **kw):
   """name -> (number of arrays, decode?, f(arrays, q_offset) -> out | tuple)."""
   kw = dict(implementation=impl, **kw)
-  layout = attn.BlockLayout.from_fn(lambda qi, ki: (ki <= qi) & ((qi - ki < 6) | (ki % 7 == 0)),
-                                    L, L, block_q=16, block_k=16)
+  layout = block_layout(L)
   sl = lambda a, off: tuple(attn.superlinear_attention_with_anchors(  # noqa: E731
       *a, config=CFG, q_offset=off, **kw))[:2]
   table = {
@@ -162,7 +171,7 @@ def cases(impl, op, n, decode, args, off, cot, want):
   def explicit_seq():
     mesh = mesh_of(AxisType.Explicit)
     with jax.set_mesh(mesh):
-      close(compile_and_run(gs, put(mesh, call, seq_specs), False), want, "seq")
+      close(compile_and_run(gs, put(mesh, call, seq_specs), op == "sliding"), want, "seq")
   report(f"{impl}/{op}/jit-Explicit-batch-heads-{seq}", explicit_seq)
 
   def auto():
@@ -202,10 +211,32 @@ def zigzag_case(impl, op, n, args, cot, want, in_shard_map):
       sm = jax.shard_map(gz, mesh=mesh, in_specs=specs, out_specs=(BSH, specs[:n]))
       got = jax.jit(sm)(*put(mesh, call, specs))
     else:
-      with jax.set_mesh(mesh):
-        got = compile_and_run(gz, put(mesh, call, specs), False)
+      with jax.set_mesh(mesh):   # sliding: a neighbour exchange, no all-gather
+        got = compile_and_run(gz, put(mesh, call, specs), op == "sliding")
     close(jax.tree.map(lambda x: np.asarray(x)[:, inv], got), want, "zigzag")
   report(f"{impl}/{op}/zigzag-" + ("shard_map" if in_shard_map else "Explicit"), run)
+
+
+def block_sparse_zigzag_16_row_chunks(impl):
+  """Block sparse in the zigzag order at L = 2 * 2 * 16 (16-row chunks, the
+  Pallas kernels' block) against the unsharded reference call."""
+  length = 2 * 2 * 16
+  layout = block_layout(length)
+  x = oc.inputs(batch=B, q_len=length, hq=HQ, hk=HK, d=D)
+  args = [x[k] for k in NAMES[:3]]
+  cot = jax.random.normal(jax.random.PRNGKey(8), args[0].shape, jnp.float32)
+  f = lambda kw: lambda a, off: attn.block_sparse_attention(*a, layout, **kw)  # noqa: E731
+  want = jax.jit(value_and_grads(f(dict(implementation="reference")), 3))(*args, None, cot)
+  gz = value_and_grads(f(dict(implementation=impl, seq_axis="seq", seq_order="zigzag")), 3)
+  perm = zigzag_order(length, 2)
+  call = [a[:, perm] for a in args] + [None, cot[:, perm]]
+
+  def run():
+    mesh = mesh_of(AxisType.Explicit)
+    with jax.set_mesh(mesh):
+      got = compile_and_run(gz, put(mesh, call, call_specs(3, BSH)), False)
+    close(jax.tree.map(lambda y: np.asarray(y)[:, np.argsort(perm)], got), want, "zigzag-64")
+  report(f"{impl}/block_sparse/zigzag-Explicit-L{length}", run)
 
 
 def main(impls):
@@ -221,10 +252,12 @@ def main(impls):
         continue
       cases(impl, op, n, decode, args, off, cot, want)
       if decode or (impl == "pallas" and op == "block_sparse"):
-        continue    # pallas block sparse: 8-row zigzag chunks < its 16-row blocks
+        continue    # pallas block sparse: block_sparse_zigzag_16_row_chunks
       zigzag_case(impl, op, n, args, cot, want, False)
       if impl == "xla":
         zigzag_case(impl, op, n, args, cot, want, True)
+  if "pallas" in impls:
+    block_sparse_zigzag_16_row_chunks("pallas")
   if "xla" in impls:
     args, cot = inputs(3, False)
     ref = lambda a, off: attn.superlinear_attention(  # noqa: E731
