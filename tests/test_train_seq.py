@@ -11,9 +11,9 @@ context parallelism of every kind is tested in tests/test_sharded_ops.py):
     and the train state after each step (parameters, and the AdamW moments,
     which hold the clipped gradients);
   * `train()` on (data 2, seq 4) for one step, checkpointed, resumed on
-    (data 8): the losses and gradient norms of steps 2 and 3 equal those of
-    three uninterrupted steps on (data 2, seq 4). (Each further mesh is one
-    more compile; the test's time budget holds two.)
+    (data 8) and, separately, on (data 4, seq 2): the losses and gradient
+    norms of steps 2 and 3 equal those of three uninterrupted steps on
+    (data 2, seq 4). (Each further mesh is one more compile.)
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ import attn
 
 from tests.train_helpers import MICRO_CONFIG, REPO, read_jsonl, subprocess_env
 
-MESHES = {"data8": (("data",), (8,)), "data2_seq4": (("data", "seq"), (2, 4))}
+MESHES = {"data8": (("data",), (8,)), "data2_seq4": (("data", "seq"), (2, 4)),
+          "data4_seq2": (("data", "seq"), (4, 2))}
+RESUMED_ON = ("data8", "data4_seq2")
 
 
 def _config(workdir="/tmp/unused", mesh="data8", **kw):
@@ -171,15 +173,17 @@ def _steps(out):
 
 
 def _resume(out):
-  """train() on data2_seq4 for 1 step, then resumed on data8 up to step 3:
-  metrics under out/<name>/."""
+  """train() on data2_seq4 for 1 step, then resumed up to step 3 on each
+  mesh of RESUMED_ON (from copies of that checkpoint): metrics under
+  out/<mesh>/."""
   from train import loop
   first = os.path.join(out, "first")
   assert loop.train(_config(first, "data2_seq4", steps=1)).status == "done"
-  workdir = os.path.join(out, "data8")
-  shutil.copytree(first, workdir)
-  result = loop.train(_config(workdir, "data8", steps=3), resume=True)
-  assert result.status == "done", result.message
+  for mesh in RESUMED_ON:
+    workdir = os.path.join(out, mesh)
+    shutil.copytree(first, workdir)
+    result = loop.train(_config(workdir, mesh, steps=3), resume=True)
+    assert result.status == "done", result.message
 
 
 @pytest.fixture(scope="module")
@@ -218,18 +222,21 @@ def test_step_on_data2_seq4_equals_step_on_data8(eight_devices):
 
 
 @pytest.mark.slow
-def test_checkpoint_from_seq4_resumes_on_data8(eight_devices):
-  """The metrics of the resumed run equal those of three uninterrupted steps
-  on (data 2, seq 4) (`_steps`, the same initial state and batches)."""
+@pytest.mark.parametrize("mesh", RESUMED_ON)
+def test_checkpoint_from_seq4_resumes_on_another_mesh(eight_devices, mesh):
+  """The metrics of the run resumed on `mesh` (no seq axis; seq 2) equal
+  those of three uninterrupted steps on (data 2, seq 4) (`_steps`, the same
+  initial state and batches)."""
   ref = dict(np.load(eight_devices / "data2_seq4.npz"))
-  rows = read_jsonl(eight_devices / "data8" / "metrics.jsonl")
+  rows = read_jsonl(eight_devices / mesh / "metrics.jsonl")
   got = {r["step"]: (r["loss"], r["grad_norm"]) for r in rows}
   assert sorted(got) == [1, 2, 3]
   for step in (1, 2, 3):
     np.testing.assert_allclose(got[step], (ref[f"loss{step}"], ref[f"grad_norm{step}"]),
                                rtol=2e-5, err_msg=f"step {step}")
-  changes = (eight_devices / "data8" / "config_changes.jsonl").read_text()
-  assert "mesh_shape" in changes and "mesh_axes" in changes, changes
+  changes = (eight_devices / mesh / "config_changes.jsonl").read_text()
+  assert "mesh_shape" in changes, changes
+  assert ("mesh_axes" in changes) == (MESHES[mesh][0] != MESHES["data2_seq4"][0]), changes
 
 
 if __name__ == "__main__":
