@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn import cp_ppa, xla
 from attn.sharding import KV, Q, SCALAR
 
 SEQ_ORDERS = ("contiguous", "zigzag")
@@ -99,6 +100,9 @@ def local_fn(op: str, fn, roles: tuple, seq_axis: str, statics: dict,
     i_off = roles.index(SCALAR)
     given = args[i_off]
     off = (lk - lq) if given is None else given
+    if (op == "ppa_attention" and fn is xla.ppa_attention and given is None and lq == lk
+        and q_sharded and cp_ppa.applies(lk, p=statics["p"], window=statics["window"])):
+      return _ppa_by_key_chunks(args, seq_axis, statics, n, s, zig)
     w = statics.get("window", 0) - 1
     if (op == "sliding_window_attention" and given is None and lq == lk and not zig
         and q_sharded and 0 <= w <= lk_loc):
@@ -133,6 +137,33 @@ def local_fn(op: str, fn, roles: tuple, seq_axis: str, statics: dict,
     return _concat_outputs(*halves)
 
   return run
+
+
+def _ppa_by_key_chunks(args, seq_axis, statics, n, s, zig):
+  """PPA on the xla path (self-attention, default `q_offset`): each chunk of
+  a shard's queries against the keys one key chunk at a time
+  (`attn.cp_ppa`), so no device builds float32 copies of the whole
+  sequence. Contiguous order: key chunk `s - j` arrives by a
+  `jax.lax.ppermute` (shift `j`), no all-gather. Zigzag: the all-gathered
+  keys in natural order, sliced. `args`: `(q, k, v, None)`, local blocks."""
+  q, k, v = args[:3]
+  kw = dict(p=statics["p"], window=statics["window"], scale=statics["scale"])
+  if not zig:
+    def shifted(j, *kv):
+      if j == 0:
+        return kv
+      return tuple(jax.lax.ppermute(x, seq_axis, [(i, i + j) for i in range(n - j)])
+                   for x in kv)
+    return cp_ppa.ppa_chunk(q, (k, v), shifted, n, s, **kw)
+  k, v = (_natural(_gather(x, seq_axis), n) for x in (k, v))
+  c = q.shape[1] // 2
+  outs = []
+  for h, chunk in enumerate((s, 2 * n - 1 - s)):
+    def sliced(j, *kv, chunk=chunk):
+      start = jnp.maximum(chunk - j, 0) * c
+      return tuple(jax.lax.dynamic_slice_in_dim(x, start, c, axis=1) for x in kv)
+    outs.append(cp_ppa.ppa_chunk(q[:, h * c:(h + 1) * c], (k, v), sliced, 2 * n, chunk, **kw))
+  return jnp.concatenate(outs, axis=1)
 
 
 def _block_sparse(fn, args, roles, seq_axis, statics, n, s, lq_loc, zig):

@@ -241,7 +241,7 @@ def sliding_window_attention(q, k, v, q_offset=None, *, window, scale):
                       q_offset=q_offset)
 
 
-def _stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripes, *, pad_left, scale):
+def _stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripes, *, pad_left, kv_len, scale):
   """State of the sparse far offsets `stripes` for a chunk of queries.
 
   For a fixed offset `d`, the keys of consecutive queries are consecutive:
@@ -250,11 +250,14 @@ def _stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripes, *, pad_left, scale
   work and memory in both passes are proportional to `len(stripes)`.
 
   qg: `[B, C, Hk, G, D]`; qpos, row_ok: `[C]`; stripes: int32 `[S]`; k_pad,
-  v_pad: float32. Returns a `SoftmaxState` over `[B, Hk, G, C]`.
+  v_pad: float32 keys at positions `[0, kv_len)`, padded by `pad_left >= C`
+  on the left and `C` on the right (a slice partly before or after the keys
+  stays exact; one wholly outside is clamped, but none of its rows is
+  valid). Returns a `SoftmaxState` over `[B, Hk, G, C]`.
   """
   c = qg.shape[1]
   qg = qg.astype(F32)   # (its cotangent then sums over the stripes in float32)
-  ok_rows = lambda d: (qpos - d >= 0) & row_ok  # noqa: E731
+  ok_rows = lambda d: (qpos - d >= 0) & (qpos - d < kv_len) & row_ok  # noqa: E731
 
   @jax.checkpoint
   def score(d):
@@ -282,6 +285,50 @@ def _stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripes, *, pad_left, scale
 _PPA_MAX_CHUNK = 2048
 
 
+def ppa_split(offsets, q_len: int, heads: int, batch: int):
+  """`(bands, stripes, bq, chunk)` of the kept PPA `offsets`: the masked
+  bands and far stripes (`masks.ppa_masked_bands`), the query block of the
+  bands and the query chunk of the stripe scans."""
+  bands, stripes = masks.ppa_masked_bands(offsets)
+  band_cols = sum(128 + hi - lo for lo, hi, _ in bands)
+  bq = _block_size(q_len, max(band_cols, 1), heads, 1, batch)
+  # Query chunk of the stripe scans: scores [S, B, C, Hq] (no head_dim) may
+  # take 8 blocks' budget; large chunks keep the scans' iteration count low.
+  chunk = bq * max(1, 8 * _BLOCK_BUDGET // max(bq * stripes.size * heads * batch, 1))
+  return bands, stripes, bq, min(chunk, _PPA_MAX_CHUNK, -(-q_len // bq) * bq)
+
+
+def ppa_chunk_state(qc, qpos, bounds, k_pad, v_pad, *, bands, stripes, bq, pad_left,
+                    kv_len, scale):
+  """PPA state of a chunk of queries over the kept offsets `bands` + `stripes`.
+
+  qc: `[B, C, Hq, D]` at positions `qpos: [C]` (a row is valid iff its
+  position lies in `bounds = (lo, hi)`); k_pad, v_pad: float32 `[B, n, Hk,
+  D]`, the keys at positions `[0, kv_len)` padded by `pad_left` on the left
+  (`pad_left >= C` and `C` on the right where there are stripes). Returns a
+  `SoftmaxState` over `[B, Hk, G, C]`.
+  """
+  hk = k_pad.shape[2]
+
+  def block_body(bpos, brow_ok, qb):
+    parts = [_band_partial(_group(qb, hk), k_pad, v_pad, bpos, brow_ok, lo=lo, hi=hi,
+                           keep=keep, pad_left=pad_left, kv_len=kv_len, scale=scale)
+             for lo, hi, keep in bands]
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 3, 1),
+                        functools.reduce(merge_states, parts))  # [B, bq, Hk, G, ...]
+
+  parts = []
+  if bands:
+    band = _map_query_blocks(block_body, bq, qpos[0], bounds, qc)
+    parts.append(jax.tree.map(lambda x: jnp.moveaxis(x, 1, 3), band))
+  if len(stripes):
+    row_ok = (qpos >= bounds[0]) & (qpos <= bounds[1])
+    parts.append(_stripes_partial(_group(qc, hk), k_pad, v_pad, qpos, row_ok,
+                                  jnp.asarray(stripes, jnp.int32), pad_left=pad_left,
+                                  kv_len=kv_len, scale=scale))
+  return functools.reduce(merge_states, parts)
+
+
 def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
   """PPA: dense runs of kept offsets as banded slices, sparse ones as stripes.
 
@@ -291,45 +338,23 @@ def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
   contiguous key slice per chunk of queries scored row-wise.
   """
   b, lq, hq, d = q.shape
-  lk, hk = k.shape[1], k.shape[2]
+  lk = k.shape[1]
   window = min(window, lk)
   offsets = masks.ppa_offsets(lk - 1, p=p, window=window)
   if offsets[-1] < window:  # p = 0 or a sequence within the window.
     return _window_only(q, k, v, window=window, scale=scale, q_offset=q_offset)
   if offsets.size == lk:  # every offset kept (p = 1): plain causal attention.
     return dense_attention(q, k, v, q_offset, scale=scale)
-  bands, stripes = masks.ppa_masked_bands(offsets)
-  band_cols = sum(128 + hi - lo for lo, hi, _ in bands)
-  bq = _block_size(lq, max(band_cols, 1), hq, 1, b)
-  # Query chunk of the stripe scans: scores [S, B, C, Hq] (no head_dim) may
-  # take 8 blocks' budget; large chunks keep the scans' iteration count low.
-  chunk = bq * max(1, 8 * _BLOCK_BUDGET // max(bq * stripes.size * hq * b, 1))
-  chunk = min(chunk, _PPA_MAX_CHUNK, -(-lq // bq) * bq)
+  bands, stripes, bq, chunk = ppa_split(offsets, lq, hq, b)
   pad_left = int(offsets[-1])
   k_pad = _pad_seq(k.astype(F32), pad_left, chunk)
   v_pad = _pad_seq(v.astype(F32), pad_left, chunk)
-  stripe_j = jnp.asarray(stripes, jnp.int32)
 
   def run(xs, offset, bounds):
     def chunk_body(qpos, row_ok, qc):
-      qg = _group(qc, hk)                                    # [B, C, Hk, G, D]
-
-      def block_body(bpos, brow_ok, qb):
-        parts = [_band_partial(_group(qb, hk), k_pad, v_pad, bpos, brow_ok, lo=lo,
-                               hi=hi, keep=keep, pad_left=pad_left, kv_len=lk,
-                               scale=scale)
-                 for lo, hi, keep in bands]
-        return jax.tree.map(lambda x: jnp.moveaxis(x, 3, 1),
-                            functools.reduce(merge_states, parts))  # [B, bq, Hk, G, ...]
-
-      parts = []
-      if bands:
-        band = _map_query_blocks(block_body, bq, qpos[0], bounds, qc)
-        parts.append(jax.tree.map(lambda x: jnp.moveaxis(x, 1, 3), band))
-      if stripes.size:
-        parts.append(_stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripe_j,
-                                      pad_left=pad_left, scale=scale))
-      out, _ = finish_state(functools.reduce(merge_states, parts))      # [B, Hk, G, C, D]
+      state = ppa_chunk_state(qc, qpos, bounds, k_pad, v_pad, bands=bands, stripes=stripes,
+                              bq=bq, pad_left=pad_left, kv_len=lk, scale=scale)
+      out, _ = finish_state(state)                                 # [B, Hk, G, C, D]
       return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
     return _map_query_blocks(chunk_body, chunk, offset, bounds, *xs)
 

@@ -1,0 +1,109 @@
+"""Sequence-sharded PPA on the xla path, one key chunk at a time.
+
+With the sequence cut into `m` chunks of `C` tokens, a shard's queries are
+one chunk `ci` (contiguous order; zigzag order: two half-size chunks, each
+handled alone). Attending the whole all-gathered sequence at once would
+build float32 copies of every key on every device (and, in the backward
+pass, several float32 cotangents of that size), which does not shrink with
+the number of shards. Instead the queries visit the key chunks `ci - j`,
+`j = 0 .. m-1`, one at a time: relative to key chunk `ci - j`, a query sits
+at `j * C + i` (`0 <= i < C`) and a key at `[0, C)`, so only the kept
+offsets `d` in `((j-1) C, (j+1) C)` can connect them, a static subset of
+PPA's offsets for each `j` (the bands clipped to it, the stripes in it).
+The partial softmax states are merged with `merge_states`; each `(query,
+key)` pair lies in exactly one key chunk, so the result is the same
+attention. A step's float32 keys are one chunk padded by a query chunk on
+each side, whatever the sequence length.
+
+An offset near a chunk boundary belongs to two steps' ranges (each reads
+its own keys), so the band and stripe work is at most twice that of the
+single-device call for the same queries.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attn import masks, xla
+from pallas_kernels.common import F32, SoftmaxState, finish_state, merge_states
+
+
+def applies(kv_len: int, *, p: float, window: int) -> bool:
+  """Whether `xla.ppa_attention` takes its band + stripe path (not the
+  window-only or dense special cases, which have no far offsets)."""
+  offsets = masks.ppa_offsets(kv_len - 1, p=p, window=min(window, kv_len))
+  return bool(offsets[-1] >= min(window, kv_len) and offsets.size < kv_len)
+
+
+def _clip_bands(bands, lo: int, hi: int):
+  """The bands `(lo, hi, keep)` restricted to the offsets `[lo, hi]`."""
+  out = []
+  for b_lo, b_hi, keep in bands:
+    a, z = max(b_lo, lo), min(b_hi, hi)
+    if a > z:
+      continue
+    k = None if keep is None else keep[a - b_lo:z - b_lo + 1]
+    if k is None or k.all():
+      out.append((a, z, None))
+    elif k.any():
+      out.append((a, z, k))
+  return out
+
+
+def _step(q, k, v, valid, j, prev, *, bands, stripes, bq, chunk, scale):
+  """State of the queries `q: [B, C, Hq, D]` (positions `j*C + i`) over one
+  key chunk `k, v: [B, C, Hk, D]` (positions `[0, C)`; `valid`: bool scalar,
+  False = no key), merged into `prev` (a `SoftmaxState` over `[B, C, Hk, G]`
+  or None) query chunk by query chunk. Returns a `SoftmaxState` like prev."""
+  c = q.shape[1]
+  widths = [bq + hi - lo for lo, hi, _ in bands]
+  pad = max([chunk] + widths)       # stripes: `chunk` each side; bands: a slice fits
+  k_pad, v_pad = (xla._pad_seq(x.astype(F32), pad, pad) for x in (k, v))
+  offset = j * c
+  bounds = (jnp.where(valid, offset, offset + c).astype(jnp.int32), jnp.int32(offset + c - 1))
+
+  def body(qpos, _, qc, *before):
+    state = xla.ppa_chunk_state(qc, qpos, bounds, k_pad, v_pad, bands=bands, stripes=stripes,
+                                bq=bq, pad_left=pad, kv_len=c, scale=scale)
+    state = jax.tree.map(lambda x: jnp.moveaxis(x, 3, 1), state)   # [B, C, Hk, G, ...]
+    return merge_states(SoftmaxState(*before), state) if before else state
+
+  return SoftmaxState(*xla._map_query_blocks(body, chunk, jnp.int32(offset), bounds, q,
+                                             *(prev or ())))
+
+
+def ppa_chunk(q, keys, fetch, num_chunks: int, chunk_index, *, p, window, scale):
+  """PPA of the queries of one chunk against all keys, key chunk by key chunk.
+
+  q: `[B, C, Hq, D]`, the queries at positions `chunk_index * C + i`
+  (`chunk_index`: int32 scalar, may be traced) of a self-attention sequence
+  of `num_chunks * C` tokens. `fetch(j, *keys) -> (k, v)`, each `[B, C, Hk,
+  D]`: the keys of chunk `chunk_index - j` (any values where that is
+  negative; `keys` are the arrays it reads, e.g. this shard's block or the
+  gathered sequence). The call must satisfy `applies(num_chunks * C, p=p,
+  window=window)`. Returns `[B, C, Hq, D]` like `q`.
+  """
+  b, c, hq, d = q.shape
+  lk = num_chunks * c
+  offsets = masks.ppa_offsets(lk - 1, p=p, window=min(window, lk))
+  bands, stripes, bq, chunk = xla.ppa_split(offsets, c, hq, b)
+  # A step's float32 keys are its chunk padded by `chunk` on each side.
+  chunk = max(bq, min(chunk, c // 4 // bq * bq))
+  state = None
+  for j in range(num_chunks):
+    lo, hi = max((j - 1) * c + 1, 0), (j + 1) * c - 1
+    bands_j = _clip_bands(bands, lo, hi)
+    stripes_j = stripes[(stripes >= lo) & (stripes <= hi)]
+    if not bands_j and not stripes_j.size:
+      continue
+    # One step at a time: the barrier makes step j's key chunk depend on the
+    # state so far (else XLA may fetch and cast every chunk up front).
+    state, keys = jax.lax.optimization_barrier((state, keys))
+    k, v = fetch(j, *keys)
+    state = jax.checkpoint(
+        lambda q_, k_, v_, ok, prev, bands_j=bands_j, stripes_j=stripes_j, j=j: _step(
+            q_, k_, v_, ok, j, prev, bands=bands_j, stripes=stripes_j, bq=bq, chunk=chunk,
+            scale=scale))(q, k, v, chunk_index >= j, state)
+  out, _ = finish_state(state)                                  # [B, C, Hk, G, D]
+  return out.reshape(b, c, hq, d).astype(q.dtype)
