@@ -51,26 +51,32 @@ def _clip_bands(bands, lo: int, hi: int):
   return out
 
 
-def _step(q, k, v, valid, j, prev, *, bands, stripes, bq, chunk, scale):
-  """State of the queries `q: [B, C, Hq, D]` (positions `j*C + i`) over one
-  key chunk `k, v: [B, C, Hk, D]` (positions `[0, C)`; `valid`: bool scalar,
-  False = no key), merged into `prev` (a `SoftmaxState` over `[B, C, Hk, G]`
-  or None) query chunk by query chunk. Returns a `SoftmaxState` like prev."""
-  c = q.shape[1]
+def _step(qb, k, v, valid, j, prev, *, bands, stripes, bq, scale):
+  """One key chunk's state merged into `prev`, query chunk by query chunk.
+
+  qb: `[nb, B, chunk, Hq, D]`, the queries at positions `j*C + i` in chunks
+  of `chunk` rows (`C = k.shape[1]`); k, v: `[B, C, Hk, D]` at positions
+  `[0, C)` (`valid`: bool scalar, False = no key); prev: a `SoftmaxState`
+  over `[nb, B, chunk, Hk, G]` or None. Returns the merged `SoftmaxState`.
+  """
+  nb, _, chunk = qb.shape[:3]
+  c = k.shape[1]
   widths = [bq + hi - lo for lo, hi, _ in bands]
   pad = max([chunk] + widths)       # stripes: `chunk` each side; bands: a slice fits
   k_pad, v_pad = (xla._pad_seq(x.astype(F32), pad, pad) for x in (k, v))
   offset = j * c
   bounds = (jnp.where(valid, offset, offset + c).astype(jnp.int32), jnp.int32(offset + c - 1))
 
-  def body(qpos, _, qc, *before):
+  @jax.checkpoint
+  def block(args):
+    i, qc, *before = args
+    qpos = offset + i * chunk + jnp.arange(chunk, dtype=jnp.int32)
     state = xla.ppa_chunk_state(qc, qpos, bounds, k_pad, v_pad, bands=bands, stripes=stripes,
                                 bq=bq, pad_left=pad, kv_len=c, scale=scale)
-    state = jax.tree.map(lambda x: jnp.moveaxis(x, 3, 1), state)   # [B, C, Hk, G, ...]
+    state = jax.tree.map(lambda x: jnp.moveaxis(x, 3, 1), state)   # [B, chunk, Hk, G, ...]
     return merge_states(SoftmaxState(*before), state) if before else state
 
-  return SoftmaxState(*xla._map_query_blocks(body, chunk, jnp.int32(offset), bounds, q,
-                                             *(prev or ())))
+  return SoftmaxState(*jax.lax.map(block, (jnp.arange(nb, dtype=jnp.int32), qb, *(prev or ()))))
 
 
 def ppa_chunk(q, keys, fetch, num_chunks: int, chunk_index, *, p, window, scale):
@@ -88,8 +94,11 @@ def ppa_chunk(q, keys, fetch, num_chunks: int, chunk_index, *, p, window, scale)
   lk = num_chunks * c
   offsets = masks.ppa_offsets(lk - 1, p=p, window=min(window, lk))
   bands, stripes, bq, chunk = xla.ppa_split(offsets, c, hq, b)
-  # A step's float32 keys are its chunk padded by `chunk` on each side.
-  chunk = max(bq, min(chunk, c // 4 // bq * bq))
+  # A step's float32 keys are its chunk padded by `chunk` rows on each side:
+  # query chunks of at most C/16 rows keep them within 1.125 C.
+  chunk = max(bq, min(chunk, c // 16 // bq * bq))
+  nb = -(-c // chunk)
+  qb = jnp.moveaxis(xla._pad_seq(q, 0, nb * chunk - c).reshape(b, nb, chunk, hq, d), 1, 0)
   state = None
   for j in range(num_chunks):
     lo, hi = max((j - 1) * c + 1, 0), (j + 1) * c - 1
@@ -103,7 +112,8 @@ def ppa_chunk(q, keys, fetch, num_chunks: int, chunk_index, *, p, window, scale)
     k, v = fetch(j, *keys)
     state = jax.checkpoint(
         lambda q_, k_, v_, ok, prev, bands_j=bands_j, stripes_j=stripes_j, j=j: _step(
-            q_, k_, v_, ok, j, prev, bands=bands_j, stripes=stripes_j, bq=bq, chunk=chunk,
-            scale=scale))(q, k, v, chunk_index >= j, state)
-  out, _ = finish_state(state)                                  # [B, C, Hk, G, D]
-  return out.reshape(b, c, hq, d).astype(q.dtype)
+            q_, k_, v_, ok, j, prev, bands=bands_j, stripes=stripes_j, bq=bq,
+            scale=scale))(qb, k, v, chunk_index >= j, state)
+  out, _ = finish_state(state)                          # [nb, B, chunk, Hk, G, D]
+  out = jnp.moveaxis(out, 0, 1).reshape(b, nb * chunk, hq, d)[:, :c]
+  return out.astype(q.dtype)
