@@ -79,7 +79,8 @@ def _step(qb, k, v, valid, j, prev, *, bands, stripes, bq, scale):
   return SoftmaxState(*jax.lax.map(block, (jnp.arange(nb, dtype=jnp.int32), qb, *(prev or ()))))
 
 
-def ppa_chunk(q, keys, fetch, num_chunks: int, chunk_index, *, p, window, scale):
+def ppa_chunk(q, keys, fetch, num_chunks: int, chunk_index, *, p, window, scale,
+              rows: int | None = None):
   """PPA of the queries of one chunk against all keys, key chunk by key chunk.
 
   q: `[B, C, Hq, D]`, the queries at positions `chunk_index * C + i`
@@ -88,7 +89,8 @@ def ppa_chunk(q, keys, fetch, num_chunks: int, chunk_index, *, p, window, scale)
   D]`: the keys of chunk `chunk_index - j` (any values where that is
   negative; `keys` are the arrays it reads, e.g. this shard's block or the
   gathered sequence). The call must satisfy `applies(num_chunks * C, p=p,
-  window=window)`. Returns `[B, C, Hq, D]` like `q`.
+  window=window)`. `rows`: query rows per scan step (default: at most C/16,
+  a multiple of the band block). Returns `[B, C, Hq, D]` like `q`.
   """
   b, c, hq, d = q.shape
   lk = num_chunks * c
@@ -96,7 +98,7 @@ def ppa_chunk(q, keys, fetch, num_chunks: int, chunk_index, *, p, window, scale)
   bands, stripes, bq, chunk = xla.ppa_split(offsets, c, hq, b)
   # A step's float32 keys are its chunk padded by `chunk` rows on each side:
   # query chunks of at most C/16 rows keep them within 1.125 C.
-  chunk = max(bq, min(chunk, c // 16 // bq * bq))
+  chunk = max(bq, min(chunk, c // 16 // bq * bq)) if rows is None else rows
   nb = -(-c // chunk)
   qb = jnp.moveaxis(xla._pad_seq(q, 0, nb * chunk - c).reshape(b, nb, chunk, hq, d), 1, 0)
   state = None
