@@ -103,6 +103,10 @@ def local_fn(op: str, fn, roles: tuple, seq_axis: str, statics: dict,
     if (op == "ppa_attention" and fn is xla.ppa_attention and given is None and lq == lk
         and q_sharded and cp_ppa.applies(lk, p=statics["p"], window=statics["window"])):
       return _ppa_by_key_chunks(args, seq_axis, statics, n, s, zig)
+    if (op == "superlinear_attention" and fn is xla.superlinear_attention and given is None
+        and lq == lk and not zig and q_sharded
+        and 0 < statics["config"].window <= lk_loc + 1):
+      return _superlinear_local_window(fn, args, roles, seq_axis, statics, n, s)
     w = statics.get("window", 0) - 1
     if (op == "sliding_window_attention" and given is None and lq == lk and not zig
         and q_sharded and 0 <= w <= lk_loc):
@@ -164,6 +168,23 @@ def _ppa_by_key_chunks(args, seq_axis, statics, n, s, zig):
       return tuple(jax.lax.dynamic_slice_in_dim(x, start, c, axis=1) for x in kv)
     outs.append(cp_ppa.ppa_chunk(q[:, h * c:(h + 1) * c], (k, v), sliced, 2 * n, chunk, **kw))
   return jnp.concatenate(outs, axis=1)
+
+
+def _superlinear_local_window(fn, args, roles, seq_axis, statics, n, s):
+  """Superlinear on the xla path (self-attention, contiguous order, default
+  `q_offset`, `0 < W <= Lk/n + 1`): the spans read the all-gathered keys,
+  the local window the shard's own keys after the previous shard's last
+  `W - 1` (`_neighbour_keys`), so no device holds float32 window copies of
+  the whole sequence. `args`: `(q, k, v, q_search, k_search, None)`."""
+  w = statics["config"].window
+  lq_loc = args[0].shape[1]
+  k_win, v_win = (_neighbour_keys(a, seq_axis, w - 1, n, s) for a in args[1:3])
+  # Shard 0 holds `[own keys, zeros]` (the zeros lie after every query).
+  base = jnp.where(s == 0, 0, s * lq_loc - (w - 1)).astype(jnp.int32)
+  args = [_gather(a, seq_axis) if (r == KV and a is not None) else a
+          for a, r in zip(args, roles)]
+  args[-1] = (s * lq_loc).astype(jnp.int32)
+  return fn(*args, **statics, window_keys=(k_win, v_win, base))
 
 
 def _block_sparse(fn, args, roles, seq_axis, statics, n, s, lq_loc, zig):

@@ -418,11 +418,16 @@ def _rows(x, starts, size):
 
 
 def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
-                          config: SuperlinearConfig, scale):
+                          config: SuperlinearConfig, scale, window_keys=None):
   """Superlinear attention (N = 2): stripe search, top-k spans, gated merge.
 
   Returns `(out [B, Lq, Hq, D], anchors [B, Lq, Hq, K] int32, gates
   [B, Lq, Hq, K] float32)`; see `attn.superlinear_attention`.
+  `window_keys`: optional `(k_win, v_win, base)`: the local window reads its
+  keys from `k_win, v_win: [B, n, Hk, D]`, row `i` holding the key at
+  position `base + i` (int32, may be traced), not from `k, v`; they must
+  hold every window key of every query (context parallelism: a shard's own
+  keys after its predecessor's last `W - 1`, `attn.context_parallel`).
   """
   b, lq, hq, d = q.shape
   lk, hk = k.shape[1], k.shape[2]
@@ -439,8 +444,9 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
   pad_left = int(f_all[0])
   ks_pad = _pad_seq(jax.lax.stop_gradient(k_search), pad_left, 128)
   k32, v32 = k.astype(F32), v.astype(F32)
-  k_pad = _pad_seq(k32, max(w - 1, 0), 128)
-  v_pad = _pad_seq(v32, max(w - 1, 0), 128)
+  k_win, v_win, win_base = (k, v, 0) if window_keys is None else window_keys
+  k_pad = _pad_seq(k_win.astype(F32), max(w - 1, 0), 128)
+  v_pad = _pad_seq(v_win.astype(F32), max(w - 1, 0), 128)
   k_rows = jnp.moveaxis(_pad_seq(k32, 0, max_span_all), 2, 1)
   v_rows = jnp.moveaxis(_pad_seq(v32, 0, max_span_all), 2, 1)
   ks_rows = jnp.moveaxis(k_search.astype(F32), 2, 1)         # [B, Hk, Lk, Ds]
@@ -492,8 +498,8 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
       span_part = _partial(jnp.where(ok, s, -jnp.inf), vsp, _rowwise_pv)
       # 4. Window once, merged into every span's softmax.
       if w > 0:
-        win = _window_partial(qg, k_pad, v_pad, qpos, row_ok, window=w, kv_len=lk,
-                              scale=scale)
+        win = _window_partial(qg, k_pad, v_pad, qpos - win_base, row_ok, window=w,
+                              kv_len=k_win.shape[1], scale=scale)
         win = SoftmaxState(win.m[..., None], win.l[..., None], win.o[..., None, :])
         span_part = merge_states(span_part, win)
       o_k, _ = finish_state(span_part)                              # [B, Hk, G, bq, K, D]
