@@ -27,6 +27,17 @@ implementation with its own `q_offset`:
   * sliding window, contiguous order, `Lq == Lk`, the default `q_offset` and
     `window - 1 <= Lk/n`: a neighbour exchange (`jax.lax.ppermute`) of the
     previous shard's last `window - 1` keys, no all-gather.
+
+On the xla path, self-attention with the default `q_offset`, two ops keep
+float32 copies of the whole sequence off every device (memory that shrinks
+with `n`; docs/training.md has the measurements):
+
+  * PPA (`attn.cp_ppa`): a shard's queries attend one key chunk at a time
+    and merge the softmax states. Contiguous order: key chunk `s - j` comes
+    by a `jax.lax.ppermute` (shift `j`), no all-gather; zigzag: slices of
+    the all-gathered keys.
+  * superlinear (contiguous order, `W - 1 <= Lk/n`): the spans read the
+    all-gathered keys, the local window the neighbour exchange.
 """
 
 from __future__ import annotations
@@ -178,9 +189,12 @@ def _superlinear_local_window(fn, args, roles, seq_axis, statics, n, s):
   the whole sequence. `args`: `(q, k, v, q_search, k_search, None)`."""
   w = statics["config"].window
   lq_loc = args[0].shape[1]
-  k_win, v_win = (_neighbour_keys(a, seq_axis, w - 1, n, s) for a in args[1:3])
-  # Shard 0 holds `[own keys, zeros]` (the zeros lie after every query).
-  base = jnp.where(s == 0, 0, s * lq_loc - (w - 1)).astype(jnp.int32)
+  if w == 1:                        # every query's window is itself
+    k_win, v_win, base = args[1], args[2], (s * lq_loc).astype(jnp.int32)
+  else:
+    k_win, v_win = (_neighbour_keys(a, seq_axis, w - 1, n, s) for a in args[1:3])
+    # Shard 0 holds `[own keys, zeros]` (the zeros lie after every query).
+    base = jnp.where(s == 0, 0, s * lq_loc - (w - 1)).astype(jnp.int32)
   args = [_gather(a, seq_axis) if (r == KV and a is not None) else a
           for a, r in zip(args, roles)]
   args[-1] = (s * lq_loc).astype(jnp.int32)
