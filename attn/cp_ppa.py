@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attn import masks, xla
+from attn import masks, xla, xla_ppa
 from pallas_kernels.common import F32, SoftmaxState, finish_state, merge_states
 
 
@@ -71,8 +71,9 @@ def _step(qb, k, v, valid, j, prev, *, bands, stripes, bq, scale):
   def block(args):
     i, qc, *before = args
     qpos = offset + i * chunk + jnp.arange(chunk, dtype=jnp.int32)
-    state = xla.ppa_chunk_state(qc, qpos, bounds, k_pad, v_pad, bands=bands, stripes=stripes,
-                                bq=bq, pad_left=pad, kv_len=c, scale=scale)
+    state = xla_ppa.ppa_chunk_state(qc, qpos, bounds, k_pad, v_pad, bands=bands,
+                                    stripes=stripes, bq=bq, pad_left=pad, kv_len=c,
+                                    scale=scale)
     state = jax.tree.map(lambda x: jnp.moveaxis(x, 3, 1), state)   # [B, chunk, Hk, G, ...]
     return merge_states(SoftmaxState(*before), state) if before else state
 
@@ -95,7 +96,7 @@ def ppa_chunk(q, keys, fetch, num_chunks: int, chunk_index, *, p, window, scale,
   b, c, hq, d = q.shape
   lk = num_chunks * c
   offsets = masks.ppa_offsets(lk - 1, p=p, window=min(window, lk))
-  bands, stripes, bq, chunk = xla.ppa_split(offsets, c, hq, b)
+  bands, stripes, bq, chunk = xla_ppa.ppa_split(offsets, c, hq, b)
   # A step's float32 keys are its chunk padded by `chunk` rows on each side:
   # query chunks of at most C/16 rows keep them within 1.125 C.
   chunk = max(bq, min(chunk, c // 16 // bq * bq)) if rows is None else rows
