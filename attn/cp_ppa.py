@@ -17,10 +17,15 @@ each side, whatever the sequence length.
 
 An offset near a chunk boundary belongs to two steps' ranges (each reads
 its own keys), so the band and stripe work is at most twice that of the
-single-device call for the same queries.
+single-device call for the same queries. A step fetches its key chunk only
+after the previous step's state exists (that is what keeps one chunk at a
+time), so the fetch is not overlapped with compute; a prefetch of the next
+chunk would cost one more chunk of memory.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +56,7 @@ def _clip_bands(bands, lo: int, hi: int):
   return out
 
 
-def _step(qb, k, v, valid, j, prev, *, bands, stripes, bq, scale):
+def _step(qb, k, v, valid, prev, *, j, bands, stripes, bq, scale):
   """One key chunk's state merged into `prev`, query chunk by query chunk.
 
   qb: `[nb, B, chunk, Hq, D]`, the queries at positions `j*C + i` in chunks
@@ -113,10 +118,9 @@ def ppa_chunk(q, keys, fetch, num_chunks: int, chunk_index, *, p, window, scale,
     # state so far (else XLA may fetch and cast every chunk up front).
     state, keys = jax.lax.optimization_barrier((state, keys))
     k, v = fetch(j, *keys)
-    state = jax.checkpoint(
-        lambda q_, k_, v_, ok, prev, bands_j=bands_j, stripes_j=stripes_j, j=j: _step(
-            q_, k_, v_, ok, j, prev, bands=bands_j, stripes=stripes_j, bq=bq,
-            scale=scale))(qb, k, v, chunk_index >= j, state)
+    step = functools.partial(_step, j=j, bands=bands_j, stripes=stripes_j, bq=bq,
+                             scale=scale)
+    state = jax.checkpoint(step)(qb, k, v, chunk_index >= j, state)
   out, _ = finish_state(state)                          # [nb, B, chunk, Hk, G, D]
   out = jnp.moveaxis(out, 0, 1).reshape(b, nb * chunk, hq, d)[:, :c]
   return out.astype(q.dtype)
