@@ -42,18 +42,18 @@ def test_ppa_chunk_matches_the_masked_oracle(p, window, rows):
   mask = oracles.keep_mask(oracles.ppa_keep(p, window, L - 1), L, L)
   cot = jax.random.normal(jax.random.PRNGKey(3), (1, c, 4, 16), jnp.float32)
   f = _chunked(p, window, rows)
-  run = jax.jit(jax.value_and_grad(lambda q_c, k_, v_, ci: jnp.sum(f(q_c, k_, v_, ci) * cot),
-                                   argnums=(0, 1, 2)))
-  out_fn = jax.jit(f)
+
+  def loss(q_c, k_, v_, ci):
+    out = f(q_c, k_, v_, ci)
+    return jnp.sum(out * cot), out
+  run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
   for ci in range(CHUNKS):
     rows_ci = slice(ci * c, (ci + 1) * c)
     want_fn = functools.partial(oracles.masked_attention, mask=mask[rows_ci])
-    want = want_fn(q[:, rows_ci], k, v)
-    got = out_fn(q[:, rows_ci], k, v, jnp.int32(ci))
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    (_, got), grads = run(q[:, rows_ci], k, v, jnp.int32(ci))
+    np.testing.assert_allclose(got, want_fn(q[:, rows_ci], k, v), atol=2e-5, rtol=2e-5)
     if ci not in (1, CHUNKS - 1):      # gradients: a partial and the full diagonal
       continue
-    _, grads = run(q[:, rows_ci], k, v, jnp.int32(ci))
     want_grads = jax.grad(lambda *a: jnp.sum(want_fn(*a) * cot), argnums=(0, 1, 2))(
         q[:, rows_ci], k, v)
     for g, w in zip(grads, want_grads):
