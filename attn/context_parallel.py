@@ -32,6 +32,17 @@ implementation with its own `q_offset`:
     `window - 1` keys (chunk `s` needs the end of chunk `s-1`, held by shard
     `s-1`; chunk `2n-1-s` the end of chunk `2n-2-s`, held by shard `s+1`, or
     by itself on the last shard), no all-gather.
+
+On the xla path, self-attention with the default `q_offset`, two ops keep
+float32 copies of the whole sequence off every device (memory that shrinks
+with `n`; docs/training.md has the measurements):
+
+  * PPA (`attn.cp_ppa`): a shard's queries attend one key chunk at a time
+    and merge the softmax states. Contiguous order: key chunk `s - j` comes
+    by a `jax.lax.ppermute` (shift `j`), no all-gather; zigzag: slices of
+    the all-gathered keys.
+  * superlinear (contiguous order, `W - 1 <= Lk/n`): the spans read the
+    all-gathered keys, the local window the neighbour exchange.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn import cp_ppa, xla
 from attn.sharding import KV, Q, SCALAR
 
 SEQ_ORDERS = ("contiguous", "zigzag")
@@ -146,6 +158,13 @@ def local_fn(op: str, fn, roles: tuple, seq_axis: str, statics: dict,
     i_off = roles.index(SCALAR)
     given = args[i_off]
     off = (lk - lq) if given is None else given
+    if (op == "ppa_attention" and fn is xla.ppa_attention and given is None and lq == lk
+        and q_sharded and cp_ppa.applies(lk, p=statics["p"], window=statics["window"])):
+      return _ppa_by_key_chunks(args, seq_axis, statics, n, s, zig)
+    if (op == "superlinear_attention" and fn is xla.superlinear_attention and given is None
+        and lq == lk and not zig and q_sharded
+        and 0 < statics["config"].window <= lk_loc + 1):
+      return _superlinear_local_window(fn, args, roles, seq_axis, statics, n, s)
     w = statics.get("window", 0) - 1
     if (op == "sliding_window_attention" and given is None and lq == lk and not zig
         and q_sharded and 0 <= w <= lk_loc):
@@ -183,6 +202,53 @@ def local_fn(op: str, fn, roles: tuple, seq_axis: str, statics: dict,
     return _concat_outputs(*halves)
 
   return run
+
+
+def _ppa_by_key_chunks(args, seq_axis, statics, n, s, zig):
+  """PPA on the xla path (self-attention, default `q_offset`): each chunk of
+  a shard's queries against the keys one key chunk at a time
+  (`attn.cp_ppa`), so no device builds float32 copies of the whole
+  sequence. Contiguous order: key chunk `s - j` arrives by a
+  `jax.lax.ppermute` (shift `j`), no all-gather. Zigzag: the all-gathered
+  keys in natural order, sliced. `args`: `(q, k, v, None)`, local blocks."""
+  q, k, v = args[:3]
+  kw = dict(p=statics["p"], window=statics["window"], scale=statics["scale"])
+  if not zig:
+    def shifted(j, *kv):
+      if j == 0:
+        return kv
+      return tuple(jax.lax.ppermute(x, seq_axis, [(i, i + j) for i in range(n - j)])
+                   for x in kv)
+    return cp_ppa.ppa_chunk(q, (k, v), shifted, n, s, **kw)
+  k, v = (_natural(_gather(x, seq_axis), n) for x in (k, v))
+  c = q.shape[1] // 2
+  outs = []
+  for h, chunk in enumerate((s, 2 * n - 1 - s)):
+    def sliced(j, *kv, chunk=chunk):
+      start = jnp.maximum(chunk - j, 0) * c
+      return tuple(jax.lax.dynamic_slice_in_dim(x, start, c, axis=1) for x in kv)
+    outs.append(cp_ppa.ppa_chunk(q[:, h * c:(h + 1) * c], (k, v), sliced, 2 * n, chunk, **kw))
+  return jnp.concatenate(outs, axis=1)
+
+
+def _superlinear_local_window(fn, args, roles, seq_axis, statics, n, s):
+  """Superlinear on the xla path (self-attention, contiguous order, default
+  `q_offset`, `0 < W <= Lk/n + 1`): the spans read the all-gathered keys,
+  the local window the shard's own keys after the previous shard's last
+  `W - 1` (`_neighbour_keys`), so no device holds float32 window copies of
+  the whole sequence. `args`: `(q, k, v, q_search, k_search, None)`."""
+  w = statics["config"].window
+  lq_loc = args[0].shape[1]
+  if w == 1:                        # every query's window is itself
+    k_win, v_win, base = args[1], args[2], (s * lq_loc).astype(jnp.int32)
+  else:
+    k_win, v_win = (_neighbour_keys(a, seq_axis, w - 1, n, s) for a in args[1:3])
+    # Shard 0 holds `[own keys, zeros]` (the zeros lie after every query).
+    base = jnp.where(s == 0, 0, s * lq_loc - (w - 1)).astype(jnp.int32)
+  args = [_gather(a, seq_axis) if (r == KV and a is not None) else a
+          for a, r in zip(args, roles)]
+  args[-1] = (s * lq_loc).astype(jnp.int32)
+  return fn(*args, **statics, window_keys=(k_win, v_win, base))
 
 
 def _block_sparse(fn, args, roles, seq_axis, statics, n, s, lq_loc, zig):

@@ -241,99 +241,11 @@ def sliding_window_attention(q, k, v, q_offset=None, *, window, scale):
                       q_offset=q_offset)
 
 
-def _stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripes, *, pad_left, scale):
-  """State of the sparse far offsets `stripes` for a chunk of queries.
-
-  For a fixed offset `d`, the keys of consecutive queries are consecutive:
-  each stripe is one contiguous slice, scored row-wise. Scans over the
-  stripes (scores first, then the values weighted by the exponentials), so
-  work and memory in both passes are proportional to `len(stripes)`.
-
-  qg: `[B, C, Hk, G, D]`; qpos, row_ok: `[C]`; stripes: int32 `[S]`; k_pad,
-  v_pad: float32. Returns a `SoftmaxState` over `[B, Hk, G, C]`.
-  """
-  c = qg.shape[1]
-  qg = qg.astype(F32)   # (its cotangent then sums over the stripes in float32)
-  ok_rows = lambda d: (qpos - d >= 0) & row_ok  # noqa: E731
-
-  @jax.checkpoint
-  def score(d):
-    ks = jax.lax.dynamic_slice_in_dim(k_pad, qpos[0] - d + pad_left, c, axis=1)
-    ks = _zero_unseen(ks, ok_rows(d))
-    s = jnp.sum(qg * ks[:, :, :, None], axis=-1) * scale
-    return jnp.where(ok_rows(d)[None, :, None, None], s, -jnp.inf)
-
-  s = jax.lax.map(score, stripes)                            # [S, B, C, Hk, G]
-  m = jnp.max(s, axis=0)
-  e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)[None])
-
-  @jax.checkpoint
-  def accumulate(o, args):
-    d, e_d = args
-    vs = jax.lax.dynamic_slice_in_dim(v_pad, qpos[0] - d + pad_left, c, axis=1)
-    return o + e_d[..., None] * _zero_unseen(vs, ok_rows(d))[:, :, :, None], None
-
-  o, _ = jax.lax.scan(accumulate, jnp.zeros_like(qg), (stripes, e))  # (vma of qg)
-  to_heads = lambda x: jnp.moveaxis(x, 1, 3)  # noqa: E731
-  return SoftmaxState(to_heads(m), to_heads(jnp.sum(e, axis=0)), to_heads(o))
-
-
-# Largest query chunk of the stripe scans (keeps a chunk's rows in cache).
-_PPA_MAX_CHUNK = 2048
-
-
 def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
-  """PPA: dense runs of kept offsets as banded slices, sparse ones as stripes.
-
-  Near the query the kept offsets are dense (the window, and for large p
-  much more): they are cut into bands, one contiguous key slice and a masked
-  matmul per query block. Far offsets are sparse: each is a stripe, one
-  contiguous key slice per chunk of queries scored row-wise.
-  """
-  b, lq, hq, d = q.shape
-  lk, hk = k.shape[1], k.shape[2]
-  window = min(window, lk)
-  offsets = masks.ppa_offsets(lk - 1, p=p, window=window)
-  if offsets[-1] < window:  # p = 0 or a sequence within the window.
-    return _window_only(q, k, v, window=window, scale=scale, q_offset=q_offset)
-  if offsets.size == lk:  # every offset kept (p = 1): plain causal attention.
-    return dense_attention(q, k, v, q_offset, scale=scale)
-  bands, stripes = masks.ppa_masked_bands(offsets)
-  band_cols = sum(128 + hi - lo for lo, hi, _ in bands)
-  bq = _block_size(lq, max(band_cols, 1), hq, 1, b)
-  # Query chunk of the stripe scans: scores [S, B, C, Hq] (no head_dim) may
-  # take 8 blocks' budget; large chunks keep the scans' iteration count low.
-  chunk = bq * max(1, 8 * _BLOCK_BUDGET // max(bq * stripes.size * hq * b, 1))
-  chunk = min(chunk, _PPA_MAX_CHUNK, -(-lq // bq) * bq)
-  pad_left = int(offsets[-1])
-  k_pad = _pad_seq(k.astype(F32), pad_left, chunk)
-  v_pad = _pad_seq(v.astype(F32), pad_left, chunk)
-  stripe_j = jnp.asarray(stripes, jnp.int32)
-
-  def run(xs, offset, bounds):
-    def chunk_body(qpos, row_ok, qc):
-      qg = _group(qc, hk)                                    # [B, C, Hk, G, D]
-
-      def block_body(bpos, brow_ok, qb):
-        parts = [_band_partial(_group(qb, hk), k_pad, v_pad, bpos, brow_ok, lo=lo,
-                               hi=hi, keep=keep, pad_left=pad_left, kv_len=lk,
-                               scale=scale)
-                 for lo, hi, keep in bands]
-        return jax.tree.map(lambda x: jnp.moveaxis(x, 3, 1),
-                            functools.reduce(merge_states, parts))  # [B, bq, Hk, G, ...]
-
-      parts = []
-      if bands:
-        band = _map_query_blocks(block_body, bq, qpos[0], bounds, qc)
-        parts.append(jax.tree.map(lambda x: jnp.moveaxis(x, 1, 3), band))
-      if stripes.size:
-        parts.append(_stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripe_j,
-                                      pad_left=pad_left, scale=scale))
-      out, _ = finish_state(functools.reduce(merge_states, parts))      # [B, Hk, G, C, D]
-      return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
-    return _map_query_blocks(chunk_body, chunk, offset, bounds, *xs)
-
-  return _any_offset(run, [q], q_offset, lq, lk, (0,)).astype(q.dtype)
+  """PPA: dense runs of kept offsets as banded slices, sparse ones as
+  stripes (`attn.xla_ppa`, which builds on this module's pieces)."""
+  from attn import xla_ppa
+  return xla_ppa.ppa_attention(q, k, v, q_offset, p=p, window=window, scale=scale)
 
 
 def block_sparse_attention(q, k, v, *, layout: BlockLayout, scale):
@@ -393,11 +305,16 @@ def _rows(x, starts, size):
 
 
 def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
-                          config: SuperlinearConfig, scale):
+                          config: SuperlinearConfig, scale, window_keys=None):
   """Superlinear attention (N = 2): stripe search, top-k spans, gated merge.
 
   Returns `(out [B, Lq, Hq, D], anchors [B, Lq, Hq, K] int32, gates
   [B, Lq, Hq, K] float32)`; see `attn.superlinear_attention`.
+  `window_keys`: optional `(k_win, v_win, base)`: the local window reads its
+  keys from `k_win, v_win: [B, n, Hk, D]`, row `i` holding the key at
+  position `base + i` (int32, may be traced), not from `k, v`; they must
+  hold every window key of every query (context parallelism: a shard's own
+  keys after its predecessor's last `W - 1`, `attn.context_parallel`).
   """
   b, lq, hq, d = q.shape
   lk, hk = k.shape[1], k.shape[2]
@@ -414,8 +331,9 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
   pad_left = int(f_all[0])
   ks_pad = _pad_seq(jax.lax.stop_gradient(k_search), pad_left, 128)
   k32, v32 = k.astype(F32), v.astype(F32)
-  k_pad = _pad_seq(k32, max(w - 1, 0), 128)
-  v_pad = _pad_seq(v32, max(w - 1, 0), 128)
+  k_win, v_win, win_base = (k, v, 0) if window_keys is None else window_keys
+  k_pad = _pad_seq(k_win.astype(F32), max(w - 1, 0), 128)
+  v_pad = _pad_seq(v_win.astype(F32), max(w - 1, 0), 128)
   k_rows = jnp.moveaxis(_pad_seq(k32, 0, max_span_all), 2, 1)
   v_rows = jnp.moveaxis(_pad_seq(v32, 0, max_span_all), 2, 1)
   ks_rows = jnp.moveaxis(k_search.astype(F32), 2, 1)         # [B, Hk, Lk, Ds]
@@ -467,8 +385,8 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
       span_part = _partial(jnp.where(ok, s, -jnp.inf), vsp, _rowwise_pv)
       # 4. Window once, merged into every span's softmax.
       if w > 0:
-        win = _window_partial(qg, k_pad, v_pad, qpos, row_ok, window=w, kv_len=lk,
-                              scale=scale)
+        win = _window_partial(qg, k_pad, v_pad, qpos - win_base, row_ok, window=w,
+                              kv_len=k_win.shape[1], scale=scale)
         win = SoftmaxState(win.m[..., None], win.l[..., None], win.o[..., None, :])
         span_part = merge_states(span_part, win)
       o_k, _ = finish_state(span_part)                              # [B, Hk, G, bq, K, D]

@@ -82,11 +82,13 @@ def work_table(length: int, shards: int) -> list[dict]:
   return rows
 
 
-def main(out, length, shards):
+def main(out, length, shards, only=None):
   mesh = jax.make_mesh((shards,), ("seq",), axis_types=(AxisType.Explicit,),
                        devices=jax.devices()[:shards])
   rows = []
   for name, (n, f1) in ops(None).items():
+    if only and not name.startswith(only):
+      continue
     _, fs = ops("seq")[name]
     row = {"op": name, "L": length, "shards": shards}
     for grad in (False, True):
@@ -111,10 +113,12 @@ if __name__ == "__main__":
   p.add_argument("--shards", type=int, default=4)
   p.add_argument("--work", action="store_true",
                  help="print per-shard attended pairs (contiguous vs zigzag) instead")
+  p.add_argument("--op", default=None, choices=("ppa", "sliding", "superlinear"),
+                 help="measure this op only (default: all)")
   a = p.parse_args()
   if a.work:
     for r in work_table(a.length, a.shards):
       print(f"| {r['op']} | {r['order']} | " + " | ".join(f"{x:,}" for x in r["pairs"])
             + f" | {r['max_over_mean']:.2f} |")
   else:
-    main(a.out, a.length, a.shards)
+    main(a.out, a.length, a.shards, a.op)
