@@ -17,8 +17,10 @@ forward and in the backward pass. Inside a block every piece of work reads
 Pieces of one softmax are merged through their running max / sum / weighted
 values, as in flash attention. Softmax statistics are float32 whatever the
 input dtype. Keys and values are sliced from float32 copies (cast back to the
-input dtype where a matmul reads them), so in the backward pass the
-cotangents of overlapping slices accumulate in float32, not bfloat16.
+input dtype where a matmul reads them), or, for superlinear spans, read in
+the input dtype by a gather whose VJP sums in float32 (`_span_rows`), so in
+the backward pass the cotangents of overlapping slices accumulate in
+float32, not bfloat16.
 
 Positions: query `i` sits at absolute position `q_offset + i`. A traced
 `q_offset` may lie outside `[0, kv_len - q_len]`: `_any_offset` then shifts
@@ -297,11 +299,41 @@ def block_sparse_attention(q, k, v, *, layout: BlockLayout, scale):
 # -------------------------------------------------------------- superlinear
 
 
-def _rows(x, starts, size):
-  """`x: [N, D]`, `starts: [...]` -> `[..., size, D]` contiguous row slices."""
-  flat = starts.reshape(-1)
-  out = jax.vmap(lambda st: jax.lax.dynamic_slice_in_dim(x, st, size, axis=0))(flat)
-  return out.reshape(*starts.shape, size, x.shape[-1])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _span_rows(x, first, size):
+  """Span rows read in the input dtype, returned in float32.
+
+  x: `[B, Lk, Hk, D]` (any float dtype); first: `[B, Hk, ...]` int32 first
+  row of each slice, `0 <= first <= Lk - size`. Returns `[B, Hk, ..., size,
+  D]` float32, `x[b, first + j, h]`. Its VJP scatter-adds the cotangents of
+  overlapping slices in float32 and casts the sum to `x`'s dtype once, so
+  no float32 copy of the whole `x` is held in the forward pass.
+  """
+  return _take_rows(x, first, size).astype(F32)
+
+
+def _take_rows(x, first, size):
+  b, hk = x.shape[0], x.shape[2]
+  rows = first[..., None] + jnp.arange(size, dtype=jnp.int32)  # [B, Hk, ..., size]
+  lead = (1,) * (rows.ndim - 2)
+  bi = jnp.arange(b).reshape((b, 1) + lead)
+  hi = jnp.arange(hk).reshape((1, hk) + lead)
+  return x[bi, rows, hi]
+
+
+def _span_rows_fwd(x, first, size):
+  return _span_rows(x, first, size), (first, jnp.zeros((0,) + x.shape, x.dtype))
+
+
+def _span_rows_bwd(size, res, ct):
+  first, like = res
+  zeros = jnp.zeros(like.shape[1:], F32)
+  _, pull = jax.vjp(lambda z: _take_rows(z, first, size), zeros)
+  (dx,) = pull(ct)
+  return dx.astype(like.dtype), None
+
+
+_span_rows.defvjp(_span_rows_fwd, _span_rows_bwd)
 
 
 def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
@@ -327,15 +359,13 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
 
   # Padded float32 copies shared by all segments (gathered rows' cotangents
   # then accumulate in float32). Search keys: every stripe slice
-  # [start, start + bq) stays in range; span rows: [B, Hk, Lk + span, D].
+  # [start, start + bq) stays in range. Span rows are read from k, v
+  # themselves (`_span_rows`: float32 rows, float32 cotangent sums).
   pad_left = int(f_all[0])
   ks_pad = _pad_seq(jax.lax.stop_gradient(k_search), pad_left, 128)
-  k32, v32 = k.astype(F32), v.astype(F32)
   k_win, v_win, win_base = (k, v, 0) if window_keys is None else window_keys
   k_pad = _pad_seq(k_win.astype(F32), max(w - 1, 0), 128)
   v_pad = _pad_seq(v_win.astype(F32), max(w - 1, 0), 128)
-  k_rows = jnp.moveaxis(_pad_seq(k32, 0, max_span_all), 2, 1)
-  v_rows = jnp.moveaxis(_pad_seq(v32, 0, max_span_all), 2, 1)
   ks_rows = jnp.moveaxis(k_search.astype(F32), 2, 1)         # [B, Hk, Lk, Ds]
 
   def segment(q_seg, qs_seg, offset, t_max, bounds):
@@ -374,10 +404,12 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
       # 3. Spans: [max(a - back, 0), min(a + fwd, q - W)], one slice each.
       back, fwd = span_lengths(spans, qpos[:, None])
       start, end = span_bounds(anchor, qpos[:, None], back, fwd, w)
-      ksp = jax.vmap(jax.vmap(functools.partial(_rows, size=max_span)))(k_rows, start)
-      vsp = jax.vmap(jax.vmap(functools.partial(_rows, size=max_span)))(v_rows, start)
-      kpos = start[..., None] + jnp.arange(max_span, dtype=jnp.int32)
-      ok = (kpos <= end[..., None]) & valid[..., None]         # [B,Hk,G,bq,K,span]
+      first = jnp.clip(start, 0, lk - max_span)                # slices stay in range
+      ksp = _span_rows(k, first, max_span)                     # [B,Hk,G,bq,K,span,D]
+      vsp = _span_rows(v, first, max_span)
+      kpos = first[..., None] + jnp.arange(max_span, dtype=jnp.int32)
+      ok = ((kpos >= start[..., None]) & (kpos <= end[..., None])
+            & valid[..., None])                                # [B,Hk,G,bq,K,span]
       ksp = jnp.where(ok[..., None], ksp, 0.0)                 # keys outside the span
       vsp = jnp.where(ok[..., None], vsp, 0.0)                 # contribute nothing
       q_t = jnp.moveaxis(qg, 1, 3)                             # [B, Hk, G, bq, D]
