@@ -165,19 +165,21 @@ def cases(impl, op, n, decode, args, off, cot, want):
       close(compile_and_run(gs, put(mesh, call, seq_specs), False), want, "seq")
   report(f"{impl}/{op}/jit-Explicit-batch-heads-{seq}", explicit_seq)
 
-  def auto():
-    # Auto types carry no spec: decode's replicated q is not visible, so the
-    # decode ops run batch/head-sharded here; the others are sequence-sharded.
+  def auto_batch_heads():
+    # The op reads the shardings at XLA partitioning time (custom_partitioning).
     mesh = mesh_of(AxisType.Auto)
-    specs = call_specs(n, BH) if decode else seq_specs
     with jax.set_mesh(mesh):
-      close(compile_and_run(g if decode else gs, put(mesh, call, specs), False), want,
-            "auto")
-  report(f"{impl}/{op}/jit-Auto-batch-heads" + ("" if decode else "-seq"), auto)
+      close(compile_and_run(g, put(mesh, call, call_specs(n, BH)), True), want, "auto")
+  report(f"{impl}/{op}/jit-Auto-batch-heads", auto_batch_heads)
 
-  if impl == "pallas" and op not in PALLAS_SHARD_MAP:
-    return
-  use_seq = not (impl == "pallas")        # see PALLAS_SHARD_MAP
+  def auto_seq():
+    mesh = mesh_of(AxisType.Auto)
+    with jax.set_mesh(mesh):
+      close(compile_and_run(gs, put(mesh, call, seq_specs), False), want, "auto-seq")
+  if not decode:    # Auto types carry no spec: a replicated q is not visible
+    report(f"{impl}/{op}/jit-Auto-batch-heads-seq", auto_seq)
+
+  use_seq = True
 
   def user_shard_map():
     mesh = mesh_of(AxisType.Explicit)

@@ -1,0 +1,176 @@
+"""An op on an Auto-axis mesh, run per batch/head shard by the XLA partitioner.
+
+Under `jax.set_mesh(mesh)` with Auto axes a traced array carries no sharding
+while the op traces, so `attn.sharding` cannot plan a shard_map. `auto_call`
+instead runs the implementation as a `jax.experimental.custom_partitioning`
+call:
+
+  * its Shardy sharding rule lets the batch and head dimensions pass
+    through (q heads = kv heads x group, a compound factor, so a head
+    sharding propagates between q and k, v) and marks every sequence and
+    feature dimension as needing replication;
+  * at partitioning time `partition` reads the sharding XLA chose for q,
+    makes the batch/head plan an Explicit mesh gets (`attn.sharding.Plan`:
+    kv heads sharded with their q-head groups where they divide, else whole
+    kv heads per shard, sliced locally) and returns the implementation on
+    one shard's block.
+
+The compiled program of a batch/head-sharded call holds no all-gather,
+all-to-all or reduce-scatter (only, where kv heads are whole per shard, an
+all-reduce of dK, dV over the head axes in the backward pass).
+
+custom_partitioning has no autodiff rule, so `auto_call` is a custom_vjp
+whose forward and backward are each custom-partitioned. Cost: the backward
+keeps only the inputs and recomputes the forward on the local block
+(`jax.vjp` of the implementation): two forwards and one backward per
+training step instead of one and one.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor,
+                                                  SdyShardingRule, custom_partitioning)
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from attn import sharding
+from attn.sharding import KV, Q, SCALAR
+
+OUT_RANK = 4      # every output: [batch, q_len, num_q_heads, features]
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _as_tuple(out) -> tuple:
+  return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _mapping(role, rank: int, name: str, hq: int, hk: int):
+  """`(ArrayMapping, own factors)` of one array: batch `b` and the heads
+  pass through; every other dimension is a factor of its own (`name_i`)."""
+  if role == SCALAR:
+    return ArrayMapping(), ()
+  if role == KV or hq == hk:
+    head = "hk"
+  else:
+    head = "hq" if hk == 1 else CompoundFactor("hk", "g")
+  dims = ["b"] + [f"{name}_{i}" for i in range(1, rank)]
+  dims[2] = head
+  return ArrayMapping(*dims), tuple(d for i, d in enumerate(dims) if i not in (0, 2))
+
+
+def _rule(in_roles, in_ranks, out_roles, out_ranks, hq, hk) -> SdyShardingRule:
+  """Shardy rule for arrays of `in_roles` -> `out_roles` (Q-like outputs)."""
+  ins = [_mapping(r, n, f"i{j}", hq, hk) for j, (r, n) in enumerate(zip(in_roles, in_ranks))]
+  outs = [_mapping(r, n, f"o{j}", hq, hk) for j, (r, n) in enumerate(zip(out_roles, out_ranks))]
+  own = tuple(f for _, fs in ins + outs for f in fs)
+  sizes = {"g": hq // hk} if hk > 1 and hq != hk else {}
+  return SdyShardingRule(tuple(m for m, _ in ins), tuple(m for m, _ in outs),
+                         need_replication_factors=own, **sizes)
+
+
+def _plan(mesh, q_sharding, hq: int, hk: int) -> sharding.Plan:
+  """The batch/head plan of q's sharding (replicated: an empty plan)."""
+  spec = tuple(getattr(q_sharding, "spec", P())) + (None,) * 4
+  heads, kv_sharded = sharding._head_split(mesh, sharding._axes(spec[2]), hq, hk)
+  return sharding.Plan(mesh, sharding._axes(spec[0]), heads, kv_heads_sharded=kv_sharded)
+
+
+def _partitioned(local, in_roles, in_ranks, out_roles, out_ranks, iq, hq, hk):
+  """`custom_partitioning` of `local(plan, *xs) -> tuple`: arrays of
+  `in_roles` in, arrays of `out_roles` out, planned from argument `iq` (q)."""
+
+  @jax.jit    # custom_partitioning takes no constants: they stay inside the jit
+  def body(*xs):      # the unpartitioned call (one device, or no mesh)
+    return local(sharding.Plan(None), *xs)
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    plan = _plan(mesh, arg_shapes[iq].sharding, hq, hk)
+    specs = lambda roles: tuple(NamedSharding(mesh, plan.spec(r)) for r in roles)  # noqa: E731
+    return mesh, functools.partial(local, plan), specs(out_roles), specs(in_roles)
+
+  fn = custom_partitioning(body)
+  fn.def_partition(partition=partition,
+                   sharding_rule=_rule(in_roles, in_ranks, out_roles, out_ranks, hq, hk))
+  return fn
+
+
+def auto_call(fn, args, roles, n_out: int):
+  """`fn(*args)` partitioned over batch/heads at XLA partitioning time.
+
+  Args:
+    fn: the implementation, `fn(*args) -> array | tuple of n_out arrays`,
+      each `[batch, q_len, num_q_heads, features]`.
+    args: arrays (or None) in the roles `roles` (`attn.sharding.Q`, `KV`,
+      `SCALAR`); q: `[B, Lq, Hq, D]`, k: `[B, Lk, Hk, D]`.
+    n_out: the number of outputs.
+
+  Returns:
+    `fn(*args)`, differentiable in every floating argument.
+  """
+  live = [i for i, a in enumerate(args) if a is not None]
+  xs = [args[i] for i in live]
+  in_roles = tuple(roles[i] for i in live)
+  in_ranks = tuple(jnp.ndim(x) for x in xs)
+  hq, hk = args[roles.index(Q)].shape[2], args[roles.index(KV)].shape[2]
+  iq = in_roles.index(Q)
+  floats = [_is_float(x) for x in xs]
+  out_roles = (Q,) * n_out
+
+  def local(plan, *ys):
+    full = [None] * len(args)
+    for i, y in zip(live, ys):
+      full[i] = y
+    if plan.mesh is not None:
+      full = sharding._local_kv_heads(plan, full, roles, hq, hk)
+    return _as_tuple(fn(*full))
+
+  def local_grads(plan, *ys_cts):
+    """Gradients of the float inputs given the float outputs' cotangents."""
+    ys, cts = list(ys_cts[:len(xs)]), iter(ys_cts[len(xs):])
+    pos = [i for i, f in enumerate(floats) if f]
+
+    def on_floats(*fs):
+      zs = list(ys)
+      for i, f in zip(pos, fs):
+        zs[i] = f
+      return local(plan, *zs)
+
+    outs, pull = jax.vjp(on_floats, *[ys[i] for i in pos])
+    grads = pull(tuple(next(cts) if _is_float(o) else np.zeros(o.shape, jax.dtypes.float0)
+                       for o in outs))
+    if plan.mesh is not None and plan.heads and not plan.kv_heads_sharded:
+      # Whole kv heads per shard: each shard holds its q heads' share of dK, dV.
+      grads = [jax.lax.psum(g, plan.heads) if in_roles[i] == KV else g
+               for i, g in zip(pos, grads)]
+    return tuple(grads)
+
+  forward = _partitioned(local, in_roles, in_ranks, out_roles, (OUT_RANK,) * n_out,
+                         iq, hq, hk)
+
+  @jax.custom_vjp
+  def call(*zs):
+    return forward(*zs)
+
+  def call_fwd(*zs):
+    return forward(*zs), zs
+
+  def call_bwd(zs, cts):
+    cts = [c for c in cts if c.dtype != jax.dtypes.float0]
+    grad_roles = tuple(r for r, f in zip(in_roles, floats) if f)
+    backward = _partitioned(local_grads, in_roles + out_roles[:len(cts)],
+                            in_ranks + (OUT_RANK,) * len(cts), grad_roles,
+                            tuple(n for n, f in zip(in_ranks, floats) if f), iq, hq, hk)
+    grads = iter(backward(*zs, *cts))
+    return tuple(next(grads) if f else None for f in floats)
+
+  call.defvjp(call_fwd, call_bwd)
+  out = call(*xs)
+  return out[0] if n_out == 1 else out
