@@ -246,6 +246,8 @@ def vma_typed(fn):
     order = tuple(sorted(axes))
 
     def vary(x):
+      if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
       missing = tuple(a for a in order if a not in varying_axes(x))
       return jax.lax.pcast(x, missing, to="varying") if missing else x
 

@@ -6,14 +6,19 @@ and every implementation named on the command line (reference, xla, pallas
 in interpret mode), compares out and the gradients (q, k, v, q_search,
 k_search) of sharded calls with the same op on unsharded inputs:
 
-  * batch/heads (mesh data=4 x model=2): jit on an Explicit and on an Auto
-    mesh under `jax.set_mesh`, and inside `jax.shard_map` with the default
-    `check_vma=True`. The compiled forward+backward HLO of the jit calls
-    holds no all-gather, all-to-all or reduce-scatter.
-  * seq (mesh data=2 x seq=4, `seq_axis="seq"`): Explicit, Auto and inside a
-    user's shard_map; `seq_order="zigzag"` (inputs permuted, outputs and
+  * batch/heads (axes data, model of one 2 x 2 x 2 mesh): jit on an Explicit
+    and on an Auto mesh under `jax.set_mesh` (Auto: the op is partitioned at
+    XLA partitioning time, `attn.auto_partition`); the compiled
+    forward+backward HLO of both holds no all-gather, all-to-all or
+    reduce-scatter. Inside `jax.shard_map` with the default `check_vma=True`.
+  * seq (axes data, seq, model; `seq_axis="seq"`): Explicit, Auto and inside
+    a user's shard_map; `seq_order="zigzag"` (inputs permuted, outputs and
     gradients un-permuted before comparing) on Explicit and in shard_map;
     decode calls against a sequence-sharded cache (q replicated).
+  * Pallas (interpret mode) inside a user's shard_map: the modes of
+    `PALLAS_SHARD_MAP` (the others hit a JAX interpreter bug, see there).
+  * MQA (one kv head) with q heads sharded, on Explicit and Auto meshes
+    (collective-free but for the all-reduce of dK, dV over the head axis).
 
 Every sharded call of one (op, implementation) is compared with one
 unsharded call; each jitted function is compiled once (`lower().compile()`,
@@ -43,10 +48,16 @@ AXES = ("data", "model", "seq")       # one 2 x 2 x 2 mesh for every case
 BH = P("data", None, "model", None)
 BSH = P("data", "seq", "model", None)
 NAMES = ("q", "k", "v", "q_search", "k_search")
-# Pallas interpret mode inside a user's check_vma shard_map: JAX's HLO
-# interpreter fails while lowering these kernels ("dynamic_slice requires
-# varying manual axes to match"); the compiled kernels do not go through it.
-PALLAS_SHARD_MAP = ("dense", "sliding", "block_sparse")
+# Pallas interpret mode inside a user's check_vma shard_map: op -> mode run
+# ("seq": sequence, batch and heads sharded; "bh": batch and heads). JAX's
+# HLO interpreter of Pallas kernels fails to lower a kernel whose
+# scalar-prefetch table varies over a manual axis ("dynamic_slice requires
+# varying manual axes to match", docs/sharding.md): the superlinear kernels'
+# anchor tables always vary, and a sequence shard's q_offset varies over
+# `seq` in the dense, sliding and PPA stripe kernels. The compiled kernels do
+# not go through the interpreter.
+PALLAS_SHARD_MAP = {"dense": "bh", "sliding": "bh", "ppa": "bh", "block_sparse": "seq",
+                    "ppa_decode": "seq"}
 
 
 def ops(impl, **kw):
@@ -179,7 +190,9 @@ def cases(impl, op, n, decode, args, off, cot, want):
   if not decode:    # Auto types carry no spec: a replicated q is not visible
     report(f"{impl}/{op}/jit-Auto-batch-heads-seq", auto_seq)
 
-  use_seq = True
+  if impl == "pallas" and op not in PALLAS_SHARD_MAP:
+    return
+  use_seq = PALLAS_SHARD_MAP.get(op, "seq") == "seq" if impl == "pallas" else True
 
   def user_shard_map():
     mesh = mesh_of(AxisType.Explicit)
@@ -247,10 +260,11 @@ def extra_checks():
     f = lambda a: attn.ppa_attention(*a, p=0.5, window=3, implementation="xla")  # noqa: E731
     g = lambda *a: jax.grad(lambda *a: jnp.sum(f(a) ** 2), argnums=(0, 1, 2))(*a)  # noqa: E731
     want = jax.jit(g)(*a)
-    m = mesh_of(AxisType.Explicit)
-    with jax.set_mesh(m):
-      sh = put(m, a, (BH,) + (P("data", None, None, None),) * 2)
-      close(compile_and_run(g, sh, True), want, "mqa")
+    for axis_type in (AxisType.Explicit, AxisType.Auto):
+      m = mesh_of(axis_type)
+      with jax.set_mesh(m):
+        sh = put(m, a, (BH,) + (P("data", None, None, None),) * 2)
+        close(compile_and_run(g, sh, True), want, f"mqa {axis_type}")
 
   def needle():
     # One key in shard 0 (position 2) whose search key matches the last
