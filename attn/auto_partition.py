@@ -23,7 +23,9 @@ custom_partitioning has no autodiff rule, so `auto_call` is a custom_vjp
 whose forward and backward are each custom-partitioned. Cost: the backward
 keeps only the inputs and recomputes the forward on the local block
 (`jax.vjp` of the implementation): two forwards and one backward per
-training step instead of one and one.
+training step instead of one and one. Not supported on this path (JAX has
+no rule for custom_partitioning): `jax.vmap` of the op (NotImplementedError)
+and forward-mode autodiff; use an Explicit mesh or `jax.shard_map` there.
 """
 
 from __future__ import annotations

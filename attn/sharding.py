@@ -20,9 +20,10 @@ Where the sharding comes from (the "plan"):
   * traced arrays on an Explicit-axis mesh: the specs of their types;
   * traced arrays on an Auto-axis mesh (`jax.set_mesh`) carry no spec while
     tracing: without `seq_axis` the op becomes a `custom_partitioning` call
-    (`auto_call`) that reads the shardings XLA gives q at partitioning time
-    and runs the implementation per batch/head shard; with `seq_axis` the
-    context mesh shards the sequence and batch/heads are replicated.
+    (`attn.auto_partition`) that reads the sharding XLA gives q at
+    partitioning time and runs the implementation per batch/head shard; with
+    `seq_axis` the context mesh shards the sequence and batch/heads are
+    replicated.
 
 Inside a user's shard_map with `check_vma=True` the Pallas implementations
 run through `vma_typed` (their kernels' outputs and custom VJPs need the
@@ -232,11 +233,17 @@ def varying_axes(x) -> frozenset:
 
 def vma_typed(fn):
   """`fn(*args)` for a kernel implementation inside a `jax.shard_map` with
-  `check_vma=True`: every array argument is cast to vary over the union of the
-  axes any argument varies over (`jax.lax.pcast`; its transpose sums the
+  `check_vma=True`: every floating argument is cast to vary over the union of
+  the axes any argument varies over (`jax.lax.pcast`; its transpose sums the
   gradient of an invariant input over those axes), and the cotangent reaching
   the kernels' custom VJP rules is cast the same way (a cotangent may arrive
   invariant, e.g. from `jnp.sum`). Outside such a shard_map this is `fn`.
+
+  Integer arguments (`q_offset`, index tables) keep their own type: they have
+  no cotangent, and an invariant one stays usable as a scalar-prefetch table
+  in Pallas interpret mode, whose HLO interpreter reads such a table at the
+  (invariant) grid indices and fails on a table that varies ("dynamic_slice
+  requires varying manual axes to match"; a JAX bug, docs/training.md).
   """
 
   def call(*args, **statics):
