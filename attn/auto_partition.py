@@ -7,23 +7,27 @@ call:
 
   * its Shardy sharding rule lets the batch and head dimensions pass
     through (q heads = kv heads x group, a compound factor, so a head
-    sharding propagates between q and k, v) and marks every sequence and
-    feature dimension as needing replication;
+    sharding propagates between q and k, v) and marks every other dimension
+    as needing replication (with `seq_axis`: but the sequence);
   * at partitioning time `partition` reads the sharding XLA chose for q,
     makes the batch/head plan an Explicit mesh gets (`attn.sharding.Plan`:
     kv heads sharded with their q-head groups where they divide, else whole
     kv heads per shard, sliced locally) and returns the implementation on
-    one shard's block.
+    one shard's block (with `seq_axis`: the sequence sharded over it, the
+    per-shard function of `attn.context_parallel`, whose collectives run
+    over that axis).
 
 The compiled program of a batch/head-sharded call holds no all-gather,
 all-to-all or reduce-scatter (only, where kv heads are whole per shard, an
-all-reduce of dK, dV over the head axes in the backward pass).
+all-reduce of dK, dV over the head axes in the backward pass); with
+`seq_axis`, only the sequence's own collectives.
 
 custom_partitioning has no autodiff rule, so `auto_call` is a custom_vjp
 whose forward and backward are each custom-partitioned. Cost: the backward
 keeps only the inputs and recomputes the forward on the local block
 (`jax.vjp` of the implementation): two forwards and one backward per
-training step instead of one and one. Not supported on this path (JAX has
+training step instead of one and one (with `seq_axis`, the forward's key
+exchange runs twice too). Not supported on this path (JAX has
 no rule for custom_partitioning): `jax.vmap` of the op (NotImplementedError)
 and forward-mode autodiff; use an Explicit mesh or `jax.shard_map` there.
 """
@@ -53,38 +57,45 @@ def _as_tuple(out) -> tuple:
   return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def _mapping(role, rank: int, name: str, hq: int, hk: int):
-  """`(ArrayMapping, own factors)` of one array: batch `b` and the heads
-  pass through; every other dimension is a factor of its own (`name_i`)."""
+def _mapping(role, rank: int, name: str, hq: int, hk: int) -> ArrayMapping:
+  """Factors of one array: batch `b`, the sequence (`lq` for q-like arrays
+  and outputs, `lk` for k-like ones) and the heads are shared; every other
+  dimension is a factor of its own (`name_i`)."""
   if role == SCALAR:
-    return ArrayMapping(), ()
+    return ArrayMapping()
   if role == KV or hq == hk:
     head = "hk"
   else:
     head = "hq" if hk == 1 else CompoundFactor("hk", "g")
-  dims = ["b"] + [f"{name}_{i}" for i in range(1, rank)]
-  dims[2] = head
-  return ArrayMapping(*dims), tuple(d for i, d in enumerate(dims) if i not in (0, 2))
+  dims = ["b", "lk" if role == KV else "lq", head] + [f"{name}_{i}" for i in range(3, rank)]
+  return ArrayMapping(*dims)
 
 
-def _rule(in_roles, in_ranks, out_roles, out_ranks, hq, hk) -> SdyShardingRule:
-  """Shardy rule for arrays of `in_roles` -> `out_roles` (Q-like outputs)."""
+def _rule(in_roles, in_ranks, out_roles, out_ranks, hq, hk, seq) -> SdyShardingRule:
+  """Shardy rule for arrays of `in_roles` -> `out_roles` (Q-like outputs):
+  every factor but batch, heads (and with `seq`, the sequence) needs
+  replication."""
   ins = [_mapping(r, n, f"i{j}", hq, hk) for j, (r, n) in enumerate(zip(in_roles, in_ranks))]
   outs = [_mapping(r, n, f"o{j}", hq, hk) for j, (r, n) in enumerate(zip(out_roles, out_ranks))]
-  own = tuple(f for _, fs in ins + outs for f in fs)
+  shared = {"b", "hq", "hk", "g"} | ({"lq", "lk"} if seq else set())
+  order = [f for m in ins + outs for d in m for f in (d if isinstance(d, tuple) else (d,))]
+  # Shardy wants the special factors in the order of their first use.
+  replicated = tuple(dict.fromkeys(f for f in order if f not in shared))
   sizes = {"g": hq // hk} if hk > 1 and hq != hk else {}
-  return SdyShardingRule(tuple(m for m, _ in ins), tuple(m for m, _ in outs),
-                         need_replication_factors=own, **sizes)
+  return SdyShardingRule(tuple(ins), tuple(outs), need_replication_factors=replicated,
+                         **sizes)
 
 
-def _plan(mesh, q_sharding, hq: int, hk: int) -> sharding.Plan:
-  """The batch/head plan of q's sharding (replicated: an empty plan)."""
+def _plan(mesh, q_sharding, hq: int, hk: int, seq: tuple) -> sharding.Plan:
+  """The plan of q's batch/head sharding (replicated: an empty plan), with
+  the sequence over `seq`."""
   spec = tuple(getattr(q_sharding, "spec", P())) + (None,) * 4
-  heads, kv_sharded = sharding._head_split(mesh, sharding._axes(spec[2]), hq, hk)
-  return sharding.Plan(mesh, sharding._axes(spec[0]), heads, kv_heads_sharded=kv_sharded)
+  batch, heads = (tuple(a for a in sharding._axes(spec[i]) if a not in seq) for i in (0, 2))
+  heads, kv_sharded = sharding._head_split(mesh, heads, hq, hk)
+  return sharding.Plan(mesh, batch, heads, seq, kv_heads_sharded=kv_sharded)
 
 
-def _partitioned(local, in_roles, in_ranks, out_roles, out_ranks, iq, hq, hk):
+def _partitioned(local, in_roles, in_ranks, out_roles, out_ranks, iq, hq, hk, seq):
   """`custom_partitioning` of `local(plan, *xs) -> tuple`: arrays of
   `in_roles` in, arrays of `out_roles` out, planned from argument `iq` (q)."""
 
@@ -94,17 +105,18 @@ def _partitioned(local, in_roles, in_ranks, out_roles, out_ranks, iq, hq, hk):
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
-    plan = _plan(mesh, arg_shapes[iq].sharding, hq, hk)
+    plan = _plan(mesh, arg_shapes[iq].sharding, hq, hk, seq)
     specs = lambda roles: tuple(NamedSharding(mesh, plan.spec(r)) for r in roles)  # noqa: E731
     return mesh, functools.partial(local, plan), specs(out_roles), specs(in_roles)
 
   fn = custom_partitioning(body)
   fn.def_partition(partition=partition,
-                   sharding_rule=_rule(in_roles, in_ranks, out_roles, out_ranks, hq, hk))
+                   sharding_rule=_rule(in_roles, in_ranks, out_roles, out_ranks, hq, hk,
+                                       seq))
   return fn
 
 
-def auto_call(fn, args, roles, n_out: int):
+def auto_call(fn, args, roles, n_out: int, seq: tuple = (), whole=None):
   """`fn(*args)` partitioned over batch/heads at XLA partitioning time.
 
   Args:
@@ -113,6 +125,10 @@ def auto_call(fn, args, roles, n_out: int):
     args: arrays (or None) in the roles `roles` (`attn.sharding.Q`, `KV`,
       `SCALAR`); q: `[B, Lq, Hq, D]`, k: `[B, Lk, Hk, D]`.
     n_out: the number of outputs.
+    seq: `(seq_axis,)`: the sequence dimensions are sharded over it and `fn`
+      is the per-shard function of `attn.context_parallel.local_fn`; `()`.
+    whole: the function on unsharded arrays (default `fn`; with `seq`, the
+      implementation itself), run where nothing is partitioned.
 
   Returns:
     `fn(*args)`, differentiable in every floating argument.
@@ -130,9 +146,9 @@ def auto_call(fn, args, roles, n_out: int):
     full = [None] * len(args)
     for i, y in zip(live, ys):
       full[i] = y
-    if plan.mesh is not None:
-      full = sharding._local_kv_heads(plan, full, roles, hq, hk)
-    return _as_tuple(fn(*full))
+    if plan.mesh is None:
+      return _as_tuple((whole or fn)(*full))
+    return _as_tuple(fn(*sharding._local_kv_heads(plan, full, roles, hq, hk)))
 
   def local_grads(plan, *ys_cts):
     """Gradients of the float inputs given the float outputs' cotangents."""
@@ -155,7 +171,7 @@ def auto_call(fn, args, roles, n_out: int):
     return tuple(grads)
 
   forward = _partitioned(local, in_roles, in_ranks, out_roles, (OUT_RANK,) * n_out,
-                         iq, hq, hk)
+                         iq, hq, hk, seq)
 
   @jax.custom_vjp
   def call(*zs):
@@ -169,7 +185,8 @@ def auto_call(fn, args, roles, n_out: int):
     grad_roles = tuple(r for r, f in zip(in_roles, floats) if f)
     backward = _partitioned(local_grads, in_roles + out_roles[:len(cts)],
                             in_ranks + (OUT_RANK,) * len(cts), grad_roles,
-                            tuple(n for n, f in zip(in_ranks, floats) if f), iq, hq, hk)
+                            tuple(n for n, f in zip(in_ranks, floats) if f), iq, hq, hk,
+                            seq)
     grads = iter(backward(*zs, *cts))
     return tuple(next(grads) if f else None for f in floats)
 

@@ -77,7 +77,9 @@ def _jitted(fn, op: str, statics: tuple, roles: tuple, plan, n_out: int):
   else:
     local = functools.partial(fn, **statics)
   if plan is not None and plan.auto:
-    return jax.jit(lambda *args: auto_partition.auto_call(local, args, roles, n_out))
+    whole = functools.partial(fn, **statics)
+    return jax.jit(lambda *args: auto_partition.auto_call(local, args, roles, n_out,
+                                                          plan.seq, whole))
   return jax.jit(lambda *args: sharding.run(local, args, roles, plan, n_out))
 
 

@@ -19,11 +19,11 @@ Where the sharding comes from (the "plan"):
   * concrete arrays with a `NamedSharding` (an eager call): their specs;
   * traced arrays on an Explicit-axis mesh: the specs of their types;
   * traced arrays on an Auto-axis mesh (`jax.set_mesh`) carry no spec while
-    tracing: without `seq_axis` the op becomes a `custom_partitioning` call
+    tracing: the op becomes a `custom_partitioning` call
     (`attn.auto_partition`) that reads the sharding XLA gives q at
-    partitioning time and runs the implementation per batch/head shard; with
-    `seq_axis` the context mesh shards the sequence and batch/heads are
-    replicated.
+    partitioning time and runs the implementation per batch/head shard (with
+    `seq_axis`, the per-shard function of `attn.context_parallel` with the
+    sequence over that axis of the context mesh).
 
 Inside a user's shard_map with `check_vma=True` the Pallas implementations
 run through `vma_typed` (their kernels' outputs and custom VJPs need the
@@ -61,7 +61,7 @@ class Plan:
   explicit: the mesh axes are Explicit (inputs are resharded to the plan's
     specs with `jax.sharding.reshard` before the shard_map).
   auto: traced arrays on an Auto-axis mesh: the batch/head plan is made at
-    XLA partitioning time (`auto_call`).
+    XLA partitioning time (`attn.auto_partition`).
   """
   mesh: object
   batch: tuple = ()
@@ -162,7 +162,7 @@ def plan(q, k, seq_axis=None, seq_order="contiguous") -> Plan | None:
                        "jax.set_mesh(mesh) (or inside shard_map) with inputs sharded "
                        "along the sequence over that axis.")
     _check_axis(seq_axis, m)
-    return Plan(m, seq=(seq_axis,), seq_order=seq_order)
+    return Plan(m, seq=(seq_axis,), seq_order=seq_order, auto=AxisType.Auto in m.axis_types)
   mesh, spec = found
   explicit = all(t == AxisType.Explicit for t in mesh.axis_types)
   batch, heads, seq_spec = _axes(spec[0]), _axes(spec[2]), _axes(spec[1])

@@ -11,8 +11,9 @@ k_search) of sharded calls with the same op on unsharded inputs:
     XLA partitioning time, `attn.auto_partition`); the compiled
     forward+backward HLO of both holds no all-gather, all-to-all or
     reduce-scatter. Inside `jax.shard_map` with the default `check_vma=True`.
-  * seq (axes data, seq, model; `seq_axis="seq"`): Explicit, Auto and inside
-    a user's shard_map; `seq_order="zigzag"` (inputs permuted, outputs and
+  * seq (axes data, seq, model; `seq_axis="seq"`): Explicit, Auto (its HLO
+    holds the Explicit HLO's reduce-scatters and at most twice its
+    all-gathers: batch and heads stay sharded) and inside a user's shard_map; `seq_order="zigzag"` (inputs permuted, outputs and
     gradients un-permuted before comparing) on Explicit and in shard_map;
     decode calls against a sequence-sharded cache (q replicated).
   * Pallas (interpret mode) inside a user's shard_map: the modes of
@@ -27,6 +28,7 @@ case: {"case", "ok", "err", "s"} (s: seconds, for the record).
 """
 
 import json
+import re
 import sys
 import time
 import traceback
@@ -124,13 +126,22 @@ def put(mesh, arrays, specs):
           for a, s in zip(arrays, specs)]
 
 
-def compile_and_run(fn, args, check_hlo):
-  """One compile: the executable both runs and gives the HLO."""
+def collective_counts(hlo: str) -> dict:
+  """Number of all-gather and reduce-scatter ops in compiled HLO text."""
+  return {c: len(re.findall(rf"= \S+ {c}(-start)?\(", hlo))
+          for c in ("all-gather", "reduce-scatter")}
+
+
+def compile_and_run(fn, args, check_hlo, counts=None):
+  """One compile: the executable both runs and gives the HLO (`counts`, a
+  dict: filled with its `collective_counts`)."""
   compiled = jax.jit(fn).lower(*args).compile()
-  if check_hlo:
+  if check_hlo or counts is not None:
     hlo = compiled.as_text()
     found = [c for c in COLLECTIVES if c in hlo]
-    assert not found, f"collectives in the compiled HLO: {found}"
+    assert not (check_hlo and found), f"collectives in the compiled HLO: {found}"
+    if counts is not None:
+      counts.update(collective_counts(hlo))
   return compiled(*args)
 
 
@@ -170,10 +181,13 @@ def cases(impl, op, n, decode, args, off, cot, want):
       close(compile_and_run(g, put(mesh, call, call_specs(n, BH)), True), want, "bh")
   report(f"{impl}/{op}/jit-Explicit-batch-heads", explicit_batch_heads)
 
+  explicit_counts = {}
+
   def explicit_seq():
     mesh = mesh_of(AxisType.Explicit)
     with jax.set_mesh(mesh):
-      close(compile_and_run(gs, put(mesh, call, seq_specs), False), want, "seq")
+      close(compile_and_run(gs, put(mesh, call, seq_specs), False, explicit_counts), want,
+            "seq")
   report(f"{impl}/{op}/jit-Explicit-batch-heads-{seq}", explicit_seq)
 
   def auto_batch_heads():
@@ -184,9 +198,16 @@ def cases(impl, op, n, decode, args, off, cot, want):
   report(f"{impl}/{op}/jit-Auto-batch-heads", auto_batch_heads)
 
   def auto_seq():
+    # Batch and heads stay sharded: the sequence's own collectives only, the
+    # key gathers twice (the backward recomputes the forward on its block).
     mesh = mesh_of(AxisType.Auto)
+    counts = {}
     with jax.set_mesh(mesh):
-      close(compile_and_run(gs, put(mesh, call, seq_specs), False), want, "auto-seq")
+      close(compile_and_run(gs, put(mesh, call, seq_specs), False, counts), want, "auto-seq")
+    assert explicit_counts, "the Explicit seq case did not compile"
+    assert counts["reduce-scatter"] == explicit_counts["reduce-scatter"], (
+        counts, explicit_counts)
+    assert counts["all-gather"] <= 2 * explicit_counts["all-gather"], (counts, explicit_counts)
   if not decode:    # Auto types carry no spec: a replicated q is not visible
     report(f"{impl}/{op}/jit-Auto-batch-heads-seq", auto_seq)
 

@@ -6,7 +6,8 @@ and superlinear decode calls with a traced q_offset) and implementation
 (data, model, seq): jit with batch/heads sharded on an Explicit mesh and on
 an Auto mesh under `jax.set_mesh` (the compiled HLO of both holds no
 all-gather, all-to-all or reduce-scatter), and with the sequence sharded
-too (`seq_axis=`; decode: a sequence-sharded cache) on both; inside a
+too (`seq_axis=`; decode: a sequence-sharded cache; Auto: the Explicit
+HLO's reduce-scatters, at most twice its all-gathers) on both; inside a
 user's `jax.shard_map` (default check_vma); the zigzag order
 (`seq_order="zigzag"`). Values and gradients equal the unsharded reference
 call. Plus MQA with heads sharded (Explicit and Auto), a superlinear needle
