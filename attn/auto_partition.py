@@ -27,9 +27,9 @@ whose forward and backward are each custom-partitioned. Cost: the backward
 keeps only the inputs and recomputes the forward on the local block
 (`jax.vjp` of the implementation): two forwards and one backward per
 training step instead of one and one (with `seq_axis`, the forward's key
-exchange runs twice too). Not supported on this path (JAX has
-no rule for custom_partitioning): `jax.vmap` of the op (NotImplementedError)
-and forward-mode autodiff; use an Explicit mesh or `jax.shard_map` there.
+exchange runs twice too). Under `jax.vmap` (custom_partitioning has no
+batching rule) the call runs unpartitioned, left to the XLA partitioner.
+No forward-mode autodiff (`jax.jvp`) on this path.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.custom_batching
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor,
@@ -109,11 +110,24 @@ def _partitioned(local, in_roles, in_ranks, out_roles, out_ranks, iq, hq, hk, se
     specs = lambda roles: tuple(NamedSharding(mesh, plan.spec(r)) for r in roles)  # noqa: E731
     return mesh, functools.partial(local, plan), specs(out_roles), specs(in_roles)
 
-  fn = custom_partitioning(body)
-  fn.def_partition(partition=partition,
-                   sharding_rule=_rule(in_roles, in_ranks, out_roles, out_ranks, hq, hk,
-                                       seq))
-  return fn
+  partitioned = custom_partitioning(body)
+  partitioned.def_partition(partition=partition,
+                            sharding_rule=_rule(in_roles, in_ranks, out_roles, out_ranks,
+                                                hq, hk, seq))
+
+  # custom_partitioning has no batching rule: under jax.vmap the call runs
+  # unpartitioned (the XLA partitioner shards it as it can).
+  @jax.custom_batching.custom_vmap
+  def call(*xs):
+    return partitioned(*xs)
+
+  @call.def_vmap
+  def _vmapped(axis_size, in_batched, *xs):
+    del axis_size
+    out = jax.vmap(body, in_axes=[0 if b else None for b in in_batched])(*xs)
+    return out, tuple(True for _ in out)
+
+  return call
 
 
 def auto_call(fn, args, roles, n_out: int, seq: tuple = (), whole=None):

@@ -19,7 +19,8 @@ k_search) of sharded calls with the same op on unsharded inputs:
   * Pallas (interpret mode) inside a user's shard_map: the modes of
     `PALLAS_SHARD_MAP` (the others hit a JAX interpreter bug, see there).
   * MQA (one kv head) with q heads sharded, on Explicit and Auto meshes
-    (collective-free but for the all-reduce of dK, dV over the head axis).
+    (collective-free but for the all-reduce of dK, dV over the head axis);
+    `jax.vmap` of an op on an Auto mesh.
 
 Every sharded call of one (op, implementation) is compared with one
 unsharded call; each jitted function is compiled once (`lower().compile()`,
@@ -287,6 +288,20 @@ def extra_checks():
         sh = put(m, a, (BH,) + (P("data", None, None, None),) * 2)
         close(compile_and_run(g, sh, True), want, f"mqa {axis_type}")
 
+  def vmapped():
+    # jax.vmap of an op on an Auto mesh (custom_partitioning has no batching
+    # rule: the op runs unpartitioned there).
+    x = oc.inputs(batch=B, q_len=L, hq=HQ, hk=HK, d=D, ds=DS)
+    a = [jnp.stack([x[n], x[n][::-1]]) for n in ("q", "k", "v")]
+    f = lambda impl: lambda *a: jax.grad(  # noqa: E731
+        lambda *a: jnp.sum(jax.vmap(lambda *b: attn.dense_attention(
+            *b, implementation=impl))(*a) ** 2), argnums=(0, 1, 2))(*a)
+    want = jax.jit(f("reference"))(*a)
+    m = mesh_of(AxisType.Auto)
+    with jax.set_mesh(m):
+      close(jax.jit(f("xla"))(*put(m, a, (P(None, "data", None, "model"),) * 3)), want,
+            "vmap")
+
   def needle():
     # One key in shard 0 (position 2) whose search key matches the last
     # query's routing query far better than any other; its value is large.
@@ -346,6 +361,7 @@ def extra_checks():
            "seq_axis='seq'", "k is not sharded")
 
   report("xla/mqa-heads", mqa)
+  report("xla/vmap-Auto", vmapped)
   report("xla/superlinear/seq-needle", needle)
   report("xla/bad-input", bad_input)
 

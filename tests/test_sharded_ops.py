@@ -10,8 +10,9 @@ too (`seq_axis=`; decode: a sequence-sharded cache; Auto: the Explicit
 HLO's reduce-scatters, at most twice its all-gathers) on both; inside a
 user's `jax.shard_map` (default check_vma); the zigzag order
 (`seq_order="zigzag"`). Values and gradients equal the unsharded reference
-call. Plus MQA with heads sharded (Explicit and Auto), a superlinear needle
-in shard 0 found from the last shard, and bad input.
+call. Plus MQA with heads sharded (Explicit and Auto), `jax.vmap` of an op
+on an Auto mesh, a superlinear needle in shard 0 found from the last shard,
+and bad input.
 
 The cases run in two subprocesses at once (reference + xla, pallas), each
 compiling every jitted function once, at XLA backend optimisation level 0
@@ -39,9 +40,9 @@ from tests.train_helpers import REPO, subprocess_env
 
 FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 # ops x modes (tests/sharded_ops_check.py): 5 prefill ops x 5 modes + zigzag,
-# 2 decode ops x 4 modes; xla adds zigzag in shard_map, k_search=None and 3
+# 2 decode ops x 4 modes; xla adds zigzag in shard_map, k_search=None and 4
 # extra; pallas runs 5 of 7 ops in a user's shard_map (PALLAS_SHARD_MAP).
-EXPECTED = {"reference": 5 * 6 + 2 * 4, "xla": 5 * 7 + 2 * 4 + 5 + 3,
+EXPECTED = {"reference": 5 * 6 + 2 * 4, "xla": 5 * 7 + 2 * 4 + 5 + 4,
             "pallas": 5 * 4 + 4 + 2 * 3 + 5}
 
 
