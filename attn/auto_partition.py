@@ -97,12 +97,13 @@ def _plan(mesh, q_sharding, hq: int, hk: int, seq: tuple) -> sharding.Plan:
 
 
 def _partitioned(local, in_roles, in_ranks, out_roles, out_ranks, iq, hq, hk, seq):
-  """`custom_partitioning` of `local(plan, *xs) -> tuple`: arrays of
-  `in_roles` in, arrays of `out_roles` out, planned from argument `iq` (q)."""
+  """`custom_partitioning` of `local(plan, *xs) -> tuple` (plan None: on
+  unsharded arrays): arrays of `in_roles` in, arrays of `out_roles` out,
+  planned from argument `iq` (q)."""
 
   @jax.jit    # custom_partitioning takes no constants: they stay inside the jit
-  def body(*xs):      # the unpartitioned call (one device, or no mesh)
-    return local(sharding.Plan(None), *xs)
+  def body(*xs):      # the unpartitioned call (one device, or under vmap)
+    return local(None, *xs)
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
@@ -160,7 +161,7 @@ def auto_call(fn, args, roles, n_out: int, seq: tuple = (), whole=None):
     full = [None] * len(args)
     for i, y in zip(live, ys):
       full[i] = y
-    if plan.mesh is None:
+    if plan is None:
       return _as_tuple((whole or fn)(*full))
     return _as_tuple(fn(*sharding._local_kv_heads(plan, full, roles, hq, hk)))
 
@@ -178,7 +179,7 @@ def auto_call(fn, args, roles, n_out: int, seq: tuple = (), whole=None):
     outs, pull = jax.vjp(on_floats, *[ys[i] for i in pos])
     grads = pull(tuple(next(cts) if _is_float(o) else np.zeros(o.shape, jax.dtypes.float0)
                        for o in outs))
-    if plan.mesh is not None and plan.heads and not plan.kv_heads_sharded:
+    if plan is not None and plan.heads and not plan.kv_heads_sharded:
       # Whole kv heads per shard: each shard holds its q heads' share of dK, dV.
       grads = [jax.lax.psum(g, plan.heads) if in_roles[i] == KV else g
                for i, g in zip(pos, grads)]
