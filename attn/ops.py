@@ -35,7 +35,7 @@ from typing import NamedTuple
 import jax
 from jax.typing import ArrayLike
 
-from attn import _checks, context_parallel, pallas, reference, sharding, xla
+from attn import _checks, auto_partition, context_parallel, pallas, reference, sharding, xla
 from attn.config import SuperlinearConfig
 from attn.layout import BlockLayout
 
@@ -76,6 +76,10 @@ def _jitted(fn, op: str, statics: tuple, roles: tuple, plan, n_out: int):
                                       plan.seq_order, plan.q_seq)
   else:
     local = functools.partial(fn, **statics)
+  if plan is not None and plan.auto:
+    whole = functools.partial(fn, **statics)
+    return jax.jit(lambda *args: auto_partition.auto_call(local, args, roles, n_out,
+                                                          plan.seq, whole))
   return jax.jit(lambda *args: sharding.run(local, args, roles, plan, n_out))
 
 

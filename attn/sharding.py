@@ -18,9 +18,12 @@ Where the sharding comes from (the "plan"):
     the collectives run over the user's manual axis);
   * concrete arrays with a `NamedSharding` (an eager call): their specs;
   * traced arrays on an Explicit-axis mesh: the specs of their types;
-  * traced arrays on an Auto-axis mesh carry no spec while tracing: batch and
-    heads are left to the XLA partitioner; `seq_axis` uses the context mesh
-    (`jax.set_mesh`).
+  * traced arrays on an Auto-axis mesh (`jax.set_mesh`) carry no spec while
+    tracing: the op becomes a `custom_partitioning` call
+    (`attn.auto_partition`) that reads the sharding XLA gives q at
+    partitioning time and runs the implementation per batch/head shard (with
+    `seq_axis`, the per-shard function of `attn.context_parallel` with the
+    sequence over that axis of the context mesh).
 
 Inside a user's shard_map with `check_vma=True` the Pallas implementations
 run through `vma_typed` (their kernels' outputs and custom VJPs need the
@@ -57,6 +60,8 @@ class Plan:
     transpose hands each shard its slice of dK, dV) and `seq` is empty.
   explicit: the mesh axes are Explicit (inputs are resharded to the plan's
     specs with `jax.sharding.reshard` before the shard_map).
+  auto: traced arrays on an Auto-axis mesh: the batch/head plan is made at
+    XLA partitioning time (`attn.auto_partition`).
   """
   mesh: object
   batch: tuple = ()
@@ -68,6 +73,7 @@ class Plan:
   q_seq: bool = True
   seq_order: str = "contiguous"
   gather_seq: bool = False
+  auto: bool = False
 
   def spec(self, role):
     if role == SCALAR:
@@ -147,15 +153,16 @@ def plan(q, k, seq_axis=None, seq_order="contiguous") -> Plan | None:
                 seq_order=seq_order)
   found, found_k = _named_sharding(q), _named_sharding(k)
   if found is None:
-    if seq_axis is None:
-      return None
     m = context_mesh()
+    if seq_axis is None:
+      auto = m is not None and AxisType.Auto in m.axis_types and m.size > 1
+      return Plan(m, auto=True) if auto else None
     if m is None:
       raise ValueError(f"seq_axis={seq_axis!r} needs a mesh: call the op under "
                        "jax.set_mesh(mesh) (or inside shard_map) with inputs sharded "
                        "along the sequence over that axis.")
     _check_axis(seq_axis, m)
-    return Plan(m, seq=(seq_axis,), seq_order=seq_order)
+    return Plan(m, seq=(seq_axis,), seq_order=seq_order, auto=AxisType.Auto in m.axis_types)
   mesh, spec = found
   explicit = all(t == AxisType.Explicit for t in mesh.axis_types)
   batch, heads, seq_spec = _axes(spec[0]), _axes(spec[2]), _axes(spec[1])
@@ -176,19 +183,25 @@ def plan(q, k, seq_axis=None, seq_order="contiguous") -> Plan | None:
       raise ValueError(f"seq_order={seq_order!r} with q not sharded over {seq_axis!r} "
                        "(decode against a sharded cache): keep the cache in the "
                        "contiguous order.")
-  hk = k.shape[2]
-  n_heads = _mesh_size(mesh, heads)
-  kv_sharded = hk % n_heads == 0
-  if not kv_sharded and (q.shape[2] // n_heads) and (q.shape[2] // hk) % (
-      q.shape[2] // n_heads):
-    heads = ()                    # q-head shards straddle kv groups: keep heads whole
-    kv_sharded = True
+  heads, kv_sharded = _head_split(mesh, heads, q.shape[2], k.shape[2])
   if not (batch or heads or seq):
     return None
   if seq and not q_seq:           # decode: whole cache per shard, no seq plan
     return Plan(mesh, batch, heads, (), kv_sharded, explicit=explicit, gather_seq=True)
   return Plan(mesh, batch, heads, seq, kv_sharded, explicit=explicit, q_seq=q_seq,
               seq_order=seq_order)
+
+
+def _head_split(mesh, heads, hq, hk):
+  """`(heads, kv_heads_sharded)` for q heads sharded over the mesh axes
+  `heads`: kv heads are sharded with their q-head groups where they divide;
+  where a q-head shard straddles kv groups the heads stay whole (`()`)."""
+  n_heads = _mesh_size(mesh, heads)
+  if hk % n_heads == 0:
+    return heads, True
+  if (hq // n_heads) and (hq // hk) % (hq // n_heads):
+    return (), True
+  return heads, False
 
 
 def _check_axis(seq_axis, mesh):
@@ -220,11 +233,17 @@ def varying_axes(x) -> frozenset:
 
 def vma_typed(fn):
   """`fn(*args)` for a kernel implementation inside a `jax.shard_map` with
-  `check_vma=True`: every array argument is cast to vary over the union of the
-  axes any argument varies over (`jax.lax.pcast`; its transpose sums the
+  `check_vma=True`: every floating argument is cast to vary over the union of
+  the axes any argument varies over (`jax.lax.pcast`; its transpose sums the
   gradient of an invariant input over those axes), and the cotangent reaching
   the kernels' custom VJP rules is cast the same way (a cotangent may arrive
   invariant, e.g. from `jnp.sum`). Outside such a shard_map this is `fn`.
+
+  Integer arguments (`q_offset`, index tables) keep their own type: they have
+  no cotangent, and an invariant one stays usable as a scalar-prefetch table
+  in Pallas interpret mode, whose HLO interpreter reads such a table at the
+  (invariant) grid indices and fails on a table that varies ("dynamic_slice
+  requires varying manual axes to match"; a JAX bug, docs/training.md).
   """
 
   def call(*args, **statics):
@@ -234,6 +253,8 @@ def vma_typed(fn):
     order = tuple(sorted(axes))
 
     def vary(x):
+      if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
       missing = tuple(a for a in order if a not in varying_axes(x))
       return jax.lax.pcast(x, missing, to="varying") if missing else x
 

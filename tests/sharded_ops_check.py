@@ -6,18 +6,25 @@ and every implementation named on the command line (reference, xla, pallas
 in interpret mode), compares out and the gradients (q, k, v, q_search,
 k_search) of sharded calls with the same op on unsharded inputs:
 
-  * batch/heads (mesh data=4 x model=2): jit on an Explicit and on an Auto
-    mesh under `jax.set_mesh`, and inside `jax.shard_map` with the default
-    `check_vma=True`. The compiled forward+backward HLO of the jit calls
-    holds no all-gather, all-to-all or reduce-scatter.
-  * seq (mesh data=2 x seq=4, `seq_axis="seq"`): Explicit, Auto and inside a
-    user's shard_map; `seq_order="zigzag"` (inputs permuted, outputs and
+  * batch/heads (axes data, model of one 2 x 2 x 2 mesh): jit on an Explicit
+    and on an Auto mesh under `jax.set_mesh` (Auto: the op is partitioned at
+    XLA partitioning time, `attn.auto_partition`); the compiled
+    forward+backward HLO of both holds no all-gather, all-to-all or
+    reduce-scatter. Inside `jax.shard_map` with the default `check_vma=True`.
+  * seq (axes data, seq, model; `seq_axis="seq"`): Explicit, Auto (its HLO
+    holds the Explicit HLO's reduce-scatters and at most twice its
+    all-gathers: batch and heads stay sharded) and inside a user's shard_map; `seq_order="zigzag"` (inputs permuted, outputs and
     gradients un-permuted before comparing) on Explicit and in shard_map;
     decode calls against a sequence-sharded cache (q replicated). Sliding
     window on Explicit (contiguous and zigzag): a neighbour exchange, so its
     HLO holds no all-gather, all-to-all or reduce-scatter.
   * Pallas block sparse in the zigzag order at L = 64 (the 8-row chunks of
     L = 32 are below the kernels' 16-row blocks).
+  * Pallas (interpret mode) inside a user's shard_map: the modes of
+    `PALLAS_SHARD_MAP` (the others hit a JAX interpreter bug, see there).
+  * MQA (one kv head) with q heads sharded, on Explicit and Auto meshes
+    (collective-free but for the all-reduce of dK, dV over the head axis);
+    `jax.vmap` of an op on an Auto mesh.
 
 Every sharded call of one (op, implementation) is compared with one
 unsharded call; each jitted function is compiled once (`lower().compile()`,
@@ -26,6 +33,7 @@ case: {"case", "ok", "err", "s"} (s: seconds, for the record).
 """
 
 import json
+import re
 import sys
 import time
 import traceback
@@ -47,10 +55,16 @@ AXES = ("data", "model", "seq")       # one 2 x 2 x 2 mesh for every case
 BH = P("data", None, "model", None)
 BSH = P("data", "seq", "model", None)
 NAMES = ("q", "k", "v", "q_search", "k_search")
-# Pallas interpret mode inside a user's check_vma shard_map: JAX's HLO
-# interpreter fails while lowering these kernels ("dynamic_slice requires
-# varying manual axes to match"); the compiled kernels do not go through it.
-PALLAS_SHARD_MAP = ("dense", "sliding", "block_sparse")
+# Pallas interpret mode inside a user's check_vma shard_map: op -> mode run
+# ("seq": sequence, batch and heads sharded; "bh": batch and heads). JAX's
+# HLO interpreter of Pallas kernels fails to lower a kernel whose
+# scalar-prefetch table varies over a manual axis ("dynamic_slice requires
+# varying manual axes to match", docs/training.md): the superlinear kernels'
+# anchor tables always vary, and a sequence shard's q_offset varies over
+# `seq` in the dense, sliding and PPA stripe kernels. The compiled kernels do
+# not go through the interpreter.
+PALLAS_SHARD_MAP = {"dense": "bh", "sliding": "bh", "ppa": "bh", "block_sparse": "seq",
+                    "ppa_decode": "seq"}
 
 
 def block_layout(length):
@@ -122,13 +136,22 @@ def put(mesh, arrays, specs):
           for a, s in zip(arrays, specs)]
 
 
-def compile_and_run(fn, args, check_hlo):
-  """One compile: the executable both runs and gives the HLO."""
+def collective_counts(hlo: str) -> dict:
+  """Number of all-gather and reduce-scatter ops in compiled HLO text."""
+  return {c: len(re.findall(rf"= \S+ {c}(-start)?\(", hlo))
+          for c in ("all-gather", "reduce-scatter")}
+
+
+def compile_and_run(fn, args, check_hlo, counts=None):
+  """One compile: the executable both runs and gives the HLO (`counts`, a
+  dict: filled with its `collective_counts`)."""
   compiled = jax.jit(fn).lower(*args).compile()
-  if check_hlo:
+  if check_hlo or counts is not None:
     hlo = compiled.as_text()
     found = [c for c in COLLECTIVES if c in hlo]
-    assert not found, f"collectives in the compiled HLO: {found}"
+    assert not (check_hlo and found), f"collectives in the compiled HLO: {found}"
+    if counts is not None:
+      counts.update(collective_counts(hlo))
   return compiled(*args)
 
 
@@ -168,25 +191,39 @@ def cases(impl, op, n, decode, args, off, cot, want):
       close(compile_and_run(g, put(mesh, call, call_specs(n, BH)), True), want, "bh")
   report(f"{impl}/{op}/jit-Explicit-batch-heads", explicit_batch_heads)
 
+  explicit_counts = {}
+
   def explicit_seq():
     mesh = mesh_of(AxisType.Explicit)
     with jax.set_mesh(mesh):
-      close(compile_and_run(gs, put(mesh, call, seq_specs), op == "sliding"), want, "seq")
+      close(compile_and_run(gs, put(mesh, call, seq_specs), op == "sliding",
+                            explicit_counts), want, "seq")
   report(f"{impl}/{op}/jit-Explicit-batch-heads-{seq}", explicit_seq)
 
-  def auto():
-    # Auto types carry no spec: decode's replicated q is not visible, so the
-    # decode ops run batch/head-sharded here; the others are sequence-sharded.
+  def auto_batch_heads():
+    # The op reads the shardings at XLA partitioning time (custom_partitioning).
     mesh = mesh_of(AxisType.Auto)
-    specs = call_specs(n, BH) if decode else seq_specs
     with jax.set_mesh(mesh):
-      close(compile_and_run(g if decode else gs, put(mesh, call, specs), False), want,
-            "auto")
-  report(f"{impl}/{op}/jit-Auto-batch-heads" + ("" if decode else "-seq"), auto)
+      close(compile_and_run(g, put(mesh, call, call_specs(n, BH)), True), want, "auto")
+  report(f"{impl}/{op}/jit-Auto-batch-heads", auto_batch_heads)
+
+  def auto_seq():
+    # Batch and heads stay sharded: the sequence's own collectives only, the
+    # key gathers twice (the backward recomputes the forward on its block).
+    mesh = mesh_of(AxisType.Auto)
+    counts = {}
+    with jax.set_mesh(mesh):
+      close(compile_and_run(gs, put(mesh, call, seq_specs), False, counts), want, "auto-seq")
+    assert explicit_counts, "the Explicit seq case did not compile"
+    assert counts["reduce-scatter"] == explicit_counts["reduce-scatter"], (
+        counts, explicit_counts)
+    assert counts["all-gather"] <= 2 * explicit_counts["all-gather"], (counts, explicit_counts)
+  if not decode:    # Auto types carry no spec: a replicated q is not visible
+    report(f"{impl}/{op}/jit-Auto-batch-heads-seq", auto_seq)
 
   if impl == "pallas" and op not in PALLAS_SHARD_MAP:
     return
-  use_seq = not (impl == "pallas")        # see PALLAS_SHARD_MAP
+  use_seq = PALLAS_SHARD_MAP.get(op, "seq") == "seq" if impl == "pallas" else True
 
   def user_shard_map():
     mesh = mesh_of(AxisType.Explicit)
@@ -278,10 +315,25 @@ def extra_checks():
     f = lambda a: attn.ppa_attention(*a, p=0.5, window=3, implementation="xla")  # noqa: E731
     g = lambda *a: jax.grad(lambda *a: jnp.sum(f(a) ** 2), argnums=(0, 1, 2))(*a)  # noqa: E731
     want = jax.jit(g)(*a)
-    m = mesh_of(AxisType.Explicit)
+    for axis_type in (AxisType.Explicit, AxisType.Auto):
+      m = mesh_of(axis_type)
+      with jax.set_mesh(m):
+        sh = put(m, a, (BH,) + (P("data", None, None, None),) * 2)
+        close(compile_and_run(g, sh, True), want, f"mqa {axis_type}")
+
+  def vmapped():
+    # jax.vmap of an op on an Auto mesh (custom_partitioning has no batching
+    # rule: the op runs unpartitioned there).
+    x = oc.inputs(batch=B, q_len=L, hq=HQ, hk=HK, d=D, ds=DS)
+    a = [jnp.stack([x[n], x[n][::-1]]) for n in ("q", "k", "v")]
+    f = lambda impl: lambda *a: jax.grad(  # noqa: E731
+        lambda *a: jnp.sum(jax.vmap(lambda *b: attn.dense_attention(
+            *b, implementation=impl))(*a) ** 2), argnums=(0, 1, 2))(*a)
+    want = jax.jit(f("reference"))(*a)
+    m = mesh_of(AxisType.Auto)
     with jax.set_mesh(m):
-      sh = put(m, a, (BH,) + (P("data", None, None, None),) * 2)
-      close(compile_and_run(g, sh, True), want, "mqa")
+      close(jax.jit(f("xla"))(*put(m, a, (P(None, "data", None, "model"),) * 3)), want,
+            "vmap")
 
   def needle():
     # One key in shard 0 (position 2) whose search key matches the last
@@ -342,6 +394,7 @@ def extra_checks():
            "seq_axis='seq'", "k is not sharded")
 
   report("xla/mqa-heads", mqa)
+  report("xla/vmap-Auto", vmapped)
   report("xla/superlinear/seq-needle", needle)
   report("xla/bad-input", bad_input)
 

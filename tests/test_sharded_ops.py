@@ -3,25 +3,29 @@
 For every op (dense, sliding window, PPA, block sparse, superlinear, and PPA
 and superlinear decode calls with a traced q_offset) and implementation
 (reference, xla, pallas in interpret mode), on one 2 x 2 x 2 mesh
-(data, model, seq): jit on an Explicit mesh with batch/heads sharded (the
-compiled HLO holds no all-gather, all-to-all or reduce-scatter), and with
-the sequence sharded too (`seq_axis=`; decode: a sequence-sharded cache);
-jit on an Auto mesh under `jax.set_mesh`; inside a user's `jax.shard_map`
-(default check_vma); the zigzag order (`seq_order="zigzag"`). Values and
-gradients equal the unsharded reference call. Sliding window with the
-sequence sharded (contiguous and zigzag, Explicit mesh) compiles to a
-neighbour exchange: no all-gather, all-to-all or reduce-scatter in its HLO.
-Pallas block sparse in the zigzag order runs at L = 64 (16-row chunks, the
-kernels' block). Plus MQA with heads sharded, a superlinear needle in shard 0
-found from the last shard, and bad input.
+(data, model, seq): jit with batch/heads sharded on an Explicit mesh and on
+an Auto mesh under `jax.set_mesh` (the compiled HLO of both holds no
+all-gather, all-to-all or reduce-scatter), and with the sequence sharded
+too (`seq_axis=`; decode: a sequence-sharded cache; Auto: the Explicit
+HLO's reduce-scatters, at most twice its all-gathers) on both; inside a
+user's `jax.shard_map` (default check_vma); the zigzag order
+(`seq_order="zigzag"`). Values and gradients equal the unsharded reference
+call. Plus MQA with heads sharded (Explicit and Auto), `jax.vmap` of an op
+on an Auto mesh, a superlinear needle in shard 0 found from the last shard,
+and bad input. Sliding window with the sequence sharded (contiguous and
+zigzag, Explicit mesh) compiles to a neighbour exchange: no all-gather,
+all-to-all or reduce-scatter in its HLO. Pallas block sparse in the zigzag
+order runs at L = 64 (16-row chunks, the kernels' block).
 
 The cases run in two subprocesses at once (reference + xla, pallas), each
 compiling every jitted function once, at XLA backend optimisation level 0
 (compile time dominates; the values do not depend on it).
 
-Not covered (see the checker): Pallas interpret mode inside a user's
-check_vma shard_map for PPA and superlinear and with a sequence axis (JAX's
-HLO interpreter fails to lower them there).
+Not covered (see `PALLAS_SHARD_MAP` in the checker): Pallas interpret mode
+inside a user's check_vma shard_map for superlinear (prefill and decode),
+and with a sequence axis for dense, sliding and PPA prefill: JAX's Pallas
+HLO interpreter fails to lower a kernel whose scalar-prefetch table varies
+over a manual axis (docs/training.md has the repro).
 """
 
 import json
@@ -36,11 +40,12 @@ from attn.context_parallel import zigzag_order
 from tests.train_helpers import REPO, subprocess_env
 
 FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-# ops x modes (tests/sharded_ops_check.py): 5 prefill ops x 4 modes + zigzag,
-# 2 decode ops x 4 modes; xla adds zigzag in shard_map, k_search=None and 3 extra;
-# pallas: block sparse zigzag at L = 64 instead of L = 32.
-EXPECTED = {"reference": 5 * 5 + 2 * 4, "xla": 5 * 6 + 2 * 4 + 4 + 3,
-            "pallas": 5 * 4 - 2 + 4 + 1 + 2 * 3}
+# ops x modes (tests/sharded_ops_check.py): 5 prefill ops x 5 modes + zigzag,
+# 2 decode ops x 4 modes; xla adds zigzag in shard_map, k_search=None and 4
+# extra; pallas runs 5 of 7 ops in a user's shard_map (PALLAS_SHARD_MAP) and
+# block sparse zigzag at L = 64 instead of L = 32.
+EXPECTED = {"reference": 5 * 6 + 2 * 4, "xla": 5 * 7 + 2 * 4 + 5 + 4,
+            "pallas": 5 * 4 + 4 + 2 * 3 + 5 + 1}
 
 
 def _start(impls):
