@@ -30,7 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from attn import masks, xla, xla_ppa
+from attn import masks
+from attn.xla import blocks, ppa as xla_ppa
 from pallas_kernels.common import F32, SoftmaxState, finish_state, merge_states
 
 
@@ -68,7 +69,7 @@ def _step(qb, k, v, valid, prev, *, j, bands, stripes, bq, scale):
   c = k.shape[1]
   widths = [bq + hi - lo for lo, hi, _ in bands]
   pad = max([chunk] + widths)       # stripes: `chunk` each side; bands: a slice fits
-  k_pad, v_pad = (xla._pad_seq(x.astype(F32), pad, pad) for x in (k, v))
+  k_pad, v_pad = (blocks.pad_seq(x.astype(F32), pad, pad) for x in (k, v))
   offset = j * c
   bounds = (jnp.where(valid, offset, offset + c).astype(jnp.int32), jnp.int32(offset + c - 1))
 
@@ -106,7 +107,7 @@ def ppa_chunk(q, keys, fetch, num_chunks: int, chunk_index, *, p, window, scale,
   # query chunks of at most C/16 rows keep them within 1.125 C.
   chunk = max(bq, min(chunk, c // 16 // bq * bq)) if rows is None else rows
   nb = -(-c // chunk)
-  qb = jnp.moveaxis(xla._pad_seq(q, 0, nb * chunk - c).reshape(b, nb, chunk, hq, d), 1, 0)
+  qb = jnp.moveaxis(blocks.pad_seq(q, 0, nb * chunk - c).reshape(b, nb, chunk, hq, d), 1, 0)
   state = None
   for j in range(num_chunks):
     lo, hi = max((j - 1) * c + 1, 0), (j + 1) * c - 1

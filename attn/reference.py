@@ -124,7 +124,6 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
   """
   b, lq, hq, _ = q.shape
   lk, hk = k.shape[1], k.shape[2]
-  g = hq // hk
   w = config.window
   qpos, kpos, row_ok = positions(lq, lk, q_offset)
   sg = jax.lax.stop_gradient

@@ -130,8 +130,8 @@ SMALL_BLOCK_CASES = {
 @pytest.mark.parametrize("q_offset", [None, 7], ids=["prefill", "chunk"])
 @pytest.mark.parametrize("case", list(SMALL_BLOCK_CASES))
 def test_xla_with_many_small_blocks_matches_reference(case, q_offset, monkeypatch):
-  monkeypatch.setattr(xla, "_BLOCK_BUDGET", 1)      # 8-query blocks and chunks
-  monkeypatch.setattr(xla, "_SEGMENT_ALIGN", 8)     # several superlinear segments
+  monkeypatch.setattr(xla.blocks, "BLOCK_BUDGET", 1)         # 8-query blocks and chunks
+  monkeypatch.setattr(xla.superlinear, "_SEGMENT_ALIGN", 8)  # several superlinear segments
   fx, fr, kw = SMALL_BLOCK_CASES[case]
   q_len = 45 if q_offset is None else 29
   x = _inputs(jax.random.PRNGKey(51), q_len=q_len, kv_len=45, hq=4, hk=2, d=8, ds=8)

@@ -96,7 +96,7 @@ def host_tables(layout: BlockLayout) -> kernels.HostTables:
   Raises ValueError if the layout's blocks do not suit the kernels.
   """
   kernels.check_blocks(layout.block_q, layout.block_k)
-  nq, nk = layout.num_q_blocks, layout.num_k_blocks
+  nk = layout.num_k_blocks
   kvb, mids, tiles = layout.kv_blocks, layout.mask_ids.copy(), layout.block_masks
   counts = layout.num_kv_blocks.astype(np.int32)
   slot = np.arange(kvb.shape[1])[None, :]

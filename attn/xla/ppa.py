@@ -1,8 +1,8 @@
-"""PPA on the xla path (`attn.xla.ppa_attention` calls `ppa_attention` here).
+"""PPA on the `xla` path (`attn.xla.ppa_attention`).
 
 Near the query the kept offsets are dense (the window, and for large p
 much more): they are cut into bands, one contiguous key slice and a masked
-matmul per query block (`attn.xla._band_partial`). Far offsets are sparse:
+matmul per query block (`attn.xla.blocks.band_partial`). Far offsets are sparse:
 each is a stripe, one contiguous key slice per chunk of queries scored
 row-wise. `ppa_chunk_state` (one query chunk's softmax state over a set of
 bands and stripes) also serves the sequence-sharded path (`attn.cp_ppa`).
@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from attn import masks
-from attn.xla import (_BLOCK_BUDGET, _any_offset, _band_partial, _block_size, _group,
-                      _map_query_blocks, _pad_seq, _window_only, _zero_unseen,
-                      dense_attention)
+from attn.xla import blocks
+from attn.xla.blocks import (any_offset, band_partial, block_size, group,
+                             map_query_blocks, pad_seq, window_only, zero_unseen)
+from attn.xla.dense import dense_attention
 from pallas_kernels.common import F32, SoftmaxState, finish_state, merge_states
 
 
@@ -44,7 +45,7 @@ def _stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripes, *, pad_left, kv_le
   @jax.checkpoint
   def score(d):
     ks = jax.lax.dynamic_slice_in_dim(k_pad, qpos[0] - d + pad_left, c, axis=1)
-    ks = _zero_unseen(ks, ok_rows(d))
+    ks = zero_unseen(ks, ok_rows(d))
     s = jnp.sum(qg * ks[:, :, :, None], axis=-1) * scale
     return jnp.where(ok_rows(d)[None, :, None, None], s, -jnp.inf)
 
@@ -56,7 +57,7 @@ def _stripes_partial(qg, k_pad, v_pad, qpos, row_ok, stripes, *, pad_left, kv_le
   def accumulate(o, args):
     d, e_d = args
     vs = jax.lax.dynamic_slice_in_dim(v_pad, qpos[0] - d + pad_left, c, axis=1)
-    return o + e_d[..., None] * _zero_unseen(vs, ok_rows(d))[:, :, :, None], None
+    return o + e_d[..., None] * zero_unseen(vs, ok_rows(d))[:, :, :, None], None
 
   o, _ = jax.lax.scan(accumulate, jnp.zeros_like(qg), (stripes, e))  # (vma of qg)
   to_heads = lambda x: jnp.moveaxis(x, 1, 3)  # noqa: E731
@@ -73,10 +74,10 @@ def ppa_split(offsets, q_len: int, heads: int, batch: int):
   bands and the query chunk of the stripe scans."""
   bands, stripes = masks.ppa_masked_bands(offsets)
   band_cols = sum(128 + hi - lo for lo, hi, _ in bands)
-  bq = _block_size(q_len, max(band_cols, 1), heads, 1, batch)
+  bq = block_size(q_len, max(band_cols, 1), heads, 1, batch)
   # Query chunk of the stripe scans: scores [S, B, C, Hq] (no head_dim) may
   # take 8 blocks' budget; large chunks keep the scans' iteration count low.
-  chunk = bq * max(1, 8 * _BLOCK_BUDGET // max(bq * stripes.size * heads * batch, 1))
+  chunk = bq * max(1, 8 * blocks.BLOCK_BUDGET // max(bq * stripes.size * heads * batch, 1))
   return bands, stripes, bq, min(chunk, _PPA_MAX_CHUNK, -(-q_len // bq) * bq)
 
 
@@ -93,7 +94,7 @@ def ppa_chunk_state(qc, qpos, bounds, k_pad, v_pad, *, bands, stripes, bq, pad_l
   hk = k_pad.shape[2]
 
   def block_body(bpos, brow_ok, qb):
-    parts = [_band_partial(_group(qb, hk), k_pad, v_pad, bpos, brow_ok, lo=lo, hi=hi,
+    parts = [band_partial(group(qb, hk), k_pad, v_pad, bpos, brow_ok, lo=lo, hi=hi,
                            keep=keep, pad_left=pad_left, kv_len=kv_len, scale=scale)
              for lo, hi, keep in bands]
     return jax.tree.map(lambda x: jnp.moveaxis(x, 3, 1),
@@ -101,11 +102,11 @@ def ppa_chunk_state(qc, qpos, bounds, k_pad, v_pad, *, bands, stripes, bq, pad_l
 
   parts = []
   if bands:
-    band = _map_query_blocks(block_body, bq, qpos[0], bounds, qc)
+    band = map_query_blocks(block_body, bq, qpos[0], bounds, qc)
     parts.append(jax.tree.map(lambda x: jnp.moveaxis(x, 1, 3), band))
   if len(stripes):
     row_ok = (qpos >= bounds[0]) & (qpos <= bounds[1])
-    parts.append(_stripes_partial(_group(qc, hk), k_pad, v_pad, qpos, row_ok,
+    parts.append(_stripes_partial(group(qc, hk), k_pad, v_pad, qpos, row_ok,
                                   jnp.asarray(stripes, jnp.int32), pad_left=pad_left,
                                   kv_len=kv_len, scale=scale))
   return functools.reduce(merge_states, parts)
@@ -124,13 +125,13 @@ def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
   window = min(window, lk)
   offsets = masks.ppa_offsets(lk - 1, p=p, window=window)
   if offsets[-1] < window:  # p = 0 or a sequence within the window.
-    return _window_only(q, k, v, window=window, scale=scale, q_offset=q_offset)
+    return window_only(q, k, v, window=window, scale=scale, q_offset=q_offset)
   if offsets.size == lk:  # every offset kept (p = 1): plain causal attention.
     return dense_attention(q, k, v, q_offset, scale=scale)
   bands, stripes, bq, chunk = ppa_split(offsets, lq, hq, b)
   pad_left = int(offsets[-1])
-  k_pad = _pad_seq(k.astype(F32), pad_left, chunk)
-  v_pad = _pad_seq(v.astype(F32), pad_left, chunk)
+  k_pad = pad_seq(k.astype(F32), pad_left, chunk)
+  v_pad = pad_seq(v.astype(F32), pad_left, chunk)
 
   def run(xs, offset, bounds):
     def chunk_body(qpos, row_ok, qc):
@@ -138,6 +139,6 @@ def ppa_attention(q, k, v, q_offset=None, *, p, window, scale):
                               bq=bq, pad_left=pad_left, kv_len=lk, scale=scale)
       out, _ = finish_state(state)                                 # [B, Hk, G, C, D]
       return jnp.moveaxis(out, 3, 1).reshape(b, -1, hq, d)
-    return _map_query_blocks(chunk_body, chunk, offset, bounds, *xs)
+    return map_query_blocks(chunk_body, chunk, offset, bounds, *xs)
 
-  return _any_offset(run, [q], q_offset, lq, lk, (0,)).astype(q.dtype)
+  return any_offset(run, [q], q_offset, lq, lk, (0,)).astype(q.dtype)
