@@ -40,9 +40,9 @@ integer argument of `dispatch` varies over a manual axis and the shard_map's
 mesh is on CPU devices (`jax.sharding.get_abstract_mesh().abstract_device`,
 known while tracing: the body runs on those devices), `dispatch` runs
 `"tpu_checked"` without `platform_dependent`. On a TPU or GPU mesh, or a
-mesh without devices, it is `platform_dependent` as above. Lowering such a
-CPU-mesh trace for another platform (`lower(lowering_platforms=...)`) holds
-the interpreter, not the compiled kernel.
+mesh without devices, it is `platform_dependent` as above. A CPU-mesh
+trace lowered for another platform (`lower(lowering_platforms=...)`)
+therefore does not get the compiled kernel.
 """
 
 from __future__ import annotations
