@@ -52,6 +52,7 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 VARIANTS = (None, "tpu", "gpu", "tpu_interpret", "gpu_interpret", "tpu_checked")
 
@@ -79,7 +80,7 @@ def varying_tables(args: tuple) -> bool:
   def varies(x):
     mat = getattr(jax.typeof(x), "manual_axis_type", None)
     return mat is not None and bool(mat.varying)
-  return any(jax.numpy.issubdtype(x.dtype, jax.numpy.integer) and varies(x)
+  return any(jnp.issubdtype(x.dtype, jnp.integer) and varies(x)
              for x in jax.tree.leaves(args))
 
 
