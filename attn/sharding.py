@@ -241,9 +241,10 @@ def vma_typed(fn):
 
   Integer arguments (`q_offset`, index tables) keep their own type: they have
   no cotangent, and an invariant one stays usable as a scalar-prefetch table
-  in Pallas interpret mode, whose HLO interpreter reads such a table at the
-  (invariant) grid indices and fails on a table that varies ("dynamic_slice
-  requires varying manual axes to match"; a JAX bug, docs/training.md).
+  in JAX's Pallas HLO interpreter (`interpret=True`), which fails on a table
+  that varies ("dynamic_slice requires varying manual axes to match"; a JAX
+  bug, docs/training.md). Kernels whose tables do vary run, on a CPU mesh,
+  in the TPU interpreter instead (`pallas_kernels.platform.dispatch`).
   """
 
   def call(*args, **statics):

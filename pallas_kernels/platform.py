@@ -15,12 +15,34 @@ Mosaic custom call, and `platforms=["cuda"]` the Triton one.
 
 `variant` forces one variant for tests and debugging:
 
-  * `None`: per platform as above (CPU: `cpu_default`);
+  * `None`: per platform as above (CPU: `cpu_default`), except inside a
+    `jax.shard_map` over CPU devices when an integer argument varies over a
+    manual axis (see "Tables that vary per shard" below): `"tpu_checked"`;
   * `"tpu"`, `"gpu"`: that variant compiled (fails on CPU);
   * `"tpu_interpret"`, `"gpu_interpret"`: that variant in `interpret=True`;
   * `"tpu_checked"`: the TPU variant under `pltpu.InterpretParams()`, which
     raises on out-of-bounds block reads that `interpret=True` clamps silently
-    (CPU only; it cannot sit inside `platform_dependent`).
+    (CPU only).
+
+`"tpu_checked"` cannot sit inside `platform_dependent`: its interpreter runs
+ordered `io_callback`s, whose effect the whole `platform_dependent` then
+carries, and lowering it for TPU alone fails ("Lowering rule for `cond`
+returns incorrect set of output tokens", jax 0.12, `jax.export` with
+`platforms=["tpu"]`); so `dispatch` picks it while tracing, never inside
+`platform_dependent`.
+
+Tables that vary per shard: inside a `jax.shard_map` with `check_vma=True`,
+JAX's Pallas HLO interpreter (`interpret=True`) fails to lower a kernel whose
+scalar-prefetch table varies over a manual axis ("dynamic_slice requires
+varying manual axes to match"; a JAX bug, repro in docs/training.md); the
+TPU interpreter (`InterpretParams`) runs it. With `variant=None`, when an
+integer argument of `dispatch` varies over a manual axis and the shard_map's
+mesh is on CPU devices (`jax.sharding.get_abstract_mesh().abstract_device`,
+known while tracing: the body runs on those devices), `dispatch` runs
+`"tpu_checked"` without `platform_dependent`. On a TPU or GPU mesh, or a
+mesh without devices, it is `platform_dependent` as above. A CPU-mesh
+trace lowered for another platform (`lower(lowering_platforms=...)`)
+therefore does not get the compiled kernel.
 """
 
 from __future__ import annotations
@@ -30,6 +52,7 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 VARIANTS = (None, "tpu", "gpu", "tpu_interpret", "gpu_interpret", "tpu_checked")
 
@@ -51,6 +74,23 @@ def tpu_interpret_params():
   return pltpu.InterpretParams()
 
 
+def varying_tables(args: tuple) -> bool:
+  """Whether an integer leaf of `args` varies over a manual mesh axis (only
+  inside a `jax.shard_map` with `check_vma=True`)."""
+  def varies(x):
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)
+    return mat is not None and bool(mat.varying)
+  return any(jnp.issubdtype(x.dtype, jnp.integer) and varies(x)
+             for x in jax.tree.leaves(args))
+
+
+def mesh_platform() -> str | None:
+  """The platform of the current abstract mesh's devices (inside a
+  `jax.shard_map`: its mesh's), or None where it has none."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return None if device is None else device.platform
+
+
 def dispatch(args: tuple, *, tpu: Callable, gpu: Callable, variant=None,
              cpu_default: str = CPU_DEFAULT):
   """Runs `tpu(*args, interpret=...)` or `gpu(*args, interpret=...)`.
@@ -59,7 +99,8 @@ def dispatch(args: tuple, *, tpu: Callable, gpu: Callable, variant=None,
     args: the positional arrays both variants take (a tuple of pytrees).
     tpu, gpu: the platform variants; keyword `interpret` is `False`, `True`
       or a `pltpu.InterpretParams`.
-    variant: see the module docstring.
+    variant: see the module docstring (None: per platform, or
+      `"tpu_checked"` for tables that vary per shard on a CPU mesh).
     cpu_default: the variant that `variant=None` runs on CPU
       (`"tpu_interpret"` or `"gpu_interpret"`).
   """
@@ -72,7 +113,8 @@ def dispatch(args: tuple, *, tpu: Callable, gpu: Callable, variant=None,
     return tpu(*args, interpret=True)
   if variant == "gpu_interpret":
     return gpu(*args, interpret=True)
-  if variant == "tpu_checked":
+  if variant == "tpu_checked" or (variant is None and varying_tables(args)
+                                  and mesh_platform() == "cpu"):
     return tpu(*args, interpret=tpu_interpret_params())
   cpu_fn = {"tpu_interpret": functools.partial(tpu, interpret=True),
             "gpu_interpret": functools.partial(gpu, interpret=True)}[cpu_default]

@@ -20,8 +20,11 @@ k_search) of sharded calls with the same op on unsharded inputs:
     HLO holds no all-gather, all-to-all or reduce-scatter.
   * Pallas block sparse in the zigzag order at L = 64 (the 8-row chunks of
     L = 32 are below the kernels' 16-row blocks).
-  * Pallas (interpret mode) inside a user's shard_map: the modes of
-    `PALLAS_SHARD_MAP` (the others hit a JAX interpreter bug, see there).
+  * Pallas on CPU inside a user's shard_map (batch, heads and sequence
+    mapped): every kernel reads a table that varies over a manual axis, so
+    it runs in the TPU interpreter (`pltpu.InterpretParams`), which
+    `pallas_kernels.platform.dispatch` picks there (JAX's HLO interpreter
+    fails on such tables, docs/training.md).
   * MQA (one kv head) with q heads sharded, on Explicit and Auto meshes
     (collective-free but for the all-reduce of dK, dV over the head axis);
     `jax.vmap` of an op on an Auto mesh.
@@ -55,16 +58,6 @@ AXES = ("data", "model", "seq")       # one 2 x 2 x 2 mesh for every case
 BH = P("data", None, "model", None)
 BSH = P("data", "seq", "model", None)
 NAMES = ("q", "k", "v", "q_search", "k_search")
-# Pallas interpret mode inside a user's check_vma shard_map: op -> mode run
-# ("seq": sequence, batch and heads sharded; "bh": batch and heads). JAX's
-# HLO interpreter of Pallas kernels fails to lower a kernel whose
-# scalar-prefetch table varies over a manual axis ("dynamic_slice requires
-# varying manual axes to match", docs/training.md): the superlinear kernels'
-# anchor tables always vary, and a sequence shard's q_offset varies over
-# `seq` in the dense, sliding and PPA stripe kernels. The compiled kernels do
-# not go through the interpreter.
-PALLAS_SHARD_MAP = {"dense": "bh", "sliding": "bh", "ppa": "bh", "block_sparse": "seq",
-                    "ppa_decode": "seq"}
 
 
 def block_layout(length):
@@ -221,18 +214,14 @@ def cases(impl, op, n, decode, args, off, cot, want):
   if not decode:    # Auto types carry no spec: a replicated q is not visible
     report(f"{impl}/{op}/jit-Auto-batch-heads-seq", auto_seq)
 
-  if impl == "pallas" and op not in PALLAS_SHARD_MAP:
-    return
-  use_seq = PALLAS_SHARD_MAP.get(op, "seq") == "seq" if impl == "pallas" else True
-
   def user_shard_map():
+    # Pallas on CPU: the tables vary over the manual axes, so the kernels run
+    # in the TPU interpreter (`pallas_kernels.platform.dispatch`).
     mesh = mesh_of(AxisType.Explicit)
-    specs = seq_specs if use_seq else call_specs(n, BH)
-    out = (specs[0], specs[:n])
-    sm = jax.shard_map(gs if use_seq else g, mesh=mesh, in_specs=specs, out_specs=out)
-    close(jax.jit(sm)(*put(mesh, call, specs)), want, "shard_map")
-  report(f"{impl}/{op}/shard_map-batch-heads" + (f"-{seq}" if use_seq else ""),
-         user_shard_map)
+    out = (seq_specs[0], seq_specs[:n])
+    sm = jax.shard_map(gs, mesh=mesh, in_specs=seq_specs, out_specs=out)
+    close(jax.jit(sm)(*put(mesh, call, seq_specs)), want, "shard_map")
+  report(f"{impl}/{op}/shard_map-batch-heads-{seq}", user_shard_map)
 
 
 def zigzag_case(impl, op, n, args, cot, want, in_shard_map):

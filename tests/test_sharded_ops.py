@@ -8,7 +8,8 @@ an Auto mesh under `jax.set_mesh` (the compiled HLO of both holds no
 all-gather, all-to-all or reduce-scatter), and with the sequence sharded
 too (`seq_axis=`; decode: a sequence-sharded cache; Auto: the Explicit
 HLO's reduce-scatters, at most twice its all-gathers) on both; inside a
-user's `jax.shard_map` (default check_vma); the zigzag order
+user's `jax.shard_map` (default check_vma; Pallas on CPU there runs the
+TPU interpreter, `pallas_kernels.platform.dispatch`); the zigzag order
 (`seq_order="zigzag"`). Values and gradients equal the unsharded reference
 call. Plus MQA with heads sharded (Explicit and Auto), `jax.vmap` of an op
 on an Auto mesh, a superlinear needle in shard 0 found from the last shard,
@@ -21,11 +22,12 @@ The cases run in two subprocesses at once (reference + xla, pallas), each
 compiling every jitted function once, at XLA backend optimisation level 0
 (compile time dominates; the values do not depend on it).
 
-Not covered (see `PALLAS_SHARD_MAP` in the checker): Pallas interpret mode
-inside a user's check_vma shard_map for superlinear (prefill and decode),
-and with a sequence axis for dense, sliding and PPA prefill: JAX's Pallas
-HLO interpreter fails to lower a kernel whose scalar-prefetch table varies
-over a manual axis (docs/training.md has the repro).
+Pallas inside a user's check_vma shard_map: every kernel there reads an
+integer table that varies over a manual axis, which JAX's Pallas HLO
+interpreter (`interpret=True`) fails to lower (docs/training.md has the
+repro); on a CPU mesh `pallas_kernels.platform.dispatch` runs those kernels
+in the TPU interpreter (`pltpu.InterpretParams`) instead, the path a user's
+call takes.
 """
 
 import json
@@ -42,10 +44,9 @@ from tests.train_helpers import REPO, subprocess_env
 FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 # ops x modes (tests/sharded_ops_check.py): 5 prefill ops x 5 modes + zigzag,
 # 2 decode ops x 4 modes; xla adds zigzag in shard_map, k_search=None and 4
-# extra; pallas runs 5 of 7 ops in a user's shard_map (PALLAS_SHARD_MAP) and
-# block sparse zigzag at L = 64 instead of L = 32.
+# extra; pallas runs block sparse zigzag at L = 64 instead of L = 32.
 EXPECTED = {"reference": 5 * 6 + 2 * 4, "xla": 5 * 7 + 2 * 4 + 5 + 4,
-            "pallas": 5 * 4 + 4 + 2 * 3 + 5 + 1}
+            "pallas": 5 * 5 + 4 + 2 * 4 + 1}
 
 
 def _start(impls):
