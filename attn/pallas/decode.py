@@ -18,9 +18,12 @@ included, and never reach the output):
     window, and every offset when `p = 1`) plus one row per kept far offset
     (`O(w + t^p)` rows).
 
-Differentiating them gives the `xla` path's gradients (a `custom_vjp` whose
-backward pass is `jax.vjp` of `attn.xla` at the same inputs): decode needs
-no gradient, but a differentiated decode op returns correct numbers.
+Decode needs no gradient, but a differentiated decode op returns correct
+numbers (a `custom_vjp`): superlinear's backward is `jax.vjp` of
+`_superlinear_gathered`, the same function written as plain gathers of the
+`O(K * span + W)` keys of each row at the anchors the forward chose (a small
+HLO: it compiles in seconds where `jax.vjp` of the `attn.xla` prefill path
+took minutes on the GPU compiler); PPA's is `jax.vjp` of `attn.xla`.
 """
 
 from __future__ import annotations
@@ -133,19 +136,80 @@ def _superlinear(q, k, v, q_search, k_search, q_offset, config, scale, variant, 
                               variant, num_splits)
 
 
+def _rows_of(x, idx):
+  """Gather cache rows per (batch, kv head): x `[B, Lk, Hk, D]`, idx int32
+  `[B, Hk, ...]` in `[0, Lk)` -> `[B, Hk, ..., D]`."""
+  xt = jnp.moveaxis(x, 2, 1)                                    # [B, Hk, Lk, D]
+  return jax.vmap(jax.vmap(lambda rows, i: rows[i]))(xt, idx)
+
+
+def _gathered_softmax(qr, k, v, idx, ok, scale):
+  """Softmax attention of each row over its own list of cache rows.
+
+  qr: `[B, Hk, R, D]`; k, v: `[B, Lk, Hk, D]`; idx, ok: `[B, Hk, R, K, N]`
+  (key positions, and which of them count). Returns float32 `[B, Hk, R, K, D]`
+  (0 where a list is empty). Masked rows are zeroed before any arithmetic,
+  so NaN in unused cache rows reaches neither the output nor a gradient.
+  """
+  lk = k.shape[1]
+  safe = jnp.clip(idx, 0, lk - 1)
+  kg = jnp.where(ok[..., None], _rows_of(k, safe), 0).astype(jnp.float32)
+  vg = jnp.where(ok[..., None], _rows_of(v, safe), 0).astype(jnp.float32)
+  s = jnp.einsum("bhrd,bhrknd->bhrkn", qr.astype(jnp.float32), kg,
+                 precision=jax.lax.Precision.HIGHEST) * scale
+  s = jnp.where(ok, s, -jnp.inf)
+  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.where(ok, jnp.exp(s - m), 0.0)
+  l = jnp.sum(p, axis=-1)
+  o = jnp.einsum("bhrkn,bhrknd->bhrkd", p, vg, precision=jax.lax.Precision.HIGHEST)
+  return jnp.where((l > 0)[..., None], o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+
+
+def _superlinear_gathered(q, k, v, q_search, k_search, anchors, q_offset, config, scale):
+  """Superlinear decode at fixed anchors, as plain gathers (differentiable).
+
+  anchors: int32 `[B, Hk, R, K]` (the forward's choice, -1 = empty slot).
+  Each slot attends over its span `[lo, hi]` (at most the longest span's
+  `max_len` rows) and the window `(pos - W, pos]`; gates are the softmax of
+  `<q_search, k_search[anchor]>` over valid slots. Returns `(out [B, Lq, Hq,
+  D] q.dtype, gates float32 [B, Lq, Hq, K])` like the forward.
+  """
+  lq, hk, w = q.shape[1], k.shape[2], config.window
+  _, spans = superlinear_tables(k.shape[1], config)
+  max_len = int(np.max(spans.astype(np.int64).sum(axis=1))) + 1
+  qr = _to_rows(q, hk)
+  pos = _row_positions(q_offset, qr.shape[2], lq)                 # [R]
+  valid = anchors >= 0
+  ks_sel = jnp.where(valid[..., None], _rows_of(k_search, jnp.maximum(anchors, 0)), 0)
+  logits = jnp.einsum("bhrd,bhrkd->bhrk", _to_rows(q_search, hk).astype(jnp.float32),
+                      ks_sel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  gates = jax.nn.softmax(jnp.where(valid, logits, -1e9), axis=-1)  # [B, Hk, R, K]
+  lo, hi = superlinear_span_bounds(anchors, pos, spans, config)
+  span_idx = lo[..., None] + jnp.arange(max_len, dtype=jnp.int32)  # [B, Hk, R, K, M]
+  win_idx = pos[:, None] - w + 1 + jnp.arange(w, dtype=jnp.int32)  # [R, W]
+  win_idx = jnp.broadcast_to(win_idx[:, None], lo.shape + (w,))
+  idx = jnp.concatenate([span_idx, win_idx], axis=-1)
+  ok = jnp.concatenate([span_idx <= hi[..., None], win_idx >= 0], axis=-1)
+  o = _gathered_softmax(qr, k, v, idx, ok, scale)                 # [B, Hk, R, K, D]
+  out = jnp.sum(gates[..., None] * o, axis=-2)
+  return _from_rows(out, lq).astype(q.dtype), _from_rows(gates, lq)
+
+
 def _superlinear_fwd(q, k, v, q_search, k_search, q_offset, config, scale, variant,
                      num_splits):
   out = _superlinear_forward(q, k, v, q_search, k_search, q_offset, config, scale,
                              variant, num_splits)
-  return out, (q, k, v, q_search, k_search, q_offset)
+  return out, (q, k, v, q_search, k_search, q_offset, out[1])
 
 
 def _superlinear_bwd(config, scale, variant, num_splits, res, cts):
-  del num_splits
-  q, k, v, q_search, k_search, q_offset = res
-  fn = lambda *a: xla.superlinear_attention(*a, q_offset, config=config, scale=scale)  # noqa: E731
+  del variant, num_splits
+  q, k, v, q_search, k_search, q_offset, anchors = res
+  fn = lambda *a: _superlinear_gathered(  # noqa: E731
+      *a, _to_rows(anchors, k.shape[2]), q_offset, config, scale)
   _, pull = jax.vjp(fn, q, k, v, q_search, k_search)
-  return (*pull(cts), None)
+  return (*pull((cts[0], cts[2])), None)
 
 
 _superlinear.defvjp(_superlinear_fwd, _superlinear_bwd)
