@@ -5,8 +5,15 @@ maps, so a grid step whose slot repeats the previous block index issues no
 DMA; the body runs under `pl.when(slot < count)`. Online-softmax state and
 gradient accumulators live in VMEM scratch. Block shapes follow the (8, 128)
 rule: rows are `block_q` / `block_k` (multiples of 8), lanes the head_dim
-padded to a multiple of 128, and `lse` / `delta` are carried lane-replicated
-as `[.., rows, 128]` (as jax's shipped TPU kernels do).
+padded to a multiple of 128. `lse` / `delta` travel lane-dense, one
+`(1, block_q)` row per query block of a `[B, Hq, nq, 1, block_q]` array
+(`_rows`), and are turned into the `[block_q, 1]` column the tile math uses
+inside the kernel (`_column`, `_row`).
+
+SMEM is 1 MiB on v4, v5e and v6e (deviceless compile: a 1 MiB scalar-prefetch
+operand fails with "Ran out of memory in memory space smem"), and the whole
+tables of one pass are prefetched into it: `check_smem` rejects a `Spec`
+whose tables cannot fit before Mosaic does (`prefetch_bytes`).
 
   * forward: grid `(B, Hq, nq, width)`, key slots innermost;
   * dq: the same grid;
@@ -29,6 +36,39 @@ from pallas_kernels.block_sparse.common import F32, LANES, Spec, Tables
 from pallas_kernels.common import pad_head_dim, pallas_call
 
 NUM_PREFETCH = 4  # kv_blocks, num_kv_blocks, mask_ids, q_offset
+SMEM_BYTES = 1 << 20     # TPU v4 / v5e / v6e scalar memory (compiler's limit)
+SMEM_RESERVE = 2 << 10   # measured: the largest prefetch operand a deviceless
+                         # v5e compile accepts is 1 MiB - 2 KiB
+SMEM_ALIGN = 512         # each prefetched operand is counted rounded up to this (a model)
+
+
+def prefetch_bytes(spec: Spec, transposed: bool) -> int:
+  """Bytes of SMEM the scalar-prefetched tables of one pass take, each
+  operand rounded up to `SMEM_ALIGN`: forward / dq (`transposed=False`) or
+  dkv (`transposed=True`); the operands of `_prefetch(tabs, transposed)`,
+  sized from the static `spec` alone."""
+  rows, width = ((spec.num_k_blocks, spec.width_t) if transposed
+                 else (spec.num_q_blocks, spec.width))
+  per_row = 1 if spec.mode == "band" else width      # band: one first block per row
+  masks = 1 if spec.mode == "band" else rows * width  # band: a dummy [1]
+  words = (rows * per_row, rows, masks, 2)            # blocks, counts, mask ids, q_offset
+  return sum(-(-4 * n // SMEM_ALIGN) * SMEM_ALIGN for n in words)
+
+
+def check_smem(spec: Spec):
+  """Raises ValueError when a pass's prefetched tables cannot fit in SMEM."""
+  budget = SMEM_BYTES - SMEM_RESERVE
+  for transposed, name in ((False, "forward/dq"), (True, "dkv")):
+    need = prefetch_bytes(spec, transposed)
+    if need > budget:
+      rows, width = ((spec.num_k_blocks, spec.width_t) if transposed
+                     else (spec.num_q_blocks, spec.width))
+      raise ValueError(
+          f"layout: the TPU {name} kernel scalar-prefetches its block tables "
+          f"({rows} blocks x {width} slots) into SMEM: {need} B > {budget} B "
+          f"(1 MiB SMEM less {SMEM_RESERVE} B). Build the layout with larger "
+          "block_q / block_k (fewer blocks and slots), or with fewer key blocks per "
+          "query block, or run implementation='xla'.")
 
 
 def _rows(x, block_q: int):
