@@ -350,6 +350,8 @@ def test_tpu_rejects_tables_that_cannot_fit_in_smem():
                                window=1 << 30, width=n // b, width_t=n // b,
                                count_visits=False)
   assert kernels.tpu.prefetch_bytes(spec, False) == 2 * 512 * 512 * 4 + 512 * 4 + 512
+  with pytest.raises(ValueError, match="TPU dkv kernel"):   # checked by the backward
+    kernels.tpu.check_smem(spec, transposed=True)
 
 
 # --------------------------------------------------------- through attn.ops

@@ -74,6 +74,8 @@ def _attention_fwd(q, k, v, tabs, spec, variant):
 
 def _attention_bwd(spec, variant, res, do):
   q, k, v, tabs, o, lse = res
+  if _targets_tpu(variant):
+    tpu.check_smem(spec, transposed=True)
   delta = jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)          # [B, Hq, Lq_pad]
   dq, dk, dv = platform.dispatch(
       (q, k, v, do, lse, delta, tabs), tpu=functools.partial(tpu.bwd, spec=spec),
@@ -97,7 +99,7 @@ def _targets_tpu(variant) -> bool:
 
 def _run(q, k, v, tabs: Tables, spec: Spec, variant):
   if _targets_tpu(variant):
-    tpu.check_smem(spec)
+    tpu.check_smem(spec, transposed=False)
   lq = q.shape[1]
   args = (_to_kernel(q, spec.num_q_blocks * spec.block_q),
           _to_kernel(k, spec.num_k_blocks * spec.block_k),

@@ -55,20 +55,20 @@ def prefetch_bytes(spec: Spec, transposed: bool) -> int:
   return sum(-(-4 * n // SMEM_ALIGN) * SMEM_ALIGN for n in words)
 
 
-def check_smem(spec: Spec):
-  """Raises ValueError when a pass's prefetched tables cannot fit in SMEM."""
+def check_smem(spec: Spec, transposed: bool):
+  """Raises ValueError when the prefetched tables of the forward / dq
+  (`transposed=False`) or dkv (`transposed=True`) pass cannot fit in SMEM."""
   budget = SMEM_BYTES - SMEM_RESERVE
-  for transposed, name in ((False, "forward/dq"), (True, "dkv")):
-    need = prefetch_bytes(spec, transposed)
-    if need > budget:
-      rows, width = ((spec.num_k_blocks, spec.width_t) if transposed
-                     else (spec.num_q_blocks, spec.width))
-      raise ValueError(
-          f"layout: the TPU {name} kernel scalar-prefetches its block tables "
-          f"({rows} blocks x {width} slots) into SMEM: {need} B > {budget} B "
-          f"(1 MiB SMEM less {SMEM_RESERVE} B). Build the layout with larger "
-          "block_q / block_k (fewer blocks and slots), or with fewer key blocks per "
-          "query block, or run implementation='xla'.")
+  need = prefetch_bytes(spec, transposed)
+  if need > budget:
+    name, rows, width = (("dkv", spec.num_k_blocks, spec.width_t) if transposed
+                         else ("forward/dq", spec.num_q_blocks, spec.width))
+    raise ValueError(
+        f"layout: the TPU {name} kernel scalar-prefetches its block tables "
+        f"({rows} blocks x {width} slots) into SMEM: {need} B > {budget} B "
+        f"(1 MiB SMEM less {SMEM_RESERVE} B). Build the layout with larger "
+        "block_q / block_k (fewer blocks and slots), or with fewer key blocks per "
+        "query block, or run implementation='xla'.")
 
 
 def _rows(x, block_q: int):
