@@ -322,6 +322,38 @@ def test_dkv_tables_list_every_active_tile_once():
         assert entry == flat[n - 1], (n, entry, flat[n - 1])
 
 
+def test_tpu_rejects_tables_that_cannot_fit_in_smem():
+  """Full causal 16 x 16 tiles at L = 8192: 512 query blocks x 512 slots of
+  key blocks and as many mask ids, 2 MiB of int32 scalar-prefetched per
+  pass, over TPU SMEM (1 MiB): the compiled TPU variant is rejected while
+  tracing, naming the layout and the fix; the interpreter (no SMEM) and a
+  small layout are traced as usual."""
+  n, b = 8192, 16
+  big = attn.BlockLayout.from_block_mask(np.tril(np.ones((n // b, n // b), bool)), n, n,
+                                         block_q=b, block_k=b)
+  small = attn.BlockLayout.from_block_mask(np.tril(np.ones((4, 4), bool)), 64, 64,
+                                           block_q=b, block_k=b)
+
+  def trace(layout, variant):
+    q = jax.ShapeDtypeStruct((1, layout.q_len, 1, 8), jnp.float32)
+    fn = functools.partial(glue.block_sparse_attention, layout=layout, scale=1.0,
+                           variant=variant)
+    return jax.eval_shape(fn, q, q, q)
+
+  with pytest.raises(ValueError, match=r"layout: .*SMEM.*larger block_q / block_k"):
+    trace(big, "tpu")
+  assert trace(big, "tpu_interpret").shape == (1, n, 1, 8)
+  assert trace(small, "tpu").shape == (1, 64, 1, 8)
+  # Forward tables: blocks and mask ids 512 x 512 int32 each, counts 512, q_offset 2.
+  x = jnp.zeros((1, n, 1, 8))
+  spec = kernels.ops.base_spec(x, x, mode="table", block_q=b, block_k=b, scale=1.0,
+                               window=1 << 30, width=n // b, width_t=n // b,
+                               count_visits=False)
+  assert kernels.tpu.prefetch_bytes(spec, False) == 2 * 512 * 512 * 4 + 512 * 4 + 512
+  with pytest.raises(ValueError, match="TPU dkv kernel"):   # checked by the backward
+    kernels.tpu.check_smem(spec, transposed=True)
+
+
 # --------------------------------------------------------- through attn.ops
 
 

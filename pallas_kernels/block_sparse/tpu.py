@@ -5,8 +5,15 @@ maps, so a grid step whose slot repeats the previous block index issues no
 DMA; the body runs under `pl.when(slot < count)`. Online-softmax state and
 gradient accumulators live in VMEM scratch. Block shapes follow the (8, 128)
 rule: rows are `block_q` / `block_k` (multiples of 8), lanes the head_dim
-padded to a multiple of 128, and `lse` / `delta` are carried lane-replicated
-as `[.., rows, 128]` (as jax's shipped TPU kernels do).
+padded to a multiple of 128. `lse` / `delta` travel lane-dense, one
+`(1, block_q)` row per query block of a `[B, Hq, nq, 1, block_q]` array
+(`_rows`), and are turned into the `[block_q, 1]` column the tile math uses
+inside the kernel (`_column`, `_row`).
+
+SMEM is 1 MiB on v4, v5e and v6e (deviceless compile: a 1 MiB scalar-prefetch
+operand fails with "Ran out of memory in memory space smem"), and the whole
+tables of one pass are prefetched into it: `check_smem` rejects a `Spec`
+whose tables cannot fit before Mosaic does (`prefetch_bytes`).
 
   * forward: grid `(B, Hq, nq, width)`, key slots innermost;
   * dq: the same grid;
@@ -29,11 +36,58 @@ from pallas_kernels.block_sparse.common import F32, LANES, Spec, Tables
 from pallas_kernels.common import pad_head_dim, pallas_call
 
 NUM_PREFETCH = 4  # kv_blocks, num_kv_blocks, mask_ids, q_offset
+SMEM_BYTES = 1 << 20     # TPU v4 / v5e / v6e scalar memory (compiler's limit)
+SMEM_RESERVE = 2 << 10   # measured: the largest prefetch operand a deviceless
+                         # v5e compile accepts is 1 MiB - 2 KiB
+SMEM_ALIGN = 512         # each prefetched operand is counted rounded up to this (a model)
 
 
-def _lanes(x):
-  """`[B, H, L] -> [B, H, L, 128]` lane-replicated."""
-  return jnp.broadcast_to(x[..., None], x.shape + (LANES,))
+def prefetch_bytes(spec: Spec, transposed: bool) -> int:
+  """Bytes of SMEM the scalar-prefetched tables of one pass take, each
+  operand rounded up to `SMEM_ALIGN`: forward / dq (`transposed=False`) or
+  dkv (`transposed=True`); the operands of `_prefetch(tabs, transposed)`,
+  sized from the static `spec` alone."""
+  rows, width = ((spec.num_k_blocks, spec.width_t) if transposed
+                 else (spec.num_q_blocks, spec.width))
+  per_row = 1 if spec.mode == "band" else width      # band: one first block per row
+  masks = 1 if spec.mode == "band" else rows * width  # band: a dummy [1]
+  words = (rows * per_row, rows, masks, 2)            # blocks, counts, mask ids, q_offset
+  return sum(-(-4 * n // SMEM_ALIGN) * SMEM_ALIGN for n in words)
+
+
+def check_smem(spec: Spec, transposed: bool):
+  """Raises ValueError when the prefetched tables of the forward / dq
+  (`transposed=False`) or dkv (`transposed=True`) pass cannot fit in SMEM."""
+  budget = SMEM_BYTES - SMEM_RESERVE
+  need = prefetch_bytes(spec, transposed)
+  if need > budget:
+    name, rows, width = (("dkv", spec.num_k_blocks, spec.width_t) if transposed
+                         else ("forward/dq", spec.num_q_blocks, spec.width))
+    raise ValueError(
+        f"layout: the TPU {name} kernel scalar-prefetches its block tables "
+        f"({rows} blocks x {width} slots) into SMEM: {need} B > {budget} B "
+        f"(1 MiB SMEM less {SMEM_RESERVE} B). Build the layout with larger "
+        "block_q / block_k (fewer blocks and slots), or with fewer key blocks per "
+        "query block, or run implementation='xla'.")
+
+
+def _rows(x, block_q: int):
+  """`[B, H, L] -> [B, H, L / block_q, 1, block_q]`: a per-query vector as
+  one lane-dense row per query block (the block's last two dims are the
+  array's, which Mosaic accepts for any `block_q`)."""
+  b, h, l = x.shape
+  return x.reshape(b, h, l // block_q, 1, block_q)
+
+
+def _column(row):
+  """`[1, bq] -> [bq, 1]`: a lane-dense row block as the column the tile
+  math broadcasts over keys."""
+  return row.reshape(row.shape[1], 1)
+
+
+def _row(col):
+  """`[bq, 1] -> [1, bq]`: the inverse of `_column`."""
+  return col.reshape(1, col.shape[0])
 
 
 def _cost(kind: str, spec: Spec, x, hk: int):
@@ -79,16 +133,22 @@ def _compiler(n_parallel, n_arbitrary):
       dimension_semantics=("parallel",) * n_parallel + ("arbitrary",) * n_arbitrary)
 
 
-def _row_spec(spec: Spec, lanes: int, transposed: bool):
-  """BlockSpec of a per-query-row input (q, do, lse, delta)."""
+def _row_spec(spec: Spec, lanes: int | None, transposed: bool):
+  """BlockSpec of a per-query-row input: `[B, Hq, Lq_pad, lanes]` blocks
+  `(bq, lanes)` (q, do, o, dq), or with `lanes=None` the lane-dense
+  `[B, Hq, nq, 1, bq]` vectors (lse, delta, `_rows`) in `(1, bq)` blocks."""
   bq = spec.block_q
+  shape = (None, None, None, 1, bq) if lanes is None else (None, None, bq, lanes)
+
+  def place(b, h, qb):
+    return (b, h, qb, 0, 0) if lanes is None else (b, h, qb, 0)
   if not transposed:
-    return pl.BlockSpec((None, None, bq, lanes), lambda b, h, i, j, *_: (b, h, i, 0))
+    return pl.BlockSpec(shape, lambda b, h, i, j, *_: place(b, h, i))
 
   def index(b, hk, j, g, t, blocks, counts, masks, qo):
     qb = common.slot_block(spec, blocks, counts, j, t, spec.width_t)
-    return (b, hk * spec.groups + g, qb, 0)
-  return pl.BlockSpec((None, None, bq, lanes), index)
+    return place(b, hk * spec.groups + g, qb)
+  return pl.BlockSpec(shape, index)
 
 
 def _kv_spec(spec: Spec, dp: int, transposed: bool):
@@ -172,7 +232,7 @@ def _fwd_kernel(
   def _finish():
     out, lse = common.finish(acc_ref[...], m_ref[...][:, :1], l_ref[...][:, :1])
     o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
+    lse_ref[...] = _row(lse)
 
 
 def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
@@ -189,8 +249,8 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
     in_specs.append(_tile_spec(spec, False))
     args.append(tabs.block_masks)
   out_shape = [jax.ShapeDtypeStruct((b, hq, lqp, dp), out_dtype),
-               jax.ShapeDtypeStruct((b, hq, lqp, LANES), F32)]
-  out_specs = [_row_spec(spec, dp, False), _row_spec(spec, LANES, False)]
+               jax.ShapeDtypeStruct((b, hq, spec.num_q_blocks, 1, bq), F32)]
+  out_specs = [_row_spec(spec, dp, False), _row_spec(spec, None, False)]
   if spec.count_visits:
     out_shape.append(jax.ShapeDtypeStruct((b, hq, spec.num_q_blocks * 8, LANES), jnp.int32))
     out_specs.append(pl.BlockSpec((None, None, 8, LANES), lambda b, h, i, j, *_: (b, h, i, 0)))
@@ -207,8 +267,8 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
       name="block_sparse_fwd")(*_prefetch(tabs, False), *args)
   o = outs[0][..., :d]
   if spec.count_visits:
-    return o, outs[1][..., 0], outs[2][:, :, ::8, 0]
-  return o, outs[1][..., 0]
+    return o, outs[1].reshape(b, hq, lqp), outs[2][:, :, ::8, 0]
+  return o, outs[1].reshape(b, hq, lqp)
 
 
 # ----------------------------------------------------------------- backward
@@ -238,7 +298,7 @@ def _dq_kernel(
 
   def step(use_mask):
     k, _, ds = common.bwd_tile(spec, kb, qo, q_ref[...], k_ref[...], v_ref[...],
-                               do_ref[...], lse_ref[...][:, :1], delta_ref[...][:, :1],
+                               do_ref[...], _column(lse_ref[...]), _column(delta_ref[...]),
                                visible() if use_mask else None, kv_limit=lim)
     acc_ref[...] += common.dot(ds.astype(k.dtype), k) * spec.scale
 
@@ -276,7 +336,7 @@ def _dkv_kernel(
   def step(use_mask):
     q, do = q_ref[...], do_ref[...]
     _, p, ds = common.bwd_tile(spec, j, qo, q, k_ref[...], v_ref[...], do,
-                               lse_ref[...][:, :1], delta_ref[...][:, :1],
+                               _column(lse_ref[...]), _column(delta_ref[...]),
                                visible() if use_mask else None, kv_limit=lim)  # [bq, bk]
     dv_acc[...] += common.dot(p.astype(do.dtype).T, do)   # [bk, Dp]
     dk_acc[...] += common.dot(ds.astype(q.dtype).T, q) * spec.scale
@@ -298,13 +358,13 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
   b, hq, lqp, _ = q.shape
   hk, lkp = k.shape[1], k.shape[2]
   bq, bk = spec.block_q, spec.block_k
-  lse, delta = _lanes(lse), _lanes(delta)
+  lse, delta = _rows(lse, bq), _rows(delta, bq)
   table = spec.mode == "table"
 
   def specs(transposed):
     row, kv = _row_spec(spec, dp, transposed), _kv_spec(spec, dp, transposed)
-    lanes = _row_spec(spec, LANES, transposed)
-    out = [row, kv, kv, row, lanes, lanes]
+    vec = _row_spec(spec, None, transposed)
+    out = [row, kv, kv, row, vec, vec]
     return out + ([_tile_spec(spec, transposed)] if table else [])
 
   args = [q, k, v, do, lse, delta] + ([tabs.block_masks] if table else [])
