@@ -354,14 +354,19 @@ def _gate_oracle(qs, ks, anchors):
   return out.astype(np.float32)
 
 
-@pytest.mark.parametrize("dtype,heads", [(jnp.float32, (4, 1)), (jnp.bfloat16, (2, 2))])
+@pytest.mark.parametrize("dtype,heads,gate_rows", [
+    (jnp.float32, (4, 1), 16),      # 108 rows per slot: 7 loop steps, the last padded
+    (jnp.float32, (4, 1), None),
+    (jnp.bfloat16, (2, 2), None)])
 def test_gate_logits_are_the_search_scores_and_differentiate_through_the_anchors(
-    dtype, heads):
+    dtype, heads, gate_rows, monkeypatch):
   """Search once: the gate logits equal the search's scores (and the plain
   dot-product oracle), and their VJP (gather of K search-key rows into
-  dq_search, scatter-add of K query rows into dk_search) matches autodiff of
-  a plain gather."""
+  dq_search, scatter-add of K query rows into dk_search, `GATE_ROWS` rows
+  per loop step) matches autodiff of a plain gather."""
   from attn.pallas import superlinear as pallas_superlinear
+  if gate_rows is not None:
+    monkeypatch.setattr(pallas_superlinear, "GATE_ROWS", gate_rows)
   hq, hk = heads
   lq = lk = 27
   key = jax.random.split(jax.random.PRNGKey(3), 3)

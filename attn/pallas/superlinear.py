@@ -87,7 +87,8 @@ def gate_logits(q_search, k_search, anchors, scores):
   dots), no second pass over the stripes. The backward differentiates
   through the `K` chosen anchors only: `dq_search` sums the `K` gathered
   search-key rows, `dk_search` scatter-adds `K` query rows per query (one
-  slot at a time, so the temporaries are `[B, Hq, Lq, Ds]`).
+  slot and `GATE_ROWS` rows at a time in a loop, so the temporaries and the
+  compiled code are sized by the step, not by `Lq`).
 
   q_search: `[B, Lq, Hq, Ds]`; k_search: `[B, Lk, Hk, Ds]`; anchors int32 and
   scores float32 `[B, Hq, K, Lq]` (from `search(..., heads_first=True)`).
@@ -99,30 +100,56 @@ def _gate_fwd(q_search, k_search, anchors, scores):
   return gate_logits(q_search, k_search, anchors, scores), (q_search, k_search, anchors)
 
 
+# Rows (query heads x queries) per step of the gate backward's loop: each
+# step gathers and scatter-adds this many search-key rows, so the scatter's
+# sort (XLA:TPU sorts a scatter's indices) and its code are sized by the
+# step, not by L.
+GATE_ROWS = 1 << 14
+
+
 def _gate_bwd(res, ct):
   qs, ks, anchors = res
   b, lq, hq, ds = qs.shape
   lk, hk = ks.shape[1], ks.shape[2]
   g, num = hq // hk, anchors.shape[2]
   f32 = jnp.float32
+  n = g * lq                                     # rows (head, query) per (b, kv head)
+  step = min(GATE_ROWS, n)
+  steps = -(-n // step)
+  pad = steps * step - n
+
+  def rows(x):   # [b, hk, g, lq, ...] -> [b, hk, steps, step, ...] (zero rows appended)
+    x = x.reshape((b, hk, n) + x.shape[4:])
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+    return x.reshape((b, hk, steps, step) + x.shape[3:])
+
   ct = jnp.where(anchors >= 0, ct, 0.0).astype(f32).reshape(b, hk, g, num, lq)
   idx = jnp.clip(anchors, 0, lk - 1).reshape(b, hk, g, num, lq)
-  qh = qs.transpose(0, 2, 1, 3).reshape(b, hk, g, lq, ds).astype(f32)
+  # Per slot, rows (head, query): slot slices of the query-last tables.
+  idx = jnp.stack([rows(idx[:, :, :, j]) for j in range(num)])    # [K, b, hk, S, step]
+  ct = jnp.stack([rows(ct[:, :, :, j]) for j in range(num)])
+  qh = rows(qs.transpose(0, 2, 1, 3).reshape(b, hk, g, lq, ds).astype(f32))
   kt = ks.transpose(0, 2, 1, 3)
 
-  def slot(j, acc):
+  def body(t, acc):
     dq, dk = acc
-    i_j = jax.lax.dynamic_index_in_dim(idx, j, axis=3, keepdims=False)
-    c_j = jax.lax.dynamic_index_in_dim(ct, j, axis=3, keepdims=False)[..., None]
-    dq = dq + c_j * _gather_rows(kt, i_j).astype(f32)
-    return dq, _scatter_add_rows(dk, i_j, c_j * qh)
+    j, c = t // steps, t % steps
+    pick = lambda x: jax.lax.dynamic_index_in_dim(  # noqa: E731
+        jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False), c, 2, keepdims=True)
+    i_t, c_t = pick(idx), pick(ct)[..., None]                    # [b, hk, 1, step(, 1)]
+    q_t = jax.lax.dynamic_index_in_dim(qh, c, 2, keepdims=True)  # [b, hk, 1, step, ds]
+    d_t = jax.lax.dynamic_index_in_dim(dq, c, 2, keepdims=True)
+    d_t = d_t + c_t * _gather_rows(kt, i_t).astype(f32)
+    dq = jax.lax.dynamic_update_index_in_dim(dq, d_t, c, 2)
+    return dq, _scatter_add_rows(dk, i_t, c_t * q_t)
 
-  zeros = (jnp.zeros((b, hk, g, lq, ds), f32), jnp.zeros((b, hk, lk, ds), f32))
+  zeros = (jnp.zeros((b, hk, steps, step, ds), f32), jnp.zeros((b, hk, lk, ds), f32))
   # Inside a shard_map with check_vma the carry varies like the inputs.
   axes = tuple(sorted(frozenset().union(*map(sharding.varying_axes, (qs, ks, anchors, ct)))))
   if axes:
     zeros = jax.lax.pcast(zeros, axes, to="varying")
-  dq, dk = jax.lax.fori_loop(0, num, slot, zeros)
+  dq, dk = jax.lax.fori_loop(0, num * steps, body, zeros)
+  dq = dq.reshape(b, hk, steps * step, ds)[:, :, :n]
   dq = dq.reshape(b, hq, lq, ds).transpose(0, 2, 1, 3).astype(qs.dtype)
   dk = dk.transpose(0, 2, 1, 3).astype(ks.dtype)
   return dq, dk, None, None
