@@ -253,9 +253,9 @@ def main(argv=None) -> dict:
           f"estimated {est_total:.0f} s (roofline model + compile allowance, not a "
           f"measurement); budget {budget} s")
     if not args.quick:
-      from eval import roofline_table
+      from eval import roofline
       print("\nRoofline model at the target cells (H100, a model, not a measurement):")
-      print("\n".join(roofline_table.today_table()))
+      print("\n".join(roofline.today_table()))
     return {"plan": [(c.name, l, at) for c, l, at in cells_plan], "estimate_s": est_total}
   data = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": argv,
           "device": device_info(), "config": dataclasses.asdict(config), "quick": args.quick,

@@ -330,7 +330,7 @@ def _finish(data, md_path, png_path, args):
   an = write_markdown(data, md_path)
   if not args.no_plot:
     from eval import plots
-    plots.plot_bench(data, an, png_path)
+    plots.plot_bench(data, an, png_path, [op.name for op in OPS])
   for text, ok, detail in an["targets"]:
     _log(f"{verdict_word(ok)}: {text}: {detail}")
   _log(f"wrote {md_path}" + ("" if args.no_plot else f", {png_path}"))

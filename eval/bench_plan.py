@@ -10,7 +10,7 @@ otherwise every case at every length of the `Config`.
 
 `estimate_s` predicts a cell's wall time before anything runs: a
 compile-time allowance per family plus the timed calls at the roofline
-model's time per call (`eval/roofline.py`; a model, not a measurement).
+model's time per call (`eval/roofline_model.py`; a model, not a measurement).
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ DEFAULT_CALL_S = 1.0
 
 def model_call_s(name: str, seq_len: int, mode: str, config: Config) -> float | None:
   """Roofline seconds of one call of a known case (None for other cases)."""
-  from eval import roofline as rl
+  from eval import roofline_model as rl
   shape = rl.Shape(config.batch, config.q_heads, config.kv_heads, config.head_dim,
                    2 if config.dtype in ("bfloat16", "float16") else 4)
   bwd = mode == "fwdbwd"

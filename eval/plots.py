@@ -124,12 +124,11 @@ def plot_superlinear(path, *, seq_len=512, config=None, query=None, seed=0):
   plt.close(fig)
 
 
-def plot_bench(data, analysis, path):
-  """Log-log time vs L (forward, forward+backward) and peak memory, per op."""
-  from eval import bench_ops
-
+def plot_bench(data, analysis, path, order):
+  """Log-log time vs L (forward, forward+backward) and peak memory, per op;
+  `order`: op names in legend order (ops without a cell are left out)."""
   cells = data["cells"]
-  names = [op.name for op in bench_ops.OPS if any(c["op"] == op.name for c in cells.values())]
+  names = [name for name in order if any(c["op"] == name for c in cells.values())]
   fig, axes = plt.subplots(1, 3, figsize=(19, 6))
   styles = ["-o", "-s", "-^", "-v", "-D", "-<", "->", "-p", "-h", "-*", "-x"]
   for i, name in enumerate(names):

@@ -2,7 +2,7 @@
 
 Small pure functions of static ints (shapes, block sizes, table sizes), one
 per `pallas_call`, so a kernel can pass `cost_estimate=` and a CPU-only
-roofline (`eval/roofline.py`) can sum the kernels of an op. They count what
+roofline (`eval/roofline_model.py`) can sum the kernels of an op. They count what
 each kernel body *really* loads and computes today:
 
   * every tile / stripe a program visits, at its block size, with head_dim

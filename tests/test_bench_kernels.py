@@ -287,7 +287,7 @@ def test_estimates_follow_the_roofline_model():
   cfg = bk.PRESETS["h100"].config
   case = bk.Case("superlinear_default", "x", "superlinear", None)
   est = bk.estimate_s(case, 1 << 20, ("fwd",), cfg, repeats=3)["fwd"]
-  from eval import roofline
+  from eval import roofline_model as roofline
   call = roofline.superlinear(1 << 20, roofline.CONFIGS["default"], roofline.Shape()).time()
   assert est["model"] and est["call_s"] == pytest.approx(call)
   assert est["total_s"] == pytest.approx(est["compile_s"] + 2 * call)   # > 1 s: timed once

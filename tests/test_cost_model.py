@@ -154,7 +154,7 @@ def test_block_sparse_fwd_and_dq_bytes(loads, name):
   b, l, hq, hk, d = 1, 64, 2, 1, 16
   layout, fn, dense_mask = _cases(l)[name]
   tiles = _nonempty_tiles(dense_mask, 16, 16)
-  assert layout.num_active_blocks == tiles            # what eval/roofline.py feeds the model
+  assert layout.num_active_blocks == tiles            # what eval/roofline_model.py feeds the model
   q, k, v = _normal(0, (b, l, hq, d)), _normal(1, (b, l, hk, d)), _normal(2, (b, l, hk, d))
   _flush(fn(q, k, v))
   assert loads.count("kv", 16) == 2 * b * hq * tiles   # K and V per tile and query head
@@ -387,7 +387,7 @@ def test_roofline_tile_counts_match_plain_loops():
 
 
 def test_roofline_ppa_follows_the_routing():
-  from eval import roofline
+  from eval import roofline_model as roofline
   shape = roofline.Shape()
   for l, p in ((4096, 0.5), (32768, 0.75), (16384, 0.9)):
     routed = roofline.ppa(l, p, 64, shape)
@@ -406,7 +406,7 @@ def test_roofline_ppa_follows_the_routing():
 
 
 def test_roofline_changes_only_remove_work():
-  from eval import roofline
+  from eval import roofline_model as roofline
   shape, cfg = roofline.Shape(), roofline.CONFIGS["default"]
   today = roofline.superlinear(4096, cfg, shape, backward=True)
   names = [n for n, _ in today.parts]
