@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 from eval import progress
+from eval import results as results_lib
 from train import generate
 
 __all__ = ["evaluate_run", "load_run_config", "plot", "main"]
@@ -136,20 +137,6 @@ def plot(results: dict, path: str):
   plt.close(fig)
 
 
-def table(results: dict) -> list[str]:
-  """Markdown rows: run, step, length, overall, then each bucket."""
-  lines = ["| run | layers | step | eval length | all positions | by position bucket |",
-           "|---|---|---|---|---|---|"]
-  for name, run in sorted(results["runs"].items()):
-    for entry in run["lengths"]:
-      buckets = ", ".join(f"{e['lo']}-{e['hi']}: {e['bits_per_byte']:.3f}"
-                          for e in entry["buckets"])
-      lines.append(f"| `{name}` | {'/'.join(run['layer_types'])} | {run['step']} | "
-                   f"{entry['length']}{' (trained)' if entry['length'] == run['seq_len'] else ''} "
-                   f"| {entry['bits_per_byte']:.3f} | {buckets} |")
-  return lines
-
-
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   ap = argparse.ArgumentParser(prog="python -m eval.lm", description=__doc__.split("\n")[0])
@@ -192,8 +179,7 @@ def main(argv=None):
     json.dump(results, f, indent=1)
   os.replace(json_path + ".tmp", json_path)
   plot(results, os.path.join(out, "lm.png"))
-  print("\n".join(table(results)))
-  from eval import results as results_lib
+  print("\n".join(results_lib.lm_table(results)))
   results_lib.update(out)
 
 

@@ -43,6 +43,7 @@ import time
 import numpy as np
 
 from eval import progress
+from eval import results as results_lib
 
 __all__ = ["PRESETS", "attended_fraction", "markdown", "plot", "main"]
 
@@ -182,64 +183,13 @@ def niah_accuracy(model, task, s: dict, seed: int = 99) -> float:
 # Report
 
 
-def _agg(runs, key):
-  vals = [r[key] for r in runs]
-  return float(np.mean(vals)), vals
-
-
-def rows(sweep) -> list[dict]:
-  """One row per setting: name, p (or None), cost, mean metrics, per-seed values."""
-  out = []
-  names = sorted(sweep["settings"]["configs"],
-                 key=lambda n: (0, float(n[2:])) if n.startswith("p=") else (1, n != "superlinear"))
-  for name in names:
-    runs = [r for r in sweep["runs"].values() if r["name"] == name]
-    if not runs:
-      continue
-    bpb, bpb_s = _agg(runs, "heldout_bits_per_byte")
-    acc, acc_s = _agg(runs, "niah_accuracy")
-    out.append({"name": name, "p": float(name[2:]) if name.startswith("p=") else None,
-                "fraction": sweep["cost"][name]["fraction"],
-                "exact": sweep["cost"][name]["exact"],
-                "op_ms": 1e3 * sweep["cost"][name]["op_seconds"],
-                "bpb": bpb, "bpb_seeds": bpb_s, "acc": acc, "acc_seeds": acc_s,
-                "train_s": float(np.mean([r["train_seconds"] for r in runs]))})
-  return out
-
-
-def markdown(sweep) -> list[str]:
-  s = sweep["settings"]
-  L = [f"`python -m eval.ppa_sweep {s['command_args']}` ({sweep.get('updated', '')}); "
-       f"seeds {s['seeds']}, {s['steps']} steps each, batch {s['batch_size']}, "
-       f"L = {s['seq_len']}"
-       + (f" after {s['warm_steps']} steps at L = {s['warm_len']}, batch {s['warm_batch']}"
-          if s.get("warm_steps") else "")
-       + f", window {s['window']}, {s['num_layers']} layers of d_model "
-       f"{s['d_model']}, trained with `implementation={s.get('train_implementation')!r}`; "
-       f"every model trains on the real-text NIAH task plus "
-       f"{s['lm_weight']} x the next-byte loss. `p=1` keeps every causal key: it is the "
-       "dense reference. `superlinear`: every layer, accumulated search key, "
-       f"`sw_index={s['sw_index']}`. Held-out bits per byte over "
-       f"{s['eval_windows']} plain-text windows; NIAH accuracy over "
-       f"{s['niah_samples']} held-out needles (chance "
-       f"{1 / s['task']['num_values']:.3f}). Device: {sweep.get('device', '?')}.\n",
-       "| attention | attended keys | op forward ms | held-out bits/byte | NIAH accuracy | train s |",
-       "|---|---|---|---|---|---|"]
-  for r in rows(sweep):
-    frac = f"{100 * r['fraction']:.1f}%" + ("" if r["exact"] else " (at most)")
-    L.append(f"| `{r['name']}` | {frac} | {r['op_ms']:.2f} | {r['bpb']:.3f} "
-             f"({', '.join(f'{x:.3f}' for x in r['bpb_seeds'])}) | {r['acc']:.2f} "
-             f"({', '.join(f'{x:.2f}' for x in r['acc_seeds'])}) | {r['train_s']:.0f} |")
-  return L
-
-
 def plot(sweep, path: str):
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rs = rows(sweep)
+  rs = results_lib.ppa_rows(sweep)
   ppa = [r for r in rs if r["p"] is not None]
   refs = [r for r in rs if r["p"] is None]
   fig, axes = plt.subplots(2, 2, figsize=(12, 8))
@@ -379,8 +329,7 @@ def main(argv=None):
                   f"{run['heldout_bits_per_byte']:.3f} bpb, NIAH {run['niah_accuracy']:.2f} "
                   f"({t_train:.0f} s)")
   plot(sweep, os.path.join(args.out, "ppa_sweep.png"))
-  print("\n".join(markdown(sweep)))
-  from eval import results as results_lib
+  print("\n".join(results_lib.ppa_markdown(sweep)))
   results_lib.update(args.out)
 
 

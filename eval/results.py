@@ -18,8 +18,83 @@ import argparse
 import json
 import os
 
+import numpy as np
+
+from eval.niah import report as niah_report
+
 _OPEN, _CLOSE = "<!-- reading -->", "<!-- /reading -->"
 _PLACEHOLDER = "(No reading yet: write one from the tables above.)"
+
+
+# ------------------------------------------------------------ tables
+
+
+def lm_table(results: dict) -> list[str]:
+  """Markdown rows: run, step, length, overall, then each bucket."""
+  lines = ["| run | layers | step | eval length | all positions | by position bucket |",
+           "|---|---|---|---|---|---|"]
+  for name, run in sorted(results["runs"].items()):
+    for entry in run["lengths"]:
+      buckets = ", ".join(f"{e['lo']}-{e['hi']}: {e['bits_per_byte']:.3f}"
+                          for e in entry["buckets"])
+      lines.append(f"| `{name}` | {'/'.join(run['layer_types'])} | {run['step']} | "
+                   f"{entry['length']}{' (trained)' if entry['length'] == run['seq_len'] else ''} "
+                   f"| {entry['bits_per_byte']:.3f} | {buckets} |")
+  return lines
+
+
+def _agg(runs, key):
+  vals = [r[key] for r in runs]
+  return float(np.mean(vals)), vals
+
+
+def ppa_rows(sweep) -> list[dict]:
+  """One row per setting: name, p (or None), cost, mean metrics, per-seed values."""
+  out = []
+  names = sorted(sweep["settings"]["configs"],
+                 key=lambda n: (0, float(n[2:])) if n.startswith("p=") else (1, n != "superlinear"))
+  for name in names:
+    runs = [r for r in sweep["runs"].values() if r["name"] == name]
+    if not runs:
+      continue
+    bpb, bpb_s = _agg(runs, "heldout_bits_per_byte")
+    acc, acc_s = _agg(runs, "niah_accuracy")
+    out.append({"name": name, "p": float(name[2:]) if name.startswith("p=") else None,
+                "fraction": sweep["cost"][name]["fraction"],
+                "exact": sweep["cost"][name]["exact"],
+                "op_ms": 1e3 * sweep["cost"][name]["op_seconds"],
+                "bpb": bpb, "bpb_seeds": bpb_s, "acc": acc, "acc_seeds": acc_s,
+                "train_s": float(np.mean([r["train_seconds"] for r in runs]))})
+  return out
+
+
+def ppa_markdown(sweep) -> list[str]:
+  s = sweep["settings"]
+  L = [f"`python -m eval.ppa_sweep {s['command_args']}` ({sweep.get('updated', '')}); "
+       f"seeds {s['seeds']}, {s['steps']} steps each, batch {s['batch_size']}, "
+       f"L = {s['seq_len']}"
+       + (f" after {s['warm_steps']} steps at L = {s['warm_len']}, batch {s['warm_batch']}"
+          if s.get("warm_steps") else "")
+       + f", window {s['window']}, {s['num_layers']} layers of d_model "
+       f"{s['d_model']}, trained with `implementation={s.get('train_implementation')!r}`; "
+       f"every model trains on the real-text NIAH task plus "
+       f"{s['lm_weight']} x the next-byte loss. `p=1` keeps every causal key: it is the "
+       "dense reference. `superlinear`: every layer, accumulated search key, "
+       f"`sw_index={s['sw_index']}`. Held-out bits per byte over "
+       f"{s['eval_windows']} plain-text windows; NIAH accuracy over "
+       f"{s['niah_samples']} held-out needles (chance "
+       f"{1 / s['task']['num_values']:.3f}). Device: {sweep.get('device', '?')}.\n",
+       "| attention | attended keys | op forward ms | held-out bits/byte | NIAH accuracy | train s |",
+       "|---|---|---|---|---|---|"]
+  for r in ppa_rows(sweep):
+    frac = f"{100 * r['fraction']:.1f}%" + ("" if r["exact"] else " (at most)")
+    L.append(f"| `{r['name']}` | {frac} | {r['op_ms']:.2f} | {r['bpb']:.3f} "
+             f"({', '.join(f'{x:.3f}' for x in r['bpb_seeds'])}) | {r['acc']:.2f} "
+             f"({', '.join(f'{x:.2f}' for x in r['acc_seeds'])}) | {r['train_s']:.0f} |")
+  return L
+
+
+# ------------------------------------------------------------ the page
 
 
 def _load(out, name):
@@ -31,7 +106,6 @@ def _load(out, name):
 
 
 def _lm_section(lm) -> list[str]:
-  from eval import lm as lm_lib
 
   L = ["## Language modelling on real text\n"]
   if not lm or not lm.get("runs"):
@@ -50,13 +124,12 @@ def _lm_section(lm) -> list[str]:
     L.append(f"- Held-out split ({len(works)} works, `train.data.split_works`): "
              + ", ".join(f"`{w}`" for w in works) + ".")
   L.append("")
-  L.extend(lm_lib.table(lm))
+  L.extend(lm_table(lm))
   L.append("\n![held-out bits per byte by position](lm.png)\n")
   return L
 
 
 def _niah_section(niah, name, title="## Needle in a haystack where the route matters") -> list[str]:
-  from eval import niah as niah_lib
 
   L = [title + "\n"]
   if not niah:
@@ -66,7 +139,7 @@ def _niah_section(niah, name, title="## Needle in a haystack where the route mat
            f"seeds {s['seeds']}; full report with heatmaps and the span analysis: "
            f"[{name}.md]({name}.md).\n")
   lengths = s["lengths"]
-  summ = niah_lib.summary(niah)
+  summ = niah_report.summary(niah)
   L.append("| variant | " + " | ".join(f"L={n}" for n in lengths) + " | beyond window |"
            + (" multi-key " + ", ".join(f"L={n}" for n in lengths) + " |"
               if any("multi_per_length" in e for e in summ.values()) else ""))
@@ -80,7 +153,7 @@ def _niah_section(niah, name, title="## Needle in a haystack where the route mat
     L.append(row)
   L.append("")
   L.append("Targets:\n")
-  L.extend(niah_lib.targets(niah))
+  L.extend(niah_report.targets(niah))
   L.append("")
   for v in summ:
     L.append(f"![{v}]({name}_{v}.png)")
@@ -89,12 +162,11 @@ def _niah_section(niah, name, title="## Needle in a haystack where the route mat
 
 
 def _ppa_section(sweep) -> list[str]:
-  from eval import ppa_sweep
 
   L = ["## The PPA S-curve\n"]
   if not sweep:
     return L + ["Not run yet: `python -m eval.ppa_sweep`.\n"]
-  return L + ppa_sweep.markdown(sweep) + ["", "![PPA S-curve](ppa_sweep.png)", ""]
+  return L + ppa_markdown(sweep) + ["", "![PPA S-curve](ppa_sweep.png)", ""]
 
 
 def render(out: str, reading: str | None = None) -> str:

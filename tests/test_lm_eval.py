@@ -119,8 +119,8 @@ def test_ppa_sweep_command_end_to_end(tmp_path):
     assert 0 < r["heldout_bits_per_byte"] < 12 and 0 <= r["niah_accuracy"] <= 1
   assert sweep["cost"]["p=0"]["keys"] == _causal_window_keys(24, 4)
   assert sweep["cost"]["p=1"]["fraction"] == 1.0
-  rows = ppa_sweep.rows(sweep)
+  rows = results_lib.ppa_rows(sweep)
   assert [r["p"] for r in rows] == [0.0, 1.0]
   assert (tmp_path / "ppa_sweep.png").stat().st_size > 0
-  md = "\n".join(ppa_sweep.markdown(sweep))
+  md = "\n".join(results_lib.ppa_markdown(sweep))
   assert "| `p=0` | " in md and "issue" not in md.lower()
