@@ -360,9 +360,13 @@ def test_decode_kernels_lower(platform):
 # ------------------------------------------------------- gradients and errors
 
 
-def test_decode_gradients_are_the_xla_paths():
-  """Differentiating a decode op gives correct gradients (the xla path's VJP),
-  checked against the reference op."""
+@pytest.mark.parametrize("max_gathered", [None, 1])
+def test_decode_gradients_match_the_reference(max_gathered, monkeypatch):
+  """Differentiating a decode op gives correct gradients (superlinear, PPA:
+  VJPs of plain gathers at the forward's anchors / kept offsets; PPA with
+  `max_gathered=1`: the xla path's VJP), checked against the reference op."""
+  if max_gathered is not None:
+    monkeypatch.setattr(pd, "MAX_GATHERED_OFFSETS", max_gathered)
   q, k, v, qs, ks = _inputs(jax.random.key(11), b=1, lq=2, lk=40, hq=2, hk=1, d=8,
                             dtype=jnp.float32)
   cfg = attn.SuperlinearConfig(sw_index=1)

@@ -23,7 +23,9 @@ numbers (a `custom_vjp`): superlinear's backward is `jax.vjp` of
 `_superlinear_gathered`, the same function written as plain gathers of the
 `O(K * span + W)` keys of each row at the anchors the forward chose (a small
 HLO: it compiles in seconds where `jax.vjp` of the `attn.xla` prefill path
-took minutes on the GPU compiler); PPA's is `jax.vjp` of `attn.xla`.
+took minutes on the GPU compiler); PPA's is `jax.vjp` of `_ppa_gathered`,
+the rows at each query's kept offsets gathered the same way (the xla path's
+VJP past `MAX_GATHERED_OFFSETS` kept offsets, i.e. p near 1 on long caches).
 """
 
 from __future__ import annotations
@@ -281,10 +283,37 @@ def _ppa_fwd(q, k, v, q_offset, p, window, scale, variant, num_splits):
           (q, k, v, q_offset))
 
 
+def _ppa_gathered(q, k, v, q_offset, p, window, scale):
+  """PPA decode as plain gathers (differentiable): each row attends over the
+  cache rows at its kept offsets (`masks.ppa_offsets`: the band and the far
+  offsets, `O(w + t^p)` of them), those at or before its position.
+  Returns `[B, Lq, Hq, D]` in q's dtype."""
+  lq, lk, hk = q.shape[1], k.shape[1], k.shape[2]
+  offsets = jnp.asarray(masks.ppa_offsets(lk - 1, p=p, window=window), jnp.int32)   # [N]
+  qr = _to_rows(q, hk)
+  pos = _row_positions(q_offset, qr.shape[2], lq)                  # [R]
+  idx = pos[:, None] - offsets[None, :]                            # [R, N]
+  ok = (idx >= 0) & (idx < lk)
+  shape = qr.shape[:3] + (1, offsets.size)                         # [B, Hk, R, 1, N]
+  idx, ok = jnp.broadcast_to(idx[:, None], shape), jnp.broadcast_to(ok[:, None], shape)
+  o = _gathered_softmax(qr, k, v, idx, ok, scale)[..., 0, :]       # [B, Hk, R, D]
+  return _from_rows(o, lq).astype(q.dtype)
+
+
+# Kept offsets per row above which the PPA decode backward is the xla path's
+# VJP instead of gathers (p near 1 on a long cache: the gathered
+# `[rows, offsets, D]` keys would approach the cache's size per query row).
+MAX_GATHERED_OFFSETS = 1 << 16
+
+
 def _ppa_bwd(p, window, scale, variant, num_splits, res, ct):
-  del num_splits
+  del variant, num_splits
   q, k, v, q_offset = res
-  fn = lambda *a: xla.ppa_attention(*a, q_offset, p=p, window=window, scale=scale)  # noqa: E731
+  if masks.ppa_offsets(k.shape[1] - 1, p=p, window=window).size > MAX_GATHERED_OFFSETS:
+    fn = lambda *a: xla.ppa_attention(*a, q_offset, p=p, window=window,  # noqa: E731
+                                      scale=scale)
+  else:
+    fn = lambda *a: _ppa_gathered(*a, q_offset, p, window, scale)  # noqa: E731
   _, pull = jax.vjp(fn, q, k, v)
   return (*pull(ct), None)
 
