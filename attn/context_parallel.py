@@ -42,7 +42,9 @@ with `n`; docs/training.md has the measurements):
     by a `jax.lax.ppermute` (shift `j`), no all-gather; zigzag: slices of
     the all-gathered keys.
   * superlinear (contiguous order, `W - 1 <= Lk/n`): the spans read the
-    all-gathered keys, the local window the neighbour exchange.
+    all-gathered keys (gathered bit-exact as unsigned integers, which no
+    backend widens to float32), the local window the neighbour exchange;
+    the shard's query blocks are sized by `1/n` of the block budget.
 """
 
 from __future__ import annotations
@@ -238,7 +240,10 @@ def _superlinear_local_window(fn, args, roles, seq_axis, statics, n, s):
   `q_offset`, `0 < W <= Lk/n + 1`): the spans read the all-gathered keys,
   the local window the shard's own keys after the previous shard's last
   `W - 1` (`_neighbour_keys`), so no device holds float32 window copies of
-  the whole sequence. `args`: `(q, k, v, q_search, k_search, None)`."""
+  the whole sequence. The shard holds `1/n` of the queries: its query
+  blocks get `1/n` of the block budget (smaller span-row working set), and
+  its offset `s * Lq/n` is in range (no shifted row copies).
+  `args`: `(q, k, v, q_search, k_search, None)`."""
   w = statics["config"].window
   lq_loc = args[0].shape[1]
   if w == 1:                        # every query's window is itself
