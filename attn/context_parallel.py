@@ -42,10 +42,14 @@ with `n`; docs/training.md has the measurements):
     by a `jax.lax.ppermute` (shift `j`), no all-gather; zigzag: slices of
     the all-gathered keys.
   * superlinear (contiguous order, `W - 1 <= Lk/n`): the spans read the
-    all-gathered keys, the local window the neighbour exchange.
+    all-gathered keys (gathered bit-exact as unsigned integers, which no
+    backend widens to float32), the local window the neighbour exchange;
+    the shard's query blocks are sized by `1/n` of the block budget.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -236,7 +240,10 @@ def _superlinear_local_window(fn, args, roles, seq_axis, statics, n, s):
   `q_offset`, `0 < W <= Lk/n + 1`): the spans read the all-gathered keys,
   the local window the shard's own keys after the previous shard's last
   `W - 1` (`_neighbour_keys`), so no device holds float32 window copies of
-  the whole sequence. `args`: `(q, k, v, q_search, k_search, None)`."""
+  the whole sequence. The shard holds `1/n` of the queries: its query
+  blocks get `1/n` of the block budget (smaller span-row working set), and
+  its offset `s * Lq/n` is in range (no shifted row copies).
+  `args`: `(q, k, v, q_search, k_search, None)`."""
   w = statics["config"].window
   lq_loc = args[0].shape[1]
   if w == 1:                        # every query's window is itself
@@ -245,10 +252,33 @@ def _superlinear_local_window(fn, args, roles, seq_axis, statics, n, s):
     k_win, v_win = (_neighbour_keys(a, seq_axis, w - 1, n, s) for a in args[1:3])
     # Shard 0 holds `[own keys, zeros]` (the zeros lie after every query).
     base = jnp.where(s == 0, 0, s * lq_loc - (w - 1)).astype(jnp.int32)
-  args = [_gather(a, seq_axis) if (r == KV and a is not None) else a
+  args = [_gather_bits(a, seq_axis) if (r == KV and a is not None) else a
           for a, r in zip(args, roles)]
   args[-1] = (s * lq_loc).astype(jnp.int32)
-  return fn(*args, **statics, window_keys=(k_win, v_win, base))
+  return fn(*args, **statics, window_keys=(k_win, v_win, base),
+            block_budget=xla.blocks.BLOCK_BUDGET // n, offset_in_range=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gather_bits(x, axis):
+  """All-gather of `x: [B, n, ...]` over `axis` along the sequence, moved as
+  unsigned integers of the same width (bit-exact), so that no backend
+  widens a bf16 collective to float32. VJP: reduce-scatter of the
+  cotangent (the all-gather's transpose)."""
+  bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+  y = _gather(jax.lax.bitcast_convert_type(x, bits), axis)
+  return jax.lax.bitcast_convert_type(y, x.dtype)
+
+
+def _gather_bits_fwd(x, axis):
+  return _gather_bits(x, axis), None
+
+
+def _gather_bits_bwd(axis, _, ct):
+  return (jax.lax.psum_scatter(ct, axis, scatter_dimension=1, tiled=True),)
+
+
+_gather_bits.defvjp(_gather_bits_fwd, _gather_bits_bwd)
 
 
 def _block_sparse(fn, args, roles, seq_axis, statics, n, s, lq_loc, zig):

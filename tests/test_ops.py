@@ -156,6 +156,34 @@ def test_xla_with_many_small_blocks_matches_reference(case, q_offset, monkeypatc
   chex.assert_trees_all_close(grads, want_grads, atol=5e-5, rtol=5e-4)
 
 
+@pytest.mark.parametrize("q_offset", [0, 9, 16])
+def test_superlinear_one_query_blocks_at_a_promised_offset_match_reference(q_offset):
+  """The per-shard call of context parallelism (`attn.context_parallel`):
+  `block_budget=1` (one-query blocks) and a traced `q_offset` promised in
+  range (`offset_in_range=True`: no row shift), values and VJPs."""
+  cfg = attn.SuperlinearConfig(sw_index=2, num_spans=2)
+  x = _inputs(jax.random.PRNGKey(52), q_len=29, kv_len=45, hq=4, hk=2, d=8, ds=8)
+  names = ["q", "k", "v", "q_search", "k_search"]
+  ct = jax.random.normal(jax.random.PRNGKey(9), x["q"].shape)
+
+  def run(fn, **extra):
+    @jax.jit
+    def go(off, *args):
+      def f(*a):
+        out = fn(*a, off, config=cfg, scale=8 ** -0.5, **extra)
+        return out[0], out[1:]
+      out, pull, aux = jax.vjp(f, *args, has_aux=True)
+      return out, aux, pull(ct)
+    return go(jnp.int32(q_offset), *[x[n] for n in names])
+
+  got, got_aux, grads = run(xla.superlinear_attention, block_budget=1, offset_in_range=True)
+  want, want_aux, want_grads = run(reference.superlinear_attention)
+  chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+  chex.assert_trees_all_equal(got_aux[0], want_aux[0])              # anchors
+  chex.assert_trees_all_close(got_aux[1], want_aux[1], atol=1e-5)   # gates
+  chex.assert_trees_all_close(grads, want_grads, atol=5e-5, rtol=5e-4)
+
+
 # ------------------------------------------------------ numpy loop oracles
 
 

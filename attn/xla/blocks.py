@@ -29,10 +29,14 @@ def group(x, num_kv_heads):
   return x.reshape(b, l, num_kv_heads, hq // num_kv_heads, d)
 
 
-def block_size(q_len: int, cols: int, heads: int, head_dim: int, batch: int) -> int:
-  """Largest query block (power of two <= 128) whose temporaries fit the budget."""
+def block_size(q_len: int, cols: int, heads: int, head_dim: int, batch: int,
+               budget: int | None = None, min_block: int = 8) -> int:
+  """Largest query block (power of two <= 128, >= `min_block`) whose
+  temporaries (`bq * cols * heads * head_dim * batch` elements) fit `budget`
+  (default `BLOCK_BUDGET`)."""
+  budget = BLOCK_BUDGET if budget is None else budget
   bq = 128
-  while bq > 8 and bq * cols * heads * max(head_dim, 1) * batch > BLOCK_BUDGET:
+  while bq > min_block and bq * cols * heads * max(head_dim, 1) * batch > budget:
     bq //= 2
   return min(bq, q_len)
 
@@ -143,11 +147,6 @@ def window_partial(qg, k_pad, v_pad, qpos, row_ok, *, window, kv_len, scale):
   """Local-window state of one query block (keys padded by `window - 1`)."""
   return band_partial(qg, k_pad, v_pad, qpos, row_ok, lo=0, hi=window - 1,
                        pad_left=window - 1, kv_len=kv_len, scale=scale)
-
-
-def stripe_slices(x_pad, starts, bq):
-  """`[S, B, bq, H, D]`: for each stripe, the `bq` rows from `starts[s]`."""
-  return jax.vmap(lambda st: jax.lax.dynamic_slice_in_dim(x_pad, st, bq, axis=1))(starts)
 
 
 def window_only(q, k, v, *, window, scale, q_offset):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from attn import masks
 from attn.config import SuperlinearConfig
 from attn.xla.blocks import (F32, any_offset, block_size, group, map_query_blocks, pad_seq,
-                             partial, rowwise_pv, rowwise_qk, stripe_slices, window_partial)
+                             partial, rowwise_pv, rowwise_qk, window_partial)
 from pallas_kernels.common import SoftmaxState, finish_state, merge_states, span_bounds, span_lengths
 
 # Superlinear: query segments with their own (shorter) span and stripe bounds
@@ -60,7 +60,8 @@ _span_rows.defvjp(_span_rows_fwd, _span_rows_bwd)
 
 
 def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
-                          config: SuperlinearConfig, scale, window_keys=None):
+                          config: SuperlinearConfig, scale, window_keys=None,
+                          block_budget=None, offset_in_range=False):
   """Superlinear attention (N = 2): stripe search, top-k spans, gated merge.
 
   Returns `(out [B, Lq, Hq, D], anchors [B, Lq, Hq, K] int32, gates
@@ -70,6 +71,11 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
   position `base + i` (int32, may be traced), not from `k, v`; they must
   hold every window key of every query (context parallelism: a shard's own
   keys after its predecessor's last `W - 1`, `attn.context_parallel`).
+  `block_budget`: elements of one query block's largest temporary (default
+  `blocks.BLOCK_BUDGET`, blocks of at least 8 queries); given, blocks may
+  shrink to one query (context parallelism: the budget of a shard).
+  `offset_in_range`: the caller guarantees a traced `q_offset` in `[0, Lk -
+  Lq]`, so the rows need no shift (`any_offset`) and no shifted copies.
   """
   b, lq, hq, d = q.shape
   lk, hk = k.shape[1], k.shape[2]
@@ -80,23 +86,42 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
   max_span_all = min(masks.superlinear_max_span(lk, config), lk)
   spans = jnp.asarray(masks.superlinear_span_table(lk, config))
 
-  # Padded float32 copies shared by all segments (gathered rows' cotangents
-  # then accumulate in float32). Search keys: every stripe slice
-  # [start, start + bq) stays in range. Span rows are read from k, v
-  # themselves (`_span_rows`: float32 rows, float32 cotangent sums).
-  pad_left = int(f_all[0])
-  ks_pad = pad_seq(jax.lax.stop_gradient(k_search), pad_left, 128)
-  k_win, v_win, win_base = (k, v, 0) if window_keys is None else window_keys
-  k_pad = pad_seq(k_win.astype(F32), max(w - 1, 0), 128)
-  v_pad = pad_seq(v_win.astype(F32), max(w - 1, 0), 128)
-  ks_rows = jnp.moveaxis(k_search.astype(F32), 2, 1)         # [B, Hk, Lk, Ds]
+  if q_offset is not None:   # positions unknown at trace time: one segment.
+    segments = [(0, lq, lk)]
+  else:
+    # Static positions: cut the queries into segments (block-aligned) so that
+    # early queries use the shorter spans and fewer stripes they can reach.
+    cuts = sorted({0, lq} | {(lq * i // _SEGMENTS) // _SEGMENT_ALIGN * _SEGMENT_ALIGN
+                             for i in range(1, _SEGMENTS)})
+    segments = [(s0, s1, lk - lq + s1) for s0, s1 in zip(cuts, cuts[1:]) if s1 > s0]
 
-  def segment(q_seg, qs_seg, offset, t_max, bounds):
-    """Runs the queries of one segment whose positions are all `< t_max`."""
+  def tables(q_len, t_max):
+    """Stripes, longest span and query block of a segment (positions < t_max)."""
     f = f_all[-masks.superlinear_num_stripes(t_max, config):]
     max_span = min(masks.superlinear_max_span(t_max, config), max_span_all)
     cols = max(128 + w, f.size * ds // max(d, 1) + num * max_span)
-    bq = block_size(q_seg.shape[1], cols, hq, d, b)
+    bq = block_size(q_len, cols, hq, d, b, block_budget,
+                    min_block=8 if block_budget is None else 1)
+    return f, max_span, bq
+
+  # Padded float32 copies shared by all segments (gathered rows' cotangents
+  # then accumulate in float32). Window keys: padded by W - 1 on the left
+  # and the largest query block on the right (`window_partial`). Span rows
+  # are read from k, v themselves (`_span_rows`: float32 rows, float32
+  # cotangent sums).
+  bq_max = max(tables(s1 - s0, t)[2] for s0, s1, t in segments)
+  k_win, v_win, win_base = (k, v, 0) if window_keys is None else window_keys
+  k_pad = pad_seq(k_win.astype(F32), max(w - 1, 0), bq_max)
+  v_pad = pad_seq(v_win.astype(F32), max(w - 1, 0), bq_max)
+  # Search keys: one float32 copy, padded by `bq_max` rows on each side, so
+  # that every stripe slice of a block starts in range (clamped, see
+  # `body`); the gate's rows (anchor + bq_max) are read from it too.
+  ks_rows = jnp.pad(jnp.moveaxis(k_search.astype(F32), 2, 1),
+                    ((0, 0), (0, 0), (bq_max, bq_max), (0, 0)))  # [B, Hk, Lk + 2 bq_max, Ds]
+
+  def segment(q_seg, qs_seg, offset, t_max, bounds):
+    """Runs the queries of one segment whose positions are all `< t_max`."""
+    f, max_span, bq = tables(q_seg.shape[1], t_max)
     f_j = jnp.asarray(f, jnp.int32)
 
     def body(qpos, row_ok, qb, qsb):
@@ -105,9 +130,14 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
       bq_ = qb.shape[1]
       # 1. Span-search over the stripes (not differentiated: routing learns
       #    through the gate below).
-      starts = qpos[0] + 1 - f_j + pad_left
-      ks = stripe_slices(ks_pad, starts, bq_)                 # [S, B, bq, Hk, Ds]
-      ks = jnp.moveaxis(ks, 0, 3)                              # [B, bq, Hk, S, Ds]
+      # Row i of stripe j's slice: the key at anchor qpos[0] + i + 1 - f_j.
+      # A slice starting more than `bq_max >= bq` rows before key 0 holds
+      # no anchor >= 0 (all its rows are masked below): its start is clamped.
+      starts = jnp.maximum(qpos[0] + 1 - f_j, -bq_max) + bq_max
+      ks = jax.vmap(lambda st: jax.lax.dynamic_slice_in_dim(
+          jax.lax.stop_gradient(ks_rows), st, bq_, axis=2))(starts)  # [S, B, Hk, bq, Ds]
+      ks = jnp.moveaxis(ks, 0, 3)                              # [B, Hk, bq, S, Ds]
+      ks = jnp.moveaxis(ks, 2, 1)                              # [B, bq, Hk, S, Ds]
       search = rowwise_qk(jax.lax.stop_gradient(qsg), ks[:, :, :, None])
       search = jnp.moveaxis(search, 1, 3)                      # [B, Hk, G, bq, S]
       anchor_all = qpos[:, None] + 1 - f_j[None, :]            # [bq, S]
@@ -118,7 +148,7 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
           jnp.broadcast_to(anchor_all, search.shape), sel, axis=-1), -1)
       a_safe = jnp.maximum(anchor, 0)
       # 2. Gate: differentiable search scores of the chosen anchors.
-      k_sel = jax.vmap(jax.vmap(lambda x, i: x[i]))(ks_rows, a_safe)  # [B,Hk,G,bq,K,Ds]
+      k_sel = jax.vmap(jax.vmap(lambda x, i: x[i]))(ks_rows, a_safe + bq_max)  # [B,Hk,G,bq,K,Ds]
       k_sel = jnp.where(valid[..., None], k_sel, 0.0)          # no junk from empty slots
       qs_t = jnp.moveaxis(qsg, 1, 3)                           # [B, Hk, G, bq, Ds]
       logits = rowwise_qk(qs_t, k_sel)                        # [B, Hk, G, bq, K]
@@ -151,21 +181,19 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
 
     return map_query_blocks(body, bq, offset, bounds, q_seg, qs_seg)
 
-  if q_offset is not None:   # positions unknown at trace time: one segment.
-    segments = [(0, lq, lk)]
-  else:
-    # Static positions: cut the queries into segments (block-aligned) so that
-    # early queries use the shorter spans and fewer stripes they can reach.
-    cuts = sorted({0, lq} | {(lq * i // _SEGMENTS) // _SEGMENT_ALIGN * _SEGMENT_ALIGN
-                             for i in range(1, _SEGMENTS)})
-    segments = [(s0, s1, lk - lq + s1) for s0, s1 in zip(cuts, cuts[1:]) if s1 > s0]
-
   def run(xs, offset, bounds):
     q_, qs_ = xs
     outs = [segment(q_[:, s0:s1], qs_[:, s0:s1], offset + s0, t_max, bounds)
             for s0, s1, t_max in segments]
     return tuple(jnp.concatenate(x, axis=1) for x in zip(*outs))
 
-  out, anchors, gates = any_offset(run, [q, q_search], q_offset, lq, lk, (0, -1, 0))
+  if offset_in_range:
+    if q_offset is None:
+      raise ValueError("offset_in_range=True needs a q_offset (in [0, Lk - Lq]); pass "
+                       "one or leave offset_in_range False.")
+    off = jnp.asarray(q_offset, jnp.int32)
+    out, anchors, gates = run([q, q_search], off, (off, off + lq - 1))
+  else:
+    out, anchors, gates = any_offset(run, [q, q_search], q_offset, lq, lk, (0, -1, 0))
   return out.astype(q.dtype), anchors, gates
 
