@@ -45,7 +45,7 @@ import numpy as np
 from eval import progress
 from eval import results as results_lib
 
-__all__ = ["PRESETS", "attended_fraction", "markdown", "plot", "main"]
+__all__ = ["PRESETS", "attended_fraction", "plot", "main"]
 
 P_VALUES = [i / 8 for i in range(9)]
 

@@ -106,7 +106,6 @@ def _load(out, name):
 
 
 def _lm_section(lm) -> list[str]:
-
   L = ["## Language modelling on real text\n"]
   if not lm or not lm.get("runs"):
     return L + ["Not run yet: `python -m eval.lm --config ... --workdir ...`.\n"]
@@ -130,7 +129,6 @@ def _lm_section(lm) -> list[str]:
 
 
 def _niah_section(niah, name, title="## Needle in a haystack where the route matters") -> list[str]:
-
   L = [title + "\n"]
   if not niah:
     return L + ["Not run yet: `python -m eval.niah --preset routing`.\n"]

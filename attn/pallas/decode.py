@@ -283,13 +283,13 @@ def _ppa_fwd(q, k, v, q_offset, p, window, scale, variant, num_splits):
           (q, k, v, q_offset))
 
 
-def _ppa_gathered(q, k, v, q_offset, p, window, scale):
+def _ppa_gathered(q, k, v, q_offset, offsets, scale):
   """PPA decode as plain gathers (differentiable): each row attends over the
-  cache rows at its kept offsets (`masks.ppa_offsets`: the band and the far
-  offsets, `O(w + t^p)` of them), those at or before its position.
-  Returns `[B, Lq, Hq, D]` in q's dtype."""
+  cache rows at its kept `offsets` (host `[N]`, `masks.ppa_offsets`: the
+  band and the far offsets, `O(w + t^p)` of them), those at or before its
+  position. Returns `[B, Lq, Hq, D]` in q's dtype."""
   lq, lk, hk = q.shape[1], k.shape[1], k.shape[2]
-  offsets = jnp.asarray(masks.ppa_offsets(lk - 1, p=p, window=window), jnp.int32)   # [N]
+  offsets = jnp.asarray(offsets, jnp.int32)                        # [N]
   qr = _to_rows(q, hk)
   pos = _row_positions(q_offset, qr.shape[2], lq)                  # [R]
   idx = pos[:, None] - offsets[None, :]                            # [R, N]
@@ -309,11 +309,12 @@ MAX_GATHERED_OFFSETS = 1 << 16
 def _ppa_bwd(p, window, scale, variant, num_splits, res, ct):
   del variant, num_splits
   q, k, v, q_offset = res
-  if masks.ppa_offsets(k.shape[1] - 1, p=p, window=window).size > MAX_GATHERED_OFFSETS:
+  offsets = masks.ppa_offsets(k.shape[1] - 1, p=p, window=window)
+  if offsets.size > MAX_GATHERED_OFFSETS:
     fn = lambda *a: xla.ppa_attention(*a, q_offset, p=p, window=window,  # noqa: E731
                                       scale=scale)
   else:
-    fn = lambda *a: _ppa_gathered(*a, q_offset, p, window, scale)  # noqa: E731
+    fn = lambda *a: _ppa_gathered(*a, q_offset, offsets, scale)  # noqa: E731
   _, pull = jax.vjp(fn, q, k, v)
   return (*pull(ct), None)
 
