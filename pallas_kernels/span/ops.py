@@ -10,7 +10,7 @@ and still get exact gradients from the kernels.
 `span_attention(q, k, v, anchors, gates, ...)`: superlinear step 2 and 3:
 `out_i = sum_k g_ik O_ik`, `O_ik` = softmax attention of `q_i` over
 `span_ik U window_i`. Computed as one window call (rows = queries) and one
-span call (rows = (query, head, slot) pairs sorted by span start), merged by
+span call (rows = (slot, head, query) pairs sorted by span start), merged by
 log-sum-exp and mixed by the gates (elementwise jnp, `O(L K D)`).
 """
 
@@ -220,10 +220,11 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
   Returns:
     `[B, Lq, Hq, D]` in q's dtype. Gradients flow to q, k, v and gates.
 
-  Layout: every row table keeps the query axis last (rows ordered head,
-  slot, query). XLA:TPU compiles a reshape that merges or splits a tiny
-  minor axis (G heads, K slots) after the query axis into code linear in
-  `Lq`; with the query axis last every reshape here only merges major axes.
+  Layout: every row table is flat with the query axis last (window rows
+  ordered head, query; pair rows slot, head, query), built and cut by
+  `common.to_pair_rows` / `split_rows` / `tile_rows`: XLA:TPU compiles a
+  reshape that merges or splits a tiny axis (G heads, K slots) into or out
+  of the query axis into code linear in `Lq`.
   """
   b, lq, hq, d = q.shape
   lk, hk = k.shape[1], k.shape[2]
@@ -234,7 +235,8 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
   kw = dict(scale=scale, block_q=block_q, block_k=block_k, variant=variant)
   q_offset = lk - lq if q_offset is None else q_offset
   pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(lq, dtype=jnp.int32)
-  qh = q.transpose(0, 2, 1, 3).reshape(b, hk, g * lq, d)         # rows (head, query)
+  rq = g * lq                                                     # rows per slot
+  qh = q.transpose(0, 2, 1, 3).reshape(b, hk, rq, d)             # rows (head, query)
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
   static_off = q_offset if isinstance(q_offset, int) else lk - lq
@@ -243,40 +245,40 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
   # Window: rows (head, query).
   if window > 0:
     wlo, whi = common.window_bounds(pos, window, lk)
-    rows = lambda x: jnp.broadcast_to(x, (b, hk, g, lq)).reshape(b, hk, g * lq)  # noqa: E731
+    rows = lambda x: jnp.broadcast_to(common.tile_rows(x, g), (b, hk, rq))  # noqa: E731
     o_w, lse_w = interval_attention(qh, kt, vt, rows(wlo), rows(whi), expected_keys=keys_w,
                                     **kw)
-    o_w, lse_w = o_w.reshape(b, hk, g, lq, d), lse_w.reshape(b, hk, g, 1, lq)
   else:
-    o_w = jnp.zeros((b, hk, g, lq, d), q.dtype)
-    lse_w = jnp.full((b, hk, g, 1, lq), -jnp.inf, F32)
+    o_w = jnp.zeros((b, hk, rq, d), q.dtype)
+    lse_w = jnp.full((b, hk, rq), -jnp.inf, F32)
 
-  # Spans: (head, slot, query) rows, sorted by start for the kernel.
+  # Spans: (slot, head, query) rows, sorted by start for the kernel.
+  n = num * rq
   back, fwd = span_lengths(span_table, pos)                       # [Lq]
-  a = anchors.astype(jnp.int32).reshape(b, hk, g, num, lq)
-  slo, shi = span_bounds(a, pos, back, fwd, window)
-  n = g * num * lq
-  slo, shi = slo.reshape(b, hk, n), shi.reshape(b, hk, n)
+  per_row = lambda x: common.tile_rows(x, num * g)  # noqa: E731  [Lq] -> [N]
+  a = common.to_pair_rows(anchors.astype(jnp.int32).reshape(b, hk, g, num, lq))
+  slo, shi = span_bounds(a, per_row(pos), per_row(back), per_row(fwd), window)
   perm = common.sort_rows_by_start(slo, shi)                     # [B, Hk, N]
   inv = common.inverse_permutation(perm)
   # q rows per pair: q broadcast over the slots, then permuted; the VJP is a
   # sum over slots and a gather by `inv` (no scatter-add of [N, D] rows).
-  q_rep = jnp.broadcast_to(qh.reshape(b, hk, g, 1, lq, d), (b, hk, g, num, lq, d))
-  q_pairs = common.permute_rows(q_rep.reshape(b, hk, n, d), perm, inv, -2)
+  q_rep = jnp.broadcast_to(qh[:, :, None], (b, hk, num, rq, d)).reshape(b, hk, n, d)
+  q_pairs = common.permute_rows(q_rep, perm, inv, -2)
   take = lambda x: jnp.take_along_axis(x, perm, -1, mode="promise_in_bounds")  # noqa: E731
   o_p, lse_p = interval_attention(q_pairs, kt, vt, take(slo), take(shi), expected_keys=keys_s,
                                   **kw)
-  lse_s = common.permute_rows(lse_p, inv, perm, -1).reshape(b, hk, g, num, lq)
+  lse_s = common.split_rows(common.permute_rows(lse_p, inv, perm, -1), num, -1)
 
   # Merge-and-gate epilogue on per-row weights: out = sum_k c_k O_k + c_w O_w,
-  # so no float32 [pairs, D] array is formed (O_k stay in q's dtype). A sum
-  # over slots, not an einsum: the einsum's dot wants the slot axis minor
-  # ([.., Lq, K]), a transpose XLA:TPU compiles into code linear in Lq.
-  c_s, c_w = common.gate_merge_weights(lse_s, lse_w, gates.astype(F32).reshape(lse_s.shape))
-  o_s = common.permute_rows(o_p, inv, perm, -2).reshape(b, hk, g, num, lq, d)
+  # so no float32 [pairs, D] array is formed (O_k stay in q's dtype); slots
+  # as slices of the slot-major rows, never a slot axis.
+  gates_s = common.split_rows(
+      common.to_pair_rows(gates.astype(F32).reshape(b, hk, g, num, lq)), num, -1)
+  c_s, c_w = common.gate_merge_weights(lse_s, lse_w, gates_s)
+  o_s = common.split_rows(common.permute_rows(o_p, inv, perm, -2), num, -2)
   out = c_w[..., None] * o_w
-  for j in range(num):
-    out = out + c_s[:, :, :, j, :, None] * o_s[:, :, :, j]        # [B, Hk, G, Lq, D]
+  for c, o in zip(c_s, o_s):
+    out = out + c[..., None] * o                                  # [B, Hk, G Lq, D]
   return out.reshape(b, hq, lq, d).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
