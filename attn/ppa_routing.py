@@ -314,9 +314,9 @@ def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
       tiles.
     fits: kernel table budget, or None: whether the block-sparse kernels
       accept a routed call whose tables have this `TableShape`. It must be
-      monotone (a shape no smaller in any field, `band` aside, never fits
-      where a smaller one does not) and hashable (the result is cached),
-      e.g. `attn.pallas.ppa.SmemBudget`.
+      monotone (when a shape fits, so does every shape with no larger
+      fields, and the same shape as a band) and hashable (the result is
+      cached), e.g. `attn.pallas.ppa.SmemBudget`.
 
     Beyond either budget, the longest first run of the cheaper blocks that
     fits is routed and the rest run the stripes, cheaper or not.
