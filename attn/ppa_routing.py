@@ -48,15 +48,25 @@ offsets up to its own last query, would load 2-6% fewer K/V rows at `p`
 Not counted: TPU alignment rows of misaligned stripes, and the kernels' own
 block sizes (the count uses the routing blocks).
 
-Limit: the routed tiles are host tables (`MAX_ROUTED_TILES`, about every
-causal tile of L = 128K at 128-row blocks); past that budget the remaining
-blocks run the stripes even where the tiles would load less.
+Budgets: the routed blocks are the longest first run of the cheaper ones
+that stays within two budgets; past them the remaining blocks run the
+stripes even where the tiles would load less, so the routed call is never
+refused for the size of its tables:
+
+* `max_tiles` (`MAX_ROUTED_TILES`, about every causal tile of L = 128K at
+  128-row blocks): the routed tiles are host tables;
+* `fits`, optional: a predicate on the `TableShape` of the routed call's
+  tables (forward/dq `[num_q_blocks, width]`, dkv `[num_k_blocks,
+  width_t]`). `attn.pallas.ppa` passes the TPU kernels' SMEM budget when
+  the call targets them: they scalar-prefetch each pass's whole tables
+  into 1 MiB of SMEM (`pallas_kernels.block_sparse.tpu.table_bytes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -73,6 +83,28 @@ ROUTE_BLOCK = 128
 MAX_ROUTED_TILES = 1 << 20
 # Bytes per entry of the block-sparse kernels' tile masks (int32 0/1).
 MASK_ITEMSIZE = 4
+
+
+class TableShape(NamedTuple):
+  """Sizes of the tables of a routed block-sparse call (as
+  `attn.pallas.block_sparse.host_tables` builds them for `ppa_layout`).
+
+  Attributes:
+    num_q_blocks: routed query blocks (rows of the forward / dq tables).
+    width: slots per row, the most tiles of a routed block (>= 1).
+    num_k_blocks: key blocks up to the last routed query (rows of the dkv
+      tables).
+    width_t: slots per key block, the most routed blocks listing one (>= 1).
+    tiles: non-empty tiles of the routed blocks.
+    band: the layout is a band (`ppa_layout`: tables of O(rows), no mask ids).
+  """
+
+  num_q_blocks: int
+  width: int
+  num_k_blocks: int
+  width_t: int
+  tiles: int
+  band: bool
 
 
 def _pow2_block(name: str, value: int) -> int:
@@ -204,6 +236,60 @@ def _band_window(offsets, kv_len) -> int | None:
   return n if n and offsets[-1] == n - 1 else None
 
 
+def _is_band(offsets, end) -> bool:
+  """Whether `ppa_layout` of keys `[0, end)` is a band: the kept offsets
+  below `end` are `[0, w)`."""
+  return _band_window(offsets[:int(np.searchsorted(offsets, end))], end) is not None
+
+
+def _transposed_widths(offsets, p0, p1, end, block_k):
+  """int64 `[n]`: entry `m - 1` is `width_t` of the first `m` query blocks
+  (positions `p0, p1 [n]`, keys `[0, end)`): the most of them that list one
+  key block, at least 1. O(n * num_k_blocks) in chunks (`_tiles`)."""
+  rows, cols, _ = _tiles(offsets, p0, p1, end, block_k)
+  if not rows.size:
+    return np.ones(p0.size, np.int64)
+  order = np.argsort(cols, kind="stable")          # by key block, then query block
+  by_col = cols[order]
+  rank = np.empty_like(rows)
+  rank[order] = np.arange(rows.size) - np.searchsorted(by_col, by_col) + 1  # place in column
+  best = np.maximum.accumulate(rank)               # row-major: over the tiles so far
+  ends = np.searchsorted(rows, np.arange(1, p0.size + 1))   # tiles of the first m blocks
+  return np.where(ends > 0, best[np.maximum(ends, 1) - 1], 1).astype(np.int64)
+
+
+def _longest_within(n_max, fits, shape_of) -> int:
+  """The largest `n <= n_max` with `fits(shape_of(n))`, `n = 0` (nothing
+  routed) always within; assumes `fits` monotone. O(log n_max) calls."""
+  lo, hi = 0, n_max
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if fits(shape_of(mid)) else (lo, mid - 1)
+  return lo
+
+
+def _routed_within(fits, n_max, offsets, p0, p1, block_k, tiles) -> int:
+  """The longest first run of at most `n_max` query blocks whose routed
+  call's `TableShape` satisfies `fits`. Every field of the shape grows with
+  the run (`band` only turns False), so the shapes with `width_t = 1` bound
+  them from below: a first bisection on those, then `width_t` is counted
+  only for the blocks left."""
+  ends = p1[:n_max] + 1                 # keys up to each block's last query
+  widths = np.maximum(np.maximum.accumulate(tiles[:n_max]), 1)
+  counts = np.cumsum(tiles[:n_max])
+
+  def shape_of(n, width_t):
+    end = int(ends[n - 1])
+    return TableShape(num_q_blocks=n, width=int(widths[n - 1]), num_k_blocks=-(-end // block_k),
+                      width_t=int(width_t), tiles=int(counts[n - 1]),
+                      band=_is_band(offsets, end))
+  n_hi = _longest_within(n_max, fits, lambda n: shape_of(n, 1))
+  if n_hi == 0:
+    return 0
+  width_t = _transposed_widths(offsets, p0[:n_hi], p1[:n_hi], int(ends[n_hi - 1]), block_k)
+  return _longest_within(n_hi, fits, lambda n: shape_of(n, width_t[n - 1]))
+
+
 def _split(kv_len, p, window):
   offsets = masks.ppa_offsets(kv_len - 1, p=p, window=min(window, kv_len))
   runs, far = masks.ppa_dense_runs(offsets)
@@ -213,7 +299,8 @@ def _split(kv_len, p, window):
 @functools.lru_cache(maxsize=64)
 def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
                 block_k: int, group: int = 1, head_dim: int = 128, itemsize: int = 2,
-                max_tiles: int = MAX_ROUTED_TILES) -> PpaRouting:
+                max_tiles: int = MAX_ROUTED_TILES,
+                fits: Callable[[TableShape], bool] | None = None) -> PpaRouting:
   """The routing of a PPA prefill (queries = the last `q_len` of `kv_len`).
 
   Args:
@@ -223,14 +310,21 @@ def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
     group: query heads per kv head.
     head_dim, itemsize: of K and V (a row of each is `head_dim * itemsize`
       bytes).
-    max_tiles: table budget: the routed blocks hold at most this many tiles
-      (beyond it, the first blocks that fit are routed and the rest run the
-      stripes, cheaper or not).
+    max_tiles: host table budget: the routed blocks hold at most this many
+      tiles.
+    fits: kernel table budget, or None: whether the block-sparse kernels
+      accept a routed call whose tables have this `TableShape`. It must be
+      monotone (when a shape fits, so does every shape with no larger
+      fields, and the same shape as a band) and hashable (the result is
+      cached), e.g. `attn.pallas.ppa.SmemBudget`.
+
+    Beyond either budget, the longest first run of the cheaper blocks that
+    fits is routed and the rest run the stripes, cheaper or not.
 
   Returns:
     `PpaRouting`, one decision per `block_q` query rows. Host numpy:
-    O(num_q_blocks + num_k_blocks) at `block_q == block_k`, else
-    O(num_q_blocks * num_k_blocks) time in chunks of bounded memory.
+    O(num_q_blocks + num_k_blocks) at `block_q == block_k` without `fits`,
+    else O(num_q_blocks * num_k_blocks) time in chunks of bounded memory.
   """
   q_len = _checks.check_seq_len(q_len, "q_len")
   kv_len = _checks.check_seq_len(kv_len, "kv_len")
@@ -255,11 +349,13 @@ def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
   stripe_bytes = (band + bq * int(np.searchsorted(far, p1[-1], side="right"))) * row
   cheaper = stripe_bytes < tile_bytes
   num_stripes = int(np.argmin(cheaper[::-1])) if not cheaper.all() else cheaper.size
-  fits = int(np.searchsorted(np.cumsum(nonempty), max_tiles, side="right"))
+  n = min(p0.size - num_stripes,
+          int(np.searchsorted(np.cumsum(nonempty), max_tiles, side="right")))
+  if fits is not None:
+    n = _routed_within(fits, n, offsets, p0, p1, bk, nonempty)
   for a in (stripe_bytes, tile_bytes, nonempty, masked):
     a.flags.writeable = False
-  return PpaRouting(q_len, kv_len, bq, bk, stripe_bytes, tile_bytes, nonempty, masked,
-                    min(p0.size - num_stripes, fits))
+  return PpaRouting(q_len, kv_len, bq, bk, stripe_bytes, tile_bytes, nonempty, masked, n)
 
 
 @functools.lru_cache(maxsize=64)

@@ -91,6 +91,19 @@ def mesh_platform() -> str | None:
   return None if device is None else device.platform
 
 
+def targets_tpu(variant=None) -> bool:
+  """Whether a call traced now with `variant` will run the compiled TPU
+  kernels: `variant="tpu"`, or `variant=None` while the mesh, default
+  device or default backend is a TPU (the platform `jax.jit` lowers for).
+  Decided at trace time; interpreters (no SMEM limit) give False."""
+  check_variant(variant)
+  if variant is not None:
+    return variant == "tpu"
+  dev = jax.config.jax_default_device
+  dev_platform = getattr(dev, "platform", dev) if dev is not None else None
+  return (mesh_platform() or dev_platform or jax.default_backend()) == "tpu"
+
+
 def dispatch(args: tuple, *, tpu: Callable, gpu: Callable, variant=None,
              cpu_default: str = CPU_DEFAULT):
   """Runs `tpu(*args, interpret=...)` or `gpu(*args, interpret=...)`.

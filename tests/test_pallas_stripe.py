@@ -7,6 +7,7 @@ TPU variant runs under `tpu_interpret` and the bounds-checked `tpu_checked`
 on a few cases.
 """
 
+import dataclasses
 import functools
 
 import chex
@@ -17,9 +18,11 @@ import pytest
 
 import attn
 from attn import masks, ppa_routing
+from attn.pallas import block_sparse as pallas_block_sparse
 from attn.pallas import ppa as pallas_ppa
 from attn.pallas import superlinear as pallas_superlinear
 from pallas_kernels import stripe
+from pallas_kernels.block_sparse import tpu as block_sparse_tpu
 from tests import attn_oracles
 from tests import pallas_harness as ph
 
@@ -289,6 +292,100 @@ def test_ppa_routing_table_budget_routes_the_first_blocks_that_fit():
   assert capped.num_routed == 3
   assert capped.segments() == ((0, 48, True), (48, 96, False))
   assert ppa_routing.ppa_routing(96, 96, max_tiles=0, **kw).segments() == ((0, 96, False),)
+
+
+def _routed_shape(lq, lk, n, *, p, window, block_q, block_k):
+  """Oracle: `TableShape` of the real host tables of the first `n` routed blocks."""
+  r1 = min(n * block_q, lq)
+  layout = ppa_routing.ppa_layout(r1, lk - lq + r1, q_offset=lk - lq, p=p, window=window,
+                                  block_q=block_q, block_k=block_k)
+  if layout.band is not None:
+    return ppa_routing.TableShape(n, 1, layout.num_k_blocks, 1, layout.num_active_blocks, True)
+  t = pallas_block_sparse.host_tables(layout)
+  return ppa_routing.TableShape(n, t.kv_blocks.shape[1], layout.num_k_blocks,
+                                t.kv_blocks_t.shape[1], layout.num_active_blocks, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cap:
+  """A monotone table budget: `shape.<field> <= limit`."""
+  field: str
+  limit: int
+
+  def __call__(self, shape):
+    return getattr(shape, self.field) <= self.limit
+
+
+# The larger head_dim of the last two makes the tiles cheap enough to route
+# blocks whose rows skip some key blocks (width, width_t < num_q_blocks).
+@pytest.mark.parametrize("lq, lk, p, window, bq, bk, head_dim", [
+    (96, 96, 0.9, 4, 16, 16, 128), (80, 112, 0.75, 4, 16, 32, 128),
+    (70, 96, 0.9, 2, 32, 16, 128), (384, 384, 0.4, 2, 16, 16, 4096),
+    (256, 512, 0.5, 2, 16, 16, 1024)])
+def test_ppa_routing_fits_sees_the_real_table_shapes(lq, lk, p, window, bq, bk, head_dim):
+  kw = dict(p=p, window=window, block_q=bq, block_k=bk)
+  full = ppa_routing.ppa_routing(lq, lk, head_dim=head_dim, **kw).num_routed
+  assert full >= 3
+  shapes = [_routed_shape(lq, lk, n, **kw) for n in range(1, full + 1)]
+  for field in ("num_q_blocks", "width", "num_k_blocks", "width_t", "tiles"):
+    for limit in sorted({getattr(s, field) for s in shapes}):
+      fits = _Cap(field, limit)
+      want = next((n for n, s in enumerate(shapes) if not fits(s)), full)
+      plan = ppa_routing.ppa_routing(lq, lk, head_dim=head_dim, fits=fits, **kw)
+      assert plan.num_routed == want, (field, limit)
+
+
+def _prefetch(lq, lk, n, **kw):
+  """Real forward/dq and dkv SMEM bytes of the first `n` routed blocks' tables."""
+  s = _routed_shape(lq, lk, n, **kw)
+  mode = "band" if s.band else "table"
+  return (block_sparse_tpu.table_bytes(mode, s.num_q_blocks, s.width),
+          block_sparse_tpu.table_bytes(mode, s.num_k_blocks, s.width_t))
+
+
+# 16 blocks of 16 rows, all cheaper on the tiles at p = 0.75; their tables (16 x 16
+# slots) take 3072 B a pass, over a 2560 B budget, which leaves 11 blocks (11 x 11).
+BUDGET_CASE = dict(p=0.75, window=4, block_q=16, block_k=16)
+
+
+def test_smem_budget_keeps_the_routed_tables_within_it():
+  kw, budget = BUDGET_CASE, 2560
+  full = ppa_routing.ppa_routing(256, 256, **kw)
+  assert full.num_routed == 16 and max(_prefetch(256, 256, 16, **kw)) > budget
+  plan = ppa_routing.ppa_routing(256, 256, fits=pallas_ppa.SmemBudget(budget), **kw)
+  assert plan.num_routed == 11
+  assert max(_prefetch(256, 256, 11, **kw)) <= budget < max(_prefetch(256, 256, 12, **kw))
+  assert plan.segments() == ((0, 176, True), (176, 256, False))
+
+
+def test_routed_prefill_within_smem_budget_matches_reference():
+  kw = BUDGET_CASE
+  (q, k, v), cot_key = _ppa_inputs(jnp.float32, 2, 1, 8, 256, 256)
+  fn = functools.partial(pallas_ppa.routed_prefill, p=kw["p"], window=kw["window"], scale=0.3,
+                         variant="gpu_interpret", block_q=16, block_k=16,
+                         table_budget=pallas_ppa.SmemBudget(2560))
+  ref = functools.partial(attn.ppa_attention, p=kw["p"], window=kw["window"], scale=0.3,
+                          implementation="reference")
+  ph.vjp_check(fn, ref, (q, k, v), cot_key, argnums=(0, 1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_routed_prefill_targeting_tpu_is_never_refused_for_smem():
+  """Unbudgeted, all 512 blocks take the tiles (head_dim 128, bf16: the
+  routing's own defaults) and their tables (512 x 512 slots) would exceed
+  SMEM, so `check_smem` would raise while tracing for the TPU kernels."""
+  kw = dict(p=0.75, window=4, block_q=16, block_k=16)
+  assert ppa_routing.ppa_routing(8192, 8192, **kw).num_routed == 512
+  assert min(_prefetch(8192, 8192, 512, **kw)) > block_sparse_tpu.SMEM_BUDGET
+  q = jax.ShapeDtypeStruct((1, 8192, 1, 128), jnp.bfloat16)
+
+  def grads(**budget):
+    fn = functools.partial(pallas_ppa.routed_prefill, scale=0.3, variant="tpu", **kw, **budget)
+    return jax.eval_shape(jax.grad(lambda *a: fn(*a).sum(), argnums=(0, 1, 2)), q, q, q)
+  chex.assert_shape(grads(), [(1, 8192, 1, 128)] * 3)
+  with pytest.raises(ValueError, match="SMEM"):         # a budget that admits every block
+    grads(table_budget=_Cap("num_q_blocks", 1 << 30))
+  n = ppa_routing.ppa_routing(8192, 8192, fits=pallas_ppa.SmemBudget(), **kw).num_routed
+  assert 0 < n < 512 and max(_prefetch(8192, 8192, n, **kw)) <= block_sparse_tpu.SMEM_BUDGET
 
 
 def test_ppa_routing_rejects_bad_blocks():

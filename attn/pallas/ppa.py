@@ -11,7 +11,13 @@
   kernels, or the block-sparse kernels with the block's PPA mask as
   per-tile masks (`attn.ppa_routing.ppa_layout`). At most two kernel
   calls (tiles for the first blocks, stripes for the last); their outputs
-  are concatenated in query order, so gradients flow through both.
+  are concatenated in query order, so gradients flow through both. When
+  the call targets the compiled TPU kernels
+  (`pallas_kernels.platform.targets_tpu`, decided at trace time), the
+  routing also keeps the routed call's tables within SMEM (`SmemBudget`):
+  the TPU block-sparse kernels scalar-prefetch each pass's whole tables, so
+  past that budget the remaining blocks run the stripes instead of being
+  refused.
 * Prefill at a traced `q_offset` runs the stripe kernels on every block
   (the routing and the tile masks depend on the positions).
 
@@ -23,12 +29,15 @@ last query position of the call (its keys stop there).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from attn import masks, ppa_routing
 from attn._offsets import call_any_offset
 from attn.pallas import block_sparse, decode
 from pallas_kernels import platform, stripe
+from pallas_kernels.block_sparse import tpu as block_sparse_tpu
 
 OPS = ("ppa_attention",)
 
@@ -39,6 +48,24 @@ def supported(backend: str, q_len: int | None = None) -> bool:
     return decode.supported(backend)
   return (platform.verified_on(stripe.HARDWARE_CHECKS, backend)
           and block_sparse.supported(backend))
+
+
+@dataclasses.dataclass(frozen=True)
+class SmemBudget:
+  """Table budget of the compiled TPU block-sparse kernels, for
+  `attn.ppa_routing.ppa_routing(fits=...)`: a routed call fits when its
+  forward / dq tables (`[num_q_blocks, width]`) and its dkv tables
+  (`[num_k_blocks, width_t]`) each take at most `max_bytes` of SMEM
+  (`pallas_kernels.block_sparse.tpu.table_bytes`; default: what
+  `tpu.check_smem` accepts)."""
+
+  max_bytes: int = block_sparse_tpu.SMEM_BUDGET
+
+  def __call__(self, shape: ppa_routing.TableShape) -> bool:
+    mode = "band" if shape.band else "table"
+    return max(block_sparse_tpu.table_bytes(mode, shape.num_q_blocks, shape.width),
+               block_sparse_tpu.table_bytes(mode, shape.num_k_blocks, shape.width_t)
+               ) <= self.max_bytes
 
 
 def _split(kv_len, p, window):
@@ -57,7 +84,8 @@ def _stripes(q, k, v, q_offset, *, runs, far, scale, variant):
                               variant=variant)
 
 
-def routed_prefill(q, k, v, *, p, window, scale, variant=None, block_q=None, block_k=None):
+def routed_prefill(q, k, v, *, p, window, scale, variant=None, block_q=None, block_k=None,
+                   table_budget=None):
   """PPA of the last `q_len` positions, each query block on its routed path.
 
   Args:
@@ -66,6 +94,9 @@ def routed_prefill(q, k, v, *, p, window, scale, variant=None, block_q=None, blo
     variant: see `pallas_kernels.platform`.
     block_q, block_k: routing tiles (powers of two >= 16; default
       `attn.ppa_routing.default_block` of each length).
+    table_budget: the routing's `fits` (a `SmemBudget`, say); None:
+      `SmemBudget()` when the call targets the compiled TPU kernels
+      (`pallas_kernels.platform.targets_tpu(variant)`), else no budget.
 
   Returns:
     `[B, Lq, Hq, D]` like `q`; differentiable.
@@ -74,9 +105,11 @@ def routed_prefill(q, k, v, *, p, window, scale, variant=None, block_q=None, blo
   hq, hk = q.shape[2], k.shape[2]
   bq = ppa_routing.default_block(lq) if block_q is None else block_q
   bk = ppa_routing.default_block(lk) if block_k is None else block_k
+  if table_budget is None and platform.targets_tpu(variant):
+    table_budget = SmemBudget()
   plan = ppa_routing.ppa_routing(lq, lk, p=p, window=window, block_q=bq, block_k=bk,
                                  group=hq // hk, head_dim=k.shape[-1],
-                                 itemsize=jnp.dtype(k.dtype).itemsize)
+                                 itemsize=jnp.dtype(k.dtype).itemsize, fits=table_budget)
   qoff = lk - lq
   runs, far = _split(lk, p, window)
   outs = []

@@ -74,7 +74,7 @@ def _attention_fwd(q, k, v, tabs, spec, variant):
 
 def _attention_bwd(spec, variant, res, do):
   q, k, v, tabs, o, lse = res
-  if _targets_tpu(variant):
+  if platform.targets_tpu(variant):
     tpu.check_smem(spec, transposed=True)
   delta = jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)          # [B, Hq, Lq_pad]
   dq, dk, dv = platform.dispatch(
@@ -86,19 +86,8 @@ def _attention_bwd(spec, variant, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _targets_tpu(variant) -> bool:
-  """Whether this call will run the compiled TPU kernels: `variant="tpu"`,
-  or `variant=None` while the mesh, default device or default backend is a
-  TPU (the platform `jax.jit` lowers for). Interpreters have no SMEM limit."""
-  if variant is not None:
-    return variant == "tpu"
-  dev = jax.config.jax_default_device
-  dev_platform = getattr(dev, "platform", dev) if dev is not None else None
-  return (platform.mesh_platform() or dev_platform or jax.default_backend()) == "tpu"
-
-
 def _run(q, k, v, tabs: Tables, spec: Spec, variant):
-  if _targets_tpu(variant):
+  if platform.targets_tpu(variant):
     tpu.check_smem(spec, transposed=False)
   lq = q.shape[1]
   args = (_to_kernel(q, spec.num_q_blocks * spec.block_q),

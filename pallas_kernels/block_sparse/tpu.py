@@ -13,7 +13,9 @@ inside the kernel (`_column`, `_row`).
 SMEM is 1 MiB on v4, v5e and v6e (deviceless compile: a 1 MiB scalar-prefetch
 operand fails with "Ran out of memory in memory space smem"), and the whole
 tables of one pass are prefetched into it: `check_smem` rejects a `Spec`
-whose tables cannot fit before Mosaic does (`prefetch_bytes`).
+whose tables cannot fit before Mosaic does (`prefetch_bytes`); `table_bytes`
+sizes tables from their shape, for callers that route work away from these
+kernels before building a layout that could not fit (`attn.pallas.ppa`).
 
   * forward: grid `(B, Hq, nq, width)`, key slots innermost;
   * dq: the same grid;
@@ -40,32 +42,42 @@ SMEM_BYTES = 1 << 20     # TPU v4 / v5e / v6e scalar memory (compiler's limit)
 SMEM_RESERVE = 2 << 10   # measured: the largest prefetch operand a deviceless
                          # v5e compile accepts is 1 MiB - 2 KiB
 SMEM_ALIGN = 512         # each prefetched operand is counted rounded up to this (a model)
+SMEM_BUDGET = SMEM_BYTES - SMEM_RESERVE   # bytes of prefetched tables one pass may take
 
 
-def prefetch_bytes(spec: Spec, transposed: bool) -> int:
-  """Bytes of SMEM the scalar-prefetched tables of one pass take, each
-  operand rounded up to `SMEM_ALIGN`: forward / dq (`transposed=False`) or
-  dkv (`transposed=True`); the operands of `_prefetch(tabs, transposed)`,
-  sized from the static `spec` alone."""
-  rows, width = ((spec.num_k_blocks, spec.width_t) if transposed
-                 else (spec.num_q_blocks, spec.width))
-  per_row = 1 if spec.mode == "band" else width      # band: one first block per row
-  masks = 1 if spec.mode == "band" else rows * width  # band: a dummy [1]
+def table_bytes(mode: str, rows: int, width: int) -> int:
+  """Bytes of SMEM the scalar-prefetched tables of one pass take: `rows`
+  table rows of `width` slots (table mode: key blocks and mask ids
+  `[rows, width]`; band mode: one first block per row and a dummy mask id),
+  counts `[rows]` and `q_offset` `[2]`, each operand rounded up to
+  `SMEM_ALIGN`. Callers that build layouts (`attn.pallas.ppa`) size their
+  tables with it before building them."""
+  per_row = 1 if mode == "band" else width
+  masks = 1 if mode == "band" else rows * width
   words = (rows * per_row, rows, masks, 2)            # blocks, counts, mask ids, q_offset
   return sum(-(-4 * n // SMEM_ALIGN) * SMEM_ALIGN for n in words)
 
 
+def prefetch_bytes(spec: Spec, transposed: bool) -> int:
+  """`table_bytes` of the forward / dq (`transposed=False`) or dkv
+  (`transposed=True`) pass of `spec`: the operands of
+  `_prefetch(tabs, transposed)`, sized from the static `spec` alone."""
+  rows, width = ((spec.num_k_blocks, spec.width_t) if transposed
+                 else (spec.num_q_blocks, spec.width))
+  return table_bytes(spec.mode, rows, width)
+
+
 def check_smem(spec: Spec, transposed: bool):
   """Raises ValueError when the prefetched tables of the forward / dq
-  (`transposed=False`) or dkv (`transposed=True`) pass cannot fit in SMEM."""
-  budget = SMEM_BYTES - SMEM_RESERVE
+  (`transposed=False`) or dkv (`transposed=True`) pass cannot fit in SMEM
+  (more than `SMEM_BUDGET` bytes)."""
   need = prefetch_bytes(spec, transposed)
-  if need > budget:
+  if need > SMEM_BUDGET:
     name, rows, width = (("dkv", spec.num_k_blocks, spec.width_t) if transposed
                          else ("forward/dq", spec.num_q_blocks, spec.width))
     raise ValueError(
         f"layout: the TPU {name} kernel scalar-prefetches its block tables "
-        f"({rows} blocks x {width} slots) into SMEM: {need} B > {budget} B "
+        f"({rows} blocks x {width} slots) into SMEM: {need} B > {SMEM_BUDGET} B "
         f"(1 MiB SMEM less {SMEM_RESERVE} B). Build the layout with larger "
         "block_q / block_k (fewer blocks and slots), or with fewer key blocks per "
         "query block, or run implementation='xla'.")
