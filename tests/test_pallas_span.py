@@ -81,12 +81,12 @@ def span_oracle(q, k, v, anchors, gates, *, config, q_offset, scale):
 # ------------------------------------------------------- interval attention
 
 
-@pytest.mark.parametrize("variant,dtype", [
-    ("gpu_interpret", jnp.float16), ("tpu_checked", jnp.bfloat16),
-    pytest.param("gpu", jnp.float16, marks=pytest.mark.gpu),
-    pytest.param("tpu", jnp.bfloat16, marks=pytest.mark.tpu)])
-def test_interval_attention_matches_dense(variant, dtype):
-  b, h, r, lk, d = 1, 2, 40, 50, 24
+@pytest.mark.parametrize("variant,dtype,h,r,lk", [
+    ("gpu_interpret", jnp.float16, 2, 40, 50), ("tpu_checked", jnp.bfloat16, 2, 40, 50),
+    pytest.param("gpu", jnp.float16, 2, 40, 50, marks=pytest.mark.gpu),
+    pytest.param("tpu", jnp.bfloat16, 2, 40, 50, marks=pytest.mark.tpu)])
+def test_interval_attention_matches_dense(variant, dtype, h, r, lk):
+  b, d = 1, 24
   ks = jax.random.split(jax.random.PRNGKey(0), 6)
   q, k, v = (_normal(ks[i], s, dtype) for i, s in
              enumerate([(b, h, r, d), (b, h, lk, d), (b, h, lk, d)]))
@@ -106,6 +106,23 @@ def test_interval_attention_matches_dense(variant, dtype):
   assert empty.any()
   np.testing.assert_array_equal(np.asarray(o)[empty], 0)
   assert np.all(np.asarray(lse)[empty] == -np.inf)
+
+
+def test_tpu_table_blocks_hand_each_grid_step_its_own_entry():
+  """The TPU kernels read entry `i` of a `[B, H, 2, N]` table from the SMEM
+  block their BlockSpec index map picks: checked past several 128-entry
+  blocks against the plain table."""
+  from pallas_kernels.span import tpu as span_tpu
+  b, h, n = 2, 3, 300
+  tbl = jnp.arange(b * h * 2 * n, dtype=jnp.int32).reshape(b, h, 2, n)
+  blocks = np.asarray(span_tpu.table_blocks(tbl))
+  spec = span_tpu._table_spec()
+  for bb, hh, i in [(0, 0, 0), (1, 2, 127), (0, 1, 128), (1, 0, 255), (1, 2, 299)]:
+    idx = spec.index_map(bb, hh, i)
+    lanes = spec.block_shape[-1]
+    block = blocks[idx[0], idx[1], :, idx[3] * lanes:(idx[3] + 1) * lanes]
+    got = span_tpu._table_entry(block, i)
+    assert tuple(map(int, got)) == (int(tbl[bb, hh, 0, i]), int(tbl[bb, hh, 1, i]))
 
 
 def test_interval_attention_composes_with_vmap_checkpoint_grad():
@@ -355,7 +372,7 @@ def _gate_oracle(qs, ks, anchors):
 
 
 @pytest.mark.parametrize("dtype,heads,gate_rows", [
-    (jnp.float32, (4, 1), 16),      # 108 rows per slot: 7 loop steps, the last padded
+    (jnp.float32, (4, 1), 16),      # 27 queries per head and slot: 2 steps, the last padded
     (jnp.float32, (4, 1), None),
     (jnp.bfloat16, (2, 2), None)])
 def test_gate_logits_are_the_search_scores_and_differentiate_through_the_anchors(
@@ -392,3 +409,34 @@ def test_gate_logits_are_the_search_scores_and_differentiate_through_the_anchors
   fn = lambda a, b: pallas_superlinear.gate_logits(a, b, anchors, scores)  # noqa: E731
   ph.vjp_check(fn, gather_ref, (qs, ks), key[2], argnums=(0, 1), atol=tol, rtol=tol,
                zero_rows=anchors < 0)
+
+
+def test_row_tables_match_plain_reshapes_values_and_vjps():
+  """`to_pair_rows` / `from_pair_rows` / `split_rows` / `unstack` and
+  `slot_softmax` (slices and concatenations, for XLA:TPU) equal the plain
+  transpose-and-reshape / softmax they replace, values and VJPs."""
+  from attn.pallas.superlinear import slot_softmax
+  b, h, g, num, l = 2, 3, 4, 2, 5
+  x = jax.random.normal(jax.random.PRNGKey(0), (b, h, g, num, l))
+  ct = jax.random.normal(jax.random.PRNGKey(1), (b, h, num * g * l))
+  plain = lambda a: jnp.transpose(a, (0, 1, 3, 2, 4)).reshape(b, h, -1)  # noqa: E731
+  y, vjp = jax.vjp(span_common.to_pair_rows, x)
+  y_ref, vjp_ref = jax.vjp(plain, x)
+  chex.assert_trees_all_equal(y, y_ref)
+  chex.assert_trees_all_equal(vjp(ct), vjp_ref(ct))
+  chex.assert_trees_all_equal(span_common.from_pair_rows(y, g, num), x)
+
+  parts, vjp = jax.vjp(lambda a: span_common.split_rows(a, num, -1), ct)
+  chex.assert_trees_all_equal(parts, tuple(ct.reshape(b, h, num, g * l).transpose(2, 0, 1, 3)))
+  chex.assert_trees_all_equal(vjp(parts), (ct,))
+  sl, vjp = jax.vjp(lambda a: span_common.unstack(a, 3), x)
+  chex.assert_trees_all_equal(sl, tuple(x[:, :, :, j] for j in range(num)))
+  chex.assert_trees_all_equal(vjp(sl), (x,))
+
+  z = jax.random.normal(jax.random.PRNGKey(2), (b, h, 3, l)) * 4
+  w = jax.random.normal(jax.random.PRNGKey(3), z.shape)
+  loss = lambda f: lambda a: jnp.sum(f(a) * w)  # noqa: E731
+  chex.assert_trees_all_close(slot_softmax(z), jax.nn.softmax(z, axis=2), atol=1e-6)
+  chex.assert_trees_all_close(jax.grad(loss(slot_softmax))(z),
+                              jax.grad(loss(lambda a: jax.nn.softmax(a, axis=2)))(z),
+                              atol=1e-6)

@@ -22,6 +22,8 @@ the search to the span kernels and are transposed to the public
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -30,6 +32,7 @@ from attn._offsets import call_any_offset
 from attn.config import SuperlinearConfig
 from attn.pallas import decode
 from pallas_kernels import platform, span, stripe
+from pallas_kernels.span import common as span_common
 
 OPS = ("superlinear_attention",)
 
@@ -100,10 +103,10 @@ def _gate_fwd(q_search, k_search, anchors, scores):
   return gate_logits(q_search, k_search, anchors, scores), (q_search, k_search, anchors)
 
 
-# Rows (query heads x queries) per step of the gate backward's loop: each
-# step gathers and scatter-adds this many search-key rows, so the scatter's
-# sort (XLA:TPU sorts a scatter's indices) and its code are sized by the
-# step, not by L.
+# Queries (of one query head and one slot) per step of the gate backward's
+# loop: each step gathers and scatter-adds this many search-key rows, so the
+# scatter's sort (XLA:TPU sorts a scatter's indices) and its code are sized
+# by the step, not by L.
 GATE_ROWS = 1 << 14
 
 
@@ -113,49 +116,56 @@ def _gate_bwd(res, ct):
   lk, hk = ks.shape[1], ks.shape[2]
   g, num = hq // hk, anchors.shape[2]
   f32 = jnp.float32
-  n = g * lq                                     # rows (head, query) per (b, kv head)
-  step = min(GATE_ROWS, n)
-  steps = -(-n // step)
-  pad = steps * step - n
+  step = min(GATE_ROWS, lq)
+  steps = -(-lq // step)
+  lqp = steps * step
+  pad_q = lambda x, axis: jnp.pad(  # noqa: E731  zero queries appended on `axis`
+      x, [(0, lqp - lq) if a == axis % x.ndim else (0, 0) for a in range(x.ndim)])
 
-  def rows(x):   # [b, hk, g, lq, ...] -> [b, hk, steps, step, ...] (zero rows appended)
-    x = x.reshape((b, hk, n) + x.shape[4:])
-    x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
-    return x.reshape((b, hk, steps, step) + x.shape[3:])
-
-  ct = jnp.where(anchors >= 0, ct, 0.0).astype(f32).reshape(b, hk, g, num, lq)
-  idx = jnp.clip(anchors, 0, lk - 1).reshape(b, hk, g, num, lq)
-  # Per slot, rows (head, query): slot slices of the query-last tables.
-  idx = jnp.stack([rows(idx[:, :, :, j]) for j in range(num)])    # [K, b, hk, S, step]
-  ct = jnp.stack([rows(ct[:, :, :, j]) for j in range(num)])
-  qh = rows(qs.transpose(0, 2, 1, 3).reshape(b, hk, g, lq, ds).astype(f32))
+  # Steps slice the query axis of the tables as they are ([B, Hk, G, K, Lq],
+  # query axis last): no table is flattened (on TPU, merging the tiny G / K
+  # axes into the query axis compiles to code linear in Lq).
+  ct = pad_q(jnp.where(anchors >= 0, ct, 0.0).astype(f32), -1).reshape(b, hk, g, num, lqp)
+  idx = pad_q(jnp.clip(anchors, 0, lk - 1), -1).reshape(b, hk, g, num, lqp)
+  qh = pad_q(qs.transpose(0, 2, 1, 3).astype(f32), 2).reshape(b, hk, g, lqp, ds)
   kt = ks.transpose(0, 2, 1, 3)
 
   def body(t, acc):
     dq, dk = acc
-    j, c = t // steps, t % steps
-    pick = lambda x: jax.lax.dynamic_index_in_dim(  # noqa: E731
-        jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False), c, 2, keepdims=True)
-    i_t, c_t = pick(idx), pick(ct)[..., None]                    # [b, hk, 1, step(, 1)]
-    q_t = jax.lax.dynamic_index_in_dim(qh, c, 2, keepdims=True)  # [b, hk, 1, step, ds]
-    d_t = jax.lax.dynamic_index_in_dim(dq, c, 2, keepdims=True)
+    j, i, c = t // (g * steps), (t // steps) % g, t % steps
+    at = (0, 0, i, j, c * step)
+    i_t = jax.lax.dynamic_slice(idx, at, (b, hk, 1, 1, step)).reshape(b, hk, 1, step)
+    c_t = jax.lax.dynamic_slice(ct, at, (b, hk, 1, 1, step)).reshape(b, hk, 1, step, 1)
+    at_q = (0, 0, i, c * step, 0)
+    q_t = jax.lax.dynamic_slice(qh, at_q, (b, hk, 1, step, ds))
+    d_t = jax.lax.dynamic_slice(dq, at_q, (b, hk, 1, step, ds))
     d_t = d_t + c_t * _gather_rows(kt, i_t).astype(f32)
-    dq = jax.lax.dynamic_update_index_in_dim(dq, d_t, c, 2)
+    dq = jax.lax.dynamic_update_slice(dq, d_t, at_q)
     return dq, _scatter_add_rows(dk, i_t, c_t * q_t)
 
-  zeros = (jnp.zeros((b, hk, steps, step, ds), f32), jnp.zeros((b, hk, lk, ds), f32))
+  zeros = (jnp.zeros((b, hk, g, lqp, ds), f32), jnp.zeros((b, hk, lk, ds), f32))
   # Inside a shard_map with check_vma the carry varies like the inputs.
   axes = tuple(sorted(frozenset().union(*map(sharding.varying_axes, (qs, ks, anchors, ct)))))
   if axes:
     zeros = jax.lax.pcast(zeros, axes, to="varying")
-  dq, dk = jax.lax.fori_loop(0, num * steps, body, zeros)
-  dq = dq.reshape(b, hk, steps * step, ds)[:, :, :n]
-  dq = dq.reshape(b, hq, lq, ds).transpose(0, 2, 1, 3).astype(qs.dtype)
+  dq, dk = jax.lax.fori_loop(0, num * g * steps, body, zeros)
+  dq = dq[:, :, :, :lq].reshape(b, hq, lq, ds).transpose(0, 2, 1, 3).astype(qs.dtype)
   dk = dk.transpose(0, 2, 1, 3).astype(ks.dtype)
   return dq, dk, None, None
 
 
 gate_logits.defvjp(_gate_fwd, _gate_bwd)
+
+
+def slot_softmax(x):
+  """`jax.nn.softmax(x, axis=2)` for `x [B, H, K, Lq]`, written on the `K`
+  slot slices (`span.common.unstack`): a reduction or broadcast over the
+  tiny second-minor slot axis compiles on TPU to code linear in `Lq`."""
+  xs = span_common.unstack(x, 2)
+  m = jax.lax.stop_gradient(functools.reduce(jnp.maximum, xs))
+  es = [jnp.exp(s - m) for s in xs]
+  tot = functools.reduce(jnp.add, es)
+  return jnp.stack([e / tot for e in es], axis=2)
 
 
 def _prefill(q, k, v, q_search, k_search, q_offset, *, config: SuperlinearConfig, scale,
@@ -167,7 +177,7 @@ def _prefill(q, k, v, q_search, k_search, q_offset, *, config: SuperlinearConfig
                            q_offset, config=config, variant=variant, heads_first=True)
   anchors, scores = jax.lax.stop_gradient(anchors), jax.lax.stop_gradient(scores)
   logits = gate_logits(q_search, k_search, anchors, scores)
-  gates = jax.nn.softmax(jnp.where(anchors >= 0, logits, -1e9), axis=2)
+  gates = slot_softmax(jnp.where(anchors >= 0, logits, -1e9))
   span_table = masks.superlinear_span_table(lk, config)   # numpy: static cost estimates
   out = span.span_attention(
       q, k, v, anchors, gates, span_table=span_table, window=config.window, scale=scale,

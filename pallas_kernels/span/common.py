@@ -209,6 +209,24 @@ def _split_bwd(parts, axis, _, cts):
 split_rows.defvjp(_split_fwd, _split_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def unstack(x, axis: int):
+  """The slices of `x` along `axis` (a tuple, `axis` dropped); the VJP
+  stacks (no zero-padded copies summed)."""
+  return tuple(jax.lax.index_in_dim(x, j, axis, keepdims=False) for j in range(x.shape[axis]))
+
+
+def _unstack_fwd(x, axis):
+  return unstack(x, axis), None
+
+
+def _unstack_bwd(axis, _, cts):
+  return (jnp.stack(cts, axis=axis),)
+
+
+unstack.defvjp(_unstack_fwd, _unstack_bwd)
+
+
 def tile_rows(x, reps: int):
   """`[..., L] -> [..., reps * L]`: `reps` copies of the rows, one after
   another (a concatenation, not a broadcast and reshape)."""

@@ -28,7 +28,7 @@ def _load(ref, start, size):
 
 
 def _tile_entry(tbl_ref, t):
-  return tbl_ref[t, _I(0)], tbl_ref[t, _I(1)]
+  return tbl_ref[_I(0), t], tbl_ref[_I(1), t]
 
 
 def _row_loop(tlo, thi, k_ref, v_ref, body, init, block_k):
@@ -73,7 +73,7 @@ def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_ref
 def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref,
                 hi_ref, dk_ref, dv_ref, *, scale, block_q, block_k):
   c = pl.program_id(2)
-  t0, count = kv_tbl_ref[c, _I(0)], kv_tbl_ref[c, _I(1)]
+  t0, count = _tile_entry(kv_tbl_ref, c)
   k, v = k_ref[...], v_ref[...]
   k_start = c * block_k
   prec = common.precision_for(k.dtype)
@@ -103,7 +103,8 @@ def _seq(n, dp):
 
 
 def _tbl(n):
-  return pl.BlockSpec((None, None, n, 2), lambda bb, hh, tt: (bb, hh, 0, 0))
+  """The whole `[2, n]` table of the program's (batch, head)."""
+  return pl.BlockSpec((None, None, 2, n), lambda bb, hh, tt: (bb, hh, 0, 0))
 
 
 def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
@@ -124,7 +125,7 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
                  jax.ShapeDtypeStruct((b, h, r, 1), F32)],
       compiler_params=_params(dp), interpret=interpret,
       cost_estimate=cost_estimate)(
-          tile_tbl.reshape(b, h, nt, 2), q, lo, hi, k, v)
+          tile_tbl, q, lo, hi, k, v)
 
 
 def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
@@ -144,7 +145,7 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
       out_shape=jax.ShapeDtypeStruct((b, h, r, dp), F32),
       compiler_params=_params(dp), interpret=interpret,
       cost_estimate=cost_estimate)(
-          tile_tbl.reshape(b, h, nt, 2), q, do, lse, delta, lo, hi, k, v)
+          tile_tbl, q, do, lse, delta, lo, hi, k, v)
 
 
 def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, block_k,
@@ -167,4 +168,4 @@ def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, bl
                  jax.ShapeDtypeStruct((b, h, lk, dp), F32)],
       compiler_params=_params(dp), interpret=interpret,
       cost_estimate=cost_estimate)(
-          kv_tbl.reshape(b, h, nkb, 2), k, v, q, do, lse, delta, lo, hi)
+          kv_tbl, k, v, q, do, lse, delta, lo, hi)

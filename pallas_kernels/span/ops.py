@@ -84,7 +84,7 @@ def _prepare(platform_name, cfg, q, k, v, lo, hi, *rows_extra):
   lo_p = _pad_axis(lo, 2, rp, common.EMPTY_LO)
   hi_p = _pad_axis(hi, 2, rp, common.EMPTY_HI)
   tlo, thi = common.tile_bounds(lo_p, hi_p, bq)
-  tile_tbl = jnp.stack([tlo, thi], axis=-1)                  # [B, H, T, 2]
+  tile_tbl = jnp.stack([tlo, thi], axis=2)                   # [B, H, 2, T]
   kp = _pad_axis(_pad_axis(k, 2, lkp), 3, dp)
   vp = _pad_axis(_pad_axis(v, 2, lkp), 3, dp)
   return dict(bq=bq, bk=bk, r=r, lk=lk, d=d, q=pad_rd(q), k=kp, v=vp,
@@ -124,7 +124,7 @@ def _bwd_variant(platform_name, cfg, q, k, v, lo, hi, do, lse, delta, *, interpr
   delta_p = _pad_axis(delta, 2, rp)[..., None]
   nkb = p["k"].shape[2] // p["bk"]
   t0, cnt = common.key_block_tiles(p["tlo"], p["thi"], nkb, p["bk"])
-  kv_tbl = jnp.stack([t0, cnt], axis=-1)                      # [B, H, nkb, 2]
+  kv_tbl = jnp.stack([t0, cnt], axis=2)                       # [B, H, 2, nkb]
   mod = _MODULES[platform_name]
   ckw, blocks = _cost_kw(platform_name, cfg, p)
   kw = dict(scale=cfg.scale, block_q=p["bq"], block_k=p["bk"], interpret=interpret)

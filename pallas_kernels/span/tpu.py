@@ -3,10 +3,11 @@
 Layout (prepared by `pallas_kernels.span.ops`): rows `q, do: [B, H, R, Dp]`,
 row bounds and statistics `[B, H, R, 1]`, `k, v: [B, H, Lk, Dp]` with
 `R % block_q == 0`, `Lk % block_k == 0`, `Dp % 128 == 0`; tables int32
-`[B, H, N, 2]`.
+`[B, H, 2, N]` (entry `i` is column `i`: lane-dense, so XLA:TPU builds them
+without relayouts).
 
-* tables: each grid step gets the SMEM block (`8 x 2` int32) holding its
-  own table row (`_table_spec`), not the whole table: scalar prefetch would
+* tables: each grid step gets the SMEM block (`2 x 128` int32) holding its
+  own table column (`_table_spec`), not the whole table: scalar prefetch would
   copy every table entry into SMEM, which is small, and the tables grow with
   the sequence (rows / block_q tiles per kv head). The kernels read their
   loop bounds from that block.
@@ -63,26 +64,24 @@ def _pipelined(count, copies, body, init):
   return jax.lax.fori_loop(0, count, step, init)
 
 
-TABLE_GROUP = 8   # table rows per SMEM block (the (8, 128) rule: 8 x full)
+TABLE_LANES = 128   # table columns per SMEM block (the (8, 128) rule: full x 128)
 
 
 def table_blocks(tbl):
-  """`[B, H, N, 2]` -> `[B, H, ceil(N / 8), 8, 2]` (zero-padded) for `_table_spec`."""
-  b, h, n, _ = tbl.shape
-  n8 = -(-n // TABLE_GROUP) * TABLE_GROUP
-  tbl = jnp.pad(tbl, ((0, 0), (0, 0), (0, n8 - n), (0, 0)))
-  return tbl.reshape(b, h, n8 // TABLE_GROUP, TABLE_GROUP, 2)
+  """`[B, H, 2, N]` -> `[B, H, 2, ceil(N / 128) * 128]` (zero-padded) for `_table_spec`."""
+  n = tbl.shape[-1]
+  return jnp.pad(tbl, ((0, 0), (0, 0), (0, 0), (0, -(-n // TABLE_LANES) * TABLE_LANES - n)))
 
 
 def _table_spec():
-  """Grid step `(b, h, i)` gets the SMEM block holding table row `i`."""
-  return pl.BlockSpec((None, None, None, TABLE_GROUP, 2),
-                      lambda bb, hh, ii: (bb, hh, ii // TABLE_GROUP, 0, 0),
+  """Grid step `(b, h, i)` gets the SMEM block holding table column `i`."""
+  return pl.BlockSpec((None, None, 2, TABLE_LANES),
+                      lambda bb, hh, ii: (bb, hh, 0, ii // TABLE_LANES),
                       memory_space=pltpu.SMEM)
 
 
 def _table_entry(tbl_ref, i):
-  return tbl_ref[i % TABLE_GROUP, 0], tbl_ref[i % TABLE_GROUP, 1]
+  return tbl_ref[0, i % TABLE_LANES], tbl_ref[1, i % TABLE_LANES]
 
 
 def _row_loop(b, h, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body, init, block_k):
@@ -183,7 +182,7 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
         cost_estimate=None):
   """Forward: `(o [B, H, R, Dp] in q's dtype, lse [B, H, R, 1] f32)`.
 
-  `tile_tbl`: int32 `[B, H, R / block_q, 2]` (tile key bounds).
+  `tile_tbl`: int32 `[B, H, 2, R / block_q]` (tile key bounds).
   """
   b, h, r, dp = q.shape
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
@@ -227,7 +226,7 @@ def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, bl
         interpret, cost_estimate=None):
   """`(dk, dv)` `[B, H, Lk, Dp]` float32.
 
-  `kv_tbl`: int32 `[B, H, Lk / block_k, 2]`: first tile and tile count per
+  `kv_tbl`: int32 `[B, H, 2, Lk / block_k]`: first tile and tile count per
   key block (`blocks.key_block_tiles`).
   """
   del tile_tbl  # the kv table's tile ranges suffice; row masks do the rest.
