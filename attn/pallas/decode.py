@@ -19,13 +19,19 @@ included, and never reach the output):
     (`O(w + t^p)` rows).
 
 Decode needs no gradient, but a differentiated decode op returns correct
-numbers (a `custom_vjp`): superlinear's backward is `jax.vjp` of
-`_superlinear_gathered`, the same function written as plain gathers of the
-`O(K * span + W)` keys of each row at the anchors the forward chose (a small
-HLO: it compiles in seconds where `jax.vjp` of the `attn.xla` prefill path
-took minutes on the GPU compiler); PPA's is `jax.vjp` of `_ppa_gathered`,
-the rows at each query's kept offsets gathered the same way (the xla path's
-VJP past `MAX_GATHERED_OFFSETS` kept offsets, i.e. p near 1 on long caches).
+numbers (a `custom_vjp`). Superlinear's backward is written by hand in
+`attn.pallas.decode_grad` at the anchors the forward chose: the window, one
+block of `W + Lq - 1` cache rows shared by a kv head's rows, by batched
+matmuls; each (row, slot) span by a `dynamic_slice` of `max_len` rows in one
+`lax.fori_loop`, its key/value gradients added back by
+`dynamic_update_slice`; the gate gradients by a second loop over the slots.
+(`jax.vjp` of the same output written as gathers of `[rows, K, max_len + W,
+D]` keys took up to 55 s (L = 4K, head_dim 64) and 78 s (1M) to compile for
+TPU v5e: XLA:TPU relaid those arrays out with huge unrolled loop bodies,
+3.2M LLO lines in all at head_dim 64.) PPA's backward is
+`jax.vjp` of `_ppa_gathered`, the rows at each query's kept offsets gathered
+(the xla path's VJP past `MAX_GATHERED_OFFSETS` kept offsets, i.e. p near 1
+on long caches).
 """
 
 from __future__ import annotations
