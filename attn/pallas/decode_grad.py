@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attn import sharding
 from pallas_kernels import common as pk_common
 
 _F32 = jnp.float32
@@ -63,6 +64,15 @@ def window_state(qr, kt, vt, pos, start, n: int, window: int, scale: float):
   e = jnp.where(ok, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)[..., None]), 0.0)
   o = jnp.einsum("bhrj,bhjd->bhrd", e, vw, precision=_HI)
   return pk_common.SoftmaxState(m, jnp.sum(e, axis=-1), o), e, kw, vw
+
+
+def _zeros(shapes, *like):
+  """float32 zeros of each shape, as a loop carry: inside a `jax.shard_map`
+  with `check_vma` they vary over every axis any array in `like` varies over
+  (the loop body's results do)."""
+  zeros = tuple(jnp.zeros(s, _F32) for s in shapes)
+  axes = frozenset().union(*(sharding.varying_axes(x) for x in jax.tree.leaves(like)))
+  return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
 
 
 def _span_block(xt, b, h, lo, m: int):
@@ -113,9 +123,8 @@ def span_loop(qr, kt, vt, lo, hi, gates, dout, win, max_len: int, scale: float):
   bsz, hk, rows, nk = lo.shape
   lk, d = kt.shape[2], kt.shape[3]
   m_len = min(max_len, lk)
-  zero = lambda *s: jnp.zeros(s, _F32)  # noqa: E731
-  init = (zero(bsz, hk, rows, nk, d), zero(bsz, hk, rows, nk), zero(bsz, hk, rows, d),
-          zero(bsz, hk, lk, d), zero(bsz, hk, lk, d))
+  init = _zeros(((bsz, hk, rows, nk, d), (bsz, hk, rows, nk), (bsz, hk, rows, d),
+                 (bsz, hk, lk, d), (bsz, hk, lk, d)), qr, kt, vt, lo, hi, gates, dout, win)
 
   def body(i, carry):
     o_all, lse_all, dq, dk, dv = carry
@@ -188,7 +197,7 @@ def gate_grads(qs, kst, anchors, gates, dgates):
   dlogit = gates * (dgates - jnp.sum(gates * dgates, axis=-1, keepdims=True))
   dlogit = jnp.where(valid, dlogit, 0.0)
   bsz, hk, rows, nk = anchors.shape
-  init = (jnp.zeros(qs.shape, _F32), jnp.zeros(kst.shape, _F32))
+  init = _zeros((qs.shape, kst.shape), qs, kst, anchors, gates, dgates)
 
   def body(i, carry):
     dqs, dks = carry
