@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn import masks, xla
-from attn.pallas import decode_grad as grad
 from attn.config import SuperlinearConfig
+from attn.pallas import decode_grad as grad
 from pallas_kernels import common as pk_common
 from pallas_kernels import platform
 from pallas_kernels.decode import HARDWARE_CHECKS, common
@@ -194,7 +194,7 @@ def _superlinear_bwd(config, scale, variant, num_splits, res, cts):
   kt, vt, anchors = cache(k), cache(v), _to_rows(anchors, hk)
   pos = _row_positions(q_offset, qr.shape[2], lq)
   valid = anchors >= 0
-  ks_sel = jax.vmap(jax.vmap(lambda rows, i: rows[i]))(kst, jnp.maximum(anchors, 0))
+  ks_sel = _rows_of(k_search, jnp.maximum(anchors, 0))           # [B, Hk, R, K, Ds]
   logits = jnp.einsum("bhrd,bhrkd->bhrk", f32(qs), f32(ks_sel),
                       precision=jax.lax.Precision.HIGHEST)
   gates = jax.nn.softmax(jnp.where(valid, logits, -1e9), axis=-1)  # [B, Hk, R, K]
