@@ -19,13 +19,19 @@ included, and never reach the output):
     (`O(w + t^p)` rows).
 
 Decode needs no gradient, but a differentiated decode op returns correct
-numbers (a `custom_vjp`): superlinear's backward is `jax.vjp` of
-`_superlinear_gathered`, the same function written as plain gathers of the
-`O(K * span + W)` keys of each row at the anchors the forward chose (a small
-HLO: it compiles in seconds where `jax.vjp` of the `attn.xla` prefill path
-took minutes on the GPU compiler); PPA's is `jax.vjp` of `_ppa_gathered`,
-the rows at each query's kept offsets gathered the same way (the xla path's
-VJP past `MAX_GATHERED_OFFSETS` kept offsets, i.e. p near 1 on long caches).
+numbers (a `custom_vjp`). Superlinear's backward is written by hand in
+`attn.pallas.decode_grad` at the anchors the forward chose: the window, one
+block of `W + Lq - 1` cache rows shared by a kv head's rows, by batched
+matmuls; each (row, slot) span by a `dynamic_slice` of `max_len` rows in one
+`lax.fori_loop`, its key/value gradients added back by
+`dynamic_update_slice`; the gate gradients by a second loop over the slots.
+(`jax.vjp` of the same output written as gathers of `[rows, K, max_len + W,
+D]` keys took up to 55 s (L = 4K, head_dim 64) and 78 s (1M) to compile for
+TPU v5e: XLA:TPU relaid those arrays out with huge unrolled loop bodies,
+3.2M LLO lines in all at head_dim 64.) PPA's backward is
+`jax.vjp` of `_ppa_gathered`, the rows at each query's kept offsets gathered
+(the xla path's VJP past `MAX_GATHERED_OFFSETS` kept offsets, i.e. p near 1
+on long caches).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import numpy as np
 
 from attn import masks, xla
 from attn.config import SuperlinearConfig
+from attn.pallas import decode_grad as grad
 from pallas_kernels import common as pk_common
 from pallas_kernels import platform
 from pallas_kernels.decode import HARDWARE_CHECKS, common
@@ -168,36 +175,6 @@ def _gathered_softmax(qr, k, v, idx, ok, scale):
   return jnp.where((l > 0)[..., None], o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
 
 
-def _superlinear_gathered(q, k, v, q_search, k_search, anchors, q_offset, config, scale):
-  """Superlinear decode at fixed anchors, as plain gathers (differentiable).
-
-  anchors: int32 `[B, Hk, R, K]` (the forward's choice, -1 = empty slot).
-  Each slot attends over its span `[lo, hi]` (at most the longest span's
-  `max_len` rows) and the window `(pos - W, pos]`; gates are the softmax of
-  `<q_search, k_search[anchor]>` over valid slots. Returns `(out [B, Lq, Hq,
-  D] q.dtype, gates float32 [B, Lq, Hq, K])` like the forward.
-  """
-  lq, hk, w = q.shape[1], k.shape[2], config.window
-  _, spans = superlinear_tables(k.shape[1], config)
-  max_len = int(np.max(spans.astype(np.int64).sum(axis=1))) + 1
-  qr = _to_rows(q, hk)
-  pos = _row_positions(q_offset, qr.shape[2], lq)                 # [R]
-  valid = anchors >= 0
-  ks_sel = jnp.where(valid[..., None], _rows_of(k_search, jnp.maximum(anchors, 0)), 0)
-  logits = jnp.einsum("bhrd,bhrkd->bhrk", _to_rows(q_search, hk).astype(jnp.float32),
-                      ks_sel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-  gates = jax.nn.softmax(jnp.where(valid, logits, -1e9), axis=-1)  # [B, Hk, R, K]
-  lo, hi = superlinear_span_bounds(anchors, pos, spans, config)
-  span_idx = lo[..., None] + jnp.arange(max_len, dtype=jnp.int32)  # [B, Hk, R, K, M]
-  win_idx = pos[:, None] - w + 1 + jnp.arange(w, dtype=jnp.int32)  # [R, W]
-  win_idx = jnp.broadcast_to(win_idx[:, None], lo.shape + (w,))
-  idx = jnp.concatenate([span_idx, win_idx], axis=-1)
-  ok = jnp.concatenate([span_idx <= hi[..., None], win_idx >= 0], axis=-1)
-  o = _gathered_softmax(qr, k, v, idx, ok, scale)                 # [B, Hk, R, K, D]
-  out = jnp.sum(gates[..., None] * o, axis=-2)
-  return _from_rows(out, lq).astype(q.dtype), _from_rows(gates, lq)
-
-
 def _superlinear_fwd(q, k, v, q_search, k_search, q_offset, config, scale, variant,
                      num_splits):
   out = _superlinear_forward(q, k, v, q_search, k_search, q_offset, config, scale,
@@ -208,10 +185,36 @@ def _superlinear_fwd(q, k, v, q_search, k_search, q_offset, config, scale, varia
 def _superlinear_bwd(config, scale, variant, num_splits, res, cts):
   del variant, num_splits
   q, k, v, q_search, k_search, q_offset, anchors = res
-  fn = lambda *a: _superlinear_gathered(  # noqa: E731
-      *a, _to_rows(anchors, k.shape[2]), q_offset, config, scale)
-  _, pull = jax.vjp(fn, q, k, v, q_search, k_search)
-  return (*pull((cts[0], cts[2])), None)
+  lq, lk, hk, w = q.shape[1], k.shape[1], k.shape[2], config.window
+  _, spans = superlinear_tables(lk, config)
+  max_len = int(np.max(spans.astype(np.int64).sum(axis=1))) + 1  # longest span, static
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  cache = lambda x: jnp.moveaxis(x, 2, 1)  # noqa: E731  [B, Lk, Hk, D] -> [B, Hk, Lk, D]
+  qr, qs, kst = f32(_to_rows(q, hk)), _to_rows(q_search, hk), cache(k_search)
+  kt, vt, anchors = cache(k), cache(v), _to_rows(anchors, hk)
+  pos = _row_positions(q_offset, qr.shape[2], lq)
+  valid = anchors >= 0
+  ks_sel = _rows_of(k_search, jnp.maximum(anchors, 0))           # [B, Hk, R, K, Ds]
+  logits = jnp.einsum("bhrd,bhrkd->bhrk", f32(qs), f32(ks_sel),
+                      precision=jax.lax.Precision.HIGHEST)
+  gates = jax.nn.softmax(jnp.where(valid, logits, -1e9), axis=-1)  # [B, Hk, R, K]
+  lo, hi = superlinear_span_bounds(anchors, pos, spans, config)
+  dout = f32(_to_rows(cts[0], hk))
+  win = None
+  if w > 0:
+    start, n = grad.window_block(q_offset, lq, lk, w)
+    win, e, kw, vw = grad.window_state(qr, kt, vt, pos, start, n, w, scale)
+  o, lse, dq, dk, dv = grad.span_loop(qr, kt, vt, lo, hi, gates, dout, win, max_len, scale)
+  if w > 0:
+    dq_w, dk_w, dv_w = grad.window_grads(qr, dout, gates, lse, o, win, e, kw, vw, scale)
+    dq = dq + dq_w
+    dk = grad.add_block(dk, dk_w, start)
+    dv = grad.add_block(dv, dv_w, start)
+  dgates = jnp.sum(dout[..., None, :] * o, axis=-1) + f32(_to_rows(cts[2], hk))
+  dqs, dks = grad.gate_grads(qs, kst, anchors, gates, dgates)
+  back = lambda x, like: jnp.moveaxis(x, 1, 2).astype(like.dtype)  # noqa: E731
+  return (_from_rows(dq, lq).astype(q.dtype), back(dk, k), back(dv, v),
+          _from_rows(dqs, lq).astype(q_search.dtype), back(dks, k_search), None)
 
 
 _superlinear.defvjp(_superlinear_fwd, _superlinear_bwd)
