@@ -415,7 +415,6 @@ def test_row_tables_match_plain_reshapes_values_and_vjps():
   """`to_pair_rows` / `from_pair_rows` / `split_rows` / `unstack` and
   `slot_softmax` (slices and concatenations, for XLA:TPU) equal the plain
   transpose-and-reshape / softmax they replace, values and VJPs."""
-  from attn.pallas.superlinear import slot_softmax
   b, h, g, num, l = 2, 3, 4, 2, 5
   x = jax.random.normal(jax.random.PRNGKey(0), (b, h, g, num, l))
   ct = jax.random.normal(jax.random.PRNGKey(1), (b, h, num * g * l))
@@ -436,6 +435,8 @@ def test_row_tables_match_plain_reshapes_values_and_vjps():
   z = jax.random.normal(jax.random.PRNGKey(2), (b, h, 3, l)) * 4
   w = jax.random.normal(jax.random.PRNGKey(3), z.shape)
   loss = lambda f: lambda a: jnp.sum(f(a) * w)  # noqa: E731
+  slot_softmax = lambda a: jnp.stack(  # noqa: E731
+      span_common.slot_softmax(span_common.unstack(a, 2)), axis=2)
   chex.assert_trees_all_close(slot_softmax(z), jax.nn.softmax(z, axis=2), atol=1e-6)
   chex.assert_trees_all_close(jax.grad(loss(slot_softmax))(z),
                               jax.grad(loss(lambda a: jax.nn.softmax(a, axis=2)))(z),

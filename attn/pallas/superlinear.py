@@ -10,7 +10,8 @@ a longer one builds the shared integer tables from the `SuperlinearConfig`
    their scores, best first;
 2. `gate_logits`: the search's scores, differentiable through the chosen
    anchors (the only path into q_search / k_search; no second stripe pass),
-   softmax over the valid slots (invalid slots -1e9, as the reference);
+   softmax over the valid slots (invalid slots -1e9, as the reference),
+   taken inside span attention on its pair rows (`gates_from_logits`);
 3. span attention (`pallas_kernels.span.span_attention`): window + spans,
    merged by log-sum-exp, mixed by the gates; gradients to q, k, v, gates.
 
@@ -22,8 +23,6 @@ the search to the span kernels and are transposed to the public
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -32,7 +31,6 @@ from attn._offsets import call_any_offset
 from attn.config import SuperlinearConfig
 from attn.pallas import decode
 from pallas_kernels import platform, span, stripe
-from pallas_kernels.span import common as span_common
 
 OPS = ("superlinear_attention",)
 
@@ -157,17 +155,6 @@ def _gate_bwd(res, ct):
 gate_logits.defvjp(_gate_fwd, _gate_bwd)
 
 
-def slot_softmax(x):
-  """`jax.nn.softmax(x, axis=2)` for `x [B, H, K, Lq]`, written on the `K`
-  slot slices (`span.common.unstack`): a reduction or broadcast over the
-  tiny second-minor slot axis compiles on TPU to code linear in `Lq`."""
-  xs = span_common.unstack(x, 2)
-  m = jax.lax.stop_gradient(functools.reduce(jnp.maximum, xs))
-  es = [jnp.exp(s - m) for s in xs]
-  tot = functools.reduce(jnp.add, es)
-  return jnp.stack([e / tot for e in es], axis=2)
-
-
 def _prefill(q, k, v, q_search, k_search, q_offset, *, config: SuperlinearConfig, scale,
              variant, block_q, block_k):
   lq, lk = q.shape[1], k.shape[1]
@@ -177,11 +164,13 @@ def _prefill(q, k, v, q_search, k_search, q_offset, *, config: SuperlinearConfig
                            q_offset, config=config, variant=variant, heads_first=True)
   anchors, scores = jax.lax.stop_gradient(anchors), jax.lax.stop_gradient(scores)
   logits = gate_logits(q_search, k_search, anchors, scores)
-  gates = slot_softmax(jnp.where(anchors >= 0, logits, -1e9))
   span_table = masks.superlinear_span_table(lk, config)   # numpy: static cost estimates
-  out = span.span_attention(
-      q, k, v, anchors, gates, span_table=span_table, window=config.window, scale=scale,
-      q_offset=q_offset, block_q=block_q, block_k=block_k, variant=variant)
+  # Softmax over the slots (invalid slots -1e9) inside span attention, on
+  # its slot-major pair rows.
+  out, gates = span.span_attention(
+      q, k, v, anchors, jnp.where(anchors >= 0, logits, -1e9), span_table=span_table,
+      window=config.window, scale=scale, q_offset=q_offset, block_q=block_q,
+      block_k=block_k, variant=variant, gates_from_logits=True)
   public = lambda x: x.transpose(0, 3, 1, 2)  # noqa: E731  [B, Hq, K, Lq] -> [B, Lq, Hq, K]
   return out, public(anchors).astype(jnp.int32), public(gates).astype(jnp.float32)
 

@@ -177,6 +177,15 @@ def gate_merge_weights(lse_s, lse_w, gates):
   return tuple(c_s), c_w
 
 
+def slot_softmax(xs):
+  """`jax.nn.softmax` across the `K` slots of `K` same-shape arrays (a
+  tuple back): the slots stay separate arrays, never a tiny minor axis."""
+  m = jax.lax.stop_gradient(functools.reduce(jnp.maximum, xs))
+  es = [jnp.exp(x - m) for x in xs]
+  tot = functools.reduce(jnp.add, es)
+  return tuple(e / tot for e in es)
+
+
 # ------------------------------------------------------------ row tables
 #
 # XLA:TPU tiles the two minor axes of an array (8 x 128 for 32-bit values).

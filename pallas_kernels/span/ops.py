@@ -199,7 +199,7 @@ def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = N
 
 def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: float,
                    q_offset=None, block_q: int | None = None, block_k: int | None = None,
-                   variant=None):
+                   variant=None, gates_from_logits: bool = False):
   """Superlinear span attention: gated mix of (span U window) softmaxes.
 
   Args:
@@ -216,9 +216,14 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
     q_offset: absolute position of `q[:, 0]` (int or traced int32 scalar;
       None: `Lk - Lq`).
     block_q, block_k, variant: as in `interval_attention`.
+    gates_from_logits: `gates` holds gate logits (invalid slots already at a
+      large negative value); the mixing weights are their softmax over the
+      `K` slots, taken here on the pair rows (`common.slot_softmax`), where
+      the slots are slices and XLA:TPU needs no relayout.
 
   Returns:
-    `[B, Lq, Hq, D]` in q's dtype. Gradients flow to q, k, v and gates.
+    `[B, Lq, Hq, D]` in q's dtype; with `gates_from_logits`, `(out, weights
+    float32 [B, Hq, K, Lq])`. Gradients flow to q, k, v and gates.
 
   Layout: every row table is flat with the query axis last (window rows
   ordered head, query; pair rows slot, head, query), built and cut by
@@ -274,12 +279,18 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
   # as slices of the slot-major rows, never a slot axis.
   gates_s = common.split_rows(
       common.to_pair_rows(gates.astype(F32).reshape(b, hk, g, num, lq)), num, -1)
+  if gates_from_logits:
+    gates_s = common.slot_softmax(gates_s)
   c_s, c_w = common.gate_merge_weights(lse_s, lse_w, gates_s)
   o_s = common.split_rows(common.permute_rows(o_p, inv, perm, -2), num, -2)
   out = c_w[..., None] * o_w
   for c, o in zip(c_s, o_s):
     out = out + c[..., None] * o                                  # [B, Hk, G Lq, D]
-  return out.reshape(b, hq, lq, d).transpose(0, 2, 1, 3).astype(q.dtype)
+  out = out.reshape(b, hq, lq, d).transpose(0, 2, 1, 3).astype(q.dtype)
+  if not gates_from_logits:
+    return out
+  weights = common.from_pair_rows(jnp.concatenate(gates_s, axis=-1), g, num)
+  return out, weights.reshape(b, hq, num, lq)
 
 
 def _expected_keys(span_table, q_offset: int, lq: int, window: int, group: int, num: int):
