@@ -23,7 +23,7 @@ Shapes: rows `[B, H, R]` (`R` a multiple of `block_q`), tables per tile
 `[B, H, R // block_q]`, per key block `[B, H, Lk // block_k]`.
 
 **Per-tile arithmetic** (`precision_for` onwards) is shared by the TPU and
-GPU variants. A tile is `block_q` rows (queries of one head, or (query, head, slot)
+GPU variants. A tile is `block_q` rows (queries of one head, or (slot, head, query)
 pairs) against one block of `block_k` keys starting at key position
 `k_start`. Every function here works on loaded values; the platform variants
 only differ in how they load and store.
