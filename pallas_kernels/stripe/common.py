@@ -16,16 +16,16 @@ or band. A stripe's key rows for query row `i0` start at
 **Alignment (TPU).** Mosaic DMA windows must start at multiples of 8 rows
 (f32) or 16 (bf16/f16), and export does not check that. Query and key blocks
 start at multiples of the unit, so a stripe window is misaligned by the
-residue `delta mod unit`. Stripes are therefore sorted into `unit` residue
-groups (`group_by_residue`), and each group is a loop with a *static*
-residue `u`: it DMAs the aligned window that starts `u` rows early (one unit
-longer) and reads rows `[u, u + n)` of it with a static slice. Bands (dense
-runs of offsets, scored as masked matmul tiles) start at aligned rows and
-mask the extra rows instead. The GPU variant runs the same loops and loads
-at the exact row. The search instead runs one loop over all stripes and
-reads each window with `ctx.rows_f32` (TPU: the aligned window one unit
+residue `delta mod unit`. Every kernel runs one loop over all its stripes
+and reads each window with `ctx.rows_f32` (TPU: the aligned window one unit
 longer, rotated by the traced residue in float32), which keeps its Mosaic
-compile about `unit` times smaller.
+compile about `unit` times smaller than one loop per static residue (the
+PPA kernels had that: 47K and 42K LLO lines for the forward and dq kernels
+at L = 128K, docs/kernels_stripe.md). The tables still list the stripes
+in residue groups (`group_by_residue`); the loops visit them in table
+order. Bands (dense runs of offsets, scored as masked matmul tiles) start
+at aligned rows, read through `ctx.rows` with residue 0, and mask the
+extra rows. The GPU variant runs the same loops and loads at the exact row.
 
 **Tables** are int32 vectors computed in XLA by the entry functions
 (dynamic: they may depend on a traced `q_offset` or on data such as
@@ -54,8 +54,8 @@ context:
     framed array `name` (`[B, H, rows, W]`) for this program's batch row and
     head (`g`: the query head within the group, for key-block kernels);
     `start - u` is a multiple of the alignment unit, `u` a Python int.
-  * `ctx.rows_f32(name, start, n)`: the same rows as float32 for any traced
-    `start` (kinds "same" / "kv" only).
+  * `ctx.rows_f32(name, start, n, g=None)`: the same rows as float32 for
+    any traced `start`.
 
 `tpu.launch_tpu` serves `rows` by a DMA of the aligned window that starts `u`
 rows early (frames stay in HBM, `memory_space=ANY`; tables are scalar-
@@ -149,6 +149,30 @@ def group_by_residue(deltas, count, unit: int, *, sign: int = 1):
   return out, bounds
 
 
+def group_by_residue_host(deltas, unit: int, *, sign: int = 1):
+  """`group_by_residue` of static deltas (every entry live), on the host.
+
+  Same tables as `group_by_residue(deltas, deltas.size, unit, sign=sign)`
+  (stable order), but as program constants: built on the device, the sort,
+  gathers and searches compile for XLA:TPU into code linear in the number
+  of stripes (docs/kernels_stripe.md, compile time).
+
+  Args:
+    deltas: int `[S]` numpy (values in int32 range).
+    unit, sign: as in `group_by_residue`.
+
+  Returns:
+    `(sorted int32 [S_pad], bounds int32 [unit + 1])` as jnp arrays.
+  """
+  deltas = np.asarray(deltas, np.int64).reshape(-1).astype(np.int32)
+  s = deltas.shape[0]
+  key = np.mod(sign * deltas.astype(np.int64), unit)
+  order = np.argsort(key, kind="stable")
+  bounds = np.searchsorted(key[order], np.arange(unit + 1), side="left").astype(np.int32)
+  out = np.pad(deltas[order], (0, next_pow2(max(s, 1)) - s))
+  return jnp.asarray(out, jnp.int32), jnp.asarray(bounds, jnp.int32)
+
+
 def pad_table(x):
   """Pads a 1-D int32 table to a power-of-two length (GPU block shapes)."""
   x = jnp.asarray(x, jnp.int32)
@@ -239,11 +263,14 @@ def _rowdot(a, b):
 
 
 def _stripe_loops(ctx, bounds_ref, unit, body, carry):
-  """`body(j, u, carry)` over every stripe `j`, one loop per residue `u`."""
-  for u in range(unit):
-    carry = jax.lax.fori_loop(ctx.scalar(bounds_ref, u), ctx.scalar(bounds_ref, u + 1),
-                              lambda j, c, u=u: body(j, u, c), carry)
-  return carry
+  """`body(j, carry)` over every stripe `j`, in table order (residue groups
+  one after another), as one loop: the bodies read stripe rows with
+  `ctx.rows_f32` (any residue), so the Mosaic kernel holds one copy of the
+  body instead of one per residue (`unit` copies: 16 for bf16), which made
+  the PPA kernels the largest programs of a PPA prefill compile
+  (docs/kernels_stripe.md, compile time)."""
+  return jax.lax.fori_loop(ctx.scalar(bounds_ref, 0), ctx.scalar(bounds_ref, unit), body,
+                           carry)
 
 
 def _align_down(x, unit):
@@ -327,8 +354,8 @@ def ppa_fwd_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, o_ref, lse_ref, *
   carry = _band_loop(ctx, bands, band_step, carry, i0=i0, qoff=qoff, qmax=qmax, bq=bq,
                      rows=n, bk=bk, lk=lk, front=front, unit=unit)
 
-  def stripe(j, u, st):
-    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, u, i0=i0, bq=bq, group=group, lk=lk,
+  def stripe(j, st):
+    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, i0=i0, bq=bq, group=group, lk=lk,
                               qmax=qmax, front=front)
     s = _rowdot(q32, kw) * scale
     return _online(*st, s, ok, lambda p: p * vw)
@@ -371,7 +398,7 @@ def _band_loop(ctx, bands, step, carry, *, i0, qoff, qmax, bq, rows, bk, lk, fro
   return carry
 
 
-def _stripe_tile(ctx, deltas_ref, j, u, *, i0, bq, group, lk, qmax, front):
+def _stripe_tile(ctx, deltas_ref, j, *, i0, bq, group, lk, qmax, front):
   """The keys and values of stripe `j` for the query block at row `i0`:
   `(k, v, ok)`, float32 `[group * bq, D]` (query `i0 + r` of every head meets
   key `i0 + r + delta`; `bq` rows loaded once, repeated per head), zeroed
@@ -381,8 +408,8 @@ def _stripe_tile(ctx, deltas_ref, j, u, *, i0, bq, group, lk, qmax, front):
   kc = _col(bq, i0 + dl)
   vis = (kc >= 0) & (kc < lk) & (kc <= qmax)
   start = front + i0 + dl
-  kw = repeat_rows(jnp.where(vis, ctx.rows("k", start, bq, u).astype(F32), 0.0), group)
-  vw = repeat_rows(jnp.where(vis, ctx.rows("v", start, bq, u).astype(F32), 0.0), group)
+  kw = repeat_rows(jnp.where(vis, ctx.rows_f32("k", start, bq), 0.0), group)
+  vw = repeat_rows(jnp.where(vis, ctx.rows_f32("v", start, bq), 0.0), group)
   kf = fold_col(group * bq, bq, i0 + dl)
   return kw, vw, (kf >= 0) & (kf < lk) & (kf <= qmax)
 
@@ -412,8 +439,8 @@ def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, d
   dq = _band_loop(ctx, bands, band_step, dq, i0=i0, qoff=qoff, qmax=qmax, bq=bq,
                   rows=q.shape[0], bk=bk, lk=lk, front=front, unit=unit)
 
-  def stripe(j, u, dq):
-    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, u, i0=i0, bq=bq, group=group, lk=lk,
+  def stripe(j, dq):
+    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, i0=i0, bq=bq, group=group, lk=lk,
                               qmax=qmax, front=front)
     p = _probs(_rowdot(q32, kw) * scale, lse, ok)
     ds = p * (_rowdot(do32, vw) - delta)
@@ -451,6 +478,16 @@ def ppa_dkv_body(ctx, meta_ref, deltas_ref, bounds_ref, k_ref, v_ref, dk_ref, dv
     dl = jnp.where(ok, ctx.rows("delta", start, n, u, g), 0.0)
     return ic, ok, qw, dow, lse, dl
 
+  def load_q32(start, n, g):
+    """`load_q` of a stripe (any residue), q / do as float32."""
+    ic = _col(n, start - front_q)
+    ok = (ic >= 0) & (ic < lq)
+    qw = jnp.where(ok, ctx.rows_f32("q", start, n, g), 0.0)
+    dow = jnp.where(ok, ctx.rows_f32("do", start, n, g), 0.0)
+    lse = ctx.rows_f32("lse", start, n, g)
+    dl = jnp.where(ok, ctx.rows_f32("delta", start, n, g), 0.0)
+    return ok, qw, dow, lse, dl
+
   def head(g, acc):
     dk, dv = acc
     for lo, hi in bands:
@@ -472,10 +509,10 @@ def ppa_dkv_body(ctx, meta_ref, deltas_ref, bounds_ref, k_ref, v_ref, dk_ref, dv
 
       dk, dv = jax.lax.fori_loop(0, n, chunk, (dk, dv))
 
-    def stripe(j, u, acc, g=g):
+    def stripe(j, acc, g=g):
       dk, dv = acc
       dl_ = ctx.scalar(deltas_ref, j)
-      ic, qok, qw, dow, lse, dl = load_q(front_q + x0 - dl_, bk, u, g)
+      qok, qw, dow, lse, dl = load_q32(front_q + x0 - dl_, bk, g)
       ok = qok & kvis
       p = _probs(_rowdot(k32, qw) * scale, lse, ok)
       ds = p * (_rowdot(v32, dow) - dl)

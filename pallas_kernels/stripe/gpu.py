@@ -24,9 +24,9 @@ class _GpuCtx:
       return pltriton.load(ref.at[g, pl.ds(start, n), :])
     return pltriton.load(ref.at[pl.ds(start, n), :])
 
-  def rows_f32(self, name, start, n):
+  def rows_f32(self, name, start, n, g=None):
     """Rows `[start, start + n)` of frame `name` as float32 (any start)."""
-    return self.rows(name, start, n, 0).astype(jnp.float32)
+    return self.rows(name, start, n, 0, g).astype(jnp.float32)
 
 
 def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_rows,

@@ -63,6 +63,16 @@ def _clip_offset(q_offset, q_len: int, kv_len: int):
   return jnp.clip(jnp.asarray(q_offset, jnp.int32), 0, kv_len - q_len)
 
 
+def _static_offset(q_offset, q_len: int, kv_len: int) -> int | None:
+  """`_clip_offset` as a Python int when `q_offset` is None or an int, else
+  None (traced)."""
+  if q_offset is None:
+    return kv_len - q_len
+  if isinstance(q_offset, (int, np.integer)) and not isinstance(q_offset, bool):
+    return int(min(max(int(q_offset), 0), kv_len - q_len))
+  return None
+
+
 def _heads_first(x, rows: int, dp: int, fill=0):
   """`[B, L, H, W] -> [B, H, rows, dp]` padded at the end with `fill`."""
   x = jnp.moveaxis(x, 2, 1)
@@ -173,6 +183,7 @@ class _PpaCfg(NamedTuple):
   variant: object
   block_q: int | None
   block_k: int | None
+  static_offset: int | None = None   # q_offset when known at trace time (clipped)
 
 
 def _ppa_geometry(plat, q, k, cfg):
@@ -207,9 +218,14 @@ def _ppa_costs(plat, q, cfg, g):
 
 
 def _ppa_tables(cfg, qoff, unit, sign):
+  """Residue-grouped `qoff - far` tables; host constants when the offset
+  is static (`cfg.static_offset`), else sorted on the device."""
   far = np.asarray(cfg.far_offsets, np.int32).reshape(-1)
   if far.size == 0:
     return jnp.zeros((1,), jnp.int32), jnp.zeros((unit + 1,), jnp.int32)
+  if cfg.static_offset is not None:
+    return common.group_by_residue_host(cfg.static_offset - far.astype(np.int64), unit,
+                                        sign=sign)
   return common.group_by_residue(qoff - jnp.asarray(far), far.size, unit, sign=sign)
 
 
@@ -343,5 +359,6 @@ def ppa_attention(q, k, v, *, dense_runs, far_offsets, scale, q_offset, variant=
   far = tuple(int(d) for d in np.asarray(far_offsets, np.int64).reshape(-1))
   runs = tuple((int(lo), int(hi)) for lo, hi in dense_runs)
   qoff = _clip_offset(q_offset, q.shape[1], k.shape[1])
-  cfg = _PpaCfg(runs, far, float(scale), variant, block_q, block_k)
+  cfg = _PpaCfg(runs, far, float(scale), variant, block_q, block_k,
+                _static_offset(q_offset, q.shape[1], k.shape[1]))
   return _ppa(q, k, v, qoff, cfg)

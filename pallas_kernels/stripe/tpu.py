@@ -35,13 +35,16 @@ class _TpuCtx:
     copy.wait()
     return buf[pl.ds(u, n), :]
 
-  def rows_f32(self, name, start, n):
+  def rows_f32(self, name, start, n, g=None):
     """Rows `[start, start + n)` of frame `name` as float32, for any (traced)
     `start`: one DMA of the aligned `n + unit` rows from `start` rounded down,
     then a dynamic sublane rotate by the residue. One code path for every
-    residue (the `rows` path needs a static one: a loop per residue)."""
+    residue (the `rows` path needs a static one: a loop per residue). `g`:
+    the group member of a `"group"` frame, as in `rows`."""
     hbm, buf = self._frames[name], self._bufs[name]
-    head = _head_block(self._kinds[name], self._group)(self._h)
+    kind = self._kinds[name]
+    head = (self._h * self._group + g if kind == "group"
+            else _head_block(kind, self._group)(self._h))
     m = n + self._unit
     u = jax.lax.rem(start, self._unit)
     base = pl.multiple_of(start - u, self._unit)
