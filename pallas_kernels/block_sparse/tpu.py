@@ -8,7 +8,8 @@ rule: rows are `block_q` / `block_k` (multiples of 8), lanes the head_dim
 padded to a multiple of 128. `lse` / `delta` travel lane-dense, one
 `(1, block_q)` row per query block of a `[B, Hq, nq, 1, block_q]` array
 (`_rows`), and are turned into the `[block_q, 1]` column the tile math uses
-inside the kernel (`_column`, `_row`).
+inside the kernel (`_column`, `_row`: a diagonal sum, not a reshape, which
+v4's Mosaic cannot lower).
 
 SMEM is 1 MiB on v4, v5e and v6e (deviceless compile: a 1 MiB scalar-prefetch
 operand fails with "Ran out of memory in memory space smem"), and the whole
@@ -91,15 +92,27 @@ def _rows(x, block_q: int):
   return x.reshape(b, h, l // block_q, 1, block_q)
 
 
+def _diagonal(shape):
+  i = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+  return i == jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+
+
 def _column(row):
   """`[1, bq] -> [bq, 1]`: a lane-dense row block as the column the tile
-  math broadcasts over keys."""
-  return row.reshape(row.shape[1], 1)
+  math broadcasts over keys. A masked sum over the diagonal of the row
+  broadcast to `[bq, bq]` (exact: one value and zeros; `-inf` stays
+  `-inf`), not a reshape: Mosaic lowers that shape cast to a sublane gather,
+  which TPU v4 does not have."""
+  bq = row.shape[1]
+  full = jnp.broadcast_to(row, (bq, bq))
+  return jnp.sum(jnp.where(_diagonal((bq, bq)), full, 0.0), axis=1, keepdims=True)
 
 
 def _row(col):
-  """`[bq, 1] -> [1, bq]`: the inverse of `_column`."""
-  return col.reshape(1, col.shape[0])
+  """`[bq, 1] -> [1, bq]`: the inverse of `_column` (the same diagonal sum)."""
+  bq = col.shape[0]
+  full = jnp.broadcast_to(col, (bq, bq))
+  return jnp.sum(jnp.where(_diagonal((bq, bq)), full, 0.0), axis=0, keepdims=True)
 
 
 def _cost(kind: str, spec: Spec, x, hk: int):
