@@ -92,27 +92,27 @@ def _rows(x, block_q: int):
   return x.reshape(b, h, l // block_q, 1, block_q)
 
 
-def _diagonal(shape):
-  i = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-  return i == jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+def _flip(vec, axis: int):
+  """`[1, bq] <-> [bq, 1]`: the vector broadcast to `[bq, bq]`, masked to the
+  diagonal and summed over `axis` (exact: one value and zeros; `-inf` stays
+  `-inf`), not a reshape: Mosaic lowers that shape cast to a sublane
+  gather, which TPU v4 does not have."""
+  bq = max(vec.shape)
+  i = jax.lax.broadcasted_iota(jnp.int32, (bq, bq), 0)
+  diag = i == jax.lax.broadcasted_iota(jnp.int32, (bq, bq), 1)
+  full = jnp.broadcast_to(vec, (bq, bq))
+  return jnp.sum(jnp.where(diag, full, 0.0), axis=axis, keepdims=True)
 
 
 def _column(row):
   """`[1, bq] -> [bq, 1]`: a lane-dense row block as the column the tile
-  math broadcasts over keys. A masked sum over the diagonal of the row
-  broadcast to `[bq, bq]` (exact: one value and zeros; `-inf` stays
-  `-inf`), not a reshape: Mosaic lowers that shape cast to a sublane gather,
-  which TPU v4 does not have."""
-  bq = row.shape[1]
-  full = jnp.broadcast_to(row, (bq, bq))
-  return jnp.sum(jnp.where(_diagonal((bq, bq)), full, 0.0), axis=1, keepdims=True)
+  math broadcasts over keys (`_flip`)."""
+  return _flip(row, 1)
 
 
 def _row(col):
-  """`[bq, 1] -> [1, bq]`: the inverse of `_column` (the same diagonal sum)."""
-  bq = col.shape[0]
-  full = jnp.broadcast_to(col, (bq, bq))
-  return jnp.sum(jnp.where(_diagonal((bq, bq)), full, 0.0), axis=0, keepdims=True)
+  """`[bq, 1] -> [1, bq]`: the inverse of `_column` (`_flip`)."""
+  return _flip(col, 0)
 
 
 def _cost(kind: str, spec: Spec, x, hk: int):
