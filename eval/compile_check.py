@@ -81,6 +81,9 @@ def main(argv=None) -> int:
   ap.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
   ap.add_argument("--out", default=str(ROOT / "docs" / "compiled.jsonl"))
   ap.add_argument("--report", default=str(ROOT / "docs" / "compiled.md"))
+  ap.add_argument("--slow", action="store_true",
+                  help="only cases whose latest result in --out is over the time limit "
+                  "(30 s superlinear, 15 s other ops): re-time them")
   ap.add_argument("--resume", action="store_true",
                   help="skip cases with a result in --out (errors and crashes are retried)")
   args = ap.parse_args(argv)
@@ -120,6 +123,9 @@ def main(argv=None) -> int:
   for t in targets:
     todo = [c for c in chosen if not (args.resume and done.get((t, c.key), {}).get(
         "status") in ("ok", "fail", "timeout"))]
+    if args.slow:
+      slow = report.slow_results(done)
+      todo = [c for c in todo if (t, c.key) in slow]
     print(f"== {t}: {len(todo)} cases (timeout {args.timeout:.0f} s each)", flush=True)
     driver.run([t], todo, timeout_s=args.timeout, on_result=on_result)
   print(f"{len(failed)} case(s) did not pass; report: {rep}", flush=True)

@@ -31,6 +31,22 @@ def load(path: pathlib.Path) -> tuple[list[dict], dict[tuple[str, str], dict]]:
   return runs, results
 
 
+def time_limit(key: str) -> float:
+  """Issue 17's compile-time limit for a case key: 30 s superlinear, 15 s other ops."""
+  return 30.0 if key.startswith("superlinear(") else 15.0
+
+
+def compile_seconds(rec: dict) -> float:
+  return (rec.get("compile_s") or 0) + (rec.get("lower_s") or 0)
+
+
+def slow_results(results: dict) -> dict:
+  """The latest records (ok, fail or timeout) over their case's time limit."""
+  return {(t, k): r for (t, k), r in results.items()
+          if r["status"] in ("ok", "fail", "timeout")
+          and compile_seconds(r) > time_limit(k)}
+
+
 def _secs(rec: dict | None) -> str:
   if rec is None:
     return "not run"
@@ -112,12 +128,7 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
       out.append(f"| {r['target']} | `{r['key']}` | {r['status']} | {why[:300]} | "
                  f"{', '.join(r.get('where') or [])} |")
 
-  slow = []
-  for (t, k), r in results.items():
-    limit = 30.0 if k.startswith("superlinear(") else 15.0
-    secs = (r.get("compile_s") or 0) + (r.get("lower_s") or 0)
-    if r["status"] in ("ok", "fail", "timeout") and secs > limit:
-      slow.append((t, k, secs, r["status"], limit))
+  slow = [(t, k, r) for (t, k), r in slow_results(results).items()]
   out += ["", "## Slow compiles (work order)", "",
           "Lower + compile over 30 s for superlinear (forward or grad), over 15 s "
           "for any other op (the targets of issue 17); wall seconds on the shared, "
@@ -125,9 +136,11 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
   if not slow:
     out.append("None.")
   else:
-    out += ["| target | case | seconds | limit |", "|---|---|---|---|"]
-    for t, k, secs, st, limit in sorted(slow, key=lambda x: (x[0], -x[2])):
-      out.append(f"| {t} | `{k}` | {'> ' if st == 'timeout' else ''}{secs:.0f} | {limit:.0f} |")
+    out += ["| target | case | seconds | limit | load average |", "|---|---|---|---|---|"]
+    for t, k, r in sorted(slow, key=lambda x: (x[0], -compile_seconds(x[2]))):
+      load = f"{r['load1']:.1f}" if "load1" in r else "?"
+      out.append(f"| {t} | `{k}` | {'> ' if r['status'] == 'timeout' else ''}"
+                 f"{compile_seconds(r):.0f} | {time_limit(k):.0f} | {load} |")
 
   gpu = {k: r for (t, k), r in results.items() if t == "gpu" and r.get("kernels")}
   if gpu:
