@@ -227,12 +227,16 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
   sk = dict(s.kw(), gqa_shared_reads=changes.gqa_shared_reads)
   stripes = masks.superlinear_num_stripes(seq_len, config)
   num = config.num_spans
+  search_bq = 64                          # `cost.stripe_search`'s block_q
+  visits = cost.stripe_visits(1 - masks.superlinear_stripe_table(seq_len, config).astype(
+      np.int64), q_blocks=-(-seq_len // search_bq), block_q=search_bq, kv_len=seq_len)
   dp = cost.padded_head_dim(s.head_dim, s.platform)
   q_rows = s.batch * s.q_heads * seq_len
   frame = 2 * s.batch * s.kv_heads * seq_len * dp * s.itemsize + 2 * q_rows * dp * s.itemsize
   parts = [("search frames", _glue(frame)),
            ("stripe_search", cost.stripe_search(q_len=seq_len, stripes=stripes,
-                                                num_spans=num, detail=True, **sk))]
+                                                num_spans=num, block_q=search_bq,
+                                                visits=visits, detail=True, **sk))]
   # Gate logits: the search's own scores (search once), no forward kernel.
   heads = s.batch * s.kv_heads           # span grid: (batch, kv head) pairs
   w_blocks = heads * cost.window_key_blocks(seq_len, config.window, s.group)

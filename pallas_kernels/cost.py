@@ -172,27 +172,44 @@ def block_sparse_dkv(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
 # ----------------------------------------------------------------- stripes
 
 
+def stripe_visits(deltas, *, q_blocks: int, block_q: int, kv_len: int) -> int:
+  """(query block, stripe) pairs the span-search visits per (batch, kv head).
+
+  deltas: int `[S]`, anchor = query row + delta (`q_offset + 1 - f`). A
+  block of rows `[i0, i0 + block_q)` visits the stripes with an anchor in
+  `[0, kv_len)` for some row: `-(i0 + block_q - 1) <= delta < kv_len - i0`.
+  """
+  d = np.sort(np.asarray(deltas, np.int64))
+  i0 = np.arange(q_blocks, dtype=np.int64) * block_q
+  lo = np.searchsorted(d, -(i0 + block_q - 1), side="left")
+  hi = np.searchsorted(d, kv_len - i0, side="left")
+  return int(np.maximum(hi - lo, 0).sum())
+
+
 def stripe_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
                   stripes: int, num_spans: int, block_q: int = 64, itemsize: int = 2,
                   platform: str = "gpu", unit: int = 16, gqa_shared_reads: bool = True,
-                  detail: bool = False):
+                  visits: int | None = None, detail: bool = False):
   """Span-search (`stripe.search_topk`), grid `(B, Hk, nq)` (`block_q`: query
   rows per head; a program serves the `G` query heads of a kv head).
 
-  Every program loops over *all* `stripes` of the table (invalid anchors
-  are loaded and masked), loading `block_q` rows of the search keys per
-  stripe once for its `G` heads and scoring them row-wise (`2 Dp` FLOPs a
-  row, vector units). `gqa_shared_reads=False`: the former grid `(B, Hq,
-  nq)`, each query head re-reading the rows.
+  A program visits the stripes with an anchor in its block (`visits`
+  (query block, stripe) pairs per (batch, kv head), `stripe_visits`; None:
+  every stripe in every block, the bound for a traced offset), loading
+  `block_q` rows of the search keys per stripe once for its `G` heads and
+  scoring them row-wise (`2 Dp` FLOPs a row, vector units).
+  `gqa_shared_reads=False`: the former grid `(B, Hq, nq)`, each query head
+  re-reading the rows.
   """
   dp = padded_head_dim(head_dim, platform)
   nq = _cdiv(q_len, block_q)
+  visits = nq * stripes if visits is None else visits
   reads_h = kv_heads if gqa_shared_reads else q_heads
   rows = stripe_rows(block_q, platform, unit)
-  ks = batch * reads_h * nq * stripes * rows * dp * itemsize
+  ks = batch * reads_h * visits * rows * dp * itemsize
   kp = next_pow2(num_spans)
   own = batch * q_heads * nq * block_q * (dp * itemsize + 2 * kp * 4)
-  vec = batch * q_heads * nq * stripes * block_q * 2 * dp
+  vec = batch * q_heads * visits * block_q * 2 * dp
   return _out(KernelCost(vector_flops=int(vec), bytes_accessed=int(ks + own),
                          programs=batch * reads_h * nq), detail)
 

@@ -185,9 +185,24 @@ def _num_stripes(l, config):
   return max(n, config.num_spans)
 
 
-def test_stripe_search_bytes(loads):
-  b, l, hq, hk, ds, bq = 1, 48, 4, 2, 8, 16
-  config = attn.SuperlinearConfig(sw_index=1, num_spans=2)
+def _search_visits(l, config, bq):
+  """Plain loops: (query block, stripe) pairs where some query `i` of the
+  block has its stripe-`j` anchor `i + 1 - floor(j ** (1/p))` in `[0, l)`."""
+  n, j = 0, config.sw_index + 1
+  offsets = []
+  while math.floor(j ** (1 / config.search_power) + 1e-9) <= l:
+    offsets.append(math.floor(j ** (1 / config.search_power) + 1e-9))
+    j += 1
+  for i0 in range(0, l, bq):
+    for f in offsets:
+      n += any(0 <= i + 1 - f < l for i in range(i0, i0 + bq))
+  return n
+
+
+@pytest.mark.parametrize("l,sw_index", [(48, 1), (64, 2)])
+def test_stripe_search_bytes(loads, l, sw_index):
+  b, hq, hk, ds, bq = 1, 4, 2, 8, 16
+  config = attn.SuperlinearConfig(sw_index=sw_index, num_spans=2)
   s = _num_stripes(l, config)
   qs, ks = _normal(3, (b, l, hq, ds)), _normal(4, (b, l, hk, ds))
   table = masks.superlinear_stripe_table(l, config)
@@ -195,9 +210,15 @@ def test_stripe_search_bytes(loads):
                                   block_q=bq)
   _flush(anchors)
   nq, dp = l // bq, 16
-  assert loads.count("ks", bq) == b * hk * nq * s     # one program per kv head
+  visits = _search_visits(l, config, bq)
+  # A program visits only the stripes with an anchor in its block: fewer
+  # than every stripe in every block (the first block sees few of them).
+  assert visits < nq * s
+  assert loads.count("ks", bq) == b * hk * visits     # one program per kv head
   model = cost.stripe_search(batch=b, q_heads=hq, kv_heads=hk, head_dim=ds, q_len=l,
-                             stripes=s, num_spans=2, block_q=bq, itemsize=4)
+                             stripes=s, num_spans=2, block_q=bq, itemsize=4,
+                             visits=cost.stripe_visits(1 - table, q_blocks=nq, block_q=bq,
+                                                       kv_len=l))
   own = b * hq * l * (dp * 4 + 2 * 2 * 4)             # q rows in, scores + anchors out
   assert model.bytes_accessed == loads.rows("ks") * dp * 4 + own
 

@@ -90,6 +90,20 @@ def test_search_anchors_equal_reference(case):
   chex.assert_trees_all_close(gates, ref_gates, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["gpu_interpret", "tpu_interpret"])
+def test_search_at_a_traced_offset_equals_reference(variant):
+  """A traced `q_offset`: the stripe runs each block visits come from the
+  traced deltas (binary search in the kernel), not from host tables."""
+  config = attn.SuperlinearConfig(sw_index=1, num_spans=2)
+  lq, lk = 19, 53
+  qs, ks = _search_inputs(jax.random.PRNGKey(5), 4, 2, lq, lk)
+  run = jax.jit(lambda off: pallas_superlinear.search(qs, ks, off, config=config,
+                                                      variant=variant)[0])
+  for q_offset in (0, 17, lk - lq):
+    ref_anchors, _ = _reference_search(qs, ks, config, q_offset)
+    np.testing.assert_array_equal(run(jnp.int32(q_offset)), ref_anchors)
+
+
 def test_search_ties_keep_the_farther_stripe_and_bf16():
   """Identical keys: every valid anchor scores the same; the farthest win."""
   config = attn.SuperlinearConfig(sw_index=1, num_spans=3)

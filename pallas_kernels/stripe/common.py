@@ -280,13 +280,32 @@ def _align_down(x, unit):
 # ----------------------------------------------------------------- search
 
 
-def search_body(ctx, deltas_ref, bounds_ref, q_ref, anc_ref, sc_ref, *, bq, group, num,
-                lk, front, unit):
+def first_at_least(ctx, ref, count: int, x):
+  """Smallest `j` in `[0, count]` with `ref[j] >= x`, for `ref[:count]`
+  ascending: a binary search of `count.bit_length()` scalar reads."""
+  def step(_, bounds):
+    lo, hi = bounds
+    mid = (lo + hi) // 2                  # < hi <= count while lo < hi
+    below = ctx.scalar(ref, jnp.clip(mid, 0, max(count - 1, 0))) < x
+    more = lo < hi
+    return (jnp.where(more & below, mid + 1, lo), jnp.where(more & ~below, mid, hi))
+
+  lo, _ = jax.lax.fori_loop(0, max(count, 1).bit_length(), step,
+                            (jnp.int32(0), jnp.int32(count)))
+  return lo
+
+
+def search_body(ctx, deltas_ref, q_ref, anc_ref, sc_ref, *, bq, group, num, count, lk,
+                front):
   """Running top-`num` over the stripes `deltas` (anchor = row + delta).
 
   One program serves the `group` query heads of a kv head: their query
   blocks are folded into `group * bq` rows (`load_heads`), and each stripe's
-  `bq` key rows are loaded once and repeated for every head."""
+  `bq` key rows are loaded once and repeated for every head. `deltas[:count]`
+  is ascending, so the stripes with an anchor in `[0, lk)` for some row of
+  the block are one run `[lo, hi)`, found by binary search: the program
+  visits only those (a causal prefill skips about a third of the stripes,
+  those whose anchors are all before key 0)."""
   i0 = pl.program_id(2) * bq
   q = load_heads(q_ref).astype(F32)
   n = q.shape[0]
@@ -302,10 +321,11 @@ def search_body(ctx, deltas_ref, bounds_ref, q_ref, anc_ref, sc_ref, *, bq, grou
     s = jnp.where(ok, _rowdot(q, jnp.where(ok, kw, 0.0)), -jnp.inf)
     return topk_insert(st, s, a)
 
-  # One loop over all stripes (any residue: `ctx.rows_f32`), not one per
+  # One loop over the stripes (any residue: `ctx.rows_f32`), not one per
   # residue: the Mosaic compile of this kernel is then ~`unit` times smaller.
-  state = jax.lax.fori_loop(ctx.scalar(bounds_ref, 0), ctx.scalar(bounds_ref, unit), body,
-                            state)
+  lo = first_at_least(ctx, deltas_ref, count, -(i0 + bq - 1))   # an anchor >= 0
+  hi = first_at_least(ctx, deltas_ref, count, lk - i0)          # every anchor >= lk
+  state = jax.lax.fori_loop(lo, jnp.maximum(lo, hi), body, state)
   scores = [s for s, _ in state]
   anchors = [jnp.where(jnp.isfinite(s), a, -1) for s, a in state]
   width = sc_ref.shape[-1]

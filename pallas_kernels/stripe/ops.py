@@ -90,7 +90,8 @@ def _launch(plat, body, *, interpret, num_warps=4, **kw):
 # ----------------------------------------------------------------- search
 
 
-def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, heads_first, interpret):
+def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, heads_first, f_host,
+                    qoff_host, interpret):
   b, lq, hq, ds = qs.shape
   lk, hk = ks.shape[1], ks.shape[2]
   grp = hq // hk
@@ -101,15 +102,22 @@ def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, heads_first, i
   front = round_up(max(fmax - 1, 0), max(unit, 8))
   rows = round_up(front + lk + lq_pad + 2 * max(unit, 8), max(unit, 8))
   kp = next_pow2(num)
-  deltas, bounds = common.group_by_residue(qoff + 1 - f, f.shape[0], unit)
+  count = int(f.shape[0])
+  # Ascending deltas (anchor = row + delta), padded with `lk` (no anchor):
+  # each program visits the run of stripes with an anchor in its block.
+  deltas = jnp.pad(jnp.sort(qoff + 1 - f), (0, next_pow2(max(count, 1)) - count),
+                   constant_values=lk)
   body = functools.partial(common.search_body, num=num, bq=bq, group=grp, lk=lk,
-                           front=front, unit=unit)
+                           front=front, count=count)
+  visits = None if f_host is None or qoff_host is None else cost.stripe_visits(
+      qoff_host + 1 - f_host, q_blocks=lq_pad // bq, block_q=bq, kv_len=lk)
   est = cost.stripe_search(batch=b, q_heads=hq, kv_heads=hk, head_dim=ds, q_len=lq_pad,
-                           stripes=int(f.shape[0]), num_spans=num, block_q=bq,
-                           itemsize=ks.dtype.itemsize, platform=plat, unit=max(unit, 1))
+                           stripes=count, num_spans=num, block_q=bq,
+                           itemsize=ks.dtype.itemsize, platform=plat, unit=max(unit, 1),
+                           visits=visits)
   anc, sc = _launch(
       plat, body, interpret=interpret, grid=(b, hk, lq_pad // bq),
-      tables=[deltas, bounds],
+      tables=[deltas],
       blocks=[(_heads_first(qs, lq_pad, dp), bq, "heads")],
       frames={"ks": (common.to_frame(ks, front, rows, dp), "same")},
       outs=[(jax.ShapeDtypeStruct((b, hq, lq_pad, kp), jnp.int32), bq, "heads"),
@@ -151,8 +159,9 @@ def search_topk(q_search, k_search, stripe_offsets, *, num_spans, q_offset, vari
   if not isinstance(num_spans, int) or num_spans < 1:
     raise ValueError(f"num_spans={num_spans!r}: must be an int >= 1.")
   lq, lk = q_search.shape[1], k_search.shape[1]
+  f_np = None
   if isinstance(stripe_offsets, (np.ndarray, list, tuple)):
-    f_np = np.asarray(stripe_offsets)
+    f_np = np.clip(np.asarray(stripe_offsets, np.int64), 1, lk + 1)
     fmax = int(f_np.max()) if f_np.size else 1
   else:
     fmax = lk + 1
@@ -162,7 +171,7 @@ def search_topk(q_search, k_search, stripe_offsets, *, num_spans, q_offset, vari
   qs, ks = jax.lax.stop_gradient(q_search), jax.lax.stop_gradient(k_search)
   run = lambda plat: functools.partial(  # noqa: E731
       _search_variant, plat, num=num_spans, fmax=fmax, block_q=block_q,
-      heads_first=heads_first)
+      heads_first=heads_first, f_host=f_np, qoff_host=_static_offset(q_offset, lq, lk))
   return _platform.dispatch((qs, ks, f, qoff), tpu=run("tpu"), gpu=run("gpu"),
                             variant=variant)
 
