@@ -31,6 +31,7 @@ import attn
 from attn import masks, ppa_routing
 from pallas_kernels import cost
 from pallas_kernels.decode import common as dec_common
+from pallas_kernels.span import ops as span_ops
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
@@ -239,27 +240,36 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
                                                 visits=visits, detail=True, **sk))]
   # Gate logits: the search's own scores (search once), no forward kernel.
   heads = s.batch * s.kv_heads           # span grid: (batch, kv head) pairs
-  w_blocks = heads * cost.window_key_blocks(seq_len, config.window, s.group)
-  rows, sp_blocks = span_key_blocks(seq_len, config, s.group)
-  sp_blocks *= heads
+  dtype = {2: "bfloat16", 4: "float32"}[s.itemsize]
+  # The span kernels' own tiles: the forward's (128 pair rows on GPU for
+  # 16-bit inputs) and the backward's (`span.ops.default_blocks`).
+  fq, fk = span_ops.default_blocks(s.platform, forward=True, dtype=dtype)
+  bq, bk = span_ops.default_blocks(s.platform, forward=False, dtype=dtype)
+  w_fwd = heads * cost.window_key_blocks(seq_len, config.window, s.group, fq, fk)
+  w_bwd = heads * cost.window_key_blocks(seq_len, config.window, s.group, bq, bk)
+  rows, sp_fwd = span_key_blocks(seq_len, config, s.group, fq, fk)
+  _, sp_bwd = span_key_blocks(seq_len, config, s.group, bq, bk)
+  sp_fwd, sp_bwd = sp_fwd * heads, sp_bwd * heads
   hk = dict(batch=s.batch, heads=s.kv_heads, head_dim=s.head_dim, itemsize=s.itemsize,
             platform=s.platform)
+  fwd_kw = dict(hk, block_q=fq, block_k=fk)
+  bwd_kw = dict(hk, block_q=bq, block_k=bk)
   pairs = s.batch * s.kv_heads * rows
   kv_b = s.batch * seq_len * s.kv_heads * s.head_dim * s.itemsize
   span_glue = (4 * kv_b + 2 * q_rows * s.head_dim * s.itemsize      # kt, vt, qr
                + 2 * pairs * dp * s.itemsize                           # q_pairs gather
                + pairs * dp * s.itemsize                               # merge-and-gate reads o
                + pairs * 4 * 6)                                        # bounds, sort, inverse
-  parts += [("span window fwd", cost.span_fwd(rows=seq_len * s.group, key_blocks=w_blocks,
-                                              detail=True, **hk)),
-            ("span spans fwd", cost.span_fwd(rows=rows, key_blocks=sp_blocks, detail=True,
-                                             **hk)),
+  parts += [("span window fwd", cost.span_fwd(rows=seq_len * s.group, key_blocks=w_fwd,
+                                              detail=True, **fwd_kw)),
+            ("span spans fwd", cost.span_fwd(rows=rows, key_blocks=sp_fwd, detail=True,
+                                             **fwd_kw)),
             ("span glue", _glue(span_glue))]
   if backward:
     parts += [("span window bwd", cost.span_bwd(rows=seq_len * s.group, kv_len=seq_len,
-                                                key_blocks=w_blocks, detail=True, **hk)),
-              ("span spans bwd", cost.span_bwd(rows=rows, kv_len=seq_len, key_blocks=sp_blocks,
-                                               detail=True, **hk)),
+                                                key_blocks=w_bwd, detail=True, **bwd_kw)),
+              ("span spans bwd", cost.span_bwd(rows=rows, kv_len=seq_len, key_blocks=sp_bwd,
+                                               detail=True, **bwd_kw)),
               ("span bwd glue", _glue(2 * span_glue)),
               ("gate_logits_bwd", cost.gate_logits_bwd(
                   q_len=seq_len, num_spans=num, detail=True, **s.kw()))]

@@ -93,8 +93,10 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_
   dv_ref[...] = dv
 
 
-def _params(dp):
-  return pltriton.CompilerParams(num_warps=4 if dp <= 64 else 8, num_stages=2)
+def _params(dp, block_q=64):
+  """4 warps for `[64, <=64]` tiles, 8 for wider heads or 128-row tiles."""
+  return pltriton.CompilerParams(num_warps=4 if dp <= 64 and block_q <= 64 else 8,
+                                 num_stages=2)
 
 
 def _seq(n, dp):
@@ -123,7 +125,7 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
                  pl.BlockSpec((None, None, block_q, 1), row)],
       out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), q.dtype),
                  jax.ShapeDtypeStruct((b, h, r, 1), F32)],
-      compiler_params=_params(dp), interpret=interpret,
+      compiler_params=_params(dp, block_q), interpret=interpret,
       cost_estimate=cost_estimate)(
           tile_tbl, q, lo, hi, k, v)
 

@@ -38,6 +38,11 @@ from pallas_kernels.common import (F32, next_pow2, pad_head_dim, round_up, span_
 # is what lets `None` pick the kernels on that backend.
 HARDWARE_CHECKS: tuple[platform.HardwareCheck, ...] = ()
 _DEFAULT_BLOCKS = {"tpu": (128, 128), "gpu": (64, 64)}
+# GPU forward: 128 pair rows per tile halve the K/V tiles loaded per pair
+# (a tile loads the union of its rows' spans, about one span plus the rows'
+# start spread), with 8 warps so the [128, Dp] float32 accumulator stays in
+# registers (bf16/f16; float32 inputs keep 64, docs/kernels_span.md).
+_FWD_BLOCK_Q = {"gpu": 128}
 _MIN_BLOCK = 16
 
 
@@ -50,10 +55,21 @@ class _Cfg:
   expected_keys: int | None = None   # sum of interval lengths per (batch, head)
 
 
-def block_sizes(cfg: _Cfg, platform_name: str, rows: int, kv_len: int):
-  """`(block_q, block_k)`: the configured sizes, or the platform defaults
-  shrunk (to a power of two >= 16) for short inputs."""
-  dq_, dk_ = _DEFAULT_BLOCKS[platform_name]
+def default_blocks(platform_name: str, *, forward: bool, dtype) -> tuple[int, int]:
+  """`(block_q, block_k)` of the span kernels before shrinking for short
+  inputs: the forward's own `block_q` where `_FWD_BLOCK_Q` has one (16-bit
+  inputs), else `_DEFAULT_BLOCKS`."""
+  bq, bk = _DEFAULT_BLOCKS[platform_name]
+  if forward and jnp.dtype(dtype).itemsize == 2:
+    bq = _FWD_BLOCK_Q.get(platform_name, bq)
+  return bq, bk
+
+
+def block_sizes(cfg: _Cfg, platform_name: str, rows: int, kv_len: int, *,
+                forward: bool = False, dtype=jnp.bfloat16):
+  """`(block_q, block_k)`: the configured sizes, or `default_blocks` shrunk
+  (to a power of two >= 16) for short inputs."""
+  dq_, dk_ = default_blocks(platform_name, forward=forward, dtype=dtype)
   bq = cfg.block_q or next_pow2(min(rows, dq_), _MIN_BLOCK)
   bk = cfg.block_k or next_pow2(min(kv_len, dk_), _MIN_BLOCK)
   for name, x in (("block_q", bq), ("block_k", bk)):
@@ -72,12 +88,12 @@ def _pad_axis(x, axis, size, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _prepare(platform_name, cfg, q, k, v, lo, hi, *rows_extra):
+def _prepare(platform_name, cfg, q, k, v, lo, hi, *rows_extra, forward=False):
   """Pads rows to `block_q`, keys to `block_k`, head_dim for the platform and
   builds the tile table. `rows_extra`: more `[B, H, R, D]` row tensors."""
   _, _, r, d = q.shape
   lk = k.shape[2]
-  bq, bk = block_sizes(cfg, platform_name, r, lk)
+  bq, bk = block_sizes(cfg, platform_name, r, lk, forward=forward, dtype=q.dtype)
   rp, lkp = round_up(r, bq), round_up(lk, bk)
   dp = pad_head_dim(d, platform_name)
   pad_rd = lambda x: _pad_axis(_pad_axis(x, 2, rp), 3, dp)  # noqa: E731
@@ -106,7 +122,7 @@ def _cost_kw(platform_name, cfg, p):
 
 
 def _fwd_variant(platform_name, cfg, q, k, v, lo, hi, *, interpret):
-  p = _prepare(platform_name, cfg, q, k, v, lo, hi)
+  p = _prepare(platform_name, cfg, q, k, v, lo, hi, forward=True)
   kw, blocks = _cost_kw(platform_name, cfg, p)
   o, lse = _MODULES[platform_name].fwd(
       p["q"], p["k"], p["v"], p["lo"], p["hi"], p["tile_tbl"],
