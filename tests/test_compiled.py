@@ -13,6 +13,7 @@ extra. The full matrix is `python -m eval.compile_check --cases sweep`.
 "Compiled for" is not "ran on": no numerics and no speed are checked here.
 """
 
+import chex
 import pytest
 
 from eval.compile import cases, driver, gpu
@@ -121,6 +122,28 @@ def test_report_lists_failures_and_not_run_cases():
   assert "| dense | fwd | 2.0 / 2.0 |" not in text        # no TPU result: "not run"
   assert "| dense | fwd | not run / 2.0 | not run / not run |" in text
   assert "- gpu: dense/fwd (1: L 32K)" in text
+
+
+def test_report_sets_hbm_refusals_apart_from_failures():
+  from eval.compile import report
+  matrix = [cases.Case("dense", mode="grad", seq_len=1 << 20), cases.Case("dense")]
+  oom = {"status": "error", "where": [], "error": (
+      "JaxRuntimeError: RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory "
+      "on HBM, the total memory required for HLO temporaries (21.00G) exceeds available "
+      "HBM (15.75G). HLO module: jit_loss.")}
+  other = {"status": "error", "where": [], "error": "ValueError: bad block"}
+  rec = report.classify(dict(oom, key=matrix[0].key, target="tpu:v5e"))
+  chex.assert_trees_all_equal((rec["status"], rec["need_gib"], rec["hbm_gib"]),
+                              ("too_big", 21.0, 15.75))
+  assert report.classify(other)["status"] == "error"
+  results = {("tpu:v5e", matrix[0].key): rec,
+             ("tpu:v5e", matrix[1].key): dict(other, key=matrix[1].key, target="tpu:v5e")}
+  text = report.render([], results, matrix)
+  big = text.split("## Too big for one chip")[1].split("## Failing cases")[0]
+  failing = text.split("## Failing cases")[1].split("## Slow compiles")[0]
+  assert f"| tpu:v5e | `{matrix[0].key}` | 21 | 15.75 |" in big
+  assert matrix[0].key not in failing and matrix[1].key in failing
+  assert "too big (21 of 15.75 GiB)" in text
 
 
 def test_sweep_matrix_covers_the_issue_axes_with_unique_keys():

@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from collections import defaultdict
 
 from eval.compile.cases import Case
 
-STATUSES = ("ok", "fail", "error", "timeout", "crash")
+STATUSES = ("ok", "too_big", "fail", "error", "timeout", "crash")
+# libtpu's compile-time HBM check: "... HLO temporaries (21.00G) exceeds
+# available HBM (15.75G)".
+_HBM_OOM = re.compile(r"CompileTimeHbmOom.*?\(([\d.]+)G\).*?\(([\d.]+)G\)", re.S)
+
+
+def classify(rec: dict) -> dict:
+  """`rec` with status `too_big` (and `need_gib`, `hbm_gib`) when its error is
+  libtpu's compile-time HBM check: the program needs more HBM than that chip
+  has at this size, a finding about the size, not a compiler failure.
+  Records written before this status existed say `error`; they are read the
+  same way."""
+  m = _HBM_OOM.search(rec.get("error") or "")
+  if rec.get("status") in ("error", "too_big") and m:
+    return dict(rec, status="too_big", need_gib=float(m.group(1)), hbm_gib=float(m.group(2)))
+  return rec
 
 
 def append(path: pathlib.Path, rec: dict) -> None:
@@ -27,7 +43,7 @@ def load(path: pathlib.Path) -> tuple[list[dict], dict[tuple[str, str], dict]]:
       if "run" in rec:
         runs.append(rec["run"])
       else:
-        results[(rec["target"], rec["key"])] = rec
+        results[(rec["target"], rec["key"])] = classify(rec)
   return runs, results
 
 
@@ -52,6 +68,8 @@ def _secs(rec: dict | None) -> str:
     return "not run"
   if rec["status"] == "timeout":
     return f"> {rec['compile_s']:.0f} (timeout)"
+  if rec["status"] == "too_big":
+    return f"too big ({rec['need_gib']:g} of {rec['hbm_gib']:g} GiB)"
   if rec["status"] in ("error", "crash"):
     return rec["status"]
   s = f"{rec['compile_s'] + rec.get('lower_s', 0):.1f}"
@@ -117,7 +135,19 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
     out.append(f"| {t} | " + " | ".join(str(counts[s]) for s in STATUSES) +
                f" | {missing} | {load} |")
 
-  bad = [r for r in results.values() if r["status"] != "ok"]
+  big = [r for r in results.values() if r["status"] == "too_big"]
+  out += ["", "## Too big for one chip", "",
+          "libtpu's compile-time HBM check refused these: the program's temporaries "
+          "exceed that chip's HBM at this size (`CompileTimeHbmOom`). Not a pass: "
+          "either the op wastes memory or the size needs a bigger chip or sharding "
+          "(another generation's row in the TPU table shows whether it fits there).", ""]
+  if not big:
+    out.append("None.")
+  else:
+    out += ["| target | case | temporaries GiB | chip HBM GiB |", "|---|---|---|---|"]
+    for r in sorted(big, key=lambda r: (r["target"], r["key"])):
+      out.append(f"| {r['target']} | `{r['key']}` | {r['need_gib']:g} | {r['hbm_gib']:g} |")
+  bad = [r for r in results.values() if r["status"] not in ("ok", "too_big")]
   out += ["", "## Failing cases (work order)", ""]
   if not bad:
     out.append("None.")

@@ -144,6 +144,8 @@ def main(target: str) -> None:
       rec["status"] = "fail" if rec["problems"] else "ok"
     except Exception as exc:  # one failing case is a finding; the sweep goes on
       rec.update(status="error", **_error_summary(exc))
+      from eval.compile import report
+      rec.update(report.classify(rec))
     import json
     rec["load1"] = round(os.getloadavg()[0], 1)   # machine load while compiling
     rec["cpu_s"] = round(_cpu_seconds() - cpu0, 1)  # this worker and its ptxas runs
