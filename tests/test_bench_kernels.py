@@ -5,6 +5,7 @@ the cells."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -286,11 +287,19 @@ def test_h100_preset_is_target_first_and_fits_eight_minutes(capsys):
 def test_estimates_follow_the_roofline_model():
   cfg = bk.PRESETS["h100"].config
   case = bk.Case("superlinear_default", "x", "superlinear", None)
-  est = bk.estimate_s(case, 1 << 20, ("fwd",), cfg, repeats=3)["fwd"]
+  from eval import bench_plan
   from eval import roofline_model as roofline
-  call = roofline.superlinear(1 << 20, roofline.CONFIGS["default"], roofline.Shape()).time()
-  assert est["model"] and est["call_s"] == pytest.approx(call)
-  assert est["total_s"] == pytest.approx(est["compile_s"] + 2 * call)   # > 1 s: timed once
+  timed = set()
+  for name, n in (("default", 4096), ("released", 1 << 20)):
+    c = dataclasses.replace(case, name=f"superlinear_{name}")
+    est = bk.estimate_s(c, n, ("fwd",), cfg, repeats=3)["fwd"]
+    call = roofline.superlinear(n, roofline.CONFIGS[name], roofline.Shape()).time()
+    assert est["model"] and est["call_s"] == pytest.approx(call)
+    # A call over LONG_CALL_S is timed once after the warm-up, else 3 times.
+    calls = 2 if call > bench_plan.LONG_CALL_S else 4
+    timed.add(calls)
+    assert est["total_s"] == pytest.approx(est["compile_s"] + calls * call)
+  assert timed == {2, 4}   # both branches exercised
   unknown = bk.estimate_s(bk.Case("new_case", "x", "new", None), 4096, ("fwd",), cfg, 3)
   assert not unknown["fwd"]["model"]
 
