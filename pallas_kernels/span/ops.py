@@ -88,7 +88,7 @@ def _prepare(platform_name, cfg, q, k, v, lo, hi, *rows_extra):
   kp = _pad_axis(_pad_axis(k, 2, lkp), 3, dp)
   vp = _pad_axis(_pad_axis(v, 2, lkp), 3, dp)
   return dict(bq=bq, bk=bk, r=r, lk=lk, d=d, q=pad_rd(q), k=kp, v=vp,
-              lo=lo_p[..., None], hi=hi_p[..., None], tile_tbl=tile_tbl,
+              lo=lo_p, hi=hi_p, tile_tbl=tile_tbl,
               tlo=tlo, thi=thi, extra=[pad_rd(x) for x in rows_extra])
 
 
@@ -112,7 +112,7 @@ def _fwd_variant(platform_name, cfg, q, k, v, lo, hi, *, interpret):
       p["q"], p["k"], p["v"], p["lo"], p["hi"], p["tile_tbl"],
       scale=cfg.scale, block_q=p["bq"], block_k=p["bk"], interpret=interpret,
       cost_estimate=cost.span_fwd(rows=p["q"].shape[2], key_blocks=blocks, **kw))
-  return o[:, :, :p["r"], :p["d"]], lse[:, :, :p["r"], 0]
+  return o[:, :, :p["r"], :p["d"]], lse[:, :, :p["r"]]
 
 
 def _bwd_variant(platform_name, cfg, q, k, v, lo, hi, do, lse, delta, *, interpret):
@@ -120,8 +120,8 @@ def _bwd_variant(platform_name, cfg, q, k, v, lo, hi, do, lse, delta, *, interpr
   (do_p,) = p["extra"]
   rp = p["q"].shape[2]
   # Padded rows are empty: lse/delta values there are never used.
-  lse_p = _pad_axis(lse, 2, rp)[..., None]
-  delta_p = _pad_axis(delta, 2, rp)[..., None]
+  lse_p = _pad_axis(lse, 2, rp)
+  delta_p = _pad_axis(delta, 2, rp)
   nkb = p["k"].shape[2] // p["bk"]
   t0, cnt = common.key_block_tiles(p["tlo"], p["thi"], nkb, p["bk"])
   kv_tbl = jnp.stack([t0, cnt], axis=2)                       # [B, H, 2, nkb]
