@@ -1,15 +1,16 @@
 """GPU (Pallas Triton) variant of the interval-attention kernels.
 
-Same layout and tables as the TPU variant (`tpu.py`), with `Dp` a power of
-two >= 16 and `block_q`, `block_k` powers of two; per-row vectors (`lo`,
-`hi`, `lse`, `delta`) are `[B, H, R]` arrays loaded as `[block_q]` blocks
-(no lane padding on GPU; reshaped to columns or rows in registers). Tables
-are ordinary int32 inputs read with scalar indices; K/V (forward, dq) and
-the row tensors (dk/dv) are whole-sequence refs of the program's (batch,
-head), sliced at aligned dynamic offsets (`pl.ds(c * block_k, block_k)`);
-every window starts at a row >= 0 and ends inside the padded array, so no
-load is masked or clamped. dq, dk, dv accumulate in float32 and are written
-in the input's dtype; dk/dv work on transposed tiles like the TPU variant.
+Same arrays and tables as the TPU variant (`tpu.py`; forward and dq grids
+`(B, H, tiles)` here), with `Dp` a power of two >= 16 and `block_q`,
+`block_k` powers of two; per-row vectors (`lo`, `hi`, `lse`, `delta`) are
+`[B, H, R]` arrays loaded as `[block_q]` blocks (no lane padding on GPU;
+reshaped to columns or rows in registers). Tables are ordinary int32 inputs
+read with scalar indices; K/V (forward, dq) and the row tensors (dk/dv) are
+whole-sequence refs of the program's (batch, head), sliced at aligned
+dynamic offsets (`pl.ds(c * block_k, block_k)`); every window starts at a
+row >= 0 and ends inside the padded array, so no load is masked or clamped.
+dq, dk, dv accumulate in float32 and are written in the input's dtype; dk/dv
+work on transposed tiles like the TPU variant.
 """
 
 from __future__ import annotations
