@@ -178,7 +178,9 @@ def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = N
       lse -inf). Must satisfy `0 <= lo`, `hi < Lk` for non-empty rows.
     scale: score scale.
     block_q, block_k: tile sizes (powers of two >= 16); None: per-platform
-      defaults (TPU 128 x 128, GPU 64 x 64) shrunk for short inputs.
+      defaults (TPU 128 x 128, GPU 64 x 64) shrunk for short inputs. The
+      compiled TPU kernels need `block_q` a multiple of 128 or one tile for
+      all rows (`tpu.check_block_q`: lane-dense per-row vectors).
     variant: see `pallas_kernels.platform`.
     expected_keys: the expected sum of the rows' interval lengths per
       (batch, head), a Python int for the kernels' `cost_estimate` only
