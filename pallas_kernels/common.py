@@ -6,7 +6,10 @@
     parts given by their log-sum-exp;
   * superlinear span bounds: `span_lengths` (a row of the span table),
     `span_bounds` (the key range of each anchor). `attn.masks`, `attn.xla`,
-    `attn.reference`, `attn.pallas` and the span kernels all use these.
+    `attn.reference`, `attn.pallas` and the span kernels all use these;
+  * per-row vectors inside a TPU kernel: `to_column` / `to_row` turn a
+    lane-dense `[1, n]` row into the `[n, 1]` column tile math broadcasts
+    over keys and back (`flip_vector`).
 """
 
 from __future__ import annotations
@@ -117,6 +120,34 @@ def span_bounds(anchors, pos, back, fwd, window: int):
   empty = (anchors < 0) | (hi < lo)
   return (jnp.where(empty, 0, lo).astype(jnp.int32),
           jnp.where(empty, -1, hi).astype(jnp.int32))
+
+
+def flip_vector(vec, axis: int):
+  """`[1, n] <-> [n, 1]` (`axis=1`: row to column, `axis=0`: column to row),
+  inside a kernel.
+
+  The vector broadcast to `[n, n]`, masked to the diagonal and summed over
+  `axis`: exact (one value and zeros; `-inf` stays `-inf`; int32 stays
+  int32), where a reshape would be cheaper but Mosaic lowers that shape cast
+  to a sublane gather, which TPU v4 does not have (its kernels then fail to
+  compile for v4). `O(n^2)` VPU work, once per vector and tile.
+  """
+  n = max(vec.shape)
+  i = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  diag = i == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  full = jnp.broadcast_to(vec, (n, n))
+  return jnp.sum(jnp.where(diag, full, jnp.zeros((), vec.dtype)), axis=axis,
+                 keepdims=True)
+
+
+def to_column(row):
+  """`[1, n] -> [n, 1]` (`flip_vector`)."""
+  return flip_vector(row, 1)
+
+
+def to_row(col):
+  """`[n, 1] -> [1, n]` (`flip_vector`)."""
+  return flip_vector(col, 0)
 
 
 def pallas_call(kernel, *, out_shape, **kwargs):

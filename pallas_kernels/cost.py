@@ -387,11 +387,11 @@ def span_dq(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: int
             block_q: int = 64, block_k: int = 64, itemsize: int = 2,
             platform: str = "gpu", detail: bool = False):
   """Interval attention dq kernel: the forward's visits, 6 FLOPs per entry
-  and element; q, do, lse, delta, lo, hi in, float32 dq out."""
+  and element; q, do, lse, delta, lo, hi in, dq out (input dtype)."""
   dp = padded_head_dim(head_dim, platform)
   rp = _cdiv(rows, block_q) * block_q
   kv = key_blocks * 2 * block_k * dp * itemsize
-  own = batch * heads * rp * (2 * dp * itemsize + 4 * F32_BYTES + dp * F32_BYTES)
+  own = batch * heads * rp * (3 * dp * itemsize + 4 * F32_BYTES)
   work = key_blocks * block_q * block_k
   return _out(KernelCost(flops=6 * work * dp, transcendentals=work,
                          bytes_accessed=kv + own,
@@ -403,11 +403,11 @@ def span_dkv(*, batch: int, heads: int, head_dim: int, kv_len: int, tile_visits_
              platform: str = "gpu", detail: bool = False):
   """Interval attention dk/dv kernel, grid `(B, H, nkb)`, looping over
   `tile_visits_t` row tiles (total over the grid) with q, do, lse, delta,
-  lo, hi each (8 FLOPs per entry and element); float32 dk, dv out."""
+  lo, hi each (8 FLOPs per entry and element); dk, dv out (input dtype)."""
   dp = padded_head_dim(head_dim, platform)
   nkb = _cdiv(kv_len, block_k)
   rows = tile_visits_t * block_q * (2 * dp * itemsize + 4 * F32_BYTES)
-  own = batch * heads * nkb * block_k * (2 * dp * itemsize + 2 * dp * F32_BYTES)
+  own = batch * heads * nkb * block_k * 4 * dp * itemsize
   work = tile_visits_t * block_q * block_k
   return _out(KernelCost(flops=8 * work * dp, transcendentals=work,
                          bytes_accessed=rows + own, programs=batch * heads * nkb), detail)

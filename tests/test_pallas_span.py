@@ -116,13 +116,42 @@ def test_tpu_table_blocks_hand_each_grid_step_its_own_entry():
   b, h, n = 2, 3, 300
   tbl = jnp.arange(b * h * 2 * n, dtype=jnp.int32).reshape(b, h, 2, n)
   blocks = np.asarray(span_tpu.table_blocks(tbl))
-  spec = span_tpu._table_spec()
-  for bb, hh, i in [(0, 0, 0), (1, 2, 127), (0, 1, 128), (1, 0, 255), (1, 2, 299)]:
-    idx = spec.index_map(bb, hh, i)
-    lanes = spec.block_shape[-1]
-    block = blocks[idx[0], idx[1], :, idx[3] * lanes:(idx[3] + 1) * lanes]
-    got = span_tpu._table_entry(block, i)
-    assert tuple(map(int, got)) == (int(tbl[bb, hh, 0, i]), int(tbl[bb, hh, 1, i]))
+  for tiles_first in (False, True):  # grids (B, H, tiles) and (B, tiles, H)
+    spec = span_tpu._table_spec(tiles_first)
+    for bb, hh, i in [(0, 0, 0), (1, 2, 127), (0, 1, 128), (1, 0, 255), (1, 2, 299)]:
+      idx = spec.index_map(bb, i, hh) if tiles_first else spec.index_map(bb, hh, i)
+      lanes = spec.block_shape[-1]
+      block = blocks[idx[0], idx[1], :, idx[3] * lanes:(idx[3] + 1) * lanes]
+      got = span_tpu._table_entry(block, i)
+      assert tuple(map(int, got)) == (int(tbl[bb, hh, 0, i]), int(tbl[bb, hh, 1, i]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.float32])
+def test_row_column_flips_are_exact(dtype):
+  """`to_column` / `to_row` (the in-kernel row <-> column turn, a diagonal
+  sum) give exactly the transposed vector, int32 stays int32, and `-inf`
+  entries survive (lse of empty rows)."""
+  n = 24
+  row = (np.arange(n) * 37 - 200).astype(dtype).reshape(1, n)
+  if dtype == jnp.float32:
+    row[0, 3] = -np.inf
+    row[0, 7] = 1e30
+  col = pk_common.to_column(jnp.asarray(row))
+  assert col.dtype == dtype and col.shape == (n, 1)
+  np.testing.assert_array_equal(np.asarray(col), row.T)
+  back = pk_common.to_row(col)
+  assert back.shape == (1, n)
+  np.testing.assert_array_equal(np.asarray(back), row)
+
+
+def test_tpu_span_kernels_reject_narrow_vector_blocks():
+  """Compiled TPU kernels take per-row vectors in `(H, block_q)` lane blocks:
+  `block_q` below 128 is refused unless one tile holds every row."""
+  from pallas_kernels.span import tpu as span_tpu
+  span_tpu.check_block_q(128, 1024)
+  span_tpu.check_block_q(64, 64)
+  with pytest.raises(ValueError, match="multiple of 128"):
+    span_tpu.check_block_q(64, 128)
 
 
 def test_interval_attention_composes_with_vmap_checkpoint_grad():

@@ -8,8 +8,8 @@ rule: rows are `block_q` / `block_k` (multiples of 8), lanes the head_dim
 padded to a multiple of 128. `lse` / `delta` travel lane-dense, one
 `(1, block_q)` row per query block of a `[B, Hq, nq, 1, block_q]` array
 (`_rows`), and are turned into the `[block_q, 1]` column the tile math uses
-inside the kernel (`_column`, `_row`: a diagonal sum, not a reshape, which
-v4's Mosaic cannot lower).
+inside the kernel (`pallas_kernels.common.to_column` / `to_row`: a diagonal
+sum, not a reshape, which v4's Mosaic cannot lower).
 
 SMEM is 1 MiB on v4, v5e and v6e (deviceless compile: a 1 MiB scalar-prefetch
 operand fails with "Ran out of memory in memory space smem"), and the whole
@@ -36,7 +36,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import cost
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import F32, LANES, Spec, Tables
-from pallas_kernels.common import pad_head_dim, pallas_call
+from pallas_kernels.common import pad_head_dim, pallas_call, to_column, to_row
 
 NUM_PREFETCH = 4  # kv_blocks, num_kv_blocks, mask_ids, q_offset
 SMEM_BYTES = 1 << 20     # TPU v4 / v5e / v6e scalar memory (compiler's limit)
@@ -90,29 +90,6 @@ def _rows(x, block_q: int):
   array's, which Mosaic accepts for any `block_q`)."""
   b, h, l = x.shape
   return x.reshape(b, h, l // block_q, 1, block_q)
-
-
-def _flip(vec, axis: int):
-  """`[1, bq] <-> [bq, 1]`: the vector broadcast to `[bq, bq]`, masked to the
-  diagonal and summed over `axis` (exact: one value and zeros; `-inf` stays
-  `-inf`), not a reshape: Mosaic lowers that shape cast to a sublane
-  gather, which TPU v4 does not have."""
-  bq = max(vec.shape)
-  i = jax.lax.broadcasted_iota(jnp.int32, (bq, bq), 0)
-  diag = i == jax.lax.broadcasted_iota(jnp.int32, (bq, bq), 1)
-  full = jnp.broadcast_to(vec, (bq, bq))
-  return jnp.sum(jnp.where(diag, full, 0.0), axis=axis, keepdims=True)
-
-
-def _column(row):
-  """`[1, bq] -> [bq, 1]`: a lane-dense row block as the column the tile
-  math broadcasts over keys (`_flip`)."""
-  return _flip(row, 1)
-
-
-def _row(col):
-  """`[bq, 1] -> [1, bq]`: the inverse of `_column` (`_flip`)."""
-  return _flip(col, 0)
 
 
 def _cost(kind: str, spec: Spec, x, hk: int):
@@ -257,7 +234,7 @@ def _fwd_kernel(
   def _finish():
     out, lse = common.finish(acc_ref[...], m_ref[...][:, :1], l_ref[...][:, :1])
     o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = _row(lse)
+    lse_ref[...] = to_row(lse)
 
 
 def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
@@ -323,7 +300,7 @@ def _dq_kernel(
 
   def step(use_mask):
     k, _, ds = common.bwd_tile(spec, kb, qo, q_ref[...], k_ref[...], v_ref[...],
-                               do_ref[...], _column(lse_ref[...]), _column(delta_ref[...]),
+                               do_ref[...], to_column(lse_ref[...]), to_column(delta_ref[...]),
                                visible() if use_mask else None, kv_limit=lim)
     acc_ref[...] += common.dot(ds.astype(k.dtype), k) * spec.scale
 
@@ -361,7 +338,7 @@ def _dkv_kernel(
   def step(use_mask):
     q, do = q_ref[...], do_ref[...]
     _, p, ds = common.bwd_tile(spec, j, qo, q, k_ref[...], v_ref[...], do,
-                               _column(lse_ref[...]), _column(delta_ref[...]),
+                               to_column(lse_ref[...]), to_column(delta_ref[...]),
                                visible() if use_mask else None, kv_limit=lim)  # [bq, bk]
     dv_acc[...] += common.dot(p.astype(do.dtype).T, do)   # [bk, Dp]
     dk_acc[...] += common.dot(ds.astype(q.dtype).T, q) * spec.scale

@@ -312,7 +312,6 @@ def visited_keys_mask(lo, hi, block_q: int, block_k: int, kv_len: int):
 
 
 NT = (((1,), (1,)), ((), ()))      # a @ b.T
-TN = (((0,), (0,)), ((), ()))      # a.T @ b
 NN = (((1,), (0,)), ((), ()))      # a @ b
 
 
@@ -329,9 +328,16 @@ def dot(a, b, dims, precision):
 def row_mask(k_start, lo, hi, block_q: int, block_k: int):
   """bool `[bq, bk]`: key `k_start + j` lies in row `i`'s `[lo_i, hi_i]`.
 
-  `lo`, `hi`: int32 `[bq, 1]`.
+  `lo`, `hi`: int32 `[bq, 1]` columns.
   """
   kpos = k_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+  return (kpos >= lo) & (kpos <= hi)
+
+
+def row_mask_t(k_start, lo, hi, block_k: int, block_q: int):
+  """bool `[bk, bq]`, the transpose of `row_mask`: key `k_start + i` lies in
+  row `j`'s `[lo_j, hi_j]`. `lo`, `hi`: int32 `[1, bq]` rows."""
+  kpos = k_start + jax.lax.broadcasted_iota(jnp.int32, (block_k, block_q), 0)
   return (kpos >= lo) & (kpos <= hi)
 
 
@@ -372,14 +378,22 @@ def fwd_finish(state):
 
 
 def probs(q, k, lse, mask, *, scale, precision):
-  """Recomputed probabilities `[bq, bk]` from the saved log-sum-exp."""
+  """Recomputed probabilities `[bq, bk]` from the saved log-sum-exp `[bq, 1]`.
+
+  Also on transposed tiles: `probs(k, q, lse [1, bq], mask_t)` is `P^T`
+  `[bk, bq]`.
+  """
   s = dot(q, k, NT, precision) * scale
   lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
   return jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - lse_safe), 0.0)
 
 
 def dscores(p, do, v, delta, mask, *, precision):
-  """`dS = P * (dO V^T - delta)`, zero where masked (`[bq, bk]` float32)."""
+  """`dS = P * (dO V^T - delta)`, zero where masked (`[bq, bk]` float32).
+
+  Also on transposed tiles: `dscores(p_t, v, do, delta [1, bq], mask_t)` is
+  `dS^T` `[bk, bq]`.
+  """
   dp = dot(do, v, NT, precision)
   return jnp.where(mask, p * (dp - delta), 0.0)
 
@@ -388,12 +402,18 @@ def dq_update(dq, p_ds, k, *, scale, precision):
   return dq + scale * dot(p_ds.astype(k.dtype), k, NN, precision)
 
 
-def dkv_update(dk, dv, q, do, k, v, lse, delta, mask, *, scale, precision):
-  """Adds one row tile's contribution to a key block's `dk`, `dv` `[bk, D]`."""
-  p = probs(q, k, lse, mask, scale=scale, precision=precision)
-  dv = dv + dot(p.astype(do.dtype), do, TN, precision)
-  ds = dscores(p, do, v, delta, mask, precision=precision)
-  dk = dk + scale * dot(ds.astype(q.dtype), q, TN, precision)
+def dkv_update(dk, dv, q, do, k, v, lse, delta, mask_t, *, scale, precision):
+  """Adds one row tile's contribution to a key block's `dk`, `dv` `[bk, D]`.
+
+  Computed on transposed tiles (`P^T`, `dS^T` `[bk, bq]`): the row
+  statistics `lse`, `delta` (float32 `[1, bq]`) and the mask `mask_t`
+  (`row_mask_t`) broadcast over keys as lane-dense rows, so no `[bq, 1]`
+  column is loaded or formed, and both updates are plain `A @ B` matmuls.
+  """
+  p_t = probs(k, q, lse, mask_t, scale=scale, precision=precision)
+  dv = dv + dot(p_t.astype(do.dtype), do, NN, precision)
+  ds_t = dscores(p_t, v, do, delta, mask_t, precision=precision)
+  dk = dk + scale * dot(ds_t.astype(q.dtype), q, NN, precision)
   return dk, dv
 
 

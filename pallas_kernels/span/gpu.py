@@ -1,11 +1,16 @@
 """GPU (Pallas Triton) variant of the interval-attention kernels.
 
-Same layout and tables as the TPU variant (`tpu.py`), with `Dp` a power of
-two >= 16 and `block_q`, `block_k` powers of two. Tables are ordinary int32
-inputs read with scalar indices; K/V (forward, dq) and the row tensors (dk/dv)
-are whole-sequence refs of the program's (batch, head), sliced at aligned
+Same arrays and tables as the TPU variant (`tpu.py`; forward and dq grids
+`(B, H, tiles)` here), with `Dp` a power of two >= 16 and `block_q`,
+`block_k` powers of two; per-row vectors (`lo`, `hi`, `lse`, `delta`) are
+`[B, H, R]` arrays loaded as `[block_q]` blocks (no lane padding on GPU;
+reshaped to columns or rows in registers). Tables are ordinary int32 inputs
+read with scalar indices; K/V (forward, dq) and the row tensors (dk/dv) are
+whole-sequence refs of the program's (batch, head), sliced at aligned
 dynamic offsets (`pl.ds(c * block_k, block_k)`); every window starts at a
 row >= 0 and ends inside the padded array, so no load is masked or clamped.
+dq, dk, dv accumulate in float32 and are written in the input's dtype; dk/dv
+work on transposed tiles like the TPU variant.
 """
 
 from __future__ import annotations
@@ -24,7 +29,16 @@ _I = jnp.int32
 
 
 def _load(ref, start, size):
-  return pltriton.load(ref.at[pl.ds(start, size), :])
+  """Rows `[start, start + size)` of a `[n, D]` or `[n]` ref."""
+  return pltriton.load(ref.at[pl.ds(start, size)])
+
+
+def _column(x):
+  return x.reshape(x.shape[0], 1)
+
+
+def _row(x):
+  return x.reshape(1, x.shape[0])
 
 
 def _tile_entry(tbl_ref, t):
@@ -48,26 +62,26 @@ def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_ref, v_ref, o_ref, lse_ref, *,
                 scale, block_q, block_k):
   tlo, thi = _tile_entry(tbl_ref, pl.program_id(2))
   q = q_ref[...]
-  lo, hi = lo_ref[...], hi_ref[...]
+  lo, hi = _column(lo_ref[...]), _column(hi_ref[...])
   body = common.fwd_body(q, lo, hi, scale=scale, block_q=block_q, block_k=block_k)
 
   state = _row_loop(tlo, thi, k_ref, v_ref, body, common.init_state(block_q, q.shape[-1]),
                     block_k)
   o, lse = common.fwd_finish(state)
   o_ref[...] = o.astype(o_ref.dtype)
-  lse_ref[...] = lse
+  lse_ref[...] = lse.reshape(block_q)
 
 
 def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_ref, v_ref,
                dq_ref, *, scale, block_q, block_k):
   tlo, thi = _tile_entry(tbl_ref, pl.program_id(2))
   q, do = q_ref[...], do_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
-  lo, hi = lo_ref[...], hi_ref[...]
+  lse, delta, lo, hi = (_column(r[...]) for r in (lse_ref, delta_ref, lo_ref, hi_ref))
   body = common.dq_body(q, do, lse, delta, lo, hi, scale=scale, block_q=block_q,
-                   block_k=block_k)
+                        block_k=block_k)
 
-  dq_ref[...] = _row_loop(tlo, thi, k_ref, v_ref, body, jnp.zeros(q.shape, F32), block_k)
+  dq = _row_loop(tlo, thi, k_ref, v_ref, body, jnp.zeros(q.shape, F32), block_k)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref,
@@ -81,16 +95,16 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_
   def step(i, carry):
     dk, dv = carry
     r0 = (t0 + i) * block_q
-    mask = common.row_mask(k_start, _load(lo_ref, r0, block_q), _load(hi_ref, r0, block_q),
-                      block_q, block_k)
+    vec = lambda ref: _row(_load(ref, r0, block_q))  # noqa: E731
+    mask_t = common.row_mask_t(k_start, vec(lo_ref), vec(hi_ref), block_k, block_q)
     return common.dkv_update(dk, dv, _load(q_ref, r0, block_q), _load(do_ref, r0, block_q),
-                        k, v, _load(lse_ref, r0, block_q), _load(delta_ref, r0, block_q),
-                        mask, scale=scale, precision=prec)
+                             k, v, vec(lse_ref), vec(delta_ref), mask_t, scale=scale,
+                             precision=prec)
 
   zeros = jnp.zeros(k.shape, F32)
   dk, dv = jax.lax.fori_loop(0, count, step, (zeros, zeros))
-  dk_ref[...] = dk
-  dv_ref[...] = dv
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _params(dp, block_q=64):
@@ -104,6 +118,11 @@ def _seq(n, dp):
   return pl.BlockSpec((None, None, n, dp), lambda bb, hh, tt: (bb, hh, 0, 0))
 
 
+def _seq_vec(n):
+  """Whole-sequence `[n]` vector of the program's (batch, head)."""
+  return pl.BlockSpec((None, None, n), lambda bb, hh, tt: (bb, hh, 0))
+
+
 def _tbl(n):
   """The whole `[2, n]` table of the program's (batch, head)."""
   return pl.BlockSpec((None, None, 2, n), lambda bb, hh, tt: (bb, hh, 0, 0))
@@ -111,20 +130,19 @@ def _tbl(n):
 
 def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
         cost_estimate=None):
-  """Forward: `(o [B, H, R, Dp] in q's dtype, lse [B, H, R, 1] f32)`."""
+  """Forward: `(o [B, H, R, Dp] in q's dtype, lse [B, H, R] f32)`."""
   b, h, r, dp = q.shape
   nt, lk = r // block_q, k.shape[2]
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
+  vec = pl.BlockSpec((None, None, block_q), lambda bb, hh, tt: (bb, hh, tt))
   kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k)
   return pallas_call(
       kernel, grid=(b, h, nt),
-      in_specs=[_tbl(nt), pl.BlockSpec((None, None, block_q, dp), row),
-                pl.BlockSpec((None, None, block_q, 1), row),
-                pl.BlockSpec((None, None, block_q, 1), row), _seq(lk, dp), _seq(lk, dp)],
-      out_specs=[pl.BlockSpec((None, None, block_q, dp), row),
-                 pl.BlockSpec((None, None, block_q, 1), row)],
+      in_specs=[_tbl(nt), pl.BlockSpec((None, None, block_q, dp), row), vec, vec,
+                _seq(lk, dp), _seq(lk, dp)],
+      out_specs=[pl.BlockSpec((None, None, block_q, dp), row), vec],
       out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, r, 1), F32)],
+                 jax.ShapeDtypeStruct((b, h, r), F32)],
       compiler_params=_params(dp, block_q), interpret=interpret,
       cost_estimate=cost_estimate)(
           tile_tbl, q, lo, hi, k, v)
@@ -132,11 +150,11 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
 
 def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
        cost_estimate=None):
-  """dq `[B, H, R, Dp]` float32."""
+  """dq `[B, H, R, Dp]` in q's dtype; `lse`, `delta`, `lo`, `hi`: `[B, H, R]`."""
   b, h, r, dp = q.shape
   nt, lk = r // block_q, k.shape[2]
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
-  vec = pl.BlockSpec((None, None, block_q, 1), row)
+  vec = pl.BlockSpec((None, None, block_q), lambda bb, hh, tt: (bb, hh, tt))
   kernel = functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k)
   return pallas_call(
       kernel, grid=(b, h, nt),
@@ -144,7 +162,7 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
                 pl.BlockSpec((None, None, block_q, dp), row), vec, vec, vec, vec,
                 _seq(lk, dp), _seq(lk, dp)],
       out_specs=pl.BlockSpec((None, None, block_q, dp), row),
-      out_shape=jax.ShapeDtypeStruct((b, h, r, dp), F32),
+      out_shape=jax.ShapeDtypeStruct((b, h, r, dp), q.dtype),
       compiler_params=_params(dp), interpret=interpret,
       cost_estimate=cost_estimate)(
           tile_tbl, q, do, lse, delta, lo, hi, k, v)
@@ -152,7 +170,7 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
 
 def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, block_k,
         interpret, cost_estimate=None):
-  """`(dk, dv)` `[B, H, Lk, Dp]` float32."""
+  """`(dk, dv)` `[B, H, Lk, Dp]` in k's and v's dtypes."""
   del tile_tbl  # the kv table's tile ranges suffice; row masks do the rest.
   b, h, r, dp = q.shape
   lk = k.shape[2]
@@ -163,11 +181,11 @@ def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, bl
       kernel, grid=(b, h, nkb),
       in_specs=[_tbl(nkb), pl.BlockSpec((None, None, block_k, dp), blk),
                 pl.BlockSpec((None, None, block_k, dp), blk),
-                _seq(r, dp), _seq(r, dp), _seq(r, 1), _seq(r, 1), _seq(r, 1), _seq(r, 1)],
+                _seq(r, dp), _seq(r, dp)] + [_seq_vec(r)] * 4,
       out_specs=[pl.BlockSpec((None, None, block_k, dp), blk),
                  pl.BlockSpec((None, None, block_k, dp), blk)],
-      out_shape=[jax.ShapeDtypeStruct((b, h, lk, dp), F32),
-                 jax.ShapeDtypeStruct((b, h, lk, dp), F32)],
+      out_shape=[jax.ShapeDtypeStruct((b, h, lk, dp), k.dtype),
+                 jax.ShapeDtypeStruct((b, h, lk, dp), v.dtype)],
       compiler_params=_params(dp), interpret=interpret,
       cost_estimate=cost_estimate)(
           kv_tbl, k, v, q, do, lse, delta, lo, hi)

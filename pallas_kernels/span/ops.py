@@ -104,7 +104,7 @@ def _prepare(platform_name, cfg, q, k, v, lo, hi, *rows_extra, forward=False):
   kp = _pad_axis(_pad_axis(k, 2, lkp), 3, dp)
   vp = _pad_axis(_pad_axis(v, 2, lkp), 3, dp)
   return dict(bq=bq, bk=bk, r=r, lk=lk, d=d, q=pad_rd(q), k=kp, v=vp,
-              lo=lo_p[..., None], hi=hi_p[..., None], tile_tbl=tile_tbl,
+              lo=lo_p, hi=hi_p, tile_tbl=tile_tbl,
               tlo=tlo, thi=thi, extra=[pad_rd(x) for x in rows_extra])
 
 
@@ -128,7 +128,7 @@ def _fwd_variant(platform_name, cfg, q, k, v, lo, hi, *, interpret):
       p["q"], p["k"], p["v"], p["lo"], p["hi"], p["tile_tbl"],
       scale=cfg.scale, block_q=p["bq"], block_k=p["bk"], interpret=interpret,
       cost_estimate=cost.span_fwd(rows=p["q"].shape[2], key_blocks=blocks, **kw))
-  return o[:, :, :p["r"], :p["d"]], lse[:, :, :p["r"], 0]
+  return o[:, :, :p["r"], :p["d"]], lse[:, :, :p["r"]]
 
 
 def _bwd_variant(platform_name, cfg, q, k, v, lo, hi, do, lse, delta, *, interpret):
@@ -136,8 +136,8 @@ def _bwd_variant(platform_name, cfg, q, k, v, lo, hi, do, lse, delta, *, interpr
   (do_p,) = p["extra"]
   rp = p["q"].shape[2]
   # Padded rows are empty: lse/delta values there are never used.
-  lse_p = _pad_axis(lse, 2, rp)[..., None]
-  delta_p = _pad_axis(delta, 2, rp)[..., None]
+  lse_p = _pad_axis(lse, 2, rp)
+  delta_p = _pad_axis(delta, 2, rp)
   nkb = p["k"].shape[2] // p["bk"]
   t0, cnt = common.key_block_tiles(p["tlo"], p["thi"], nkb, p["bk"])
   kv_tbl = jnp.stack([t0, cnt], axis=2)                       # [B, H, 2, nkb]
@@ -194,7 +194,9 @@ def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = N
       lse -inf). Must satisfy `0 <= lo`, `hi < Lk` for non-empty rows.
     scale: score scale.
     block_q, block_k: tile sizes (powers of two >= 16); None: per-platform
-      defaults (TPU 128 x 128, GPU 64 x 64) shrunk for short inputs.
+      defaults (TPU 128 x 128, GPU 64 x 64) shrunk for short inputs. The
+      compiled TPU kernels need `block_q` a multiple of 128 or one tile for
+      all rows (`tpu.check_block_q`: lane-dense per-row vectors).
     variant: see `pallas_kernels.platform`.
     expected_keys: the expected sum of the rows' interval lengths per
       (batch, head), a Python int for the kernels' `cost_estimate` only
