@@ -188,7 +188,7 @@ def sweep_cases(lengths=SWEEP_LENGTHS) -> list[Case]:
   """The full matrix, one factor at a time around (d128, L=4K, bf16, GQA 8:2).
 
   Per op and mode: head_dim 64 / 80 / 128 / 256 at 4K; every L in `lengths`
-  at head_dim 128; float32; GQA 32:8 and MHA 8:8; decode ops also at q_len 1.
+  at head_dim 128; float32 at head_dim 64 and 128; GQA 32:8 and MHA 8:8; decode ops also at q_len 1.
   Cheap cases first (sorted by L, then forward before grad).
   """
   out = []
@@ -198,8 +198,8 @@ def sweep_cases(lengths=SWEEP_LENGTHS) -> list[Case]:
       variants = [dataclasses.replace(b, head_dim=d) for d in (64, 80, 128, 256)]
       variants += [dataclasses.replace(b, seq_len=n) for n in lengths
                    if n != b.seq_len and _supports_len(b, n)]
-      variants += [dataclasses.replace(b, dtype="float32"),
-                   dataclasses.replace(b, heads=(32, 8)),
+      variants += [dataclasses.replace(b, dtype="float32", head_dim=d) for d in (64, 128)]
+      variants += [dataclasses.replace(b, heads=(32, 8)),
                    dataclasses.replace(b, heads=(8, 8))]
       if b.q_len is not None:
         variants.append(dataclasses.replace(b, q_len=1))

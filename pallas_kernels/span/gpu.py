@@ -93,7 +93,25 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_
   dv_ref[...] = dv
 
 
-def _params(dp):
+def default_blocks(dtype) -> tuple[int, int]:
+  """Default `(block_q, block_k)` per input dtype (docs/kernels_span.md).
+
+  float32 dots run at HIGHEST precision (`common.precision_for`: the
+  reference is exact float32), which Triton lowers to CUDA-core FMA products
+  where a thread holds whole head_dim rows of both operands; 64 x 64 tiles
+  then spilled 11-28 KB per kernel in the deviceless H100 compile report.
+  """
+  return F32_BLOCKS if jnp.dtype(dtype).itemsize >= 4 else (64, 64)
+
+
+F32_BLOCKS = (64, 16)
+
+
+def _params(dp, dtype):
+  """Triton launch parameters: float32 (small tiles, see `default_blocks`)
+  16 warps and one stage; 16-bit 4 warps at head_dim <= 64, else 8."""
+  if jnp.dtype(dtype).itemsize >= 4:
+    return pltriton.CompilerParams(num_warps=16, num_stages=1)
   return pltriton.CompilerParams(num_warps=4 if dp <= 64 else 8, num_stages=2)
 
 
@@ -123,7 +141,7 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
                  pl.BlockSpec((None, None, block_q, 1), row)],
       out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), q.dtype),
                  jax.ShapeDtypeStruct((b, h, r, 1), F32)],
-      compiler_params=_params(dp), interpret=interpret,
+      compiler_params=_params(dp, q.dtype), interpret=interpret,
       cost_estimate=cost_estimate)(
           tile_tbl, q, lo, hi, k, v)
 
@@ -143,7 +161,7 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
                 _seq(lk, dp), _seq(lk, dp)],
       out_specs=pl.BlockSpec((None, None, block_q, dp), row),
       out_shape=jax.ShapeDtypeStruct((b, h, r, dp), F32),
-      compiler_params=_params(dp), interpret=interpret,
+      compiler_params=_params(dp, q.dtype), interpret=interpret,
       cost_estimate=cost_estimate)(
           tile_tbl, q, do, lse, delta, lo, hi, k, v)
 
@@ -166,6 +184,6 @@ def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, bl
                  pl.BlockSpec((None, None, block_k, dp), blk)],
       out_shape=[jax.ShapeDtypeStruct((b, h, lk, dp), F32),
                  jax.ShapeDtypeStruct((b, h, lk, dp), F32)],
-      compiler_params=_params(dp), interpret=interpret,
+      compiler_params=_params(dp, q.dtype), interpret=interpret,
       cost_estimate=cost_estimate)(
           kv_tbl, k, v, q, do, lse, delta, lo, hi)

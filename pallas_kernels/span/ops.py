@@ -50,10 +50,12 @@ class _Cfg:
   expected_keys: int | None = None   # sum of interval lengths per (batch, head)
 
 
-def block_sizes(cfg: _Cfg, platform_name: str, rows: int, kv_len: int):
+def block_sizes(cfg: _Cfg, platform_name: str, rows: int, kv_len: int, dtype=jnp.bfloat16):
   """`(block_q, block_k)`: the configured sizes, or the platform defaults
-  shrunk (to a power of two >= 16) for short inputs."""
-  dq_, dk_ = _DEFAULT_BLOCKS[platform_name]
+  (GPU: per dtype, `gpu.default_blocks`) shrunk (to a power of two >= 16)
+  for short inputs."""
+  dq_, dk_ = (gpu.default_blocks(dtype) if platform_name == "gpu"
+              else _DEFAULT_BLOCKS[platform_name])
   bq = cfg.block_q or next_pow2(min(rows, dq_), _MIN_BLOCK)
   bk = cfg.block_k or next_pow2(min(kv_len, dk_), _MIN_BLOCK)
   for name, x in (("block_q", bq), ("block_k", bk)):
@@ -77,7 +79,7 @@ def _prepare(platform_name, cfg, q, k, v, lo, hi, *rows_extra):
   builds the tile table. `rows_extra`: more `[B, H, R, D]` row tensors."""
   _, _, r, d = q.shape
   lk = k.shape[2]
-  bq, bk = block_sizes(cfg, platform_name, r, lk)
+  bq, bk = block_sizes(cfg, platform_name, r, lk, q.dtype)
   rp, lkp = round_up(r, bq), round_up(lk, bk)
   dp = pad_head_dim(d, platform_name)
   pad_rd = lambda x: _pad_axis(_pad_axis(x, 2, rp), 3, dp)  # noqa: E731
