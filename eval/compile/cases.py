@@ -160,13 +160,17 @@ def build(case: Case, sharding):
 def ci_cases(target: str | None = None) -> list[Case]:
   """The CI subset: each kernel family forward and grad once, at small L.
 
-  The same cases for every target. The superlinear glue compiles slowly on
+  The same cases for every target, plus float32 on `target="gpu"` (the
+  float32 Triton tiles are chosen separately: table-layout block-sparse and
+  span kernels, forward and grad). The superlinear glue compiles slowly on
   TPU and its compile time grows with L (docs/compiled.md): L = 512 keeps the
   subset within CI's budget; the sweep covers 4K-1M.
   """
-  del target
   ops = [Case("bs_causal"), Case("bs_doc", seq_len=2048), Case("ppa", seq_len=2048),
          Case("superlinear", seq_len=512), Case("ppa_decode", seq_len=4096, q_len=4)]
+  if target == "gpu":
+    ops += [Case("bs_doc", seq_len=2048, dtype="float32"),
+            Case("superlinear", seq_len=512, dtype="float32")]
   return [dataclasses.replace(c, mode=m) for c in ops for m in ("fwd", "grad")]
 
 

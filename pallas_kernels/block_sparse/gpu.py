@@ -383,7 +383,7 @@ def _program_keys(spec: Spec, j, qo, lim, k, v):
   zeroed. Table layouts zero unseen keys before the kernel; here they zero
   the rows at or past the key limit (padding, already 0) all the same: with
   that select the float32 table-mode dkv compiles without spills; without it
-  it spilled 260-2888 B at head_dim 128 at every tile tried (deviceless H100
+  it spilled 260-4420 B at head_dim 128 at every tile tried (deviceless H100
   compile, docs/kernels_block_sparse.md; why, inside Triton / ptxas, was not
   traced)."""
   if spec.mode == "band":
