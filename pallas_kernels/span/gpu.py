@@ -93,6 +93,9 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_
   dv_ref[...] = dv
 
 
+F32_BLOCKS = (64, 16)   # float32 (block_q, block_k) on the GPU
+
+
 def default_blocks(dtype) -> tuple[int, int]:
   """Default `(block_q, block_k)` per input dtype (docs/kernels_span.md).
 
@@ -102,9 +105,6 @@ def default_blocks(dtype) -> tuple[int, int]:
   then spilled 11-28 KB per kernel in the deviceless H100 compile report.
   """
   return F32_BLOCKS if jnp.dtype(dtype).itemsize >= 4 else (64, 64)
-
-
-F32_BLOCKS = (64, 16)
 
 
 def _params(dp, dtype):

@@ -19,7 +19,8 @@ def ppa_rows(plat: str, dtype, dp: int) -> int | None:
   is requested: GPU float32 at padded head_dim `dp > 64` 16, else None
   (`ops._block`'s default, GPU 64). float32 tiles hold twice the registers
   of 16-bit ones: at 64 (and 32) rows the PPA kernels spilled at head_dim
-  128; at 64 16 rows spilled where 64 did not (docs/kernels_stripe.md)."""
+  128; at head_dim 64, 16 rows spilled 12 B in dk/dv where 64 rows did not
+  (docs/kernels_stripe.md)."""
   return 16 if plat != "tpu" and _wide_f32(dtype, dp) else None
 
 
