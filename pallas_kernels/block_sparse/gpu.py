@@ -65,9 +65,9 @@ class GpuBlocks:
 
 def default_blocks(dp: int, dtype) -> GpuBlocks:
   """Tiles per padded head_dim `dp` and dtype, chosen from the deviceless H100
-  compile report (docs/kernels_block_sparse.md): at `dp <= 128` no pass
+  compile report (docs/kernels_block_sparse.md): at `dp <= 256` no pass
   spills registers, in 16-bit and float32, and each stays within 227 KiB of
-  shared memory (`dp = 256` compiles; it is not spill-free in float32).
+  shared memory.
 
   float32 dots run at HIGHEST precision, which Triton lowers to CUDA-core
   FMA products (`input_precision="ieee"`): a thread holds whole head_dim rows
@@ -77,7 +77,7 @@ def default_blocks(dp: int, dtype) -> GpuBlocks:
     if dp <= 128:   # head_dim 64: a 16-row dkv step (32 spilled 8-16 B in table mode)
       return GpuBlocks(PassBlocks(64, 16, 16, 1), PassBlocks(32, 16, 8, 1),
                        PassBlocks(16 if dp <= 64 else 32, 32, 8, 1))
-    return GpuBlocks(PassBlocks(32, 32, 8), PassBlocks(32, 16, 8), PassBlocks(16, 32, 8))
+    return GpuBlocks(PassBlocks(32, 32, 8), PassBlocks(32, 16, 16, 1), PassBlocks(16, 32, 16, 1))
   if dp <= 64:
     return GpuBlocks(PassBlocks(128, 64, 8), PassBlocks(128, 32, 8), PassBlocks(32, 128, 8))
   if dp <= 128:
