@@ -5,9 +5,10 @@ The CI subset (`eval.compile.cases.ci_cases`): each family forward and
 by libtpu for TPU v5e and v6e, through the public ops with
 `implementation="pallas"`. A case passes when it compiles, its compiled HLO
 holds the platform's kernel custom call (no silent XLA fallback) and, on the
-GPU, every kernel's shared memory fits the device; a grad case must also
-compile kernels of its own beyond the forward's (decode calls excepted: their
-backward is the xla path). Skipped, naming the package, without the `[aot]`
+GPU, every kernel's shared memory fits the device and no kernel spills
+registers (the GPU subset adds float32 block-sparse and span cases); a grad
+case must also compile kernels of its own beyond the forward's (decode calls
+excepted: their backward is the xla path). Skipped, naming the package, without the `[aot]`
 extra. The full matrix is `python -m eval.compile_check --cases sweep`.
 
 "Compiled for" is not "ran on": no numerics and no speed are checked here.
@@ -49,6 +50,7 @@ def test_ci_subset_compiles_with_kernels(target):
       for k in rec["kernels"]:
         assert 0 < k["registers"] <= 255, (case.key, k)
         assert 0 < k["smem"] <= 232448, (case.key, k)
+        assert k["spill_stores"] == 0, (case.key, k)    # issue 15.5: no Triton kernel spills
 
 
 # The parsers, on hand-written excerpts of the formats (no compiler needed).

@@ -81,11 +81,14 @@ def span_oracle(q, k, v, anchors, gates, *, config, q_offset, scale):
 # ------------------------------------------------------- interval attention
 
 
-@pytest.mark.parametrize("variant,dtype,h,r,lk", [
-    ("gpu_interpret", jnp.float16, 2, 40, 50), ("tpu_checked", jnp.bfloat16, 2, 40, 50),
-    pytest.param("gpu", jnp.float16, 2, 40, 50, marks=pytest.mark.gpu),
-    pytest.param("tpu", jnp.bfloat16, 2, 40, 50, marks=pytest.mark.tpu)])
-def test_interval_attention_matches_dense(variant, dtype, h, r, lk):
+@pytest.mark.parametrize("variant,dtype,h,r,lk,block", [
+    ("gpu_interpret", jnp.float16, 2, 40, 50, 16), ("tpu_checked", jnp.bfloat16, 2, 40, 50, 16),
+    # float32 at the GPU's own default tiles (`span.gpu.default_blocks`: 64 x 16)
+    ("gpu_interpret", jnp.float32, 2, 40, 50, None),
+    pytest.param("gpu", jnp.float16, 2, 40, 50, 16, marks=pytest.mark.gpu),
+    pytest.param("gpu", jnp.float32, 2, 40, 50, None, marks=pytest.mark.gpu),
+    pytest.param("tpu", jnp.bfloat16, 2, 40, 50, 16, marks=pytest.mark.tpu)])
+def test_interval_attention_matches_dense(variant, dtype, h, r, lk, block):
   b, d = 1, 24
   ks = jax.random.split(jax.random.PRNGKey(0), 6)
   q, k, v = (_normal(ks[i], s, dtype) for i, s in
@@ -96,11 +99,11 @@ def test_interval_attention_matches_dense(variant, dtype, h, r, lk):
   scale = 0.3
   # Both outputs matter (span attention differentiates through lse).
   fn = jax.jit(lambda q, k, v: _mix(interval_attention(
-      q, k, v, lo, hi, scale=scale, block_q=16, block_k=16, variant=variant), ct))
+      q, k, v, lo, hi, scale=scale, block_q=block, block_k=block, variant=variant), ct))
   ref = lambda q, k, v: _mix(interval_oracle(q, k, v, lo, hi, scale), ct)  # noqa: E731
   tol = TOL[dtype]
   ph.vjp_check(fn, ref, (q, k, v), ks[5], argnums=(0, 1, 2), **tol)
-  o, lse = interval_attention(q, k, v, lo, hi, scale=scale, block_q=16, block_k=16,
+  o, lse = interval_attention(q, k, v, lo, hi, scale=scale, block_q=block, block_k=block,
                               variant=variant)
   empty = np.asarray(hi < lo)
   assert empty.any()

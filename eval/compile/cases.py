@@ -160,13 +160,17 @@ def build(case: Case, sharding):
 def ci_cases(target: str | None = None) -> list[Case]:
   """The CI subset: each kernel family forward and grad once, at small L.
 
-  The same cases for every target. The superlinear glue compiles slowly on
+  The same cases for every target, plus float32 on `target="gpu"` (the
+  float32 Triton tiles are chosen separately: table-layout block-sparse and
+  span kernels, forward and grad). The superlinear glue compiles slowly on
   TPU and its compile time grows with L (docs/compiled.md): L = 512 keeps the
   subset within CI's budget; the sweep covers 4K-1M.
   """
-  del target
   ops = [Case("bs_causal"), Case("bs_doc", seq_len=2048), Case("ppa", seq_len=2048),
          Case("superlinear", seq_len=512), Case("ppa_decode", seq_len=4096, q_len=4)]
+  if target == "gpu":
+    ops += [Case("bs_doc", seq_len=2048, dtype="float32"),
+            Case("superlinear", seq_len=512, dtype="float32")]
   return [dataclasses.replace(c, mode=m) for c in ops for m in ("fwd", "grad")]
 
 
@@ -188,7 +192,7 @@ def sweep_cases(lengths=SWEEP_LENGTHS) -> list[Case]:
   """The full matrix, one factor at a time around (d128, L=4K, bf16, GQA 8:2).
 
   Per op and mode: head_dim 64 / 80 / 128 / 256 at 4K; every L in `lengths`
-  at head_dim 128; float32; GQA 32:8 and MHA 8:8; decode ops also at q_len 1.
+  at head_dim 128; float32 at head_dim 64 and 128; GQA 32:8 and MHA 8:8; decode ops also at q_len 1.
   Cheap cases first (sorted by L, then forward before grad).
   """
   out = []
@@ -198,8 +202,8 @@ def sweep_cases(lengths=SWEEP_LENGTHS) -> list[Case]:
       variants = [dataclasses.replace(b, head_dim=d) for d in (64, 80, 128, 256)]
       variants += [dataclasses.replace(b, seq_len=n) for n in lengths
                    if n != b.seq_len and _supports_len(b, n)]
-      variants += [dataclasses.replace(b, dtype="float32"),
-                   dataclasses.replace(b, heads=(32, 8)),
+      variants += [dataclasses.replace(b, dtype="float32", head_dim=d) for d in (64, 128)]
+      variants += [dataclasses.replace(b, heads=(32, 8)),
                    dataclasses.replace(b, heads=(8, 8))]
       if b.q_len is not None:
         variants.append(dataclasses.replace(b, q_len=1))

@@ -65,14 +65,19 @@ class GpuBlocks:
 
 def default_blocks(dp: int, dtype) -> GpuBlocks:
   """Tiles per padded head_dim `dp` and dtype, chosen from the deviceless H100
-  compile report (docs/kernels.md): at 16-bit and `dp <= 256` no pass spills
-  registers and each stays within 227 KiB of shared memory. float32 (dots at
-  HIGHEST precision, several MMA passes) takes small tiles; it compiles but
-  still spills."""
+  compile report (docs/kernels_block_sparse.md): at `dp <= 256` no pass
+  spills registers, in 16-bit and float32, and each stays within 227 KiB of
+  shared memory.
+
+  float32 dots run at HIGHEST precision, which Triton lowers to CUDA-core
+  FMA products (`input_precision="ieee"`): a thread holds whole head_dim rows
+  of both operands, so float32 takes small tiles, many warps and one stage.
+  """
   if jnp.dtype(dtype).itemsize >= 4:
-    if dp <= 128:
-      return GpuBlocks(PassBlocks(64, 32, 8), PassBlocks(64, 16, 8), PassBlocks(32, 32, 8))
-    return GpuBlocks(PassBlocks(32, 32, 8), PassBlocks(32, 16, 8), PassBlocks(16, 32, 8))
+    if dp <= 128:   # head_dim 64: a 16-row dkv step (32 spilled 8-16 B in table mode)
+      return GpuBlocks(PassBlocks(64, 16, 16, 1), PassBlocks(32, 16, 8, 1),
+                       PassBlocks(16 if dp <= 64 else 32, 32, 8, 1))
+    return GpuBlocks(PassBlocks(32, 32, 8), PassBlocks(32, 16, 16, 1), PassBlocks(16, 32, 16, 1))
   if dp <= 64:
     return GpuBlocks(PassBlocks(128, 64, 8), PassBlocks(128, 32, 8), PassBlocks(32, 128, 8))
   if dp <= 128:
@@ -373,13 +378,28 @@ def _dq_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, k
   dq_ref[...] = (acc * spec.scale).astype(dq_ref.dtype)
 
 
+def _program_keys(spec: Spec, j, qo, lim, k, v):
+  """The dkv program's key block `j` (`[bk, Dp]`) with the rows no query sees
+  zeroed. Table layouts zero unseen keys before the kernel; here they zero
+  the rows at or past the key limit (padding, already 0) all the same: with
+  that select the float32 table-mode dkv compiles without spills; without it
+  it spilled 260-4420 B at head_dim 128 at every tile tried (deviceless H100
+  compile, docs/kernels_block_sparse.md; why, inside Triton / ptxas, was not
+  traced)."""
+  if spec.mode == "band":
+    return common.zero_unseen(spec, j, qo, k, v, kv_limit=lim)
+  rows = j * spec.block_k + lax.broadcasted_iota(jnp.int32, k.shape, 0)
+  ok = rows < jnp.minimum(lim, spec.kv_len)
+  return jnp.where(ok, k, 0), jnp.where(ok, v, 0)
+
+
 def _dkv_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, k_ref, v_ref,
                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, spec: Spec):
   bq = spec.block_q
   j = pl.program_id(2)
   col, c = _split(j, spec.sub_k)
   qo, lim = qo_ref[0], qo_ref[1]
-  k, v = common.zero_unseen(spec, j, qo, k_ref[...], v_ref[...], kv_limit=lim)
+  k, v = _program_keys(spec, j, qo, lim, k_ref[...], v_ref[...])
   n, fs, nf = counts[col], fstart[col], nfull[col]
 
   def head(g, carry):

@@ -238,24 +238,36 @@ def _unpad_rows(m, l, o, r, d):
   return m[..., :r], l[..., :r], o[..., :r, :d]
 
 
-def _band_block(rp: int, dp: int) -> int:
+def _band_block(rp: int, dp: int, dtype) -> int:
   """Key rows per band tile: 64, or 32 when the rows x head_dim state is large
-  (keeps the `[Rp, bk]` scores and `[Rp, Dp]` accumulator in registers)."""
+  (keeps the `[Rp, bk]` scores and `[Rp, Dp]` accumulator in registers);
+  float32 16 (`_band_params`)."""
+  if jnp.dtype(dtype).itemsize >= 4:
+    return _ROWS_MIN
   return _BK if rp * dp <= 16 * 128 else _BK // 2
+
+
+def _band_params(dtype):
+  """float32 band tiles run 16 warps: its HIGHEST-precision dots are CUDA-core
+  FMA products holding whole head_dim rows per thread; at 4 warps (32-key
+  tiles) the kernel spilled 60-572 B at q_len 16 (deviceless H100 compile,
+  docs/kernels_decode.md). 16-bit: 4 warps."""
+  return _params(16 if jnp.dtype(dtype).itemsize >= 4 else 4)
 
 
 def band(scal, q, k, v, *, lq, width, scale, interpret, num_splits=None):
   """See `ops.band`. Returns per-split states `[B, Hk, S, R(, D)]`."""
   bsz, hk, _, d = q.shape
   q, k, v, r, rp, dp = _prep(q, k, v)
-  bk = _band_block(rp, dp)
+  dt = jnp.result_type(q.dtype, k.dtype)                     # float32 if either is
+  bk = _band_block(rp, dp, dt)
   k, v = _pad_rows(k, bk), _pad_rows(v, bk)
   splits = cm.band_splits(width, lq=lq, programs=bsz * hk, num_splits=num_splits)
   kernel = functools.partial(_band_kernel, lq=lq, r=r, width=width, scale=scale,
                              bk=bk, splits=splits, kv_len=k.shape[1])
   out = pallas_call(
       kernel, grid=(bsz, hk, splits), out_shape=_rows_out(bsz, hk, splits, rp, dp),
-      compiler_params=_params(), interpret=interpret, name="decode_band",
+      compiler_params=_band_params(dt), interpret=interpret, name="decode_band",
       cost_estimate=cost.decode_band(
           batch=bsz, q_heads=hk * max(1, r // lq), kv_heads=hk, head_dim=dp, q_len=lq,
           width=width, itemsize=k.dtype.itemsize, num_splits=splits, tile=bk),

@@ -107,8 +107,27 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _params(dp, block_q=64):
-  """4 warps for `[64, <=64]` tiles, 8 for wider heads or 128-row tiles."""
+F32_BLOCKS = (64, 16)   # float32 (block_q, block_k) on the GPU
+
+
+def default_blocks(dtype) -> tuple[int, int]:
+  """Default `(block_q, block_k)` per input dtype (docs/kernels_span.md).
+
+  float32 dots run at HIGHEST precision (`common.precision_for`: the
+  reference is exact float32), which Triton lowers to CUDA-core FMA products
+  where a thread holds whole head_dim rows of both operands; 64 x 64 tiles
+  then spilled 11-28 KB per kernel in the deviceless H100 compile report.
+  (`ops.default_blocks` gives the 16-bit forward 128 rows.)
+  """
+  return F32_BLOCKS if jnp.dtype(dtype).itemsize >= 4 else (64, 64)
+
+
+def _params(dp, dtype, block_q=64):
+  """Triton launch parameters: float32 (small tiles, see `default_blocks`)
+  16 warps and one stage; 16-bit 4 warps for `[<=64, <=64]` tiles, else 8
+  (wider heads or the forward's 128-row tiles)."""
+  if jnp.dtype(dtype).itemsize >= 4:
+    return pltriton.CompilerParams(num_warps=16, num_stages=1)
   return pltriton.CompilerParams(num_warps=4 if dp <= 64 and block_q <= 64 else 8,
                                  num_stages=2)
 
@@ -143,7 +162,7 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
       out_specs=[pl.BlockSpec((None, None, block_q, dp), row), vec],
       out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), q.dtype),
                  jax.ShapeDtypeStruct((b, h, r), F32)],
-      compiler_params=_params(dp, block_q), interpret=interpret,
+      compiler_params=_params(dp, q.dtype, block_q), interpret=interpret,
       cost_estimate=cost_estimate)(
           tile_tbl, q, lo, hi, k, v)
 
@@ -163,7 +182,7 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
                 _seq(lk, dp), _seq(lk, dp)],
       out_specs=pl.BlockSpec((None, None, block_q, dp), row),
       out_shape=jax.ShapeDtypeStruct((b, h, r, dp), q.dtype),
-      compiler_params=_params(dp), interpret=interpret,
+      compiler_params=_params(dp, q.dtype), interpret=interpret,
       cost_estimate=cost_estimate)(
           tile_tbl, q, do, lse, delta, lo, hi, k, v)
 
@@ -186,6 +205,6 @@ def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, bl
                  pl.BlockSpec((None, None, block_k, dp), blk)],
       out_shape=[jax.ShapeDtypeStruct((b, h, lk, dp), k.dtype),
                  jax.ShapeDtypeStruct((b, h, lk, dp), v.dtype)],
-      compiler_params=_params(dp), interpret=interpret,
+      compiler_params=_params(dp, q.dtype), interpret=interpret,
       cost_estimate=cost_estimate)(
           kv_tbl, k, v, q, do, lse, delta, lo, hi)

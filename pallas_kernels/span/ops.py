@@ -37,7 +37,7 @@ from pallas_kernels.common import (F32, next_pow2, pad_head_dim, round_up, span_
 #                          "pytest -m gpu tests/test_pallas_span.py")
 # is what lets `None` pick the kernels on that backend.
 HARDWARE_CHECKS: tuple[platform.HardwareCheck, ...] = ()
-_DEFAULT_BLOCKS = {"tpu": (128, 128), "gpu": (64, 64)}
+_DEFAULT_BLOCKS = {"tpu": (128, 128)}   # GPU: `gpu.default_blocks` (per dtype)
 # GPU forward: 128 pair rows per tile halve the K/V tiles loaded per pair
 # (a tile loads the union of its rows' spans, about one span plus the rows'
 # start spread), with 8 warps so the [128, Dp] float32 accumulator stays in
@@ -57,9 +57,13 @@ class _Cfg:
 
 def default_blocks(platform_name: str, *, forward: bool, dtype) -> tuple[int, int]:
   """`(block_q, block_k)` of the span kernels before shrinking for short
-  inputs: the forward's own `block_q` where `_FWD_BLOCK_Q` has one (16-bit
-  inputs), else `_DEFAULT_BLOCKS`."""
-  bq, bk = _DEFAULT_BLOCKS[platform_name]
+  inputs. GPU: per dtype (`gpu.default_blocks`: float32 takes small tiles),
+  and the 16-bit forward's own `block_q` (`_FWD_BLOCK_Q`); TPU:
+  `_DEFAULT_BLOCKS`."""
+  if platform_name == "gpu":
+    bq, bk = gpu.default_blocks(dtype)
+  else:
+    bq, bk = _DEFAULT_BLOCKS[platform_name]
   if forward and jnp.dtype(dtype).itemsize == 2:
     bq = _FWD_BLOCK_Q.get(platform_name, bq)
   return bq, bk

@@ -10,6 +10,26 @@ from pallas_kernels.stripe.common import head_block as _head_block
 from pallas_kernels.common import pallas_call
 
 
+def _wide_f32(dtype, dp: int) -> bool:
+  return jnp.dtype(dtype).itemsize >= 4 and dp > 64
+
+
+def ppa_rows(plat: str, dtype, dp: int) -> int | None:
+  """Default rows of the PPA band key tiles and dk/dv query chunks when none
+  is requested: GPU float32 at padded head_dim `dp > 64` 16, else None
+  (`ops._block`'s default, GPU 64). float32 tiles hold twice the registers
+  of 16-bit ones: at 64 (and 32) rows the PPA kernels spilled at head_dim
+  128; at head_dim 64, 16 rows spilled 12 B in dk/dv where 64 rows did not
+  (docs/kernels_stripe.md)."""
+  return 16 if plat != "tpu" and _wide_f32(dtype, dp) else None
+
+
+def ppa_fwd_warps(dtype, dp: int) -> int:
+  """Warps of the PPA forward kernel: float32 at `dp > 64` 8 (4 spilled
+  304 B at head_dim 128), else 4."""
+  return 8 if _wide_f32(dtype, dp) else 4
+
+
 class _GpuCtx:
   def __init__(self, frames, kinds):
     self._frames, self._kinds = frames, kinds

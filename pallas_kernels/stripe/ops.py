@@ -200,8 +200,9 @@ def _ppa_geometry(plat, q, k, cfg):
   lk, hk = k.shape[1], k.shape[2]
   unit = _unit(plat, k.dtype)
   bq = _head_block_q(plat, lq, cfg.block_q, unit, hq // hk)   # forward / dq, per head
-  bq_t = _block(plat, lq, cfg.block_q, unit)                   # dk/dv query chunks
-  bk = _block(plat, lk, cfg.block_k, unit)
+  rows = gpu.ppa_rows(plat, q.dtype, pad_head_dim(d, plat))    # float32 GPU: smaller
+  bq_t = _block(plat, lq, cfg.block_q or rows, unit)           # dk/dv query chunks
+  bk = _block(plat, lk, cfg.block_k or rows, unit)
   al = max(unit, 8)
   dmax = max([hi for _, hi in cfg.dense_runs] + list(cfg.far_offsets) + [0])
   return dict(b=b, lq=lq, hq=hq, d=d, lk=lk, hk=hk, unit=unit, bq=bq, bq_t=bq_t, bk=bk,
@@ -256,7 +257,7 @@ def _ppa_fwd_variant(plat, q, k, v, qoff, *, cfg, interpret):
              "heads"),
             (jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], 1), F32), g["bq"], "heads")],
       group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]),
-      cost=_ppa_costs(plat, q, cfg, g)[0])
+      cost=_ppa_costs(plat, q, cfg, g)[0], num_warps=gpu.ppa_fwd_warps(q.dtype, g["dp"]))
   out = jnp.moveaxis(o[:, :, :g["lq"], :g["d"]], 1, 2)
   return out, lse[:, :, :g["lq"], 0]
 
