@@ -80,6 +80,15 @@ def _heads_first(x, rows: int, dp: int, fill=0):
                  constant_values=fill)
 
 
+def _lane_rows(x, rows: int, block: int):
+  """`[B, H, L] -> [B, H, rows / block, 1, block]` (zero-padded to `rows`):
+  a per-query vector as one lane-dense row per block (launchers: `(1,
+  block)` blocks; TPU layouts pad a `[.., L, 1]` array's minor dim to 128
+  lanes)."""
+  b, h, l = x.shape
+  return jnp.pad(x, ((0, 0), (0, 0), (0, rows - l))).reshape(b, h, rows // block, 1, block)
+
+
 def _launch(plat, body, *, interpret, num_warps=4, **kw):
   """Runs a kernel body on `plat`; `num_warps` (GPU only) per program."""
   if plat == "tpu":
@@ -88,6 +97,10 @@ def _launch(plat, body, *, interpret, num_warps=4, **kw):
 
 
 # ----------------------------------------------------------------- search
+
+
+# Anchors cross float32 inside the TPU search (`tpu._TpuCtx.store_cols`).
+_EXACT_F32 = 1 << 24
 
 
 def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, heads_first, f_host,
@@ -102,6 +115,9 @@ def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, heads_first, f
   front = round_up(max(fmax - 1, 0), max(unit, 8))
   rows = round_up(front + lk + lq_pad + 2 * max(unit, 8), max(unit, 8))
   kp = next_pow2(num)
+  if plat == "tpu" and lk >= _EXACT_F32:
+    raise ValueError(f"kv_len={lk}: the TPU search writes anchors through float32 "
+                     f"(exact below {_EXACT_F32}).")
   count = int(f.shape[0])
   # Ascending deltas (anchor = row + delta), padded with `lk` (no anchor):
   # each program visits the run of stripes with an anchor in its block.
@@ -120,13 +136,14 @@ def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, heads_first, f
       tables=[deltas],
       blocks=[(_heads_first(qs, lq_pad, dp), bq, "heads")],
       frames={"ks": (common.to_frame(ks, front, rows, dp), "same")},
-      outs=[(jax.ShapeDtypeStruct((b, hq, lq_pad, kp), jnp.int32), bq, "heads"),
-            (jax.ShapeDtypeStruct((b, hq, lq_pad, kp), F32), bq, "heads")],
+      outs=[(jax.ShapeDtypeStruct((b, hq, lq_pad // bq, kp, bq), jnp.int32), bq, "heads"),
+            (jax.ShapeDtypeStruct((b, hq, lq_pad // bq, kp, bq), F32), bq, "heads")],
       group=grp, unit=unit, buf_rows=bq, cost=est)
-  if heads_first:   # [B, Hq, K, Lq]: query axis last (see `search_topk`)
-    back = lambda x: jnp.swapaxes(x[:, :, :lq, :num], 2, 3)  # noqa: E731
-  else:
-    back = lambda x: jnp.moveaxis(x[:, :, :lq, :num], 1, 2)  # noqa: E731
+
+  def back(x):   # lane-dense [B, Hq, nq, K, bq] -> [B, Hq, K, Lq]
+    x = jnp.swapaxes(x, 2, 3).reshape(b, hq, kp, lq_pad)[:, :, :num, :lq]
+    return x if heads_first else jnp.transpose(x, (0, 3, 1, 2))
+
   return back(anc), back(sc)
 
 
@@ -254,11 +271,12 @@ def _ppa_fwd_variant(plat, q, k, v, qoff, *, cfg, interpret):
       frames={"k": (frame(k), "same"), "v": (frame(v), "same")},
       outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), q.dtype), g["bq"],
              "heads"),
-            (jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], 1), F32), g["bq"], "heads")],
+            (jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"] // g["bq"], 1, g["bq"]), F32),
+             g["bq"], "heads")],
       group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]),
       cost=_ppa_costs(plat, q, cfg, g)[0])
   out = jnp.moveaxis(o[:, :, :g["lq"], :g["d"]], 1, 2)
-  return out, lse[:, :, :g["lq"], 0]
+  return out, lse.reshape(g["b"], g["hq"], g["lq_pad"])[:, :, :g["lq"]]
 
 
 def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
@@ -269,7 +287,7 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
   rows = round_up(g["front"] + g["lk"] + g["lq_pad"] + g["bk"] + 2 * g["al"], g["al"])
   deltas, bounds = _ppa_tables(cfg, qoff, g["unit"], 1)
   kframe = lambda x: common.to_frame(x, g["front"], rows, g["dp"])  # noqa: E731
-  col = lambda x, n: jnp.pad(x[..., None], ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))  # noqa: E731
+  lanes = lambda x: _lane_rows(x, g["lq_pad"], g["bq"])  # noqa: E731
   est_fwd, est_dq, est_dkv = _ppa_costs(plat, q, cfg, g)
   del est_fwd
   body = functools.partial(
@@ -280,8 +298,8 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
       tables=[meta, deltas, bounds],
       blocks=[(_heads_first(q, g["lq_pad"], g["dp"]), g["bq"], "heads"),
               (_heads_first(do, g["lq_pad"], g["dp"]), g["bq"], "heads"),
-              (col(lse, g["lq_pad"]), g["bq"], "heads"),
-              (col(delta, g["lq_pad"]), g["bq"], "heads")],
+              (lanes(lse), g["bq"], "heads"),
+              (lanes(delta), g["bq"], "heads")],
       frames={"k": (kframe(k), "same"), "v": (kframe(v), "same")},
       outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), F32), g["bq"],
              "heads")],
