@@ -17,8 +17,8 @@ or band. A stripe's key rows for query row `i0` start at
 (f32) or 16 (bf16/f16), and export does not check that. Query and key blocks
 start at multiples of the unit, so a stripe window is misaligned by the
 residue `delta mod unit`. Every kernel runs one loop over all its stripes
-and reads each window with `ctx.rows_f32` (TPU: the aligned window one unit
-longer, rotated by the traced residue in float32), which keeps its Mosaic
+(`ctx.stripe_loop`) and reads each window as float32 (TPU: the aligned
+window one unit longer, rotated by the traced residue), which keeps its Mosaic
 compile about `unit` times smaller than one loop per static residue (the
 PPA kernels had that: 47K and 42K LLO lines for the forward and dq kernels
 at L = 128K, docs/kernels_stripe.md). The tables still list the stripes
@@ -55,7 +55,15 @@ context:
     head (`g`: the query head within the group, for key-block kernels);
     `start - u` is a multiple of the alignment unit, `u` a Python int.
   * `ctx.rows_f32(name, start, n, g=None)`: the same rows as float32 for
-    any traced `start`.
+    any traced `start`;
+  * `ctx.stripe_loop(lo, hi, reads, body, carry)`: `carry = body(j, rows,
+    carry)` for `j` in `[lo, hi)`, `rows` the float32 windows `reads(j)`
+    (a tuple of `(name, start, n, g)`, as `rows_f32`). TPU keeps
+    `tpu.DEPTH` stripes' DMAs in flight (double/triple buffering), starting
+    only stripes below `hi`; GPU loads each window in the step;
+  * `ctx.store_cols(ref, cols, fill)`: `K` columns `[G * bq, 1]` into a
+    lane-dense output block `[G, K', bq]` (rows past `K` get `fill`; TPU:
+    a diagonal sum per head, not a reshape).
 
 `tpu.launch_tpu` serves `rows` by a DMA of the aligned window that starts `u`
 rows early (frames stay in HBM, `memory_space=ANY`; tables are scalar-
@@ -68,10 +76,13 @@ Both take the same description of a kernel:
     kernels: query heads);
   tables: 1-D int32 arrays (power-of-two length);
   blocks: `(array [B, H', L, W], block_rows, kind)` read as the block
-    `[block_rows, W]` at grid position `(b, head, i)`;
+    `[block_rows, W]` at grid position `(b, head, i)` (a 5-D lane-dense
+    `[B, H', L / block_rows, K, block_rows]` array: the block `[K,
+    block_rows]`);
   frames: `{name: (array [B, H', rows, W], kind)}` read through `ctx.rows`;
   outs: `(ShapeDtypeStruct [B, H', L, W], block_rows[, kind])`, block
-    `(b, h, i)` (kind `"same"` unless given);
+    `(b, h, i)` (kind `"same"` unless given), or 5-D lane-dense as in
+    `blocks` (search anchors / scores, PPA lse);
   cost: optional `pl.CostEstimate` (from `pallas_kernels.cost`).
 `kind` maps the grid's head index to the array's head: `"same"`, `"kv"`
 (query head `h` reads kv head `h // group`), `"heads"` (blocks and outs: kv
@@ -450,7 +461,7 @@ def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, d
   qmax = qoff + lq - 1
   q, do = load_heads(q_ref), load_heads(do_ref)
   q32, do32 = q.astype(F32), do.astype(F32)
-  lse, delta = ctx.load_col(lse_ref), ctx.load_col(dl_ref)
+  lse, delta = load_heads(lse_ref), load_heads(dl_ref)
   dq = jnp.zeros(q.shape, F32)
 
   def band_step(dq, kw, vw, ok):
@@ -471,6 +482,15 @@ def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, d
   reads = functools.partial(_stripe_reads, ctx, deltas_ref, i0=i0, bq=bq, front=front)
   dq = _stripe_loops(ctx, bounds_ref, unit, reads, stripe, dq)
   store_heads(dq_ref, dq)
+
+
+def _lse_delta(ld):
+  """`[n, 2]` rows of the `"ld"` frame -> the columns `(lse, delta)`, `[n, 1]`
+  each (a masked lane sum: exact, `-inf` kept; no lane slice, which Triton
+  does not lower)."""
+  lane = jax.lax.broadcasted_iota(jnp.int32, ld.shape, 1)
+  pick = lambda k: jnp.sum(jnp.where(lane == k, ld, 0.0), axis=1, keepdims=True)  # noqa: E731
+  return pick(0), pick(1)
 
 
 def ppa_dkv_body(ctx, meta_ref, deltas_ref, bounds_ref, k_ref, v_ref, dk_ref, dv_ref, *,
@@ -497,9 +517,8 @@ def ppa_dkv_body(ctx, meta_ref, deltas_ref, bounds_ref, k_ref, v_ref, dk_ref, dv
     ok = (ic >= 0) & (ic < lq)
     qw = jnp.where(ok, ctx.rows("q", start, n, u, g), 0)
     dow = jnp.where(ok, ctx.rows("do", start, n, u, g), 0)
-    lse = ctx.rows("lse", start, n, u, g)
-    dl = jnp.where(ok, ctx.rows("delta", start, n, u, g), 0.0)
-    return ic, ok, qw, dow, lse, dl
+    lse, dl = _lse_delta(ctx.rows("ld", start, n, u, g))
+    return ic, ok, qw, dow, lse, jnp.where(ok, dl, 0.0)
 
   def stripe_start(j):
     return front_q + x0 - ctx.scalar(deltas_ref, j)
@@ -507,13 +526,14 @@ def ppa_dkv_body(ctx, meta_ref, deltas_ref, bounds_ref, k_ref, v_ref, dk_ref, dv
   def stripe_reads(j, g):
     """A stripe's query-side windows: q, do, lse, delta rows of head `g`."""
     start = stripe_start(j)
-    return tuple((name, start, bk, g) for name in ("q", "do", "lse", "delta"))
+    return tuple((name, start, bk, g) for name in ("q", "do", "ld"))
 
   def stripe_q(j, rows):
     """`load_q` of a stripe from its float32 windows (any residue)."""
     ic = _col(bk, stripe_start(j) - front_q)
     ok = (ic >= 0) & (ic < lq)
-    qw, dow, lse, dl = rows
+    qw, dow, ld = rows
+    lse, dl = _lse_delta(ld)
     return (ok, jnp.where(ok, qw, 0.0), jnp.where(ok, dow, 0.0), lse,
             jnp.where(ok, dl, 0.0))
 

@@ -48,10 +48,6 @@ class _GpuCtx:
       out = jnp.where(sub == k, c.astype(ref.dtype).reshape(g, 1, bq), out)
     ref[...] = out
 
-  def load_col(self, ref):
-    """A lane-dense block `ref [G, 1, bq]` -> the column `[G * bq, 1]`."""
-    g, _, bq = ref.shape
-    return ref[...].reshape(g * bq, 1)
 
 
 def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_rows,

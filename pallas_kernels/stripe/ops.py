@@ -80,15 +80,6 @@ def _heads_first(x, rows: int, dp: int, fill=0):
                  constant_values=fill)
 
 
-def _lane_rows(x, rows: int, block: int):
-  """`[B, H, L] -> [B, H, rows / block, 1, block]` (zero-padded to `rows`):
-  a per-query vector as one lane-dense row per block (launchers: `(1,
-  block)` blocks; TPU layouts pad a `[.., L, 1]` array's minor dim to 128
-  lanes)."""
-  b, h, l = x.shape
-  return jnp.pad(x, ((0, 0), (0, 0), (0, rows - l))).reshape(b, h, rows // block, 1, block)
-
-
 def _launch(plat, body, *, interpret, num_warps=4, **kw):
   """Runs a kernel body on `plat`; `num_warps` (GPU only) per program."""
   if plat == "tpu":
@@ -287,7 +278,7 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
   rows = round_up(g["front"] + g["lk"] + g["lq_pad"] + g["bk"] + 2 * g["al"], g["al"])
   deltas, bounds = _ppa_tables(cfg, qoff, g["unit"], 1)
   kframe = lambda x: common.to_frame(x, g["front"], rows, g["dp"])  # noqa: E731
-  lanes = lambda x: _lane_rows(x, g["lq_pad"], g["bq"])  # noqa: E731
+  col = lambda x, n: jnp.pad(x[..., None], ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))  # noqa: E731
   est_fwd, est_dq, est_dkv = _ppa_costs(plat, q, cfg, g)
   del est_fwd
   body = functools.partial(
@@ -298,8 +289,8 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
       tables=[meta, deltas, bounds],
       blocks=[(_heads_first(q, g["lq_pad"], g["dp"]), g["bq"], "heads"),
               (_heads_first(do, g["lq_pad"], g["dp"]), g["bq"], "heads"),
-              (lanes(lse), g["bq"], "heads"),
-              (lanes(delta), g["bq"], "heads")],
+              (col(lse, g["lq_pad"]), g["bq"], "heads"),
+              (col(delta, g["lq_pad"]), g["bq"], "heads")],
       frames={"k": (kframe(k), "same"), "v": (kframe(v), "same")},
       outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), F32), g["bq"],
              "heads")],
@@ -309,9 +300,11 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
   front_q = round_up(g["lk"] - g["lq"], g["al"])
   rows_q = round_up(front_q + g["lk_pad"] + g["dmax"] + g["bq_t"] + g["lq_pad_t"]
                            + 2 * g["al"], g["al"])
-  qframe = lambda x: common.to_frame(x, front_q, rows_q, x.shape[-1] if x.shape[-1] == 1  # noqa: E731
-                                     else g["dp"])
+  qframe = lambda x, w=g["dp"]: common.to_frame(x, front_q, rows_q, w)  # noqa: E731
+  # lse and delta share one frame `[B, Hq, rows, 2]` (one DMA per window;
+  # TPU pads the 2-lane minor dim to 128 lanes, so one such frame, not two).
   seq_col = lambda x: jnp.moveaxis(x, 1, 2)[..., None]  # [B, Hq, Lq] -> [B, Lq, Hq, 1]  # noqa: E731
+  ld = jnp.concatenate([qframe(seq_col(lse), 1), qframe(seq_col(delta.astype(F32)), 1)], -1)
   deltas_t, bounds_t = _ppa_tables(cfg, qoff, g["unit"], -1)
   body = functools.partial(
       common.ppa_dkv_body, bq=g["bq_t"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
@@ -322,8 +315,7 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
       blocks=[(_heads_first(k, g["lk_pad"], g["dp"]), g["bk"], "same"),
               (_heads_first(v, g["lk_pad"], g["dp"]), g["bk"], "same")],
       frames={"q": (qframe(q), "group"), "do": (qframe(do), "group"),
-              "lse": (qframe(seq_col(lse)), "group"),
-              "delta": (qframe(seq_col(delta)), "group")},
+              "ld": (ld, "group")},   # [B, Hq, rows, 2]
       outs=[(jax.ShapeDtypeStruct((g["b"], g["hk"], g["lk_pad"], g["dp"]), F32), g["bk"]),
             (jax.ShapeDtypeStruct((g["b"], g["hk"], g["lk_pad"], g["dp"]), F32), g["bk"])],
       group=grp, unit=g["unit"], buf_rows=max(g["bq_t"], g["bk"]), cost=est_dkv,

@@ -7,13 +7,12 @@ j + DEPTH - 1` are on their way into the other slots of a `DEPTH`-slot
 buffer, each with its own DMA semaphore. Band tiles (`rows`, `rows_f32`)
 are read start-then-wait through slot 0, never while a stripe loop runs.
 
-Per-query vectors (search anchors / scores, PPA lse, dq's lse / delta
-inputs) travel lane-dense: one `(K, block_q)` block of a `[B, H, nq, K,
-block_q]` array per query block (K = 1 for lse / delta), not `[.., L, K]`
-with a `K`-lane minor dim that TPU layouts pad to 128 lanes. The kernels'
-`[rows, 1]` columns are turned into those rows and back by a diagonal sum
-(`_flip`), not a reshape (Mosaic lowers that to a sublane gather, which v4
-lacks).
+Per-query outputs (search anchors / scores, the PPA forward's lse) are
+written lane-dense: one `(K, block_q)` block of a `[B, H, nq, K, block_q]`
+array per query block (K = 1 for lse), not `[.., L, K]` with a `K`-lane
+minor dim that TPU layouts pad to 128 lanes. The kernels' `[rows, 1]`
+columns are turned into those rows by a diagonal sum (`_flip`), not a
+reshape (Mosaic lowers that to a sublane gather, which v4 lacks).
 """
 
 from __future__ import annotations
@@ -140,11 +139,6 @@ class _TpuCtx:
         tile = jnp.where(sub == k, row, tile)
       ref[h] = tile.astype(ref.dtype)
 
-  def load_col(self, ref):
-    """A lane-dense block `ref [G, 1, bq]` -> the column `[G * bq, 1]`."""
-    g = ref.shape[0]
-    cols = [_flip(ref[h].astype(F32), 1) for h in range(g)]
-    return cols[0] if g == 1 else jnp.concatenate(cols, axis=0)
 
 
 def _block_spec(shape, rows, kind, group):
