@@ -388,8 +388,7 @@ def ppa_fwd_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, o_ref, lse_ref, *
   m, l, acc = _stripe_loops(ctx, bounds_ref, unit, reads, stripe, carry)
   has = l > 0
   store_heads(o_ref, acc / jnp.where(has, l, 1.0))
-  ctx.store_cols(lse_ref, [jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf)],
-                 -jnp.inf)
+  store_heads(lse_ref, jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf))
 
 
 def _band_tile(ctx, base, c, qpos, *, lo, hi, bk, unit, front, lk, qmax):

@@ -262,12 +262,14 @@ def _ppa_fwd_variant(plat, q, k, v, qoff, *, cfg, interpret):
       frames={"k": (frame(k), "same"), "v": (frame(v), "same")},
       outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), q.dtype), g["bq"],
              "heads"),
-            (jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"] // g["bq"], 1, g["bq"]), F32),
-             g["bq"], "heads")],
+            # lse stays a [.., 1] column: written lane-dense, the round trip to
+            # the dq kernel's column input made XLA:TPU emit a 363K-line
+            # relayout fusion on v4 (docs/kernels_stripe.md).
+            (jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], 1), F32), g["bq"], "heads")],
       group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]),
       cost=_ppa_costs(plat, q, cfg, g)[0])
   out = jnp.moveaxis(o[:, :, :g["lq"], :g["d"]], 1, 2)
-  return out, lse.reshape(g["b"], g["hq"], g["lq_pad"])[:, :, :g["lq"]]
+  return out, lse[:, :, :g["lq"], 0]
 
 
 def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
