@@ -82,7 +82,7 @@ Both take the same description of a kernel:
   frames: `{name: (array [B, H', rows, W], kind)}` read through `ctx.rows`;
   outs: `(ShapeDtypeStruct [B, H', L, W], block_rows[, kind])`, block
     `(b, h, i)` (kind `"same"` unless given), or 5-D lane-dense as in
-    `blocks` (search anchors / scores, PPA lse);
+    `blocks` (search anchors / scores);
   cost: optional `pl.CostEstimate` (from `pallas_kernels.cost`).
 `kind` maps the grid's head index to the array's head: `"same"`, `"kv"`
 (query head `h` reads kv head `h // group`), `"heads"` (blocks and outs: kv

@@ -7,12 +7,12 @@ j + DEPTH - 1` are on their way into the other slots of a `DEPTH`-slot
 buffer, each with its own DMA semaphore. Band tiles (`rows`, `rows_f32`)
 are read start-then-wait through slot 0, never while a stripe loop runs.
 
-Per-query outputs (search anchors / scores, the PPA forward's lse) are
-written lane-dense: one `(K, block_q)` block of a `[B, H, nq, K, block_q]`
-array per query block (K = 1 for lse), not `[.., L, K]` with a `K`-lane
-minor dim that TPU layouts pad to 128 lanes. The kernels' `[rows, 1]`
-columns are turned into those rows by a diagonal sum (`_flip`), not a
-reshape (Mosaic lowers that to a sublane gather, which v4 lacks).
+The search's anchors and scores are written lane-dense: one `(K,
+block_q)` block of a `[B, H, nq, K, block_q]` array per query block, not
+`[.., L, K]` with a `K`-lane minor dim that TPU layouts pad to 128 lanes.
+The kernel's `[rows, 1]` columns are turned into those rows by a diagonal
+sum (`_flip`), not a reshape (Mosaic lowers that to a sublane gather, which
+v4 lacks). (PPA's lse stays a column: docs/kernels_stripe.md.)
 """
 
 from __future__ import annotations
