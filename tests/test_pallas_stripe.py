@@ -9,6 +9,7 @@ on a few cases.
 
 import dataclasses
 import functools
+import re
 
 import chex
 import jax
@@ -23,6 +24,7 @@ from attn.pallas import ppa as pallas_ppa
 from attn.pallas import superlinear as pallas_superlinear
 from pallas_kernels import stripe
 from pallas_kernels.block_sparse import tpu as block_sparse_tpu
+from pallas_kernels.stripe import tpu as stripe_tpu
 from tests import attn_oracles
 from tests import pallas_harness as ph
 
@@ -90,18 +92,30 @@ def test_search_anchors_equal_reference(case):
   chex.assert_trees_all_close(gates, ref_gates, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["gpu_interpret", "tpu_interpret"])
-def test_search_at_a_traced_offset_equals_reference(variant):
+@pytest.mark.parametrize("variant,depth", [
+    ("gpu_interpret", None), ("tpu_interpret", None), ("tpu_checked", 1), ("tpu_checked", 2),
+    ("tpu_checked", 3), ("tpu_checked", 4)])
+def test_search_at_a_traced_offset_equals_reference(variant, depth, monkeypatch):
   """A traced `q_offset`: the stripe runs each block visits come from the
-  traced deltas (binary search in the kernel), not from host tables."""
+  traced deltas (binary search in the kernel), not from host tables. TPU:
+  `depth` stripe DMAs in flight (`stripe.tpu.DEPTH`), under the
+  bounds-checked interpreter whose DMAs land only when waited for: every
+  block's run (0 to ~10 stripes here, fewer or more than the depth) gives
+  the reference anchors and never reads past its run or the table."""
+  if depth is not None:
+    monkeypatch.setattr(stripe_tpu, "DEPTH", depth)
   config = attn.SuperlinearConfig(sw_index=1, num_spans=2)
   lq, lk = 19, 53
   qs, ks = _search_inputs(jax.random.PRNGKey(5), 4, 2, lq, lk)
-  run = jax.jit(lambda off: pallas_superlinear.search(qs, ks, off, config=config,
-                                                      variant=variant)[0])
+  table = masks.superlinear_stripe_table(lk, config)
+  run = jax.jit(lambda off: stripe.search_topk(qs, ks, table, num_spans=2, q_offset=off,
+                                               variant=variant, block_q=8))
   for q_offset in (0, 17, lk - lq):
     ref_anchors, _ = _reference_search(qs, ks, config, q_offset)
-    np.testing.assert_array_equal(run(jnp.int32(q_offset)), ref_anchors)
+    anchors, scores = run(jnp.int32(q_offset))
+    np.testing.assert_array_equal(anchors, ref_anchors)
+    want = jnp.where(ref_anchors >= 0, _gather_scores(qs, ks, ref_anchors), -jnp.inf)
+    chex.assert_trees_all_close(scores, want, atol=1e-5, rtol=1e-5)
 
 
 def test_search_ties_keep_the_farther_stripe_and_bf16():
@@ -182,6 +196,24 @@ def test_ppa_values_and_vjp_match_reference(case):
   ph.vjp_check(functools.partial(_ppa_kernel, variant=variant, **kw),
                functools.partial(_ppa_ref, **kw), (q, k, v), cot_key, argnums=(0, 1, 2),
                **tol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_ppa_pipeline_depths_at_a_traced_offset_match_reference(depth, monkeypatch):
+  """TPU kernels with `depth` stripe DMAs in flight (`stripe.tpu.DEPTH`; 3
+  is the default, run by the cases above) under the bounds-checked
+  interpreter (DMAs land when waited for), at a traced `q_offset` (tables
+  built on the device): forward and VJP equal the reference."""
+  monkeypatch.setattr(stripe_tpu, "DEPTH", depth)
+  lq, lk, q_offset = 13, 40, 27
+  (q, k, v), cot_key = _ppa_inputs(jnp.float32, 4, 2, 16, lq, lk)
+  kw = dict(p=0.5, window=4)
+  fn = jax.jit(lambda q, k, v, off: _ppa_kernel(q, k, v, q_offset=off, variant="tpu_checked",
+                                                **kw))
+  ph.vjp_check(fn, lambda q, k, v, off: _ppa_ref(q, k, v, q_offset=q_offset, **kw),
+               (q, k, v, jnp.int32(q_offset)), cot_key, argnums=(0, 1, 2), atol=1e-5,
+               rtol=1e-5)
 
 
 def test_ppa_ignores_nan_junk_beyond_the_cache_end():
@@ -481,6 +513,32 @@ def test_forward_and_backward_lower_with_the_platform_kernel(target):
     out, pull = jax.vjp(ppa, a, b, c)
     return out, pull(jnp.ones(out.shape, out.dtype))
   ph.assert_kernel_in(ph.export_text(ppa_vjp, target, q, k, k), target, at_least=3)
+
+
+def _tpu_kernel_operands(text: str, results_only: bool = False):
+  """Shapes of the operands and results (or results only) of every TPU kernel
+  in an exported module's text."""
+  shapes = []
+  for line in text.splitlines():
+    if "@tpu_custom_call" in line:
+      part = line.rsplit("->", 1)[-1] if results_only else line.rsplit(":", 1)[-1]
+      shapes += [tuple(int(x) for x in m.split("x")[:-1])
+                 for m in re.findall(r"tensor<([0-9x]*[a-z][a-z0-9]*)>", part)]
+  return shapes
+
+
+def test_tpu_search_outputs_are_lane_dense():
+  """The TPU search writes anchors / scores as `[B, Hq, nq, K, block_q]`
+  (query axis minor), not `[B, Hq, L, K]` (a `K`-lane minor dim that TPU
+  layouts pad to 128 lanes); the entry keeps its shapes."""
+  s = jax.ShapeDtypeStruct
+  q, k = s((1, 64, 4, 40), jnp.bfloat16), s((1, 64, 2, 40), jnp.bfloat16)
+  table = masks.superlinear_stripe_table(64, attn.SuperlinearConfig())
+  search = lambda a, b: stripe.search_topk(a, b, table, num_spans=3, q_offset=0,  # noqa: E731
+                                           variant="tpu")
+  assert _tpu_kernel_operands(ph.export_text(search, "tpu", q, k), results_only=True) == [
+      (1, 4, 1, 4, 64), (1, 4, 1, 4, 64)]
+  assert [x.shape for x in jax.eval_shape(search, q, k)] == [(1, 64, 4, 3)] * 2
 
 
 @pytest.mark.parametrize("target", ["tpu", "cuda"])

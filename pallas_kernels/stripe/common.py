@@ -17,8 +17,8 @@ or band. A stripe's key rows for query row `i0` start at
 (f32) or 16 (bf16/f16), and export does not check that. Query and key blocks
 start at multiples of the unit, so a stripe window is misaligned by the
 residue `delta mod unit`. Every kernel runs one loop over all its stripes
-and reads each window with `ctx.rows_f32` (TPU: the aligned window one unit
-longer, rotated by the traced residue in float32), which keeps its Mosaic
+(`ctx.stripe_loop`) and reads each window as float32 (TPU: the aligned
+window one unit longer, rotated by the traced residue), which keeps its Mosaic
 compile about `unit` times smaller than one loop per static residue (the
 PPA kernels had that: 47K and 42K LLO lines for the forward and dq kernels
 at L = 128K, docs/kernels_stripe.md). The tables still list the stripes
@@ -55,7 +55,15 @@ context:
     head (`g`: the query head within the group, for key-block kernels);
     `start - u` is a multiple of the alignment unit, `u` a Python int.
   * `ctx.rows_f32(name, start, n, g=None)`: the same rows as float32 for
-    any traced `start`.
+    any traced `start`;
+  * `ctx.stripe_loop(lo, hi, reads, body, carry)`: `carry = body(j, rows,
+    carry)` for `j` in `[lo, hi)`, `rows` the float32 windows `reads(j)`
+    (a tuple of `(name, start, n, g)`, as `rows_f32`). TPU keeps
+    `tpu.DEPTH` stripes' DMAs in flight (double/triple buffering), starting
+    only stripes below `hi`; GPU loads each window in the step;
+  * `ctx.store_cols(ref, cols, fill)`: `K` columns `[G * bq, 1]` into a
+    lane-dense output block `[G, K', bq]` (rows past `K` get `fill`; TPU:
+    a diagonal sum per head, not a reshape).
 
 `tpu.launch_tpu` serves `rows` by a DMA of the aligned window that starts `u`
 rows early (frames stay in HBM, `memory_space=ANY`; tables are scalar-
@@ -68,10 +76,13 @@ Both take the same description of a kernel:
     kernels: query heads);
   tables: 1-D int32 arrays (power-of-two length);
   blocks: `(array [B, H', L, W], block_rows, kind)` read as the block
-    `[block_rows, W]` at grid position `(b, head, i)`;
+    `[block_rows, W]` at grid position `(b, head, i)` (a 5-D lane-dense
+    `[B, H', L / block_rows, K, block_rows]` array: the block `[K,
+    block_rows]`);
   frames: `{name: (array [B, H', rows, W], kind)}` read through `ctx.rows`;
   outs: `(ShapeDtypeStruct [B, H', L, W], block_rows[, kind])`, block
-    `(b, h, i)` (kind `"same"` unless given);
+    `(b, h, i)` (kind `"same"` unless given), or 5-D lane-dense as in
+    `blocks` (search anchors / scores);
   cost: optional `pl.CostEstimate` (from `pallas_kernels.cost`).
 `kind` maps the grid's head index to the array's head: `"same"`, `"kv"`
 (query head `h` reads kv head `h // group`), `"heads"` (blocks and outs: kv
@@ -90,6 +101,8 @@ their query rows, which differ per head).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -196,16 +209,6 @@ def topk_insert(state, s, a):
   return tuple(out)
 
 
-def columns_to_tile(cols, width: int, fill):
-  """`K` columns `[n, 1]` -> `[n, width]` (column `k` = `cols[k]`, rest `fill`)."""
-  n = cols[0].shape[0]
-  lane = jax.lax.broadcasted_iota(jnp.int32, (n, width), 1)
-  out = jnp.full((n, width), fill, cols[0].dtype)
-  for k, c in enumerate(cols):
-    out = jnp.where(lane == k, c, out)
-  return out
-
-
 def head_block(kind: str, group: int):
   """Grid head index -> block head index of an array of that `kind`."""
   return {"same": lambda h: h, "kv": lambda h: h // group}[kind]
@@ -262,15 +265,15 @@ def _rowdot(a, b):
   return jnp.sum(a.astype(F32) * b.astype(F32), axis=1, keepdims=True)
 
 
-def _stripe_loops(ctx, bounds_ref, unit, body, carry):
-  """`body(j, carry)` over every stripe `j`, in table order (residue groups
-  one after another), as one loop: the bodies read stripe rows with
-  `ctx.rows_f32` (any residue), so the Mosaic kernel holds one copy of the
-  body instead of one per residue (`unit` copies: 16 for bf16), which made
-  the PPA kernels the largest programs of a PPA prefill compile
-  (docs/kernels_stripe.md, compile time)."""
-  return jax.lax.fori_loop(ctx.scalar(bounds_ref, 0), ctx.scalar(bounds_ref, unit), body,
-                           carry)
+def _stripe_loops(ctx, bounds_ref, unit, reads, body, carry):
+  """`body(j, rows, carry)` over every stripe `j`, in table order (residue
+  groups one after another), as one `ctx.stripe_loop` (`rows`: the float32
+  windows `reads(j)`, any residue; TPU: several in flight), so the Mosaic
+  kernel holds one copy of the body instead of one per residue (`unit`
+  copies: 16 for bf16), which made the PPA kernels the largest programs of a
+  PPA prefill compile (docs/kernels_stripe.md, compile time)."""
+  return ctx.stripe_loop(ctx.scalar(bounds_ref, 0), ctx.scalar(bounds_ref, unit), reads,
+                         body, carry)
 
 
 def _align_down(x, unit):
@@ -313,24 +316,25 @@ def search_body(ctx, deltas_ref, q_ref, anc_ref, sc_ref, *, bq, group, num, coun
   state = tuple((jnp.full((n, 1), -jnp.inf, F32), jnp.full((n, 1), INT_MAX, jnp.int32))
                 for _ in range(num))
 
-  def body(j, st):
+  def reads(j):
+    return (("ks", front + i0 + ctx.scalar(deltas_ref, j), bq, None),)
+
+  def body(j, rows, st):
     dl = ctx.scalar(deltas_ref, j)
-    kw = repeat_rows(ctx.rows_f32("ks", front + i0 + dl, bq), group)
+    kw = repeat_rows(rows[0], group)
     a = r + dl
     ok = (a >= 0) & (a < lk)
     s = jnp.where(ok, _rowdot(q, jnp.where(ok, kw, 0.0)), -jnp.inf)
     return topk_insert(st, s, a)
 
-  # One loop over the stripes (any residue: `ctx.rows_f32`), not one per
+  # One loop over the stripes (any residue: float32 windows), not one per
   # residue: the Mosaic compile of this kernel is then ~`unit` times smaller.
+  # Only stripes in [lo, hi) are read (TPU: `DEPTH` windows in flight).
   lo = first_at_least(ctx, deltas_ref, count, -(i0 + bq - 1))   # an anchor >= 0
   hi = first_at_least(ctx, deltas_ref, count, lk - i0)          # every anchor >= lk
-  state = jax.lax.fori_loop(lo, jnp.maximum(lo, hi), body, state)
-  scores = [s for s, _ in state]
-  anchors = [jnp.where(jnp.isfinite(s), a, -1) for s, a in state]
-  width = sc_ref.shape[-1]
-  store_heads(sc_ref, columns_to_tile(scores, width, -jnp.inf))
-  store_heads(anc_ref, columns_to_tile(anchors, width, -1))
+  state = ctx.stripe_loop(lo, hi, reads, body, state)
+  ctx.store_cols(sc_ref, [s for s, _ in state], -jnp.inf)
+  ctx.store_cols(anc_ref, [jnp.where(jnp.isfinite(s), a, -1) for s, a in state], -1)
 
 
 # -------------------------------------------------------------------- PPA
@@ -374,13 +378,14 @@ def ppa_fwd_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, o_ref, lse_ref, *
   carry = _band_loop(ctx, bands, band_step, carry, i0=i0, qoff=qoff, qmax=qmax, bq=bq,
                      rows=n, bk=bk, lk=lk, front=front, unit=unit)
 
-  def stripe(j, st):
-    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, i0=i0, bq=bq, group=group, lk=lk,
-                              qmax=qmax, front=front)
+  def stripe(j, rows, st):
+    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, rows, i0=i0, bq=bq, group=group, lk=lk,
+                              qmax=qmax)
     s = _rowdot(q32, kw) * scale
     return _online(*st, s, ok, lambda p: p * vw)
 
-  m, l, acc = _stripe_loops(ctx, bounds_ref, unit, stripe, carry)
+  reads = functools.partial(_stripe_reads, ctx, deltas_ref, i0=i0, bq=bq, front=front)
+  m, l, acc = _stripe_loops(ctx, bounds_ref, unit, reads, stripe, carry)
   has = l > 0
   store_heads(o_ref, acc / jnp.where(has, l, 1.0))
   store_heads(lse_ref, jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf))
@@ -418,18 +423,25 @@ def _band_loop(ctx, bands, step, carry, *, i0, qoff, qmax, bq, rows, bk, lk, fro
   return carry
 
 
-def _stripe_tile(ctx, deltas_ref, j, *, i0, bq, group, lk, qmax, front):
-  """The keys and values of stripe `j` for the query block at row `i0`:
-  `(k, v, ok)`, float32 `[group * bq, D]` (query `i0 + r` of every head meets
-  key `i0 + r + delta`; `bq` rows loaded once, repeated per head), zeroed
-  where the key is before 0, past `lk` or past the last query; `ok
-  [group * bq, 1]` marks the others."""
+def _stripe_reads(ctx, deltas_ref, j, *, i0, bq, front):
+  """The windows of stripe `j` for the query block at row `i0`: `bq` key and
+  value rows from frame row `front + i0 + delta`."""
+  start = front + i0 + ctx.scalar(deltas_ref, j)
+  return (("k", start, bq, None), ("v", start, bq, None))
+
+
+def _stripe_tile(ctx, deltas_ref, j, rows, *, i0, bq, group, lk, qmax):
+  """The keys and values of stripe `j` for the query block at row `i0`
+  (`rows`: its float32 windows, `_stripe_reads`): `(k, v, ok)`, float32
+  `[group * bq, D]` (query `i0 + r` of every head meets key `i0 + r +
+  delta`; `bq` rows loaded once, repeated per head), zeroed where the key is
+  before 0, past `lk` or past the last query; `ok [group * bq, 1]` marks the
+  others."""
   dl = ctx.scalar(deltas_ref, j)
   kc = _col(bq, i0 + dl)
   vis = (kc >= 0) & (kc < lk) & (kc <= qmax)
-  start = front + i0 + dl
-  kw = repeat_rows(jnp.where(vis, ctx.rows_f32("k", start, bq), 0.0), group)
-  vw = repeat_rows(jnp.where(vis, ctx.rows_f32("v", start, bq), 0.0), group)
+  kw = repeat_rows(jnp.where(vis, rows[0], 0.0), group)
+  vw = repeat_rows(jnp.where(vis, rows[1], 0.0), group)
   kf = fold_col(group * bq, bq, i0 + dl)
   return kw, vw, (kf >= 0) & (kf < lk) & (kf <= qmax)
 
@@ -459,15 +471,25 @@ def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, d
   dq = _band_loop(ctx, bands, band_step, dq, i0=i0, qoff=qoff, qmax=qmax, bq=bq,
                   rows=q.shape[0], bk=bk, lk=lk, front=front, unit=unit)
 
-  def stripe(j, dq):
-    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, i0=i0, bq=bq, group=group, lk=lk,
-                              qmax=qmax, front=front)
+  def stripe(j, rows, dq):
+    kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, rows, i0=i0, bq=bq, group=group, lk=lk,
+                              qmax=qmax)
     p = _probs(_rowdot(q32, kw) * scale, lse, ok)
     ds = p * (_rowdot(do32, vw) - delta)
     return dq + ds * kw * scale
 
-  dq = _stripe_loops(ctx, bounds_ref, unit, stripe, dq)
+  reads = functools.partial(_stripe_reads, ctx, deltas_ref, i0=i0, bq=bq, front=front)
+  dq = _stripe_loops(ctx, bounds_ref, unit, reads, stripe, dq)
   store_heads(dq_ref, dq)
+
+
+def _lse_delta(ld):
+  """`[n, 2]` rows of the `"ld"` frame -> the columns `(lse, delta)`, `[n, 1]`
+  each (a masked lane sum: exact, `-inf` kept; no lane slice, which Triton
+  does not lower)."""
+  lane = jax.lax.broadcasted_iota(jnp.int32, ld.shape, 1)
+  pick = lambda k: jnp.sum(jnp.where(lane == k, ld, 0.0), axis=1, keepdims=True)  # noqa: E731
+  return pick(0), pick(1)
 
 
 def ppa_dkv_body(ctx, meta_ref, deltas_ref, bounds_ref, k_ref, v_ref, dk_ref, dv_ref, *,
@@ -494,19 +516,25 @@ def ppa_dkv_body(ctx, meta_ref, deltas_ref, bounds_ref, k_ref, v_ref, dk_ref, dv
     ok = (ic >= 0) & (ic < lq)
     qw = jnp.where(ok, ctx.rows("q", start, n, u, g), 0)
     dow = jnp.where(ok, ctx.rows("do", start, n, u, g), 0)
-    lse = ctx.rows("lse", start, n, u, g)
-    dl = jnp.where(ok, ctx.rows("delta", start, n, u, g), 0.0)
-    return ic, ok, qw, dow, lse, dl
+    lse, dl = _lse_delta(ctx.rows("ld", start, n, u, g))
+    return ic, ok, qw, dow, lse, jnp.where(ok, dl, 0.0)
 
-  def load_q32(start, n, g):
-    """`load_q` of a stripe (any residue), q / do as float32."""
-    ic = _col(n, start - front_q)
+  def stripe_start(j):
+    return front_q + x0 - ctx.scalar(deltas_ref, j)
+
+  def stripe_reads(j, g):
+    """A stripe's query-side windows: q, do, lse, delta rows of head `g`."""
+    start = stripe_start(j)
+    return tuple((name, start, bk, g) for name in ("q", "do", "ld"))
+
+  def stripe_q(j, rows):
+    """`load_q` of a stripe from its float32 windows (any residue)."""
+    ic = _col(bk, stripe_start(j) - front_q)
     ok = (ic >= 0) & (ic < lq)
-    qw = jnp.where(ok, ctx.rows_f32("q", start, n, g), 0.0)
-    dow = jnp.where(ok, ctx.rows_f32("do", start, n, g), 0.0)
-    lse = ctx.rows_f32("lse", start, n, g)
-    dl = jnp.where(ok, ctx.rows_f32("delta", start, n, g), 0.0)
-    return ok, qw, dow, lse, dl
+    qw, dow, ld = rows
+    lse, dl = _lse_delta(ld)
+    return (ok, jnp.where(ok, qw, 0.0), jnp.where(ok, dow, 0.0), lse,
+            jnp.where(ok, dl, 0.0))
 
   def head(g, acc):
     dk, dv = acc
@@ -529,16 +557,16 @@ def ppa_dkv_body(ctx, meta_ref, deltas_ref, bounds_ref, k_ref, v_ref, dk_ref, dv
 
       dk, dv = jax.lax.fori_loop(0, n, chunk, (dk, dv))
 
-    def stripe(j, acc, g=g):
+    def stripe(j, rows, acc):
       dk, dv = acc
-      dl_ = ctx.scalar(deltas_ref, j)
-      qok, qw, dow, lse, dl = load_q32(front_q + x0 - dl_, bk, g)
+      qok, qw, dow, lse, dl = stripe_q(j, rows)
       ok = qok & kvis
       p = _probs(_rowdot(k32, qw) * scale, lse, ok)
       ds = p * (_rowdot(v32, dow) - dl)
-      return dk + ds * qw.astype(F32) * scale, dv + p * dow.astype(F32)
+      return dk + ds * qw * scale, dv + p * dow
 
-    return _stripe_loops(ctx, bounds_ref, unit, stripe, (dk, dv))
+    return _stripe_loops(ctx, bounds_ref, unit, functools.partial(stripe_reads, g=g),
+                         stripe, (dk, dv))
 
   dk, dv = jax.lax.fori_loop(0, group, head, (zeros, zeros))
   dk_ref[...] = dk.astype(dk_ref.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
@@ -48,6 +49,26 @@ class _GpuCtx:
     """Rows `[start, start + n)` of frame `name` as float32 (any start)."""
     return self.rows(name, start, n, 0, g).astype(jnp.float32)
 
+  def stripe_loop(self, lo, hi, reads, body, carry):
+    """`carry = body(j, rows, carry)` for `j` in `[lo, hi)`, `rows` the
+    float32 windows `reads(j)` (`(name, start, n, g)` each), loaded at the
+    exact rows (the TPU context overlaps these loads with the loop)."""
+    def step(j, c):
+      return body(j, tuple(self.rows_f32(nm, st, n, g) for nm, st, n, g in reads(j)), c)
+
+    return jax.lax.fori_loop(lo, jnp.maximum(lo, hi), step, carry)
+
+  def store_cols(self, ref, cols, fill):
+    """Columns `[G * bq, 1]` into the lane-dense block `ref [G, K, bq]`
+    (as `tpu._TpuCtx.store_cols`; here a register reshape)."""
+    g, kk, bq = ref.shape
+    sub = jax.lax.broadcasted_iota(jnp.int32, (g, kk, bq), 1)
+    out = jnp.full((g, kk, bq), fill, ref.dtype)
+    for k, c in enumerate(cols):
+      out = jnp.where(sub == k, c.astype(ref.dtype).reshape(g, 1, bq), out)
+    ref[...] = out
+
+
 
 def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_rows,
                interpret, num_warps=4, cost=None):
@@ -57,11 +78,15 @@ def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_row
   kinds = {k: frames[k][1] for k in names}
   nt, nb, nf = len(tables), len(blocks), len(names)
 
-  def block_spec(shape_w, rows, kind):
-    if kind == "heads":
-      return pl.BlockSpec((None, group, rows, shape_w), lambda b, h, i: (b, h, i, 0))
-    hb = _head_block(kind, group)
-    return pl.BlockSpec((None, None, rows, shape_w), lambda b, h, i: (b, hb(h), i, 0))
+  def block_spec(shape, rows, kind):
+    """`[B, H, L, W]` in `(rows, W)` blocks; lane-dense `[B, H, nq, K, rows]`
+    in `(K, rows)` blocks (as `tpu._block_spec`)."""
+    lead = group if kind == "heads" else None
+    hb = (lambda h: h) if kind == "heads" else _head_block(kind, group)
+    if len(shape) == 5:
+      return pl.BlockSpec((None, lead, None, shape[3], rows),
+                          lambda b, h, i: (b, hb(h), i, 0, 0))
+    return pl.BlockSpec((None, lead, rows, shape[-1]), lambda b, h, i: (b, hb(h), i, 0))
 
   def frame_spec(arr, kind):
     _, _, rows, w = arr.shape
@@ -71,9 +96,9 @@ def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_row
     return pl.BlockSpec((None, None, rows, w), lambda b, h, i: (b, hb(h), 0, 0))
 
   in_specs = [pl.BlockSpec(t.shape, lambda b, h, i: (0,)) for t in tables]
-  in_specs += [block_spec(a.shape[-1], r, kind) for a, r, kind in blocks]
+  in_specs += [block_spec(a.shape, r, kind) for a, r, kind in blocks]
   in_specs += [frame_spec(frames[k][0], kinds[k]) for k in names]
-  out_specs = [block_spec(o[0].shape[-1], o[1], o[2] if len(o) > 2 else "same")
+  out_specs = [block_spec(o[0].shape, o[1], o[2] if len(o) > 2 else "same")
                for o in outs]
 
   def kernel(*refs):

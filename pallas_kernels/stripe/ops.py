@@ -90,6 +90,10 @@ def _launch(plat, body, *, interpret, num_warps=4, **kw):
 # ----------------------------------------------------------------- search
 
 
+# Anchors cross float32 inside the TPU search (`tpu._TpuCtx.store_cols`).
+_EXACT_F32 = 1 << 24
+
+
 def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, heads_first, f_host,
                     qoff_host, interpret):
   b, lq, hq, ds = qs.shape
@@ -102,6 +106,9 @@ def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, heads_first, f
   front = round_up(max(fmax - 1, 0), max(unit, 8))
   rows = round_up(front + lk + lq_pad + 2 * max(unit, 8), max(unit, 8))
   kp = next_pow2(num)
+  if plat == "tpu" and lk >= _EXACT_F32:
+    raise ValueError(f"kv_len={lk}: the TPU search writes anchors through float32 "
+                     f"(exact below {_EXACT_F32}).")
   count = int(f.shape[0])
   # Ascending deltas (anchor = row + delta), padded with `lk` (no anchor):
   # each program visits the run of stripes with an anchor in its block.
@@ -120,13 +127,14 @@ def _search_variant(plat, qs, ks, f, qoff, *, num, fmax, block_q, heads_first, f
       tables=[deltas],
       blocks=[(_heads_first(qs, lq_pad, dp), bq, "heads")],
       frames={"ks": (common.to_frame(ks, front, rows, dp), "same")},
-      outs=[(jax.ShapeDtypeStruct((b, hq, lq_pad, kp), jnp.int32), bq, "heads"),
-            (jax.ShapeDtypeStruct((b, hq, lq_pad, kp), F32), bq, "heads")],
+      outs=[(jax.ShapeDtypeStruct((b, hq, lq_pad // bq, kp, bq), jnp.int32), bq, "heads"),
+            (jax.ShapeDtypeStruct((b, hq, lq_pad // bq, kp, bq), F32), bq, "heads")],
       group=grp, unit=unit, buf_rows=bq, cost=est)
-  if heads_first:   # [B, Hq, K, Lq]: query axis last (see `search_topk`)
-    back = lambda x: jnp.swapaxes(x[:, :, :lq, :num], 2, 3)  # noqa: E731
-  else:
-    back = lambda x: jnp.moveaxis(x[:, :, :lq, :num], 1, 2)  # noqa: E731
+
+  def back(x):   # lane-dense [B, Hq, nq, K, bq] -> [B, Hq, K, Lq]
+    x = jnp.swapaxes(x, 2, 3).reshape(b, hq, kp, lq_pad)[:, :, :num, :lq]
+    return x if heads_first else jnp.transpose(x, (0, 3, 1, 2))
+
   return back(anc), back(sc)
 
 
@@ -255,6 +263,9 @@ def _ppa_fwd_variant(plat, q, k, v, qoff, *, cfg, interpret):
       frames={"k": (frame(k), "same"), "v": (frame(v), "same")},
       outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), q.dtype), g["bq"],
              "heads"),
+            # lse stays a [.., 1] column: written lane-dense, the round trip to
+            # the dq kernel's column input made XLA:TPU emit a 363K-line
+            # relayout fusion on v4 (docs/kernels_stripe.md).
             (jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], 1), F32), g["bq"], "heads")],
       group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]),
       cost=_ppa_costs(plat, q, cfg, g)[0], num_warps=gpu.ppa_fwd_warps(q.dtype, g["dp"]))
@@ -292,9 +303,11 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
   front_q = round_up(g["lk"] - g["lq"], g["al"])
   rows_q = round_up(front_q + g["lk_pad"] + g["dmax"] + g["bq_t"] + g["lq_pad_t"]
                            + 2 * g["al"], g["al"])
-  qframe = lambda x: common.to_frame(x, front_q, rows_q, x.shape[-1] if x.shape[-1] == 1  # noqa: E731
-                                     else g["dp"])
+  qframe = lambda x, w=g["dp"]: common.to_frame(x, front_q, rows_q, w)  # noqa: E731
+  # lse and delta share one frame `[B, Hq, rows, 2]` (one DMA per window;
+  # TPU pads the 2-lane minor dim to 128 lanes, so one such frame, not two).
   seq_col = lambda x: jnp.moveaxis(x, 1, 2)[..., None]  # [B, Hq, Lq] -> [B, Lq, Hq, 1]  # noqa: E731
+  ld = jnp.concatenate([qframe(seq_col(lse), 1), qframe(seq_col(delta.astype(F32)), 1)], -1)
   deltas_t, bounds_t = _ppa_tables(cfg, qoff, g["unit"], -1)
   body = functools.partial(
       common.ppa_dkv_body, bq=g["bq_t"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
@@ -305,8 +318,7 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
       blocks=[(_heads_first(k, g["lk_pad"], g["dp"]), g["bk"], "same"),
               (_heads_first(v, g["lk_pad"], g["dp"]), g["bk"], "same")],
       frames={"q": (qframe(q), "group"), "do": (qframe(do), "group"),
-              "lse": (qframe(seq_col(lse)), "group"),
-              "delta": (qframe(seq_col(delta)), "group")},
+              "ld": (ld, "group")},   # [B, Hq, rows, 2]
       outs=[(jax.ShapeDtypeStruct((g["b"], g["hk"], g["lk_pad"], g["dp"]), F32), g["bk"]),
             (jax.ShapeDtypeStruct((g["b"], g["hk"], g["lk_pad"], g["dp"]), F32), g["bk"])],
       group=grp, unit=g["unit"], buf_rows=max(g["bq_t"], g["bk"]), cost=est_dkv,
