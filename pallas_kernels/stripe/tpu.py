@@ -11,8 +11,9 @@ The search's anchors and scores are written lane-dense: one `(K,
 block_q)` block of a `[B, H, nq, K, block_q]` array per query block, not
 `[.., L, K]` with a `K`-lane minor dim that TPU layouts pad to 128 lanes.
 The kernel's `[rows, 1]` columns are turned into those rows by a diagonal
-sum (`_flip`), not a reshape (Mosaic lowers that to a sublane gather, which
-v4 lacks). (PPA's lse stays a column: docs/kernels_stripe.md.)
+sum (`pallas_kernels.common.to_row`), not a reshape (Mosaic lowers that to
+a sublane gather, which v4 lacks). (PPA's lse stays a column:
+docs/kernels_stripe.md.)
 """
 
 from __future__ import annotations
@@ -23,20 +24,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.stripe.common import head_block as _head_block
-from pallas_kernels.common import F32, pallas_call
+from pallas_kernels.common import F32, pallas_call, to_row
 
 # Stripe windows in flight in a stripe loop (issue 15 item 2 asks for 2-4).
 DEPTH = 3
-
-
-def _flip(vec, axis: int):
-  """float32 `[1, n] <-> [n, 1]`: broadcast to `[n, n]`, keep the diagonal,
-  sum over `axis` (one value and zeros: exact, `-inf` stays `-inf`)."""
-  n = max(vec.shape)
-  i = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
-  diag = i == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
-  return jnp.sum(jnp.where(diag, jnp.broadcast_to(vec, (n, n)), 0.0), axis=axis,
-                 keepdims=True)
 
 
 class _TpuCtx:
@@ -135,7 +126,7 @@ class _TpuCtx:
     for h in range(g):
       tile = jnp.full((kk, bq), fill, F32)
       for k, c in enumerate(cols):
-        row = _flip(c[h * bq:(h + 1) * bq].astype(F32), 0)
+        row = to_row(c[h * bq:(h + 1) * bq].astype(F32))
         tile = jnp.where(sub == k, row, tile)
       ref[h] = tile.astype(ref.dtype)
 
