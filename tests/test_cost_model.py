@@ -334,8 +334,9 @@ def test_decode_kernels_bytes(loads):
   v = _normal(13, (b, lk, hk, d))
   width = 10
   _flush(dec_ops.band(q_offset, qs, ks, v, lq=1, width=width, scale=0.25, variant=V))
-  assert loads.count("window", 64) == b * hk * math.ceil(width / 64)
-  band = cost.decode_band(width=width, **kw)
+  tile = 16     # float32 band tiles: 16 keys (decode/gpu.py `_band_block`)
+  assert loads.count("window", tile) == b * hk * math.ceil(width / tile)
+  band = cost.decode_band(width=width, tile=tile, **kw)
   assert band.bytes_accessed == (2 * loads.rows("window") * d * 4
                                  + b * hk * 16 * (d * 4 + (d + 2) * 4))
   loads.log.clear()

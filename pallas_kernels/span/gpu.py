@@ -107,7 +107,7 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-F32_BLOCKS = (64, 16)   # float32 (block_q, block_k) on the GPU
+F32_BLOCKS = (32, 16)   # float32 (block_q, block_k) on the GPU
 
 
 def default_blocks(dtype) -> tuple[int, int]:
