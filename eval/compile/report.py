@@ -82,6 +82,16 @@ def _short_len(n: int) -> str:
   return f"{n >> 20}M" if n >= 1 << 20 else f"{n >> 10}K"
 
 
+def _section(title: str, intro: str | None, header: tuple, rows: list) -> list[str]:
+  """A `## title` section: the intro paragraph, then a Markdown table of
+  `rows` under `header`, or "None." when there are no rows."""
+  out = ["", f"## {title}", ""] + ([intro, ""] if intro else [])
+  if not rows:
+    return out + ["None."]
+  out += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+  return out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
 def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
   """The Markdown report of every recorded result (`matrix`: the full sweep)."""
   targets = sorted({t for t, _ in results}, key=lambda t: (t != "gpu", t))
@@ -135,42 +145,35 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
     out.append(f"| {t} | " + " | ".join(str(counts[s]) for s in STATUSES) +
                f" | {missing} | {load} |")
 
-  big = [r for r in results.values() if r["status"] == "too_big"]
-  out += ["", "## Too big for one chip", "",
-          "libtpu's compile-time HBM check refused these: the program's temporaries "
-          "exceed that chip's HBM at this size (`CompileTimeHbmOom`). Not a pass: "
-          "either the op wastes memory or the size needs a bigger chip or sharding "
-          "(another generation's row in the TPU table shows whether it fits there).", ""]
-  if not big:
-    out.append("None.")
-  else:
-    out += ["| target | case | temporaries GiB | chip HBM GiB |", "|---|---|---|---|"]
-    for r in sorted(big, key=lambda r: (r["target"], r["key"])):
-      out.append(f"| {r['target']} | `{r['key']}` | {r['need_gib']:g} | {r['hbm_gib']:g} |")
-  bad = [r for r in results.values() if r["status"] not in ("ok", "too_big")]
-  out += ["", "## Failing cases (work order)", ""]
-  if not bad:
-    out.append("None.")
-  else:
-    out += ["| target | case | status | problem | where |", "|---|---|---|---|---|"]
-    for r in sorted(bad, key=lambda r: (r["target"], r["key"])):
-      why = "; ".join(r.get("problems") or []) or (r.get("error") or "").replace("\n", " ")
-      out.append(f"| {r['target']} | `{r['key']}` | {r['status']} | {why[:300]} | "
-                 f"{', '.join(r.get('where') or [])} |")
-
-  slow = [(t, k, r) for (t, k), r in slow_results(results).items()]
-  out += ["", "## Slow compiles (work order)", "",
-          "Lower + compile over 30 s for superlinear (forward or grad), over 15 s "
-          "for any other op (the targets of issue 17); wall seconds on the shared, "
-          "loaded machine (see the load column above).", ""]
-  if not slow:
-    out.append("None.")
-  else:
-    out += ["| target | case | seconds | limit | load average |", "|---|---|---|---|---|"]
-    for t, k, r in sorted(slow, key=lambda x: (x[0], -compile_seconds(x[2]))):
-      load = f"{r['load1']:.1f}" if "load1" in r else "?"
-      out.append(f"| {t} | `{k}` | {'> ' if r['status'] == 'timeout' else ''}"
-                 f"{compile_seconds(r):.0f} | {time_limit(k):.0f} | {load} |")
+  big = sorted((r for r in results.values() if r["status"] == "too_big"),
+               key=lambda r: (r["target"], r["key"]))
+  out += _section(
+      "Too big for one chip",
+      "libtpu's compile-time HBM check refused these: the program's temporaries "
+      "exceed that chip's HBM at this size (`CompileTimeHbmOom`). Not a pass: "
+      "either the op wastes memory or the size needs a bigger chip or sharding "
+      "(another generation's row in the TPU table shows whether it fits there).",
+      ("target", "case", "temporaries GiB", "chip HBM GiB"),
+      [(r["target"], f"`{r['key']}`", f"{r['need_gib']:g}", f"{r['hbm_gib']:g}")
+       for r in big])
+  bad = sorted((r for r in results.values() if r["status"] not in ("ok", "too_big")),
+               key=lambda r: (r["target"], r["key"]))
+  out += _section(
+      "Failing cases (work order)", None, ("target", "case", "status", "problem", "where"),
+      [(r["target"], f"`{r['key']}`", r["status"],
+        ("; ".join(r.get("problems") or []) or (r.get("error") or "").replace("\n", " "))[:300],
+        ", ".join(r.get("where") or [])) for r in bad])
+  slow = sorted(slow_results(results).items(),
+                key=lambda x: (x[0][0], -compile_seconds(x[1])))
+  out += _section(
+      "Slow compiles (work order)",
+      "Lower + compile over 30 s for superlinear (forward or grad), over 15 s "
+      "for any other op (the targets of issue 17); wall seconds on the shared, "
+      "loaded machine (see the load column above).",
+      ("target", "case", "seconds", "limit", "load average"),
+      [(t, f"`{k}`", f"{'> ' if r['status'] == 'timeout' else ''}{compile_seconds(r):.0f}",
+        f"{time_limit(k):.0f}", f"{r['load1']:.1f}" if "load1" in r else "?")
+       for (t, k), r in slow])
 
   gpu = {k: r for (t, k), r in results.items() if t == "gpu" and r.get("kernels")}
   if gpu:
