@@ -83,7 +83,7 @@ def span_oracle(q, k, v, anchors, gates, *, config, q_offset, scale):
 
 @pytest.mark.parametrize("variant,dtype,h,r,lk,block", [
     ("gpu_interpret", jnp.float16, 2, 40, 50, 16), ("tpu_checked", jnp.bfloat16, 2, 40, 50, 16),
-    # float32 at the GPU's own default tiles (`span.gpu.default_blocks`: 64 x 16)
+    # float32 at the GPU's own default tiles (`span.gpu.default_blocks`: 32 x 16)
     ("gpu_interpret", jnp.float32, 2, 40, 50, None),
     pytest.param("gpu", jnp.float16, 2, 40, 50, 16, marks=pytest.mark.gpu),
     pytest.param("gpu", jnp.float32, 2, 40, 50, None, marks=pytest.mark.gpu),

@@ -110,16 +110,21 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_
 F32_BLOCKS = (32, 16)   # float32 (block_q, block_k) on the GPU
 
 
-def default_blocks(dtype) -> tuple[int, int]:
-  """Default `(block_q, block_k)` per input dtype (docs/kernels_span.md).
+def default_blocks(dtype, *, forward: bool = False) -> tuple[int, int]:
+  """Default `(block_q, block_k)` per input dtype and pass (docs/kernels_span.md).
 
-  float32 dots run at HIGHEST precision (`common.precision_for`: the
-  reference is exact float32), which Triton lowers to CUDA-core FMA products
-  where a thread holds whole head_dim rows of both operands; 64 x 64 tiles
-  then spilled 11-28 KB per kernel in the deviceless H100 compile report.
-  (`ops.default_blocks` gives the 16-bit forward 128 rows.)
+  16-bit: 64 x 64, except the forward's 128 pair rows (a tile loads about
+  one span of K/V plus its rows' start spread, so 128 rows halve the K/V
+  tiles loaded per pair; 8 warps keep the `[128, Dp]` float32 accumulator
+  in registers, `_params`). float32 dots run at HIGHEST precision
+  (`common.precision_for`: the reference is exact float32), which Triton
+  lowers to CUDA-core FMA products where a thread holds whole head_dim rows
+  of both operands; 64 x 64 tiles then spilled 11-28 KB per kernel in the
+  deviceless H100 compile report, so float32 takes `F32_BLOCKS` in every pass.
   """
-  return F32_BLOCKS if jnp.dtype(dtype).itemsize >= 4 else (64, 64)
+  if jnp.dtype(dtype).itemsize >= 4:
+    return F32_BLOCKS
+  return (128, 64) if forward else (64, 64)
 
 
 def _params(dp, dtype, block_q=64):

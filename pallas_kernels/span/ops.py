@@ -37,12 +37,7 @@ from pallas_kernels.common import (F32, next_pow2, pad_head_dim, round_up, span_
 #                          "pytest -m gpu tests/test_pallas_span.py")
 # is what lets `None` pick the kernels on that backend.
 HARDWARE_CHECKS: tuple[platform.HardwareCheck, ...] = ()
-_DEFAULT_BLOCKS = {"tpu": (128, 128)}   # GPU: `gpu.default_blocks` (per dtype)
-# GPU forward: 128 pair rows per tile halve the K/V tiles loaded per pair
-# (a tile loads the union of its rows' spans, about one span plus the rows'
-# start spread), with 8 warps so the [128, Dp] float32 accumulator stays in
-# registers (bf16/f16; float32 inputs keep 64, docs/kernels_span.md).
-_FWD_BLOCK_Q = {"gpu": 128}
+_DEFAULT_BLOCKS = {"tpu": (128, 128)}   # GPU: `gpu.default_blocks` (per dtype, pass)
 _MIN_BLOCK = 16
 
 
@@ -57,16 +52,11 @@ class _Cfg:
 
 def default_blocks(platform_name: str, *, forward: bool, dtype) -> tuple[int, int]:
   """`(block_q, block_k)` of the span kernels before shrinking for short
-  inputs. GPU: per dtype (`gpu.default_blocks`: float32 takes small tiles),
-  and the 16-bit forward's own `block_q` (`_FWD_BLOCK_Q`); TPU:
+  inputs: GPU per dtype and pass (`gpu.default_blocks`), TPU
   `_DEFAULT_BLOCKS`."""
   if platform_name == "gpu":
-    bq, bk = gpu.default_blocks(dtype)
-  else:
-    bq, bk = _DEFAULT_BLOCKS[platform_name]
-  if forward and jnp.dtype(dtype).itemsize == 2:
-    bq = _FWD_BLOCK_Q.get(platform_name, bq)
-  return bq, bk
+    return gpu.default_blocks(dtype, forward=forward)
+  return _DEFAULT_BLOCKS[platform_name]
 
 
 def block_sizes(cfg: _Cfg, platform_name: str, rows: int, kv_len: int, *,
@@ -198,7 +188,8 @@ def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = N
       lse -inf). Must satisfy `0 <= lo`, `hi < Lk` for non-empty rows.
     scale: score scale.
     block_q, block_k: tile sizes (powers of two >= 16); None: per-platform
-      defaults (TPU 128 x 128, GPU 64 x 64) shrunk for short inputs. The
+      defaults (`default_blocks`: TPU 128 x 128; GPU 64 x 64, the 16-bit
+      forward 128 x 64, float32 32 x 16) shrunk for short inputs. The
       compiled TPU kernels need `block_q` a multiple of 128 or one tile for
       all rows (`tpu.check_block_q`: lane-dense per-row vectors).
     variant: see `pallas_kernels.platform`.
