@@ -75,7 +75,7 @@ def cells(changes: Changes = Changes(), shape: Shape = Shape(), window: int = 40
   return out
 
 
-def verdict(cell: Cell, hw: Hardware = H100, reuse: bool = False) -> tuple[float | None, str]:
+def verdict(cell: Cell, hw: Hardware = H100, reuse: str = "none") -> tuple[float | None, str]:
   """`(base time / ours time, MET | MISSED | -)` for one cell."""
   if cell.base is None:
     return None, "-"
@@ -85,7 +85,7 @@ def verdict(cell: Cell, hw: Hardware = H100, reuse: bool = False) -> tuple[float
   return ratio, "MET" if ratio >= cell.need else "MISSED"
 
 
-def target_verdicts(changes: Changes = Changes(), hw: Hardware = H100, reuse: bool = False):
+def target_verdicts(changes: Changes = Changes(), hw: Hardware = H100, reuse: str = "none"):
   """`[(target, MET | MISSED | not modelled, evidence)]` from the model, with
   the benchmark's target definitions (`eval/bench_targets.py`)."""
   cs = cells(changes)
@@ -116,7 +116,7 @@ def target_verdicts(changes: Changes = Changes(), hw: Hardware = H100, reuse: bo
   return [(t, word[ok], ev) for t, ok, ev in out]
 
 
-def verdict_table(hw: Hardware = H100, reuse: bool = False) -> list[str]:
+def verdict_table(hw: Hardware = H100, reuse: str = "none") -> list[str]:
   names = [ch.label() for ch in SCENARIOS]
   rows = ["| target | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
   per = [target_verdicts(ch, hw, reuse) for ch in SCENARIOS]
@@ -176,12 +176,14 @@ def scenario_table(hw: Hardware = H100) -> list[str]:
 
 
 def breakdown(op: OpCost, hw: Hardware = H100) -> list[str]:
-  rows = ["| kernel | HBM bytes | matmul FLOPs | row-wise FLOPs | programs | time (model) |",
-          "|---|---|---|---|---|---|"]
+  rows = ["| kernel | bytes loaded | matmul FLOPs | row-wise FLOPs | programs | time (model) "
+          "| HBM bytes (wave model) | time (wave model) |",
+          "|---|---|---|---|---|---|---|---|"]
   for name, c in op.parts:
     rows.append(f"| {name} | {_fmt_b(c.bytes_accessed)} | {_fmt_f(c.flops)} | "
                 f"{_fmt_f(c.vector_flops)} | {c.programs if c.programs < 1 << 20 else 'XLA'} "
-                f"| {_fmt_t(kernel_time(c, hw))} |")
+                f"| {_fmt_t(kernel_time(c, hw))} | {_fmt_b(c.bytes_accessed - c.wave_hits)} "
+                f"| {_fmt_t(kernel_time(c, hw, 'wave'))} |")
   return rows
 
 
@@ -217,11 +219,22 @@ def markdown(hw: Hardware = H100) -> str:
   out += ["", "### Targets judged by the model", "",
           "Every load from HBM (the kernels' own loads, no cache reuse):", ""]
   out += verdict_table(hw)
+  out += ["", f"Wave model: the GPU kernels of the search, the span calls and the "
+          "block-sparse forward launch their block axis first (`pallas_kernels.common."
+          "block_first`), so the programs in flight are neighbouring blocks of one (batch, "
+          f"head). Assumed: {hw.wave} programs (one per SM) start together and advance in "
+          "step, and a row one of them loads stays in L2 until the wave ends; then HBM "
+          "carries each distinct row a wave reads once (`cost.search_wave_rows`, "
+          "`span_wave_key_blocks`, `roofline_model.wave_key_blocks`) and L2 "
+          f"({hw.l2_bw / 1e12:g} TB/s, an assumed figure) serves every load. Other "
+          "kernels and XLA glue stay at HBM. Not measured: a GPU run decides.", ""]
+  out += verdict_table(hw, reuse="wave")
   out += ["", f"Optimistic bound: every load of a Pallas kernel served at L2 bandwidth "
           f"({hw.l2_bw / 1e12:g} TB/s, an assumed figure), so only compute, XLA glue and "
-          "grid occupancy remain. The truth lies between the two tables; where they "
-          "disagree, the verdict depends on cache reuse the model does not predict.", ""]
-  out += verdict_table(hw, reuse=True)
+          "grid occupancy remain. The truth lies between the first and this table; where "
+          "they disagree, the verdict depends on cache reuse the model does not measure.",
+          ""]
+  out += verdict_table(hw, reuse="all")
   for title, op in (("superlinear default, 128K, today",
                      superlinear(131072, CONFIGS["default"], s)),
                     ("superlinear default, 128K, all changes",

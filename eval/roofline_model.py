@@ -11,7 +11,11 @@ kernel's time is `max(bytes / HBM bandwidth, matmul FLOPs / peak + row-wise
 FLOPs / vector peak)`, divided by the share of the SMs its grid can fill
 (`min(1, programs / SMs)`); an op's time is the sum of its kernels'.
 Transcendentals, caches, latency and launch overhead are left out, for ours
-and the baselines alike.
+and the baselines alike. `kernel_time(reuse=...)` adds two cache views:
+the *wave model* (`"wave"`: kernels launched block-first re-read rows their
+wave of `Hardware.wave` concurrent programs already loaded, served from L2;
+`cost.KernelCost.wave_hits`) and the optimistic bound (`"all"`: every Pallas
+load at L2 bandwidth).
 
 Baselines: dense causal flash attention (cuDNN) at `4 B Hq L^2 D / 2`
 forward FLOPs reading q, k, v and writing o once; dense decode reading the
@@ -32,6 +36,7 @@ from attn import masks, ppa_routing
 from pallas_kernels import cost
 from pallas_kernels.decode import common as dec_common
 from pallas_kernels.span import ops as span_ops
+from pallas_kernels.stripe import ops as stripe_ops
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
@@ -40,7 +45,8 @@ class Hardware:
   vector_flops: float = 67e12     # float32 non-tensor FLOP/s (row-wise dots)
   hbm_bw: float = 3.35e12         # bytes/s
   num_sms: int = 132
-  l2_bw: float = 5.5e12           # bytes/s, an assumption (reuse bound only)
+  l2_bw: float = 5.5e12           # bytes/s, an assumption (reuse models only)
+  wave: int = 132                 # programs launched together (one per SM), wave model
 
 
 H100 = Hardware()
@@ -92,17 +98,33 @@ CONFIGS = {"default": attn.SuperlinearConfig(), "released": RELEASED}
 XLA = 1 << 20   # `programs` of XLA work (glue, baselines): the device is full
 
 
-def kernel_time(c: cost.KernelCost, hw: Hardware = H100, reuse: bool = False) -> float:
+REUSE = ("none", "wave", "all")
+
+
+def kernel_time(c: cost.KernelCost, hw: Hardware = H100, reuse: str = "none") -> float:
   """Roofline seconds of one kernel (see the module docstring).
 
-  `reuse=True`: the optimistic bound where every load of a Pallas kernel
-  is served at L2 bandwidth (re-reads of K/V across query blocks, heads
-  and stripes all hit); XLA work stays at HBM bandwidth.
+  `reuse`: how the model serves a Pallas kernel's loads (XLA work always
+  at HBM bandwidth):
+    * `"none"`: every load from HBM (no cache);
+    * `"wave"`: the wave model (`cost.KernelCost.wave_hits`): the loads a
+      block-first kernel's wave repeats are L2 hits, so HBM carries the
+      rest and L2 bandwidth bounds all of them; kernels without a wave
+      model stay at HBM;
+    * `"all"`: the optimistic bound, every load at L2 bandwidth.
   """
+  if reuse not in REUSE:
+    raise ValueError(f"reuse={reuse!r}: one of {REUSE}.")
   occ = min(1.0, c.programs / hw.num_sms) if c.programs else 1.0
   compute = c.flops / hw.peak_flops + c.vector_flops / hw.vector_flops
-  bw = hw.l2_bw if reuse and c.programs < XLA else hw.hbm_bw
-  return max(c.bytes_accessed / bw, compute) / occ
+  pallas = c.programs < XLA
+  if reuse == "all" and pallas:
+    memory = c.bytes_accessed / hw.l2_bw
+  elif reuse == "wave" and pallas and c.wave_hits:
+    memory = max((c.bytes_accessed - c.wave_hits) / hw.hbm_bw, c.bytes_accessed / hw.l2_bw)
+  else:
+    memory = c.bytes_accessed / hw.hbm_bw
+  return max(memory, compute) / occ
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +138,7 @@ class OpCost:
       out = out + c
     return out
 
-  def time(self, hw: Hardware = H100, reuse: bool = False) -> float:
+  def time(self, hw: Hardware = H100, reuse: str = "none") -> float:
     return sum(kernel_time(c, hw, reuse) for _, c in self.parts)
 
 
@@ -155,8 +177,22 @@ def dense_decode_baseline(cache_len: int, shape: Shape) -> OpCost:
 # ------------------------------------------------------------- block-sparse
 
 
+def wave_key_blocks(layout: attn.BlockLayout, wave: int) -> int:
+  """Distinct key blocks per (batch, query head) that the block-sparse
+  forward's waves read, summed over waves: the GPU launches the query blocks
+  first, heaviest (last) first, `wave` of them together (the wave model)."""
+  n, blocks = layout.num_kv_blocks, layout.kv_blocks
+  cols = np.arange(blocks.shape[1])[None, :]
+  order = np.arange(layout.num_q_blocks)[::-1]
+  total = 0
+  for w in range(0, order.size, wave):
+    rows = order[w:w + wave]
+    total += np.unique(blocks[rows][cols < n[rows][:, None]]).size
+  return total
+
+
 def block_sparse(layout: attn.BlockLayout, shape: Shape, backward: bool = False,
-                 changes: Changes = Changes()) -> OpCost:
+                 changes: Changes = Changes(), hw: Hardware = H100) -> OpCost:
   """The block-sparse kernels over `layout` (tiles = its non-empty tiles)."""
   s = shape
   kw = dict(s.kw(), tiles=layout.num_active_blocks, block_q=layout.block_q,
@@ -165,8 +201,9 @@ def block_sparse(layout: attn.BlockLayout, shape: Shape, backward: bool = False,
   q_b = s.batch * lq * s.q_heads * s.head_dim * s.itemsize
   kv_b = s.batch * lk * s.kv_heads * s.head_dim * s.itemsize
   parts = [("layout copies", _glue(2 * (2 * q_b + 2 * kv_b))),
-           ("block_sparse_fwd", cost.block_sparse_fwd(num_q_blocks=layout.num_q_blocks,
-                                                      detail=True, **kw))]
+           ("block_sparse_fwd", cost.block_sparse_fwd(
+               num_q_blocks=layout.num_q_blocks, detail=True,
+               wave_key_blocks=wave_key_blocks(layout, hw.wave), **kw))]
   if backward:
     parts += [("block_sparse_dq", cost.block_sparse_dq(num_q_blocks=layout.num_q_blocks,
                                                        detail=True, **kw)),
@@ -177,13 +214,13 @@ def block_sparse(layout: attn.BlockLayout, shape: Shape, backward: bool = False,
   return OpCost(tuple(parts))
 
 
-def dense_pallas(seq_len, shape, backward=False, changes=Changes()):
-  return block_sparse(attn.BlockLayout.causal(seq_len), shape, backward, changes)
+def dense_pallas(seq_len, shape, backward=False, changes=Changes(), hw=H100):
+  return block_sparse(attn.BlockLayout.causal(seq_len), shape, backward, changes, hw)
 
 
-def window_pallas(seq_len, window, shape, backward=False, changes=Changes()):
+def window_pallas(seq_len, window, shape, backward=False, changes=Changes(), hw=H100):
   return block_sparse(attn.BlockLayout.sliding_window(seq_len, window=window), shape,
-                      backward, changes)
+                      backward, changes, hw)
 
 
 def sparse_layout(seq_len: int, density: float = 0.1, block: int = 128, seed: int = 0,
@@ -222,22 +259,30 @@ def span_key_blocks(seq_len: int, config: attn.SuperlinearConfig, group: int,
 
 
 def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
-                backward: bool = False, changes: Changes = Changes()) -> OpCost:
+                backward: bool = False, changes: Changes = Changes(),
+                hw: Hardware = H100) -> OpCost:
   """`superlinear_attention(implementation="pallas")` at `L` queries = keys."""
   s = shape
   sk = dict(s.kw(), gqa_shared_reads=changes.gqa_shared_reads)
   stripes = masks.superlinear_num_stripes(seq_len, config)
   num = config.num_spans
-  search_bq = 64                          # `cost.stripe_search`'s block_q
-  visits = cost.stripe_visits(1 - masks.superlinear_stripe_table(seq_len, config).astype(
-      np.int64), q_blocks=-(-seq_len // search_bq), block_q=search_bq, kv_len=seq_len)
+  # The kernel's own query rows per head (GPU: 64 rows in all, `64 // G` a
+  # head); one program per query head (no GQA sharing) had 64 a head.
+  search_bq = (stripe_ops.search_block_q(s.platform, seq_len, s.group)
+               if changes.gqa_shared_reads else 64)
+  deltas = 1 - masks.superlinear_stripe_table(seq_len, config).astype(np.int64)
+  visits = cost.stripe_visits(deltas, q_blocks=-(-seq_len // search_bq), block_q=search_bq,
+                              kv_len=seq_len)
+  wave_rows = cost.search_wave_rows(deltas, q_len=seq_len, block_q=search_bq,
+                                    kv_len=seq_len, wave=hw.wave)
   dp = cost.padded_head_dim(s.head_dim, s.platform)
   q_rows = s.batch * s.q_heads * seq_len
   frame = 2 * s.batch * s.kv_heads * seq_len * dp * s.itemsize + 2 * q_rows * dp * s.itemsize
   parts = [("search frames", _glue(frame)),
            ("stripe_search", cost.stripe_search(q_len=seq_len, stripes=stripes,
                                                 num_spans=num, block_q=search_bq,
-                                                visits=visits, detail=True, **sk))]
+                                                visits=visits, wave_rows=wave_rows,
+                                                detail=True, **sk))]
   # Gate logits: the search's own scores (search once), no forward kernel.
   heads = s.batch * s.kv_heads           # span grid: (batch, kv head) pairs
   dtype = {2: "bfloat16", 4: "float32"}[s.itemsize]
@@ -260,9 +305,17 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
                + 2 * pairs * dp * s.itemsize                           # q_pairs gather
                + pairs * dp * s.itemsize                               # merge-and-gate reads o
                + pairs * 4 * 6)                                        # bounds, sort, inverse
+  wave = dict(block_q=fq, block_k=fk, wave=hw.wave)
+  w_wave = heads * cost.span_wave_key_blocks(seq_len * s.group, seq_len, config.window,
+                                             **wave)
+  sp_wave = heads * cost.span_wave_key_blocks(
+      rows, seq_len, int(span_lengths(seq_len, config).max()),
+      rows_per_key=s.group * num, **wave)
   parts += [("span window fwd", cost.span_fwd(rows=seq_len * s.group, key_blocks=w_fwd,
-                                              detail=True, **fwd_kw)),
-            ("span spans fwd", cost.span_fwd(rows=rows, key_blocks=sp_fwd, detail=True,
+                                              wave_key_blocks=w_wave, detail=True,
+                                              **fwd_kw)),
+            ("span spans fwd", cost.span_fwd(rows=rows, key_blocks=sp_fwd,
+                                             wave_key_blocks=sp_wave, detail=True,
                                              **fwd_kw)),
             ("span glue", _glue(span_glue))]
   if backward:

@@ -9,11 +9,13 @@
     `attn.reference`, `attn.pallas` and the span kernels all use these;
   * per-row vectors inside a TPU kernel: `to_column` / `to_row` turn a
     lane-dense `[1, n]` row into the `[n, 1]` column tile math broadcasts
-    over keys and back (`flip_vector`).
+    over keys and back (`flip_vector`);
+  * GPU launch order: `block_first` / `block_first_id` (below).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -175,3 +177,62 @@ def pallas_call(kernel, *, out_shape, **kwargs):
     return pl.pallas_call(kernel, out_shape=shapes, **kwargs)(*args)
 
   return call
+
+
+# ------------------------------------------------------------ GPU launch order
+
+# Grids are written `(batch, head, block[, ...])`: axis 2 walks the query
+# (or key, or pair-tile) blocks of one (batch, head). Pallas Triton launches
+# the first grid axis as CUDA's fastest-varying one, and the GPU dispatches
+# programs in that order, so a `(batch, head, block)` launch keeps every head
+# in flight at once (`batch * heads * a few blocks`): concurrent programs
+# share no K/V rows. `block_first` launches axis 2 first instead, as flash
+# attention kernels order their grids: the programs in flight are
+# neighbouring blocks of one head, which read the same K/V (stripe, span)
+# rows at nearly the same time, so re-reads can hit L2 instead of HBM.
+BLOCK_AXIS = 2
+
+
+def _launch_axis(axis: int) -> int:
+  """Launch position of logical grid axis `axis` under `block_first`."""
+  if axis == BLOCK_AXIS:
+    return 0
+  return axis + 1 if axis < BLOCK_AXIS else axis
+
+
+def block_first(grid, *specs):
+  """`(launch_grid, *specs)` with logical axis 2 of `grid` launched first.
+
+  `grid`: `(batch, head, blocks, ...)`; `specs`: BlockSpecs (or lists of
+  them, or None) whose index maps take the logical ids; they are rewrapped
+  to take the launch ids. Bodies read logical ids with `block_first_id`.
+  """
+  from jax.experimental import pallas as pl
+
+  n = len(grid)
+  launch = [None] * n
+  for a, size in enumerate(grid):
+    launch[_launch_axis(a)] = size
+
+  def wrap(spec):
+    fn = spec.index_map
+    def index_map(*ids):
+      return fn(*(ids[_launch_axis(a)] for a in range(n)))
+    return dataclasses.replace(spec, index_map=index_map)
+
+  is_spec = lambda x: isinstance(x, pl.BlockSpec)  # noqa: E731
+  return (tuple(launch),) + tuple(jax.tree.map(wrap, s, is_leaf=is_spec) for s in specs)
+
+
+def block_first_id(axis: int):
+  """`pl.program_id` of logical grid axis `axis` inside a kernel launched
+  through `block_first`."""
+  from jax.experimental import pallas as pl
+  return pl.program_id(_launch_axis(axis))
+
+
+def block_first_call(kernel, *, grid, in_specs, out_specs, **kwargs):
+  """`pallas_call` launched `block_first` (GPU kernels): `grid`, `in_specs`
+  and `out_specs` in logical order, the body reading `block_first_id`."""
+  grid, in_specs, out_specs = block_first(grid, in_specs, out_specs)
+  return pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, **kwargs)

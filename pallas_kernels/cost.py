@@ -8,7 +8,8 @@ each kernel body *really* loads and computes today:
   * every tile / stripe a program visits, at its block size, with head_dim
     padded as the platform pads it (GPU: a power of two >= 16, TPU: a
     multiple of 128; `padded_head_dim`);
-  * HBM bytes as if nothing were cached (no L2/VMEM reuse across programs):
+  * HBM bytes as if nothing were cached (no L2/VMEM reuse across programs;
+    `KernelCost.wave_hits` holds the separate wave model's L2 hits):
     under GQA a query-head program re-reads its kv head's rows, so reads
     scale with the query heads unless `gqa_shared_reads=True` (one program
     per kv head serving its `G` query heads);
@@ -65,6 +66,13 @@ class KernelCost:
     transcendentals: `exp` evaluations.
     bytes_accessed: HBM bytes read plus written.
     programs: grid programs launched (parallelism available).
+    wave_hits: bytes of `bytes_accessed` that the *wave model* serves from
+      L2 (0: not modelled). GPU kernels launched block-first
+      (`pallas_kernels.common.block_first`) run neighbouring blocks of one
+      (batch, head) together; a wave is `wave` programs launched together,
+      and the model loads each distinct row a wave reads from HBM once, the
+      rest of the wave's loads being L2 hits (`search_wave_rows`,
+      `span_wave_key_blocks`, the block-sparse `wave_key_blocks`).
   """
 
   flops: int = 0
@@ -72,6 +80,7 @@ class KernelCost:
   transcendentals: int = 0
   bytes_accessed: int = 0
   programs: int = 0
+  wave_hits: int = 0
 
   def __add__(self, other: "KernelCost") -> "KernelCost":
     return KernelCost(*(int(a) + int(b) for a, b in zip(dataclasses.astuple(self),
@@ -120,12 +129,15 @@ def _group(q_heads: int, kv_heads: int) -> int:
 def block_sparse_fwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
                      num_q_blocks: int, tiles: int, block_q: int, block_k: int,
                      itemsize: int = 2, platform: str = "gpu",
-                     gqa_shared_reads: bool = False, detail: bool = False):
+                     gqa_shared_reads: bool = False, wave_key_blocks: int | None = None,
+                     detail: bool = False):
   """Block-sparse forward, grid `(B, Hq, nq)`.
 
   `tiles`: non-empty tiles per (batch, head) (`BlockLayout.num_active_blocks`).
   Each tile loads `block_k` rows of K and V and costs `4 bq bk Dp` FLOPs and
   `bq bk` exps; each program loads its q block and writes o and lse.
+  `wave_key_blocks`: distinct key blocks per (batch, query head) summed over
+  the waves of the block-first launch (the wave model, `KernelCost`).
   """
   dp = padded_head_dim(head_dim, platform)
   reads_h = kv_heads if gqa_shared_reads else q_heads
@@ -133,8 +145,11 @@ def block_sparse_fwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
   rows = batch * q_heads * num_q_blocks * block_q
   own = rows * (2 * dp * itemsize + F32_BYTES)
   work = batch * q_heads * tiles * block_q * block_k
+  hits = 0
+  if wave_key_blocks is not None:
+    hits = max(0, kv - batch * reads_h * wave_key_blocks * 2 * block_k * dp * itemsize)
   return _out(KernelCost(flops=4 * work * dp, transcendentals=work, bytes_accessed=kv + own,
-                         programs=batch * q_heads * num_q_blocks), detail)
+                         programs=batch * q_heads * num_q_blocks, wave_hits=hits), detail)
 
 
 def block_sparse_dq(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
@@ -189,7 +204,8 @@ def stripe_visits(deltas, *, q_blocks: int, block_q: int, kv_len: int) -> int:
 def stripe_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
                   stripes: int, num_spans: int, block_q: int = 64, itemsize: int = 2,
                   platform: str = "gpu", unit: int = 16, gqa_shared_reads: bool = True,
-                  visits: int | None = None, detail: bool = False):
+                  visits: int | None = None, wave_rows: int | None = None,
+                  detail: bool = False):
   """Span-search (`stripe.search_topk`), grid `(B, Hk, nq)` (`block_q`: query
   rows per head; a program serves the `G` query heads of a kv head).
 
@@ -199,7 +215,9 @@ def stripe_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_l
   `block_q` rows of the search keys per stripe once for its `G` heads and
   scoring them row-wise (`2 Dp` FLOPs a row, vector units).
   `gqa_shared_reads=False`: the former grid `(B, Hq, nq)`, each query head
-  re-reading the rows.
+  re-reading the rows. `wave_rows`: distinct search-key rows per (batch, kv
+  head) summed over the waves of the block-first launch (the wave model,
+  `search_wave_rows`).
   """
   dp = padded_head_dim(head_dim, platform)
   nq = _cdiv(q_len, block_q)
@@ -210,8 +228,32 @@ def stripe_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_l
   kp = next_pow2(num_spans)
   own = batch * q_heads * nq * block_q * (dp * itemsize + 2 * kp * 4)
   vec = batch * q_heads * visits * block_q * 2 * dp
+  hits = 0
+  if wave_rows is not None:
+    hits = max(0, int(ks) - batch * reads_h * wave_rows * dp * itemsize)
   return _out(KernelCost(vector_flops=int(vec), bytes_accessed=int(ks + own),
-                         programs=batch * reads_h * nq), detail)
+                         programs=batch * reads_h * nq, wave_hits=hits), detail)
+
+
+def search_wave_rows(deltas, *, q_len: int, block_q: int, kv_len: int, wave: int) -> int:
+  """Distinct search-key rows the waves of the span-search read, per
+  (batch, kv head), summed over waves (the wave model, `KernelCost`).
+
+  A wave is `wave` consecutive query blocks, rows `[i0, i1)`; stripe
+  `delta` reads key rows `[i0 + delta, i1 + delta)` (within `[0, kv_len)`)
+  across it. Stripes at nearby offsets overlap: the wave's distinct rows are
+  the union of those intervals (sorted by start, each counting the part past
+  the previous ends).
+  """
+  d = np.sort(np.asarray(deltas, np.int64))
+  if d.size == 0:
+    return 0
+  i0 = np.arange(0, q_len, wave * block_q, dtype=np.int64)[:, None]
+  i1 = np.minimum(i0 + wave * block_q, q_len)
+  start, end = np.clip(i0 + d, 0, kv_len), np.clip(i1 + d, 0, kv_len)
+  reach = np.maximum.accumulate(end, axis=1)
+  prev = np.concatenate([np.zeros_like(reach[:, :1]), reach[:, :-1]], axis=1)
+  return int(np.maximum(0, end - np.maximum(start, prev)).sum())
 
 
 def gate_logits_bwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
@@ -335,7 +377,8 @@ def ppa_dkv(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, kv_len: i
 
 def span_fwd(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: int,
              block_q: int = 64, block_k: int = 64, itemsize: int = 2,
-             platform: str = "gpu", detail: bool = False):
+             platform: str = "gpu", wave_key_blocks: int | None = None,
+             detail: bool = False):
   """Interval attention forward (`span.interval_attention`), grid
   `(B, H, rows / bq)` with `H` the kv heads.
 
@@ -343,15 +386,39 @@ def span_fwd(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: in
   (all batches and heads; each tile visits the blocks covering its rows'
   union, a data-dependent count);
   K, V `block_k` rows each. Rows in: q, lo, hi; out: o (input dtype),
-  float32 lse.
+  float32 lse. `wave_key_blocks`: distinct key blocks summed over the waves
+  of the block-first launch, all batches and heads (the wave model,
+  `span_wave_key_blocks`).
   """
   dp = padded_head_dim(head_dim, platform)
   rp = _cdiv(rows, block_q) * block_q
   kv = key_blocks * 2 * block_k * dp * itemsize
   own = batch * heads * rp * (2 * dp * itemsize + 2 * I32_BYTES + F32_BYTES)
   work = key_blocks * block_q * block_k
+  hits = 0
+  if wave_key_blocks is not None:
+    hits = max(0, kv - wave_key_blocks * 2 * block_k * dp * itemsize)
   return _out(KernelCost(flops=4 * work * dp, transcendentals=work, bytes_accessed=kv + own,
-                         programs=batch * heads * (rp // block_q)), detail)
+                         programs=batch * heads * (rp // block_q), wave_hits=hits), detail)
+
+
+def span_wave_key_blocks(rows: int, kv_len: int, max_keys: int, *, block_q: int,
+                         block_k: int, wave: int, rows_per_key: float = 1.0) -> int:
+  """Distinct key blocks the waves of an interval-attention call read, per
+  (batch, kv head), summed over waves (the wave model, `KernelCost`).
+
+  Rows are sorted by interval start (span pairs) or ordered by query
+  (window rows), `rows_per_key` rows per key position, so a wave of `wave`
+  tiles covers starts spread over `wave * block_q / rows_per_key` keys and
+  reads that spread plus one interval (at most `max_keys` keys) plus a block
+  at each end; the spreads of all waves add up to at most the sequence
+  (`kv_len` keys per pass over it).
+  """
+  tiles = _cdiv(rows, block_q)
+  waves = _cdiv(tiles, wave)
+  spread = min(rows / rows_per_key, waves * kv_len)
+  per_wave = min(_cdiv(kv_len, block_k), _cdiv(max_keys, block_k) + 2)
+  return _cdiv(spread, block_k) + waves * per_wave
 
 
 def window_key_blocks(seq_len: int, window: int, group: int, block_q: int = 64,

@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import F32, LANES, LOG2E, Spec, Tables
 from pallas_kernels import cost
-from pallas_kernels.common import pad_head_dim, pallas_call
+from pallas_kernels.common import pad_head_dim, block_first_call, block_first_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +213,7 @@ def _init_state(bq, dp):
 
 def _fwd_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, k_ref, v_ref,
                 o_ref, lse_ref, *vis, spec: Spec):
-  i = spec.num_q_blocks - 1 - pl.program_id(2)
+  i = spec.num_q_blocks - 1 - block_first_id(2)
   q = q_ref[...]
   row, step = _fwd_step(spec, blocks, counts, masks, tiles_ref, k_ref, v_ref, q, i,
                         qo_ref[0], qo_ref[1])
@@ -231,11 +231,11 @@ def _split_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref
                   acc_ref, m_ref, l_ref, *, spec: Spec, chunk: int):
   """Decode: program `s` of a row walks slots `[s * chunk, (s + 1) * chunk)`
   and writes its unnormalised state (merged by `_merge_splits`)."""
-  i = spec.num_q_blocks - 1 - pl.program_id(2)
+  i = spec.num_q_blocks - 1 - block_first_id(2)
   q = q_ref[...]
   row, step = _fwd_step(spec, blocks, counts, masks, tiles_ref, k_ref, v_ref, q, i,
                         qo_ref[0], qo_ref[1])
-  lo = pl.program_id(3) * chunk
+  lo = block_first_id(3) * chunk
   hi = jnp.minimum(lo + chunk, counts[row])
   acc, m, l = _range_loops(lo, hi, fstart[row], nfull[row], spec.sub_k, step,
                            _init_state(spec.block_q, q.shape[-1]))
@@ -311,7 +311,7 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
     chunk = -(-ps.width // splits)
     sp = lambda *blk: pl.BlockSpec((None, None, None) + blk,  # noqa: E731
                                    lambda b, h, i, s: (b, h, s, nq - 1 - i) + (0,) * (len(blk) - 1))
-    acc, m, l = pallas_call(
+    acc, m, l = block_first_call(
         functools.partial(_split_kernel, spec=ps, chunk=chunk), grid=(b, hq, nq, splits),
         in_specs=[_full(t) for t in tables] + [
             pl.BlockSpec((None, None, bq, dp), lambda b, h, i, s: (b, h, nq - 1 - i, 0)),
@@ -325,7 +325,7 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
         interpret=interpret, name="block_sparse_fwd_split")(*tables, q, k, v)
     out, lse = _merge_splits(acc, m, l)
     return out[..., :d].astype(q.dtype), lse
-  outs = pallas_call(
+  outs = block_first_call(
       functools.partial(_fwd_kernel, spec=ps), grid=(b, hq, nq),
       in_specs=[_full(t) for t in tables] + [
           pl.BlockSpec((None, None, bq, dp), lambda b, h, i: (b, h, nq - 1 - i, 0)),
@@ -354,7 +354,7 @@ def _bwd_tile(spec, q, k, v, do, lse2, delta, vis):
 def _dq_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, k_ref, v_ref,
                do_ref, lse_ref, delta_ref, dq_ref, *, spec: Spec):
   bk = spec.block_k
-  i = spec.num_q_blocks - 1 - pl.program_id(2)
+  i = spec.num_q_blocks - 1 - block_first_id(2)
   row, a = _split(i, spec.sub_q)
   qo, lim = qo_ref[0], qo_ref[1]
   q, do = q_ref[...], do_ref[...]
@@ -396,7 +396,7 @@ def _program_keys(spec: Spec, j, qo, lim, k, v):
 def _dkv_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, k_ref, v_ref,
                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, spec: Spec):
   bq = spec.block_q
-  j = pl.program_id(2)
+  j = block_first_id(2)
   col, c = _split(j, spec.sub_k)
   qo, lim = qo_ref[0], qo_ref[1]
   k, v = _program_keys(spec, j, qo, lim, k_ref[...], v_ref[...])
@@ -444,7 +444,7 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
   row = pl.BlockSpec((None, None, bq, dp), lambda b, h, i: (b, h, nq - 1 - i, 0))
   vec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, nq - 1 - i))
   kv_all = pl.BlockSpec((None, None, lkp, dp), lambda b, h, i: (b, h // g, 0, 0))
-  dq = pallas_call(
+  dq = block_first_call(
       functools.partial(_dq_kernel, spec=ps), grid=(b, hq, nq),
       in_specs=[_full(t) for t in tables] + [row, kv_all, kv_all, row, vec, vec],
       out_specs=row, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -457,7 +457,7 @@ def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
   group_rows = pl.BlockSpec((None, g, lqp, dp), lambda b, h, j: (b, h, 0, 0))
   group_vec = pl.BlockSpec((None, g, lqp), lambda b, h, j: (b, h, 0))
   kv_blk = pl.BlockSpec((None, None, bk, dp), lambda b, h, j: (b, h, j, 0))
-  dk, dv = pallas_call(
+  dk, dv = block_first_call(
       functools.partial(_dkv_kernel, spec=ps), grid=(b, hk, ps.num_k_blocks),
       in_specs=[_full(t) for t in t_tables] + [group_rows, kv_blk, kv_blk, group_rows,
                                                group_vec, group_vec],

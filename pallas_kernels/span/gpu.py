@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.span import common
-from pallas_kernels.common import F32, pallas_call
+from pallas_kernels.common import F32, block_first_call, block_first_id
 
 _I = jnp.int32
 
@@ -60,7 +60,7 @@ def _row_loop(tlo, thi, k_ref, v_ref, body, init, block_k):
 
 def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_ref, v_ref, o_ref, lse_ref, *,
                 scale, block_q, block_k):
-  tlo, thi = _tile_entry(tbl_ref, pl.program_id(2))
+  tlo, thi = _tile_entry(tbl_ref, block_first_id(2))
   q = q_ref[...]
   lo, hi = _column(lo_ref[...]), _column(hi_ref[...])
   body = common.fwd_body(q, lo, hi, scale=scale, block_q=block_q, block_k=block_k)
@@ -74,7 +74,7 @@ def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_ref, v_ref, o_ref, lse_ref, *,
 
 def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_ref, v_ref,
                dq_ref, *, scale, block_q, block_k):
-  tlo, thi = _tile_entry(tbl_ref, pl.program_id(2))
+  tlo, thi = _tile_entry(tbl_ref, block_first_id(2))
   q, do = q_ref[...], do_ref[...]
   lse, delta, lo, hi = (_column(r[...]) for r in (lse_ref, delta_ref, lo_ref, hi_ref))
   body = common.dq_body(q, do, lse, delta, lo, hi, scale=scale, block_q=block_q,
@@ -86,7 +86,7 @@ def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_ref
 
 def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref,
                 hi_ref, dk_ref, dv_ref, *, scale, block_q, block_k):
-  c = pl.program_id(2)
+  c = block_first_id(2)
   t0, count = _tile_entry(kv_tbl_ref, c)
   k, v = k_ref[...], v_ref[...]
   k_start = c * block_k
@@ -160,7 +160,7 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
   vec = pl.BlockSpec((None, None, block_q), lambda bb, hh, tt: (bb, hh, tt))
   kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k)
-  return pallas_call(
+  return block_first_call(
       kernel, grid=(b, h, nt),
       in_specs=[_tbl(nt), pl.BlockSpec((None, None, block_q, dp), row), vec, vec,
                 _seq(lk, dp), _seq(lk, dp)],
@@ -180,7 +180,7 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
   vec = pl.BlockSpec((None, None, block_q), lambda bb, hh, tt: (bb, hh, tt))
   kernel = functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k)
-  return pallas_call(
+  return block_first_call(
       kernel, grid=(b, h, nt),
       in_specs=[_tbl(nt), pl.BlockSpec((None, None, block_q, dp), row),
                 pl.BlockSpec((None, None, block_q, dp), row), vec, vec, vec, vec,
@@ -201,7 +201,7 @@ def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, bl
   nkb = lk // block_k
   blk = lambda bb, hh, cc: (bb, hh, cc, 0)  # noqa: E731
   kernel = functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k)
-  return pallas_call(
+  return block_first_call(
       kernel, grid=(b, h, nkb),
       in_specs=[_tbl(nkb), pl.BlockSpec((None, None, block_k, dp), blk),
                 pl.BlockSpec((None, None, block_k, dp), blk),

@@ -50,6 +50,8 @@ use so NaN/Inf junk in them cannot reach an output or a gradient.
 context:
 
   * `ctx.scalar(ref, j)`: entry `j` of an int32 table;
+  * `ctx.block()`: the program's query / key block (grid axis 2; the GPU
+    launches that axis first, `pallas_kernels.common.block_first`);
   * `ctx.rows(name, start, n, u, g=None)`: rows `[start, start + n)` of the
     framed array `name` (`[B, H, rows, W]`) for this program's batch row and
     head (`g`: the query head within the group, for key-block kernels);
@@ -309,7 +311,7 @@ def search_body(ctx, deltas_ref, q_ref, anc_ref, sc_ref, *, bq, group, num, coun
   the block are one run `[lo, hi)`, found by binary search: the program
   visits only those (a causal prefill skips about a third of the stripes,
   those whose anchors are all before key 0)."""
-  i0 = pl.program_id(2) * bq
+  i0 = ctx.block() * bq
   q = load_heads(q_ref).astype(F32)
   n = q.shape[0]
   r = fold_col(n, bq, i0)
@@ -362,7 +364,7 @@ def ppa_fwd_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, o_ref, lse_ref, *
   """PPA forward for one query block of the `group` query heads of a kv head
   (folded into `group * bq` rows): band tiles, then stripes (online softmax).
   Each key tile and stripe is loaded once for the whole group."""
-  i0 = pl.program_id(2) * bq
+  i0 = ctx.block() * bq
   qoff = ctx.scalar(meta_ref, 0)
   qmax = qoff + lq - 1
   q = load_heads(q_ref)
@@ -455,7 +457,7 @@ def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, d
                 dq_ref, *, bq, bk, bands, group, lq, lk, front, unit, scale):
   """dq for one query block of the `group` query heads of a kv head (folded
   rows as in `ppa_fwd_body`; probabilities recomputed from the saved lse)."""
-  i0 = pl.program_id(2) * bq
+  i0 = ctx.block() * bq
   qoff = ctx.scalar(meta_ref, 0)
   qmax = qoff + lq - 1
   q, do = load_heads(q_ref), load_heads(do_ref)
@@ -500,7 +502,7 @@ def ppa_dkv_body(ctx, meta_ref, deltas_ref, bounds_ref, k_ref, v_ref, dk_ref, dv
   query rows (aligned chunks of `bq`, masked). Stripes: the queries of
   stripe `delta` are the rows `x - delta` (transposed stripe).
   """
-  x0 = pl.program_id(2) * bk
+  x0 = ctx.block() * bk
   qoff = ctx.scalar(meta_ref, 0)
   qmax = qoff + lq - 1
   xc, xr = _col(bk, x0), _row(bk, x0)

@@ -8,7 +8,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.stripe.common import head_block as _head_block
-from pallas_kernels.common import pallas_call
+from pallas_kernels.common import block_first_call, block_first_id
 
 
 def _wide_f32(dtype, dp: int) -> bool:
@@ -37,6 +37,11 @@ class _GpuCtx:
 
   def scalar(self, ref, j):
     return ref[j]
+
+  def block(self):
+    """This program's query (or key) block: logical grid axis 2, launched
+    first (`common.block_first`)."""
+    return block_first_id(2)
 
   def rows(self, name, start, n, u, g=None):
     del u
@@ -108,7 +113,7 @@ def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_row
     o = refs[nt + nb + nf:]
     body(_GpuCtx(fr, kinds), *t, *bl, *o)
 
-  return pallas_call(
+  return block_first_call(
       kernel, out_shape=[o[0] for o in outs], grid=grid, in_specs=in_specs,
       out_specs=out_specs, interpret=interpret, cost_estimate=cost,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),

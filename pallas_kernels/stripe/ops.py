@@ -56,6 +56,12 @@ def _head_block_q(plat: str, length: int, requested: int | None, unit: int,
   return _block(plat, length, requested, unit)
 
 
+def search_block_q(plat: str, length: int, group: int, dtype=jnp.bfloat16) -> int:
+  """Default query rows per head of a span-search program (`search_topk`
+  with `block_q=None`) on platform `plat` (`"gpu"` / `"tpu"`)."""
+  return _head_block_q(plat, length, None, _unit(plat, dtype), group)
+
+
 def _clip_offset(q_offset, q_len: int, kv_len: int):
   """None -> `kv_len - q_len`; otherwise clipped into `[0, kv_len - q_len]`."""
   if q_offset is None:

@@ -43,6 +43,10 @@ class _TpuCtx:
   def scalar(self, ref, j):
     return ref[j]
 
+  def block(self):
+    """This program's query (or key) block: grid axis 2."""
+    return pl.program_id(2)
+
   def _copy(self, name, base, m, g, slot):
     """DMA of frame rows `[base, base + m)` into slot `slot` of its buffer."""
     kind = self._kinds[name]
