@@ -170,8 +170,20 @@ def call_specs(n, spec, q_spec=None):
   return tuple(q_spec if i in (0, 3) else spec for i in range(n)) + (P(), q_spec)
 
 
-def cases(impl, op, n, decode, args, off, cot, want):
-  """Every sharding mode of one (impl, op); each a single compile."""
+# Sharding modes per implementation in the CI tier (`tier="ci"`): xla runs
+# every mode (its plumbing is what the other two share); reference and
+# pallas run the sequence-sharded jit and, for pallas, the user's shard_map
+# (the TPU-interpreter path). `tier="full"` runs every mode everywhere.
+CI_MODES = {"reference": {"bh", "seq"}, "pallas": {"seq", "shard_map"}}
+ALL_MODES = {"bh", "seq", "auto", "auto_seq", "shard_map"}
+
+
+def modes_for(impl, tier):
+  return ALL_MODES if tier == "full" else CI_MODES.get(impl, ALL_MODES)
+
+
+def cases(impl, op, n, decode, args, off, cot, want, modes=ALL_MODES):
+  """The sharding `modes` of one (impl, op); each a single compile."""
   call = list(args) + [off, cot]
   g = value_and_grads(ops(impl)[op][2], n)
   gs = value_and_grads(ops(impl, seq_axis="seq")[op][2], n)
@@ -182,7 +194,8 @@ def cases(impl, op, n, decode, args, off, cot, want):
     mesh = mesh_of(AxisType.Explicit)
     with jax.set_mesh(mesh):
       close(compile_and_run(g, put(mesh, call, call_specs(n, BH)), True), want, "bh")
-  report(f"{impl}/{op}/jit-Explicit-batch-heads", explicit_batch_heads)
+  if "bh" in modes:
+    report(f"{impl}/{op}/jit-Explicit-batch-heads", explicit_batch_heads)
 
   explicit_counts = {}
 
@@ -191,14 +204,16 @@ def cases(impl, op, n, decode, args, off, cot, want):
     with jax.set_mesh(mesh):
       close(compile_and_run(gs, put(mesh, call, seq_specs), op == "sliding",
                             explicit_counts), want, "seq")
-  report(f"{impl}/{op}/jit-Explicit-batch-heads-{seq}", explicit_seq)
+  if "seq" in modes:
+    report(f"{impl}/{op}/jit-Explicit-batch-heads-{seq}", explicit_seq)
 
   def auto_batch_heads():
     # The op reads the shardings at XLA partitioning time (custom_partitioning).
     mesh = mesh_of(AxisType.Auto)
     with jax.set_mesh(mesh):
       close(compile_and_run(g, put(mesh, call, call_specs(n, BH)), True), want, "auto")
-  report(f"{impl}/{op}/jit-Auto-batch-heads", auto_batch_heads)
+  if "auto" in modes:
+    report(f"{impl}/{op}/jit-Auto-batch-heads", auto_batch_heads)
 
   def auto_seq():
     # Batch and heads stay sharded: the sequence's own collectives only, the
@@ -211,7 +226,7 @@ def cases(impl, op, n, decode, args, off, cot, want):
     assert counts["reduce-scatter"] == explicit_counts["reduce-scatter"], (
         counts, explicit_counts)
     assert counts["all-gather"] <= 2 * explicit_counts["all-gather"], (counts, explicit_counts)
-  if not decode:    # Auto types carry no spec: a replicated q is not visible
+  if not decode and "auto_seq" in modes:   # Auto types carry no spec: a replicated q is not visible
     report(f"{impl}/{op}/jit-Auto-batch-heads-seq", auto_seq)
 
   def user_shard_map():
@@ -221,7 +236,8 @@ def cases(impl, op, n, decode, args, off, cot, want):
     out = (seq_specs[0], seq_specs[:n])
     sm = jax.shard_map(gs, mesh=mesh, in_specs=seq_specs, out_specs=out)
     close(jax.jit(sm)(*put(mesh, call, seq_specs)), want, "shard_map")
-  report(f"{impl}/{op}/shard_map-batch-heads-{seq}", user_shard_map)
+  if "shard_map" in modes:
+    report(f"{impl}/{op}/shard_map-batch-heads-{seq}", user_shard_map)
 
 
 def zigzag_case(impl, op, n, args, cot, want, in_shard_map):
@@ -265,7 +281,7 @@ def block_sparse_zigzag_16_row_chunks(impl):
   report(f"{impl}/block_sparse/zigzag-Explicit-L{length}", run)
 
 
-def main(impls):
+def main(impls, tier="full"):
   assert jax.device_count() == 8
   for op, (n, decode, f_ref) in ops("reference").items():
     args, cot = inputs(n, decode)
@@ -276,9 +292,11 @@ def main(impls):
     for impl in impls:
       if op not in ops(impl):
         continue
-      cases(impl, op, n, decode, args, off, cot, want)
+      cases(impl, op, n, decode, args, off, cot, want, modes_for(impl, tier))
       if decode or (impl == "pallas" and op == "block_sparse"):
         continue    # pallas block sparse: block_sparse_zigzag_16_row_chunks
+      if tier != "full" and impl != "xla":
+        continue    # CI tier: the zigzag order through xla (and pallas block sparse)
       zigzag_case(impl, op, n, args, cot, want, False)
       if impl == "xla":
         zigzag_case(impl, op, n, args, cot, want, True)
@@ -389,4 +407,4 @@ def extra_checks():
 
 
 if __name__ == "__main__":
-  main(sys.argv[1].split(","))
+  main(sys.argv[1].split(","), *sys.argv[2:3])

@@ -14,18 +14,25 @@ extra. The full matrix is `python -m eval.compile_check --cases sweep`.
 "Compiled for" is not "ran on": no numerics and no speed are checked here.
 """
 
+import os
+
 import chex
 import pytest
 
 from eval.compile import cases, driver, gpu
+from tests.conftest import TEST_XLA_FLAGS
 
 TARGETS = ("gpu", "tpu:v5e", "tpu:v6e")
 
 
-def _compile_all(target):
+def _compile_all(target, monkeypatch):
   why = driver.missing_packages(target.split(":")[0])
   if why:
     pytest.skip(f"cannot compile for {target}: {why}")
+  # The compile worker inherits the environment: not the test suite's
+  # XLA:CPU optimisation level (tests/conftest.py), the compilers' defaults.
+  if os.environ.get("XLA_FLAGS") == TEST_XLA_FLAGS:
+    monkeypatch.delenv("XLA_FLAGS")
   results = {}
   driver.run_target(target, cases.ci_cases(target), timeout_s=300,
                     on_result=lambda case, rec: results.__setitem__(case, rec))
@@ -34,8 +41,8 @@ def _compile_all(target):
 
 @pytest.mark.aot
 @pytest.mark.parametrize("target", TARGETS)
-def test_ci_subset_compiles_with_kernels(target):
-  results = _compile_all(target)
+def test_ci_subset_compiles_with_kernels(target, monkeypatch):
+  results = _compile_all(target, monkeypatch)
   assert len(results) == len(cases.ci_cases(target))
   bad = [f"{c.key}: {driver.summary(r)}" for c, r in results.items() if r["status"] != "ok"]
   assert not bad, "\n".join(bad)

@@ -47,13 +47,17 @@ FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_lev
 # extra; pallas runs block sparse zigzag at L = 64 instead of L = 32.
 EXPECTED = {"reference": 5 * 6 + 2 * 4, "xla": 5 * 7 + 2 * 4 + 5 + 4,
             "pallas": 5 * 5 + 4 + 2 * 4 + 1}
+# The CI tier (`sharded_ops_check.CI_MODES`): reference jit batch/heads and
+# sequence sharded; pallas sequence sharded and in a user's shard_map, plus
+# block sparse in the zigzag order; xla as in the full tier.
+EXPECTED_CI = {"reference": 5 * 2 + 2 * 2, "xla": EXPECTED["xla"], "pallas": 5 * 2 + 2 * 2 + 1}
 
 
-def _start(impls):
+def _start(impls, tier):
   env = subprocess_env()
   env["XLA_FLAGS"] = FLAGS
   return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "sharded_ops_check.py"),
-                           impls], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           impls, tier], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 
@@ -63,14 +67,23 @@ def _rows(proc):
   return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-@pytest.mark.slow
-def test_every_op_sharded_every_implementation():
-  procs = [_start("reference,xla"), _start("pallas")]
+def _check_all(tier, expected):
+  procs = [_start("reference,xla", tier), _start("pallas", tier)]
   rows = _rows(procs[0]) + _rows(procs[1])
   failed = {row["case"]: row["err"] for row in rows if not row["ok"]}
   assert not failed, "\n\n".join(f"{c}:\n{e}" for c, e in failed.items())
-  counts = {impl: sum(r["case"].startswith(impl + "/") for r in rows) for impl in EXPECTED}
-  assert counts == EXPECTED, counts
+  counts = {impl: sum(r["case"].startswith(impl + "/") for r in rows) for impl in expected}
+  assert counts == expected, counts
+
+
+@pytest.mark.slow
+def test_every_op_sharded_every_implementation():
+  _check_all("ci", EXPECTED_CI)
+
+
+@pytest.mark.full
+def test_every_op_sharded_every_implementation_every_mode():
+  _check_all("full", EXPECTED)
 
 
 def test_zigzag_order_puts_chunks_s_and_2n_minus_1_minus_s_on_shard_s():
