@@ -21,7 +21,11 @@ def subprocess_env(num_devices: int | None = None, **extra) -> dict:
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
   env["TF_CPP_MIN_LOG_LEVEL"] = "3"
   if num_devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    # Multi-device checks compile a tiny model on several meshes and run a
+    # few steps: compile-bound, so XLA:CPU at optimisation level 0 as in
+    # the test process (tests/conftest.py); values agree to float rounding.
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={num_devices} "
+                        "--xla_backend_optimization_level=0")
   for name in ("TRAIN_COORDINATOR_ADDRESS", "TRAIN_NUM_PROCESSES", "TRAIN_PROCESS_ID"):
     env.pop(name, None)
   env.update({k: str(v) for k, v in extra.items()})
