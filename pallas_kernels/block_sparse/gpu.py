@@ -75,7 +75,7 @@ def default_blocks(dp: int, dtype) -> GpuBlocks:
   """
   if jnp.dtype(dtype).itemsize >= 4:
     if dp <= 128:   # head_dim 64: a 16-row dkv step (32 spilled 8-16 B in table mode)
-      return GpuBlocks(PassBlocks(64, 16, 16, 1), PassBlocks(32, 16, 8, 1),
+      return GpuBlocks(PassBlocks(64, 16, 16, 1), PassBlocks(16 if dp <= 64 else 32, 16, 8, 1),
                        PassBlocks(16 if dp <= 64 else 32, 32, 8, 1))
     return GpuBlocks(PassBlocks(32, 32, 8), PassBlocks(32, 16, 16, 1), PassBlocks(16, 32, 16, 1))
   if dp <= 64:
