@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import TEST_XLA_FLAGS
+
 REPO = Path(__file__).resolve().parents[1]
 MICRO_CONFIG = str(Path(__file__).resolve().parent / "train_micro_config.py")
 
@@ -24,8 +26,7 @@ def subprocess_env(num_devices: int | None = None, **extra) -> dict:
     # Multi-device checks compile a tiny model on several meshes and run a
     # few steps: compile-bound, so XLA:CPU at optimisation level 0 as in
     # the test process (tests/conftest.py); values agree to float rounding.
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={num_devices} "
-                        "--xla_backend_optimization_level=0")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices} {TEST_XLA_FLAGS}"
   for name in ("TRAIN_COORDINATOR_ADDRESS", "TRAIN_NUM_PROCESSES", "TRAIN_PROCESS_ID"):
     env.pop(name, None)
   env.update({k: str(v) for k, v in extra.items()})
