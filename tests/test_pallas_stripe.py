@@ -144,7 +144,8 @@ def test_search_rejects_bad_num_spans():
 # -------------------------------------------------------------------- PPA
 
 
-def _ppa_kernel(q, k, v, *, p, window, q_offset, variant, min_run=masks.PPA_MIN_RUN):
+def _ppa_kernel(q, k, v, *, p, window, q_offset, variant, min_run=masks.PPA_MIN_RUN,
+                blocks=BLOCKS):
   lk = k.shape[1]
   runs, far = masks.ppa_dense_runs(
       masks.ppa_offsets(lk - 1, p=p, window=min(window, lk)), min_run)
@@ -169,6 +170,9 @@ PPA_CASES = {
     "p05_w4_chunk": (0.5, 4, jnp.float32, (4, 2), 16, 13, 40, 27, "gpu_interpret"),
     "p05_w2_gqa62_bf16": (0.5, 2, jnp.bfloat16, (6, 2), 16, 30, 30, None, "gpu_interpret"),
     "p05_w4_d128_tpu": (0.5, 4, jnp.float32, (2, 1), 128, 35, 35, None, "tpu_interpret"),
+    # float32 at head_dim > 64 with the default blocks (`_DEFAULT_BLOCKS`): the
+    # GPU's 32-row key tiles and dk/dv chunks (`gpu.ppa_rows`), 3 key blocks.
+    "p05_w4_d128_gpu": (0.5, 4, jnp.float32, (2, 1), 128, 70, 70, None, "gpu_interpret"),
     "p075_w1_bf16_checked": (0.75, 1, jnp.bfloat16, (2, 1), 16, 24, 24, None,
                              "tpu_checked"),
 }
@@ -184,6 +188,7 @@ def _ppa_inputs(dtype, hq, hk, d, lq, lk):
 
 
 _SLOW_PPA = {"p05_w4_d128_tpu", "p075_w1_bf16_checked"}
+_DEFAULT_BLOCKS = {"p05_w4_d128_gpu"}   # cases run with the kernels' own block sizes
 
 
 @pytest.mark.parametrize("case", [
@@ -193,7 +198,8 @@ def test_ppa_values_and_vjp_match_reference(case):
   (q, k, v), cot_key = _ppa_inputs(dtype, hq, hk, d, lq, lk)
   kw = dict(p=p, window=window, q_offset=q_offset)
   tol = dict(atol=1e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=3e-2, rtol=3e-2)
-  ph.vjp_check(functools.partial(_ppa_kernel, variant=variant, **kw),
+  blocks = {} if case in _DEFAULT_BLOCKS else BLOCKS
+  ph.vjp_check(functools.partial(_ppa_kernel, variant=variant, blocks=blocks, **kw),
                functools.partial(_ppa_ref, **kw), (q, k, v), cot_key, argnums=(0, 1, 2),
                **tol)
 

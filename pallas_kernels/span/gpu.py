@@ -108,9 +108,10 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_
 
 
 F32_BLOCKS = (32, 16)   # float32 (block_q, block_k) on the GPU
+BWD_WIDE_BLOCKS = (32, 32)   # 16-bit backward (block_q, block_k) at padded head_dim > 128
 
 
-def default_blocks(dtype, *, forward: bool = False) -> tuple[int, int]:
+def default_blocks(dtype, *, forward: bool = False, head_dim: int = 128) -> tuple[int, int]:
   """Default `(block_q, block_k)` per input dtype and pass (docs/kernels_span.md).
 
   16-bit: 64 x 64, except the forward's 128 pair rows (a tile loads about
@@ -121,10 +122,14 @@ def default_blocks(dtype, *, forward: bool = False) -> tuple[int, int]:
   lowers to CUDA-core FMA products where a thread holds whole head_dim rows
   of both operands; 64 x 64 tiles then spilled 11-28 KB per kernel in the
   deviceless H100 compile report, so float32 takes `F32_BLOCKS` in every pass.
+  16-bit backward at padded `head_dim > 128`: `BWD_WIDE_BLOCKS` (64 x 64
+  spilled 240 B in dk/dv and 40 B in dq at head_dim 256).
   """
   if jnp.dtype(dtype).itemsize >= 4:
     return F32_BLOCKS
-  return (128, 64) if forward else (64, 64)
+  if forward:
+    return (128, 64)
+  return BWD_WIDE_BLOCKS if head_dim > 128 else (64, 64)
 
 
 def _params(dp, dtype, block_q=64):

@@ -50,20 +50,21 @@ class _Cfg:
   expected_keys: int | None = None   # sum of interval lengths per (batch, head)
 
 
-def default_blocks(platform_name: str, *, forward: bool, dtype) -> tuple[int, int]:
+def default_blocks(platform_name: str, *, forward: bool, dtype,
+                   head_dim: int = 128) -> tuple[int, int]:
   """`(block_q, block_k)` of the span kernels before shrinking for short
-  inputs: GPU per dtype and pass (`gpu.default_blocks`), TPU
-  `_DEFAULT_BLOCKS`."""
+  inputs: GPU per dtype, pass and padded head_dim (`gpu.default_blocks`),
+  TPU `_DEFAULT_BLOCKS`."""
   if platform_name == "gpu":
-    return gpu.default_blocks(dtype, forward=forward)
+    return gpu.default_blocks(dtype, forward=forward, head_dim=head_dim)
   return _DEFAULT_BLOCKS[platform_name]
 
 
 def block_sizes(cfg: _Cfg, platform_name: str, rows: int, kv_len: int, *,
-                forward: bool = False, dtype=jnp.bfloat16):
+                forward: bool = False, dtype=jnp.bfloat16, head_dim: int = 128):
   """`(block_q, block_k)`: the configured sizes, or `default_blocks` shrunk
   (to a power of two >= 16) for short inputs."""
-  dq_, dk_ = default_blocks(platform_name, forward=forward, dtype=dtype)
+  dq_, dk_ = default_blocks(platform_name, forward=forward, dtype=dtype, head_dim=head_dim)
   bq = cfg.block_q or next_pow2(min(rows, dq_), _MIN_BLOCK)
   bk = cfg.block_k or next_pow2(min(kv_len, dk_), _MIN_BLOCK)
   for name, x in (("block_q", bq), ("block_k", bk)):
@@ -87,9 +88,10 @@ def _prepare(platform_name, cfg, q, k, v, lo, hi, *rows_extra, forward=False):
   builds the tile table. `rows_extra`: more `[B, H, R, D]` row tensors."""
   _, _, r, d = q.shape
   lk = k.shape[2]
-  bq, bk = block_sizes(cfg, platform_name, r, lk, forward=forward, dtype=q.dtype)
-  rp, lkp = round_up(r, bq), round_up(lk, bk)
   dp = pad_head_dim(d, platform_name)
+  bq, bk = block_sizes(cfg, platform_name, r, lk, forward=forward, dtype=q.dtype,
+                       head_dim=dp)
+  rp, lkp = round_up(r, bq), round_up(lk, bk)
   pad_rd = lambda x: _pad_axis(_pad_axis(x, 2, rp), 3, dp)  # noqa: E731
   lo_p = _pad_axis(lo, 2, rp, common.EMPTY_LO)
   hi_p = _pad_axis(hi, 2, rp, common.EMPTY_HI)

@@ -454,9 +454,15 @@ def _probs(s, lse, ok):
 
 
 def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, dl_ref,
-                dq_ref, *, bq, bk, bands, group, lq, lk, front, unit, scale):
+                dq_ref, *, bq, bk, bands, group, lq, lk, front, unit, scale,
+                reload_q=False):
   """dq for one query block of the `group` query heads of a kv head (folded
-  rows as in `ppa_fwd_body`; probabilities recomputed from the saved lse)."""
+  rows as in `ppa_fwd_body`; probabilities recomputed from the saved lse).
+
+  Stripes run before the band tiles. `reload_q` (GPU): each stripe step
+  re-reads q and do from the block instead of keeping their float32 copies
+  live across the stripe loop; with both, the float32 dq at head_dim 128
+  compiles without spills (docs/kernels_stripe.md)."""
   i0 = ctx.block() * bq
   qoff = ctx.scalar(meta_ref, 0)
   qmax = qoff + lq - 1
@@ -470,18 +476,18 @@ def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, d
     ds = p * (_dot(do, vw, _NT) - delta)
     return dq + _dot(ds.astype(kw.dtype), kw, _NN) * scale
 
-  dq = _band_loop(ctx, bands, band_step, dq, i0=i0, qoff=qoff, qmax=qmax, bq=bq,
-                  rows=q.shape[0], bk=bk, lk=lk, front=front, unit=unit)
-
   def stripe(j, rows, dq):
     kw, vw, ok = _stripe_tile(ctx, deltas_ref, j, rows, i0=i0, bq=bq, group=group, lk=lk,
                               qmax=qmax)
-    p = _probs(_rowdot(q32, kw) * scale, lse, ok)
-    ds = p * (_rowdot(do32, vw) - delta)
+    qs, dos = (load_heads(q_ref), load_heads(do_ref)) if reload_q else (q32, do32)
+    p = _probs(_rowdot(qs, kw) * scale, lse, ok)
+    ds = p * (_rowdot(dos, vw) - delta)
     return dq + ds * kw * scale
 
   reads = functools.partial(_stripe_reads, ctx, deltas_ref, i0=i0, bq=bq, front=front)
   dq = _stripe_loops(ctx, bounds_ref, unit, reads, stripe, dq)
+  dq = _band_loop(ctx, bands, band_step, dq, i0=i0, qoff=qoff, qmax=qmax, bq=bq,
+                  rows=q.shape[0], bk=bk, lk=lk, front=front, unit=unit)
   store_heads(dq_ref, dq)
 
 

@@ -16,19 +16,29 @@ def _wide_f32(dtype, dp: int) -> bool:
 
 
 def ppa_rows(plat: str, dtype, dp: int) -> int | None:
-  """Default rows of the PPA band key tiles and dk/dv query chunks when none
-  is requested: GPU float32 at padded head_dim `dp > 64` 16, else None
-  (`ops._block`'s default, GPU 64). float32 tiles hold twice the registers
-  of 16-bit ones: at 64 (and 32) rows the PPA kernels spilled at head_dim
-  128; at head_dim 64, 16 rows spilled 12 B in dk/dv where 64 rows did not
+  """Default rows of the PPA band key tiles (forward, dq) and dk/dv key
+  blocks when none is requested: GPU float32 at padded head_dim `dp > 64`,
+  and any dtype at `dp > 128`, 32; else None (`ops._block`'s default, GPU
+  64). float32 tiles hold twice the registers of 16-bit ones: at 64 rows the
+  PPA kernels spilled at head_dim 128, and 16 rows left 16 B of spills in
+  dk/dv; 32 rows with the dq kernel's `reload_q` spill nothing
   (docs/kernels_stripe.md)."""
-  return 16 if plat != "tpu" and _wide_f32(dtype, dp) else None
+  wide = _wide_f32(dtype, dp) or dp > 128
+  return 32 if plat != "tpu" and wide else None
+
+
+def ppa_chunk_rows(plat: str, dtype, dp: int) -> int | None:
+  """Default query rows of a dk/dv band chunk: GPU 32 (at 64 the bf16 dk/dv
+  kernel sat at 255 registers and spilled 48 B at L = 1M; the chunk's rows
+  are loaded once either way), else `ppa_rows`."""
+  return 32 if plat != "tpu" else ppa_rows(plat, dtype, dp)
 
 
 def ppa_fwd_warps(dtype, dp: int) -> int:
-  """Warps of the PPA forward kernel: float32 at `dp > 64` 8 (4 spilled
-  304 B at head_dim 128), else 4."""
-  return 8 if _wide_f32(dtype, dp) else 4
+  """Warps of the PPA forward kernel: float32 at `dp > 64` and any dtype at
+  `dp > 128` 8 (4 spilled 304 B at head_dim 128 float32, 1372 B at 256),
+  else 4."""
+  return 8 if _wide_f32(dtype, dp) or dp > 128 else 4
 
 
 class _GpuCtx:

@@ -215,7 +215,8 @@ def _ppa_geometry(plat, q, k, cfg):
   unit = _unit(plat, k.dtype)
   bq = _head_block_q(plat, lq, cfg.block_q, unit, hq // hk)   # forward / dq, per head
   rows = gpu.ppa_rows(plat, q.dtype, pad_head_dim(d, plat))    # float32 GPU: smaller
-  bq_t = _block(plat, lq, cfg.block_q or rows, unit)           # dk/dv query chunks
+  bq_t = _block(plat, lq, cfg.block_q or gpu.ppa_chunk_rows(plat, q.dtype, pad_head_dim(d, plat)),
+                unit)                                         # dk/dv query chunks
   bk = _block(plat, lk, cfg.block_k or rows, unit)
   al = max(unit, 8)
   dmax = max([hi for _, hi in cfg.dense_runs] + list(cfg.far_offsets) + [0])
@@ -292,7 +293,8 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
   del est_fwd
   body = functools.partial(
       common.ppa_dq_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, group=grp,
-      lq=g["lq"], lk=g["lk"], front=g["front"], unit=g["unit"], scale=cfg.scale)
+      lq=g["lq"], lk=g["lk"], front=g["front"], unit=g["unit"], scale=cfg.scale,
+      reload_q=plat != "tpu")
   (dq,) = _launch(
       plat, body, interpret=interpret, grid=(g["b"], g["hk"], g["lq_pad"] // g["bq"]),
       tables=[meta, deltas, bounds],
