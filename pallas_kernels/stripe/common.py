@@ -62,7 +62,11 @@ context:
     carry)` for `j` in `[lo, hi)`, `rows` the float32 windows `reads(j)`
     (a tuple of `(name, start, n, g)`, as `rows_f32`). TPU keeps
     `tpu.DEPTH` stripes' DMAs in flight (double/triple buffering), starting
-    only stripes below `hi`; GPU loads each window in the step;
+    only stripes below `hi`; GPU loads each window in the step. A window
+    that leaves its frame is moved inside it, so its rows are not the
+    requested ones: bodies mask every stripe row by its true position, and a
+    frame needs room only for the windows with a row the body keeps (PPA:
+    about `L` rows, not the `L` + farthest offset of an unclamped frame);
   * `ctx.store_cols(ref, cols, fill)`: `K` columns `[G * bq, 1]` into a
     lane-dense output block `[G, K', bq]` (rows past `K` get `fill`; TPU:
     a diagonal sum per head, not a reshape).

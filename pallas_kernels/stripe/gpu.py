@@ -64,12 +64,19 @@ class _GpuCtx:
     """Rows `[start, start + n)` of frame `name` as float32 (any start)."""
     return self.rows(name, start, n, 0, g).astype(jnp.float32)
 
+  def _inside(self, name, start, n):
+    """A stripe window's `start` moved into the frame (`stripe_loop`)."""
+    return jnp.clip(start, 0, self._frames[name].shape[-2] - n)
+
   def stripe_loop(self, lo, hi, reads, body, carry):
     """`carry = body(j, rows, carry)` for `j` in `[lo, hi)`, `rows` the
     float32 windows `reads(j)` (`(name, start, n, g)` each), loaded at the
-    exact rows (the TPU context overlaps these loads with the loop)."""
+    exact rows (the TPU context overlaps these loads with the loop). A
+    window that leaves its frame is moved inside it, as on the TPU
+    (`tpu._TpuCtx.stripe_loop`): callers mask rows by their true position."""
     def step(j, c):
-      return body(j, tuple(self.rows_f32(nm, st, n, g) for nm, st, n, g in reads(j)), c)
+      return body(j, tuple(self.rows_f32(nm, self._inside(nm, st, n), n, g)
+                           for nm, st, n, g in reads(j)), c)
 
     return jax.lax.fori_loop(lo, jnp.maximum(lo, hi), step, carry)
 

@@ -219,11 +219,18 @@ def _ppa_geometry(plat, q, k, cfg):
                 unit)                                         # dk/dv query chunks
   bk = _block(plat, lk, cfg.block_k or rows, unit)
   al = max(unit, 8)
-  dmax = max([hi for _, hi in cfg.dense_runs] + list(cfg.far_offsets) + [0])
+  # Frames (`common.to_frame`): a stripe window is moved inside its frame
+  # when it leaves it (`ctx.stripe_loop`), so a frame holds only the windows
+  # with a row the kernel keeps: `front` rows before row 0 for a window
+  # reaching back one block (plus the TPU's aligned `unit` rows), and as many
+  # after the last row; band tiles stay within the rows.
+  reach = max(bq, bk, bq_t) + unit
+  front = round_up(reach, al)
   return dict(b=b, lq=lq, hq=hq, d=d, lk=lk, hk=hk, unit=unit, bq=bq, bq_t=bq_t, bk=bk,
               al=al, dp=pad_head_dim(d, plat), lq_pad=round_up(lq, bq),
-              lq_pad_t=round_up(lq, bq_t), lk_pad=round_up(lk, bk),
-              front=round_up(dmax, al), dmax=dmax)
+              lq_pad_t=round_up(lq, bq_t), lk_pad=round_up(lk, bk), front=front,
+              rows_k=round_up(front + lk + reach, al),     # key frames (forward, dq)
+              rows_q=round_up(front + lq + reach, al))    # query frames (dk/dv)
 
 
 def _ppa_costs(plat, q, cfg, g):
@@ -256,7 +263,7 @@ def _ppa_tables(cfg, qoff, unit, sign):
 
 def _ppa_fwd_variant(plat, q, k, v, qoff, *, cfg, interpret):
   g = _ppa_geometry(plat, q, k, cfg)
-  rows = round_up(g["front"] + g["lk"] + g["lq_pad"] + g["bk"] + 2 * g["al"], g["al"])
+  rows = g["rows_k"]
   deltas, bounds = _ppa_tables(cfg, qoff, g["unit"], 1)
   grp = g["hq"] // g["hk"]
   body = functools.partial(
@@ -285,7 +292,7 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
   grp = g["hq"] // g["hk"]
   meta = common.pad_table(qoff[None])
   # dq: query blocks against the key frame.
-  rows = round_up(g["front"] + g["lk"] + g["lq_pad"] + g["bk"] + 2 * g["al"], g["al"])
+  rows = g["rows_k"]
   deltas, bounds = _ppa_tables(cfg, qoff, g["unit"], 1)
   kframe = lambda x: common.to_frame(x, g["front"], rows, g["dp"])  # noqa: E731
   col = lambda x, n: jnp.pad(x[..., None], ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))  # noqa: E731
@@ -308,9 +315,7 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
       group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]), cost=est_dq,
       num_warps=_BWD_WARPS)
   # dk, dv: key blocks against the query frame (rows front_q + i).
-  front_q = round_up(g["lk"] - g["lq"], g["al"])
-  rows_q = round_up(front_q + g["lk_pad"] + g["dmax"] + g["bq_t"] + g["lq_pad_t"]
-                           + 2 * g["al"], g["al"])
+  front_q, rows_q = g["front"], g["rows_q"]
   qframe = lambda x, w=g["dp"]: common.to_frame(x, front_q, rows_q, w)  # noqa: E731
   # lse and delta share one frame `[B, Hq, rows, 2]` (one DMA per window;
   # TPU pads the 2-lane minor dim to 128 lanes, so one such frame, not two).

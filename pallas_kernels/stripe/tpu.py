@@ -62,6 +62,11 @@ class _TpuCtx:
     u = jax.lax.rem(start, self._unit)
     return pl.multiple_of(start - u, self._unit), u
 
+  def _inside(self, name, start, n):
+    """A stripe window's `start` moved into the frame: the DMA of its
+    aligned `n + unit` rows stays within `[0, rows)` (see `stripe_loop`)."""
+    return jnp.clip(start, 0, self._frames[name].shape[2] - n - self._unit)
+
   def _read_f32(self, name, u, n, slot):
     """Rows `[u, u + n)` of a landed window as float32: a dynamic sublane
     rotate by the residue `u` (one code path for every residue)."""
@@ -96,11 +101,16 @@ class _TpuCtx:
     lo + DEPTH - 2`, step `j` starts stripe `j + DEPTH - 1` (into the slot
     step `j - 1` has read) and then waits for its own. Only stripes below
     `hi` are started (`pl.when`), so no table entry or window past the
-    loop is read, and every started DMA is waited for inside the loop."""
+    loop is read, and every started DMA is waited for inside the loop.
+    A window that leaves its frame is moved inside it (`_inside`): its rows
+    are then not the requested ones, so callers mask every row by its true
+    position, and frames hold every window with a row they keep."""
     d = self._depth
+    clamped = lambda j: tuple((nm, self._inside(nm, st, n), n, g)  # noqa: E731
+                              for nm, st, n, g in reads(j))
 
     def start(j, slot):
-      for name, st, n, g in reads(j):
+      for name, st, n, g in clamped(j):
         base, _ = self._window(st)
         self._copy(name, base, n + self._unit, g, slot).start()
 
@@ -112,7 +122,7 @@ class _TpuCtx:
       nxt = j + (d - 1)
       pl.when(nxt < hi)(lambda: start(nxt, jax.lax.rem(nxt - lo, d)))
       rows = []
-      for name, st, n, g in reads(j):
+      for name, st, n, g in clamped(j):
         base, u = self._window(st)
         self._copy(name, base, n + self._unit, g, slot).wait()
         rows.append(self._read_f32(name, u, n, slot))
