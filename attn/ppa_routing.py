@@ -24,9 +24,10 @@ block and kv head (`row = 2 * head_dim * itemsize`, a K row and a V row):
   (`attn.masks.ppa_dense_runs`), the block's key range
   `[first_pos - hi, last_pos - lo]` (clipped to `>= 0`) in whole `block_k`
   tiles;
-* `far_offsets`: every far offset up to the last query position: a stripe
-  call loops each of its query blocks over all the far offsets it is given,
-  valid for the block or not;
+* `far_offsets`: the far offsets up to the block's last query position: a
+  stripe kernel's query block visits only the offsets that reach a key at or
+  after position 0 from one of its rows (`pallas_kernels.cost.
+  ppa_stripe_visits`);
 * `group = q_heads // kv_heads`: the stripe kernels load a row once for the
   group, the block-sparse kernels once per query head (grid `(B, Hq, nq)`);
   the accounting of `pallas_kernels.cost.ppa_fwd` (stripes) and
@@ -41,9 +42,9 @@ same blocks, but its mask tiles come on top: with masks stored as tables
 (not computed in the kernel) a routed block can read more than dense
 attention would (at `p = 0.75` nearly every tile is masked, which about
 doubles the tile path's bytes at head_dim 128, bf16, 128 x 128 tiles).
-Splitting the stripe blocks into several calls, each paying only the far
-offsets up to its own last query, would load 2-6% fewer K/V rows at `p`
-0.5-0.6 and `L` 4K-128K, for up to 12 calls' compiles and launches.
+The stripe kernels pay per block only the far offsets up to the block's own
+last query (they skip the others), so one stripe call costs what separate
+calls per block would.
 
 Not counted: TPU alignment rows of misaligned stripes, and the kernels' own
 block sizes (the count uses the routing blocks).
@@ -346,7 +347,7 @@ def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
   if _band_window(offsets, kv_len) is not None:
     masked = np.zeros_like(masked)          # a band layout: masks from positions
   tile_bytes = group * (nonempty * bk * row + masked * bq * bk * MASK_ITEMSIZE)
-  stripe_bytes = (band + bq * int(np.searchsorted(far, p1[-1], side="right"))) * row
+  stripe_bytes = (band + bq * np.searchsorted(far, p1, side="right")) * row
   cheaper = stripe_bytes < tile_bytes
   num_stripes = int(np.argmin(cheaper[::-1])) if not cheaper.all() else cheaper.size
   n = min(p0.size - num_stripes,

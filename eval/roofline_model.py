@@ -335,7 +335,8 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
 def _ppa_stripes(q_len: int, kv_len: int, offsets: np.ndarray, shape: Shape,
                  changes: Changes, block: int) -> cost.KernelCost:
   """The stripe kernels' forward on the last `q_len` of `kv_len` positions:
-  every program loops over every far offset of `offsets` (cut at `kv_len - 1`)."""
+  a program loops over the far offsets of `offsets` (cut at `kv_len - 1`)
+  that reach a key of its block (`cost.ppa_stripe_visits`)."""
   s = shape
   runs, far = masks.ppa_dense_runs(offsets)
   runs = [(lo, min(hi, kv_len - 1)) for lo, hi in runs if lo < kv_len]
@@ -345,8 +346,10 @@ def _ppa_stripes(q_len: int, kv_len: int, offsets: np.ndarray, shape: Shape,
   bq = max(16, block // s.group) if changes.gqa_shared_reads else block
   band = sum(cost.band_chunks(q_len, kv_len, kv_len - q_len, lo, hi, block, bq)
              for lo, hi in runs)
+  visits = cost.ppa_stripe_visits(far, q_len=q_len, kv_len=kv_len,
+                                  q_offset=kv_len - q_len, block=bq)
   return cost.ppa_fwd(q_len=q_len, band_tiles=band, far_offsets=far.size, detail=True,
-                      gqa_shared_reads=changes.gqa_shared_reads,
+                      gqa_shared_reads=changes.gqa_shared_reads, visits=visits,
                       **dict(s.kw(), block_q=bq, block_k=block))
 
 

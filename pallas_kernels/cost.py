@@ -201,6 +201,27 @@ def stripe_visits(deltas, *, q_blocks: int, block_q: int, kv_len: int) -> int:
   return int(np.maximum(hi - lo, 0).sum())
 
 
+def ppa_stripe_visits(far_offsets, *, q_len: int, kv_len: int, q_offset: int, block: int,
+                      transposed: bool = False) -> int:
+  """(block, far stripe) pairs a PPA kernel visits per (batch, head).
+
+  Query `i` meets key `q_offset + i - f` for far offset `f`. A query block
+  `[i0, i0 + block)` (forward, dq) visits the offsets with a key in
+  `[0, min(kv_len, q_offset + q_len) - 1]` for some row; a key block
+  `[x0, x0 + block)` (`transposed`: dk/dv) those with a query in
+  `[0, q_len)` for some key."""
+  d = np.sort(q_offset - np.asarray(far_offsets, np.int64).reshape(-1))   # key - query
+  if transposed:
+    x0 = np.arange(_cdiv(kv_len, block), dtype=np.int64) * block
+    lo, hi = x0 - q_len + 1, x0 + block               # query x - d in [0, q_len)
+  else:
+    i0 = np.arange(_cdiv(q_len, block), dtype=np.int64) * block
+    kmax = min(kv_len - 1, q_offset + q_len - 1)
+    lo, hi = -(i0 + block - 1), kmax - i0 + 1          # key i + d in [0, kmax]
+  count = np.searchsorted(d, hi, side="left") - np.searchsorted(d, lo, side="left")
+  return int(np.maximum(count, 0).sum())
+
+
 def stripe_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
                   stripes: int, num_spans: int, block_q: int = 64, itemsize: int = 2,
                   platform: str = "gpu", unit: int = 16, gqa_shared_reads: bool = True,
@@ -308,9 +329,12 @@ def band_chunks(q_len: int, kv_len: int, q_offset: int, lo: int, hi: int, block:
 def ppa_fwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
             band_tiles: int, far_offsets: int, block_q: int = 64, block_k: int = 64,
             itemsize: int = 2, platform: str = "gpu", unit: int = 16,
-            gqa_shared_reads: bool = True, detail: bool = False):
+            gqa_shared_reads: bool = True, visits: int | None = None,
+            detail: bool = False):
   """PPA forward (`stripe.ppa_attention`), grid `(B, Hk, nq)`: a program
   serves the `G` query heads of a kv head (`block_q` rows per head).
+  `visits`: (query block, stripe) pairs visited per (batch, kv head)
+  (`ppa_stripe_visits`; None: every far stripe in every block).
 
   `band_tiles`: key tiles of the dense runs summed over the query blocks
   (`band_chunks`); each loads K, V `block_k` rows once for the group (`4 bq
@@ -321,12 +345,13 @@ def ppa_fwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: in
   dp = padded_head_dim(head_dim, platform)
   nq = _cdiv(q_len, block_q)
   reads_h = kv_heads if gqa_shared_reads else q_heads
+  visits = nq * far_offsets if visits is None else visits
   band = batch * reads_h * band_tiles * 2 * block_k * dp * itemsize
-  stripes = (batch * reads_h * nq * far_offsets * 2 * stripe_rows(block_q, platform, unit)
+  stripes = (batch * reads_h * visits * 2 * stripe_rows(block_q, platform, unit)
              * dp * itemsize)
   own = batch * q_heads * nq * block_q * (2 * dp * itemsize + F32_BYTES)
   mm = batch * q_heads * band_tiles * block_q * block_k
-  rw = batch * q_heads * nq * far_offsets * block_q
+  rw = batch * q_heads * visits * block_q
   return _out(KernelCost(flops=4 * mm * dp, vector_flops=4 * rw * dp,
                          transcendentals=mm + rw, bytes_accessed=int(band + stripes + own),
                          programs=batch * reads_h * nq), detail)
@@ -335,18 +360,21 @@ def ppa_fwd(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: in
 def ppa_dq(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
            band_tiles: int, far_offsets: int, block_q: int = 64, block_k: int = 64,
            itemsize: int = 2, platform: str = "gpu", unit: int = 16,
-           gqa_shared_reads: bool = True, detail: bool = False):
-  """PPA dq, grid `(B, Hk, nq)` (as `ppa_fwd`): the forward's loads plus do,
-  lse, delta; 6 FLOPs per entry and head_dim element; float32 dq out."""
+           gqa_shared_reads: bool = True, visits: int | None = None,
+           detail: bool = False):
+  """PPA dq, grid `(B, Hk, nq)` (as `ppa_fwd`, `visits` too): the forward's
+  loads plus do, lse, delta; 6 FLOPs per entry and head_dim element; float32
+  dq out."""
   dp = padded_head_dim(head_dim, platform)
   nq = _cdiv(q_len, block_q)
   reads_h = kv_heads if gqa_shared_reads else q_heads
+  visits = nq * far_offsets if visits is None else visits
   band = batch * reads_h * band_tiles * 2 * block_k * dp * itemsize
-  stripes = (batch * reads_h * nq * far_offsets * 2 * stripe_rows(block_q, platform, unit)
+  stripes = (batch * reads_h * visits * 2 * stripe_rows(block_q, platform, unit)
              * dp * itemsize)
   own = batch * q_heads * nq * block_q * (2 * dp * itemsize + dp * F32_BYTES + 2 * F32_BYTES)
   mm = batch * q_heads * band_tiles * block_q * block_k
-  rw = batch * q_heads * nq * far_offsets * block_q
+  rw = batch * q_heads * visits * block_q
   return _out(KernelCost(flops=6 * mm * dp, vector_flops=6 * rw * dp,
                          transcendentals=mm + rw, bytes_accessed=int(band + stripes + own),
                          programs=batch * reads_h * nq), detail)
@@ -354,19 +382,23 @@ def ppa_dq(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int
 
 def ppa_dkv(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, kv_len: int,
             band_chunks_t: int, far_offsets: int, block_q: int = 64, block_k: int = 64,
-            itemsize: int = 2, platform: str = "gpu", unit: int = 16, detail: bool = False):
+            itemsize: int = 2, platform: str = "gpu", unit: int = 16,
+            visits: int | None = None, detail: bool = False):
   """PPA dk/dv, grid `(B, Hk, nk)`: per query head of the group, the band's
   query chunks (`band_chunks_t`, `block_q` rows of q, do, lse, delta each;
-  8 FLOPs per entry and head_dim element) and every far stripe (`block_k`
-  query rows); k, v in, float32 dk, dv out."""
+  8 FLOPs per entry and head_dim element) and the far stripes with a query
+  in range (`block_k` query rows; `visits` (key block, stripe) pairs per
+  (batch, query head), `ppa_stripe_visits(..., transposed=True)`; None:
+  every stripe in every block); k, v in, float32 dk, dv out."""
   dp = padded_head_dim(head_dim, platform)
   nk = _cdiv(kv_len, block_k)
+  visits = nk * far_offsets if visits is None else visits
   row_b = 2 * dp * itemsize + 2 * F32_BYTES
   band = batch * q_heads * band_chunks_t * block_q * row_b
-  stripes = batch * q_heads * nk * far_offsets * stripe_rows(block_k, platform, unit) * row_b
+  stripes = batch * q_heads * visits * stripe_rows(block_k, platform, unit) * row_b
   own = batch * kv_heads * nk * block_k * (2 * dp * itemsize + 2 * dp * F32_BYTES)
   mm = batch * q_heads * band_chunks_t * block_q * block_k
-  rw = batch * q_heads * nk * far_offsets * block_k
+  rw = batch * q_heads * visits * block_k
   return _out(KernelCost(flops=8 * mm * dp, vector_flops=8 * rw * dp,
                          transcendentals=mm + rw, bytes_accessed=int(band + stripes + own),
                          programs=batch * kv_heads * nk), detail)

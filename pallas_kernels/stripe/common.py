@@ -271,15 +271,29 @@ def _rowdot(a, b):
   return jnp.sum(a.astype(F32) * b.astype(F32), axis=1, keepdims=True)
 
 
-def _stripe_loops(ctx, bounds_ref, unit, reads, body, carry):
-  """`body(j, rows, carry)` over every stripe `j`, in table order (residue
-  groups one after another), as one `ctx.stripe_loop` (`rows`: the float32
-  windows `reads(j)`, any residue; TPU: several in flight), so the Mosaic
+def _stripe_loops(ctx, bounds_ref, deltas_ref, unit, reads, body, carry, *, lo_delta,
+                  hi_delta):
+  """`body(j, rows, carry)` over the stripes `j` whose delta lies in
+  `[lo_delta, hi_delta)` (those with a row the body keeps), residue group by
+  group (`rows`: the float32 windows `reads(j)`, any residue; TPU: several in
+  flight). Each group is sorted by delta (`ops._ppa_tables`), so its stripes
+  in range are one run, found by two binary searches: a block skips the
+  stripes that reach before key 0 or past the last query (about a third of
+  them in a p = 0.5 prefill). The groups run in one loop, so the Mosaic
   kernel holds one copy of the body instead of one per residue (`unit`
   copies: 16 for bf16), which made the PPA kernels the largest programs of a
   PPA prefill compile (docs/kernels_stripe.md, compile time)."""
-  return ctx.stripe_loop(ctx.scalar(bounds_ref, 0), ctx.scalar(bounds_ref, unit), reads,
-                         body, carry)
+  steps = max(deltas_ref.shape[0], 1).bit_length()
+
+  def group(u, c):
+    first, end = ctx.scalar(bounds_ref, u), ctx.scalar(bounds_ref, u + 1)
+    lo = first_at_least_in(ctx, deltas_ref, first, end, lo_delta, steps)
+    hi = first_at_least_in(ctx, deltas_ref, lo, end, hi_delta, steps)
+    return ctx.stripe_loop(lo, hi, reads, body, c)
+
+  if unit == 1:
+    return group(0, carry)
+  return jax.lax.fori_loop(0, unit, group, carry)
 
 
 def _align_down(x, unit):
@@ -292,16 +306,23 @@ def _align_down(x, unit):
 def first_at_least(ctx, ref, count: int, x):
   """Smallest `j` in `[0, count]` with `ref[j] >= x`, for `ref[:count]`
   ascending: a binary search of `count.bit_length()` scalar reads."""
-  def step(_, bounds):
-    lo, hi = bounds
-    mid = (lo + hi) // 2                  # < hi <= count while lo < hi
-    below = ctx.scalar(ref, jnp.clip(mid, 0, max(count - 1, 0))) < x
-    more = lo < hi
-    return (jnp.where(more & below, mid + 1, lo), jnp.where(more & ~below, mid, hi))
+  return first_at_least_in(ctx, ref, jnp.int32(0), jnp.int32(count), x,
+                           max(count, 1).bit_length())
 
-  lo, _ = jax.lax.fori_loop(0, max(count, 1).bit_length(), step,
-                            (jnp.int32(0), jnp.int32(count)))
-  return lo
+
+def first_at_least_in(ctx, ref, lo, hi, x, steps: int):
+  """Smallest `j` in `[lo, hi]` with `ref[j] >= x` (`hi` if none), for
+  `ref[lo:hi]` ascending: `steps` halvings (`steps >= (hi - lo).bit_length()`),
+  one scalar read each."""
+  def step(_, bounds):
+    a, c = bounds
+    mid = (a + c) // 2                    # < c <= hi while a < c
+    below = ctx.scalar(ref, jnp.maximum(jnp.minimum(mid, hi - 1), 0)) < x
+    more = a < c
+    return (jnp.where(more & below, mid + 1, a), jnp.where(more & ~below, mid, c))
+
+  a, _ = jax.lax.fori_loop(0, steps, step, (lo, hi))
+  return a
 
 
 def search_body(ctx, deltas_ref, q_ref, anc_ref, sc_ref, *, bq, group, num, count, lk,
@@ -391,7 +412,8 @@ def ppa_fwd_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, o_ref, lse_ref, *
     return _online(*st, s, ok, lambda p: p * vw)
 
   reads = functools.partial(_stripe_reads, ctx, deltas_ref, i0=i0, bq=bq, front=front)
-  m, l, acc = _stripe_loops(ctx, bounds_ref, unit, reads, stripe, carry)
+  m, l, acc = _stripe_loops(ctx, bounds_ref, deltas_ref, unit, reads, stripe, carry,
+                            **_query_block_deltas(i0, bq, lk, qmax))
   has = l > 0
   store_heads(o_ref, acc / jnp.where(has, l, 1.0))
   store_heads(lse_ref, jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf))
@@ -427,6 +449,12 @@ def _band_loop(ctx, bands, step, carry, *, i0, qoff, qmax, bq, rows, bk, lk, fro
 
     carry = jax.lax.fori_loop(0, n, chunk, carry)
   return carry
+
+
+def _query_block_deltas(i0, bq, lk, qmax):
+  """The deltas of the stripes with a key in `[0, min(lk - 1, qmax)]` for
+  some row of the query block at row `i0` (key = row + delta)."""
+  return dict(lo_delta=-(i0 + bq - 1), hi_delta=jnp.minimum(lk - 1, qmax) - i0 + 1)
 
 
 def _stripe_reads(ctx, deltas_ref, j, *, i0, bq, front):
@@ -489,7 +517,8 @@ def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, d
     return dq + ds * kw * scale
 
   reads = functools.partial(_stripe_reads, ctx, deltas_ref, i0=i0, bq=bq, front=front)
-  dq = _stripe_loops(ctx, bounds_ref, unit, reads, stripe, dq)
+  dq = _stripe_loops(ctx, bounds_ref, deltas_ref, unit, reads, stripe, dq,
+                     **_query_block_deltas(i0, bq, lk, qmax))
   dq = _band_loop(ctx, bands, band_step, dq, i0=i0, qoff=qoff, qmax=qmax, bq=bq,
                   rows=q.shape[0], bk=bk, lk=lk, front=front, unit=unit)
   store_heads(dq_ref, dq)
@@ -577,8 +606,10 @@ def ppa_dkv_body(ctx, meta_ref, deltas_ref, bounds_ref, k_ref, v_ref, dk_ref, dv
       ds = p * (_rowdot(v32, dow) - dl)
       return dk + ds * qw * scale, dv + p * dow
 
-    return _stripe_loops(ctx, bounds_ref, unit, functools.partial(stripe_reads, g=g),
-                         stripe, (dk, dv))
+    return _stripe_loops(ctx, bounds_ref, deltas_ref, unit,
+                         functools.partial(stripe_reads, g=g), stripe, (dk, dv),
+                         # query x - delta in [0, lq) for some key x of the block
+                         lo_delta=x0 - lq + 1, hi_delta=x0 + bk)
 
   dk, dv = jax.lax.fori_loop(0, group, head, (zeros, zeros))
   dk_ref[...] = dk.astype(dk_ref.dtype)

@@ -244,15 +244,22 @@ def _ppa_costs(plat, q, cfg, g):
              for lo, hi in cfg.dense_runs)
   band_t = sum(cost.band_chunks(g["lq"], g["lk"], qoff, lo, hi, g["bq_t"], g["bk"],
                                 g["unit"], transposed=True) for lo, hi in cfg.dense_runs)
-  return (cost.ppa_fwd(q_len=g["lq"], band_tiles=band, block_q=g["bq"], **kw),
-          cost.ppa_dq(q_len=g["lq"], band_tiles=band, block_q=g["bq"], **kw),
-          cost.ppa_dkv(kv_len=g["lk"], band_chunks_t=band_t, block_q=g["bq_t"], **kw))
+  vis = functools.partial(cost.ppa_stripe_visits, cfg.far_offsets, q_len=g["lq"],
+                          kv_len=g["lk"], q_offset=qoff)
+  return (cost.ppa_fwd(q_len=g["lq"], band_tiles=band, block_q=g["bq"],
+                       visits=vis(block=g["bq"]), **kw),
+          cost.ppa_dq(q_len=g["lq"], band_tiles=band, block_q=g["bq"],
+                      visits=vis(block=g["bq"]), **kw),
+          cost.ppa_dkv(kv_len=g["lk"], band_chunks_t=band_t, block_q=g["bq_t"],
+                       visits=vis(block=g["bk"], transposed=True), **kw))
 
 
 def _ppa_tables(cfg, qoff, unit, sign):
   """Residue-grouped `qoff - far` tables; host constants when the offset
   is static (`cfg.static_offset`), else sorted on the device."""
-  far = np.asarray(cfg.far_offsets, np.int32).reshape(-1)
+  # Farthest first: deltas `qoff - far` ascend within each residue group
+  # (the sorts are stable), as `common._stripe_loops`' searches need.
+  far = np.sort(np.asarray(cfg.far_offsets, np.int32).reshape(-1))[::-1]
   if far.size == 0:
     return jnp.zeros((1,), jnp.int32), jnp.zeros((unit + 1,), jnp.int32)
   if cfg.static_offset is not None:
