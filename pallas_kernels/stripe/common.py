@@ -9,9 +9,14 @@ contiguous slice.
 **Frames.** Kernels never see negative or out-of-range rows: every sequence
 is copied into a zero-padded *frame*, `[B, H, rows, Dp]`, where sequence
 position `x` sits at row `front + x` with a static `front` that is a multiple
-of the alignment unit and at least the largest backward reach of any stripe
-or band. A stripe's key rows for query row `i0` start at
-`front + i0 + delta`.
+of the alignment unit. A stripe's key rows for query row `i0` start at
+`front + i0 + delta`. The search's frame reaches its farthest stripe. PPA's
+frames reach one block (plus the TPU unit) beyond the sequence on both
+sides: a stripe window that would leave its frame holds no row the kernel
+keeps, and `ctx.stripe_loop` moves it inside (its rows are masked by their
+true positions either way); band tiles stay within the sequence. (The same
+cut for the search's frame raised the v5e superlinear grad's temporaries
+at 1M, 37.85 -> 38.29 GB, so it was left out.)
 
 **Alignment (TPU).** Mosaic DMA windows must start at multiples of 8 rows
 (f32) or 16 (bf16/f16), and export does not check that. Query and key blocks
@@ -22,8 +27,9 @@ window one unit longer, rotated by the traced residue), which keeps its Mosaic
 compile about `unit` times smaller than one loop per static residue (the
 PPA kernels had that: 47K and 42K LLO lines for the forward and dq kernels
 at L = 128K, docs/kernels_stripe.md). The tables still list the stripes
-in residue groups (`group_by_residue`); the loops visit them in table
-order. Bands (dense runs of offsets, scored as masked matmul tiles) start
+in residue groups (`group_by_residue`); a PPA loop visits, group by group,
+the run of each group's stripes that reaches a row the block keeps
+(`_stripe_loops`). Bands (dense runs of offsets, scored as masked matmul tiles) start
 at aligned rows, read through `ctx.rows` with residue 0, and mask the
 extra rows. The GPU variant runs the same loops and loads at the exact row.
 
