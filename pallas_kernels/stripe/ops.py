@@ -5,7 +5,7 @@ Shapes follow `attn`: `q: [B, Lq, Hq, D]`, `k, v: [B, Lk, Hk, D]`,
 entry hands the same arrays to a TPU and a GPU variant
 (`pallas_kernels.platform.dispatch`); a variant pads head_dim for its
 platform, builds the frames and residue-grouped tables and launches the
-kernel bodies (both in `common.py`) through the thin launchers of `tpu.py` /
+kernel bodies (`common.py`: search; `ppa.py`: PPA) through the thin launchers of `tpu.py` /
 `gpu.py`.
 
 A traced `q_offset` is clipped to `[0, kv_len - q_len]` so that no window can
@@ -23,7 +23,7 @@ import numpy as np
 
 from pallas_kernels import cost
 from pallas_kernels import platform as _platform
-from pallas_kernels.stripe import common, gpu, tpu
+from pallas_kernels.stripe import common, gpu, ppa, tpu
 from pallas_kernels.common import F32, next_pow2, pad_head_dim, round_up
 
 # Runs of these kernels compiled and tested on real hardware (empty: none
@@ -258,7 +258,7 @@ def _ppa_tables(cfg, qoff, unit, sign):
   """Residue-grouped `qoff - far` tables; host constants when the offset
   is static (`cfg.static_offset`), else sorted on the device."""
   # Farthest first: deltas `qoff - far` ascend within each residue group
-  # (the sorts are stable), as `common._stripe_loops`' searches need.
+  # (the sorts are stable), as `ppa._stripe_loops`' searches need.
   far = np.sort(np.asarray(cfg.far_offsets, np.int32).reshape(-1))[::-1]
   if far.size == 0:
     return jnp.zeros((1,), jnp.int32), jnp.zeros((unit + 1,), jnp.int32)
@@ -274,7 +274,7 @@ def _ppa_fwd_variant(plat, q, k, v, qoff, *, cfg, interpret):
   deltas, bounds = _ppa_tables(cfg, qoff, g["unit"], 1)
   grp = g["hq"] // g["hk"]
   body = functools.partial(
-      common.ppa_fwd_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, group=grp,
+      ppa.ppa_fwd_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, group=grp,
       lq=g["lq"], lk=g["lk"], front=g["front"], unit=g["unit"], scale=cfg.scale)
   frame = lambda x: common.to_frame(x, g["front"], rows, g["dp"])  # noqa: E731
   o, lse = _launch(
@@ -306,7 +306,7 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
   est_fwd, est_dq, est_dkv = _ppa_costs(plat, q, cfg, g)
   del est_fwd
   body = functools.partial(
-      common.ppa_dq_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, group=grp,
+      ppa.ppa_dq_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, group=grp,
       lq=g["lq"], lk=g["lk"], front=g["front"], unit=g["unit"], scale=cfg.scale,
       reload_q=plat != "tpu")
   (dq,) = _launch(
@@ -330,7 +330,7 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
   ld = jnp.concatenate([qframe(seq_col(lse), 1), qframe(seq_col(delta.astype(F32)), 1)], -1)
   deltas_t, bounds_t = _ppa_tables(cfg, qoff, g["unit"], -1)
   body = functools.partial(
-      common.ppa_dkv_body, bq=g["bq_t"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
+      ppa.ppa_dkv_body, bq=g["bq_t"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
       lk=g["lk"], group=grp, front_q=front_q, unit=g["unit"], scale=cfg.scale)
   dk, dv = _launch(
       plat, body, interpret=interpret, grid=(g["b"], g["hk"], g["lk_pad"] // g["bk"]),
