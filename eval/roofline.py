@@ -195,7 +195,7 @@ def markdown(hw: Hardware = H100) -> str:
          f"{hw.vector_flops / 1e12:g} TFLOP/s float32 vector, {hw.hbm_bw / 1e12:g} TB/s, "
          f"{hw.num_sms} SMs) for batch {s.batch}, {s.q_heads} query / {s.kv_heads} kv heads, "
          f"head_dim {s.head_dim}, bf16, forward. **These are model predictions from "
-         "`pallas_kernels/cost.py` and `eval/roofline_model.py`, not measurements**: bytes "
+         "`pallas_kernels/cost/` and `eval/roofline_model.py`, not measurements**: bytes "
          "count every tile / stripe row a kernel loads with no cache reuse, time is "
          "`max(bytes / bandwidth, FLOPs / peak)` scaled by the share of SMs the grid fills, "
          "summed over the op's kernels and XLA glue; masking overhead, latency, "

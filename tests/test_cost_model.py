@@ -1,4 +1,4 @@
-"""The cost model (`pallas_kernels/cost.py`) against what the kernels really load.
+"""The cost model (`pallas_kernels/cost/`) against what the kernels really load.
 
 Each kernel runs in GPU interpret mode at a tiny size with its row loads
 recorded (a `jax.debug.callback` wrapped around the load helper the kernel
