@@ -32,6 +32,19 @@ def _split_overhead(batch, kv_heads, rp, dp, num_splits):
   return 2 * batch * kv_heads * num_splits * rp * (dp + 2) * F32_BYTES
 
 
+def _kv_windows(batch, kv_heads, rp, dp, windows, rows, itemsize, num_splits) -> KernelCost:
+  """A decode kernel that scores its `rp` query rows (per kv head) against
+  `windows` windows of `rows` K and V rows each (as matmuls), its partial
+  states merged over `num_splits` splits (`decode_band`, `decode_stripes`)."""
+  kv = batch * kv_heads * windows * 2 * rows * dp * itemsize
+  own = batch * kv_heads * rp * (dp * itemsize + (dp + 2) * F32_BYTES)
+  work = batch * kv_heads * windows * rp * rows
+  return KernelCost(flops=4 * work * dp, transcendentals=work,
+                    bytes_accessed=kv + own + _split_overhead(batch, kv_heads, rp, dp,
+                                                              num_splits),
+                    programs=batch * kv_heads * num_splits)
+
+
 def decode_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
                   stripes: int, num_spans: int, itemsize: int = 2, platform: str = "gpu",
                   rows_per_stripe: int | None = None, num_splits: int | None = None,
@@ -64,13 +77,8 @@ def decode_band(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len
                               programs=batch * kv_heads)
   rp = _decode_rows(q_heads, kv_heads, q_len)
   tiles = _cdiv(width + q_len - 1, tile)
-  kv = batch * kv_heads * tiles * 2 * tile * dp * itemsize
-  own = batch * kv_heads * rp * (dp * itemsize + (dp + 2) * F32_BYTES)
-  work = batch * kv_heads * tiles * rp * tile
-  return _out(KernelCost(flops=4 * work * dp, transcendentals=work,
-                         bytes_accessed=kv + own + _split_overhead(batch, kv_heads, rp, dp,
-                                                                   num_splits),
-                         programs=batch * kv_heads * num_splits), detail)
+  return _out(_kv_windows(batch, kv_heads, rp, dp, tiles, tile, itemsize, num_splits),
+              detail)
 
 
 def decode_stripes(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,
@@ -84,13 +92,8 @@ def decode_stripes(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_
                               programs=batch * kv_heads)
   rp = _decode_rows(q_heads, kv_heads, q_len)
   win = q_len if rows_per_stripe is None else rows_per_stripe
-  kv = batch * kv_heads * stripes * 2 * win * dp * itemsize
-  own = batch * kv_heads * rp * (dp * itemsize + (dp + 2) * F32_BYTES)
-  work = batch * kv_heads * stripes * rp * win
-  return _out(KernelCost(flops=4 * work * dp, transcendentals=work,
-                         bytes_accessed=kv + own + _split_overhead(batch, kv_heads, rp, dp,
-                                                                   num_splits),
-                         programs=batch * kv_heads * num_splits), detail)
+  return _out(_kv_windows(batch, kv_heads, rp, dp, stripes, win, itemsize, num_splits),
+              detail)
 
 
 def decode_ranges(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,

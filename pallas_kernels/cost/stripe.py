@@ -9,6 +9,14 @@ from pallas_kernels.cost.base import (F32_BYTES, I32_BYTES, KernelCost, _cdiv, _
                                       padded_head_dim, stripe_rows)
 
 
+def _deltas_in(deltas, lo, hi) -> int:
+  """Sum over blocks of the `deltas` in `[lo, hi)` (`lo`, `hi`: int arrays,
+  one entry per block)."""
+  d = np.sort(np.asarray(deltas, np.int64).reshape(-1))
+  count = np.searchsorted(d, hi, side="left") - np.searchsorted(d, lo, side="left")
+  return int(np.maximum(count, 0).sum())
+
+
 def stripe_visits(deltas, *, q_blocks: int, block_q: int, kv_len: int) -> int:
   """(query block, stripe) pairs the span-search visits per (batch, kv head).
 
@@ -16,11 +24,8 @@ def stripe_visits(deltas, *, q_blocks: int, block_q: int, kv_len: int) -> int:
   block of rows `[i0, i0 + block_q)` visits the stripes with an anchor in
   `[0, kv_len)` for some row: `-(i0 + block_q - 1) <= delta < kv_len - i0`.
   """
-  d = np.sort(np.asarray(deltas, np.int64))
   i0 = np.arange(q_blocks, dtype=np.int64) * block_q
-  lo = np.searchsorted(d, -(i0 + block_q - 1), side="left")
-  hi = np.searchsorted(d, kv_len - i0, side="left")
-  return int(np.maximum(hi - lo, 0).sum())
+  return _deltas_in(deltas, -(i0 + block_q - 1), kv_len - i0)
 
 
 def ppa_stripe_visits(far_offsets, *, q_len: int, kv_len: int, q_offset: int, block: int,
@@ -29,19 +34,15 @@ def ppa_stripe_visits(far_offsets, *, q_len: int, kv_len: int, q_offset: int, bl
 
   Query `i` meets key `q_offset + i - f` for far offset `f`. A query block
   `[i0, i0 + block)` (forward, dq) visits the offsets with a key in
-  `[0, min(kv_len, q_offset + q_len) - 1]` for some row; a key block
-  `[x0, x0 + block)` (`transposed`: dk/dv) those with a query in
-  `[0, q_len)` for some key."""
-  d = np.sort(q_offset - np.asarray(far_offsets, np.int64).reshape(-1))   # key - query
-  if transposed:
-    x0 = np.arange(_cdiv(kv_len, block), dtype=np.int64) * block
-    lo, hi = x0 - q_len + 1, x0 + block               # query x - d in [0, q_len)
-  else:
-    i0 = np.arange(_cdiv(q_len, block), dtype=np.int64) * block
-    kmax = min(kv_len - 1, q_offset + q_len - 1)
-    lo, hi = -(i0 + block - 1), kmax - i0 + 1          # key i + d in [0, kmax]
-  count = np.searchsorted(d, hi, side="left") - np.searchsorted(d, lo, side="left")
-  return int(np.maximum(count, 0).sum())
+  `[0, min(kv_len, q_offset + q_len) - 1]` for some row (the search's rule,
+  `stripe_visits`); a key block `[x0, x0 + block)` (`transposed`: dk/dv)
+  those with a query in `[0, q_len)` for some key."""
+  d = q_offset - np.asarray(far_offsets, np.int64).reshape(-1)   # key - query
+  if not transposed:
+    return stripe_visits(d, q_blocks=_cdiv(q_len, block), block_q=block,
+                         kv_len=min(kv_len, q_offset + q_len))
+  x0 = np.arange(_cdiv(kv_len, block), dtype=np.int64) * block
+  return _deltas_in(d, x0 - q_len + 1, x0 + block)     # query x - d in [0, q_len)
 
 
 def stripe_search(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int,

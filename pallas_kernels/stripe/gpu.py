@@ -27,11 +27,11 @@ def ppa_rows(plat: str, dtype, dp: int) -> int | None:
   return 32 if plat != "tpu" and wide else None
 
 
-def ppa_chunk_rows(plat: str, dtype, dp: int) -> int | None:
+def ppa_chunk_rows(plat: str) -> int | None:
   """Default query rows of a dk/dv band chunk: GPU 32 (at 64 the bf16 dk/dv
   kernel sat at 255 registers and spilled 48 B at L = 1M; the chunk's rows
-  are loaded once either way), else `ppa_rows`."""
-  return 32 if plat != "tpu" else ppa_rows(plat, dtype, dp)
+  are loaded once either way), else None (`ops._block`'s default)."""
+  return 32 if plat != "tpu" else None
 
 
 def ppa_fwd_warps(dtype, dp: int) -> int:

@@ -214,9 +214,9 @@ def _ppa_geometry(plat, q, k, cfg):
   lk, hk = k.shape[1], k.shape[2]
   unit = _unit(plat, k.dtype)
   bq = _head_block_q(plat, lq, cfg.block_q, unit, hq // hk)   # forward / dq, per head
-  rows = gpu.ppa_rows(plat, q.dtype, pad_head_dim(d, plat))    # float32 GPU: smaller
-  bq_t = _block(plat, lq, cfg.block_q or gpu.ppa_chunk_rows(plat, q.dtype, pad_head_dim(d, plat)),
-                unit)                                         # dk/dv query chunks
+  dp = pad_head_dim(d, plat)
+  rows = gpu.ppa_rows(plat, q.dtype, dp)                       # float32 GPU: smaller
+  bq_t = _block(plat, lq, cfg.block_q or gpu.ppa_chunk_rows(plat), unit)  # dk/dv query chunks
   bk = _block(plat, lk, cfg.block_k or rows, unit)
   al = max(unit, 8)
   # Frames (`common.to_frame`): a stripe window is moved inside its frame
@@ -227,7 +227,7 @@ def _ppa_geometry(plat, q, k, cfg):
   reach = max(bq, bk, bq_t) + unit
   front = round_up(reach, al)
   return dict(b=b, lq=lq, hq=hq, d=d, lk=lk, hk=hk, unit=unit, bq=bq, bq_t=bq_t, bk=bk,
-              al=al, dp=pad_head_dim(d, plat), lq_pad=round_up(lq, bq),
+              al=al, dp=dp, lq_pad=round_up(lq, bq),
               lq_pad_t=round_up(lq, bq_t), lk_pad=round_up(lk, bk), front=front,
               rows_k=round_up(front + lk + reach, al),     # key frames (forward, dq)
               rows_q=round_up(front + lq + reach, al))    # query frames (dk/dv)
