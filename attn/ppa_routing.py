@@ -12,14 +12,17 @@ The rule counts the bytes of K, V and masks each path loads per query
 block and kv head (`row = 2 * head_dim * itemsize`, a K row and a V row):
 
     tile_bytes   = group * (nonempty_tiles * block_k * row
-                            + mask_tiles * block_q * block_k * 4)
+                            + mask_tiles * mask_row * 4)
     stripe_bytes = (band_rows + far_offsets * block_q) * row
 
 * `nonempty_tiles`: `block_q x block_k` tiles of the block's PPA mask that
   hold a kept offset (the block-sparse kernels visit exactly these);
-  `mask_tiles`: those not entirely kept, whose int32 mask tile the
-  block-sparse kernels read (table mode, one per tile and query head; none
-  when the mask is a band, `ppa_layout`);
+  `mask_tiles`: those not entirely kept, whose mask the block-sparse
+  kernels read (table mode, one per tile and query head; none when the mask
+  is a band, `ppa_layout`). A PPA tile mask depends only on `i - j`, so the
+  kernels take it as one int32 diagonal row of `mask_row =
+  pallas_kernels.block_sparse.common.diag_width(block_q, block_k)` lanes
+  (256 at 128 x 128 tiles), not as a `[block_q, block_k]` tile;
 * `band_rows`: per dense run `(lo, hi)` of kept offsets
   (`attn.masks.ppa_dense_runs`), the block's key range
   `[first_pos - hi, last_pos - lo]` (clipped to `>= 0`) in whole `block_k`
@@ -36,12 +39,17 @@ block and kv head (`row = 2 * head_dim * itemsize`, a K row and a V row):
 The stripes take the longest run of final query blocks whose every block
 has `stripe_bytes < tile_bytes`; every other block takes the tiles (ties go
 to the tiles: matmuls, not row-wise dots). So a prefill is at most two
-kernel calls (tiles for the first blocks, stripes for the last). The K and
+kernel calls (tiles for the first blocks, stripes for the last). Two calls
+cost a concatenation of their outputs (`split_bytes`: `2 * group * q_len *
+head_dim * itemsize` per kv head, read and written), so a split whose
+routed blocks save no more than that runs every block on the stripes (at
+`p = 0.5` the first three 128-row blocks would save 0.01 % of the stripes'
+bytes at L = 32K). The K and
 V rows of the tile path are at most those of dense causal tiles at the
-same blocks, but its mask tiles come on top: with masks stored as tables
-(not computed in the kernel) a routed block can read more than dense
-attention would (at `p = 0.75` nearly every tile is masked, which about
-doubles the tile path's bytes at head_dim 128, bf16, 128 x 128 tiles).
+same blocks, and its masks add `mask_row * 4` bytes per masked tile and
+query head: 1/64 of the tile's K and V at head_dim 128, bf16, 128 x 128
+tiles (at `p = 0.75` nearly every tile is masked, so a routed block loads
+at most about 1.6 % more than dense attention's tiles at the same blocks).
 The stripe kernels pay per block only the far offsets up to the block's own
 last query (they skip the others), so one stripe call costs what separate
 calls per block would.
@@ -73,6 +81,7 @@ import numpy as np
 
 from attn import _checks, masks
 from attn.layout import FULL, BlockLayout
+from pallas_kernels.block_sparse.common import diag_width
 
 # Routing blocks: powers of two >= 16 (the block-sparse kernels' layouts).
 ROUTE_BLOCK = 128
@@ -82,7 +91,7 @@ ROUTE_BLOCK = 128
 # program; at most this many tiles are routed (PPA at p >= 0.75 routes
 # every causal tile: 525K at L = 128K with 128-row blocks).
 MAX_ROUTED_TILES = 1 << 20
-# Bytes per entry of the block-sparse kernels' tile masks (int32 0/1).
+# Bytes per entry of the block-sparse kernels' diagonal mask rows (int32 0/1).
 MASK_ITEMSIZE = 4
 
 
@@ -298,6 +307,12 @@ def _split(kv_len, p, window):
 
 
 @functools.lru_cache(maxsize=64)
+def split_bytes(q_len: int, *, group: int, head_dim: int, itemsize: int) -> int:
+  """Bytes per kv head a split prefill adds: its two calls' outputs are
+  concatenated (`group * q_len` rows of `head_dim` read and written)."""
+  return 2 * group * q_len * head_dim * itemsize
+
+
 def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
                 block_k: int, group: int = 1, head_dim: int = 128, itemsize: int = 2,
                 max_tiles: int = MAX_ROUTED_TILES,
@@ -346,7 +361,7 @@ def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
   nonempty, masked = _tile_counts(offsets, p0, p1, kv_len, bq, bk)
   if _band_window(offsets, kv_len) is not None:
     masked = np.zeros_like(masked)          # a band layout: masks from positions
-  tile_bytes = group * (nonempty * bk * row + masked * bq * bk * MASK_ITEMSIZE)
+  tile_bytes = group * (nonempty * bk * row + masked * diag_width(bq, bk) * MASK_ITEMSIZE)
   stripe_bytes = (band + bq * np.searchsorted(far, p1, side="right")) * row
   cheaper = stripe_bytes < tile_bytes
   num_stripes = int(np.argmin(cheaper[::-1])) if not cheaper.all() else cheaper.size
@@ -354,6 +369,9 @@ def ppa_routing(q_len: int, kv_len: int, *, p: float, window: int, block_q: int,
           int(np.searchsorted(np.cumsum(nonempty), max_tiles, side="right")))
   if fits is not None:
     n = _routed_within(fits, n, offsets, p0, p1, bk, nonempty)
+  if 0 < n < p0.size and (stripe_bytes[:n] - tile_bytes[:n]).sum() <= split_bytes(
+      q_len, group=group, head_dim=head_dim, itemsize=itemsize):
+    n = 0                                   # a split that does not pay for its concat
   for a in (stripe_bytes, tile_bytes, nonempty, masked):
     a.flags.writeable = False
   return PpaRouting(q_len, kv_len, bq, bk, stripe_bytes, tile_bytes, nonempty, masked, n)

@@ -34,6 +34,7 @@ import numpy as np
 import attn
 from attn import masks, ppa_routing
 from pallas_kernels import cost
+from pallas_kernels.block_sparse.common import diag_width
 from pallas_kernels.decode import common as dec_common
 from pallas_kernels.span import ops as span_ops
 from pallas_kernels.stripe import ops as stripe_ops
@@ -370,7 +371,8 @@ def ppa(seq_len: int, p: float, window: int, shape: Shape,
   routing of `attn.ppa_routing.ppa_routing` at its default blocks; the
   routed query blocks are one block-sparse call over their PPA mask's
   non-empty tiles plus, per masked tile and query head, its int32
-  `[block_q, block_k]` mask tile (table layouts); the other
+  diagonal mask row (`diag_width(block_q, block_k)` lanes: a PPA tile mask
+  depends only on `i - j`; table layouts); the other
   blocks one stripe call (`block`-row
   key tiles) over the far offsets up to the last query. Without it, one
   stripe call over every query block and far offset.
@@ -388,8 +390,8 @@ def ppa(seq_len: int, p: float, window: int, shape: Shape,
     if routed:
       layout = ppa_routing.ppa_layout(r1 - r0, r1, q_offset=r0, p=p, window=window,
                                       block_q=rb, block_k=rb)
-      mask_bytes = s.batch * s.q_heads * _mask_tiles(layout) * rb * rb * 4
-      parts.append(("block-sparse (routed, with mask tiles)", cost.block_sparse_fwd(
+      mask_bytes = s.batch * s.q_heads * _mask_tiles(layout) * diag_width(rb, rb) * 4
+      parts.append(("block-sparse (routed, diagonal mask rows)", cost.block_sparse_fwd(
           num_q_blocks=layout.num_q_blocks, tiles=layout.num_active_blocks, block_q=rb,
           block_k=rb, detail=True, **s.kw()) + cost.KernelCost(bytes_accessed=mask_bytes)))
     else:

@@ -139,6 +139,49 @@ def test_traced_q_offset_ignores_nan_in_cache_past_the_queries(variant):
       chex.assert_trees_all_close(got, want, atol=5e-5, rtol=5e-5)
 
 
+def _pallas_operand_rows(jaxpr):
+  """Rows (dim 2) of every 4-D operand of every `pallas_call` in `jaxpr`."""
+  rows = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      rows += [x.aval.shape[2] for x in eqn.invars if len(x.aval.shape) == 4]
+    for param in eqn.params.values():
+      for inner in (param if isinstance(param, (tuple, list)) else (param,)):
+        inner = getattr(inner, "jaxpr", inner)          # ClosedJaxpr -> Jaxpr
+        if hasattr(inner, "eqns") and eqn.primitive.name != "pallas_call":
+          rows += _pallas_operand_rows(inner)
+  return rows
+
+
+@pytest.mark.parametrize("variant", ["tpu_interpret", "gpu_interpret"])
+def test_window_decode_reads_the_window_not_the_cache(variant):
+  """A sliding window against a long cache at a traced offset: the kernels'
+  K/V operands hold the window's blocks only (never the 200-row cache), and
+  values and gradients match the reference at offsets near the start, in
+  the middle and at the end of a cache that is not a whole number of blocks."""
+  lq, lk, window, blk = 3, 200, 6, 16
+  q, k, v = _qkv(jax.random.key(9), 1, lq, lk, 2, 1, 16, jnp.float32)
+
+  def ours(q, k, v, off):
+    return kernels.band_attention(q, k, v, off, window=window, scale=0.25, block_q=blk,
+                                  block_k=blk, variant=variant)
+
+  def loss(fn, q, k, v, off):
+    out = fn(q, k, v, off)
+    return jnp.sum(out * jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape) / out.size)
+
+  ref = lambda q, k, v, off: reference.sliding_window_attention(  # noqa: E731
+      q, k, v, off, window=window, scale=0.25)
+  grad = jax.jit(jax.value_and_grad(functools.partial(loss, ours), argnums=(0, 1, 2)))
+  rows = _pallas_operand_rows(jax.make_jaxpr(grad)(q, k, v, jnp.int32(0)).jaxpr)
+  assert rows and max(rows) <= window + lq - 1 + 2 * blk < lk
+  for off in (0, 4, 90, 181, lk - lq):
+    got = grad(q, k, v, jnp.int32(off))
+    want = jax.value_and_grad(functools.partial(loss, ref), argnums=(0, 1, 2))(
+        q, k, v, jnp.int32(off))
+    chex.assert_trees_all_close(got, want, atol=5e-5, rtol=5e-5)
+
+
 def test_head_dims_pad_inside_the_op():
   """head_dim 128 and a non-power-of-two value: the op pads, the user does not."""
   for d, variant in ((128, "tpu_interpret"), (40, "gpu_interpret")):
@@ -242,6 +285,72 @@ def test_gpu_pass_tiles_split_table_layout():
   fn = functools.partial(kernels.table_attention, tables=glue.host_tables(layout), scale=0.25,
                          variant="gpu_interpret", gpu_blocks=SUB_BLOCKS)
   _check(lambda q, k, v: fn(q, k, v), mask, args, jnp.float32, scale=0.25)
+
+
+# ------------------------------------------------- diagonal (Toeplitz) masks
+
+
+def _offset_mask(lq, lk, offsets):
+  """Oracle: query r (at position lk - lq + r) sees key c iff its offset is listed."""
+  d = (lk - lq) + np.arange(lq)[:, None] - np.arange(lk)[None, :]
+  return np.isin(d, offsets)
+
+
+_OFFSETS = np.array([0, 1, 2, 3, 5, 8, 12, 17, 23, 30, 38, 47, 57])
+
+
+def test_diagonal_masks_hold_each_tile_on_its_real_entries():
+  """Host conversion, checked entry by entry with plain loops; a mask with
+  two values on one diagonal (within the real entries) is refused."""
+  layout = attn.BlockLayout.from_mask(_offset_mask(40, 70, _OFFSETS), block_q=16, block_k=16)
+  tables = glue.host_tables(layout)
+  rows, cols = kernels.ops._mask_extents(tables)
+  diag = kernels.ops.common.diagonal_masks(tables.block_masks, rows, cols)
+  assert diag is not None and diag.shape[1:] == (1, 128)
+  checked = 0
+  for m in range(tables.block_masks.shape[0]):
+    for i in range(int(rows[m])):
+      for j in range(int(cols[m])):
+        assert diag[m, 0, j - i + 15] == tables.block_masks[m, i, j]
+        checked += 1
+  assert checked > 16 * 16 * 3
+  # Edge tiles: rows past q_len are free. A mask used only on a 5-row tile
+  # differs from the diagonal rule below row 5 and still converts.
+  tile = np.tril(np.ones((16, 16), np.int32))
+  tile[5:] = 0
+  masks = np.stack([np.zeros_like(tile), np.ones_like(tile), tile])
+  assert kernels.ops.common.diagonal_masks(masks, np.array([16, 16, 5]),
+                                           np.array([16, 16, 16])) is not None
+  assert kernels.ops.common.diagonal_masks(masks, np.array([16, 16, 6]),
+                                           np.array([16, 16, 16])) is None
+
+
+@pytest.mark.parametrize("variant,blocks,dtype", [
+    ("tpu_interpret", 16, jnp.float32),
+    ("tpu_checked", 16, jnp.float32),
+    ("gpu_interpret", 32, jnp.float32),      # layout tiles split into SUB_BLOCKS
+    ("gpu_interpret", 16, jnp.bfloat16),
+])
+def test_diagonal_masks_match_reference(variant, blocks, dtype):
+  """Sparse offsets (a PPA-like mask, chunked prefill at position 30): every
+  partial tile is passed as a diagonal row and expanded in the kernel."""
+  lq, lk = 40, 70
+  mask = _offset_mask(lq, lk, _OFFSETS)
+  layout = attn.BlockLayout.from_mask(mask, block_q=blocks, block_k=blocks)
+  args = _qkv(jax.random.key(blocks), 1, lq, lk, 4, 2, 16, dtype)
+  gpu_blocks = SUB_BLOCKS if blocks == 32 else None
+  fn = functools.partial(kernels.table_attention, tables=glue.host_tables(layout), scale=0.25,
+                         variant=variant, gpu_blocks=gpu_blocks, diagonal=True)
+  _check(lambda q, k, v: fn(q, k, v), mask, args, dtype, scale=0.25)
+
+
+def test_diagonal_true_refuses_a_layout_with_other_masks():
+  rng = np.random.default_rng(4)
+  layout = attn.BlockLayout.from_mask(_random_mask(rng, 40, 40, 16, 16), block_q=16, block_k=16)
+  args = _qkv(jax.random.key(0), 1, 40, 40, 2, 1, 16, jnp.float32)
+  with pytest.raises(ValueError, match="diagonal=True"):
+    kernels.table_attention(*args, tables=glue.host_tables(layout), scale=0.25,
+                            variant="gpu_interpret", diagonal=True)
 
 
 # ------------------------------------------------------------------ garbage

@@ -14,7 +14,13 @@ Two table modes (`Spec.mode`):
     computed on the device from a possibly traced `q_offset`; partial tiles
     are masked from iota positions. Tables are O(number of blocks).
   * `"table"`: per query block a padded list of key blocks and per slot a
-    mask id (`FULL = 1`, partial >= 2) into deduplicated `[bq, bk]` tiles.
+    mask id (`FULL = 1`, partial >= 2) into deduplicated `[bq, bk]` tiles,
+    or (`Spec.diag_masks`) into diagonal vectors: when every mask is
+    constant along its diagonals (causal edges, sliding windows, PPA), mask
+    `m` is one int32 `[1, n]` row with entry `j - i + bq - 1` for tile entry
+    `(i, j)` (`diagonal_masks`); the kernels expand it to the tile (a gather
+    on GPU, a strided lane roll on TPU), so a masked tile reads `4 n` bytes
+    of mask instead of `4 bq bk`.
 
 Tables are flat int32 vectors (`[rows * width]`: SMEM-friendly on TPU);
 padding slots repeat the last valid key block (TPU then skips the DMA) and
@@ -67,6 +73,7 @@ class Spec:
   # the q_offset to count tiles at (the real one when static).
   tiles: int = 0
   offset_hint: int = 0
+  diag_masks: bool = False   # table mode: `block_masks` are `[M, 1, n]` diagonal rows
 
 
 class Tables(NamedTuple):
@@ -81,7 +88,8 @@ class Tables(NamedTuple):
   kv_blocks_t: jax.Array      # band: [nk]; table: [nk * width_t] query blocks per key block
   num_kv_blocks_t: jax.Array  # [nk]
   mask_ids_t: jax.Array       # table: [nk * width_t]; band: [1]
-  block_masks: jax.Array      # table: [num_masks, bq, bk] 0/1; band: [1, 1, 1]
+  block_masks: jax.Array      # table: [num_masks, bq, bk] 0/1, or with
+                              # `Spec.diag_masks` [num_masks, 1, n]; band: [1, 1, 1]
   q_offset: jax.Array   # [2]: absolute position of query row 0, and the key
                         # limit (keys at or past it are never visible; band)
   # Slots needing no mask per row: `full_start[i] .. full_start[i] + num_full[i] - 1`
@@ -130,6 +138,48 @@ def tile_count(spec: Spec) -> int:
   kmax = np.minimum(qo + r1, spec.kv_len - 1)
   n = np.where(kmin <= kmax, np.maximum(kmax, 0) // bk - kmin // bk + 1, 0)
   return int(np.minimum(n, spec.width).sum())
+
+
+# ------------------------------------------------------- diagonal masks
+
+
+def diag_width(block_q: int, block_k: int) -> int:
+  """Lanes `n` of a diagonal mask row: `block_q + block_k - 1` rounded up to
+  a multiple of 128 (a whole number of TPU lane tiles)."""
+  return -(-(block_q + block_k - 1) // LANES) * LANES
+
+
+def diagonal_masks(block_masks: np.ndarray, rows: np.ndarray, cols: np.ndarray):
+  """Host: the masks as diagonal rows, or None when one is not diagonal.
+
+  Args:
+    block_masks: `[M, bq, bk]` 0/1 tile masks.
+    rows, cols: int `[M]`: the real rows / columns of the tiles each mask
+      is used at (the most over its uses; the kernels mask rows `>= q_len`
+      and keys `>= kv_len` from positions, so entries past them are free).
+
+  Returns int32 `[M, 1, n]` (`n = diag_width(bq, bk)`) with entry
+  `j - i + bq - 1` equal to mask entry `(i, j)` for every real `(i, j)`
+  (0 on diagonals with no real entry), or None when some mask has two
+  different values on one diagonal.
+  """
+  masks = np.asarray(block_masks).astype(bool)
+  num, bq, bk = masks.shape
+  n = diag_width(bq, bk)
+  i = np.arange(bq)[:, None]
+  j = np.arange(bk)[None, :]
+  diag = np.broadcast_to(j - i + bq - 1, (bq, bk))
+  real = (i[None] < np.asarray(rows)[:, None, None]) & (j[None] < np.asarray(cols)[:, None, None])
+  # Skew: entry (i, j) moves to column j - i + bq - 1, so a diagonal is a column.
+  hi = np.zeros((num, bq, n), bool)     # any real entry set on the diagonal
+  lo = np.ones((num, bq, n), bool)      # every real entry set on the diagonal
+  rr = np.broadcast_to(i, (bq, bk))
+  hi[:, rr, diag] = masks & real
+  lo[:, rr, diag] = masks | ~real
+  hi, lo = hi.any(axis=1), lo.all(axis=1)
+  if np.any(hi & ~lo):
+    return None
+  return hi.astype(np.int32)[:, None, :]
 
 
 # ------------------------------------------------------ device band tables

@@ -140,9 +140,15 @@ def _split(t, r):
 
 
 def _sub_tile(ps: Spec, tiles_ref, mid, a, c):
-  """Table mode: sub-tile `(a, c)` of layout tile mask `mid`, `[bq, bk]`."""
+  """Table mode: sub-tile `(a, c)` of layout tile mask `mid`, `[bq, bk]`
+  (with `diag_masks`, gathered from the mask's diagonal row: entry
+  `j - i + block_q - 1` of the layout tile)."""
   bq, bk = ps.block_q, ps.block_k
-  return tiles_ref[mid, pl.ds(a * bq, bq), pl.ds(c * bk, bk)]
+  if not ps.diag_masks:
+    return tiles_ref[mid, pl.ds(a * bq, bq), pl.ds(c * bk, bk)]
+  i = lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+  j = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+  return tiles_ref[mid, 0, (c * bk - a * bq + bq * ps.sub_q - 1) + j - i]
 
 
 def _masked_slot(t, fs, nf):

@@ -129,6 +129,9 @@ def band_attention(q, k, v, q_offset, *, window: int | None, scale: float,
   kernels' own tiles per pass (default `gpu.default_blocks`); each is capped
   at `block_q x block_k`.
   """
+  if window is not None and q_offset is not None:
+    k, v, q_offset, kv_limit = _window_keys(k, v, q_offset, kv_limit, window=int(window),
+                                            q_len=q.shape[1], block_k=block_k)
   lq, lk = q.shape[1], k.shape[1]
   w = common.CAUSAL if window is None else int(window)
   spec = base_spec(q, k, mode="band", block_q=block_q, block_k=block_k, scale=scale,
@@ -138,6 +141,36 @@ def band_attention(q, k, v, q_offset, *, window: int | None, scale: float,
                     offset_hint=q_offset if isinstance(q_offset, int) else lk - lq)
   q_offset = lk - lq if q_offset is None else q_offset
   return _run(q, k, v, common.band_tables(q_offset, spec, kv_limit), spec, variant)
+
+
+def _window_keys(k, v, q_offset, kv_limit, *, window: int, q_len: int, block_k: int):
+  """`(k, v, q_offset, kv_limit)` cut to the keys a sliding window reaches.
+
+  Queries at `q_offset .. q_offset + q_len - 1` see keys in
+  `[q_offset - window + 1, q_offset + q_len - 1]`: `window + q_len - 1`
+  positions. When whole blocks holding them (one block of slack for
+  alignment) are fewer than `kv_len`, K and V are sliced there (a dynamic
+  slice for a traced `q_offset`) and the positions shifted, so a decode
+  step against a long cache copies and reads the window, not the cache.
+  The slice starts on a block boundary (tiles as in the uncut call) unless
+  it is clipped at the end of a cache whose length is not a whole number of
+  blocks.
+  """
+  lk = k.shape[1]
+  size = -(-(window + q_len - 1) // block_k) * block_k + block_k
+  if size >= lk:
+    return k, v, q_offset, kv_limit
+  traced = not isinstance(q_offset, int)
+  xp = jnp if traced else np
+  first = xp.maximum(q_offset - (window - 1), 0) // block_k * block_k
+  start = xp.minimum(first, lk - size)
+  if traced:
+    start = jnp.asarray(start, jnp.int32)
+    k, v = (jax.lax.dynamic_slice_in_dim(x, start, size, axis=1) for x in (k, v))
+  else:
+    start = int(start)
+    k, v = k[:, start:start + size], v[:, start:start + size]
+  return k, v, q_offset - start, None if kv_limit is None else kv_limit - start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,20 +215,45 @@ def _full_first(blocks, mids, counts, full):
   return blocks, mids, full.sum(axis=1)
 
 
+def _mask_extents(t: HostTables):
+  """int64 `([M], [M])`: per mask id, the most real rows and real columns of
+  the tiles listing it (0 for an unused id)."""
+  num = t.block_masks.shape[0]
+  nq, width = t.kv_blocks.shape
+  rows_of = np.minimum(t.block_q, t.q_len - np.arange(nq) * t.block_q)        # [nq]
+  cols_of = np.minimum(t.block_k, t.kv_len - t.kv_blocks * t.block_k)         # [nq, width]
+  listed = np.arange(width)[None, :] < t.num_kv_blocks[:, None]
+  ids = t.mask_ids[listed]
+  rows, cols = np.zeros((num,), np.int64), np.zeros((num,), np.int64)
+  np.maximum.at(rows, ids, np.broadcast_to(rows_of[:, None], listed.shape)[listed])
+  np.maximum.at(cols, ids, cols_of[listed])
+  return rows, cols
+
+
 def table_attention(q, k, v, tables: HostTables, *, scale: float, variant=None,
                     count_visits: bool = False, gpu_blocks: gpu.GpuBlocks | None = None,
-                   kv_limit=None):
+                    kv_limit=None, diagonal: bool | None = None):
   """Attention over an arbitrary block layout given as `HostTables`.
 
   The GPU kernels split each layout tile into their own (smaller) tiles
   (`gpu_blocks`, default `gpu.default_blocks`); the TPU kernels use the
-  layout's tiles.
+  layout's tiles. `diagonal`: pass the tile masks as diagonal rows
+  (`common.diagonal_masks`: 4 (bq + bk - 1) bytes per masked tile instead of
+  4 bq bk); None (default) does so whenever every mask is constant along its
+  diagonals, False never, True requires it.
   """
   t = tables
+  diag = None
+  if diagonal is not False and t.block_masks.shape[0] > 2:
+    diag = common.diagonal_masks(t.block_masks, *_mask_extents(t))
+  if diagonal and diag is None and t.block_masks.shape[0] > 2:
+    raise ValueError("diagonal=True: some tile mask of the layout is not constant along its "
+                     "diagonals; pass diagonal=None to fall back to tile masks.")
   spec = base_spec(q, k, mode="table", block_q=t.block_q, block_k=t.block_k, scale=scale,
                     window=common.CAUSAL, width=int(t.kv_blocks.shape[1]),
                     width_t=int(t.kv_blocks_t.shape[1]), count_visits=count_visits,
                     gpu_blocks=gpu_blocks, tiles=int(np.sum(t.num_kv_blocks)))
+  spec = dataclasses.replace(spec, diag_masks=diag is not None)
   nk = spec.num_k_blocks
   unclipped = (np.arange(nk) + 1) * t.block_k <= t.kv_len          # [nk]: no key past kv_len
   kvb, mids, nf = _full_first(t.kv_blocks, t.mask_ids, t.num_kv_blocks,
@@ -206,7 +264,8 @@ def table_attention(q, k, v, tables: HostTables, *, scale: float, variant=None,
   tabs = Tables(i32(kvb).reshape(-1), i32(t.num_kv_blocks),
                 i32(mids).reshape(-1), i32(kvb_t).reshape(-1),
                 i32(t.num_kv_blocks_t), i32(mids_t).reshape(-1),
-                i32(t.block_masks), jnp.array([0, t.kv_len], jnp.int32),
+                i32(t.block_masks if diag is None else diag),
+                jnp.array([0, t.kv_len], jnp.int32),
                 jnp.zeros((spec.num_q_blocks,), jnp.int32), i32(nf),
                 jnp.zeros((nk,), jnp.int32), i32(nf_t))
   if not bool(t.keys_seen.all()):

@@ -171,7 +171,29 @@ def _tile_spec(spec: Spec, transposed: bool):
     row, slot = (args[2], args[4]) if transposed else (args[2], args[3])
     masks = args[-2]
     return (common.slot_mask_id(spec, masks, row, slot, width), 0, 0)
+  if spec.diag_masks:
+    return pl.BlockSpec((None, 1, common.diag_width(spec.block_q, spec.block_k)), index)
   return pl.BlockSpec((None, spec.block_q, spec.block_k), index)
+
+
+def diagonal_tile(row, block_q: int, block_k: int):
+  """`[block_q, block_k]` tile with entry `(i, j) = row[0, j - i + block_q - 1]`
+  from a diagonal mask row `row: [1, n]` (`common.diagonal_masks`).
+
+  The row, broadcast to every sublane, must move right by `i - (block_q - 1)`
+  lanes (mod `n`) in row `i`: one uniform lane rotation by `n - (block_q -
+  1)`, then `log2(block_q)` rotations by `2^b` kept in the rows whose index
+  has bit `b` set; the first `block_k` lanes are the tile. (A single strided
+  rotation, `pltpu.roll(stride=1)`, does not compile for TPU v4.)
+  """
+  n = row.shape[-1]
+  x = pltpu.roll(jnp.broadcast_to(row, (block_q, n)), n - (block_q - 1), 1)
+  i = jax.lax.broadcasted_iota(jnp.int32, (block_q, n), 0)
+  bit = 1
+  while bit < block_q:
+    x = jnp.where((i & bit) != 0, pltpu.roll(x, bit, 1), x)
+    bit *= 2
+  return x[:, :block_k]
 
 
 def _tile_state(spec, qb, kb, qo, mask_id, tile_ref, lim):
@@ -180,6 +202,8 @@ def _tile_state(spec, qb, kb, qo, mask_id, tile_ref, lim):
 
   def visible():  # read the tile only in the masked branch
     tile = tile_ref[...] if tile_ref is not None else None
+    if tile is not None and spec.diag_masks:
+      tile = diagonal_tile(tile, spec.block_q, spec.block_k)
     return common.tile_visible(spec, qb, kb, qo, tile, lim)
   return masked, visible
 
