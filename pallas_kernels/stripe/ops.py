@@ -302,7 +302,6 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
   rows = g["rows_k"]
   deltas, bounds = _ppa_tables(cfg, qoff, g["unit"], 1)
   kframe = lambda x: common.to_frame(x, g["front"], rows, g["dp"])  # noqa: E731
-  col = lambda x, n: jnp.pad(x[..., None], ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))  # noqa: E731
   est_fwd, est_dq, est_dkv = _ppa_costs(plat, q, cfg, g)
   del est_fwd
   body = functools.partial(
@@ -314,10 +313,11 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
       tables=[meta, deltas, bounds],
       blocks=[(_heads_first(q, g["lq_pad"], g["dp"]), g["bq"], "heads"),
               (_heads_first(do, g["lq_pad"], g["dp"]), g["bq"], "heads"),
-              (col(lse, g["lq_pad"]), g["bq"], "heads"),
-              (col(delta, g["lq_pad"]), g["bq"], "heads")],
+              (jnp.pad(jnp.stack([lse, delta.astype(F32)], -1),
+                       ((0, 0), (0, 0), (0, g["lq_pad"] - lse.shape[2]), (0, 0))),
+               g["bq"], "heads")],                                  # [B, Hq, lq_pad, 2]
       frames={"k": (kframe(k), "same"), "v": (kframe(v), "same")},
-      outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), F32), g["bq"],
+      outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), q.dtype), g["bq"],
              "heads")],
       group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]), cost=est_dq,
       num_warps=_BWD_WARPS)
@@ -339,8 +339,10 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
               (_heads_first(v, g["lk_pad"], g["dp"]), g["bk"], "same")],
       frames={"q": (qframe(q), "group"), "do": (qframe(do), "group"),
               "ld": (ld, "group")},   # [B, Hq, rows, 2]
-      outs=[(jax.ShapeDtypeStruct((g["b"], g["hk"], g["lk_pad"], g["dp"]), F32), g["bk"]),
-            (jax.ShapeDtypeStruct((g["b"], g["hk"], g["lk_pad"], g["dp"]), F32), g["bk"])],
+      # Each program owns its output block and writes it once: the float32
+      # sums are cast in the kernel (no float32 [B, H, L, D] arrays in HBM).
+      outs=[(jax.ShapeDtypeStruct((g["b"], g["hk"], g["lk_pad"], g["dp"]), k.dtype), g["bk"]),
+            (jax.ShapeDtypeStruct((g["b"], g["hk"], g["lk_pad"], g["dp"]), v.dtype), g["bk"])],
       group=grp, unit=g["unit"], buf_rows=max(g["bq_t"], g["bk"]), cost=est_dkv,
       num_warps=_BWD_WARPS)
   to_seq = lambda x, n: jnp.moveaxis(x[:, :, :n, :g["d"]], 1, 2)  # noqa: E731

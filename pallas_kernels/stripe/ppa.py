@@ -167,11 +167,13 @@ def _probs(s, lse, ok):
   return jnp.where(ok, jnp.exp(s - lse_safe), 0.0)
 
 
-def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, dl_ref,
+def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, ld_ref,
                 dq_ref, *, bq, bk, bands, group, lq, lk, front, unit, scale,
                 reload_q=False):
   """dq for one query block of the `group` query heads of a kv head (folded
-  rows as in `ppa_fwd_body`; probabilities recomputed from the saved lse).
+  rows as in `ppa_fwd_body`; probabilities recomputed from the saved lse;
+  `ld_ref`: the block's `[G, bq, 2]` (lse, delta) rows, one array so that
+  TPU pads one 2-lane minor dim to 128 lanes, not two 1-lane ones).
 
   Stripes run before the band tiles. `reload_q` (GPU): each stripe step
   re-reads q and do from the block instead of keeping their float32 copies
@@ -182,7 +184,7 @@ def ppa_dq_body(ctx, meta_ref, deltas_ref, bounds_ref, q_ref, do_ref, lse_ref, d
   qmax = qoff + lq - 1
   q, do = load_heads(q_ref), load_heads(do_ref)
   q32, do32 = q.astype(F32), do.astype(F32)
-  lse, delta = load_heads(lse_ref), load_heads(dl_ref)
+  lse, delta = _lse_delta(load_heads(ld_ref))
   dq = jnp.zeros(q.shape, F32)
 
   def band_step(dq, kw, vw, ok):
