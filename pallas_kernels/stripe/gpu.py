@@ -100,15 +100,15 @@ def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_row
   kinds = {k: frames[k][1] for k in names}
   nt, nb, nf = len(tables), len(blocks), len(names)
 
-  def block_spec(shape, rows, kind):
-    """`[B, H, L, W]` in `(rows, W)` blocks; lane-dense `[B, H, nq, K, rows]`
-    in `(K, rows)` blocks (as `tpu._block_spec`)."""
+  def block_spec(shape, rows, kind, skip=0):
+    """`[B, H, L, W]` in `(rows, W)` blocks (block `i + skip`); lane-dense
+    `[B, H, nq, K, rows]` in `(K, rows)` blocks (as `tpu._block_spec`)."""
     lead = group if kind == "heads" else None
     hb = (lambda h: h) if kind == "heads" else _head_block(kind, group)
     if len(shape) == 5:
       return pl.BlockSpec((None, lead, None, shape[3], rows),
                           lambda b, h, i: (b, hb(h), i, 0, 0))
-    return pl.BlockSpec((None, lead, rows, shape[-1]), lambda b, h, i: (b, hb(h), i, 0))
+    return pl.BlockSpec((None, lead, rows, shape[-1]), lambda b, h, i: (b, hb(h), i + skip, 0))
 
   def frame_spec(arr, kind):
     _, _, rows, w = arr.shape
@@ -118,7 +118,7 @@ def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_row
     return pl.BlockSpec((None, None, rows, w), lambda b, h, i: (b, hb(h), 0, 0))
 
   in_specs = [pl.BlockSpec(t.shape, lambda b, h, i: (0,)) for t in tables]
-  in_specs += [block_spec(a.shape, r, kind) for a, r, kind in blocks]
+  in_specs += [block_spec(a.shape, r, kind, *skip) for a, r, kind, *skip in blocks]
   in_specs += [frame_spec(frames[k][0], kinds[k]) for k in names]
   out_specs = [block_spec(o[0].shape, o[1], o[2] if len(o) > 2 else "same")
                for o in outs]
@@ -134,6 +134,6 @@ def launch_gpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_row
       kernel, out_shape=[o[0] for o in outs], grid=grid, in_specs=in_specs,
       out_specs=out_specs, interpret=interpret, cost_estimate=cost,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-  )(*tables, *(a for a, _, _ in blocks), *(frames[k][0] for k in names))
+  )(*tables, *(blk[0] for blk in blocks), *(frames[k][0] for k in names))
 
 

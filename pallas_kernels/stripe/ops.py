@@ -15,6 +15,7 @@ leave its frame (the `attn` ops check concrete values).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -225,7 +226,9 @@ def _ppa_geometry(plat, q, k, cfg):
   # reaching back one block (plus the TPU's aligned `unit` rows), and as many
   # after the last row; band tiles stay within the rows.
   reach = max(bq, bk, bq_t) + unit
-  front = round_up(reach, al)
+  # A whole number of dq blocks: the dq pass reads its query rows from the
+  # dk/dv query frames (block `i + front // bq`), no second copy of q / do.
+  front = round_up(reach, math.lcm(al, bq))
   return dict(b=b, lq=lq, hq=hq, d=d, lk=lk, hk=hk, unit=unit, bq=bq, bq_t=bq_t, bk=bk,
               al=al, dp=dp, lq_pad=round_up(lq, bq),
               lq_pad_t=round_up(lq, bq_t), lk_pad=round_up(lk, bk), front=front,
@@ -308,26 +311,28 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
       ppa.ppa_dq_body, bq=g["bq"], bk=g["bk"], bands=cfg.dense_runs, group=grp,
       lq=g["lq"], lk=g["lk"], front=g["front"], unit=g["unit"], scale=cfg.scale,
       reload_q=plat != "tpu")
-  (dq,) = _launch(
-      plat, body, interpret=interpret, grid=(g["b"], g["hk"], g["lq_pad"] // g["bq"]),
-      tables=[meta, deltas, bounds],
-      blocks=[(_heads_first(q, g["lq_pad"], g["dp"]), g["bq"], "heads"),
-              (_heads_first(do, g["lq_pad"], g["dp"]), g["bq"], "heads"),
-              (jnp.pad(jnp.stack([lse, delta.astype(F32)], -1),
-                       ((0, 0), (0, 0), (0, g["lq_pad"] - lse.shape[2]), (0, 0))),
-               g["bq"], "heads")],                                  # [B, Hq, lq_pad, 2]
-      frames={"k": (kframe(k), "same"), "v": (kframe(v), "same")},
-      outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), q.dtype), g["bq"],
-             "heads")],
-      group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]), cost=est_dq,
-      num_warps=_BWD_WARPS)
-  # dk, dv: key blocks against the query frame (rows front_q + i).
+  # dk, dv read query rows from frames (row front + i); dq reads its blocks
+  # from the same frames (block i + front // bq), so q, do, lse and delta
+  # are each laid out once for the whole backward.
   front_q, rows_q = g["front"], g["rows_q"]
   qframe = lambda x, w=g["dp"]: common.to_frame(x, front_q, rows_q, w)  # noqa: E731
   # lse and delta share one frame `[B, Hq, rows, 2]` (one DMA per window;
   # TPU pads the 2-lane minor dim to 128 lanes, so one such frame, not two).
   seq_col = lambda x: jnp.moveaxis(x, 1, 2)[..., None]  # [B, Hq, Lq] -> [B, Lq, Hq, 1]  # noqa: E731
   ld = jnp.concatenate([qframe(seq_col(lse), 1), qframe(seq_col(delta.astype(F32)), 1)], -1)
+  qf, dof = qframe(q), qframe(do)
+  skip = front_q // g["bq"]
+  (dq,) = _launch(
+      plat, body, interpret=interpret, grid=(g["b"], g["hk"], g["lq_pad"] // g["bq"]),
+      tables=[meta, deltas, bounds],
+      blocks=[(qf, g["bq"], "heads", skip), (dof, g["bq"], "heads", skip),
+              (ld, g["bq"], "heads", skip)],
+      frames={"k": (kframe(k), "same"), "v": (kframe(v), "same")},
+      outs=[(jax.ShapeDtypeStruct((g["b"], g["hq"], g["lq_pad"], g["dp"]), q.dtype), g["bq"],
+             "heads")],
+      group=grp, unit=g["unit"], buf_rows=max(g["bq"], g["bk"]), cost=est_dq,
+      num_warps=_BWD_WARPS)
+  # dk, dv: key blocks against the query frames (rows front_q + i).
   deltas_t, bounds_t = _ppa_tables(cfg, qoff, g["unit"], -1)
   body = functools.partial(
       ppa.ppa_dkv_body, bq=g["bq_t"], bk=g["bk"], bands=cfg.dense_runs, lq=g["lq"],
@@ -337,8 +342,7 @@ def _ppa_bwd_variant(plat, q, k, v, do, lse, delta, qoff, *, cfg, interpret):
       tables=[meta, deltas_t, bounds_t],
       blocks=[(_heads_first(k, g["lk_pad"], g["dp"]), g["bk"], "same"),
               (_heads_first(v, g["lk_pad"], g["dp"]), g["bk"], "same")],
-      frames={"q": (qframe(q), "group"), "do": (qframe(do), "group"),
-              "ld": (ld, "group")},   # [B, Hq, rows, 2]
+      frames={"q": (qf, "group"), "do": (dof, "group"), "ld": (ld, "group")},
       # Each program owns its output block and writes it once: the float32
       # sums are cast in the kernel (no float32 [B, H, L, D] arrays in HBM).
       outs=[(jax.ShapeDtypeStruct((g["b"], g["hk"], g["lk_pad"], g["dp"]), k.dtype), g["bk"]),

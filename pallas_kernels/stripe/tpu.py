@@ -146,15 +146,17 @@ class _TpuCtx:
 
 
 
-def _block_spec(shape, rows, kind, group):
-  """Block of `(b, h, i)`: `[B, H, L, W]` arrays in `(rows, W)` blocks;
-  lane-dense `[B, H, nq, K, rows]` arrays in `(K, rows)` blocks."""
+def _block_spec(shape, rows, kind, group, skip=0):
+  """Block of `(b, h, i)`: `[B, H, L, W]` arrays in `(rows, W)` blocks
+  (block `i + skip`: a frame read from row `skip * rows`); lane-dense
+  `[B, H, nq, K, rows]` arrays in `(K, rows)` blocks."""
   lead = group if kind == "heads" else None
   hb = (lambda h: h) if kind == "heads" else _head_block(kind, group)
   if len(shape) == 5:
     return pl.BlockSpec((None, lead, None, shape[3], rows),
                         lambda b, h, i, *_: (b, hb(h), i, 0, 0))
-  return pl.BlockSpec((None, lead, rows, shape[-1]), lambda b, h, i, *_: (b, hb(h), i, 0))
+  return pl.BlockSpec((None, lead, rows, shape[-1]),
+                      lambda b, h, i, *_: (b, hb(h), i + skip, 0))
 
 
 def launch_tpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_rows,
@@ -166,7 +168,7 @@ def launch_tpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_row
   kinds = {k: frames[k][1] for k in names}
   nt, nb, nf, no = len(tables), len(blocks), len(names), len(outs)
 
-  in_specs = [_block_spec(a.shape, r, kind, group) for a, r, kind in blocks]
+  in_specs = [_block_spec(a.shape, r, kind, group, *skip) for a, r, kind, *skip in blocks]
   in_specs += [pl.BlockSpec(memory_space=pl.ANY) for _ in names]
   out_specs = [_block_spec(o[0].shape, o[1], o[2] if len(o) > 2 else "same", group)
                for o in outs]
@@ -191,4 +193,4 @@ def launch_tpu(body, *, grid, tables, blocks, frames, outs, group, unit, buf_row
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel")),
       interpret=interpret, cost_estimate=cost,
-  )(*tables, *(a for a, _, _ in blocks), *(frames[k][0] for k in names))
+  )(*tables, *(blk[0] for blk in blocks), *(frames[k][0] for k in names))
