@@ -75,8 +75,9 @@ def default_blocks(dp: int, dtype) -> GpuBlocks:
   """
   if jnp.dtype(dtype).itemsize >= 4:
     if dp <= 128:   # head_dim 64: a 16-row dkv step (32 spilled 8-16 B in table mode)
+      # and 4 warps (8 spilled 8 B with diagonal masks, `_sub_tile`'s gather)
       return GpuBlocks(PassBlocks(64, 16, 16, 1), PassBlocks(16 if dp <= 64 else 32, 16, 8, 1),
-                       PassBlocks(16 if dp <= 64 else 32, 32, 8, 1))
+                       PassBlocks(16, 32, 4, 1) if dp <= 64 else PassBlocks(32, 32, 8, 1))
     return GpuBlocks(PassBlocks(32, 32, 8), PassBlocks(32, 16, 16, 1), PassBlocks(16, 32, 16, 1))
   if dp <= 64:
     return GpuBlocks(PassBlocks(128, 64, 8), PassBlocks(128, 32, 8), PassBlocks(32, 128, 8))
