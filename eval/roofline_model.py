@@ -35,6 +35,7 @@ import attn
 from attn import masks, ppa_routing
 from pallas_kernels import cost
 from pallas_kernels.block_sparse.common import diag_width
+from pallas_kernels.block_sparse.gpu import TARGET_PROGRAMS
 from pallas_kernels.decode import common as dec_common
 from pallas_kernels.span import ops as span_ops
 from pallas_kernels.stripe import ops as stripe_ops
@@ -439,11 +440,20 @@ def dense_decode_pallas(cache_len: int, shape: Shape, changes: Changes = Changes
   """Ours: `dense_attention(implementation="pallas")` with a traced offset.
 
   Today: the band kernel with a traced key limit (no zeroing pass over the
-  cache; key blocks past the query are skipped), one program per query
-  head walking the attended keys. Planned: read once per kv head, split
-  over the SMs (modelled as the baseline's cost).
+  cache; key blocks past the query are skipped); the `G` query heads of a
+  kv head folded into one block's rows (`Spec.fold`: the keys read once per
+  kv head) and each row's key blocks split over enough programs to fill
+  the SMs (`pallas_kernels.block_sparse.gpu.num_splits`); the cache's
+  layout copies (heads-first, padded) stay. Planned: no copies (modelled as
+  the baseline's cost).
   """
   if changes.split_decode:
     return dense_decode_baseline(cache_len, shape)
   layout = attn.BlockLayout.causal(1, kv_len=cache_len, block_q=16, block_k=128)
-  return block_sparse(layout, shape)
+  parts = []
+  for name, c in block_sparse(layout, dataclasses.replace(shape, q_heads=shape.kv_heads)).parts:
+    if name == "block_sparse_fwd":
+      want = -(-TARGET_PROGRAMS // c.programs)
+      c = dataclasses.replace(c, programs=c.programs * max(1, min(want, layout.num_k_blocks // 4)))
+    parts.append((name, c))
+  return OpCost(tuple(parts))

@@ -182,6 +182,51 @@ def test_window_decode_reads_the_window_not_the_cache(variant):
     chex.assert_trees_all_close(got, want, atol=5e-5, rtol=5e-5)
 
 
+def _pallas_operand_heads(jaxpr):
+  """Heads (dim 1) of the 4-D operands of every `pallas_call` in `jaxpr`."""
+  heads = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      heads += [x.aval.shape[1] for x in eqn.invars if len(x.aval.shape) == 4]
+    for param in eqn.params.values():
+      for inner in (param if isinstance(param, (tuple, list)) else (param,)):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns") and eqn.primitive.name != "pallas_call":
+          heads += _pallas_operand_heads(inner)
+  return heads
+
+
+@pytest.mark.parametrize("variant,window", [("tpu_interpret", 7), ("gpu_interpret", None)])
+def test_gqa_decode_folds_query_heads_into_rows(variant, window):
+  """5 queries of 4 query heads per kv head: the kernels see the kv heads
+  only (each program reads its kv head's keys once for the 4 query heads),
+  and values and gradients match the reference at traced offsets."""
+  lq, lk, hq, hk = 5, 90, 8, 2
+  q, k, v = _qkv(jax.random.key(12), 1, lq, lk, hq, hk, 16, jnp.float32)
+
+  def ours(q, k, v, off):
+    return kernels.band_attention(q, k, v, off, window=window, scale=0.25, block_q=16,
+                                  block_k=16, variant=variant)
+
+  def ref(q, k, v, off):
+    if window is None:
+      return reference.dense_attention(q, k, v, off, scale=0.25)
+    return reference.sliding_window_attention(q, k, v, off, window=window, scale=0.25)
+
+  def loss(fn, q, k, v, off):
+    out = fn(q, k, v, off)
+    return jnp.sum(out * jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape) / out.size)
+
+  grad = jax.jit(jax.value_and_grad(functools.partial(loss, ours), argnums=(0, 1, 2)))
+  heads = _pallas_operand_heads(jax.make_jaxpr(grad)(q, k, v, jnp.int32(0)).jaxpr)
+  assert heads and set(heads) == {hk}
+  for off in (0, 11, lk - lq):
+    got = grad(q, k, v, jnp.int32(off))
+    want = jax.value_and_grad(functools.partial(loss, ref), argnums=(0, 1, 2))(
+        q, k, v, jnp.int32(off))
+    chex.assert_trees_all_close(got, want, atol=5e-5, rtol=5e-5)
+
+
 def test_head_dims_pad_inside_the_op():
   """head_dim 128 and a non-power-of-two value: the op pads, the user does not."""
   for d, variant in ((128, "tpu_interpret"), (40, "gpu_interpret")):

@@ -14,12 +14,13 @@ import json
 
 OPS = ("dense", "sliding", "bs_causal", "bs_sliding", "bs_doc", "bs_random", "ppa",
        "superlinear",
-       "ppa_decode", "superlinear_decode")
+       "dense_decode", "sliding_decode", "ppa_decode", "superlinear_decode")
 # The kernel family each op reaches (docs/kernels.md names them).
 FAMILY = {"dense": "block_sparse", "sliding": "block_sparse", "bs_causal": "block_sparse",
           "bs_sliding": "block_sparse", "bs_doc": "block_sparse",
           "bs_random": "block_sparse", "ppa": "stripe",
-          "superlinear": "stripe+span", "ppa_decode": "decode",
+          "superlinear": "stripe+span", "dense_decode": "block_sparse",
+          "sliding_decode": "block_sparse", "ppa_decode": "decode",
           "superlinear_decode": "decode"}
 SLIDING_WINDOW = 1024   # keys, for `sliding` and `bs_sliding`
 DOC_LEN = 1024          # tokens per document of the `bs_doc` layout
@@ -116,6 +117,11 @@ def _op_fn(case: Case):
     layout = _layout(case)
     return (lambda q, k, v: attn.block_sparse_attention(q, k, v, layout, **impl)), 3
   off = dict(q_offset=case.seq_len - case.q_len) if case.q_len is not None else {}
+  if op == "dense_decode":
+    return (lambda q, k, v: attn.dense_attention(q, k, v, **off, **impl)), 3
+  if op == "sliding_decode":
+    return (lambda q, k, v: attn.sliding_window_attention(
+        q, k, v, window=SLIDING_WINDOW, **off, **impl)), 3
   if op.startswith("ppa"):
     return (lambda q, k, v: attn.ppa_attention(q, k, v, p=case.p, **off, **impl)), 3
   config = attn.SuperlinearConfig(**RELEASED) if case.config == "released" else \
@@ -177,6 +183,7 @@ def ci_cases(target: str | None = None) -> list[Case]:
 _BASE_OPS = [Case("dense"), Case("sliding"), Case("bs_causal"), Case("bs_sliding"),
              Case("bs_doc"), Case("bs_random"), Case("ppa", p=0.5), Case("ppa", p=0.75),
              Case("superlinear", config="default"), Case("superlinear", config="released"),
+             Case("dense_decode"), Case("sliding_decode"),
              Case("ppa_decode", p=0.5), Case("superlinear_decode", config="default"),
              Case("superlinear_decode", config="released")]
 SWEEP_LENGTHS = (4096, 32768, 131072, 1 << 20)

@@ -74,6 +74,8 @@ class Spec:
   tiles: int = 0
   offset_hint: int = 0
   diag_masks: bool = False   # table mode: `block_masks` are `[M, 1, n]` diagonal rows
+  fold: int = 1      # band mode: query rows per position (`fold` heads of a kv head
+                     # folded into the rows: row r sits at position q_offset + r // fold)
 
 
 class Tables(NamedTuple):
@@ -112,12 +114,13 @@ def band_width(q_len, kv_len, window, block_q, block_k) -> int:
   return max(1, min(nk, (block_q + window - 3) // block_k + 2))
 
 
-def band_width_t(q_len, kv_len, window, block_q, block_k) -> int:
-  """Static bound on query blocks per key block for a band mask."""
+def band_width_t(q_len, kv_len, window, block_q, block_k, fold: int = 1) -> int:
+  """Static bound on query blocks per key block for a band mask (`q_len`
+  rows, `fold` rows per position)."""
   nq = -(-q_len // block_q)
   if window >= CAUSAL:
     return nq
-  return max(1, min(nq, (block_k + window - 3) // block_q + 2))
+  return max(1, min(nq, ((block_k + window - 1) * fold - 2) // block_q + 2))
 
 
 def pad_last(x, size: int):
@@ -134,8 +137,9 @@ def tile_count(spec: Spec) -> int:
   bq, bk, w, qo = spec.block_q, spec.block_k, spec.window, spec.offset_hint
   r0 = np.arange(-(-spec.q_len // bq)) * bq
   r1 = np.minimum(r0 + bq, spec.q_len) - 1
-  kmin = np.maximum(qo + r0 - (w - 1), 0) if w < CAUSAL else np.zeros_like(r0)
-  kmax = np.minimum(qo + r1, spec.kv_len - 1)
+  p0, p1 = qo + r0 // spec.fold, qo + r1 // spec.fold
+  kmin = np.maximum(p0 - (w - 1), 0) if w < CAUSAL else np.zeros_like(r0)
+  kmax = np.minimum(p1, spec.kv_len - 1)
   n = np.where(kmin <= kmax, np.maximum(kmax, 0) // bk - kmin // bk + 1, 0)
   return int(np.minimum(n, spec.width).sum())
 
@@ -199,28 +203,34 @@ def band_tables(q_offset, spec: Spec, kv_limit=None) -> Tables:
   bq, bk, w = spec.block_q, spec.block_k, spec.window
   qo = jnp.asarray(q_offset, jnp.int32).reshape(())
   lim = jnp.asarray(_limit(spec, kv_limit), jnp.int32).reshape(())
-  # Query block i: rows [r0, r1] -> keys [max(qo + r0 - w + 1, 0), min(qo + r1, kv_len - 1)].
+  # Query block i: rows [r0, r1] at positions [p0, p1] ->
+  # keys [max(p0 - w + 1, 0), min(p1, kv_len - 1)].
+  f = spec.fold
   r0 = jnp.arange(spec.num_q_blocks, dtype=jnp.int32) * bq
   r1 = jnp.minimum(r0 + bq, spec.q_len) - 1
-  kmin = jnp.maximum(qo + r0 - (w - 1), 0) if w < CAUSAL else jnp.zeros_like(r0)
-  kmax = jnp.minimum(qo + r1, lim - 1)
+  p0, p1 = qo + _positions(r0, f), qo + _positions(r1, f)
+  kmin = jnp.maximum(p0 - (w - 1), 0) if w < CAUSAL else jnp.zeros_like(r0)
+  kmax = jnp.minimum(p1, lim - 1)
   lo, counts = _run(kmin, kmax, bk, spec.width)
   counts = jnp.where(r0 < spec.q_len, counts, 0)       # blocks of padding rows only
   # Full key blocks: every real row sees every key (and no key is past kv_len).
-  fmin = ((qo + r1 - w) // bk + 1) if w < CAUSAL else jnp.zeros_like(r0)
-  fmax = jnp.minimum((qo + r0 + 1) // bk - 1, lim // bk - 1)
+  fmin = ((p1 - w) // bk + 1) if w < CAUSAL else jnp.zeros_like(r0)
+  fmax = jnp.minimum((p0 + 1) // bk - 1, lim // bk - 1)
   fs, nf = _clip_run(fmin, fmax, lo, counts)
-  # Key block j: keys [c0, c1] -> rows [c0 - qo, c1 + w - 1 - qo] within [0, q_len - 1].
+  # Key block j: keys [c0, c1] -> positions [c0, c1 + w - 1] -> rows
+  # [(c0 - qo) f, (c1 + w - qo) f - 1] within [0, q_len - 1].
   c0 = jnp.arange(spec.num_k_blocks, dtype=jnp.int32) * bk
   c1 = jnp.minimum(c0 + bk, spec.kv_len) - 1
-  rmin = jnp.maximum(c0 - qo, 0)
-  rmax = jnp.minimum(c1 + (w - 1) - qo, spec.q_len - 1) if w < CAUSAL else jnp.full_like(
+  rmin = jnp.maximum(c0 - qo, 0) * f
+  rmax = jnp.minimum((c1 + w - qo) * f - 1, spec.q_len - 1) if w < CAUSAL else jnp.full_like(
       c0, spec.q_len - 1)
   lo_t, counts_t = _run(rmin, rmax, bq, spec.width_t)
   counts_t = jnp.where(c0 < lim, counts_t, 0)          # blocks of padding keys only
-  # Full query blocks of key block j (rows bounded by the padded block end).
-  tmin = -((c0 + bk - 1 - qo) // -bq)
-  tmax = ((w - bq + c0 - qo) // bq) if w < CAUSAL else jnp.full_like(c0, spec.num_q_blocks)
+  # Full query blocks of key block j (rows bounded by the padded block end):
+  # every row at a position >= c0 + bk - 1, and (window) <= c0 + w - 1.
+  tmin = -(((c0 + bk - 1 - qo) * f) // -bq)
+  tmax = (((c0 + w - qo) * f - bq) // bq) if w < CAUSAL else jnp.full_like(
+      c0, spec.num_q_blocks)
   tmax = jnp.where(c0 + bk <= lim, tmax, -1)
   fs_t, nf_t = _clip_run(tmin, tmax, lo_t, counts_t)
   dummy = jnp.zeros((1,), jnp.int32)
@@ -248,6 +258,12 @@ def _run(first, last, block, width):
 # ------------------------------------------------ per grid step / loop step
 
 
+def _positions(rows, fold: int):
+  """Offsets from `q_offset` of query rows (`fold` rows per position); no
+  division when `fold == 1`."""
+  return rows if fold == 1 else rows // fold
+
+
 def slot_block(spec: Spec, blocks, counts, row, slot, width):
   """Block index visited at `slot` of `row` (padding repeats the last one)."""
   if spec.mode == "band":
@@ -273,8 +289,8 @@ def needs_mask(spec: Spec, qb, kb, q_offset, mask_id, kv_limit=None):
     return (mask_id != FULL) | edge
   r0 = qb * bq
   r1 = jnp.minimum(r0 + bq, spec.q_len) - 1
-  dmin = q_offset + r0 - (kb * bk + bk - 1)
-  dmax = q_offset + r1 - kb * bk
+  dmin = q_offset + _positions(r0, spec.fold) - (kb * bk + bk - 1)
+  dmax = q_offset + _positions(r1, spec.fold) - kb * bk
   return (dmin < 0) | (dmax >= spec.window) | edge
 
 
@@ -286,7 +302,7 @@ def tile_visible(spec: Spec, qb, kb, q_offset, tile=None, kv_limit=None):
   ok = (r < spec.q_len) & (c < _limit(spec, kv_limit))
   if spec.mode == "table":
     return ok & (tile != 0)
-  d = q_offset + r - c
+  d = q_offset + _positions(r, spec.fold) - c
   ok = ok & (d >= 0)
   if spec.window < CAUSAL:
     ok = ok & (d < spec.window)
@@ -301,7 +317,7 @@ def keys_seen(spec: Spec, kb, q_offset, shape, kv_limit=None):
   output or gradient (0 * NaN is NaN).
   """
   c = kb * spec.block_k + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-  last = q_offset + spec.q_len - 1
+  last = q_offset + _positions(spec.q_len - 1, spec.fold)
   ok = (c <= last) & (c < _limit(spec, kv_limit))
   if spec.window < CAUSAL:
     ok = ok & (c > q_offset - spec.window)

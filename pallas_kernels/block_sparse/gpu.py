@@ -95,7 +95,7 @@ def pass_spec(spec: Spec, blocks: PassBlocks) -> Spec:
     return dataclasses.replace(
         spec, block_q=bq, block_k=bk, num_q_blocks=nq, num_k_blocks=nk,
         width=common.band_width(spec.q_len, spec.kv_len, spec.window, bq, bk),
-        width_t=common.band_width_t(spec.q_len, spec.kv_len, spec.window, bq, bk))
+        width_t=common.band_width_t(spec.q_len, spec.kv_len, spec.window, bq, bk, spec.fold))
   return dataclasses.replace(spec, block_q=bq, block_k=bk, num_q_blocks=nq, num_k_blocks=nk,
                              sub_q=rq, sub_k=rk)
 
@@ -269,7 +269,7 @@ TARGET_PROGRAMS = 2 * 132    # two waves of an H100's SMs
 def num_splits(spec: Spec, programs: int) -> int:
   """Splits per row for decode (`q_len <= 16`): enough programs to fill the
   device, at least 4 slots per split; 1 otherwise."""
-  if spec.q_len > MAX_SPLIT_QUERIES or spec.count_visits:
+  if spec.q_len > MAX_SPLIT_QUERIES * spec.fold or spec.count_visits:
     return 1
   want = -(-TARGET_PROGRAMS // programs)
   return max(1, min(want, spec.width // 4))

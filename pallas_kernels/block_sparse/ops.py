@@ -25,6 +25,7 @@ import numpy as np
 from pallas_kernels import platform
 from pallas_kernels.block_sparse import common, gpu, tpu
 from pallas_kernels.block_sparse.common import F32, Spec, Tables
+from pallas_kernels.common import next_pow2
 
 # Runs compiled and tested on real hardware (empty: none recorded). `attn`
 # selects these kernels for `implementation=None` only on a backend listed
@@ -132,15 +133,46 @@ def band_attention(q, k, v, q_offset, *, window: int | None, scale: float,
   if window is not None and q_offset is not None:
     k, v, q_offset, kv_limit = _window_keys(k, v, q_offset, kv_limit, window=int(window),
                                             q_len=q.shape[1], block_k=block_k)
-  lq, lk = q.shape[1], k.shape[1]
+  b, lq, hq, d = q.shape
+  lk, hk = k.shape[1], k.shape[2]
+  fold = hq // hk if hq > hk and lq * (hq // hk) <= MAX_FOLD_ROWS and not count_visits else 1
+  if fold > 1:
+    q = fold_heads(q, hk)
+    block_q = max(block_q, next_pow2(lq * fold, 16))
   w = common.CAUSAL if window is None else int(window)
+  rows = lq * fold
   spec = base_spec(q, k, mode="band", block_q=block_q, block_k=block_k, scale=scale,
-                    window=w, width=common.band_width(lq, lk, w, block_q, block_k),
-                    width_t=common.band_width_t(lq, lk, w, block_q, block_k),
+                    window=w, width=common.band_width(rows, lk, w, block_q, block_k),
+                    width_t=common.band_width_t(rows, lk, w, block_q, block_k, fold),
                     count_visits=count_visits, gpu_blocks=gpu_blocks,
                     offset_hint=q_offset if isinstance(q_offset, int) else lk - lq)
+  spec = dataclasses.replace(spec, fold=fold)
   q_offset = lk - lq if q_offset is None else q_offset
-  return _run(q, k, v, common.band_tables(q_offset, spec, kv_limit), spec, variant)
+  out = _run(q, k, v, common.band_tables(q_offset, spec, kv_limit), spec, variant)
+  return out if fold == 1 else unfold_heads(out, lq)
+
+
+# Decode-sized calls (at most this many query rows once folded) fold a kv
+# head's query heads into the rows of one block: each program then reads
+# the kv head's keys once for all of them (`Spec.fold`), not once per head.
+MAX_FOLD_ROWS = 128
+
+
+def fold_heads(q, kv_heads: int):
+  """`q: [B, Lq, Hq, D]` -> `[B, Lq * G, Hk, D]` with row `t * G + g` = query
+  `t` of head `hk * G + g` (`G = Hq // kv_heads`, the heads sharing kv head
+  `hk`)."""
+  b, lq, hq, d = q.shape
+  g = hq // kv_heads
+  return q.reshape(b, lq, kv_heads, g, d).transpose(0, 1, 3, 2, 4).reshape(
+      b, lq * g, kv_heads, d)
+
+
+def unfold_heads(x, q_len: int):
+  """Inverse of `fold_heads`: `[B, Lq * G, Hk, D]` -> `[B, Lq, Hk * G, D]`."""
+  b, rows, hk, d = x.shape
+  g = rows // q_len
+  return x.reshape(b, q_len, g, hk, d).transpose(0, 1, 3, 2, 4).reshape(b, q_len, hk * g, d)
 
 
 def _window_keys(k, v, q_offset, kv_limit, *, window: int, q_len: int, block_k: int):
