@@ -140,11 +140,12 @@ def test_traced_q_offset_ignores_nan_in_cache_past_the_queries(variant):
 
 
 def _pallas_operand_rows(jaxpr):
-  """Rows (dim 2) of every 4-D operand of every `pallas_call` in `jaxpr`."""
+  """Rows of every 4-D operand of every `pallas_call` in `jaxpr` (the larger
+  of dims 1 and 2: heads-first `[B, H, L, D]` or sequence-major `[B, L, H, D]`)."""
   rows = []
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "pallas_call":
-      rows += [x.aval.shape[2] for x in eqn.invars if len(x.aval.shape) == 4]
+      rows += [max(x.aval.shape[1:3]) for x in eqn.invars if len(x.aval.shape) == 4]
     for param in eqn.params.values():
       for inner in (param if isinstance(param, (tuple, list)) else (param,)):
         inner = getattr(inner, "jaxpr", inner)          # ClosedJaxpr -> Jaxpr
@@ -183,11 +184,12 @@ def test_window_decode_reads_the_window_not_the_cache(variant):
 
 
 def _pallas_operand_heads(jaxpr):
-  """Heads (dim 1) of the 4-D operands of every `pallas_call` in `jaxpr`."""
+  """Heads of the 4-D operands of every `pallas_call` in `jaxpr` (the smaller
+  of dims 1 and 2: heads-first or sequence-major layouts)."""
   heads = []
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "pallas_call":
-      heads += [x.aval.shape[1] for x in eqn.invars if len(x.aval.shape) == 4]
+      heads += [min(x.aval.shape[1:3]) for x in eqn.invars if len(x.aval.shape) == 4]
     for param in eqn.params.values():
       for inner in (param if isinstance(param, (tuple, list)) else (param,)):
         inner = getattr(inner, "jaxpr", inner)

@@ -294,17 +294,19 @@ def _blocks(spec: Spec, dp: int, dtype) -> GpuBlocks:
 
 
 def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
-  """Forward: `(o [B, Hq, Lq_pad, D] like q, lse [B, Hq, Lq_pad] f32[, visits])`."""
+  """Forward: `(o [B, Hq, Lq_pad, D] like q, lse [B, Hq, Lq_pad] f32[, visits])`
+  for `q: [B, Hq, Lq_pad, D]` and `k, v: [B, Lk_pad, Hk, D]` (the caller's
+  sequence-major layout, read in place: rows `Hk * Dp` elements apart)."""
   d = q.shape[-1]
   dp = pad_head_dim(d, "gpu")
   q, k, v = (common.pad_last(x, dp) for x in (q, k, v))
   b, hq, lqp, _ = q.shape
-  lkp = k.shape[2]
+  lkp, hk = k.shape[1], k.shape[2]
   pb = _blocks(spec, dp, q.dtype).fwd
   ps = pass_spec(spec, pb)
   bq, g, nq = ps.block_q, ps.groups, ps.num_q_blocks
   tables = _row_tables(pass_tables(ps, tabs))
-  kv_spec = pl.BlockSpec((None, None, lkp, dp), lambda b, h, i: (b, h // g, 0, 0))
+  kv_spec = pl.BlockSpec((None, lkp, None, dp), lambda b, h, i: (b, 0, h // g, 0))
   out_shape = [jax.ShapeDtypeStruct((b, hq, lqp, dp), q.dtype),
                jax.ShapeDtypeStruct((b, hq, lqp), F32)]
   out_specs = [pl.BlockSpec((None, None, bq, dp), lambda b, h, i: (b, h, nq - 1 - i, 0)),
@@ -322,13 +324,13 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
         functools.partial(_split_kernel, spec=ps, chunk=chunk), grid=(b, hq, nq, splits),
         in_specs=[_full(t) for t in tables] + [
             pl.BlockSpec((None, None, bq, dp), lambda b, h, i, s: (b, h, nq - 1 - i, 0)),
-            pl.BlockSpec((None, None, lkp, dp), lambda b, h, i, s: (b, h // g, 0, 0)),
-            pl.BlockSpec((None, None, lkp, dp), lambda b, h, i, s: (b, h // g, 0, 0))],
+            pl.BlockSpec((None, lkp, None, dp), lambda b, h, i, s: (b, 0, h // g, 0)),
+            pl.BlockSpec((None, lkp, None, dp), lambda b, h, i, s: (b, 0, h // g, 0))],
         out_specs=[sp(bq, dp), sp(bq), sp(bq)],
         out_shape=[jax.ShapeDtypeStruct((b, hq, splits, lqp, dp), F32),
                    jax.ShapeDtypeStruct((b, hq, splits, lqp), F32),
                    jax.ShapeDtypeStruct((b, hq, splits, lqp), F32)],
-        compiler_params=_params(pb), cost_estimate=_cost("fwd", ps, q, k.shape[1]),
+        compiler_params=_params(pb), cost_estimate=_cost("fwd", ps, q, hk),
         interpret=interpret, name="block_sparse_fwd_split")(*tables, q, k, v)
     out, lse = _merge_splits(acc, m, l)
     return out[..., :d].astype(q.dtype), lse
@@ -338,7 +340,7 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
           pl.BlockSpec((None, None, bq, dp), lambda b, h, i: (b, h, nq - 1 - i, 0)),
           kv_spec, kv_spec],
       out_specs=out_specs, out_shape=out_shape, compiler_params=_params(pb),
-      cost_estimate=_cost("fwd", ps, q, k.shape[1]),
+      cost_estimate=_cost("fwd", ps, q, hk),
       interpret=interpret, name="block_sparse_fwd")(*tables, q, k, v)
   o = outs[0][..., :d]
   if spec.count_visits:

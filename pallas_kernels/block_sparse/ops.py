@@ -44,11 +44,16 @@ def check_blocks(block_q: int, block_k: int):
                        "build the layout with such blocks.")
 
 
+def _pad_rows(x, rows):
+  """`[B, L, H, D] -> [B, rows, H, D]` zero padded (no copy when `L == rows`)."""
+  extra = rows - x.shape[1]
+  return x if extra == 0 else jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))
+
+
 def _to_kernel(x, rows):
   """`[B, L, H, D] -> [B, H, rows, D]` zero padded (head_dim is padded by
   each platform variant: TPU to a multiple of 128, GPU to a power of two)."""
-  x = jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, 0), (0, 0)))
-  return jnp.swapaxes(x, 1, 2)
+  return jnp.swapaxes(_pad_rows(x, rows), 1, 2)
 
 
 def _from_kernel(x, l):
@@ -75,13 +80,14 @@ def _attention_fwd(q, k, v, tabs, spec, variant):
 
 def _attention_bwd(spec, variant, res, do):
   q, k, v, tabs, o, lse = res
+  k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)     # the backward's heads-first K, V
   if platform.targets_tpu(variant):
     tpu.check_smem(spec, transposed=True)
   delta = jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)          # [B, Hq, Lq_pad]
   dq, dk, dv = platform.dispatch(
       (q, k, v, do, lse, delta, tabs), tpu=functools.partial(tpu.bwd, spec=spec),
       gpu=functools.partial(gpu.bwd, spec=spec), variant=variant)
-  return dq, dk, dv, jax.tree.map(lambda _: None, tabs)
+  return dq, jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2), jax.tree.map(lambda _: None, tabs)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -91,9 +97,12 @@ def _run(q, k, v, tabs: Tables, spec: Spec, variant):
   if platform.targets_tpu(variant):
     tpu.check_smem(spec, transposed=False)
   lq = q.shape[1]
+  # The forward reads K and V in the caller's [B, Lk, Hk, D] layout (padded
+  # only when Lk is not a whole number of blocks): a decode step copies no
+  # cache; the backward makes its heads-first copies itself.
   args = (_to_kernel(q, spec.num_q_blocks * spec.block_q),
-          _to_kernel(k, spec.num_k_blocks * spec.block_k),
-          _to_kernel(v, spec.num_k_blocks * spec.block_k))
+          _pad_rows(k, spec.num_k_blocks * spec.block_k),
+          _pad_rows(v, spec.num_k_blocks * spec.block_k))
   if spec.count_visits:
     o, _, visits = _fwd_call(*args, tabs, spec, variant)
     return _from_kernel(o, lq), visits

@@ -153,15 +153,20 @@ def _row_spec(spec: Spec, lanes: int | None, transposed: bool):
   return pl.BlockSpec(shape, index)
 
 
-def _kv_spec(spec: Spec, dp: int, transposed: bool):
+def _kv_spec(spec: Spec, dp: int, transposed: bool, seq_major: bool = False):
+  """K / V blocks `(bk, dp)`: heads-first `[B, Hk, Lk_pad, Dp]`, or with
+  `seq_major` (forward) the caller's layout flattened to `[B, Lk_pad, Hk * Dp]`
+  (kv head `h` is lane block `h`: Mosaic takes no squeezed head axis between
+  the rows and the lanes)."""
   bk = spec.block_k
   if transposed:
     return pl.BlockSpec((None, None, bk, dp), lambda b, hk, j, g, t, *_: (b, hk, j, 0))
 
   def index(b, h, i, j, blocks, counts, masks, qo):
     kb = common.slot_block(spec, blocks, counts, i, j, spec.width)
-    return (b, h // spec.groups, kb, 0)
-  return pl.BlockSpec((None, None, bk, dp), index)
+    return (b, kb, h // spec.groups) if seq_major else (b, h // spec.groups, kb, 0)
+  shape = (None, bk, dp) if seq_major else (None, None, bk, dp)
+  return pl.BlockSpec(shape, index)
 
 
 def _tile_spec(spec: Spec, transposed: bool):
@@ -262,13 +267,20 @@ def _fwd_kernel(
 
 
 def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
-  """Forward: `(o [B, Hq, Lq_pad, Dp] like q, lse [B, Hq, Lq_pad] f32[, visits])`."""
+  """Forward: `(o [B, Hq, Lq_pad, Dp] like q, lse [B, Hq, Lq_pad] f32[, visits])`
+  for `q: [B, Hq, Lq_pad, D]` and `k, v: [B, Lk_pad, Hk, D]` (the caller's
+  sequence-major layout: no heads-first copy of the cache)."""
   out_dtype, d = q.dtype, q.shape[-1]
   dp = pad_head_dim(d, "tpu")
   q, k, v = (common.pad_last(x, dp) for x in _cast_in(q, k, v))
   b, hq, lqp, _ = q.shape
   bq = spec.block_q
-  in_specs = [_row_spec(spec, dp, False), _kv_spec(spec, dp, False), _kv_spec(spec, dp, False)]
+  # [B, Lk_pad, Hk, Dp] -> [B, Lk_pad, Hk * Dp]: a free reshape when head_dim
+  # is already a multiple of 128 (else pad_last above made the copy anyway).
+  hk = k.shape[2]
+  k, v = (x.reshape(x.shape[0], x.shape[1], -1) for x in (k, v))
+  kv = _kv_spec(spec, dp, False, seq_major=True)
+  in_specs = [_row_spec(spec, dp, False), kv, kv]
   args = [q, k, v]
   table = spec.mode == "table"
   if table:
@@ -289,7 +301,7 @@ def fwd(q, k, v, tabs: Tables, *, spec: Spec, interpret=False):
       _optional_refs(_fwd_kernel, [True] * 7 + [table, True, True, spec.count_visits]
                      + [True] * 3, spec=spec), grid_spec=grid_spec, out_shape=out_shape,
       compiler_params=_compiler(3, 1), interpret=interpret,
-      cost_estimate=_cost("fwd", spec, q, k.shape[1]),
+      cost_estimate=_cost("fwd", spec, q, hk),
       name="block_sparse_fwd")(*_prefetch(tabs, False), *args)
   o = outs[0][..., :d]
   if spec.count_visits:
