@@ -202,7 +202,8 @@ def block_sparse(layout: attn.BlockLayout, shape: Shape, backward: bool = False,
   lq, lk = layout.q_len, layout.kv_len
   q_b = s.batch * lq * s.q_heads * s.head_dim * s.itemsize
   kv_b = s.batch * lk * s.kv_heads * s.head_dim * s.itemsize
-  parts = [("layout copies", _glue(2 * (2 * q_b + 2 * kv_b))),
+  # q in and o out, heads-first (K and V are read in place when L is whole blocks).
+  parts = [("layout copies", _glue(2 * (2 * q_b))),
            ("block_sparse_fwd", cost.block_sparse_fwd(
                num_q_blocks=layout.num_q_blocks, detail=True,
                wave_key_blocks=wave_key_blocks(layout, hw.wave), **kw))]
@@ -443,9 +444,10 @@ def dense_decode_pallas(cache_len: int, shape: Shape, changes: Changes = Changes
   cache; key blocks past the query are skipped); the `G` query heads of a
   kv head folded into one block's rows (`Spec.fold`: the keys read once per
   kv head) and each row's key blocks split over enough programs to fill
-  the SMs (`pallas_kernels.block_sparse.gpu.num_splits`); the cache's
-  layout copies (heads-first, padded) stay. Planned: no copies (modelled as
-  the baseline's cost).
+  the SMs (`pallas_kernels.block_sparse.gpu.num_splits`); K and V read in
+  their `[B, L, Hk, D]` layout (no copy of the cache). Planned: as the
+  baseline (the same bytes; the split's merge and the q/o copies are what
+  differs).
   """
   if changes.split_decode:
     return dense_decode_baseline(cache_len, shape)
