@@ -259,9 +259,17 @@ def _run(first, last, block, width):
 
 
 def _positions(rows, fold: int):
-  """Offsets from `q_offset` of query rows (`fold` rows per position); no
-  division when `fold == 1`."""
-  return rows if fold == 1 else rows // fold
+  """Offsets from `q_offset` of query rows `>= 0` (`fold` rows per
+  position): the rows themselves at `fold == 1`, a shift for a power of two,
+  else a truncating division (jnp's sign-fixing floor division costs
+  registers in the Triton kernels)."""
+  if fold == 1:
+    return rows
+  if isinstance(rows, int):
+    return rows // fold
+  if fold & (fold - 1) == 0:
+    return jax.lax.shift_right_logical(rows, jnp.asarray(fold.bit_length() - 1, rows.dtype))
+  return jax.lax.div(rows, jnp.asarray(fold, rows.dtype))
 
 
 def slot_block(spec: Spec, blocks, counts, row, slot, width):

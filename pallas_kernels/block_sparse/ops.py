@@ -144,7 +144,8 @@ def band_attention(q, k, v, q_offset, *, window: int | None, scale: float,
                                             q_len=q.shape[1], block_k=block_k)
   b, lq, hq, d = q.shape
   lk, hk = k.shape[1], k.shape[2]
-  fold = hq // hk if hq > hk and lq * (hq // hk) <= MAX_FOLD_ROWS and not count_visits else 1
+  fold = (hq // hk if hq > hk and lq <= MAX_FOLD_QUERIES and lq * (hq // hk) <= MAX_FOLD_ROWS
+          and not count_visits else 1)
   if fold > 1:
     q = fold_heads(q, hk)
     block_q = max(block_q, next_pow2(lq * fold, 16))
@@ -161,9 +162,11 @@ def band_attention(q, k, v, q_offset, *, window: int | None, scale: float,
   return out if fold == 1 else unfold_heads(out, lq)
 
 
-# Decode-sized calls (at most this many query rows once folded) fold a kv
-# head's query heads into the rows of one block: each program then reads
-# the kv head's keys once for all of them (`Spec.fold`), not once per head.
+# Decode-sized calls (at most MAX_FOLD_QUERIES queries, MAX_FOLD_ROWS rows
+# once folded) fold a kv head's query heads into the rows of one block: each
+# program then reads the kv head's keys once for all of them (`Spec.fold`),
+# not once per head.
+MAX_FOLD_QUERIES = 16
 MAX_FOLD_ROWS = 128
 
 
