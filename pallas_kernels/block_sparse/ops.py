@@ -138,6 +138,11 @@ def band_attention(q, k, v, q_offset, *, window: int | None, scale: float,
   `[B, Hq, nq]`: key blocks each grid row computed. `gpu_blocks`: the GPU
   kernels' own tiles per pass (default `gpu.default_blocks`); each is capped
   at `block_q x block_k`.
+
+  Decode-sized calls read only what they attend: a window's keys are
+  sliced out of a longer cache first (`_window_keys`), and with GQA the
+  query heads of a kv head share one block's rows (`fold_heads`), so each
+  program reads its kv head's keys once.
   """
   if window is not None and q_offset is not None:
     k, v, q_offset, kv_limit = _window_keys(k, v, q_offset, kv_limit, window=int(window),
