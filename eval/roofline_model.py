@@ -35,7 +35,7 @@ import attn
 from attn import masks, ppa_routing
 from pallas_kernels import cost
 from pallas_kernels.block_sparse.common import diag_width
-from pallas_kernels.block_sparse.gpu import TARGET_PROGRAMS
+from pallas_kernels.block_sparse.gpu import splits_for
 from pallas_kernels.decode import common as dec_common
 from pallas_kernels.span import ops as span_ops
 from pallas_kernels.stripe import ops as stripe_ops
@@ -455,7 +455,7 @@ def dense_decode_pallas(cache_len: int, shape: Shape, changes: Changes = Changes
   parts = []
   for name, c in block_sparse(layout, dataclasses.replace(shape, q_heads=shape.kv_heads)).parts:
     if name == "block_sparse_fwd":
-      want = -(-TARGET_PROGRAMS // c.programs)
-      c = dataclasses.replace(c, programs=c.programs * max(1, min(want, layout.num_k_blocks // 4)))
+      c = dataclasses.replace(c, programs=c.programs * splits_for(c.programs,
+                                                                  layout.num_k_blocks))
     parts.append((name, c))
   return OpCost(tuple(parts))

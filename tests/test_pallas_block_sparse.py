@@ -139,19 +139,20 @@ def test_traced_q_offset_ignores_nan_in_cache_past_the_queries(variant):
       chex.assert_trees_all_close(got, want, atol=5e-5, rtol=5e-5)
 
 
-def _pallas_operand_rows(jaxpr):
-  """Rows of every 4-D operand of every `pallas_call` in `jaxpr` (the larger
-  of dims 1 and 2: heads-first `[B, H, L, D]` or sequence-major `[B, L, H, D]`)."""
-  rows = []
+def _pallas_operand_shapes(jaxpr):
+  """Shapes of the 4-D operands of every `pallas_call` in `jaxpr` (nested
+  jaxprs included): heads-first `[B, H, L, D]` or sequence-major `[B, L, H, D]`."""
+  shapes = []
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "pallas_call":
-      rows += [max(x.aval.shape[1:3]) for x in eqn.invars if len(x.aval.shape) == 4]
+      shapes += [x.aval.shape for x in eqn.invars if len(x.aval.shape) == 4]
+      continue
     for param in eqn.params.values():
       for inner in (param if isinstance(param, (tuple, list)) else (param,)):
         inner = getattr(inner, "jaxpr", inner)          # ClosedJaxpr -> Jaxpr
-        if hasattr(inner, "eqns") and eqn.primitive.name != "pallas_call":
-          rows += _pallas_operand_rows(inner)
-  return rows
+        if hasattr(inner, "eqns"):
+          shapes += _pallas_operand_shapes(inner)
+  return shapes
 
 
 @pytest.mark.parametrize("variant", ["tpu_interpret", "gpu_interpret"])
@@ -174,28 +175,14 @@ def test_window_decode_reads_the_window_not_the_cache(variant):
   ref = lambda q, k, v, off: reference.sliding_window_attention(  # noqa: E731
       q, k, v, off, window=window, scale=0.25)
   grad = jax.jit(jax.value_and_grad(functools.partial(loss, ours), argnums=(0, 1, 2)))
-  rows = _pallas_operand_rows(jax.make_jaxpr(grad)(q, k, v, jnp.int32(0)).jaxpr)
+  rows = [max(s[1:3]) for s in _pallas_operand_shapes(
+      jax.make_jaxpr(grad)(q, k, v, jnp.int32(0)).jaxpr)]           # the L axis
   assert rows and max(rows) <= window + lq - 1 + 2 * blk < lk
   for off in (0, 4, 90, 181, lk - lq):
     got = grad(q, k, v, jnp.int32(off))
     want = jax.value_and_grad(functools.partial(loss, ref), argnums=(0, 1, 2))(
         q, k, v, jnp.int32(off))
     chex.assert_trees_all_close(got, want, atol=5e-5, rtol=5e-5)
-
-
-def _pallas_operand_heads(jaxpr):
-  """Heads of the 4-D operands of every `pallas_call` in `jaxpr` (the smaller
-  of dims 1 and 2: heads-first or sequence-major layouts)."""
-  heads = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call":
-      heads += [min(x.aval.shape[1:3]) for x in eqn.invars if len(x.aval.shape) == 4]
-    for param in eqn.params.values():
-      for inner in (param if isinstance(param, (tuple, list)) else (param,)):
-        inner = getattr(inner, "jaxpr", inner)
-        if hasattr(inner, "eqns") and eqn.primitive.name != "pallas_call":
-          heads += _pallas_operand_heads(inner)
-  return heads
 
 
 @pytest.mark.parametrize("variant,window", [("tpu_interpret", 7), ("gpu_interpret", None)])
@@ -220,7 +207,8 @@ def test_gqa_decode_folds_query_heads_into_rows(variant, window):
     return jnp.sum(out * jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape) / out.size)
 
   grad = jax.jit(jax.value_and_grad(functools.partial(loss, ours), argnums=(0, 1, 2)))
-  heads = _pallas_operand_heads(jax.make_jaxpr(grad)(q, k, v, jnp.int32(0)).jaxpr)
+  heads = [min(s[1:3]) for s in _pallas_operand_shapes(
+      jax.make_jaxpr(grad)(q, k, v, jnp.int32(0)).jaxpr)]           # the head axis
   assert heads and set(heads) == {hk}
   for off in (0, 11, lk - lq):
     got = grad(q, k, v, jnp.int32(off))

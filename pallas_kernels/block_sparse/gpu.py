@@ -271,8 +271,14 @@ def num_splits(spec: Spec, programs: int) -> int:
   device, at least 4 slots per split; 1 otherwise."""
   if spec.q_len > MAX_SPLIT_QUERIES * spec.fold or spec.count_visits:
     return 1
+  return splits_for(programs, spec.width)
+
+
+def splits_for(programs: int, width: int) -> int:
+  """Splits per row that bring `programs` rows up to `TARGET_PROGRAMS`, at
+  least 4 of a row's `width` key-block slots each."""
   want = -(-TARGET_PROGRAMS // programs)
-  return max(1, min(want, spec.width // 4))
+  return max(1, min(want, width // 4))
 
 
 def _row_tables(tabs: Tables):

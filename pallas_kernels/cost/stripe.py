@@ -201,10 +201,10 @@ def ppa_dq(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: int
            gqa_shared_reads: bool = True, visits: int | None = None,
            detail: bool = False):
   """PPA dq, grid `(B, Hk, nq)` (as `ppa_fwd`, `visits` too): the forward's
-  loads plus do, lse, delta; 6 FLOPs per entry and head_dim element; float32
-  dq out."""
-  # q, do in; float32 dq out; lse, delta.
-  own_row = lambda dp: 2 * dp * itemsize + dp * F32_BYTES + 2 * F32_BYTES  # noqa: E731
+  loads plus do, lse, delta; 6 FLOPs per entry and head_dim element; dq out
+  in q's dtype (the kernel casts its float32 sums)."""
+  # q, do in; dq out; lse, delta.
+  own_row = lambda dp: 3 * dp * itemsize + 2 * F32_BYTES  # noqa: E731
   return _out(_ppa_query_blocks(
       6, own_row, batch=batch, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
       q_len=q_len, band_tiles=band_tiles, far_offsets=far_offsets, block_q=block_q,
@@ -221,14 +221,14 @@ def ppa_dkv(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, kv_len: i
   8 FLOPs per entry and head_dim element) and the far stripes with a query
   in range (`block_k` query rows; `visits` (key block, stripe) pairs per
   (batch, query head), `ppa_stripe_visits(..., transposed=True)`; None:
-  every stripe in every block); k, v in, float32 dk, dv out."""
+  every stripe in every block); k, v in, dk, dv out in their dtype."""
   dp = padded_head_dim(head_dim, platform)
   nk = _cdiv(kv_len, block_k)
   visits = nk * far_offsets if visits is None else visits
   row_b = 2 * dp * itemsize + 2 * F32_BYTES
   band = batch * q_heads * band_chunks_t * block_q * row_b
   stripes = batch * q_heads * visits * stripe_rows(block_k, platform, unit) * row_b
-  own = batch * kv_heads * nk * block_k * (2 * dp * itemsize + 2 * dp * F32_BYTES)
+  own = batch * kv_heads * nk * block_k * 4 * dp * itemsize
   mm = batch * q_heads * band_chunks_t * block_q * block_k
   rw = batch * q_heads * visits * block_k
   return _out(KernelCost(flops=8 * mm * dp, vector_flops=8 * rw * dp,
