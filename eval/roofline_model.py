@@ -98,6 +98,7 @@ CONFIGS = {"default": attn.SuperlinearConfig(), "released": RELEASED}
 
 
 XLA = 1 << 20   # `programs` of XLA work (glue, baselines): the device is full
+SEARCH = "stripe_search"   # the span-search kernel's part in `superlinear`
 
 
 REUSE = ("none", "wave", "all")
@@ -282,7 +283,7 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
   q_rows = s.batch * s.q_heads * seq_len
   frame = 2 * s.batch * s.kv_heads * seq_len * dp * s.itemsize + 2 * q_rows * dp * s.itemsize
   parts = [("search frames", _glue(frame)),
-           ("stripe_search", cost.stripe_search(q_len=seq_len, stripes=stripes,
+           (SEARCH, cost.stripe_search(q_len=seq_len, stripes=stripes,
                                                 num_spans=num, block_q=search_bq,
                                                 visits=visits, wave_rows=wave_rows,
                                                 detail=True, **sk))]

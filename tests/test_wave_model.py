@@ -2,6 +2,9 @@
 wave model (`cost.search_wave_rows`, `cost.span_wave_key_blocks`,
 `eval.roofline_model.wave_key_blocks`), each against plain loops."""
 
+import dataclasses
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,3 +105,26 @@ def test_wave_model_times_sit_between_no_reuse_and_all_l2():
     assert all_l2 <= wave < none
   with pytest.raises(ValueError, match="reuse="):
     roofline_model.kernel_time(cost.KernelCost(bytes_accessed=1), reuse=True)
+
+
+def test_compute_floor_and_needed_bandwidth_by_hand():
+  """The floor counts the Pallas kernels' arithmetic only; the bandwidth a
+  target needs divides their loads by the time left after the glue."""
+  from pallas_kernels import cost
+  from eval import roofline, roofline_model as rm
+  hw = rm.H100
+  kern = cost.KernelCost(flops=989 * 10**9, vector_flops=67 * 10**9, bytes_accessed=10**10,
+                         programs=1000)
+  glue = cost.KernelCost(bytes_accessed=335 * 10**7, programs=rm.XLA)
+  ours = rm.OpCost((("kernel", kern), ("glue", glue)))
+  # 989 GFLOP at 989 TFLOP/s + 67 GFLOP at 67 TFLOP/s = 2 ms; the glue is not counted.
+  chex.assert_trees_all_close(roofline.compute_floor(ours, hw), 2e-3, rtol=1e-12)
+  base = rm.OpCost((("base", cost.KernelCost(bytes_accessed=335 * 10**8, programs=rm.XLA)),))
+  cell = roofline.Cell("t", "op", 1, ours, base, need=2.0)
+  # Budget 10 ms / 2 = 5 ms; the glue takes 1 ms at 3.35 TB/s; 10 GB in 4 ms.
+  chex.assert_trees_all_close(roofline.needed_bandwidth(cell, hw), 10**10 / 4e-3, rtol=1e-9)
+  assert roofline.needed_bandwidth(dataclasses.replace(cell, need=0.0), hw) is None
+  assert roofline.needed_bandwidth(dataclasses.replace(cell, need=20.0), hw) is None
+  # Named kernels also pay their loads at L2 bandwidth (the design floor).
+  chex.assert_trees_all_close(roofline.compute_floor(ours, hw, ("kernel",)),
+                              max(2e-3, 10**10 / hw.l2_bw), rtol=1e-12)
