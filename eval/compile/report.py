@@ -163,13 +163,13 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
       [(r["target"], f"`{r['key']}`", r["status"],
         ("; ".join(r.get("problems") or []) or (r.get("error") or "").replace("\n", " "))[:300],
         ", ".join(r.get("where") or [])) for r in bad])
-  slow = sorted(slow_results(results).items(),
+  slow = sorted(((tk, r) for tk, r in slow_results(results).items() if tk[1] in keys),
                 key=lambda x: (x[0][0], -compile_seconds(x[1])))
   out += _section(
       "Slow compiles (work order)",
       "Lower + compile over 30 s for superlinear (forward or grad), over 15 s "
-      "for any other op (the targets of issue 17); wall seconds on the shared, "
-      "loaded machine (see the load column above).",
+      "for any other op (the targets of issue 17), cases of the sweep matrix; wall "
+      "seconds on the shared 2-core machine, with its load average while compiling.",
       ("target", "case", "seconds", "limit", "load average"),
       [(t, f"`{k}`", f"{'> ' if r['status'] == 'timeout' else ''}{compile_seconds(r):.0f}",
         f"{time_limit(k):.0f}", f"{r['load1']:.1f}" if "load1" in r else "?")
