@@ -290,7 +290,7 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
   # Gate logits: the search's own scores (search once), no forward kernel.
   heads = s.batch * s.kv_heads           # span grid: (batch, kv head) pairs
   dtype = {2: "bfloat16", 4: "float32"}[s.itemsize]
-  # The span kernels' own tiles: the forward's (128 pair rows on GPU for
+  # The span kernels' own tiles: the forward's (256 pair rows on GPU for
   # 16-bit inputs) and the backward's (`span.ops.default_blocks`).
   fq, fk = span_ops.default_blocks(s.platform, forward=True, dtype=dtype)
   bq, bk = span_ops.default_blocks(s.platform, forward=False, dtype=dtype)

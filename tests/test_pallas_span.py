@@ -85,7 +85,10 @@ def span_oracle(q, k, v, anchors, gates, *, config, q_offset, scale):
     ("gpu_interpret", jnp.float16, 2, 40, 50, 16), ("tpu_checked", jnp.bfloat16, 2, 40, 50, 16),
     # float32 at the GPU's own default tiles (`span.gpu.default_blocks`: 32 x 16)
     ("gpu_interpret", jnp.float32, 2, 40, 50, None),
+    # bfloat16 at the GPU defaults: forward 256 x 32 tiles (3 row tiles), backward 64 x 64
+    ("gpu_interpret", jnp.bfloat16, 1, 600, 300, None),
     pytest.param("gpu", jnp.float16, 2, 40, 50, 16, marks=pytest.mark.gpu),
+    pytest.param("gpu", jnp.bfloat16, 1, 600, 300, None, marks=pytest.mark.gpu),
     pytest.param("gpu", jnp.float32, 2, 40, 50, None, marks=pytest.mark.gpu),
     pytest.param("tpu", jnp.bfloat16, 2, 40, 50, 16, marks=pytest.mark.tpu)])
 def test_interval_attention_matches_dense(variant, dtype, h, r, lk, block):
@@ -93,6 +96,9 @@ def test_interval_attention_matches_dense(variant, dtype, h, r, lk, block):
   ks = jax.random.split(jax.random.PRNGKey(0), 6)
   q, k, v = (_normal(ks[i], s, dtype) for i, s in
              enumerate([(b, h, r, d), (b, h, lk, d), (b, h, lk, d)]))
+  if block is None and dtype == jnp.bfloat16:
+    from pallas_kernels.span import ops as span_ops
+    assert span_ops.default_blocks("gpu", forward=True, dtype=dtype, head_dim=32) == (256, 32)
   lo = jax.random.randint(ks[3], (b, h, r), 0, lk)
   hi = jnp.minimum(lo + jax.random.randint(ks[4], (b, h, r), -3, 20), lk - 1)  # some empty
   ct = jax.random.normal(ks[5], (b, h, r), jnp.float32)

@@ -109,15 +109,20 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_
 
 F32_BLOCKS = (32, 16)   # float32 (block_q, block_k) on the GPU
 BWD_WIDE_BLOCKS = (32, 32)   # 16-bit backward (block_q, block_k) at padded head_dim > 128
+FWD_BLOCKS = (256, 32)       # 16-bit forward (block_q, block_k) at padded head_dim <= 128
+FWD_WIDE_BLOCKS = (128, 64)  # 16-bit forward at padded head_dim > 128
 
 
 def default_blocks(dtype, *, forward: bool = False, head_dim: int = 128) -> tuple[int, int]:
   """Default `(block_q, block_k)` per input dtype and pass (docs/kernels_span.md).
 
-  16-bit: 64 x 64, except the forward's 128 pair rows (a tile loads about
-  one span of K/V plus its rows' start spread, so 128 rows halve the K/V
-  tiles loaded per pair; 8 warps keep the `[128, Dp]` float32 accumulator
-  in registers, `_params`). float32 dots run at HIGHEST precision
+  16-bit: 64 x 64, except the forward's `FWD_BLOCKS`: 256 pair rows by 32
+  keys at padded head_dim <= 128 (128 x 64 above). A tile loads about one
+  span of K/V plus its rows' start spread, so each doubling of the rows
+  halves the K/V tiles loaded per pair (the roofline model; not measured);
+  16 warps hold the `[256, Dp]` float32 accumulator in registers (`_params`):
+  127 registers, no spill at head_dim 128 in the deviceless H100 compile,
+  where 256 x 64 spilled 52 B. float32 dots run at HIGHEST precision
   (`common.precision_for`: the reference is exact float32), which Triton
   lowers to CUDA-core FMA products where a thread holds whole head_dim rows
   of both operands; 64 x 64 tiles then spilled 11-28 KB per kernel in the
@@ -128,18 +133,18 @@ def default_blocks(dtype, *, forward: bool = False, head_dim: int = 128) -> tupl
   if jnp.dtype(dtype).itemsize >= 4:
     return F32_BLOCKS
   if forward:
-    return (128, 64)
+    return FWD_BLOCKS if head_dim <= 128 else FWD_WIDE_BLOCKS
   return BWD_WIDE_BLOCKS if head_dim > 128 else (64, 64)
 
 
 def _params(dp, dtype, block_q=64):
   """Triton launch parameters: float32 (small tiles, see `default_blocks`)
-  16 warps and one stage; 16-bit 4 warps for `[<=64, <=64]` tiles, else 8
-  (wider heads or the forward's 128-row tiles)."""
+  16 warps and one stage; 16-bit 16 warps for 256-row tiles (four
+  warpgroups of 64 rows), 4 for `[<=64, <=64]` tiles, else 8."""
   if jnp.dtype(dtype).itemsize >= 4:
     return pltriton.CompilerParams(num_warps=16, num_stages=1)
-  return pltriton.CompilerParams(num_warps=4 if dp <= 64 and block_q <= 64 else 8,
-                                 num_stages=2)
+  warps = 16 if block_q >= 256 else 4 if dp <= 64 and block_q <= 64 else 8
+  return pltriton.CompilerParams(num_warps=warps, num_stages=2)
 
 
 def _seq(n, dp):

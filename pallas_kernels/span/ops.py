@@ -191,7 +191,8 @@ def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = N
     scale: score scale.
     block_q, block_k: tile sizes (powers of two >= 16); None: per-platform
       defaults (`default_blocks`: TPU 128 x 128; GPU 64 x 64, the 16-bit
-      forward 128 x 64, float32 32 x 16) shrunk for short inputs. The
+      forward 256 x 32 (head_dim 256: 128 x 64), float32 32 x 16) shrunk
+      for short inputs. The
       compiled TPU kernels need `block_q` a multiple of 128 or one tile for
       all rows (`tpu.check_block_q`: lane-dense per-row vectors).
     variant: see `pallas_kernels.platform`.
