@@ -104,8 +104,10 @@ def _gate_fwd(q_search, k_search, anchors, scores):
 # Queries (of one query head and one slot) per step of the gate backward's
 # loop: each step gathers and scatter-adds this many search-key rows, so the
 # scatter's sort (XLA:TPU sorts a scatter's indices) and its code are sized
-# by the step, not by L.
-GATE_ROWS = 1 << 14
+# by the step, not by L. 4096 rows: XLA:TPU's sort of the step's
+# `B * Hk * GATE_ROWS` indices compiles in about a second; 16384 rows took
+# 3-4 s of the superlinear grad's ~30 s (docs/kernels_span.md, fifth pass).
+GATE_ROWS = 1 << 12
 
 
 def _gate_bwd(res, ct):
