@@ -3,6 +3,8 @@
     python -m eval.compile_check --platform gpu --cases ci
     python -m eval.compile_check --platform tpu --gens v5e,v6e,v5p,v4 --cases sweep
     python -m eval.compile_check --platform all --cases sweep --lengths 4096 --timeout 300
+    python -m eval.compile_check --platform gpu --cases sweep --ops superlinear \
+        --configs released --base-only --lengths 1048576 --heads 32:8   # memory at 1M
 
 Needs the `aot` extra (`pip install -e '.[aot]'`). Each case is one public op
 (`implementation="pallas"`) forward or `jax.value_and_grad`, compiled in a
@@ -16,6 +18,7 @@ Exit status 1 when any case did not pass.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import pathlib
 import platform as _platform
@@ -62,7 +65,22 @@ def select(args) -> list[cases_lib.Case]:
   if args.base_only:
     chosen = [c for c in chosen if c.head_dim == 128 and c.dtype == "bfloat16"
               and c.heads == (8, 2) and c.q_len in (None, 16)]
+  if args.heads:
+    heads = parse_heads(args.heads)
+    chosen = list({c.key: c for c in (dataclasses.replace(c, heads=heads)
+                                      for c in chosen)}.values())
   return chosen
+
+
+def parse_heads(text: str) -> tuple[int, int]:
+  """`"32:8"` -> `(32, 8)` (query heads, kv heads; kv heads divide query heads)."""
+  try:
+    hq, hk = (int(x) for x in text.split(":"))
+  except ValueError:
+    raise ValueError(f"--heads {text!r}: expected QUERY:KV, e.g. 32:8") from None
+  if hq < 1 or hk < 1 or hq % hk:
+    raise ValueError(f"--heads {text!r}: kv heads must divide query heads, e.g. 32:8")
+  return hq, hk
 
 
 def main(argv=None) -> int:
@@ -76,6 +94,9 @@ def main(argv=None) -> int:
   ap.add_argument("--head-dims", default="")
   ap.add_argument("--dtypes", default="", help="bfloat16,float32")
   ap.add_argument("--configs", default="", help="superlinear configs: default,released")
+  ap.add_argument("--heads", default="",
+                  help="compile the selected cases at these heads instead, QUERY:KV "
+                  "(e.g. 32:8 with --base-only: a model's real heads, for memory)")
   ap.add_argument("--base-only", action="store_true",
                   help="only head_dim 128, bf16, GQA 8:2 (and q_len 16 for decode)")
   ap.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
@@ -87,6 +108,11 @@ def main(argv=None) -> int:
   ap.add_argument("--resume", action="store_true",
                   help="skip cases with a result in --out (errors and crashes are retried)")
   args = ap.parse_args(argv)
+  if args.heads:
+    try:
+      parse_heads(args.heads)
+    except ValueError as exc:
+      ap.error(str(exc))
 
   targets = []
   if args.platform in ("gpu", "all"):

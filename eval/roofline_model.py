@@ -305,8 +305,11 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
   bwd_kw = dict(hk, block_q=bq, block_k=bk)
   pairs = s.batch * s.kv_heads * rows
   kv_b = s.batch * seq_len * s.kv_heads * s.head_dim * s.itemsize
+  # The pairs' query rows: TPU gathers them into a [pairs, D] copy before its
+  # kernels (written, read back); the GPU kernels gather them by index.
+  q_pairs = 0 if s.platform == "gpu" else 2 * pairs * dp * s.itemsize
   span_glue = (4 * kv_b + 2 * q_rows * s.head_dim * s.itemsize      # kt, vt, qr
-               + 2 * pairs * dp * s.itemsize                           # q_pairs gather
+               + q_pairs
                + pairs * dp * s.itemsize                               # merge-and-gate reads o
                + pairs * 4 * 6)                                        # bounds, sort, inverse
   wave = dict(block_q=fq, block_k=fk, wave=hw.wave)

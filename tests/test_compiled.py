@@ -187,3 +187,24 @@ def test_missing_packages_names_the_package_and_version_mismatches(monkeypatch):
   assert "does not match jaxlib 0.12.0.1" in driver.missing_packages("gpu")
   monkeypatch.setattr(driver, "_jax_tpu_pin", lambda: "0.0.50.*")
   assert "not the version jax's [tpu] extra pins (0.0.50.*)" in driver.missing_packages("tpu")
+
+
+def test_heads_option_recompiles_the_selected_cases_at_other_heads():
+  import argparse
+  from eval import compile_check
+  argv = ["--cases", "sweep", "--ops", "superlinear", "--configs", "released",
+          "--base-only", "--lengths", "1048576", "--modes", "grad"]
+  ns = argparse.Namespace(cases="sweep", lengths="1048576", ops="superlinear", modes="grad",
+                          head_dims="", dtypes="", configs="released", base_only=True,
+                          heads="")
+  (base,) = compile_check.select(ns)
+  assert base.heads == (8, 2) and base.seq_len == 1 << 20 and base.config == "released"
+  ns.heads = "32:8"
+  (big,) = compile_check.select(ns)
+  assert big.heads == (32, 8) and big.key != base.key and big.seq_len == base.seq_len
+  assert compile_check.parse_heads("32:8") == (32, 8)
+  for bad in ("32", "32:5", "0:1", "a:b"):
+    with pytest.raises(ValueError, match="--heads"):
+      compile_check.parse_heads(bad)
+  with pytest.raises(SystemExit):
+    compile_check.main(argv + ["--heads", "32:5"])

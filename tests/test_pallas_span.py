@@ -117,6 +117,38 @@ def test_interval_attention_matches_dense(variant, dtype, h, r, lk, block):
   assert np.all(np.asarray(lse)[empty] == -np.inf)
 
 
+@pytest.mark.parametrize("variant,dtype,block", [
+    ("gpu_interpret", jnp.float16, 16), ("tpu_checked", jnp.bfloat16, 16),
+    # the GPU's bf16 defaults: forward 256-row tiles gather their rows by index
+    ("gpu_interpret", jnp.bfloat16, None),
+    pytest.param("gpu", jnp.bfloat16, None, marks=pytest.mark.gpu)])
+def test_interval_attention_rows_by_index(variant, dtype, block):
+  """`rows=(perm, inv)`: row r is q's row `perm[r] % Rq` of 3 permuted copies
+  (span attention's pairs); the GPU kernels gather it by index. Values and
+  VJPs (dq summed over the copies) against the oracle on rows copied by
+  plain indexing."""
+  b, h, rq, lk, d, copies = 1, 2, 230, 90, 24, 3
+  r = copies * rq
+  ks = jax.random.split(jax.random.PRNGKey(5), 7)
+  q = _normal(ks[0], (b, h, rq, d), dtype)
+  k, v = (_normal(ks[i], (b, h, lk, d), dtype) for i in (1, 2))
+  perm = np.stack([np.asarray(jax.random.permutation(ks[3 + i], r)) for i in range(h)])[None]
+  inv = np.argsort(perm, axis=-1)
+  lo = jax.random.randint(ks[5], (b, h, r), 0, lk)
+  hi = jnp.minimum(lo + jax.random.randint(ks[6], (b, h, r), -3, 30), lk - 1)
+  ct = jax.random.normal(ks[6], (b, h, r), jnp.float32)
+  src = perm % rq
+  fn = jax.jit(lambda q, k, v: _mix(interval_attention(
+      q, k, v, lo, hi, scale=0.3, block_q=block, block_k=block, variant=variant,
+      rows=(perm, inv)), ct))
+
+  def ref(q, k, v):   # the copies made by plain indexing, then the dense oracle
+    rows = jnp.stack([q[0, i][src[0, i]] for i in range(h)])[None]
+    return _mix(interval_oracle(rows, k, v, lo, hi, 0.3), ct)
+
+  ph.vjp_check(fn, ref, (q, k, v), ks[4], argnums=(0, 1, 2), **TOL[dtype])
+
+
 def test_tpu_table_blocks_hand_each_grid_step_its_own_entry():
   """The TPU kernels read entry `i` of a `[B, H, 2, N]` table from the SMEM
   block their BlockSpec index map picks: checked past several 128-entry

@@ -11,6 +11,12 @@ dynamic offsets (`pl.ds(c * block_k, block_k)`); every window starts at a
 row >= 0 and ends inside the padded array, so no load is masked or clamped.
 dq, dk, dv accumulate in float32 and are written in the input's dtype; dk/dv
 work on transposed tiles like the TPU variant.
+
+Query rows by index (`qi`, optional): `q` is then the `[B, H, Rq, Dp]`
+source rows of the program's (batch, head), a whole-sequence ref, and row
+`r` of the tile math is source row `qi[r]` (int32 `[B, H, R]`), loaded by a
+gather in the kernel; the caller materializes no `[R, Dp]` copy of the rows
+(span attention's pairs repeat each query row once per slot).
 """
 
 from __future__ import annotations
@@ -41,6 +47,17 @@ def _row(x):
   return x.reshape(1, x.shape[0])
 
 
+def _gather(q_ref, idx):
+  """Rows `idx` (int32 `[n]`) of a `[Rq, Dp]` ref: one gathered load."""
+  return q_ref[idx]
+
+
+def _q_tile(q_ref, qi_ref):
+  """The tile's query rows: the `[block_q, Dp]` block, or (`qi_ref` not None)
+  the source rows its `[block_q]` index block names."""
+  return q_ref[...] if qi_ref is None else _gather(q_ref, qi_ref[...])
+
+
 def _tile_entry(tbl_ref, t):
   return tbl_ref[_I(0), t], tbl_ref[_I(1), t]
 
@@ -58,10 +75,11 @@ def _row_loop(tlo, thi, k_ref, v_ref, body, init, block_k):
   return jax.lax.fori_loop(0, count, step, init)
 
 
-def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                scale, block_q, block_k):
+def _fwd_kernel(tbl_ref, q_ref, *refs, scale, block_q, block_k, gather):
+  qi_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
+  lo_ref, hi_ref, k_ref, v_ref, o_ref, lse_ref = refs
   tlo, thi = _tile_entry(tbl_ref, block_first_id(2))
-  q = q_ref[...]
+  q = _q_tile(q_ref, qi_ref)
   lo, hi = _column(lo_ref[...]), _column(hi_ref[...])
   body = common.fwd_body(q, lo, hi, scale=scale, block_q=block_q, block_k=block_k)
 
@@ -72,10 +90,11 @@ def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_ref, v_ref, o_ref, lse_ref, *,
   lse_ref[...] = lse.reshape(block_q)
 
 
-def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_ref, v_ref,
-               dq_ref, *, scale, block_q, block_k):
+def _dq_kernel(tbl_ref, q_ref, *refs, scale, block_q, block_k, gather):
+  qi_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
+  do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_ref, v_ref, dq_ref = refs
   tlo, thi = _tile_entry(tbl_ref, block_first_id(2))
-  q, do = q_ref[...], do_ref[...]
+  q, do = _q_tile(q_ref, qi_ref), do_ref[...]
   lse, delta, lo, hi = (_column(r[...]) for r in (lse_ref, delta_ref, lo_ref, hi_ref))
   body = common.dq_body(q, do, lse, delta, lo, hi, scale=scale, block_q=block_q,
                         block_k=block_k)
@@ -84,8 +103,9 @@ def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_ref
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref,
-                hi_ref, dk_ref, dv_ref, *, scale, block_q, block_k):
+def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, *refs, scale, block_q, block_k, gather):
+  qi_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
+  do_ref, lse_ref, delta_ref, lo_ref, hi_ref, dk_ref, dv_ref = refs
   c = block_first_id(2)
   t0, count = _tile_entry(kv_tbl_ref, c)
   k, v = k_ref[...], v_ref[...]
@@ -97,7 +117,9 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, lo_
     r0 = (t0 + i) * block_q
     vec = lambda ref: _row(_load(ref, r0, block_q))  # noqa: E731
     mask_t = common.row_mask_t(k_start, vec(lo_ref), vec(hi_ref), block_k, block_q)
-    return common.dkv_update(dk, dv, _load(q_ref, r0, block_q), _load(do_ref, r0, block_q),
+    q = (_load(q_ref, r0, block_q) if qi_ref is None
+         else _gather(q_ref, _load(qi_ref, r0, block_q)))
+    return common.dkv_update(dk, dv, q, _load(do_ref, r0, block_q),
                              k, v, vec(lse_ref), vec(delta_ref), mask_t, scale=scale,
                              precision=prec)
 
@@ -162,64 +184,81 @@ def _tbl(n):
   return pl.BlockSpec((None, None, 2, n), lambda bb, hh, tt: (bb, hh, 0, 0))
 
 
+def _q_specs(q, qi, block_q, row):
+  """`(specs, args)` of the query rows: a `[block_q, Dp]` block of `q`, or
+  (`qi` not None) the whole source `q` and a `[block_q]` block of `qi`."""
+  if qi is None:
+    return [pl.BlockSpec((None, None, block_q, q.shape[3]), row)], [q]
+  vec = pl.BlockSpec((None, None, block_q), lambda bb, hh, tt: (bb, hh, tt))
+  return [_seq(q.shape[2], q.shape[3]), vec], [q, qi]
+
+
 def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
-        cost_estimate=None):
-  """Forward: `(o [B, H, R, Dp] in q's dtype, lse [B, H, R] f32)`."""
-  b, h, r, dp = q.shape
+        cost_estimate=None, qi=None):
+  """Forward: `(o [B, H, R, Dp] in q's dtype, lse [B, H, R] f32)`; `R` rows
+  of `lo` (`qi`: rows by index, module docstring)."""
+  b, h, r = lo.shape
+  dp = q.shape[3]
   nt, lk = r // block_q, k.shape[2]
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
   vec = pl.BlockSpec((None, None, block_q), lambda bb, hh, tt: (bb, hh, tt))
-  kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k)
+  q_specs, q_args = _q_specs(q, qi, block_q, row)
+  kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k,
+                             gather=qi is not None)
   return block_first_call(
       kernel, grid=(b, h, nt),
-      in_specs=[_tbl(nt), pl.BlockSpec((None, None, block_q, dp), row), vec, vec,
-                _seq(lk, dp), _seq(lk, dp)],
+      in_specs=[_tbl(nt), *q_specs, vec, vec, _seq(lk, dp), _seq(lk, dp)],
       out_specs=[pl.BlockSpec((None, None, block_q, dp), row), vec],
       out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), q.dtype),
                  jax.ShapeDtypeStruct((b, h, r), F32)],
       compiler_params=_params(dp, q.dtype, block_q), interpret=interpret,
       cost_estimate=cost_estimate)(
-          tile_tbl, q, lo, hi, k, v)
+          tile_tbl, *q_args, lo, hi, k, v)
 
 
 def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
-       cost_estimate=None):
-  """dq `[B, H, R, Dp]` in q's dtype; `lse`, `delta`, `lo`, `hi`: `[B, H, R]`."""
-  b, h, r, dp = q.shape
+       cost_estimate=None, qi=None):
+  """dq per row `[B, H, R, Dp]` in q's dtype (`R` rows of `do`; `qi`: q's
+  rows by index); `lse`, `delta`, `lo`, `hi`: `[B, H, R]`."""
+  b, h, r, dp = do.shape
   nt, lk = r // block_q, k.shape[2]
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
   vec = pl.BlockSpec((None, None, block_q), lambda bb, hh, tt: (bb, hh, tt))
-  kernel = functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k)
+  q_specs, q_args = _q_specs(q, qi, block_q, row)
+  kernel = functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k,
+                             gather=qi is not None)
   return block_first_call(
       kernel, grid=(b, h, nt),
-      in_specs=[_tbl(nt), pl.BlockSpec((None, None, block_q, dp), row),
-                pl.BlockSpec((None, None, block_q, dp), row), vec, vec, vec, vec,
-                _seq(lk, dp), _seq(lk, dp)],
+      in_specs=[_tbl(nt), *q_specs, pl.BlockSpec((None, None, block_q, dp), row),
+                vec, vec, vec, vec, _seq(lk, dp), _seq(lk, dp)],
       out_specs=pl.BlockSpec((None, None, block_q, dp), row),
       out_shape=jax.ShapeDtypeStruct((b, h, r, dp), q.dtype),
       compiler_params=_params(dp, q.dtype), interpret=interpret,
       cost_estimate=cost_estimate)(
-          tile_tbl, q, do, lse, delta, lo, hi, k, v)
+          tile_tbl, *q_args, do, lse, delta, lo, hi, k, v)
 
 
 def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, block_k,
-        interpret, cost_estimate=None):
-  """`(dk, dv)` `[B, H, Lk, Dp]` in k's and v's dtypes."""
+        interpret, cost_estimate=None, qi=None):
+  """`(dk, dv)` `[B, H, Lk, Dp]` in k's and v's dtypes (`qi`: q's rows by
+  index)."""
   del tile_tbl  # the kv table's tile ranges suffice; row masks do the rest.
-  b, h, r, dp = q.shape
+  b, h, r, dp = do.shape
   lk = k.shape[2]
   nkb = lk // block_k
   blk = lambda bb, hh, cc: (bb, hh, cc, 0)  # noqa: E731
-  kernel = functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k)
+  kernel = functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k,
+                             gather=qi is not None)
+  q_specs = [_seq(q.shape[2], dp)] + ([] if qi is None else [_seq_vec(r)])
   return block_first_call(
       kernel, grid=(b, h, nkb),
       in_specs=[_tbl(nkb), pl.BlockSpec((None, None, block_k, dp), blk),
                 pl.BlockSpec((None, None, block_k, dp), blk),
-                _seq(r, dp), _seq(r, dp)] + [_seq_vec(r)] * 4,
+                *q_specs, _seq(r, dp)] + [_seq_vec(r)] * 4,
       out_specs=[pl.BlockSpec((None, None, block_k, dp), blk),
                  pl.BlockSpec((None, None, block_k, dp), blk)],
       out_shape=[jax.ShapeDtypeStruct((b, h, lk, dp), k.dtype),
                  jax.ShapeDtypeStruct((b, h, lk, dp), v.dtype)],
       compiler_params=_params(dp, q.dtype), interpret=interpret,
       cost_estimate=cost_estimate)(
-          kv_tbl, k, v, q, do, lse, delta, lo, hi)
+          kv_tbl, k, v, q, *([] if qi is None else [qi]), do, lse, delta, lo, hi)

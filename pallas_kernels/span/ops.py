@@ -83,23 +83,27 @@ def _pad_axis(x, axis, size, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _prepare(platform_name, cfg, q, k, v, lo, hi, *rows_extra, forward=False):
+def _prepare(platform_name, cfg, q, k, v, lo, hi, *rows_extra, forward=False, qi=None):
   """Pads rows to `block_q`, keys to `block_k`, head_dim for the platform and
-  builds the tile table. `rows_extra`: more `[B, H, R, D]` row tensors."""
-  _, _, r, d = q.shape
+  builds the tile table. `rows_extra`: more `[B, H, R, D]` row tensors.
+  `qi` (rows by index): `q` holds source rows (head_dim padded only) and
+  `qi` int32 `[B, H, R]` is padded with row 0 (padded rows are empty)."""
+  r, d = lo.shape[2], q.shape[3]
   lk = k.shape[2]
   dp = pad_head_dim(d, platform_name)
   bq, bk = block_sizes(cfg, platform_name, r, lk, forward=forward, dtype=q.dtype,
                        head_dim=dp)
   rp, lkp = round_up(r, bq), round_up(lk, bk)
   pad_rd = lambda x: _pad_axis(_pad_axis(x, 2, rp), 3, dp)  # noqa: E731
+  q_p = pad_rd(q) if qi is None else _pad_axis(q, 3, dp)
+  qi_p = None if qi is None else _pad_axis(qi, 2, rp)
   lo_p = _pad_axis(lo, 2, rp, common.EMPTY_LO)
   hi_p = _pad_axis(hi, 2, rp, common.EMPTY_HI)
   tlo, thi = common.tile_bounds(lo_p, hi_p, bq)
   tile_tbl = jnp.stack([tlo, thi], axis=2)                   # [B, H, 2, T]
   kp = _pad_axis(_pad_axis(k, 2, lkp), 3, dp)
   vp = _pad_axis(_pad_axis(v, 2, lkp), 3, dp)
-  return dict(bq=bq, bk=bk, r=r, lk=lk, d=d, q=pad_rd(q), k=kp, v=vp,
+  return dict(bq=bq, bk=bk, r=r, lk=lk, d=d, q=q_p, qi=qi_p, k=kp, v=vp,
               lo=lo_p, hi=hi_p, tile_tbl=tile_tbl,
               tlo=tlo, thi=thi, extra=[pad_rd(x) for x in rows_extra])
 
@@ -111,26 +115,44 @@ def _cost_kw(platform_name, cfg, p):
   """Static arguments of the `pallas_kernels.cost` span functions; key
   blocks from `cfg.expected_keys` (`cost.span_key_blocks`: the tiles'
   spread plus one block per tile; a lower bound when None)."""
-  b, h, rp, _ = p["q"].shape
+  b, h, rp = p["lo"].shape
   blocks = cost.span_key_blocks(rp, cfg.expected_keys or 0, p["lk"], p["bq"], p["bk"])
   return dict(batch=b, heads=h, head_dim=p["d"], block_q=p["bq"], block_k=p["bk"],
               itemsize=jnp.dtype(p["q"].dtype).itemsize, platform=platform_name), b * h * blocks
 
 
-def _fwd_variant(platform_name, cfg, q, k, v, lo, hi, *, interpret):
-  p = _prepare(platform_name, cfg, q, k, v, lo, hi, forward=True)
+def _query_rows(platform_name, q, rows):
+  """`(q, qi)` for the kernels: the GPU kernels gather the rows of a
+  permuted copy (`rows = (perm, inv)`, `interval_attention`) by index
+  themselves (`qi = perm % Rq`); the TPU ones get the rows gathered here."""
+  if rows is None:
+    return q, None
+  perm = rows[0]
+  b, h, rq, d = q.shape
+  if platform_name == "gpu":
+    return q, perm % rq
+  copies = perm.shape[2] // rq
+  rep = jnp.broadcast_to(q[:, :, None], (b, h, copies, rq, d)).reshape(b, h, copies * rq, d)
+  return jnp.take_along_axis(rep, perm[..., None], axis=2, mode="promise_in_bounds"), None
+
+
+def _fwd_variant(platform_name, cfg, q, k, v, lo, hi, rows, *, interpret):
+  q, qi = _query_rows(platform_name, q, rows)
+  p = _prepare(platform_name, cfg, q, k, v, lo, hi, forward=True, qi=qi)
   kw, blocks = _cost_kw(platform_name, cfg, p)
+  extra = {} if qi is None else dict(qi=p["qi"])
   o, lse = _MODULES[platform_name].fwd(
       p["q"], p["k"], p["v"], p["lo"], p["hi"], p["tile_tbl"],
       scale=cfg.scale, block_q=p["bq"], block_k=p["bk"], interpret=interpret,
-      cost_estimate=cost.span_fwd(rows=p["q"].shape[2], key_blocks=blocks, **kw))
+      cost_estimate=cost.span_fwd(rows=p["lo"].shape[2], key_blocks=blocks, **kw), **extra)
   return o[:, :, :p["r"], :p["d"]], lse[:, :, :p["r"]]
 
 
-def _bwd_variant(platform_name, cfg, q, k, v, lo, hi, do, lse, delta, *, interpret):
-  p = _prepare(platform_name, cfg, q, k, v, lo, hi, do)
+def _bwd_variant(platform_name, cfg, q, k, v, lo, hi, rows, do, lse, delta, *, interpret):
+  q, qi = _query_rows(platform_name, q, rows)
+  p = _prepare(platform_name, cfg, q, k, v, lo, hi, do, qi=qi)
   (do_p,) = p["extra"]
-  rp = p["q"].shape[2]
+  rp = p["lo"].shape[2]
   # Padded rows are empty: lse/delta values there are never used.
   lse_p = _pad_axis(lse, 2, rp)
   delta_p = _pad_axis(delta, 2, rp)
@@ -140,6 +162,8 @@ def _bwd_variant(platform_name, cfg, q, k, v, lo, hi, do, lse, delta, *, interpr
   mod = _MODULES[platform_name]
   ckw, blocks = _cost_kw(platform_name, cfg, p)
   kw = dict(scale=cfg.scale, block_q=p["bq"], block_k=p["bk"], interpret=interpret)
+  if qi is not None:
+    kw["qi"] = p["qi"]
   args = (p["q"], p["k"], p["v"], do_p, lse_p, delta_p, p["lo"], p["hi"],
           p["tile_tbl"])
   dq = mod.dq(*args, **kw, cost_estimate=cost.span_dq(rows=rp, key_blocks=blocks, **ckw))
@@ -156,23 +180,28 @@ def _dispatch(fn, cfg, *args):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _interval(cfg, q, k, v, lo, hi):
-  return _dispatch(_fwd_variant, cfg, q, k, v, lo, hi)
+def _interval(cfg, q, k, v, lo, hi, rows):
+  return _dispatch(_fwd_variant, cfg, q, k, v, lo, hi, rows)
 
 
-def _interval_fwd(cfg, q, k, v, lo, hi):
-  o, lse = _dispatch(_fwd_variant, cfg, q, k, v, lo, hi)
-  return (o, lse), (q, k, v, lo, hi, o, lse)
+def _interval_fwd(cfg, q, k, v, lo, hi, rows):
+  o, lse = _dispatch(_fwd_variant, cfg, q, k, v, lo, hi, rows)
+  return (o, lse), (q, k, v, lo, hi, rows, o, lse)
 
 
 def _interval_bwd(cfg, res, cts):
-  q, k, v, lo, hi, o, lse = res
+  q, k, v, lo, hi, rows, o, lse = res
   do, dlse = cts
   # d lse_r / d s_rj = P_rj: the lse cotangent joins delta (dS = P (dP - delta)).
   delta = jnp.sum(do.astype(F32) * o, axis=-1) - dlse.astype(F32)
-  dq, dk, dv = _dispatch(_bwd_variant, cfg, q, k, v, lo, hi, do.astype(q.dtype), lse,
+  dq, dk, dv = _dispatch(_bwd_variant, cfg, q, k, v, lo, hi, rows, do.astype(q.dtype), lse,
                          delta)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+  if rows is not None:   # per-row dq back to the source rows: sum over the copies
+    b, h, rq, d = q.shape
+    dq = jnp.take_along_axis(dq, rows[1][..., None], axis=2, mode="promise_in_bounds")
+    dq = dq.reshape(b, h, -1, rq, d).astype(F32).sum(axis=2)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None,
+          None if rows is None else (None, None))
 
 
 _interval.defvjp(_interval_fwd, _interval_bwd)
@@ -180,11 +209,12 @@ _interval.defvjp(_interval_fwd, _interval_bwd)
 
 def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = None,
                        block_k: int | None = None, variant=None,
-                       expected_keys: int | None = None):
+                       expected_keys: int | None = None, rows=None):
   """Row `r` attends keys `[lo[r], hi[r]]` (inclusive) with one softmax.
 
   Args:
-    q: `[B, H, R, D]` rows (queries of kv head `h`'s group, in any order).
+    q: `[B, H, R, D]` rows (queries of kv head `h`'s group, in any order);
+      with `rows`, `[B, H, Rq, D]` source rows.
     k, v: `[B, H, Lk, D]` (kv heads; float32 / bfloat16 / float16 like q).
     lo, hi: int32 `[B, H, R]`; `hi < lo` is an empty row (output 0,
       lse -inf). Must satisfy `0 <= lo`, `hi < Lk` for non-empty rows.
@@ -199,6 +229,11 @@ def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = N
     expected_keys: the expected sum of the rows' interval lengths per
       (batch, head), a Python int for the kernels' `cost_estimate` only
       (None: a lower bound).
+    rows: None, or `(perm, inv)` int32 `[B, H, R]`: the rows are a
+      permutation of `R / Rq` copies of q's rows (copy-major): row `r` is
+      q's row `perm[r] % Rq`; `inv` is `perm`'s inverse. The GPU kernels
+      gather those rows by index (no `[R, D]` copy); TPU gathers them
+      before its kernels. dq sums over the copies.
 
   Returns:
     `(o [B, H, R, D] in q's dtype, lse [B, H, R] float32)`, differentiable
@@ -207,7 +242,12 @@ def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = N
   platform.check_variant(variant)
   cfg = _Cfg(float(scale), block_q, block_k, variant,
              None if expected_keys is None else int(expected_keys))
-  return _interval(cfg, q, k, v, lo.astype(jnp.int32), hi.astype(jnp.int32))
+  if rows is not None:
+    rows = tuple(jnp.asarray(x, jnp.int32) for x in rows)
+    if len(rows) != 2 or rows[0].shape != lo.shape or lo.shape[2] % q.shape[2]:
+      raise ValueError(f"rows: (perm, inv) int32 {tuple(lo.shape)} like lo, with R = "
+                       f"{lo.shape[2]} a multiple of q's {q.shape[2]} rows.")
+  return _interval(cfg, q, k, v, lo.astype(jnp.int32), hi.astype(jnp.int32), rows)
 
 
 # ------------------------------------------------------------ span attention
@@ -274,20 +314,18 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
     lse_w = jnp.full((b, hk, rq), -jnp.inf, F32)
 
   # Spans: (slot, head, query) rows, sorted by start for the kernel.
-  n = num * rq
   back, fwd = span_lengths(span_table, pos)                       # [Lq]
   per_row = lambda x: common.tile_rows(x, num * g)  # noqa: E731  [Lq] -> [N]
   a = common.to_pair_rows(anchors.astype(jnp.int32).reshape(b, hk, g, num, lq))
   slo, shi = span_bounds(a, per_row(pos), per_row(back), per_row(fwd), window)
   perm = common.sort_rows_by_start(slo, shi)                     # [B, Hk, N]
   inv = common.inverse_permutation(perm)
-  # q rows per pair: q broadcast over the slots, then permuted; the VJP is a
-  # sum over slots and a gather by `inv` (no scatter-add of [N, D] rows).
-  q_rep = jnp.broadcast_to(qh[:, :, None], (b, hk, num, rq, d)).reshape(b, hk, n, d)
-  q_pairs = common.permute_rows(q_rep, perm, inv, -2)
+  # q rows per pair: row r is (head, query) row perm[r] % (G Lq) of qh,
+  # gathered by index (GPU: inside the kernels); dq sums the slots' rows
+  # gathered by `inv` (no scatter-add of [N, D] rows).
   take = lambda x: jnp.take_along_axis(x, perm, -1, mode="promise_in_bounds")  # noqa: E731
-  o_p, lse_p = interval_attention(q_pairs, kt, vt, take(slo), take(shi), expected_keys=keys_s,
-                                  **kw)
+  o_p, lse_p = interval_attention(qh, kt, vt, take(slo), take(shi), expected_keys=keys_s,
+                                  rows=(perm, inv), **kw)
   lse_s = common.split_rows(common.permute_rows(lse_p, inv, perm, -1), num, -1)
 
   # Merge-and-gate epilogue on per-row weights: out = sum_k c_k O_k + c_w O_w,
