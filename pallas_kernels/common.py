@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 F32 = jnp.float32
 LANES = 128           # TPU lane width: head_dim inside a TPU kernel is a multiple
@@ -106,8 +107,13 @@ def span_lengths(span_table, pos):
   pos: int32 absolute query positions, any shape.
   """
   t = jnp.clip(pos + 1, 0, span_table.shape[0] - 1)
-  table = jnp.asarray(span_table)
-  return table[t, 0], table[t, 1]
+  if isinstance(span_table, np.ndarray):
+    # Two 1-D constants: one `[L + 1, 2]` constant is padded to 128 lanes on
+    # TPU (512 MiB at 1M).
+    back, fwd = (jnp.asarray(np.ascontiguousarray(span_table[:, i])) for i in (0, 1))
+  else:
+    back, fwd = span_table[:, 0], span_table[:, 1]
+  return back[t], fwd[t]
 
 
 def span_bounds(anchors, pos, back, fwd, window: int):
