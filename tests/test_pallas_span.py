@@ -149,6 +149,20 @@ def test_interval_attention_rows_by_index(variant, dtype, block):
   ph.vjp_check(fn, ref, (q, k, v), ks[4], argnums=(0, 1, 2), **TOL[dtype])
 
 
+def test_interval_attention_rows_reject_mismatched_tables():
+  """`rows=` names the argument and the shapes it needs."""
+  q = jnp.zeros((1, 2, 10, 8))
+  k = v = jnp.zeros((1, 2, 16, 8))
+  lo = hi = jnp.zeros((1, 2, 30), jnp.int32)
+  perm = jnp.zeros((1, 2, 30), jnp.int32)
+  call = lambda rows, q=q: interval_attention(q, k, v, lo, hi, scale=1.0, rows=rows)  # noqa: E731
+  for bad in [(perm,), (perm, perm[..., :29]), (perm[:, :1], perm)]:
+    with pytest.raises(ValueError, match=r"rows: expected \(perm, inv\)"):
+      call(bad)
+  with pytest.raises(ValueError, match="a multiple of q's 7 rows"):
+    call((perm, perm), q=jnp.zeros((1, 2, 7, 8)))
+
+
 def test_tpu_table_blocks_hand_each_grid_step_its_own_entry():
   """The TPU kernels read entry `i` of a `[B, H, 2, N]` table from the SMEM
   block their BlockSpec index map picks: checked past several 128-entry

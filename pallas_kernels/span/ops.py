@@ -244,9 +244,13 @@ def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = N
              None if expected_keys is None else int(expected_keys))
   if rows is not None:
     rows = tuple(jnp.asarray(x, jnp.int32) for x in rows)
-    if len(rows) != 2 or rows[0].shape != lo.shape or lo.shape[2] % q.shape[2]:
-      raise ValueError(f"rows: (perm, inv) int32 {tuple(lo.shape)} like lo, with R = "
-                       f"{lo.shape[2]} a multiple of q's {q.shape[2]} rows.")
+    if (len(rows) != 2 or any(x.shape != lo.shape for x in rows)
+        or q.shape[:2] != lo.shape[:2] or lo.shape[2] % q.shape[2]):
+      raise ValueError(
+          f"rows: expected (perm, inv), both int32 {tuple(lo.shape)} like lo, with "
+          f"R = {lo.shape[2]} a multiple of q's {q.shape[2]} rows and q's [B, H] = "
+          f"{tuple(q.shape[:2])} equal to lo's; got shapes "
+          f"{[tuple(x.shape) for x in rows]}.")
   return _interval(cfg, q, k, v, lo.astype(jnp.int32), hi.astype(jnp.int32), rows)
 
 
