@@ -33,6 +33,7 @@ import numpy as np
 
 import attn
 from attn import masks, ppa_routing
+from attn.pallas import superlinear as pallas_superlinear
 from pallas_kernels import cost
 from pallas_kernels.block_sparse.common import diag_width
 from pallas_kernels.block_sparse.gpu import splits_for
@@ -262,6 +263,12 @@ def span_key_blocks(seq_len: int, config: attn.SuperlinearConfig, group: int,
   return rows, cost.span_key_blocks(rows, keys, seq_len, block_q, block_k)
 
 
+def span_chunks(seq_len: int) -> int:
+  """Steps of span attention's scan over the query axis
+  (`attn.pallas.superlinear.QUERY_CHUNK` queries each; 1 = no scan)."""
+  return -(-seq_len // pallas_superlinear.QUERY_CHUNK)
+
+
 def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
                 backward: bool = False, changes: Changes = Changes(),
                 hw: Hardware = H100) -> OpCost:
@@ -331,6 +338,11 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
               ("span spans bwd", cost.span_bwd(rows=rows, kv_len=seq_len, key_blocks=sp_bwd,
                                                detail=True, **bwd_kw)),
               ("span bwd glue", _glue(2 * span_glue)),
+              # Span attention scans over chunks of `QUERY_CHUNK` queries
+              # past that length: every chunk after the first writes full
+              # dk / dv partials from both calls (4 kv_b), which are read back
+              # (4 kv_b) and added into float32 sums (read + write, 8 kv_b).
+              ("span chunk sums", _glue(16 * kv_b * (span_chunks(seq_len) - 1))),
               ("gate_logits_bwd", cost.gate_logits_bwd(
                   q_len=seq_len, num_spans=num, detail=True, **s.kw()))]
   return OpCost(tuple(parts))

@@ -281,6 +281,48 @@ def test_span_kernel_given_reference_anchors(config, dtype, lq, lk, hq, hk, d, v
                **TOL[dtype])
 
 
+@pytest.mark.parametrize("lq,chunk,variant", [(37, 16, "tpu_interpret"),
+                                              (36, 12, "gpu_interpret")])
+def test_span_attention_in_query_chunks(lq, chunk, variant):
+  """`query_chunk`: a scan over chunks of queries (37 = 3 x 16 - 11 padded
+  queries; 36 = 3 x 12 exactly) against the dense oracle, values and VJPs
+  wrt q, k, v and the gate logits; the weights returned with
+  `gates_from_logits` against a plain softmax over the slots. bf16, so k and
+  v's gradients are the ones summed over the chunks (in float32)."""
+  config = SPAN_CASES[0][0]
+  hq, hk, d, lk = 4, 2, 24, lq + 5
+  q, k, v, qs, kss = _inputs(jax.random.PRNGKey(3), b=1, lq=lq, lk=lk, hq=hq, hk=hk, d=d,
+                             ds=8, dtype=jnp.bfloat16)
+  res = attn.superlinear_attention_with_anchors(q, k, v, qs, kss, config=config,
+                                                implementation="reference")
+  anchors = res.anchors
+  assert (np.asarray(anchors) < 0).any() and (np.asarray(anchors) >= 0).any()
+  logits = jnp.where(anchors >= 0, _normal(jax.random.PRNGKey(4), anchors.shape,
+                                           jnp.float32), -1e9)
+  scale = d ** -0.5
+  tbl = jnp.asarray(masks.superlinear_span_table(lk, config))
+  call = lambda q, k, v, lg: span_attention(  # noqa: E731
+      q, k, v, _heads_first(anchors), _heads_first(lg), span_table=tbl, window=config.window,
+      scale=scale, block_q=16, block_k=16, variant=variant, gates_from_logits=True,
+      query_chunk=chunk)
+  softmax = lambda lg: jax.nn.softmax(lg, axis=-1)  # noqa: E731  over the K slots
+  _, weights = jax.jit(call)(q, k, v, logits)
+  chex.assert_trees_all_close(weights, _heads_first(softmax(logits)), atol=1e-6, rtol=1e-6)
+  fn = jax.jit(lambda q, k, v, lg: call(q, k, v, lg)[0])
+  ref = lambda q, k, v, lg: span_oracle(q, k, v, anchors, softmax(lg), config=config,  # noqa: E731
+                                        q_offset=lk - lq, scale=scale)
+  ph.vjp_check(fn, ref, (q, k, v, logits), jax.random.PRNGKey(5), argnums=(0, 1, 2, 3),
+               **TOL[jnp.bfloat16])
+
+
+def test_span_attention_rejects_bad_query_chunk():
+  q = jnp.zeros((1, 8, 2, 8))
+  a = jnp.zeros((1, 2, 1, 8), jnp.int32)
+  with pytest.raises(ValueError, match="query_chunk=0"):
+    span_attention(q, q, q, a, a.astype(jnp.float32), span_table=jnp.zeros((9, 2), jnp.int32),
+                   window=2, scale=1.0, query_chunk=0)
+
+
 # `implementation="pallas"` end to end (values, anchors, gates, grads to q, k,
 # v, q_search, k_search; chunked prefill with NaN past the cache end):
 # tests/test_op_suite.py.
@@ -458,8 +500,8 @@ def _gate_oracle(qs, ks, anchors):
 
 
 @pytest.mark.parametrize("dtype,heads,gate_rows", [
-    (jnp.float32, (4, 1), 16),      # 27 queries per head and slot: 2 steps, the last padded
-    (jnp.float32, (4, 1), None),
+    (jnp.float32, (4, 1), 192),     # 16 queries a step (192 / (4 heads x 3 slots)): 2 steps, the last padded
+    (jnp.float32, (4, 2), None),    # kv head h // G of query head h
     (jnp.bfloat16, (2, 2), None)])
 def test_gate_logits_are_the_search_scores_and_differentiate_through_the_anchors(
     dtype, heads, gate_rows, monkeypatch):
@@ -495,6 +537,40 @@ def test_gate_logits_are_the_search_scores_and_differentiate_through_the_anchors
   fn = lambda a, b: pallas_superlinear.gate_logits(a, b, anchors, scores)  # noqa: E731
   ph.vjp_check(fn, gather_ref, (qs, ks), key[2], argnums=(0, 1), atol=tol, rtol=tol,
                zero_rows=anchors < 0)
+
+
+def test_mix_rows_is_the_plain_gated_merge_values_and_vjps():
+  """`span.merge.mix_rows` (its own VJP: gathers by `inv` and `perm`, no
+  saved float32 products) against the plain expression it replaces (pair
+  outputs put back in slot-major order by indexing, weighted, summed),
+  values and VJPs wrt every float input, bf16 outputs."""
+  from pallas_kernels.span import merge
+  b, h, r, d, num = 1, 2, 12, 8, 3
+  ks = jax.random.split(jax.random.PRNGKey(7), 5)
+  o_w = _normal(ks[0], (b, h, r, d), jnp.bfloat16)
+  o_p = _normal(ks[1], (b, h, num * r, d), jnp.bfloat16)
+  c_w = jax.random.uniform(ks[2], (b, h, r))
+  c_s = tuple(jax.random.uniform(k, (b, h, r)) for k in jax.random.split(ks[3], num))
+  rng = np.random.default_rng(0)
+  perm = np.stack([np.stack([rng.permutation(num * r) for _ in range(h)])])   # [1, h, K R]
+  inv = np.argsort(perm, axis=-1)
+  perm, inv = jnp.asarray(perm, jnp.int32), jnp.asarray(inv, jnp.int32)
+
+  def plain(o_w, o_p, c_w, c_s):
+    slot_major = jnp.stack([o_p[bi, hi][inv[bi, hi]] for bi in range(b) for hi in range(h)])
+    slot_major = slot_major.reshape(b, h, num, r, d).astype(jnp.float32)
+    out = c_w[..., None] * o_w.astype(jnp.float32)
+    for k in range(num):
+      out = out + c_s[k][..., None] * slot_major[:, :, k]
+    return out.astype(o_w.dtype)
+
+  fn = lambda o_w, o_p, c_w, c_s: merge.mix_rows(o_w, o_p, perm, inv, c_w, c_s)  # noqa: E731
+  args = (o_w, o_p, c_w, c_s)
+  out, vjp = jax.vjp(fn, *args)
+  ref, vjp_ref = jax.vjp(plain, *args)
+  chex.assert_trees_all_close(out, ref, atol=1e-2, rtol=1e-2)
+  ct = _normal(ks[4], out.shape, jnp.bfloat16)
+  chex.assert_trees_all_close(vjp(ct), vjp_ref(ct), atol=2e-2, rtol=2e-2)
 
 
 def test_row_tables_match_plain_reshapes_values_and_vjps():

@@ -65,21 +65,6 @@ def search(q_search, k_search, q_offset, *, config: SuperlinearConfig, variant=N
                             variant=variant, heads_first=heads_first)
 
 
-def _gather_rows(kt, idx):
-  """`kt [B, Hk, Lk, Ds]`, `idx int32 [B, Hk, G, Lq]` -> `[B, Hk, G, Lq, Ds]`."""
-  b, hk, g, lq = idx.shape
-  rows = jnp.take_along_axis(kt, idx.reshape(b, hk, g * lq)[..., None], axis=2)
-  return rows.reshape(b, hk, g, lq, kt.shape[-1])
-
-
-def _scatter_add_rows(dk, idx, upd):
-  """`dk [B, Hk, Lk, Ds] += upd [B, Hk, G, Lq, Ds]` at rows `idx [B, Hk, G, Lq]`."""
-  b, hk, g, lq = idx.shape
-  add = lambda z, i, u: z.at[i].add(u)  # noqa: E731
-  return jax.vmap(jax.vmap(add))(dk, idx.reshape(b, hk, g * lq),
-                                 upd.reshape(b, hk, g * lq, upd.shape[-1]))
-
-
 @jax.custom_vjp
 def gate_logits(q_search, k_search, anchors, scores):
   """float32 `[B, Hq, K, Lq]`: `<q_search, k_search[anchor]>`, 0 in empty slots.
@@ -87,9 +72,9 @@ def gate_logits(q_search, k_search, anchors, scores):
   Search once: the forward returns the search's own top-k `scores` (the same
   dots), no second pass over the stripes. The backward differentiates
   through the `K` chosen anchors only: `dq_search` sums the `K` gathered
-  search-key rows, `dk_search` scatter-adds `K` query rows per query (one
-  slot and `GATE_ROWS` rows at a time in a loop, so the temporaries and the
-  compiled code are sized by the step, not by `Lq`).
+  search-key rows, `dk_search` scatter-adds `K` query rows per query (about
+  `GATE_ROWS` rows at a time in a loop, so the temporaries and the compiled
+  code are sized by the step, not by `Lq`).
 
   q_search: `[B, Lq, Hq, Ds]`; k_search: `[B, Lk, Hk, Ds]`; anchors int32 and
   scores float32 `[B, Hq, K, Lq]` (from `search(..., heads_first=True)`).
@@ -101,13 +86,14 @@ def _gate_fwd(q_search, k_search, anchors, scores):
   return gate_logits(q_search, k_search, anchors, scores), (q_search, k_search, anchors)
 
 
-# Queries (of one query head and one slot) per step of the gate backward's
-# loop: each step gathers and scatter-adds this many search-key rows, so the
-# scatter's sort (XLA:TPU sorts a scatter's indices) and its code are sized
-# by the step, not by L. 4096 rows: XLA:TPU's sort of the step's
-# `B * Hk * GATE_ROWS` indices compiles in about a second; 16384 rows took
-# 3-4 s of the superlinear grad's ~30 s (docs/kernels_span.md, fifth pass).
-GATE_ROWS = 1 << 12
+# Search-key rows per step of the gate backward's loop (all query heads and
+# K slots of a power of two of queries, at most `GATE_ROWS / (Hq K)`): each
+# step gathers
+# and scatter-adds this many rows, so the scatter's sort (XLA:TPU sorts a
+# scatter's indices) and its code are sized by the step, not by L. XLA:TPU
+# sorts 8192 indices in about a second of compile; 32768 took 3-4 s of the
+# superlinear grad's ~30 s (docs/kernels_span.md, fifth pass).
+GATE_ROWS = 1 << 13
 
 
 def _gate_bwd(res, ct):
@@ -116,40 +102,44 @@ def _gate_bwd(res, ct):
   lk, hk = ks.shape[1], ks.shape[2]
   g, num = hq // hk, anchors.shape[2]
   f32 = jnp.float32
-  step = min(GATE_ROWS, lq)
+  step = min(1 << max(0, (GATE_ROWS // (hq * num)).bit_length() - 1), lq)
   steps = -(-lq // step)
   lqp = steps * step
   pad_q = lambda x, axis: jnp.pad(  # noqa: E731  zero queries appended on `axis`
       x, [(0, lqp - lq) if a == axis % x.ndim else (0, 0) for a in range(x.ndim)])
 
-  # Steps slice the query axis of the tables as they are ([B, Hk, G, K, Lq],
-  # query axis last): no table is flattened (on TPU, merging the tiny G / K
-  # axes into the query axis compiles to code linear in Lq).
-  ct = pad_q(jnp.where(anchors >= 0, ct, 0.0).astype(f32), -1).reshape(b, hk, g, num, lqp)
-  idx = pad_q(jnp.clip(anchors, 0, lk - 1), -1).reshape(b, hk, g, num, lqp)
-  qh = pad_q(qs.transpose(0, 2, 1, 3).astype(f32), 2).reshape(b, hk, g, lqp, ds)
-  kt = ks.transpose(0, 2, 1, 3)
+  # A step is `step` queries of every query head and slot, sliced from the
+  # [B, Hq, K, Lq] tables as they are (query axis last; no reshape: on TPU,
+  # splitting or merging the tiny head / slot axes relays the table out in
+  # code linear in Lq). Its dq_search rows are complete in the step (summed
+  # in float32, stored once in q_search's dtype); q_search stays in its
+  # dtype. Rows of kv head `h // G` are gathered and scatter-added by
+  # (batch, kv head, row) indices.
+  ct = pad_q(jnp.where(anchors >= 0, ct, 0.0).astype(f32), -1)
+  idx = pad_q(jnp.clip(anchors, 0, lk - 1), -1)
+  qh = pad_q(qs.transpose(0, 2, 1, 3), 2)                         # [B, Hq, Lq, Ds]
+  kt = ks.transpose(0, 2, 1, 3)                                    # [B, Hk, Lk, Ds]
+  bi = jnp.arange(b)[:, None, None, None]
+  hi = (jnp.arange(hq) // g)[None, :, None, None]
 
-  def body(t, acc):
+  def body(c, acc):
     dq, dk = acc
-    j, i, c = t // (g * steps), (t // steps) % g, t % steps
-    at = (0, 0, i, j, c * step)
-    i_t = jax.lax.dynamic_slice(idx, at, (b, hk, 1, 1, step)).reshape(b, hk, 1, step)
-    c_t = jax.lax.dynamic_slice(ct, at, (b, hk, 1, 1, step)).reshape(b, hk, 1, step, 1)
-    at_q = (0, 0, i, c * step, 0)
-    q_t = jax.lax.dynamic_slice(qh, at_q, (b, hk, 1, step, ds))
-    d_t = jax.lax.dynamic_slice(dq, at_q, (b, hk, 1, step, ds))
-    d_t = d_t + c_t * _gather_rows(kt, i_t).astype(f32)
-    dq = jax.lax.dynamic_update_slice(dq, d_t, at_q)
-    return dq, _scatter_add_rows(dk, i_t, c_t * q_t)
+    at = (0, 0, 0, c * step)
+    i_t = jax.lax.dynamic_slice(idx, at, (b, hq, num, step))
+    c_t = jax.lax.dynamic_slice(ct, at, (b, hq, num, step))[..., None]
+    q_t = jax.lax.dynamic_slice(qh, (0, 0, c * step, 0), (b, hq, step, ds)).astype(f32)
+    rows = kt.at[bi, hi, i_t].get(mode="promise_in_bounds").astype(f32)  # [B, Hq, K, s, Ds]
+    d_t = jnp.sum(c_t * rows, axis=2)
+    dq = jax.lax.dynamic_update_slice(dq, d_t.astype(dq.dtype), (0, 0, c * step, 0))
+    return dq, dk.at[bi, hi, i_t].add(c_t * q_t[:, :, None], mode="promise_in_bounds")
 
-  zeros = (jnp.zeros((b, hk, g, lqp, ds), f32), jnp.zeros((b, hk, lk, ds), f32))
+  zeros = (jnp.zeros((b, hq, lqp, ds), qs.dtype), jnp.zeros((b, hk, lk, ds), f32))
   # Inside a shard_map with check_vma the carry varies like the inputs.
   axes = tuple(sorted(frozenset().union(*map(sharding.varying_axes, (qs, ks, anchors, ct)))))
   if axes:
     zeros = jax.lax.pcast(zeros, axes, to="varying")
-  dq, dk = jax.lax.fori_loop(0, num * g * steps, body, zeros)
-  dq = dq[:, :, :, :lq].reshape(b, hq, lq, ds).transpose(0, 2, 1, 3).astype(qs.dtype)
+  dq, dk = jax.lax.fori_loop(0, steps, body, zeros)
+  dq = dq[:, :, :lq].transpose(0, 2, 1, 3)
   dk = dk.transpose(0, 2, 1, 3).astype(ks.dtype)
   return dq, dk, None, None
 
@@ -157,8 +147,15 @@ def _gate_bwd(res, ct):
 gate_logits.defvjp(_gate_fwd, _gate_bwd)
 
 
+# Queries per step of span attention's scan over the query axis
+# (`span.span_attention(query_chunk=...)`) for longer prefills: the pair rows,
+# their sort and the kernels' row tables are sized by the chunk, so TPU
+# compile time and the temporaries stop growing with L past it.
+QUERY_CHUNK = 1 << 16
+
+
 def _prefill(q, k, v, q_search, k_search, q_offset, *, config: SuperlinearConfig, scale,
-             variant, block_q, block_k):
+             variant, block_q, block_k, query_chunk):
   lq, lk = q.shape[1], k.shape[1]
   q_offset = lk - lq if q_offset is None else q_offset
   # [B, Hq, K, Lq] from the search to the span kernels (query axis last).
@@ -172,18 +169,19 @@ def _prefill(q, k, v, q_search, k_search, q_offset, *, config: SuperlinearConfig
   out, gates = span.span_attention(
       q, k, v, anchors, jnp.where(anchors >= 0, logits, -1e9), span_table=span_table,
       window=config.window, scale=scale, q_offset=q_offset, block_q=block_q,
-      block_k=block_k, variant=variant, gates_from_logits=True)
+      block_k=block_k, variant=variant, gates_from_logits=True, query_chunk=query_chunk)
   public = lambda x: x.transpose(0, 3, 1, 2)  # noqa: E731  [B, Hq, K, Lq] -> [B, Lq, Hq, K]
   return out, public(anchors).astype(jnp.int32), public(gates).astype(jnp.float32)
 
 
 def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
                           config: SuperlinearConfig, scale, variant=None,
-                          block_q=None, block_k=None):
+                          block_q=None, block_k=None, query_chunk=QUERY_CHUNK):
   """Superlinear attention with Pallas kernels; see `attn.superlinear_attention`.
 
   `block_q`, `block_k`: span kernel tiles of the prefill path (None = per
-  platform). Returns `(out [B, Lq, Hq, D], anchors [B, Lq, Hq, K] int32,
+  platform). `query_chunk`: queries per step of span attention's scan over
+  the query axis (None: all at once). Returns `(out [B, Lq, Hq, D], anchors [B, Lq, Hq, K] int32,
   gates [B, Lq, Hq, K] float32)`.
   """
   if q.shape[1] <= decode.MAX_QUERIES:
@@ -191,4 +189,5 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
                                         config=config, scale=scale, variant=variant)
   return call_any_offset(_prefill, q, k, v, q_search, k_search, q_offset,
                          query_args=(0, 3), fills=(0, -1, 0), config=config, scale=scale,
-                         variant=variant, block_q=block_q, block_k=block_k)
+                         variant=variant, block_q=block_q, block_k=block_k,
+                         query_chunk=query_chunk)

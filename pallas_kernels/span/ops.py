@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import cost, platform
-from pallas_kernels.span import common, gpu, tpu
+from pallas_kernels.span import common, gpu, merge, tpu
 from pallas_kernels.common import (F32, next_pow2, pad_head_dim, round_up, span_bounds,
                                    span_lengths)
 
@@ -259,7 +259,8 @@ def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = N
 
 def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: float,
                    q_offset=None, block_q: int | None = None, block_k: int | None = None,
-                   variant=None, gates_from_logits: bool = False):
+                   variant=None, gates_from_logits: bool = False,
+                   query_chunk: int | None = None):
   """Superlinear span attention: gated mix of (span U window) softmaxes.
 
   Args:
@@ -280,6 +281,14 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
       large negative value); the mixing weights are their softmax over the
       `K` slots, taken here on the pair rows (`common.slot_softmax`), where
       the slots are slices and XLA:TPU needs no relayout.
+    query_chunk: None, or queries per step of a `lax.scan` over the query
+      axis when `Lq > query_chunk` (the last chunk padded with queries
+      whose outputs are dropped). Every query is independent, so the
+      result is the same; the pair rows, their sort and the kernels' row
+      tables are then sized by the chunk, not by `Lq`: temporaries and
+      (on TPU) compile time stop growing with `Lq`. k and v enter the scan
+      in float32 (16-bit inputs), so their gradients sum over the chunks
+      in float32.
 
   Returns:
     `[B, Lq, Hq, D]` in q's dtype; with `gates_from_logits`, `(out, weights
@@ -291,21 +300,89 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
   reshape that merges or splits a tiny axis (G heads, K slots) into or out
   of the query axis into code linear in `Lq`.
   """
-  b, lq, hq, d = q.shape
-  lk, hk = k.shape[1], k.shape[2]
-  g, num = hq // hk, anchors.shape[2]
+  b, lq, hq, _ = q.shape
+  num = anchors.shape[2]
   if anchors.shape != (b, hq, num, lq) or gates.shape != anchors.shape:
     raise ValueError(f"anchors {anchors.shape} / gates {gates.shape}: both must be "
                      f"[B, Hq, K, Lq] = [{b}, {hq}, K, {lq}] (query axis last).")
-  kw = dict(scale=scale, block_q=block_q, block_k=block_k, variant=variant)
+  if query_chunk is not None and (int(query_chunk) != query_chunk or query_chunk < 1):
+    raise ValueError(f"query_chunk={query_chunk!r}: must be None or a positive int "
+                     "(queries per scan step).")
+  kw = dict(window=window, scale=scale, block_q=block_q, block_k=block_k, variant=variant,
+            gates_from_logits=gates_from_logits)
+  lk = k.shape[1]
   q_offset = lk - lq if q_offset is None else q_offset
-  pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(lq, dtype=jnp.int32)
+  static_off = q_offset if isinstance(q_offset, int) else lk - lq
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)      # [B, Hk, Lk, D]
+  if query_chunk is None or lq <= query_chunk:
+    pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(lq, dtype=jnp.int32)
+    keys = _expected_keys(span_table, static_off, lq, window, hq // k.shape[2], num)
+    return _span_rows(q, kt, vt, anchors, gates, pos, span_lengths(span_table, pos),
+                      keys=keys, **kw)
+  chunk = int(query_chunk)
+  # Cost estimates of the last (longest-reaching) chunk.
+  keys = _expected_keys(span_table, static_off + lq - chunk, chunk, window,
+                        hq // k.shape[2], num)
+  return _span_chunks(q, kt, vt, anchors, gates, q_offset, span_table, chunk, keys=keys,
+                      **kw)
+
+
+def _span_chunks(q, kt, vt, anchors, gates, q_offset, span_table, chunk: int, **kw):
+  """`span_attention` as a `lax.scan` over chunks of `chunk` queries.
+
+  The query axis is padded to `n * chunk` (padded queries: invalid anchors,
+  outputs dropped) and cut by reshapes, so the scan's inputs and outputs
+  are its stacked slices (no dynamic slicing, no full-size cotangent
+  accumulated per step for q). The span lengths are looked up before the
+  scan (a gather from the span table inside the loop body fails to
+  compile for v5p: XLA:TPU offloads it to the SparseCore).
+  """
+  b, lq, hq, d = q.shape
+  num = anchors.shape[2]
+  n = -(-lq // chunk)
+  pad = n * chunk - lq
+  pad_q = lambda x, axis, value=0: x if not pad else jnp.pad(  # noqa: E731
+      x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)], constant_values=value)
+  qs = jnp.moveaxis(pad_q(q, 1).reshape(b, n, chunk, hq, d), 1, 0)       # [n, B, c, Hq, D]
+  # [B, Hq, K, Lq] -> [n, B, Hq, K, c] by slices stacked (their VJP: a
+  # concatenation): a reshape of the query axis would relayout these tables
+  # (tiled on (K, Lq)) on TPU, in code linear in Lq.
+  cut = lambda x, value: jnp.stack(  # noqa: E731
+      common.split_rows(pad_q(x, 3, value), n, -1), axis=0)
+  pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(n * chunk, dtype=jnp.int32)
+  per_chunk = lambda x: x.reshape(n, chunk)  # noqa: E731
+  back, fwd = span_lengths(span_table, pos)
+  # Constants of the scan get their cotangents summed over the steps in
+  # their own dtype: float32 for 16-bit k and v.
+  wide = lambda x: x.astype(F32) if jnp.dtype(x.dtype).itemsize < 4 else x  # noqa: E731
+  kf, vf = wide(kt), wide(vt)
+
+  def step(_, xs):
+    qc, ac, gc, pc, bc, fc = xs
+    return None, _span_rows(qc, kf.astype(kt.dtype), vf.astype(vt.dtype), ac, gc, pc,
+                            (bc, fc), **kw)
+
+  _, res = jax.lax.scan(step, None, (qs, cut(anchors, -1), cut(gates, 0), per_chunk(pos),
+                                     per_chunk(back), per_chunk(fwd)))
+  out, weights = res if kw["gates_from_logits"] else (res, None)
+  out = jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, hq, d)[:, :lq]
+  if weights is None:
+    return out
+  return out, jnp.concatenate(common.unstack(weights, 0), axis=-1)[..., :lq]
+
+
+def _span_rows(q, kt, vt, anchors, gates, pos, lengths, *, keys, window: int, scale: float,
+               block_q, block_k, variant, gates_from_logits: bool):
+  """`span_attention` on all queries at once: `kt, vt: [B, Hk, Lk, D]`;
+  `pos`, `lengths` (span back / fwd) int32 `[Lq]`; `keys`: the cost
+  estimates' `(window keys, span keys)`."""
+  b, lq, hq, d = q.shape
+  hk, lk = kt.shape[1], kt.shape[2]
+  g, num = hq // hk, anchors.shape[2]
+  kw = dict(scale=scale, block_q=block_q, block_k=block_k, variant=variant)
   rq = g * lq                                                     # rows per slot
   qh = q.transpose(0, 2, 1, 3).reshape(b, hk, rq, d)             # rows (head, query)
-  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-
-  static_off = q_offset if isinstance(q_offset, int) else lk - lq
-  keys_w, keys_s = _expected_keys(span_table, static_off, lq, window, g, num)
+  keys_w, keys_s = keys
 
   # Window: rows (head, query).
   if window > 0:
@@ -318,7 +395,7 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
     lse_w = jnp.full((b, hk, rq), -jnp.inf, F32)
 
   # Spans: (slot, head, query) rows, sorted by start for the kernel.
-  back, fwd = span_lengths(span_table, pos)                       # [Lq]
+  back, fwd = lengths                                             # [Lq]
   per_row = lambda x: common.tile_rows(x, num * g)  # noqa: E731  [Lq] -> [N]
   a = common.to_pair_rows(anchors.astype(jnp.int32).reshape(b, hk, g, num, lq))
   slo, shi = span_bounds(a, per_row(pos), per_row(back), per_row(fwd), window)
@@ -340,10 +417,7 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
   if gates_from_logits:
     gates_s = common.slot_softmax(gates_s)
   c_s, c_w = common.gate_merge_weights(lse_s, lse_w, gates_s)
-  o_s = common.split_rows(common.permute_rows(o_p, inv, perm, -2), num, -2)
-  out = c_w[..., None] * o_w
-  for c, o in zip(c_s, o_s):
-    out = out + c[..., None] * o                                  # [B, Hk, G Lq, D]
+  out = merge.mix_rows(o_w, o_p, perm, inv, c_w, c_s)           # [B, Hk, G Lq, D]
   out = out.reshape(b, hq, lq, d).transpose(0, 2, 1, 3).astype(q.dtype)
   if not gates_from_logits:
     return out
