@@ -265,7 +265,10 @@ def span_key_blocks(seq_len: int, config: attn.SuperlinearConfig, group: int,
 
 def span_chunks(seq_len: int) -> int:
   """Steps of span attention's scan over the query axis
-  (`attn.pallas.superlinear.QUERY_CHUNK` queries each; 1 = no scan)."""
+  (`attn.pallas.superlinear.QUERY_CHUNK` queries each above `SCAN_ABOVE`;
+  1 = no scan)."""
+  if seq_len <= pallas_superlinear.SCAN_ABOVE:
+    return 1
   return -(-seq_len // pallas_superlinear.QUERY_CHUNK)
 
 

@@ -281,8 +281,9 @@ def test_span_kernel_given_reference_anchors(config, dtype, lq, lk, hq, hk, d, v
                **TOL[dtype])
 
 
-@pytest.mark.parametrize("lq,chunk,variant", [(37, 16, "tpu_interpret"),
-                                              (36, 12, "gpu_interpret")])
+@pytest.mark.parametrize("lq,chunk,variant", [
+    (37, 16, "tpu_interpret"),
+    pytest.param(36, 12, "gpu_interpret", marks=pytest.mark.full)])
 def test_span_attention_in_query_chunks(lq, chunk, variant):
   """`query_chunk`: a scan over chunks of queries (37 = 3 x 16 - 11 padded
   queries; 36 = 3 x 12 exactly) against the dense oracle, values and VJPs

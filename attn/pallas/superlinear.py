@@ -148,10 +148,14 @@ gate_logits.defvjp(_gate_fwd, _gate_bwd)
 
 
 # Queries per step of span attention's scan over the query axis
-# (`span.span_attention(query_chunk=...)`) for longer prefills: the pair rows,
-# their sort and the kernels' row tables are sized by the chunk, so TPU
-# compile time and the temporaries stop growing with L past it.
+# (`span.span_attention(query_chunk=...)`) for prefills of more than
+# `SCAN_ABOVE` queries: the pair rows, their sort and the kernels' row tables
+# are sized by the chunk, so TPU compile time and the temporaries stop
+# growing with L past it. Up to 128K queries the scan costs more compile
+# time than it saves (v5p grad at 128K: 48-55 s with two chunks, 39-44 s
+# without; docs/kernels_span.md, sixth pass).
 QUERY_CHUNK = 1 << 16
+SCAN_ABOVE = 1 << 17
 
 
 def _prefill(q, k, v, q_search, k_search, q_offset, *, config: SuperlinearConfig, scale,
@@ -176,14 +180,17 @@ def _prefill(q, k, v, q_search, k_search, q_offset, *, config: SuperlinearConfig
 
 def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
                           config: SuperlinearConfig, scale, variant=None,
-                          block_q=None, block_k=None, query_chunk=QUERY_CHUNK):
+                          block_q=None, block_k=None, query_chunk="auto"):
   """Superlinear attention with Pallas kernels; see `attn.superlinear_attention`.
 
   `block_q`, `block_k`: span kernel tiles of the prefill path (None = per
   platform). `query_chunk`: queries per step of span attention's scan over
-  the query axis (None: all at once). Returns `(out [B, Lq, Hq, D], anchors [B, Lq, Hq, K] int32,
+  the query axis (None: all at once; "auto": `QUERY_CHUNK` for more than
+  `SCAN_ABOVE` queries). Returns `(out [B, Lq, Hq, D], anchors [B, Lq, Hq, K] int32,
   gates [B, Lq, Hq, K] float32)`.
   """
+  if query_chunk == "auto":
+    query_chunk = QUERY_CHUNK if q.shape[1] > SCAN_ABOVE else None
   if q.shape[1] <= decode.MAX_QUERIES:
     return decode.superlinear_attention(q, k, v, q_search, k_search, q_offset,
                                         config=config, scale=scale, variant=variant)
