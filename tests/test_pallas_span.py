@@ -281,15 +281,17 @@ def test_span_kernel_given_reference_anchors(config, dtype, lq, lk, hq, hk, d, v
                **TOL[dtype])
 
 
-@pytest.mark.parametrize("lq,chunk,variant", [
-    (37, 16, "tpu_interpret"),
-    pytest.param(36, 12, "gpu_interpret", marks=pytest.mark.full)])
-def test_span_attention_in_query_chunks(lq, chunk, variant):
+@pytest.mark.parametrize("lq,chunk,variant,remat", [
+    (37, 16, "tpu_interpret", False),
+    (37, 16, "tpu_interpret", True),
+    pytest.param(36, 12, "gpu_interpret", False, marks=pytest.mark.full)])
+def test_span_attention_in_query_chunks(lq, chunk, variant, remat):
   """`query_chunk`: a scan over chunks of queries (37 = 3 x 16 - 11 padded
   queries; 36 = 3 x 12 exactly) against the dense oracle, values and VJPs
   wrt q, k, v and the gate logits; the weights returned with
   `gates_from_logits` against a plain softmax over the slots. bf16, so k and
-  v's gradients are the ones summed over the chunks (in float32)."""
+  v's gradients are the ones summed over the chunks (in float32). `remat`:
+  each chunk's forward recomputed in the backward (`remat_chunks`)."""
   config = SPAN_CASES[0][0]
   hq, hk, d, lk = 4, 2, 24, lq + 5
   q, k, v, qs, kss = _inputs(jax.random.PRNGKey(3), b=1, lq=lq, lk=lk, hq=hq, hk=hk, d=d,
@@ -305,7 +307,7 @@ def test_span_attention_in_query_chunks(lq, chunk, variant):
   call = lambda q, k, v, lg: span_attention(  # noqa: E731
       q, k, v, _heads_first(anchors), _heads_first(lg), span_table=tbl, window=config.window,
       scale=scale, block_q=16, block_k=16, variant=variant, gates_from_logits=True,
-      query_chunk=chunk)
+      query_chunk=chunk, remat_chunks=remat)
   softmax = lambda lg: jax.nn.softmax(lg, axis=-1)  # noqa: E731  over the K slots
   _, weights = jax.jit(call)(q, k, v, logits)
   chex.assert_trees_all_close(weights, _heads_first(softmax(logits)), atol=1e-6, rtol=1e-6)

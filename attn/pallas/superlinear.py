@@ -159,7 +159,7 @@ SCAN_ABOVE = 1 << 17
 
 
 def _prefill(q, k, v, q_search, k_search, q_offset, *, config: SuperlinearConfig, scale,
-             variant, block_q, block_k, query_chunk):
+             variant, block_q, block_k, query_chunk, remat_chunks):
   lq, lk = q.shape[1], k.shape[1]
   q_offset = lk - lq if q_offset is None else q_offset
   # [B, Hq, K, Lq] from the search to the span kernels (query axis last).
@@ -173,20 +173,23 @@ def _prefill(q, k, v, q_search, k_search, q_offset, *, config: SuperlinearConfig
   out, gates = span.span_attention(
       q, k, v, anchors, jnp.where(anchors >= 0, logits, -1e9), span_table=span_table,
       window=config.window, scale=scale, q_offset=q_offset, block_q=block_q,
-      block_k=block_k, variant=variant, gates_from_logits=True, query_chunk=query_chunk)
+      block_k=block_k, variant=variant, gates_from_logits=True, query_chunk=query_chunk,
+      remat_chunks=remat_chunks)
   public = lambda x: x.transpose(0, 3, 1, 2)  # noqa: E731  [B, Hq, K, Lq] -> [B, Lq, Hq, K]
   return out, public(anchors).astype(jnp.int32), public(gates).astype(jnp.float32)
 
 
 def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
                           config: SuperlinearConfig, scale, variant=None,
-                          block_q=None, block_k=None, query_chunk="auto"):
+                          block_q=None, block_k=None, query_chunk="auto",
+                          remat_chunks: bool = False):
   """Superlinear attention with Pallas kernels; see `attn.superlinear_attention`.
 
   `block_q`, `block_k`: span kernel tiles of the prefill path (None = per
   platform). `query_chunk`: queries per step of span attention's scan over
   the query axis (None: all at once; "auto": `QUERY_CHUNK` for more than
-  `SCAN_ABOVE` queries). Returns `(out [B, Lq, Hq, D], anchors [B, Lq, Hq, K] int32,
+  `SCAN_ABOVE` queries). `remat_chunks`: recompute each chunk's forward in
+  the backward (`span.span_attention`: less memory, a second span forward). Returns `(out [B, Lq, Hq, D], anchors [B, Lq, Hq, K] int32,
   gates [B, Lq, Hq, K] float32)`.
   """
   if query_chunk == "auto":
@@ -197,4 +200,4 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
   return call_any_offset(_prefill, q, k, v, q_search, k_search, q_offset,
                          query_args=(0, 3), fills=(0, -1, 0), config=config, scale=scale,
                          variant=variant, block_q=block_q, block_k=block_k,
-                         query_chunk=query_chunk)
+                         query_chunk=query_chunk, remat_chunks=remat_chunks)
