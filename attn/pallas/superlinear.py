@@ -88,9 +88,9 @@ def _gate_fwd(q_search, k_search, anchors, scores):
 
 # Search-key rows per step of the gate backward's loop (all query heads and
 # K slots of a power of two of queries, at most `GATE_ROWS / (Hq K)`): each
-# step gathers
-# and scatter-adds this many rows, so the scatter's sort (XLA:TPU sorts a
-# scatter's indices) and its code are sized by the step, not by L. XLA:TPU
+# step gathers and scatter-adds this many rows, so the scatter's sort
+# (XLA:TPU sorts a scatter's indices) and its code are sized by the step,
+# not by L. XLA:TPU
 # sorts 8192 indices in about a second of compile; 32768 took 3-4 s of the
 # superlinear grad's ~30 s (docs/kernels_span.md, fifth pass).
 GATE_ROWS = 1 << 13
@@ -189,8 +189,9 @@ def superlinear_attention(q, k, v, q_search, k_search, q_offset=None, *,
   platform). `query_chunk`: queries per step of span attention's scan over
   the query axis (None: all at once; "auto": `QUERY_CHUNK` for more than
   `SCAN_ABOVE` queries). `remat_chunks`: recompute each chunk's forward in
-  the backward (`span.span_attention`: less memory, a second span forward). Returns `(out [B, Lq, Hq, D], anchors [B, Lq, Hq, K] int32,
-  gates [B, Lq, Hq, K] float32)`.
+  the backward (`span.span_attention`: less memory, a second span forward).
+  Returns `(out [B, Lq, Hq, D], anchors [B, Lq, Hq, K] int32, gates [B, Lq,
+  Hq, K] float32)`.
   """
   if query_chunk == "auto":
     query_chunk = QUERY_CHUNK if q.shape[1] > SCAN_ABOVE else None

@@ -269,7 +269,9 @@ def _to_pairs_bwd(gk, ct):
 to_pair_rows.defvjp(_to_pairs_fwd, _to_pairs_bwd)
 
 
-def _gather_rows(x, idx, axis):
+def gather_rows(x, idx, axis):
+  """`x[..., idx[..., r], :]` (`axis=-2`, rows of `[..., N, D]`) or
+  `x[..., idx[..., r]]` (`axis=-1`), indices promised in bounds."""
   idx = idx[..., None] if axis == -2 else idx
   return jnp.take_along_axis(x, idx, axis=axis, mode="promise_in_bounds")
 
@@ -279,7 +281,7 @@ def permute_rows(x, idx, inv, axis=-2):
   """`x[..., idx[r], :]` (rows on axis -2; `axis=-1`: `x[..., idx[r]]`) for a
   permutation `idx [..., N]` with inverse `inv`; the VJP is the gather by
   `inv` (no scatter-add, no float32 copy)."""
-  return _gather_rows(x, idx, axis)
+  return gather_rows(x, idx, axis)
 
 
 def _permute_fwd(x, idx, inv, axis):
@@ -288,7 +290,7 @@ def _permute_fwd(x, idx, inv, axis):
 
 def _permute_bwd(axis, res, ct):
   idx, inv = res
-  return _gather_rows(ct, inv, axis), None, None
+  return gather_rows(ct, inv, axis), None, None
 
 
 permute_rows.defvjp(_permute_fwd, _permute_bwd)

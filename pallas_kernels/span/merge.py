@@ -17,11 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import F32
-
-
-def _rows(x, idx):
-  """`x[..., idx[..., r], :]`: rows of `x: [B, H, N, D]` by `idx: [B, H, R]`."""
-  return jnp.take_along_axis(x, idx[..., None], axis=2, mode="promise_in_bounds")
+from pallas_kernels.span.common import gather_rows
 
 
 def _slot(inv, k: int, r: int):
@@ -42,7 +38,7 @@ def mix_rows(o_w, o_p, perm, inv, c_w, c_s):
   r = o_w.shape[2]
   out = c_w[..., None] * o_w.astype(F32)
   for k, c in enumerate(c_s):
-    out = out + c[..., None] * _rows(o_p, _slot(inv, k, r)).astype(F32)
+    out = out + c[..., None] * gather_rows(o_p, _slot(inv, k, r), -2).astype(F32)
   return out.astype(o_w.dtype)
 
 
@@ -56,12 +52,12 @@ def _mix_bwd(res, ct):
   ctf = ct.astype(F32)
   dc_w = jnp.sum(ctf * o_w.astype(F32), axis=-1)
   do_w = (c_w[..., None] * ctf).astype(o_w.dtype)
-  dc_s = tuple(jnp.sum(ctf * _rows(o_p, _slot(inv, k, r)).astype(F32), axis=-1)
+  dc_s = tuple(jnp.sum(ctf * gather_rows(o_p, _slot(inv, k, r), -2).astype(F32), axis=-1)
                for k in range(len(c_s)))
   # Sorted row p gets c[perm[p]] * ct[perm[p] % R].
   c_p = jnp.take_along_axis(jnp.concatenate(c_s, axis=-1), perm, axis=-1,
                             mode="promise_in_bounds")
-  do_p = (_rows(ct, perm % r).astype(F32) * c_p[..., None]).astype(o_p.dtype)
+  do_p = (gather_rows(ct, perm % r, -2).astype(F32) * c_p[..., None]).astype(o_p.dtype)
   return do_w, do_p, None, None, dc_w, dc_s
 
 

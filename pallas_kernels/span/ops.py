@@ -340,9 +340,10 @@ def _span_chunks(q, kt, vt, anchors, gates, q_offset, span_table, chunk: int, *,
   The query axis is padded to `n * chunk` (padded queries: invalid anchors,
   outputs dropped) and cut before the scan (q by a reshape, the tables by
   stacked slices), so the scan's inputs and outputs are its stacked slices
-  (no dynamic slicing, no full-size cotangent accumulated per step for q). The span lengths are looked up before the
-  scan (a gather from the span table inside the loop body fails to
-  compile for v5p: XLA:TPU offloads it to the SparseCore).
+  (no dynamic slicing, no full-size cotangent accumulated per step for q).
+  The span lengths are looked up before the scan (a gather from the span
+  table inside the loop body fails to compile for v5p: XLA:TPU offloads it
+  to the SparseCore).
   """
   b, lq, hq, d = q.shape
   num = anchors.shape[2]
