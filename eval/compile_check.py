@@ -107,7 +107,15 @@ def main(argv=None) -> int:
                   "(30 s superlinear, 15 s other ops): re-time them")
   ap.add_argument("--resume", action="store_true",
                   help="skip cases with a result in --out (errors and crashes are retried)")
+  ap.add_argument("--report-only", action="store_true",
+                  help="compile nothing: rewrite --report from the results in --out")
   args = ap.parse_args(argv)
+  if args.report_only:
+    runs, results = report.load(pathlib.Path(args.out))
+    pathlib.Path(args.report).write_text(
+        report.render(runs, results, cases_lib.sweep_cases()))
+    print(f"report: {args.report} ({len(results)} results)")
+    return 0
   if args.heads:
     try:
       parse_heads(args.heads)

@@ -14,6 +14,7 @@ extra. The full matrix is `python -m eval.compile_check --cases sweep`.
 "Compiled for" is not "ran on": no numerics and no speed are checked here.
 """
 
+import json
 import os
 
 import chex
@@ -153,6 +154,30 @@ def test_report_sets_hbm_refusals_apart_from_failures():
   assert f"| tpu:v5e | `{matrix[0].key}` | 21 | 15.75 |" in big
   assert matrix[0].key not in failing and matrix[1].key in failing
   assert "too big (21 of 15.75 GiB)" in text
+
+
+def test_report_compares_superlinear_grad_compiles_across_heads():
+  from eval.compile import report
+  base = cases.Case("superlinear", mode="grad", seq_len=1 << 17)
+  wide = cases.Case("superlinear", mode="grad", seq_len=1 << 17, heads=(16, 8))
+  fwd = cases.Case("superlinear", seq_len=1 << 17, heads=(32, 8))
+  rec = lambda c, t, s, **kw: dict(  # noqa: E731
+      status="ok", lower_s=1.0, compile_s=s, key=c.key, target=t,
+      case=json.loads(c.to_json()), **kw)
+  results = {("tpu:v5p", base.key): rec(base, "tpu:v5p", 31.0, temp_bytes=5 * 2**30),
+             ("tpu:v5p", wide.key): rec(wide, "tpu:v5p", 19.5),
+             ("tpu:v5e", wide.key): dict(rec(wide, "tpu:v5e", 0.0), status="too_big",
+                                         need_gib=20.5, hbm_gib=15.75),
+             ("tpu:v5p", fwd.key): rec(fwd, "tpu:v5p", 9.0)}
+  text = report.render([], results, [base, wide])
+  part = text.split("## Superlinear forward + backward by heads")[1].split("##")[0]
+  assert "| config | L | heads | tpu:v5e | tpu:v5p |" in part
+  assert "| default | 128K | 16:8 | too big (20.5 of 15.75 GiB) | 20.5 |" in part
+  assert "| default | 128K | 8:2 | - | 32.0 (5.0 GiB) |" in part
+  assert "32:8" not in part                          # forward cases stay out
+  # One head layout only: no section.
+  del results[("tpu:v5p", wide.key)], results[("tpu:v5e", wide.key)]
+  assert "by heads" not in report.render([], results, [base])
 
 
 def test_sweep_matrix_covers_the_issue_axes_with_unique_keys():

@@ -251,6 +251,7 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
         cells.append(f"{_secs(results.get(('tpu:v5e', key)))} / "
                      f"{_secs(results.get(('gpu', key)))}")
     out.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
+  out += _heads_section(results, targets)
   out += ["", "## Not run", "",
           "Cases of the sweep matrix (`eval.compile.cases.sweep_cases`) with no "
           "result, per target: op and mode, the number of cases and their lengths.", ""]
@@ -267,3 +268,48 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
              for g, cs in sorted(groups.items())]
     out.append(f"- {t}: " + "; ".join(parts))
   return "\n".join(out) + "\n"
+
+
+def _heads_section(results: dict, targets: list[str]) -> list[str]:
+  """Superlinear forward + backward compile seconds per head layout: the
+  sweep matrix uses 8:2; `--heads` runs add the others, so the cost of few
+  kv heads (narrow per-row tables) is visible side by side."""
+  rows: dict[tuple, dict] = defaultdict(dict)
+  for (t, key), r in results.items():
+    c = r.get("case") or {}
+    if (c.get("op") != "superlinear" or c.get("mode") != "grad" or c.get("head_dim") != 128
+        or c.get("dtype") != "bfloat16"):
+      continue
+    rows[(c.get("config"), c["seq_len"], tuple(c["heads"]))][t] = r
+  # Only lengths compiled at more than one head layout.
+  multi = {(cfg, n) for cfg, n, _ in rows
+           if len({h for c2, n2, h in rows if (c2, n2) == (cfg, n)}) > 1}
+  rows = {k: v for k, v in rows.items() if k[:2] in multi}
+  if not rows:
+    return []
+  cols = [t for t in targets if any(t in by for by in rows.values())]
+  out = ["", "## Superlinear forward + backward by heads", "",
+         "Lower + compile wall seconds (temporaries), head_dim 128, bf16, at the "
+         "lengths compiled with more than one head layout (`--heads`; the matrix "
+         "above uses 8:2). XLA:TPU tiles the minor two dimensions of an array; the "
+         "span glue's per-row tables are `[B, kv heads, rows]`, so with 1 or 2 kv "
+         "heads they get 1- or 2-row tiles and more low-level code per element than "
+         "with 8 or more.", "",
+         "| config | L | heads | " + " | ".join(cols) + " |",
+         "|---|---|---|" + "---|" * len(cols)]
+  for (config, n, heads), by in sorted(rows.items(),
+                                       key=lambda x: (x[0][0], x[0][1], -x[0][2][1], x[0][2])):
+    cells = []
+    for t in cols:
+      r = by.get(t)
+      if r is None:
+        cells.append("-")
+      elif r["status"] == "too_big":
+        cells.append(f"too big ({r['need_gib']:g} of {r['hbm_gib']:g} GiB)")
+      else:
+        temp = r.get("temp_bytes")
+        cells.append(f"{compile_seconds(r):.1f}" + (f" ({temp / 2**30:.1f} GiB)"
+                                                     if temp is not None else ""))
+    out.append(f"| {config} | {_short_len(n)} | {heads[0]}:{heads[1]} | "
+               + " | ".join(cells) + " |")
+  return out
