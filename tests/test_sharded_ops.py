@@ -49,8 +49,11 @@ EXPECTED = {"reference": 5 * 6 + 2 * 4, "xla": 5 * 7 + 2 * 4 + 5 + 4,
             "pallas": 5 * 5 + 4 + 2 * 4 + 1}
 # The CI tier (`sharded_ops_check.CI_MODES`): reference jit batch/heads and
 # sequence sharded; pallas sequence sharded and in a user's shard_map, plus
-# block sparse in the zigzag order; xla as in the full tier.
-EXPECTED_CI = {"reference": 5 * 2 + 2 * 2, "xla": EXPECTED["xla"], "pallas": 5 * 2 + 2 * 2 + 1}
+# block sparse in the zigzag order; xla all but the Auto batch/heads mode
+# (4 prefill modes, 3 decode) with the zigzag order outside shard_map only,
+# k_search=None in 4 modes and the 4 extra checks.
+EXPECTED_CI = {"reference": 5 * 2 + 2 * 2, "xla": 5 * (4 + 1) + 2 * 3 + 4 + 4,
+               "pallas": 5 * 2 + 2 * 2 + 1}
 
 
 def _start(impls, tier):
