@@ -26,6 +26,7 @@ import numpy as np
 
 from pallas_kernels import cost, platform
 from pallas_kernels.span import common, gpu, merge, tpu
+from pallas_kernels.span.remat import remat_scan
 from pallas_kernels.common import (F32, next_pow2, pad_head_dim, round_up, span_bounds,
                                    span_lengths)
 
@@ -289,12 +290,14 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
       (on TPU) compile time stop growing with `Lq`. k and v enter the scan
       in float32 (16-bit inputs), so their gradients sum over the chunks
       in float32.
-    remat_chunks: with `query_chunk`, `jax.checkpoint` each chunk: the
-      backward runs the chunk's forward (kernels included) again instead
-      of keeping its pair outputs and tables, so the temporaries hold one
-      chunk's (deviceless, 1M tokens, 8:2 heads, grad: v5p 21.94 -> 13.67
-      GiB, v4 released config 31.03 -> 13.43 GiB) at the cost of a second
-      span forward.
+    remat_chunks: with `query_chunk`, recompute each chunk in the backward
+      (`span.remat.remat_scan`: the forward keeps only the chunks' inputs,
+      the backward runs each chunk's forward, kernels included, again under
+      `jax.vjp` and sums k and v's cotangents in float32 carries), so the
+      temporaries hold one chunk's pair outputs and tables (deviceless, 1M
+      tokens, grad: v5p 8:2 21.94 -> 13.67 GiB, v4 released 8:2 31.03 ->
+      14.05 GiB, H100 released 32:8 79.04 -> 41.19 GB) at the cost of a
+      second span forward.
 
   Returns:
     `[B, Lq, Hq, D]` in q's dtype; with `gates_from_logits`, `(out, weights
@@ -360,20 +363,24 @@ def _span_chunks(q, kt, vt, anchors, gates, q_offset, span_table, chunk: int, *,
   pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(n * chunk, dtype=jnp.int32)
   per_chunk = lambda x: x.reshape(n, chunk)  # noqa: E731
   back, fwd = span_lengths(span_table, pos)
-  # Constants of the scan get their cotangents summed over the steps in
-  # their own dtype: float32 for 16-bit k and v.
-  wide = lambda x: x.astype(F32) if jnp.dtype(x.dtype).itemsize < 4 else x  # noqa: E731
-  kf, vf = wide(kt), wide(vt)
+  xs, ints = (qs, cut(gates, 0)), (cut(anchors, -1), per_chunk(pos), per_chunk(back),
+                                    per_chunk(fwd))
+  if remat:   # chunks recomputed in the backward; k, v cotangents summed in float32
+    res = remat_scan(
+        lambda c, x, i: _span_rows(x[0], c[0], c[1], i[0], x[1], i[1], (i[2], i[3]), **kw),
+        (kt, vt), xs, ints)
+  else:
+    # Constants of the scan get their cotangents summed over the steps in
+    # their own dtype: float32 for 16-bit k and v.
+    wide = lambda x: x.astype(F32) if jnp.dtype(x.dtype).itemsize < 4 else x  # noqa: E731
+    kf, vf = wide(kt), wide(vt)
 
-  def step(_, xs):
-    qc, ac, gc, pc, bc, fc = xs
-    return None, _span_rows(qc, kf.astype(kt.dtype), vf.astype(vt.dtype), ac, gc, pc,
-                            (bc, fc), **kw)
+    def step(_, chunk):
+      (qc, gc), (ac, pc, bc, fc) = chunk
+      return None, _span_rows(qc, kf.astype(kt.dtype), vf.astype(vt.dtype), ac, gc, pc,
+                              (bc, fc), **kw)
 
-  if remat:
-    step = jax.checkpoint(step)
-  _, res = jax.lax.scan(step, None, (qs, cut(anchors, -1), cut(gates, 0), per_chunk(pos),
-                                     per_chunk(back), per_chunk(fwd)))
+    _, res = jax.lax.scan(step, None, (xs, ints))
   out, weights = res if kw["gates_from_logits"] else (res, None)
   out = jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, hq, d)[:, :lq]
   if weights is None:
