@@ -107,9 +107,14 @@ def main(argv=None) -> int:
                   "(30 s superlinear, 15 s other ops): re-time them")
   ap.add_argument("--resume", action="store_true",
                   help="skip cases with a result in --out (errors and crashes are retried)")
+  ap.add_argument("--repeat", type=int, default=1,
+                  help="TPU: compile each case this many times (caches cleared) and "
+                  "record the fastest; the machine's load makes one compile vary by ~20%%")
   ap.add_argument("--report-only", action="store_true",
                   help="compile nothing: rewrite --report from the results in --out")
   args = ap.parse_args(argv)
+  if args.repeat < 1:
+    ap.error(f"--repeat {args.repeat}: must be >= 1")
   if args.report_only:
     runs, results = report.load(pathlib.Path(args.out))
     pathlib.Path(args.report).write_text(
@@ -161,7 +166,7 @@ def main(argv=None) -> int:
       slow = report.slow_results(done)
       todo = [c for c in todo if (t, c.key) in slow]
     print(f"== {t}: {len(todo)} cases (timeout {args.timeout:.0f} s each)", flush=True)
-    driver.run([t], todo, timeout_s=args.timeout, on_result=on_result)
+    driver.run([t], todo, timeout_s=args.timeout, on_result=on_result, repeat=args.repeat)
   print(f"{len(failed)} case(s) did not pass; report: {rep}", flush=True)
   return 1 if failed else 0
 

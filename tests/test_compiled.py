@@ -180,6 +180,35 @@ def test_report_compares_superlinear_grad_compiles_across_heads():
   assert "by heads" not in report.render([], results, [base])
 
 
+def test_best_of_keeps_the_fastest_fresh_compile():
+  from eval.compile import worker
+  times = iter([(1.0, 9.0, "a"), (1.0, 6.5, "b"), (0.5, 8.0, "c")])
+  calls = []
+  got = worker.best_of(3, lambda: (calls.append("compile"), next(times))[1],
+                       clear=lambda: calls.append("clear"))
+  chex.assert_trees_all_equal(
+      (got["lower_s"], got["compile_s"], got["result"], got["runs_s"]),
+      (1.0, 6.5, "b", [10.0, 7.5, 8.5]))
+  assert calls == ["compile", "clear", "compile", "clear", "compile"]
+  once = worker.best_of(1, lambda: (2.0, 3.0, "x"))
+  assert once == {"lower_s": 2.0, "compile_s": 3.0, "result": "x"}   # no runs_s
+  with pytest.raises(ValueError, match="repeat=0"):
+    worker.best_of(0, lambda: (0.0, 0.0, None))
+
+
+def test_report_marks_best_of_n_compiles_and_cli_rejects_repeat_0():
+  from eval import compile_check
+  from eval.compile import report
+  case = cases.Case("dense", mode="grad")
+  rec = dict(status="ok", lower_s=1.0, compile_s=6.5, runs_s=[10.0, 7.5, 8.5], key=case.key,
+             target="tpu:v5e", case=json.loads(case.to_json()), problems=[])
+  text = report.render([], {("tpu:v5e", case.key): rec}, [case])
+  assert "| dense | grad | 7.5 (best of 3, up to 10.0) / not run |" in text
+  with pytest.raises(SystemExit) as exc:
+    compile_check.main(["--platform", "tpu", "--repeat", "0"])
+  assert exc.value.code == 2
+
+
 def test_sweep_matrix_covers_the_issue_axes_with_unique_keys():
   sweep = cases.sweep_cases()
   assert len({c.key for c in sweep}) == len(sweep)

@@ -73,7 +73,10 @@ def _secs(rec: dict | None) -> str:
   if rec["status"] in ("error", "crash"):
     return rec["status"]
   s = f"{rec['compile_s'] + rec.get('lower_s', 0):.1f}"
-  if rec.get("cpu_s") is not None:
+  runs = rec.get("runs_s") or []
+  if len(runs) > 1:
+    s += f" (best of {len(runs)}, up to {max(runs):.1f})"
+  elif rec.get("cpu_s") is not None:
     s += f" (cpu {rec['cpu_s']:.0f})"
   return s + (" (fail)" if rec["status"] == "fail" else "")
 
@@ -123,7 +126,9 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
          "that size on that chip, not a compiler limitation.",
          "- Seconds are wall time of one compile on a shared 2-core machine with other "
          "jobs running (load average per target in the summary): upper bounds, "
-         "compare within a column.", "", "## Runs", ""]
+         "compare within a column. Cases run with `--repeat N` record the fastest "
+         "of N compiles (caches cleared between them), marked \"best of N\".",
+         "", "## Runs", ""]
   for r in runs:
     out.append(f"- {r['date']}: `{r['command']}` ({r['cases']} cases x "
                f"{', '.join(r['targets'])}; jax {r['versions'].get('jax')}, jaxlib "
