@@ -90,9 +90,9 @@ def _gate_fwd(q_search, k_search, anchors, scores):
 # K slots of a power of two of queries, at most `GATE_ROWS / (Hq K)`): each
 # step gathers and scatter-adds this many rows, so the scatter's sort
 # (XLA:TPU sorts a scatter's indices) and its code are sized by the step,
-# not by L. XLA:TPU
-# sorts 8192 indices in about a second of compile; 32768 took 3-4 s of the
-# superlinear grad's ~30 s (docs/kernels_span.md, fifth pass).
+# not by L. XLA:TPU sorts 8192 indices in about a second of compile; 32768
+# took 3-4 s of the superlinear grad's ~30 s (docs/kernels_span.md, fifth
+# pass).
 GATE_ROWS = 1 << 13
 
 

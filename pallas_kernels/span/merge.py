@@ -55,8 +55,7 @@ def _mix_bwd(res, ct):
   dc_s = tuple(jnp.sum(ctf * gather_rows(o_p, _slot(inv, k, r), -2).astype(F32), axis=-1)
                for k in range(len(c_s)))
   # Sorted row p gets c[perm[p]] * ct[perm[p] % R].
-  c_p = jnp.take_along_axis(jnp.concatenate(c_s, axis=-1), perm, axis=-1,
-                            mode="promise_in_bounds")
+  c_p = gather_rows(jnp.concatenate(c_s, axis=-1), perm, -1)
   do_p = (gather_rows(ct, perm % r, -2).astype(F32) * c_p[..., None]).astype(o_p.dtype)
   return do_w, do_p, None, None, dc_w, dc_s
 

@@ -134,7 +134,7 @@ def _query_rows(platform_name, q, rows):
     return q, perm % rq
   copies = perm.shape[2] // rq
   rep = jnp.broadcast_to(q[:, :, None], (b, h, copies, rq, d)).reshape(b, h, copies * rq, d)
-  return jnp.take_along_axis(rep, perm[..., None], axis=2, mode="promise_in_bounds"), None
+  return common.gather_rows(rep, perm, -2), None
 
 
 def _fwd_variant(platform_name, cfg, q, k, v, lo, hi, rows, *, interpret):
@@ -199,7 +199,7 @@ def _interval_bwd(cfg, res, cts):
                          delta)
   if rows is not None:   # per-row dq back to the source rows: sum over the copies
     b, h, rq, d = q.shape
-    dq = jnp.take_along_axis(dq, rows[1][..., None], axis=2, mode="promise_in_bounds")
+    dq = common.gather_rows(dq, rows[1], -2)
     dq = dq.reshape(b, h, -1, rq, d).astype(F32).sum(axis=2)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None,
           None if rows is None else (None, None))
@@ -287,9 +287,9 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
       whose outputs are dropped). Every query is independent, so the
       result is the same; the pair rows, their sort and the kernels' row
       tables are then sized by the chunk, not by `Lq`: temporaries and
-      (on TPU) compile time stop growing with `Lq`. k and v enter the scan
-      in float32 (16-bit inputs), so their gradients sum over the chunks
-      in float32.
+      (on TPU) compile time stop growing with `Lq`. k and v's gradients
+      sum over the chunks in float32 (without `remat_chunks`, 16-bit k and
+      v enter the scan as float32 copies for that).
     remat_chunks: with `query_chunk`, recompute each chunk in the backward
       (`span.remat.remat_scan`: the forward keeps only the chunks' inputs,
       the backward runs each chunk's forward, kernels included, again under
@@ -365,22 +365,20 @@ def _span_chunks(q, kt, vt, anchors, gates, q_offset, span_table, chunk: int, *,
   back, fwd = span_lengths(span_table, pos)
   xs, ints = (qs, cut(gates, 0)), (cut(anchors, -1), per_chunk(pos), per_chunk(back),
                                     per_chunk(fwd))
+  def one(kv, x, i):   # one chunk: x = (q, gates), i = (anchors, pos, back, fwd)
+    (qc, gc), (ac, pc, bc, fc) = x, i
+    return _span_rows(qc, *kv, ac, gc, pc, (bc, fc), **kw)
+
   if remat:   # chunks recomputed in the backward; k, v cotangents summed in float32
-    res = remat_scan(
-        lambda c, x, i: _span_rows(x[0], c[0], c[1], i[0], x[1], i[1], (i[2], i[3]), **kw),
-        (kt, vt), xs, ints)
+    res = remat_scan(one, (kt, vt), xs, ints)
   else:
     # Constants of the scan get their cotangents summed over the steps in
     # their own dtype: float32 for 16-bit k and v.
     wide = lambda x: x.astype(F32) if jnp.dtype(x.dtype).itemsize < 4 else x  # noqa: E731
     kf, vf = wide(kt), wide(vt)
-
-    def step(_, chunk):
-      (qc, gc), (ac, pc, bc, fc) = chunk
-      return None, _span_rows(qc, kf.astype(kt.dtype), vf.astype(vt.dtype), ac, gc, pc,
-                              (bc, fc), **kw)
-
-    _, res = jax.lax.scan(step, None, (xs, ints))
+    _, res = jax.lax.scan(
+        lambda _, c: (None, one((kf.astype(kt.dtype), vf.astype(vt.dtype)), *c)), None,
+        (xs, ints))
   out, weights = res if kw["gates_from_logits"] else (res, None)
   out = jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, hq, d)[:, :lq]
   if weights is None:
@@ -421,7 +419,7 @@ def _span_rows(q, kt, vt, anchors, gates, pos, lengths, *, keys, window: int, sc
   # q rows per pair: row r is (head, query) row perm[r] % (G Lq) of qh,
   # gathered by index (GPU: inside the kernels); dq sums the slots' rows
   # gathered by `inv` (no scatter-add of [N, D] rows).
-  take = lambda x: jnp.take_along_axis(x, perm, -1, mode="promise_in_bounds")  # noqa: E731
+  take = lambda x: common.gather_rows(x, perm, -1)  # noqa: E731
   o_p, lse_p = interval_attention(qh, kt, vt, take(slo), take(shi), expected_keys=keys_s,
                                   rows=(perm, inv), **kw)
   lse_s = common.split_rows(common.permute_rows(lse_p, inv, perm, -1), num, -1)
