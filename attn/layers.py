@@ -14,6 +14,8 @@ calls the op of `kind` and projects back. `kind` and its options:
     causal scan of the pre-RoPE keys, `gated_linear_scan`, whose memory
     starts near `search_memory` tokens; RoPE on both sides only with
     `search_rope=True`). docs/superlinear.md, "Routing in the model".
+    `remat=True`: long Pallas prefills recompute span attention's query
+    chunks in the backward (`attn.superlinear_attention`'s `remat`).
   * `"block_sparse"`: `layout`, an `attn.BlockLayout` built for the full
     call's length whose mask is causal (a query never sees a later key).
 
@@ -62,7 +64,7 @@ _OPTIONS = {
     "sliding": {"window": _REQUIRED},
     "ppa": {"p": _REQUIRED, "window": 64},
     "superlinear": {"config": SuperlinearConfig(), "search_key": "k",
-                    "search_memory": 32.0, "search_rope": False},
+                    "search_memory": 32.0, "search_rope": False, "remat": False},
     "block_sparse": {"layout": _REQUIRED},
 }
 
@@ -98,8 +100,9 @@ def kind_options(kind: str, options: dict) -> dict:
     if (isinstance(m, bool) or not isinstance(m, (int, float))
         or not math.isfinite(m) or m <= 1):
       raise ValueError(f"search_memory={m!r}: must be a finite number > 1 (tokens).")
-    if not isinstance(out["search_rope"], bool):
-      raise ValueError(f"search_rope={out['search_rope']!r}: must be a bool.")
+    for name in ("search_rope", "remat"):
+      if not isinstance(out[name], bool):
+        raise ValueError(f"{name}={out[name]!r}: must be a bool.")
   if kind == "block_sparse":
     layout = out["layout"]
     if not isinstance(layout, BlockLayout):
@@ -199,7 +202,8 @@ def attend(kind: str, options: dict, q, k, v, q_search=None, k_search=None, *,
                              q_offset=q_offset, **common)
   if kind == "superlinear":
     return ops.superlinear_attention(q, k, v, q_search, k_search,
-                                     config=options["config"], q_offset=q_offset, **common)
+                                     config=options["config"], q_offset=q_offset,
+                                     remat=options["remat"], **common)
   if kind == "block_sparse":
     if q_offset is not None:
       raise ValueError("kind='block_sparse' takes no q_offset: the layout fixes it.")

@@ -269,18 +269,25 @@ def superlinear_attention_with_anchors(q: ArrayLike, k: ArrayLike, v: ArrayLike,
                                        q_offset: int | ArrayLike | None = None,
                                        implementation: str | None = None,
                                        seq_axis: str | None = None,
-                                       seq_order: str = "contiguous") -> SuperlinearOutput:
+                                       seq_order: str = "contiguous",
+                                       remat: bool = False) -> SuperlinearOutput:
   """`superlinear_attention` that also returns the selected anchors and gates."""
   if not isinstance(config, SuperlinearConfig):
     raise ValueError(f"config must be an attn.SuperlinearConfig, got "
                      f"{type(config).__name__}.")
+  if not isinstance(remat, bool):
+    raise ValueError(f"remat={remat!r}: must be a bool (True: recompute span attention's "
+                     "query chunks in the backward, less memory).")
   impl, scale = _prologue(q, k, v, scale, q_offset, implementation,
                           "superlinear_attention")
   k_search = _checks.check_search(q, k, q_search, k_search)
+  # Only the Pallas prefill keeps per-chunk intermediates to recompute; the
+  # xla path recomputes every query block in its backward anyway.
+  extra = dict(remat_chunks=True) if remat and impl == "pallas" else {}
   return SuperlinearOutput(*_call("superlinear_attention", q, k, v, q_search, k_search,
                                   q_offset, fn=IMPLEMENTATIONS["superlinear_attention"][impl],
                                   seq_axis=seq_axis, seq_order=seq_order, n_out=3,
-                                  config=config, scale=scale))
+                                  config=config, scale=scale, **extra))
 
 
 def superlinear_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, q_search: ArrayLike,
@@ -289,7 +296,7 @@ def superlinear_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, q_search: Ar
                           scale: float | None = None,
                           q_offset: int | ArrayLike | None = None,
                           implementation: str | None = None, seq_axis: str | None = None,
-                          seq_order: str = "contiguous") -> jax.Array:
+                          seq_order: str = "contiguous", remat: bool = False) -> jax.Array:
   """Superlinear multi-step attention (N = 2): `O(L^1.5)` at the defaults.
 
   For the query at absolute position `i` (`t = i + 1` visible keys), with
@@ -318,10 +325,20 @@ def superlinear_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, q_search: Ar
       search scores against; `None` uses `k` (as the reference does).
     config: an `attn.SuperlinearConfig`.
     scale, q_offset, implementation: as in `dense_attention`.
+    remat: memory for time in the backward. With the Pallas kernels, a
+      prefill of more than `attn.pallas.superlinear.SCAN_ABOVE` (128K)
+      queries runs span attention in 64K-query chunks; `remat=True` keeps
+      only each chunk's inputs and runs its forward again in the backward
+      (a second span forward; temporaries of a 1M-token gradient, deviceless
+      compiles: H100 32:8 79 -> 41 GB, v5p 8:2 21.9 -> 13.7 GiB;
+      docs/kernels_span.md). No effect on shorter prefills, on decode calls
+      or on the xla path (whose backward recomputes every query block
+      anyway) and the reference.
 
   Returns:
     `[batch, q_len, num_q_heads, head_dim]`, dtype of `q`.
   """
   return superlinear_attention_with_anchors(
       q, k, v, q_search, k_search, config=config, scale=scale, q_offset=q_offset,
-      implementation=implementation, seq_axis=seq_axis, seq_order=seq_order).out
+      implementation=implementation, seq_axis=seq_axis, seq_order=seq_order,
+      remat=remat).out

@@ -5,6 +5,8 @@
     python -m eval.compile_check --platform all --cases sweep --lengths 4096 --timeout 300
     python -m eval.compile_check --platform gpu --cases sweep --ops superlinear \
         --configs released --base-only --lengths 1048576 --heads 32:8   # memory at 1M
+    python -m eval.compile_check --platform tpu --gens v5e --cases sweep --ops superlinear \
+        --base-only --modes grad --lengths 1048576 --heads 4:1 --remat
 
 Needs the `aot` extra (`pip install -e '.[aot]'`). Each case is one public op
 (`implementation="pallas"`) forward or `jax.value_and_grad`, compiled in a
@@ -69,6 +71,8 @@ def select(args) -> list[cases_lib.Case]:
     heads = parse_heads(args.heads)
     chosen = list({c.key: c for c in (dataclasses.replace(c, heads=heads)
                                       for c in chosen)}.values())
+  if args.remat:
+    chosen = [dataclasses.replace(c, remat=True) for c in chosen if c.op == "superlinear"]
   return chosen
 
 
@@ -97,6 +101,9 @@ def main(argv=None) -> int:
   ap.add_argument("--heads", default="",
                   help="compile the selected cases at these heads instead, QUERY:KV "
                   "(e.g. 32:8 with --base-only: a model's real heads, for memory)")
+  ap.add_argument("--remat", action="store_true",
+                  help="only the superlinear prefill cases, compiled with remat=True "
+                  "(query chunks recomputed in the backward: memory at 1M)")
   ap.add_argument("--base-only", action="store_true",
                   help="only head_dim 128, bf16, GQA 8:2 (and q_len 16 for decode)")
   ap.add_argument("--timeout", type=float, default=300.0, help="seconds per case")

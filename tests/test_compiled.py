@@ -14,9 +14,11 @@ extra. The full matrix is `python -m eval.compile_check --cases sweep`.
 "Compiled for" is not "ran on": no numerics and no speed are checked here.
 """
 
+import dataclasses
 import json
 import os
 
+import attn
 import chex
 import pytest
 
@@ -250,7 +252,7 @@ def test_heads_option_recompiles_the_selected_cases_at_other_heads():
           "--base-only", "--lengths", "1048576", "--modes", "grad"]
   ns = argparse.Namespace(cases="sweep", lengths="1048576", ops="superlinear", modes="grad",
                           head_dims="", dtypes="", configs="released", base_only=True,
-                          heads="")
+                          heads="", remat=False)
   (base,) = compile_check.select(ns)
   assert base.heads == (8, 2) and base.seq_len == 1 << 20 and base.config == "released"
   ns.heads = "32:8"
@@ -262,3 +264,45 @@ def test_heads_option_recompiles_the_selected_cases_at_other_heads():
       compile_check.parse_heads(bad)
   with pytest.raises(SystemExit):
     compile_check.main(argv + ["--heads", "32:5"])
+  ns.heads, ns.remat, ns.ops = "", True, "superlinear,dense"
+  (rem,) = compile_check.select(ns)           # --remat: superlinear prefill cases only
+  assert rem.remat and rem.key == "superlinear(released,remat)/grad/d128/L1048576/bf16/8:2"
+  assert rem == dataclasses.replace(base, remat=True)
+
+
+def test_remat_cases_build_with_remat_and_the_report_sets_them_beside_plain():
+  import jax
+  from eval.compile import report
+  with pytest.raises(ValueError, match="remat=True"):
+    cases.Case("dense", remat=True)
+  plain = cases.Case("superlinear", mode="grad", seq_len=1 << 20, config="released",
+                     heads=(4, 1))
+  rem = dataclasses.replace(plain, remat=True)
+  assert cases.Case.from_json(rem.to_json()) == rem
+  old = json.loads(plain.to_json())
+  del old["remat"]                                 # records written before the field
+  assert cases.Case.from_json(json.dumps(old)) == plain
+  # The built function passes remat=True to the op.
+  seen = []
+  real = attn.superlinear_attention
+  def spy(*a, **kw):
+    seen.append(kw.get("remat", False))
+    return real(*a, **kw)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(attn, "superlinear_attention", spy)
+    for c in (plain, rem):
+      fn, args = cases.build(dataclasses.replace(c, seq_len=64), None)
+      jax.eval_shape(fn, *args)
+  assert seen == [False, True]
+  rec = lambda c, t, **kw: dict(key=c.key, target=t,  # noqa: E731
+                                case=json.loads(c.to_json()), **kw)
+  results = {("tpu:v5e", plain.key): rec(plain, "tpu:v5e", status="too_big", need_gib=16.08,
+                                         hbm_gib=15.75),
+             ("tpu:v5e", rem.key): rec(rem, "tpu:v5e", status="ok", lower_s=2.0,
+                                       compile_s=20.0, temp_bytes=9 * 2**30)}
+  text = report.render([], results, [plain])
+  part = text.split("## Superlinear forward + backward with `remat=True`")[1].split("##")[0]
+  assert ("| released | 1M | 4:1 | tpu:v5e | too big (16.08 of 15.75 GiB) | 22.0 (9.0 GiB) |"
+          in part)
+  del results[("tpu:v5e", rem.key)]
+  assert "remat=True`" not in report.render([], results, [plain])

@@ -175,6 +175,8 @@ def test_constructor_errors():
     layers.Attention(30, 4, 2, kind="dense", rngs=rngs)
   with pytest.raises(ValueError, match="search_key"):
     layers.Attention(32, 4, 2, kind="superlinear", rngs=rngs, search_key="q")
+  with pytest.raises(ValueError, match="remat="):
+    layers.Attention(32, 4, 2, kind="superlinear", rngs=rngs, remat=1)
   upper = attn.BlockLayout.from_mask(np.ones((8, 8), bool), block_q=4, block_k=4)
   with pytest.raises(ValueError, match="layout= must be causal"):
     layers.Attention(32, 4, 2, kind="block_sparse", rngs=rngs, layout=upper)
@@ -184,6 +186,20 @@ def test_constructor_errors():
   layer = make_layer("block_sparse")
   with pytest.raises(ValueError, match="max_len"):
     layer.init_cache(1, LEN + 1)
+
+
+def test_superlinear_layer_passes_remat_to_the_op(monkeypatch):
+  """`remat=True` reaches `attn.superlinear_attention` (default False)."""
+  seen = []
+  real = attn.ops.superlinear_attention
+  def spy(*a, **kw):
+    seen.append(kw["remat"])
+    return real(*a, **kw)
+  monkeypatch.setattr(attn.ops, "superlinear_attention", spy)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 16, 32))
+  for remat in (False, True):
+    layers.Attention(32, 4, 2, kind="superlinear", rngs=nnx.Rngs(0), remat=remat)(x)
+  assert seen == [False, True]
 
 
 def _mha(attention_fn=None, decode=False):

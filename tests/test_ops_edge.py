@@ -253,3 +253,48 @@ def test_huge_span_factors_cover_everything_instead_of_overflowing(impl):
                                    config=cfg, implementation=impl)
   want = attn_oracles.attention_loop(x["q"], x["k"], x["v"], lambda pos, j: True)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+def _count_pallas_calls(fn, *args) -> int:
+  """`pallas_call` equations in `fn`'s jaxpr, sub-jaxprs (scan bodies,
+  custom VJPs) included: the printed jaxpr shows them inline."""
+  return str(jax.make_jaxpr(fn)(*args)).count("pallas_call[")
+
+
+def test_superlinear_remat_recomputes_query_chunks_with_the_same_result(monkeypatch):
+  """`remat=True` on a Pallas prefill that runs span attention in query
+  chunks (the chunk size lowered to 32 queries so that 80 queries make 3
+  chunks): values and gradients wrt q, k, v, q_search, k_search equal
+  `remat=False`'s and the reference's, and the gradient's program holds more
+  kernel calls (each chunk's span forward again in the backward)."""
+  from attn.pallas import superlinear as pallas_superlinear
+  monkeypatch.setattr(pallas_superlinear, "SCAN_ABOVE", 32)
+  monkeypatch.setattr(pallas_superlinear, "QUERY_CHUNK", 32)
+  config = attn.SuperlinearConfig(sw_index=3, num_spans=2, search_power=0.55,
+                                  span_power=0.55, backward_factor=3.0)
+  keys = jax.random.split(jax.random.PRNGKey(11), 6)
+  b, lq, hq, hk, d = 1, 80, 4, 2, 16
+  q = jax.random.normal(keys[0], (b, lq, hq, d), jnp.float32)
+  k = jax.random.normal(keys[1], (b, lq, hk, d), jnp.float32)
+  v = jax.random.normal(keys[2], (b, lq, hk, d), jnp.float32)
+  qs = jax.random.normal(keys[3], (b, lq, hq, 8), jnp.float32)
+  ks = jax.random.normal(keys[4], (b, lq, hk, 8), jnp.float32)
+  cot = jax.random.normal(keys[5], q.shape, jnp.float32)
+
+  def vjp(impl, remat):
+    f = lambda *a: attn.superlinear_attention(*a, config=config,  # noqa: E731
+                                              implementation=impl, remat=remat)
+    out, pull = jax.vjp(f, q, k, v, qs, ks)
+    return out, pull(cot)
+
+  want = vjp("reference", False)
+  for remat in (False, True):
+    chex.assert_trees_all_close(vjp("pallas", remat), want, atol=2e-4, rtol=2e-4)
+  calls = [_count_pallas_calls(lambda: vjp("pallas", r)[1]) for r in (False, True)]
+  assert calls[1] > calls[0] > 0, calls
+
+
+def test_superlinear_remat_must_be_a_bool():
+  x = jnp.zeros((1, 8, 2, 8))
+  with pytest.raises(ValueError, match="remat='yes'"):
+    attn.superlinear_attention(x, x, x, x, remat="yes")

@@ -38,6 +38,9 @@ class Case:
     sum of the output wrt q, k, v and, for superlinear, q_search, k_search).
   heads: (num_q_heads, num_kv_heads).
   p: PPA exponent (ppa ops). config: "default" or "released" (superlinear ops).
+  remat: superlinear prefill only: `superlinear_attention(remat=True)` (span
+    attention's query chunks recomputed in the backward; acts above 128K
+    queries).
   """
 
   op: str
@@ -49,6 +52,7 @@ class Case:
   p: float = 0.5
   config: str = "default"
   q_len: int | None = None      # decode ops only (default 16)
+  remat: bool = False
 
   def __post_init__(self):
     if self.op not in OPS:
@@ -58,6 +62,8 @@ class Case:
     object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
     if self.op.endswith("_decode") and self.q_len is None:
       object.__setattr__(self, "q_len", 16)
+    if self.remat and self.op != "superlinear":
+      raise ValueError(f"remat=True: only the superlinear prefill has it, not op={self.op!r}.")
 
   @property
   def key(self) -> str:
@@ -66,7 +72,7 @@ class Case:
     if op.startswith("ppa"):
       op += f"(p={self.p:g})"
     if op.startswith("superlinear"):
-      op += f"({self.config})"
+      op += f"({self.config}{',remat' if self.remat else ''})"
     if self.q_len is not None:
       op += f"[q{self.q_len}]"
     dt = {"bfloat16": "bf16", "float32": "f32"}.get(self.dtype, self.dtype)
@@ -126,8 +132,9 @@ def _op_fn(case: Case):
     return (lambda q, k, v: attn.ppa_attention(q, k, v, p=case.p, **off, **impl)), 3
   config = attn.SuperlinearConfig(**RELEASED) if case.config == "released" else \
       attn.SuperlinearConfig()
+  remat = dict(remat=True) if case.remat else {}
   return (lambda q, k, v, qs, ks: attn.superlinear_attention(
-      q, k, v, qs, ks, config=config, **off, **impl)), 5
+      q, k, v, qs, ks, config=config, **off, **remat, **impl)), 5
 
 
 def build(case: Case, sharding):

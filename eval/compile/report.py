@@ -257,6 +257,7 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
                      f"{_secs(results.get(('gpu', key)))}")
     out.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
   out += _heads_section(results, targets)
+  out += _remat_section(results)
   out += ["", "## Not run", "",
           "Cases of the sweep matrix (`eval.compile.cases.sweep_cases`) with no "
           "result, per target: op and mode, the number of cases and their lengths.", ""]
@@ -275,6 +276,43 @@ def render(runs: list[dict], results: dict, matrix: list[Case]) -> str:
   return "\n".join(out) + "\n"
 
 
+def _cell(r: dict | None) -> str:
+  """Seconds (temporaries) of one superlinear record, or why there are none."""
+  if r is None:
+    return "-"
+  if r["status"] == "too_big":
+    return f"too big ({r['need_gib']:g} of {r['hbm_gib']:g} GiB)"
+  if r["status"] != "ok":
+    return r["status"]
+  temp = r.get("temp_bytes")
+  return f"{compile_seconds(r):.1f}" + (f" ({temp / 2**30:.1f} GiB)" if temp is not None
+                                        else "")
+
+
+def _remat_section(results: dict) -> list[str]:
+  """Superlinear forward + backward compiled with `remat=True` beside the
+  same case without it, per target."""
+  rows = []
+  for (t, key), r in results.items():
+    c = r.get("case") or {}
+    if not c.get("remat") or c.get("mode") != "grad":
+      continue
+    plain = Case.from_json(json.dumps(dict(c, remat=False))).key
+    rows.append(((c["config"], c["seq_len"], -c["heads"][1], t),
+                 f"| {c['config']} | {_short_len(c['seq_len'])} | "
+                 f"{c['heads'][0]}:{c['heads'][1]} | {t} | {_cell(results.get((t, plain)))} "
+                 f"| {_cell(r)} |"))
+  if not rows:
+    return []
+  return ["", "## Superlinear forward + backward with `remat=True`", "",
+          "Lower + compile wall seconds (temporaries), head_dim 128, bf16: "
+          "`superlinear_attention(remat=True)` keeps only each 64K-query chunk's "
+          "inputs and runs its span forward again in the backward (above 128K "
+          "queries), beside the same case without it (`--remat`).", "",
+          "| config | L | heads | target | without remat | remat |",
+          "|---|---|---|---|---|---|"] + [line for _, line in sorted(rows)]
+
+
 def _heads_section(results: dict, targets: list[str]) -> list[str]:
   """Superlinear forward + backward compile seconds per head layout: the
   sweep matrix uses 8:2; `--heads` runs add the others, so the cost of few
@@ -283,7 +321,7 @@ def _heads_section(results: dict, targets: list[str]) -> list[str]:
   for (t, key), r in results.items():
     c = r.get("case") or {}
     if (c.get("op") != "superlinear" or c.get("mode") != "grad" or c.get("head_dim") != 128
-        or c.get("dtype") != "bfloat16"):
+        or c.get("dtype") != "bfloat16" or c.get("remat")):
       continue
     rows[(c.get("config"), c["seq_len"], tuple(c["heads"]))][t] = r
   # Only lengths compiled at more than one head layout.
@@ -304,17 +342,7 @@ def _heads_section(results: dict, targets: list[str]) -> list[str]:
          "|---|---|---|" + "---|" * len(cols)]
   for (config, n, heads), by in sorted(rows.items(),
                                        key=lambda x: (x[0][0], x[0][1], -x[0][2][1], x[0][2])):
-    cells = []
-    for t in cols:
-      r = by.get(t)
-      if r is None:
-        cells.append("-")
-      elif r["status"] == "too_big":
-        cells.append(f"too big ({r['need_gib']:g} of {r['hbm_gib']:g} GiB)")
-      else:
-        temp = r.get("temp_bytes")
-        cells.append(f"{compile_seconds(r):.1f}" + (f" ({temp / 2**30:.1f} GiB)"
-                                                     if temp is not None else ""))
+    cells = [_cell(by.get(t)) for t in cols]
     out.append(f"| {config} | {_short_len(n)} | {heads[0]}:{heads[1]} | "
                + " | ".join(cells) + " |")
   return out
