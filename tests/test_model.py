@@ -59,11 +59,19 @@ def random_tokens(seed, shape=(2, SEQ)):
     ("layer_pattern", ("sliding", "mamba")), ("layer_pattern", ()),
     ("window", 0), ("ppa_p", 1.5), ("superlinear", {"sw_index": 1}),
     ("search_key", "v"), ("attn_implementation", "cuda"), ("search_rope", 1),
-    ("search_memory", 1.0),
+    ("search_memory", 1.0), ("superlinear_remat", "yes"),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):
   with pytest.raises(ValueError, match=field):
     ModelConfig(**{field: value})
+
+
+def test_superlinear_remat_reaches_superlinear_layers_only():
+  from train.model import layer_options
+  on = ModelConfig(attention="superlinear", superlinear_remat=True)
+  assert layer_options(on, "superlinear")["remat"] is True
+  assert layer_options(ModelConfig(attention="superlinear"), "superlinear")["remat"] is False
+  assert "remat" not in layer_options(on, "sliding")
 
 
 def test_config_is_hashable_and_layer_pattern_repeats():

@@ -407,6 +407,7 @@ _MODEL_KEY_USERS = {
     "search_key": ("superlinear",),
     "search_memory": ("superlinear",),
     "search_rope": ("superlinear",),
+    "superlinear_remat": ("superlinear",),
 }
 
 

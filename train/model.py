@@ -105,6 +105,11 @@ class ModelConfig:
       superlinear layer learn to route in docs/niah_routing.md; with RoPE it
       learned a fixed positional preference instead. `search_key="k"`
       always searches with RoPE (the keys are the attention's).
+    superlinear_remat: superlinear layers call the op with `remat=True`:
+      with the Pallas kernels, prefills of more than 128K tokens recompute
+      span attention's query chunks in the backward (less memory, a second
+      span forward; `attn.superlinear_attention`). Same values and
+      gradients.
     attn_implementation: passed to the attn ops (None = best available).
     allow_interpret: let training run `attn_implementation="pallas"` on a
       backend without compiled Pallas kernels (CPU), where the kernels run in
@@ -135,6 +140,7 @@ class ModelConfig:
   search_key: str = "k"
   search_memory: float = 32.0
   search_rope: bool = False
+  superlinear_remat: bool = False
   attn_implementation: str | None = None
   allow_interpret: bool = False
   norm_eps: float = 1e-6
@@ -184,6 +190,8 @@ class ModelConfig:
       bad("search_key", f"must be one of {SEARCH_KEYS}")
     if not isinstance(self.search_rope, bool):
       bad("search_rope", "must be a bool")
+    if not isinstance(self.superlinear_remat, bool):
+      bad("superlinear_remat", "must be a bool")
     m = self.search_memory
     if (isinstance(m, bool) or not isinstance(m, (int, float))
         or not math.isfinite(m) or m <= 1):
@@ -248,7 +256,8 @@ def layer_options(config: ModelConfig, kind: str) -> dict:
     return dict(p=config.ppa_p, window=config.window)
   if kind == "superlinear":
     return dict(config=config.superlinear, search_key=config.search_key,
-                search_memory=config.search_memory, search_rope=config.search_rope)
+                search_memory=config.search_memory, search_rope=config.search_rope,
+                remat=config.superlinear_remat)
   if kind == "dense":
     return {}
   raise ValueError(f"unknown attention type {kind!r}")

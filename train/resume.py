@@ -54,7 +54,7 @@ RESUMABLE_KEYS = frozenset({
     "log_every", "eval_every", "eval_batches", "tensorboard", "mesh_shape", "mesh_axes",
     "grad_accum",
     "data.num_threads", "data.prefetch", "model.attn_implementation",
-    "model.allow_interpret", "model.remat",
+    "model.allow_interpret", "model.remat", "model.superlinear_remat",
     # Sharding rules place the same arrays differently; checkpoints restore
     # onto any placement.
     "sharding.vocab", "sharding.embed", "sharding.q_heads", "sharding.kv_heads",
