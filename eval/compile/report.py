@@ -308,7 +308,11 @@ def _remat_section(results: dict) -> list[str]:
           "Lower + compile wall seconds (temporaries), head_dim 128, bf16: "
           "`superlinear_attention(remat=True)` keeps only each 64K-query chunk's "
           "inputs and runs its span forward again in the backward (above 128K "
-          "queries), beside the same case without it (`--remat`).", "",
+          "queries), beside the same case without it (`--remat`). The two cells of a "
+          "row may come from different runs (\"Runs\" above), and one compile's "
+          "seconds vary up to 2x between hours on this machine: compare the "
+          "temporaries here, and seconds only between runs of one hour "
+          "(docs/kernels_span.md has such pairs).", "",
           "| config | L | heads | target | without remat | remat |",
           "|---|---|---|---|---|---|"] + [line for _, line in sorted(rows)]
 
