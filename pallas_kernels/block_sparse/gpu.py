@@ -445,8 +445,10 @@ def _dkv_kernel(blocks, counts, masks, fstart, nfull, qo_ref, tiles_ref, q_ref, 
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
-  """Gradients `(dq, dk, dv)` in the padded layouts of `q, k, v`."""
+def bwd(q, k, v, do, lse, o, tabs: Tables, *, spec: Spec, interpret=False):
+  """Gradients `(dq, dk, dv)` in the padded layouts of `q, k, v`; `o`: the
+  forward's output (for `delta = rowsum(o * do)`, float32 `[B, Hq, Lq_pad]`)."""
+  delta = jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)
   d = q.shape[-1]
   dp = pad_head_dim(d, "gpu")
   q, k, v, do = (common.pad_last(x, dp) for x in (q, k, v, do))

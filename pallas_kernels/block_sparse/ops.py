@@ -24,7 +24,7 @@ import numpy as np
 
 from pallas_kernels import platform
 from pallas_kernels.block_sparse import common, gpu, tpu
-from pallas_kernels.block_sparse.common import F32, Spec, Tables
+from pallas_kernels.block_sparse.common import Spec, Tables
 from pallas_kernels.common import next_pow2
 
 # Runs compiled and tested on real hardware (empty: none recorded). `attn`
@@ -83,9 +83,10 @@ def _attention_bwd(spec, variant, res, do):
   k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)     # the backward's heads-first K, V
   if platform.targets_tpu(variant):
     tpu.check_smem(spec, transposed=True)
-  delta = jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)          # [B, Hq, Lq_pad]
+  # Each platform forms delta = rowsum(o * do) in its own layout (TPU: a
+  # kernel writing the lane-dense rows its kernels read, `tpu.delta_rows`).
   dq, dk, dv = platform.dispatch(
-      (q, k, v, do, lse, delta, tabs), tpu=functools.partial(tpu.bwd, spec=spec),
+      (q, k, v, do, lse, o, tabs), tpu=functools.partial(tpu.bwd, spec=spec),
       gpu=functools.partial(gpu.bwd, spec=spec), variant=variant)
   return dq, jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2), jax.tree.map(lambda _: None, tabs)
 

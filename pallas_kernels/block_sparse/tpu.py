@@ -7,8 +7,10 @@ gradient accumulators live in VMEM scratch. Block shapes follow the (8, 128)
 rule: rows are `block_q` / `block_k` (multiples of 8), lanes the head_dim
 padded to a multiple of 128. `lse` / `delta` travel lane-dense, one
 `(1, block_q)` row per query block of a `[B, Hq, nq, 1, block_q]` array
-(`_rows`), and are turned into the `[block_q, 1]` column the tile math uses
-inside the kernel (`pallas_kernels.common.to_column` / `to_row`: a diagonal
+(`_rows`; the backward's `delta` is written in it by `delta_rows`, a kernel:
+a reshape of a `[B, Hq, L]` array into it is a relayout that XLA:TPU
+compiles into code linear in L), and are turned into the `[block_q, 1]`
+column the tile math uses inside the kernel (`pallas_kernels.common.to_column` / `to_row`: a diagonal
 sum, not a reshape, which v4's Mosaic cannot lower).
 
 SMEM is 1 MiB on v4, v5e and v6e (deviceless compile: a 1 MiB scalar-prefetch
@@ -21,7 +23,8 @@ kernels before building a layout that could not fit (`attn.pallas.ppa`).
   * forward: grid `(B, Hq, nq, width)`, key slots innermost;
   * dq: the same grid;
   * dkv: grid `(B, Hk, nk, G, width_t)`: for a key block, every query head of
-    its group and every query block that lists it (GQA accumulates in VMEM).
+    its group and every query block that lists it (GQA accumulates in VMEM);
+  * delta (before dq and dkv): grid `(B, Hq, nq)`, `rowsum(o * do)`.
 
 float16 inputs run in float32 (Mosaic has no float16 matmul).
 """
@@ -388,15 +391,44 @@ def _dkv_kernel(
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def bwd(q, k, v, do, lse, delta, tabs: Tables, *, spec: Spec, interpret=False):
-  """Gradients `(dq, dk, dv)` in the padded layouts of `q, k, v`."""
+def _delta_kernel(o_ref, do_ref, delta_ref):
+  prod = o_ref[...].astype(F32) * do_ref[...].astype(F32)
+  delta_ref[...] = to_row(jnp.sum(prod, axis=-1, keepdims=True))
+
+
+def delta_rows(o, do, *, spec: Spec, interpret=False):
+  """`delta = rowsum(o * do)` float32 `[B, Hq, nq, 1, bq]` (`_rows` layout).
+
+  o, do: `[B, Hq, Lq_pad, D]`. A kernel writes each query block's row
+  lane-dense; computing `[B, Hq, Lq_pad]` in XLA and reshaping it to
+  `_rows` is a relayout that XLA:TPU compiles into straight-line code linear
+  in `Lq_pad` (deviceless v4, dense grad at 1M: most of the program's
+  low-level code).
+  """
+  b, hq, lqp, d = o.shape
+  bq, nq = spec.block_q, spec.num_q_blocks
+  row = pl.BlockSpec((None, None, bq, d), lambda bb, hh, i: (bb, hh, i, 0))
+  return pallas_call(
+      _delta_kernel, grid=(b, hq, nq), in_specs=[row, row],
+      out_specs=pl.BlockSpec((None, None, None, 1, bq), lambda bb, hh, i: (bb, hh, i, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, hq, nq, 1, bq), F32),
+      compiler_params=_compiler(3, 0), interpret=interpret,
+      cost_estimate=cost.block_sparse_delta(batch=b, q_heads=hq, head_dim=d, rows=lqp,
+                                            itemsize=o.dtype.itemsize),
+      name="block_sparse_delta")(o, do)
+
+
+def bwd(q, k, v, do, lse, o, tabs: Tables, *, spec: Spec, interpret=False):
+  """Gradients `(dq, dk, dv)` in the padded layouts of `q, k, v`; `o`: the
+  forward's output (`delta_rows`)."""
   dtypes, d = (q.dtype, k.dtype, v.dtype), q.shape[-1]
+  delta = delta_rows(*_cast_in(o, do), spec=spec, interpret=interpret)
   dp = pad_head_dim(d, "tpu")
   q, k, v, do = (common.pad_last(x, dp) for x in _cast_in(q, k, v, do))
   b, hq, lqp, _ = q.shape
   hk, lkp = k.shape[1], k.shape[2]
   bq, bk = spec.block_q, spec.block_k
-  lse, delta = _rows(lse, bq), _rows(delta, bq)
+  lse = _rows(lse, bq)
   table = spec.mode == "table"
 
   def specs(transposed):

@@ -47,8 +47,8 @@ masking overhead and register spills.
 
 from pallas_kernels.cost.base import (F32_BYTES, I32_BYTES, KernelCost, padded_head_dim,
                                       stripe_rows)
-from pallas_kernels.cost.block_sparse import (block_sparse_dkv, block_sparse_dq,
-                                              block_sparse_fwd)
+from pallas_kernels.cost.block_sparse import (block_sparse_delta, block_sparse_dkv,
+                                              block_sparse_dq, block_sparse_fwd)
 from pallas_kernels.cost.decode import (DECODE_TILE, decode_band, decode_ranges,
                                         decode_search, decode_stripes)
 from pallas_kernels.cost.span import (span_bwd, span_dkv, span_dq, span_fwd,
@@ -60,8 +60,8 @@ from pallas_kernels.cost.stripe import (band_chunks, gate_logits_bwd, ppa_dkv, p
 
 __all__ = [
     "DECODE_TILE", "F32_BYTES", "I32_BYTES", "KernelCost", "band_chunks",
-    "block_sparse_dkv", "block_sparse_dq", "block_sparse_fwd", "decode_band",
-    "decode_ranges", "decode_search", "decode_stripes", "gate_logits_bwd",
+    "block_sparse_delta", "block_sparse_dkv", "block_sparse_dq", "block_sparse_fwd",
+    "decode_band", "decode_ranges", "decode_search", "decode_stripes", "gate_logits_bwd",
     "padded_head_dim", "ppa_dkv", "ppa_dq", "ppa_fwd", "ppa_stripe_visits",
     "search_wave_rows", "span_bwd", "span_dkv", "span_dq", "span_fwd", "span_key_blocks",
     "span_wave_key_blocks", "stripe_rows", "stripe_search", "stripe_visits",

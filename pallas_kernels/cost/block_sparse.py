@@ -47,6 +47,17 @@ def block_sparse_dq(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
                          programs=batch * q_heads * num_q_blocks), detail)
 
 
+def block_sparse_delta(*, batch: int, q_heads: int, head_dim: int, rows: int,
+                       itemsize: int = 2, detail: bool = False):
+  """The backward's `delta = rowsum(o * do)` as a kernel (TPU), grid
+  `(B, Hq, nq)`: o and do in (`rows` per head, unpadded head_dim), one
+  float32 per row out; `2 D` FLOPs per row."""
+  n = batch * q_heads * rows
+  return _out(KernelCost(vector_flops=2 * n * head_dim,
+                         bytes_accessed=n * (2 * head_dim * itemsize + F32_BYTES),
+                         programs=batch * q_heads), detail)
+
+
 def block_sparse_dkv(*, batch: int, q_heads: int, kv_heads: int, head_dim: int,
                      num_k_blocks: int, tiles: int, block_q: int, block_k: int,
                      itemsize: int = 2, platform: str = "gpu", detail: bool = False):
