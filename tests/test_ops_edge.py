@@ -264,9 +264,9 @@ def _count_pallas_calls(fn, *args) -> int:
 def test_superlinear_remat_recomputes_query_chunks_with_the_same_result(monkeypatch):
   """`remat=True` on a Pallas prefill that runs span attention in query
   chunks (the chunk size lowered to 32 queries so that 80 queries make 3
-  chunks): values and gradients wrt q, k, v, q_search, k_search equal
-  `remat=False`'s and the reference's, and the gradient's program holds more
-  kernel calls (each chunk's span forward again in the backward)."""
+  chunks): values and gradients wrt q, k, v, q_search, k_search equal the
+  reference's, and the gradient's program holds more kernel calls than with
+  `remat=False` (each chunk's span forward again in the backward)."""
   from attn.pallas import superlinear as pallas_superlinear
   monkeypatch.setattr(pallas_superlinear, "SCAN_ABOVE", 32)
   monkeypatch.setattr(pallas_superlinear, "QUERY_CHUNK", 32)
@@ -287,9 +287,9 @@ def test_superlinear_remat_recomputes_query_chunks_with_the_same_result(monkeypa
     out, pull = jax.vjp(f, q, k, v, qs, ks)
     return out, pull(cot)
 
-  want = vjp("reference", False)
-  for remat in (False, True):
-    chex.assert_trees_all_close(vjp("pallas", remat), want, atol=2e-4, rtol=2e-4)
+  # remat=False's values are the op suite's (tests/test_op_suite.py).
+  chex.assert_trees_all_close(vjp("pallas", True), vjp("reference", False), atol=2e-4,
+                              rtol=2e-4)
   calls = [_count_pallas_calls(lambda: vjp("pallas", r)[1]) for r in (False, True)]
   assert calls[1] > calls[0] > 0, calls
 
