@@ -132,9 +132,8 @@ def _op_fn(case: Case):
     return (lambda q, k, v: attn.ppa_attention(q, k, v, p=case.p, **off, **impl)), 3
   config = attn.SuperlinearConfig(**RELEASED) if case.config == "released" else \
       attn.SuperlinearConfig()
-  remat = dict(remat=True) if case.remat else {}
   return (lambda q, k, v, qs, ks: attn.superlinear_attention(
-      q, k, v, qs, ks, config=config, **off, **remat, **impl)), 5
+      q, k, v, qs, ks, config=config, remat=case.remat, **off, **impl)), 5
 
 
 def build(case: Case, sharding):
