@@ -72,8 +72,8 @@ def loads(monkeypatch):
 
   monkeypatch.setattr(stripe_gpu._GpuCtx, "rows", rows)
   orig_span = span_gpu._load
-  monkeypatch.setattr(span_gpu, "_load", lambda ref, start, size: (
-      rec.note("span", size, start), orig_span(ref, start, size))[1])
+  monkeypatch.setattr(span_gpu, "_load", lambda ref, start, size, head=None: (
+      rec.note("span", size, start), orig_span(ref, start, size, head))[1])
   orig_ws = dec_common.window_start
 
   def window_start(start, *, align, n_buf, kv_len):

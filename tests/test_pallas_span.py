@@ -151,6 +151,63 @@ def test_interval_attention_rows_by_index(variant, dtype, block):
   ph.vjp_check(fn, ref, (q, k, v), ks[4], argnums=(0, 1, 2), **TOL[dtype])
 
 
+@pytest.mark.parametrize("variant,dtype,h,hk,rows_by_index", [
+    ("gpu_interpret", jnp.float16, 4, 2, False),
+    ("gpu_interpret", jnp.float16, 4, 1, True),
+    # 8 row heads: the TPU dk/dv kernel DMAs an aligned group of 8 heads' vectors
+    ("tpu_checked", jnp.bfloat16, 8, 2, False),
+    ("tpu_interpret", jnp.bfloat16, 4, 2, True),
+    pytest.param("gpu", jnp.float16, 4, 2, True, marks=pytest.mark.gpu),
+    pytest.param("tpu", jnp.bfloat16, 8, 2, False, marks=pytest.mark.tpu)])
+def test_interval_attention_row_heads_share_kv_heads(variant, dtype, h, hk, rows_by_index):
+  """`H` row heads over `Hk < H` kv heads: row head `j` attends kv head
+  `j // (H / Hk)`, and dk / dv sum over a kv head's row heads. Values and
+  VJPs against the dense oracle on k / v repeated per row head."""
+  b, rq, lk, d, copies = 1, 32, 48, 24, 2 if rows_by_index else 1
+  r = copies * rq
+  ks = jax.random.split(jax.random.PRNGKey(11), 8)
+  q = _normal(ks[0], (b, h, rq, d), dtype)
+  k, v = (_normal(ks[i], (b, hk, lk, d), dtype) for i in (1, 2))
+  lo = jax.random.randint(ks[3], (b, h, r), 0, lk)
+  hi = jnp.minimum(lo + jax.random.randint(ks[4], (b, h, r), -3, 20), lk - 1)
+  ct = jax.random.normal(ks[5], (b, h, r), jnp.float32)
+  rows = None
+  if rows_by_index:
+    perm = np.stack([np.asarray(jax.random.permutation(jax.random.fold_in(ks[6], i), r))
+                     for i in range(h)])[None]
+    rows = (perm, np.argsort(perm, axis=-1))
+  fn = jax.jit(lambda q, k, v: _mix(interval_attention(
+      q, k, v, lo, hi, scale=0.3, block_q=16, block_k=16, variant=variant, rows=rows), ct))
+
+  def ref(q, k, v):
+    if rows is not None:   # the copies made by plain indexing
+      q = jnp.stack([q[0, i][rows[0][0, i] % rq] for i in range(h)])[None]
+    rep = lambda x: jnp.repeat(x, h // hk, axis=1)  # noqa: E731
+    return _mix(interval_oracle(q, rep(k), rep(v), lo, hi, 0.3), ct)
+
+  ph.vjp_check(fn, ref, (q, k, v), ks[7], argnums=(0, 1, 2), **TOL[dtype])
+
+
+def test_interval_attention_rejects_kv_heads_not_dividing_row_heads():
+  q = jnp.zeros((1, 4, 16, 8))
+  lo = hi = jnp.zeros((1, 4, 16), jnp.int32)
+  for kv in (jnp.zeros((1, 3, 16, 8)), jnp.zeros((1, 8, 16, 8))):
+    with pytest.raises(ValueError, match="a multiple of Hk"):
+      interval_attention(q, kv, kv, lo, hi, scale=1.0)
+
+
+@pytest.mark.parametrize("hq,hk", [(8, 2), (32, 8), (4, 1), (16, 2), (6, 2), (12, 3),
+                                   (2, 2), (64, 8), (8, 1), (32, 1), (24, 3)])
+def test_row_heads_fill_a_sublane_tile_with_whole_groups(hq, hk):
+  """Span attention's row heads: the fewest kv-head multiples `hk * m` (`m`
+  dividing the group) reaching 8, else every query head (plain search)."""
+  group = hq // hk
+  fits = [hk * m for m in range(1, group + 1) if group % m == 0 and hk * m >= 8]
+  want = fits[0] if fits else hq
+  got = span_common.row_heads(hq, hk)
+  assert got == want and hq % got == 0 and got % hk == 0
+
+
 def test_interval_attention_rows_reject_mismatched_tables():
   """`rows=` names the argument and the shapes it needs."""
   q = jnp.zeros((1, 2, 10, 8))

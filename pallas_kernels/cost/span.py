@@ -13,7 +13,7 @@ def span_fwd(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: in
              platform: str = "gpu", wave_key_blocks: int | None = None,
              detail: bool = False):
   """Interval attention forward (`span.interval_attention`), grid
-  `(B, H, rows / bq)` with `H` the kv heads.
+  `(B, H, rows / bq)` with `H` the row heads (`span.common.row_heads`).
 
   `key_blocks`: key blocks visited, summed over every row tile of the grid
   (all batches and heads; each tile visits the blocks covering its rows'
@@ -38,7 +38,7 @@ def span_fwd(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: in
 def span_wave_key_blocks(rows: int, kv_len: int, max_keys: int, *, block_q: int,
                          block_k: int, wave: int, rows_per_key: float = 1.0) -> int:
   """Distinct key blocks the waves of an interval-attention call read, per
-  (batch, kv head), summed over waves (the wave model, `KernelCost`).
+  (batch, row head), summed over waves (the wave model, `KernelCost`).
 
   Rows are sorted by interval start (span pairs) or ordered by query
   (window rows), `rows_per_key` rows per key position, so a wave of `wave`
@@ -71,7 +71,7 @@ def window_key_blocks(seq_len: int, window: int, group: int, block_q: int = 64,
 
 def span_key_blocks(rows: int, span_keys: int, kv_len: int, block_q: int = 64,
                     block_k: int = 64) -> int:
-  """Expected key blocks of the span call, per (batch, kv head).
+  """Expected key blocks of the span call, per (batch, row head).
 
   `rows`: (query, head, slot) pairs, sorted by span start; `span_keys`: the
   sum of their span lengths. A tile of `block_q` rows with nearly equal
@@ -101,7 +101,7 @@ def span_dq(*, batch: int, heads: int, head_dim: int, rows: int, key_blocks: int
 def span_dkv(*, batch: int, heads: int, head_dim: int, kv_len: int, tile_visits_t: int,
              block_q: int = 64, block_k: int = 64, itemsize: int = 2,
              platform: str = "gpu", detail: bool = False):
-  """Interval attention dk/dv kernel, grid `(B, H, nkb)`, looping over
+  """Interval attention dk/dv kernel, grid `(B, H, nkb)` (`H` the kv heads), looping over
   `tile_visits_t` row tiles (total over the grid) with q, do, lse, delta,
   lo, hi each (8 FLOPs per entry and element); dk, dv out (input dtype)."""
   dp = padded_head_dim(head_dim, platform)

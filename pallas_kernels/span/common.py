@@ -5,10 +5,14 @@ row tensor (a query of one head) attends the contiguous key range
 `[lo[r], hi[r]]` (inclusive; empty when `hi < lo`). Superlinear span
 attention is two such calls:
 
-  * the **window**: rows are the queries (query-major, the `G` heads of a kv
-    head interleaved), `[pos - W + 1, pos]`;
+  * the **window**: rows are the queries (head-major: the query heads of a
+    row head one after another), `[pos - W + 1, pos]`;
   * the **spans**: rows are the (slot, head, query) pairs, sorted by span
     start, `[max(a - back(t), 0), min(a + fwd(t), pos - W)]`.
+
+Rows live in *row heads* (`row_heads`): each holds the rows of some query
+heads of one kv head's group (all of them with 8 or more kv heads; one per
+row head for 8:2), and reads that kv head's K/V.
 
 Rows are cut into tiles of `block_q` rows. A tile visits the key blocks
 (`block_k` keys each) covering the union `[min lo, max hi]` of its non-empty
@@ -47,6 +51,27 @@ from pallas_kernels.span.scan import scan
 
 EMPTY_LO, EMPTY_HI = 0, -1
 _BIG = jnp.iinfo(jnp.int32).max
+
+
+ROW_HEADS = 8   # sublanes of a 32-bit TPU tile
+
+
+def row_heads(q_heads: int, kv_heads: int) -> int:
+  """Row heads of span attention's per-row tables `[B, hv, n]`: the fewest
+  `kv_heads * m` (`m` dividing the group `q_heads / kv_heads`) that is at
+  least `ROW_HEADS`, else `q_heads`. Each row head holds the rows of
+  `q_heads / hv` query heads of one kv head's group.
+
+  XLA:TPU tiles the two minor axes of `[B, hv, n]` by `(min(hv, 8), 128)`:
+  with 2 kv heads, tables per kv head fill a quarter of each tile, and the
+  glue's elementwise programs, gathers and relayouts over them compile (and
+  run) on four times the tiles. 32:8 heads keep one row head per kv head.
+  """
+  group = q_heads // kv_heads
+  for m in range(1, group + 1):
+    if group % m == 0 and kv_heads * m >= ROW_HEADS:
+      return kv_heads * m
+  return q_heads
 
 
 def tile_bounds(lo, hi, block_q: int):

@@ -1,7 +1,8 @@
 """GPU (Pallas Triton) variant of the interval-attention kernels.
 
-Same arrays and tables as the TPU variant (`tpu.py`; forward and dq grids
-`(B, H, tiles)` here), with `Dp` a power of two >= 16 and `block_q`,
+Same arrays and tables as the TPU variant (`tpu.py`: `H` row heads over
+`Hk` kv heads; forward and dq grids `(B, H, tiles)` here, dk/dv `(B, Hk,
+key blocks)` looping over the kv head's row heads), with `Dp` a power of two >= 16 and `block_q`,
 `block_k` powers of two; per-row vectors (`lo`, `hi`, `lse`, `delta`) are
 `[B, H, R]` arrays loaded as `[block_q]` blocks (no lane padding on GPU;
 reshaped to columns or rows in registers). Tables are ordinary int32 inputs
@@ -34,9 +35,11 @@ from pallas_kernels.common import F32, block_first_call, block_first_id
 _I = jnp.int32
 
 
-def _load(ref, start, size):
-  """Rows `[start, start + size)` of a `[n, D]` or `[n]` ref."""
-  return pltriton.load(ref.at[pl.ds(start, size)])
+def _load(ref, start, size, head=None):
+  """Rows `[start, start + size)` of a `[n, D]` or `[n]` ref (`head`: of
+  head `head` of a `[heads, n, ...]` ref; one indexer, as Triton needs)."""
+  rows = pl.ds(start, size)
+  return pltriton.load(ref.at[rows] if head is None else ref.at[head, rows])
 
 
 def _column(x):
@@ -103,28 +106,35 @@ def _dq_kernel(tbl_ref, q_ref, *refs, scale, block_q, block_k, gather):
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, *refs, scale, block_q, block_k, gather):
+def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, *refs, scale, block_q, block_k, gather,
+                kv_group):
+  """Program `(b, h, c)`: kv head `h`, key block `c`; loops over the
+  `kv_group` row heads of kv head `h` (the row refs hold all of them:
+  `[kv_group, ...]`) and, for each, over its table's tiles."""
   qi_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
   do_ref, lse_ref, delta_ref, lo_ref, hi_ref, dk_ref, dv_ref = refs
   c = block_first_id(2)
-  t0, count = _tile_entry(kv_tbl_ref, c)
   k, v = k_ref[...], v_ref[...]
   k_start = c * block_k
   prec = common.precision_for(k.dtype)
 
-  def step(i, carry):
-    dk, dv = carry
-    r0 = (t0 + i) * block_q
-    vec = lambda ref: _row(_load(ref, r0, block_q))  # noqa: E731
-    mask_t = common.row_mask_t(k_start, vec(lo_ref), vec(hi_ref), block_k, block_q)
-    q = (_load(q_ref, r0, block_q) if qi_ref is None
-         else _gather(q_ref, _load(qi_ref, r0, block_q)))
-    return common.dkv_update(dk, dv, q, _load(do_ref, r0, block_q),
-                             k, v, vec(lse_ref), vec(delta_ref), mask_t, scale=scale,
-                             precision=prec)
+  def one_head(g, carry):
+    t0, count = kv_tbl_ref[g, _I(0), c], kv_tbl_ref[g, _I(1), c]
+
+    def step(i, carry):
+      dk, dv = carry
+      r0 = (t0 + i) * block_q
+      rows = lambda ref: _load(ref, r0, block_q, g)  # noqa: E731
+      vec = lambda ref: _row(rows(ref))  # noqa: E731
+      mask_t = common.row_mask_t(k_start, vec(lo_ref), vec(hi_ref), block_k, block_q)
+      q = rows(q_ref) if qi_ref is None else q_ref[g, rows(qi_ref)]
+      return common.dkv_update(dk, dv, q, rows(do_ref), k, v, vec(lse_ref),
+                               vec(delta_ref), mask_t, scale=scale, precision=prec)
+
+    return jax.lax.fori_loop(0, count, step, carry)
 
   zeros = jnp.zeros(k.shape, F32)
-  dk, dv = jax.lax.fori_loop(0, count, step, (zeros, zeros))
+  dk, dv = jax.lax.fori_loop(0, kv_group, one_head, (zeros, zeros))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -169,19 +179,21 @@ def _params(dp, dtype, block_q=64):
   return pltriton.CompilerParams(num_warps=warps, num_stages=2)
 
 
-def _seq(n, dp):
-  """Whole-sequence block of the program's (batch, head)."""
-  return pl.BlockSpec((None, None, n, dp), lambda bb, hh, tt: (bb, hh, 0, 0))
+def _seq(n, dp, heads=None, kv_group=1):
+  """Whole-sequence block of the program's (batch, head): of kv head
+  `head // kv_group`; `heads`: of the `heads` heads `head * heads ...`
+  (`[heads, n, dp]`)."""
+  return pl.BlockSpec((None, heads, n, dp), lambda bb, hh, tt: (bb, hh // kv_group, 0, 0))
 
 
-def _seq_vec(n):
-  """Whole-sequence `[n]` vector of the program's (batch, head)."""
-  return pl.BlockSpec((None, None, n), lambda bb, hh, tt: (bb, hh, 0))
+def _seq_vec(n, heads=None):
+  """Whole-sequence `[n]` vector of the program's (batch, head) (`heads`: as `_seq`)."""
+  return pl.BlockSpec((None, heads, n), lambda bb, hh, tt: (bb, hh, 0))
 
 
-def _tbl(n):
-  """The whole `[2, n]` table of the program's (batch, head)."""
-  return pl.BlockSpec((None, None, 2, n), lambda bb, hh, tt: (bb, hh, 0, 0))
+def _tbl(n, heads=None):
+  """The whole `[2, n]` table of the program's (batch, head) (`heads`: as `_seq`)."""
+  return pl.BlockSpec((None, heads, 2, n), lambda bb, hh, tt: (bb, hh, 0, 0))
 
 
 def _q_specs(q, qi, block_q, row):
@@ -207,7 +219,8 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
                              gather=qi is not None)
   return block_first_call(
       kernel, grid=(b, h, nt),
-      in_specs=[_tbl(nt), *q_specs, vec, vec, _seq(lk, dp), _seq(lk, dp)],
+      in_specs=[_tbl(nt), *q_specs, vec, vec, _seq(lk, dp, kv_group=h // k.shape[1]),
+                _seq(lk, dp, kv_group=h // k.shape[1])],
       out_specs=[pl.BlockSpec((None, None, block_q, dp), row), vec],
       out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), q.dtype),
                  jax.ShapeDtypeStruct((b, h, r), F32)],
@@ -230,7 +243,8 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
   return block_first_call(
       kernel, grid=(b, h, nt),
       in_specs=[_tbl(nt), *q_specs, pl.BlockSpec((None, None, block_q, dp), row),
-                vec, vec, vec, vec, _seq(lk, dp), _seq(lk, dp)],
+                vec, vec, vec, vec, _seq(lk, dp, kv_group=h // k.shape[1]),
+                _seq(lk, dp, kv_group=h // k.shape[1])],
       out_specs=pl.BlockSpec((None, None, block_q, dp), row),
       out_shape=jax.ShapeDtypeStruct((b, h, r, dp), q.dtype),
       compiler_params=_params(dp, q.dtype), interpret=interpret,
@@ -240,25 +254,27 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
 
 def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, block_k,
         interpret, cost_estimate=None, qi=None):
-  """`(dk, dv)` `[B, H, Lk, Dp]` in k's and v's dtypes (`qi`: q's rows by
-  index)."""
+  """`(dk, dv)` `[B, Hk, Lk, Dp]` in k's and v's dtypes (`qi`: q's rows by
+  index). Grid `(B, Hk, key blocks)`: a program loops over its kv head's
+  `H / Hk` row heads."""
   del tile_tbl  # the kv table's tile ranges suffice; row masks do the rest.
   b, h, r, dp = do.shape
-  lk = k.shape[2]
+  hk, lk = k.shape[1], k.shape[2]
+  g = h // hk
   nkb = lk // block_k
   blk = lambda bb, hh, cc: (bb, hh, cc, 0)  # noqa: E731
   kernel = functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k,
-                             gather=qi is not None)
-  q_specs = [_seq(q.shape[2], dp)] + ([] if qi is None else [_seq_vec(r)])
+                             gather=qi is not None, kv_group=g)
+  q_specs = [_seq(q.shape[2], dp, g)] + ([] if qi is None else [_seq_vec(r, g)])
   return block_first_call(
-      kernel, grid=(b, h, nkb),
-      in_specs=[_tbl(nkb), pl.BlockSpec((None, None, block_k, dp), blk),
+      kernel, grid=(b, hk, nkb),
+      in_specs=[_tbl(nkb, g), pl.BlockSpec((None, None, block_k, dp), blk),
                 pl.BlockSpec((None, None, block_k, dp), blk),
-                *q_specs, _seq(r, dp)] + [_seq_vec(r)] * 4,
+                *q_specs, _seq(r, dp, g)] + [_seq_vec(r, g)] * 4,
       out_specs=[pl.BlockSpec((None, None, block_k, dp), blk),
                  pl.BlockSpec((None, None, block_k, dp), blk)],
-      out_shape=[jax.ShapeDtypeStruct((b, h, lk, dp), k.dtype),
-                 jax.ShapeDtypeStruct((b, h, lk, dp), v.dtype)],
+      out_shape=[jax.ShapeDtypeStruct((b, hk, lk, dp), k.dtype),
+                 jax.ShapeDtypeStruct((b, hk, lk, dp), v.dtype)],
       compiler_params=_params(dp, q.dtype), interpret=interpret,
       cost_estimate=cost_estimate)(
           kv_tbl, k, v, q, *([] if qi is None else [qi]), do, lse, delta, lo, hi)

@@ -113,9 +113,9 @@ _MODULES = {"tpu": tpu, "gpu": gpu}
 
 
 def _cost_kw(platform_name, cfg, p):
-  """Static arguments of the `pallas_kernels.cost` span functions; key
-  blocks from `cfg.expected_keys` (`cost.span_key_blocks`: the tiles'
-  spread plus one block per tile; a lower bound when None)."""
+  """Static arguments of the `pallas_kernels.cost` span functions (`heads`:
+  the row heads); key blocks from `cfg.expected_keys` (`cost.span_key_blocks`:
+  the tiles' spread plus one block per tile; a lower bound when None)."""
   b, h, rp = p["lo"].shape
   blocks = cost.span_key_blocks(rp, cfg.expected_keys or 0, p["lk"], p["bq"], p["bk"])
   return dict(batch=b, heads=h, head_dim=p["d"], block_q=p["bq"], block_k=p["bk"],
@@ -168,6 +168,7 @@ def _bwd_variant(platform_name, cfg, q, k, v, lo, hi, rows, do, lse, delta, *, i
   args = (p["q"], p["k"], p["v"], do_p, lse_p, delta_p, p["lo"], p["hi"],
           p["tile_tbl"])
   dq = mod.dq(*args, **kw, cost_estimate=cost.span_dq(rows=rp, key_blocks=blocks, **ckw))
+  ckw["heads"] = p["k"].shape[1]   # dk/dv: one program per kv head and key block
   dk, dv = mod.dkv(*args, kv_tbl, **kw, cost_estimate=cost.span_dkv(
       kv_len=p["k"].shape[2], tile_visits_t=blocks, **ckw))
   r, lk, d = p["r"], p["lk"], p["d"]
@@ -214,9 +215,10 @@ def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = N
   """Row `r` attends keys `[lo[r], hi[r]]` (inclusive) with one softmax.
 
   Args:
-    q: `[B, H, R, D]` rows (queries of kv head `h`'s group, in any order);
-      with `rows`, `[B, H, Rq, D]` source rows.
-    k, v: `[B, H, Lk, D]` (kv heads; float32 / bfloat16 / float16 like q).
+    q: `[B, H, R, D]` rows (`H` row heads, each any queries of one kv head's
+      group, in any order); with `rows`, `[B, H, Rq, D]` source rows.
+    k, v: `[B, Hk, Lk, D]` (kv heads, `H % Hk == 0`: row head `h` attends
+      kv head `h // (H / Hk)`; float32 / bfloat16 / float16 like q).
     lo, hi: int32 `[B, H, R]`; `hi < lo` is an empty row (output 0,
       lse -inf). Must satisfy `0 <= lo`, `hi < Lk` for non-empty rows.
     scale: score scale.
@@ -241,6 +243,9 @@ def interval_attention(q, k, v, lo, hi, *, scale: float, block_q: int | None = N
     in q, k, v (both outputs).
   """
   platform.check_variant(variant)
+  if k.shape != v.shape or k.shape[1] < 1 or q.shape[1] % k.shape[1]:
+    raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)}: both must be "
+                     f"[B, Hk, Lk, D] with q's {q.shape[1]} row heads a multiple of Hk.")
   cfg = _Cfg(float(scale), block_q, block_k, variant,
              None if expected_keys is None else int(expected_keys))
   if rows is not None:
@@ -323,15 +328,15 @@ def span_attention(q, k, v, anchors, gates, *, span_table, window: int, scale: f
   q_offset = lk - lq if q_offset is None else q_offset
   static_off = q_offset if isinstance(q_offset, int) else lk - lq
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)      # [B, Hk, Lk, D]
+  per_head = hq // common.row_heads(hq, k.shape[2])     # query heads per row head
   if query_chunk is None or lq <= query_chunk:
     pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(lq, dtype=jnp.int32)
-    keys = _expected_keys(span_table, static_off, lq, window, hq // k.shape[2], num)
+    keys = _expected_keys(span_table, static_off, lq, window, per_head, num)
     return _span_rows(q, kt, vt, anchors, gates, pos, span_lengths(span_table, pos),
                       keys=keys, **kw)
   chunk = int(query_chunk)
   # Cost estimates of the last (longest-reaching) chunk.
-  keys = _expected_keys(span_table, static_off + lq - chunk, chunk, window,
-                        hq // k.shape[2], num)
+  keys = _expected_keys(span_table, static_off + lq - chunk, chunk, window, per_head, num)
   return _span_chunks(q, kt, vt, anchors, gates, q_offset, span_table, chunk, keys=keys,
                       remat=bool(remat_chunks), **kw)
 
@@ -390,29 +395,33 @@ def _span_rows(q, kt, vt, anchors, gates, pos, lengths, *, keys, window: int, sc
                block_q, block_k, variant, gates_from_logits: bool):
   """`span_attention` on all queries at once: `kt, vt: [B, Hk, Lk, D]`;
   `pos`, `lengths` (span back / fwd) int32 `[Lq]`; `keys`: the cost
-  estimates' `(window keys, span keys)`."""
+  estimates' `(window keys, span keys)` per row head.
+
+  Rows live in `hv = common.row_heads(Hq, Hk)` row heads of `g` query heads
+  each (all of one kv head's group): every per-row table is `[B, hv, n]`."""
   b, lq, hq, d = q.shape
-  hk, lk = kt.shape[1], kt.shape[2]
-  g, num = hq // hk, anchors.shape[2]
+  lk = kt.shape[2]
+  hv = common.row_heads(hq, kt.shape[1])
+  g, num = hq // hv, anchors.shape[2]
   kw = dict(scale=scale, block_q=block_q, block_k=block_k, variant=variant)
   rq = g * lq                                                     # rows per slot
-  qh = q.transpose(0, 2, 1, 3).reshape(b, hk, rq, d)             # rows (head, query)
+  qh = q.transpose(0, 2, 1, 3).reshape(b, hv, rq, d)             # rows (head, query)
   keys_w, keys_s = keys
 
   # Window: rows (head, query).
   if window > 0:
     wlo, whi = common.window_bounds(pos, window, lk)
-    rows = lambda x: jnp.broadcast_to(common.tile_rows(x, g), (b, hk, rq))  # noqa: E731
+    rows = lambda x: jnp.broadcast_to(common.tile_rows(x, g), (b, hv, rq))  # noqa: E731
     o_w, lse_w = interval_attention(qh, kt, vt, rows(wlo), rows(whi), expected_keys=keys_w,
                                     **kw)
   else:
-    o_w = jnp.zeros((b, hk, rq, d), q.dtype)
-    lse_w = jnp.full((b, hk, rq), -jnp.inf, F32)
+    o_w = jnp.zeros((b, hv, rq, d), q.dtype)
+    lse_w = jnp.full((b, hv, rq), -jnp.inf, F32)
 
   # Spans: (slot, head, query) rows, sorted by start for the kernel.
   back, fwd = lengths                                             # [Lq]
   per_row = lambda x: common.tile_rows(x, num * g)  # noqa: E731  [Lq] -> [N]
-  a = common.to_pair_rows(anchors.astype(jnp.int32).reshape(b, hk, g, num, lq))
+  a = common.to_pair_rows(anchors.astype(jnp.int32).reshape(b, hv, g, num, lq))
   slo, shi = span_bounds(a, per_row(pos), per_row(back), per_row(fwd), window)
   perm = common.sort_rows_by_start(slo, shi)                     # [B, Hk, N]
   inv = common.inverse_permutation(perm)
@@ -428,11 +437,11 @@ def _span_rows(q, kt, vt, anchors, gates, pos, lengths, *, keys, window: int, sc
   # so no float32 [pairs, D] array is formed (O_k stay in q's dtype); slots
   # as slices of the slot-major rows, never a slot axis.
   gates_s = common.split_rows(
-      common.to_pair_rows(gates.astype(F32).reshape(b, hk, g, num, lq)), num, -1)
+      common.to_pair_rows(gates.astype(F32).reshape(b, hv, g, num, lq)), num, -1)
   if gates_from_logits:
     gates_s = common.slot_softmax(gates_s)
   c_s, c_w = common.gate_merge_weights(lse_s, lse_w, gates_s)
-  out = merge.mix_rows(o_w, o_p, perm, inv, c_w, c_s)           # [B, Hk, G Lq, D]
+  out = merge.mix_rows(o_w, o_p, perm, inv, c_w, c_s)           # [B, hv, g Lq, D]
   out = out.reshape(b, hq, lq, d).transpose(0, 2, 1, 3).astype(q.dtype)
   if not gates_from_logits:
     return out
@@ -441,7 +450,7 @@ def _span_rows(q, kt, vt, anchors, gates, pos, lengths, *, keys, window: int, sc
 
 
 def _expected_keys(span_table, q_offset: int, lq: int, window: int, group: int, num: int):
-  """`(window keys, span keys)` summed over the rows of one (batch, kv head)
+  """`(window keys, span keys)` summed over the rows of one (batch, row head)
   (for the kernels' cost estimates only): exact from a concrete span table,
   the span keys None when it is traced."""
   pos = q_offset + np.arange(lq, dtype=np.int64)

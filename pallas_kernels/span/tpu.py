@@ -1,14 +1,15 @@
 """TPU (Mosaic) variant of the interval-attention kernels.
 
-Layout (prepared by `pallas_kernels.span.ops`): rows `q, do: [B, H, R, Dp]`,
-`k, v: [B, H, Lk, Dp]` with `R % block_q == 0`, `Lk % block_k == 0`,
+Layout (prepared by `pallas_kernels.span.ops`): rows `q, do: [B, H, R, Dp]`
+(`H` row heads), `k, v: [B, Hk, Lk, Dp]` (row head `h` reads kv head
+`h // (H / Hk)`) with `R % block_q == 0`, `Lk % block_k == 0`,
 `Dp % 128 == 0`; tables int32 `[B, H, 2, N]` (entry `i` is column `i`:
 lane-dense, so XLA:TPU builds them without relayouts).
 
 Per-row vectors (row bounds `lo`, `hi`, statistics `lse`, `delta`) are
 `[B, H, R]` arrays, passed as they are: XLA:TPU stores them lane-dense (tile
 `(H, 128)` for small `H`), and the kernels take `(H, block_q)` blocks of
-them (every kv head's entries for one tile; the (8, 128) rule then needs
+them (every row head's entries for one tile; the (8, 128) rule then needs
 `block_q % 128 == 0` or one tile for all rows, `check_block_q`). Two layouts
 are worse: `[B, H, R, 1]` (what these kernels had) is padded to 128 lanes,
 128 times the data (GBs each at a million rows); a reshape to one
@@ -33,19 +34,21 @@ what the math needs.
   are DMAed from HBM (`memory_space=ANY`) one at a time at
   `pl.multiple_of(c * block_k, block_k)` (aligned by construction: tiles
   start at a key block, never at a raw span start; extra rows are masked).
-  `H` is the kv head and each (batch, kv head) has its own keys, so no grid
-  order keeps a tile's K/V resident for another grid step.
-* dk/dv: grid `(B, H, key blocks)`; the key block is a BlockSpec block, and
-  the row tiles that visit it (a contiguous tile range from the table) are
-  DMAed from HBM at `t * block_q` (aligned; vectors: the tile's `(H,
-  block_q)` lanes).
+  A tile's key blocks are those of its own row head, so no grid order keeps
+  them resident for another grid step.
+* dk/dv: grid `(B, Hk, key blocks)`; the key block is a BlockSpec block,
+  and for each of the kv head's row heads in turn, the row tiles that visit
+  it (a contiguous tile range from that head's table, all of the heads'
+  table columns in one SMEM block) are DMAed from HBM at `t * block_q`
+  (aligned; vectors: the tile's lanes of an aligned group of 8 row heads,
+  or of all `H` when `H % 8`).
 
 dq, dk and dv accumulate in float32 in the kernel (one grid step sees all
 of an output block's terms) and are written in the input's dtype.
 
 The DMAs are double-buffered: the copies of step `i + 1` are in flight while
-step `i` computes. dk/dv accumulate over every row of the tile, i.e. over the
-query heads of the kv head's group, in the kernel.
+step `i` computes. dk/dv accumulate over every row of every row head of
+the kv head, i.e. over the query heads of its group, in the kernel.
 """
 
 from __future__ import annotations
@@ -97,14 +100,15 @@ def table_blocks(tbl):
   return jnp.pad(tbl, ((0, 0), (0, 0), (0, 0), (0, -(-n // TABLE_LANES) * TABLE_LANES - n)))
 
 
-def _table_spec(tiles_first: bool = False):
+def _table_spec(tiles_first: bool = False, heads: int | None = None):
   """Grid step `(b, h, i)` (`tiles_first`: `(b, i, h)`) gets the SMEM block
-  holding table column `i`."""
+  holding table column `i`; with `heads`, that of the `heads` table heads
+  `h * heads ...` (`[heads, 2, 128]`)."""
   if tiles_first:
     index = lambda bb, ii, hh: (bb, hh, 0, ii // TABLE_LANES)  # noqa: E731
   else:
     index = lambda bb, hh, ii: (bb, hh, 0, ii // TABLE_LANES)  # noqa: E731
-  return pl.BlockSpec((None, None, 2, TABLE_LANES), index, memory_space=pltpu.SMEM)
+  return pl.BlockSpec((None, heads, 2, TABLE_LANES), index, memory_space=pltpu.SMEM)
 
 
 def _table_entry(tbl_ref, i):
@@ -164,14 +168,14 @@ def _head_column(ref, h):
 
 
 def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_hbm, v_hbm, o_ref, lse_ref,
-                kbuf, vbuf, sem, *, scale, block_q, block_k):
+                kbuf, vbuf, sem, *, scale, block_q, block_k, kv_group):
   b, t, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   tlo, thi = _table_entry(tbl_ref, t)
   q = q_ref[...]
   lo, hi = _head_column(lo_ref, h), _head_column(hi_ref, h)
   body = common.fwd_body(q, lo, hi, scale=scale, block_q=block_q, block_k=block_k)
 
-  state = _row_loop(b, h, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body,
+  state = _row_loop(b, h // kv_group, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body,
                     common.init_state(block_q, q.shape[-1]), block_k)
   o, lse = common.fwd_finish(state)
   o_ref[...] = o.astype(o_ref.dtype)
@@ -182,7 +186,7 @@ def _fwd_kernel(tbl_ref, q_ref, lo_ref, hi_ref, k_hbm, v_hbm, o_ref, lse_ref,
 
 
 def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_hbm,
-               v_hbm, dq_ref, kbuf, vbuf, sem, *, scale, block_q, block_k):
+               v_hbm, dq_ref, kbuf, vbuf, sem, *, scale, block_q, block_k, kv_group):
   b, t, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   tlo, thi = _table_entry(tbl_ref, t)
   q, do = q_ref[...], do_ref[...]
@@ -190,39 +194,49 @@ def _dq_kernel(tbl_ref, q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, k_hbm
   body = common.dq_body(q, do, lse, delta, lo, hi, scale=scale, block_q=block_q,
                         block_k=block_k)
 
-  dq = _row_loop(b, h, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body,
+  dq = _row_loop(b, h // kv_group, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body,
                  jnp.zeros(q.shape, F32), block_k)
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_hbm, do_hbm, lse_hbm, delta_hbm,
                 lo_hbm, hi_hbm, dk_ref, dv_ref, qbuf, dobuf, lsebuf, deltabuf, lobuf,
-                hibuf, sem, *, scale, block_q, block_k):
+                hibuf, sem, *, scale, block_q, block_k, kv_group, vec_heads):
+  """Grid step `(b, h, c)`: kv head `h`, key block `c`; loops over the
+  `kv_group` row heads of kv head `h` and, for each, over its table's tiles.
+  The vector DMAs bring `vec_heads` rows (an aligned group of 8 row heads,
+  or all of them) holding the row head's."""
   b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  t0, count = _table_entry(kv_tbl_ref, c)
   k, v = k_ref[...], v_ref[...]
   k_start = c * block_k
   prec = common.precision_for(k.dtype)
   srcs = (q_hbm, do_hbm, lse_hbm, delta_hbm, lo_hbm, hi_hbm)
   bufs = (qbuf, dobuf, lsebuf, deltabuf, lobuf, hibuf)
 
-  def copies(i, slot):
-    rows = pl.ds(pl.multiple_of((t0 + i) * block_q, block_q), block_q)
-    # q, do: the tile's rows of head h; vectors: the tile's lanes of every head.
-    windows = [src.at[b, h, rows, :] for src in srcs[:2]]
-    windows += [src.at[b, :, rows] for src in srcs[2:]]
-    return tuple(pltpu.make_async_copy(w, dst.at[slot], sem.at[j, slot])
-                 for j, (w, dst) in enumerate(zip(windows, bufs)))
+  def one_head(g, carry):
+    hr = h * kv_group + g                                  # the row head
+    base = pl.multiple_of(hr // vec_heads * vec_heads, vec_heads)
+    t0, count = kv_tbl_ref[g, 0, c % TABLE_LANES], kv_tbl_ref[g, 1, c % TABLE_LANES]
 
-  def compute(i, slot, carry):
-    dk, dv = carry
-    lse, delta, lo, hi = (_head_row(buf[slot], h) for buf in bufs[2:])
-    mask_t = common.row_mask_t(k_start, lo, hi, block_k, block_q)
-    return common.dkv_update(dk, dv, qbuf[slot], dobuf[slot], k, v, lse, delta, mask_t,
-                             scale=scale, precision=prec)
+    def copies(i, slot):
+      rows = pl.ds(pl.multiple_of((t0 + i) * block_q, block_q), block_q)
+      # q, do: the tile's rows of row head hr; vectors: its lanes of vec_heads heads.
+      windows = [src.at[b, hr, rows, :] for src in srcs[:2]]
+      windows += [src.at[b, pl.ds(base, vec_heads), rows] for src in srcs[2:]]
+      return tuple(pltpu.make_async_copy(w, dst.at[slot], sem.at[j, slot])
+                   for j, (w, dst) in enumerate(zip(windows, bufs)))
+
+    def compute(i, slot, carry):
+      dk, dv = carry
+      lse, delta, lo, hi = (_head_row(buf[slot], hr - base) for buf in bufs[2:])
+      mask_t = common.row_mask_t(k_start, lo, hi, block_k, block_q)
+      return common.dkv_update(dk, dv, qbuf[slot], dobuf[slot], k, v, lse, delta, mask_t,
+                               scale=scale, precision=prec)
+
+    return _pipelined(count, copies, compute, carry)
 
   zeros = jnp.zeros(k.shape, F32)
-  dk, dv = _pipelined(count, copies, compute, (zeros, zeros))
+  dk, dv = jax.lax.fori_loop(0, kv_group, one_head, (zeros, zeros))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -257,7 +271,8 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
   if not interpret:
     check_block_q(block_q, r)
   row, vec = _row_specs(block_q, dp, h)
-  kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k)
+  kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k,
+                             kv_group=h // k.shape[1])
   return pallas_call(
       kernel, grid=(b, r // block_q, h),
       in_specs=[_table_spec(True), row, vec, vec,
@@ -278,7 +293,8 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
   if not interpret:
     check_block_q(block_q, r)
   row, vec = _row_specs(block_q, dp, h)
-  kernel = functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k)
+  kernel = functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k,
+                             kv_group=h // k.shape[1])
   return pallas_call(
       kernel, grid=(b, r // block_q, h),
       in_specs=[_table_spec(True), row, row, vec, vec, vec, vec,
@@ -296,20 +312,24 @@ def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, bl
   """`(dk, dv)` `[B, H, Lk, Dp]` in k's and v's dtypes.
 
   `kv_tbl`: int32 `[B, H, 2, Lk / block_k]`: first tile and tile count per
-  key block (`blocks.key_block_tiles`).
+  row head and key block (`blocks.key_block_tiles`). Grid `(B, Hk, key
+  blocks)`: each step loops over its kv head's `H / Hk` row heads.
   """
   del tile_tbl  # the kv table's tile ranges suffice; row masks do the rest.
   b, h, r, dp = q.shape
   if not interpret:
     check_block_q(block_q, r)
-  lk = k.shape[2]
+  hk, lk = k.shape[1], k.shape[2]
+  group = h // hk
+  vec_heads = 8 if h % 8 == 0 else h
   blk = lambda bb, hh, cc: (bb, hh, cc, 0)  # noqa: E731
-  kernel = functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k)
+  kernel = functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k,
+                             kv_group=group, vec_heads=vec_heads)
   hbm = pl.BlockSpec(memory_space=pl.ANY)
-  vec_buf = lambda dtype: pltpu.VMEM((2, h, block_q), dtype)  # noqa: E731
+  vec_buf = lambda dtype: pltpu.VMEM((2, vec_heads, block_q), dtype)  # noqa: E731
   return pallas_call(
-      kernel, grid=(b, h, lk // block_k),
-      in_specs=[_table_spec(), pl.BlockSpec((None, None, block_k, dp), blk),
+      kernel, grid=(b, hk, lk // block_k),
+      in_specs=[_table_spec(heads=group), pl.BlockSpec((None, None, block_k, dp), blk),
                 pl.BlockSpec((None, None, block_k, dp), blk)] + [hbm] * 6,
       out_specs=[pl.BlockSpec((None, None, block_k, dp), blk),
                  pl.BlockSpec((None, None, block_k, dp), blk)],
@@ -317,8 +337,8 @@ def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, bl
                       pltpu.VMEM((2, block_q, dp), do.dtype),
                       vec_buf(F32), vec_buf(F32), vec_buf(jnp.int32), vec_buf(jnp.int32),
                       pltpu.SemaphoreType.DMA((6, 2))],
-      out_shape=[jax.ShapeDtypeStruct((b, h, lk, dp), k.dtype),
-                 jax.ShapeDtypeStruct((b, h, lk, dp), v.dtype)],
+      out_shape=[jax.ShapeDtypeStruct((b, hk, lk, dp), k.dtype),
+                 jax.ShapeDtypeStruct((b, hk, lk, dp), v.dtype)],
       compiler_params=_params(), interpret=interpret,
       cost_estimate=cost_estimate)(
           table_blocks(kv_tbl), k, v, q, do, lse, delta, lo, hi)
