@@ -339,9 +339,11 @@ def _heads_section(results: dict, targets: list[str]) -> list[str]:
          "Lower + compile wall seconds (temporaries), head_dim 128, bf16, at the "
          "lengths compiled with more than one head layout (`--heads`; the matrix "
          "above uses 8:2). XLA:TPU tiles the minor two dimensions of an array; the "
-         "span glue's per-row tables are `[B, kv heads, rows]`, so with 1 or 2 kv "
-         "heads they get 1- or 2-row tiles and more low-level code per element than "
-         "with 8 or more.", "",
+         "span glue's per-row tables are `[B, row heads, rows]`, the row heads the "
+         "fewest whole multiples of the kv heads that reach 8 (`span.common.row_heads`; "
+         "records before 2026-12-08 had one row head per kv head, so 1 or 2 kv heads "
+         "gave 1- or 2-row tiles). Seconds compare only within one run's hour "
+         "(\"Runs\" above).", "",
          "| config | L | heads | " + " | ".join(cols) + " |",
          "|---|---|---|" + "---|" * len(cols)]
   for (config, n, heads), by in sorted(rows.items(),
