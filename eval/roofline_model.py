@@ -38,6 +38,7 @@ from pallas_kernels import cost
 from pallas_kernels.block_sparse.common import diag_width
 from pallas_kernels.block_sparse.gpu import splits_for
 from pallas_kernels.decode import common as dec_common
+from pallas_kernels.span import common as span_common
 from pallas_kernels.span import ops as span_ops
 from pallas_kernels.stripe import ops as stripe_ops
 
@@ -256,8 +257,9 @@ def span_lengths(seq_len: int, config: attn.SuperlinearConfig) -> np.ndarray:
 
 def span_key_blocks(seq_len: int, config: attn.SuperlinearConfig, group: int,
                     block_q: int = 64, block_k: int = 64) -> tuple[int, int]:
-  """`(rows, key blocks)` of the span call per (batch, kv head): `L G K`
-  pairs, the span lengths an upper bound per position (`span_lengths`)."""
+  """`(rows, key blocks)` of the span call per (batch, row head): `L g K`
+  pairs (`group` = g query heads per row head), the span lengths an upper
+  bound per position (`span_lengths`)."""
   rows = seq_len * group * config.num_spans
   keys = group * config.num_spans * int(span_lengths(seq_len, config).sum())
   return rows, cost.span_key_blocks(rows, keys, seq_len, block_q, block_k)
@@ -298,22 +300,27 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
                                                 visits=visits, wave_rows=wave_rows,
                                                 detail=True, **sk))]
   # Gate logits: the search's own scores (search once), no forward kernel.
-  heads = s.batch * s.kv_heads           # span grid: (batch, kv head) pairs
+  # Span kernels: rows in row heads of `g` query heads of one kv head's group
+  # (`span.common.row_heads`); forward / dq grids over (batch, row head),
+  # dk / dv over (batch, kv head).
+  hv = span_common.row_heads(s.q_heads, s.kv_heads)
+  g = s.q_heads // hv
+  heads = s.batch * hv
   dtype = {2: "bfloat16", 4: "float32"}[s.itemsize]
   # The span kernels' own tiles: the forward's (256 pair rows on GPU for
   # 16-bit inputs) and the backward's (`span.ops.default_blocks`).
   fq, fk = span_ops.default_blocks(s.platform, forward=True, dtype=dtype)
   bq, bk = span_ops.default_blocks(s.platform, forward=False, dtype=dtype)
-  w_fwd = heads * cost.window_key_blocks(seq_len, config.window, s.group, fq, fk)
-  w_bwd = heads * cost.window_key_blocks(seq_len, config.window, s.group, bq, bk)
-  rows, sp_fwd = span_key_blocks(seq_len, config, s.group, fq, fk)
-  _, sp_bwd = span_key_blocks(seq_len, config, s.group, bq, bk)
+  w_fwd = heads * cost.window_key_blocks(seq_len, config.window, g, fq, fk)
+  w_bwd = heads * cost.window_key_blocks(seq_len, config.window, g, bq, bk)
+  rows, sp_fwd = span_key_blocks(seq_len, config, g, fq, fk)
+  _, sp_bwd = span_key_blocks(seq_len, config, g, bq, bk)
   sp_fwd, sp_bwd = sp_fwd * heads, sp_bwd * heads
-  hk = dict(batch=s.batch, heads=s.kv_heads, head_dim=s.head_dim, itemsize=s.itemsize,
+  hk = dict(batch=s.batch, heads=hv, head_dim=s.head_dim, itemsize=s.itemsize,
             platform=s.platform)
   fwd_kw = dict(hk, block_q=fq, block_k=fk)
-  bwd_kw = dict(hk, block_q=bq, block_k=bk)
-  pairs = s.batch * s.kv_heads * rows
+  bwd_kw = dict(hk, block_q=bq, block_k=bk, kv_heads=s.kv_heads)
+  pairs = s.batch * hv * rows
   kv_b = s.batch * seq_len * s.kv_heads * s.head_dim * s.itemsize
   # The pairs' query rows: TPU gathers them into a [pairs, D] copy before its
   # kernels (written, read back); the GPU kernels gather them by index.
@@ -323,12 +330,11 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
                + pairs * dp * s.itemsize                               # merge-and-gate reads o
                + pairs * 4 * 6)                                        # bounds, sort, inverse
   wave = dict(block_q=fq, block_k=fk, wave=hw.wave)
-  w_wave = heads * cost.span_wave_key_blocks(seq_len * s.group, seq_len, config.window,
-                                             **wave)
+  w_wave = heads * cost.span_wave_key_blocks(seq_len * g, seq_len, config.window, **wave)
   sp_wave = heads * cost.span_wave_key_blocks(
       rows, seq_len, int(span_lengths(seq_len, config).max()),
-      rows_per_key=s.group * num, **wave)
-  parts += [("span window fwd", cost.span_fwd(rows=seq_len * s.group, key_blocks=w_fwd,
+      rows_per_key=g * num, **wave)
+  parts += [("span window fwd", cost.span_fwd(rows=seq_len * g, key_blocks=w_fwd,
                                               wave_key_blocks=w_wave, detail=True,
                                               **fwd_kw)),
             ("span spans fwd", cost.span_fwd(rows=rows, key_blocks=sp_fwd,
@@ -336,7 +342,7 @@ def superlinear(seq_len: int, config: attn.SuperlinearConfig, shape: Shape,
                                              **fwd_kw)),
             ("span glue", _glue(span_glue))]
   if backward:
-    parts += [("span window bwd", cost.span_bwd(rows=seq_len * s.group, kv_len=seq_len,
+    parts += [("span window bwd", cost.span_bwd(rows=seq_len * g, kv_len=seq_len,
                                                 key_blocks=w_bwd, detail=True, **bwd_kw)),
               ("span spans bwd", cost.span_bwd(rows=rows, kv_len=seq_len, key_blocks=sp_bwd,
                                                detail=True, **bwd_kw)),

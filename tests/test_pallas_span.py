@@ -90,7 +90,8 @@ def span_oracle(q, k, v, anchors, gates, *, config, q_offset, scale):
     pytest.param("gpu", jnp.float16, 2, 40, 50, 16, marks=pytest.mark.gpu),
     pytest.param("gpu", jnp.bfloat16, 1, 600, 300, None, marks=pytest.mark.gpu),
     pytest.param("gpu", jnp.float32, 2, 40, 50, None, marks=pytest.mark.gpu),
-    pytest.param("tpu", jnp.bfloat16, 2, 40, 50, 16, marks=pytest.mark.tpu)])
+    # compiled TPU: lane-dense vector blocks, the default tiles
+    pytest.param("tpu", jnp.bfloat16, 2, 40, 50, None, marks=pytest.mark.tpu)])
 def test_interval_attention_matches_dense(variant, dtype, h, r, lk, block):
   b, d = 1, 24
   ks = jax.random.split(jax.random.PRNGKey(0), 6)
@@ -154,8 +155,11 @@ def test_interval_attention_rows_by_index(variant, dtype, block):
 @pytest.mark.parametrize("variant,dtype,h,hk,rows_by_index", [
     ("gpu_interpret", jnp.float16, 4, 2, False),
     ("gpu_interpret", jnp.float16, 4, 1, True),
-    # 8 row heads: the TPU dk/dv kernel DMAs an aligned group of 8 heads' vectors
+    # 8 row heads: the TPU dk/dv kernel DMAs an aligned group of 8 heads'
+    # vectors; 16: the second group starts at head 8; 12: all 12 heads' vectors
     ("tpu_checked", jnp.bfloat16, 8, 2, False),
+    ("tpu_checked", jnp.bfloat16, 16, 4, False),
+    ("tpu_interpret", jnp.bfloat16, 12, 3, False),
     ("tpu_interpret", jnp.bfloat16, 4, 2, True),
     pytest.param("gpu", jnp.float16, 4, 2, True, marks=pytest.mark.gpu),
     pytest.param("tpu", jnp.bfloat16, 8, 2, False, marks=pytest.mark.tpu)])
@@ -176,8 +180,10 @@ def test_interval_attention_row_heads_share_kv_heads(variant, dtype, h, hk, rows
     perm = np.stack([np.asarray(jax.random.permutation(jax.random.fold_in(ks[6], i), r))
                      for i in range(h)])[None]
     rows = (perm, np.argsort(perm, axis=-1))
+  block = None if variant == "tpu" else 16    # compiled TPU: lane-dense vector blocks
   fn = jax.jit(lambda q, k, v: _mix(interval_attention(
-      q, k, v, lo, hi, scale=0.3, block_q=16, block_k=16, variant=variant, rows=rows), ct))
+      q, k, v, lo, hi, scale=0.3, block_q=block, block_k=block, variant=variant,
+      rows=rows), ct))
 
   def ref(q, k, v):
     if rows is not None:   # the copies made by plain indexing
@@ -196,16 +202,16 @@ def test_interval_attention_rejects_kv_heads_not_dividing_row_heads():
       interval_attention(q, kv, kv, lo, hi, scale=1.0)
 
 
-@pytest.mark.parametrize("hq,hk", [(8, 2), (32, 8), (4, 1), (16, 2), (6, 2), (12, 3),
-                                   (2, 2), (64, 8), (8, 1), (32, 1), (24, 3)])
-def test_row_heads_fill_a_sublane_tile_with_whole_groups(hq, hk):
-  """Span attention's row heads: the fewest kv-head multiples `hk * m` (`m`
-  dividing the group) reaching 8, else every query head (plain search)."""
-  group = hq // hk
-  fits = [hk * m for m in range(1, group + 1) if group % m == 0 and hk * m >= 8]
-  want = fits[0] if fits else hq
-  got = span_common.row_heads(hq, hk)
-  assert got == want and hq % got == 0 and got % hk == 0
+@pytest.mark.parametrize("hq,hk,want", [
+    (8, 2, 8), (8, 1, 8), (32, 8, 8), (64, 8, 8), (16, 2, 8), (32, 1, 8), (16, 16, 16),
+    (24, 3, 24),    # 12 would reach 8 but fill 12 of 16 sublanes
+    (12, 3, 12),    # no multiple of 8 divides: the fewest reaching 8
+    (4, 1, 4), (6, 2, 6), (2, 2, 2)])   # fewer than 8 query heads: one row head each
+def test_row_heads_fill_sublane_tiles_with_whole_groups(hq, hk, want):
+  """Span attention's row heads (`[B, hv, rows]` tables): whole groups of a kv
+  head's query heads, as few as fill 8-row tiles exactly, else as few as
+  reach 8 rows, else one per query head."""
+  assert span_common.row_heads(hq, hk) == want
 
 
 def test_interval_attention_rows_reject_mismatched_tables():
@@ -309,7 +315,11 @@ SPAN_CASES = [
      "gpu_interpret"),
 ]
 SPAN_CASES += [pytest.param(*SPAN_CASES[0][:-1], "gpu", marks=pytest.mark.gpu),
-               pytest.param(*SPAN_CASES[0][:-1], "tpu", marks=pytest.mark.tpu)]
+               pytest.param(*SPAN_CASES[0][:-1], "tpu", marks=pytest.mark.tpu),
+               # 16:2 heads: 8 row heads of 2 query heads each (`row_heads`), so
+               # every table carries g = 2 heads' rows and dk/dv sum 4 row heads
+               (attn.SuperlinearConfig(sw_index=1, num_spans=2), jnp.float32, 20, 24, 16,
+                2, 16, "tpu_interpret")]
 
 
 def _heads_first(x):

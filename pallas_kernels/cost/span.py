@@ -57,8 +57,9 @@ def span_wave_key_blocks(rows: int, kv_len: int, max_keys: int, *, block_q: int,
 def window_key_blocks(seq_len: int, window: int, group: int, block_q: int = 64,
                       block_k: int = 64) -> int:
   """Key blocks the span forward visits for superlinear's window call, per
-  (batch, kv head): rows are ordered (head, query), so a tile holds
-  `block_q` consecutive queries of one of the `group` heads, whose window
+  (batch, row head): rows are ordered (head, query), so a tile holds
+  `block_q` consecutive queries of one of the row head's `group` query
+  heads (`span.common.row_heads`), whose window
   union is `[p0 - window + 1, p1]` (tiles do not straddle heads when
   `seq_len % block_q == 0`)."""
   if window <= 0:
@@ -116,13 +117,15 @@ def span_dkv(*, batch: int, heads: int, head_dim: int, kv_len: int, tile_visits_
 def span_bwd(*, batch: int, heads: int, head_dim: int, rows: int, kv_len: int,
              key_blocks: int, tile_visits_t: int | None = None, block_q: int = 64,
              block_k: int = 64, itemsize: int = 2, platform: str = "gpu",
-             detail: bool = False):
-  """Interval attention backward: `span_dq` plus `span_dkv` (`tile_visits_t`
+             kv_heads: int | None = None, detail: bool = False):
+  """Interval attention backward: `span_dq` (over the `heads` row heads)
+  plus `span_dkv` (over `kv_heads`, default `heads`; `tile_visits_t`
   default: the forward's visits). `key_blocks`, `tile_visits_t`: totals over
   the grid (all batches, heads)."""
-  kw = dict(batch=batch, heads=heads, head_dim=head_dim, block_q=block_q, block_k=block_k,
+  kw = dict(batch=batch, head_dim=head_dim, block_q=block_q, block_k=block_k,
             itemsize=itemsize, platform=platform, detail=True)
   tv = key_blocks if tile_visits_t is None else tile_visits_t
-  total = (span_dq(rows=rows, key_blocks=key_blocks, **kw)
-           + span_dkv(kv_len=kv_len, tile_visits_t=tv, **kw))
+  total = (span_dq(rows=rows, key_blocks=key_blocks, heads=heads, **kw)
+           + span_dkv(kv_len=kv_len, tile_visits_t=tv,
+                      heads=heads if kv_heads is None else kv_heads, **kw))
   return _out(total, detail)

@@ -57,8 +57,9 @@ ROW_HEADS = 8   # sublanes of a 32-bit TPU tile
 
 
 def row_heads(q_heads: int, kv_heads: int) -> int:
-  """Row heads of span attention's per-row tables `[B, hv, n]`: the fewest
-  `kv_heads * m` (`m` dividing the group `q_heads / kv_heads`) that is at
+  """Row heads of span attention's per-row tables `[B, hv, n]`: among the
+  counts `kv_heads * m` (`m` dividing the group `q_heads / kv_heads`), the
+  fewest that is a multiple of `ROW_HEADS`, else the fewest that is at
   least `ROW_HEADS`, else `q_heads`. Each row head holds the rows of
   `q_heads / hv` query heads of one kv head's group.
 
@@ -68,9 +69,11 @@ def row_heads(q_heads: int, kv_heads: int) -> int:
   run) on four times the tiles. 32:8 heads keep one row head per kv head.
   """
   group = q_heads // kv_heads
-  for m in range(1, group + 1):
-    if group % m == 0 and kv_heads * m >= ROW_HEADS:
-      return kv_heads * m
+  counts = [kv_heads * m for m in range(1, group + 1) if group % m == 0]
+  for ok in (lambda n: n % ROW_HEADS == 0, lambda n: n >= ROW_HEADS):
+    fits = [n for n in counts if ok(n)]
+    if fits:
+      return fits[0]
   return q_heads
 
 

@@ -423,7 +423,7 @@ def _span_rows(q, kt, vt, anchors, gates, pos, lengths, *, keys, window: int, sc
   per_row = lambda x: common.tile_rows(x, num * g)  # noqa: E731  [Lq] -> [N]
   a = common.to_pair_rows(anchors.astype(jnp.int32).reshape(b, hv, g, num, lq))
   slo, shi = span_bounds(a, per_row(pos), per_row(back), per_row(fwd), window)
-  perm = common.sort_rows_by_start(slo, shi)                     # [B, Hk, N]
+  perm = common.sort_rows_by_start(slo, shi)                     # [B, hv, N]
   inv = common.inverse_permutation(perm)
   # q rows per pair: row r is (head, query) row perm[r] % (G Lq) of qh,
   # gathered by index (GPU: inside the kernels); dq sums the slots' rows

@@ -25,7 +25,7 @@ what the math needs.
 * tables: each grid step gets the SMEM block (`2 x 128` int32) holding its
   own table column (`_table_spec`), not the whole table: scalar prefetch would
   copy every table entry into SMEM, which is small, and the tables grow with
-  the sequence (rows / block_q tiles per kv head). The kernels read their
+  the sequence (rows / block_q tiles per row head). The kernels read their
   loop bounds from that block.
 * forward / dq: grid `(B, tiles, H)`, heads innermost (`arbitrary`), so a
   tile's `(H, block_q)` vector blocks are fetched once and the forward's
@@ -309,10 +309,10 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
 
 def dkv(q, k, v, do, lse, delta, lo, hi, tile_tbl, kv_tbl, *, scale, block_q, block_k,
         interpret, cost_estimate=None):
-  """`(dk, dv)` `[B, H, Lk, Dp]` in k's and v's dtypes.
+  """`(dk, dv)` `[B, Hk, Lk, Dp]` in k's and v's dtypes.
 
   `kv_tbl`: int32 `[B, H, 2, Lk / block_k]`: first tile and tile count per
-  row head and key block (`blocks.key_block_tiles`). Grid `(B, Hk, key
+  row head and key block (`common.key_block_tiles`). Grid `(B, Hk, key
   blocks)`: each step loops over its kv head's `H / Hk` row heads.
   """
   del tile_tbl  # the kv table's tile ranges suffice; row masks do the rest.
