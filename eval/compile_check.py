@@ -68,9 +68,9 @@ def select(args) -> list[cases_lib.Case]:
     chosen = [c for c in chosen if c.head_dim == 128 and c.dtype == "bfloat16"
               and c.heads == (8, 2) and c.q_len in (None, 16)]
   if args.heads:
-    heads = parse_heads(args.heads)
+    layouts = parse_heads_list(args.heads)
     chosen = list({c.key: c for c in (dataclasses.replace(c, heads=heads)
-                                      for c in chosen)}.values())
+                                      for heads in layouts for c in chosen)}.values())
   if args.remat:
     chosen = [dataclasses.replace(c, remat=True) for c in chosen if c.op == "superlinear"]
   return chosen
@@ -87,6 +87,11 @@ def parse_heads(text: str) -> tuple[int, int]:
   return hq, hk
 
 
+def parse_heads_list(text: str) -> list[tuple[int, int]]:
+  """`"16:8,32:8"` -> `[(16, 8), (32, 8)]` (`parse_heads` each)."""
+  return [parse_heads(x) for x in text.split(",")]
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--platform", choices=("gpu", "tpu", "all"), default="all")
@@ -99,8 +104,9 @@ def main(argv=None) -> int:
   ap.add_argument("--dtypes", default="", help="bfloat16,float32")
   ap.add_argument("--configs", default="", help="superlinear configs: default,released")
   ap.add_argument("--heads", default="",
-                  help="compile the selected cases at these heads instead, QUERY:KV "
-                  "(e.g. 32:8 with --base-only: a model's real heads, for memory)")
+                  help="compile the selected cases at these heads instead, QUERY:KV, "
+                  "comma-separated for several (e.g. 32:8 with --base-only: a model's "
+                  "real heads, for memory; 16:8,32:8)")
   ap.add_argument("--remat", action="store_true",
                   help="only the superlinear prefill cases, compiled with remat=True "
                   "(query chunks recomputed in the backward: memory at 1M)")
@@ -130,7 +136,7 @@ def main(argv=None) -> int:
     return 0
   if args.heads:
     try:
-      parse_heads(args.heads)
+      parse_heads_list(args.heads)
     except ValueError as exc:
       ap.error(str(exc))
 

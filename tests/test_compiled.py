@@ -258,7 +258,11 @@ def test_heads_option_recompiles_the_selected_cases_at_other_heads():
   ns.heads = "32:8"
   (big,) = compile_check.select(ns)
   assert big.heads == (32, 8) and big.key != base.key and big.seq_len == base.seq_len
+  ns.heads = "16:8,32:8"                        # several layouts: each case at each
+  assert [c.heads for c in compile_check.select(ns)] == [(16, 8), (32, 8)]
   assert compile_check.parse_heads("32:8") == (32, 8)
+  with pytest.raises(ValueError, match="'32:5'"):
+    compile_check.parse_heads_list("16:8,32:5")
   for bad in ("32", "32:5", "0:1", "a:b"):
     with pytest.raises(ValueError, match="--heads"):
       compile_check.parse_heads(bad)
