@@ -385,6 +385,43 @@ def test_span_attention_in_query_chunks(lq, chunk, variant, remat):
                **TOL[jnp.bfloat16])
 
 
+def test_span_glue_hands_the_kernels_row_head_tables():
+  """8:2 heads: every per-row int32 table the interval kernels get is
+  `[B, 8, n]` (8 row heads of one query head, `row_heads`), and K/V keep
+  their 2 kv heads, as read from the traced program's kernel operands."""
+  b, l, hq, hk, d, num = 1, 32, 8, 2, 16, 2
+  config = attn.SuperlinearConfig(sw_index=1, num_spans=num)
+  q = jnp.zeros((b, l, hq, d))
+  kv = jnp.zeros((b, l, hk, d))
+  anchors = jnp.zeros((b, hq, num, l), jnp.int32)
+  tbl = jnp.asarray(masks.superlinear_span_table(l, config))
+  fn = lambda q, k, v, g: span_attention(  # noqa: E731
+      q, k, v, anchors, g, span_table=tbl, window=config.window, scale=0.25,
+      block_q=16, block_k=16, variant="tpu_interpret")
+  jaxpr = jax.make_jaxpr(fn)(q, kv, kv, jnp.ones((b, hq, num, l)))
+
+  def pallas_calls(jx):    # through custom_vjp / pjit sub-programs
+    for e in jx.eqns:
+      if e.primitive.name == "pallas_call":
+        yield e
+        continue
+      for p in e.params.values():
+        for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            yield from pallas_calls(inner)
+
+  calls = list(pallas_calls(jaxpr.jaxpr))
+  assert len(calls) == 2                                   # window and spans
+  for call in calls:
+    avals = [v.aval for v in call.invars]
+    tables = [a.shape for a in avals if a.dtype == jnp.int32 and a.ndim == 3]
+    kv_ops = [a.shape for a in avals if a.dtype == jnp.float32 and a.ndim == 4
+              and a.shape[2] >= l]
+    assert tables and all(s[:2] == (b, 8) for s in tables), tables
+    assert any(s[1] == hk for s in kv_ops), kv_ops
+
+
 def test_span_attention_rejects_bad_query_chunk():
   q = jnp.zeros((1, 8, 2, 8))
   a = jnp.zeros((1, 2, 1, 8), jnp.int32)
