@@ -2,8 +2,8 @@
 
 Same arrays and tables as the TPU variant (`tpu.py`: `H` row heads over
 `Hk` kv heads; forward and dq grids `(B, H, tiles)` here, dk/dv `(B, Hk,
-key blocks)` looping over the kv head's row heads), with `Dp` a power of two >= 16 and `block_q`,
-`block_k` powers of two; per-row vectors (`lo`, `hi`, `lse`, `delta`) are
+key blocks)` looping over the kv head's row heads), with `Dp` a power of
+two >= 16 and `block_q`, `block_k` powers of two; per-row vectors (`lo`, `hi`, `lse`, `delta`) are
 `[B, H, R]` arrays loaded as `[block_q]` blocks (no lane padding on GPU;
 reshaped to columns or rows in registers). Tables are ordinary int32 inputs
 read with scalar indices; K/V (forward, dq) and the row tensors (dk/dv) are
@@ -50,9 +50,10 @@ def _row(x):
   return x.reshape(1, x.shape[0])
 
 
-def _gather(q_ref, idx):
-  """Rows `idx` (int32 `[n]`) of a `[Rq, Dp]` ref: one gathered load."""
-  return q_ref[idx]
+def _gather(q_ref, idx, head=None):
+  """Rows `idx` (int32 `[n]`) of a `[Rq, Dp]` ref (`head`: of head `head` of
+  a `[heads, Rq, Dp]` ref): one gathered load, one indexer."""
+  return q_ref[idx] if head is None else q_ref[head, idx]
 
 
 def _q_tile(q_ref, qi_ref):
@@ -61,8 +62,12 @@ def _q_tile(q_ref, qi_ref):
   return q_ref[...] if qi_ref is None else _gather(q_ref, qi_ref[...])
 
 
-def _tile_entry(tbl_ref, t):
-  return tbl_ref[_I(0), t], tbl_ref[_I(1), t]
+def _tile_entry(tbl_ref, t, head=None):
+  """Entry `t` of a `[2, n]` table ref (`head`: of head `head` of a
+  `[heads, 2, n]` ref; one indexer)."""
+  if head is None:
+    return tbl_ref[_I(0), t], tbl_ref[_I(1), t]
+  return tbl_ref[head, _I(0), t], tbl_ref[head, _I(1), t]
 
 
 def _row_loop(tlo, thi, k_ref, v_ref, body, init, block_k):
@@ -119,7 +124,7 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, *refs, scale, block_q, block_k,
   prec = common.precision_for(k.dtype)
 
   def one_head(g, carry):
-    t0, count = kv_tbl_ref[g, _I(0), c], kv_tbl_ref[g, _I(1), c]
+    t0, count = _tile_entry(kv_tbl_ref, c, g)
 
     def step(i, carry):
       dk, dv = carry
@@ -127,7 +132,7 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_ref, *refs, scale, block_q, block_k,
       rows = lambda ref: _load(ref, r0, block_q, g)  # noqa: E731
       vec = lambda ref: _row(rows(ref))  # noqa: E731
       mask_t = common.row_mask_t(k_start, vec(lo_ref), vec(hi_ref), block_k, block_q)
-      q = rows(q_ref) if qi_ref is None else q_ref[g, rows(qi_ref)]
+      q = rows(q_ref) if qi_ref is None else _gather(q_ref, rows(qi_ref), g)
       return common.dkv_update(dk, dv, q, rows(do_ref), k, v, vec(lse_ref),
                                vec(delta_ref), mask_t, scale=scale, precision=prec)
 
@@ -215,12 +220,12 @@ def fwd(q, k, v, lo, hi, tile_tbl, *, scale, block_q, block_k, interpret,
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
   vec = pl.BlockSpec((None, None, block_q), lambda bb, hh, tt: (bb, hh, tt))
   q_specs, q_args = _q_specs(q, qi, block_q, row)
+  kv_seq = _seq(lk, dp, kv_group=h // k.shape[1])      # the row head's kv head
   kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k,
                              gather=qi is not None)
   return block_first_call(
       kernel, grid=(b, h, nt),
-      in_specs=[_tbl(nt), *q_specs, vec, vec, _seq(lk, dp, kv_group=h // k.shape[1]),
-                _seq(lk, dp, kv_group=h // k.shape[1])],
+      in_specs=[_tbl(nt), *q_specs, vec, vec, kv_seq, kv_seq],
       out_specs=[pl.BlockSpec((None, None, block_q, dp), row), vec],
       out_shape=[jax.ShapeDtypeStruct((b, h, r, dp), q.dtype),
                  jax.ShapeDtypeStruct((b, h, r), F32)],
@@ -238,13 +243,13 @@ def dq(q, k, v, do, lse, delta, lo, hi, tile_tbl, *, scale, block_q, block_k, in
   row = lambda bb, hh, tt: (bb, hh, tt, 0)  # noqa: E731
   vec = pl.BlockSpec((None, None, block_q), lambda bb, hh, tt: (bb, hh, tt))
   q_specs, q_args = _q_specs(q, qi, block_q, row)
+  kv_seq = _seq(lk, dp, kv_group=h // k.shape[1])      # the row head's kv head
   kernel = functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k,
                              gather=qi is not None)
   return block_first_call(
       kernel, grid=(b, h, nt),
       in_specs=[_tbl(nt), *q_specs, pl.BlockSpec((None, None, block_q, dp), row),
-                vec, vec, vec, vec, _seq(lk, dp, kv_group=h // k.shape[1]),
-                _seq(lk, dp, kv_group=h // k.shape[1])],
+                vec, vec, vec, vec, kv_seq, kv_seq],
       out_specs=pl.BlockSpec((None, None, block_q, dp), row),
       out_shape=jax.ShapeDtypeStruct((b, h, r, dp), q.dtype),
       compiler_params=_params(dp, q.dtype), interpret=interpret,

@@ -168,9 +168,9 @@ def _bwd_variant(platform_name, cfg, q, k, v, lo, hi, rows, do, lse, delta, *, i
   args = (p["q"], p["k"], p["v"], do_p, lse_p, delta_p, p["lo"], p["hi"],
           p["tile_tbl"])
   dq = mod.dq(*args, **kw, cost_estimate=cost.span_dq(rows=rp, key_blocks=blocks, **ckw))
-  ckw["heads"] = p["k"].shape[1]   # dk/dv: one program per kv head and key block
+  # dk/dv: one program per kv head and key block.
   dk, dv = mod.dkv(*args, kv_tbl, **kw, cost_estimate=cost.span_dkv(
-      kv_len=p["k"].shape[2], tile_visits_t=blocks, **ckw))
+      kv_len=p["k"].shape[2], tile_visits_t=blocks, **dict(ckw, heads=p["k"].shape[1])))
   r, lk, d = p["r"], p["lk"], p["d"]
   return dq[:, :, :r, :d], dk[:, :, :lk, :d], dv[:, :, :lk, :d]
 

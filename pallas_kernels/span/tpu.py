@@ -111,8 +111,11 @@ def _table_spec(tiles_first: bool = False, heads: int | None = None):
   return pl.BlockSpec((None, heads, 2, TABLE_LANES), index, memory_space=pltpu.SMEM)
 
 
-def _table_entry(tbl_ref, i):
-  return tbl_ref[0, i % TABLE_LANES], tbl_ref[1, i % TABLE_LANES]
+def _table_entry(tbl_ref, i, head=None):
+  """Entry `i` of the SMEM block `_table_spec` picks (`head`: of table head
+  `head` of a `[heads, 2, 128]` block)."""
+  ref = tbl_ref if head is None else tbl_ref.at[head]
+  return ref[0, i % TABLE_LANES], ref[1, i % TABLE_LANES]
 
 
 def _row_loop(b, h, tlo, thi, k_hbm, v_hbm, kbuf, vbuf, sem, body, init, block_k):
@@ -216,7 +219,7 @@ def _dkv_kernel(kv_tbl_ref, k_ref, v_ref, q_hbm, do_hbm, lse_hbm, delta_hbm,
   def one_head(g, carry):
     hr = h * kv_group + g                                  # the row head
     base = pl.multiple_of(hr // vec_heads * vec_heads, vec_heads)
-    t0, count = kv_tbl_ref[g, 0, c % TABLE_LANES], kv_tbl_ref[g, 1, c % TABLE_LANES]
+    t0, count = _table_entry(kv_tbl_ref, c, g)
 
     def copies(i, slot):
       rows = pl.ds(pl.multiple_of((t0 + i) * block_q, block_q), block_q)
